@@ -1,0 +1,26 @@
+# Two commands set everything up on a fresh machine with Python 3.11:
+#   make report   the main job (benchmark report; a CPU run where there is no GPU)
+#   make test     the test suite (Triton kernels through the interpreter on CPU)
+# TORCH picks the torch build for the virtual environment: the default is the CPU
+# build; on a GPU machine use `make test TORCH=torch` (a CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: report demo test
+report: $(STAMP)
+	$(PY) -m sasa_triton.demo
+
+demo: $(STAMP)
+	$(PY) -m sasa_triton.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@

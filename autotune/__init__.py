@@ -1,0 +1,1 @@
+"""Autotuning of the kernels and the per-GPU tables (installed as sasa_triton.autotune)."""

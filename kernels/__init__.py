@@ -1,0 +1,1 @@
+"""Triton kernels of sasa-triton, one file per kernel family (installed as sasa_triton.kernels)."""

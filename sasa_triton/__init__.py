@@ -1,0 +1,11 @@
+"""sasa-triton: Triton kernels for stand-alone self-attention in vision models.
+
+`attend(q, k, v, kernel_size, ...)` is the op; `backends()` lists the implementations
+this machine can run. Importing the package imports torch only: Triton, the kernels,
+pandas and matplotlib load when first used.
+"""
+from .api import attend
+from .backends import backends
+
+__version__ = "0.1.0"
+__all__ = ["attend", "backends", "__version__"]

@@ -1,0 +1,62 @@
+"""`attend`: validate, choose an implementation, run it."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .args import check_attend_args
+from .backends import check_backend, load
+
+IntPair = Union[int, Sequence[int]]
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: IntPair,
+    *,
+    dilation: IntPair = 1,
+    padding: str = "zeros",
+    rel_h: Optional[torch.Tensor] = None,
+    rel_w: Optional[torch.Tensor] = None,
+    rpb: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Stand-alone self-attention over each pixel's kh x kw neighborhood.
+
+    Args:
+        q, k, v: (B, H, W, heads, d) tensors of one dtype (float16, bfloat16, float32;
+            float64 on the reference backend), any strides.
+        kernel_size: odd int or (kh, kw).
+        dilation: int or (dh, dw), >= 1.
+        padding: "zeros" (out-of-image neighbors are zero keys/values that still take
+            softmax mass, like F.pad + unfold), "mask" (they are left out of the
+            softmax), or "shift" (the window moves inward to stay inside the image,
+            like NATTEN).
+        rel_h, rel_w: SASA relative embeddings, both or neither: rel_h is
+            ((heads,) rows, d//2), rel_w ((heads,) cols, d - d//2), with rows = kh
+            (zeros/mask) or 2kh-1 (shift); a 2-D table is shared by all heads.
+        rpb: additive relative positional bias, (heads, 2kh-1, 2kw-1).
+        scale: logit scale; None means d ** -0.5.
+        backend: "auto" (the fastest kernel on CUDA, the reference on CPU), or a name
+            from `sasa_triton.backends()` to force an implementation.
+
+    Returns:
+        A new contiguous (B, H, W, heads, d) tensor in q's dtype:
+        out[b, i, j, n] = sum over the window of softmax(l) * v, with
+        l = scale * q . (k + [rel_h[row], rel_w[col]]) + rpb[n, dy + kh - 1, dx + kw - 1].
+    """
+    args = check_attend_args(q, k, v, kernel_size, dilation, padding, rel_h, rel_w, rpb, scale)
+    check_backend(backend, q)
+    if q.numel() == 0:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if backend == "auto":
+        backend = _auto_backend(q)
+    return load(backend)(q, k, v, args)
+
+
+def _auto_backend(q: torch.Tensor) -> str:
+    return "reference"

@@ -1,0 +1,131 @@
+"""Argument checking for `attend`: every rule of the contract, once, before any launch.
+
+`check_attend_args` turns the user's arguments into an `AttendArgs` (plain ints, a
+float scale, rel tables and rpb as given) or raises a ValueError/TypeError that names
+the argument. It runs on every call, so it uses plain Python on shapes and dtypes only.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+PADDINGS = ("zeros", "mask", "shift")
+# float64 is accepted for testing (gradcheck) and runs on the reference backend only.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The Triton kernels hold a whole head dimension (padded to a power of two) in registers.
+MAX_HEAD_DIM = 256
+
+
+class AttendArgs(NamedTuple):
+    """Normalised arguments of one `attend` call (everything but q, k, v)."""
+
+    kh: int
+    kw: int
+    dh: int
+    dw: int
+    padding: str
+    rel_h: Optional[torch.Tensor]
+    rel_w: Optional[torch.Tensor]
+    rpb: Optional[torch.Tensor]
+    scale: float
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
+        pair = tuple(value)
+    else:
+        pair = (value, value)
+    for v in pair:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def _check_table(t, name: str, shape_2d: tuple, shape_3d: tuple, q: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) not in (shape_2d, shape_3d):
+        raise ValueError(
+            f"{name} must have shape {shape_2d} (shared by all heads) or {shape_3d} "
+            f"(per head), got {tuple(t.shape)}"
+        )
+    _check_bias_dtype_device(t, name, q)
+
+
+def _check_bias_dtype_device(t: torch.Tensor, name: str, q: torch.Tensor) -> None:
+    if t.dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"{name} must have the dtype of q ({q.dtype}) or float32, got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+
+def check_attend_args(
+    q, k, v, kernel_size, dilation, padding, rel_h, rel_w, rpb, scale
+) -> AttendArgs:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 5:
+            raise ValueError(
+                f"{name} must be 5-D (B, H, W, heads, d), got {t.dim()}-D shape {tuple(t.shape)}"
+            )
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"q has dtype {q.dtype}; supported: float16, bfloat16, float32 (float64 for testing)"
+        )
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    B, H, W, heads, d = q.shape
+    if d > MAX_HEAD_DIM:
+        raise ValueError(
+            f"head dim d={d} (last dim of q) is larger than the kernels support (<= {MAX_HEAD_DIM})"
+        )
+
+    kh, kw = _pair(kernel_size, "kernel_size")
+    for kk in (kh, kw):
+        if kk < 1 or kk % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size!r}")
+    dh, dw = _pair(dilation, "dilation")
+    if dh < 1 or dw < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation!r}")
+
+    if not isinstance(padding, str) or padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    if padding == "shift" and (kh * dh > H or kw * dw > W):
+        raise ValueError(
+            f"padding='shift' needs kernel_size * dilation <= image size: "
+            f"({kh}*{dh}, {kw}*{dw}) vs (H, W) = ({H}, {W})"
+        )
+
+    if (rel_h is None) != (rel_w is None):
+        raise ValueError("rel_h and rel_w must be given together (both or neither)")
+    if rel_h is not None:
+        if d < 2:
+            raise ValueError(f"rel_h/rel_w need a head dim d >= 2, got d={d}")
+        rows = 2 * kh - 1 if padding == "shift" else kh
+        cols = 2 * kw - 1 if padding == "shift" else kw
+        dh2 = d // 2
+        _check_table(rel_h, "rel_h", (rows, dh2), (heads, rows, dh2), q)
+        _check_table(rel_w, "rel_w", (cols, d - dh2), (heads, cols, d - dh2), q)
+
+    if rpb is not None:
+        if not isinstance(rpb, torch.Tensor):
+            raise TypeError(f"rpb must be a torch.Tensor, got {type(rpb).__name__}")
+        want = (heads, 2 * kh - 1, 2 * kw - 1)
+        if tuple(rpb.shape) != want:
+            raise ValueError(f"rpb must have shape {want}, got {tuple(rpb.shape)}")
+        _check_bias_dtype_device(rpb, "rpb", q)
+
+    if scale is None:
+        scale = d ** -0.5 if d > 0 else 1.0
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    return AttendArgs(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, float(scale))

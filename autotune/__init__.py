@@ -7,9 +7,6 @@ suites.py   named suites of shapes (shared/PERF.md)
 tuner.py    benchmarks variants x configs, writes entries as it goes (resumable)
 __main__.py the CLI: python -m sasa_triton.autotune --help
 
-Importing this package loads neither Triton nor the kernels.
+Importing this package loads neither Triton nor the kernels. The dispatcher calls
+`sasa_triton.autotune.lookup.lookup(sasa_triton.autotune.keys.key_for(q, args, "fwd"))`.
 """
-from .keys import TuneKey, key_for
-from .lookup import clear_cache, lookup
-
-__all__ = ["TuneKey", "key_for", "lookup", "clear_cache"]

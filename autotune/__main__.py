@@ -100,9 +100,10 @@ def _gpu() -> Optional[str]:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-def dry_run(cases, out_dir, gpu: Optional[str], stream=sys.stdout) -> None:
+def dry_run(cases, out_dir, gpu: Optional[str], stream=None) -> None:
     from .tuner import estimate_seconds, plan
 
+    stream = sys.stdout if stream is None else stream
     items = plan(cases)
     done = {}
     path = table.table_path(out_dir, gpu) if gpu else None
@@ -124,8 +125,8 @@ def dry_run(cases, out_dir, gpu: Optional[str], stream=sys.stdout) -> None:
         stream.write(row + "\n")
         if not tuned:
             todo.append(it)
-        for note in it.notes:
-            stream.write(f"  note: {note}\n")
+    for note in dict.fromkeys(n for it in items for n in it.notes):  # once each, in order
+        stream.write(f"note: {note}\n")
     total = sum(len(it.candidates) for it in todo)
     if not names:
         stream.write("no kernel variants are registered in sasa_triton.kernels for these "

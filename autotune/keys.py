@@ -63,20 +63,23 @@ class TuneKey(NamedTuple):
     @classmethod
     def parse(cls, text: str) -> "TuneKey":
         """Inverse of str(key); ValueError naming the bad part otherwise."""
-        parts = text.split("-")
         try:
-            direction, dtype, k, dil, heads, d, padding, rel, rpb, hw = parts
+            direction, dtype, k, dil, heads, d, padding, rel, rpb, hw = text.split("-")
             kh, kw = _pair_of(k, "k")
             dh, dw = _pair_of(dil, "dil")
-            hb, wb = hw.split("x")
+            hb, _, wb = hw.partition("x")
+            if not rel.startswith("rel_"):
+                raise ValueError(f"expected rel_<none|shared|per_head>, got {rel!r}")
+            if rpb not in ("rpb0", "rpb1"):
+                raise ValueError(f"expected rpb0 or rpb1, got {rpb!r}")
             key = cls(direction, kh, kw, dh, dw, _int_after(heads, "heads"), _int_after(d, "d"),
-                      dtype, padding, rel[len("rel_"):] if rel.startswith("rel_") else "?",
-                      _int_after(rpb, "rpb") == 1 if rpb in ("rpb0", "rpb1") else None,
+                      dtype, padding, rel[len("rel_"):], rpb == "rpb1",
                       _int_after(hb, "H"), _int_after(wb, "W"))
+            key.check()
         except ValueError as e:
             raise ValueError(f"bad tune key {text!r} (expected e.g. "
-                             f"'fwd-bf16-k7x7-dil1x1-heads8-d16-zeros-rel_shared-rpb0-H32xW32'): {e}")
-        key.check()
+                             f"'fwd-bf16-k7x7-dil1x1-heads8-d16-zeros-rel_shared-rpb0-H32xW32'): {e}"
+                             ) from None
         return key
 
     def check(self) -> None:

@@ -42,8 +42,10 @@ def clear_cache() -> None:
 
 
 def gpu_name(device=None) -> Optional[str]:
-    """torch.cuda.get_device_name of `device` (index, torch.device or None: current),
-    or None without CUDA."""
+    """torch.cuda.get_device_name of `device` (index, torch.device or None: the current
+    CUDA device), or None for a non-CUDA device or without CUDA. Cached per index."""
+    if getattr(device, "type", "cuda") != "cuda":
+        return None
     index = getattr(device, "index", device)
     name = _gpu_names.get(index)
     if name is None:
@@ -51,9 +53,11 @@ def gpu_name(device=None) -> Optional[str]:
 
         if not torch.cuda.is_available():
             return None
-        name = torch.cuda.get_device_name(torch.cuda.current_device() if index is None else index)
-        if index is not None:
-            _gpu_names[index] = name
+        if index is None:
+            index = torch.cuda.current_device()
+        name = _gpu_names.get(index)
+        if name is None:
+            name = _gpu_names[index] = torch.cuda.get_device_name(index)
     return name
 
 

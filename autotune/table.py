@@ -198,8 +198,17 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _dumps(data: dict) -> str:
+    """JSON with one line per entry, so a re-tuned key is a one-line diff."""
+    meta = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(data.items()) if k != "entries"]
+    entries = [f"  {json.dumps(k)}: {json.dumps(v, sort_keys=True)}"
+               for k, v in sorted(data["entries"].items())]
+    body = ",\n".join(entries)
+    return "{\n" + ",\n".join(meta + [f' "entries": {{\n{body}\n }}']) + "\n}\n"
+
+
 def _atomic_write(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    text = _dumps(data)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:

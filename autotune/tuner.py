@@ -225,9 +225,8 @@ def tune(cases, out_path, gpu: str, *, variants: Optional[dict] = None,
         else:
             todo.append(case)
     items = plan(todo, variants)
-    for it in items:
-        for note in it.notes:
-            stream.write(f"note: {note}\n")
+    for note in dict.fromkeys(n for it in items for n in it.notes):  # once each, in order
+        stream.write(f"note: {note}\n")
     total = sum(len(it.candidates) for it in items)
     est = estimate_seconds(items, per_candidate)
     stream.write(f"tuning {len(items)} keys ({len(summary)} already in {out_path}): "

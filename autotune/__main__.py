@@ -17,6 +17,9 @@ then uses the tuned kernel for calls with that key (same direction, dtype, kerne
 dilation, heads, d, padding, rel/rpb options and power-of-two image-size bucket), and a
 heuristic default for keys not in any table. Each key is written as soon as it is tuned:
 an interrupted run resumes where it stopped (tuned keys are skipped unless --force).
+Each candidate's result is checked against the reference first; a wrong one never wins.
+Exit status: 0 done, 1 some key had no working candidate, 2 usage error or no GPU,
+3 a candidate broke the CUDA context (run again to continue without it), 130 interrupted.
 """
 
 EPILOG = """\
@@ -151,10 +154,18 @@ def main(argv=None) -> int:
                          "the keys, candidates and the time estimate.\n")
         return 2
     from .lookup import clear_cache
-    from .tuner import tune
+    from .tuner import ContextLost, tune
 
     path = table.table_path(out_dir, gpu)
-    summary = tune(cases, path, gpu, force=ns.force, verify=not ns.no_verify)
+    try:
+        summary = tune(cases, path, gpu, force=ns.force, verify=not ns.no_verify)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\ninterrupted: the keys tuned so far are in {path}; run the same "
+                         f"command again to resume.\n")
+        return 130
+    except ContextLost as e:
+        sys.stderr.write(f"\n{e}\n")
+        return 3
     clear_cache()
     counts = {}
     for s in summary:

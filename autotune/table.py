@@ -8,7 +8,9 @@ File `<slug of torch.cuda.get_device_name()>.json`:
          "variant": "tiled" | null (every candidate failed), "config": {...} | null,
          "time_us": 12.3 | null, "shape": [B, H, W, heads, d], "tuned_at": "<UTC ISO time>",
          "candidates": [{"variant": ..., "config": {...}, "time_us": 12.3 | null,
-                         "error": "<why it failed>" (failed ones only)}, ...]}}}
+                         "error": "<why it failed>" (failed ones only),
+                         "crashed": true (it broke the CUDA context; only then)}, ...],
+         "complete": false (only when a crash stopped the run before every candidate ran)}}}
 
 A table whose Triton version or kernel hash differs from this process's is stale: its
 times were measured on other code, so it is ignored (one warning per file), never
@@ -124,7 +126,8 @@ def _check_schema(data) -> None:
         if not (isinstance(e, dict) and isinstance(e.get("candidates", []), list)
                 and (e.get("variant") is None or isinstance(e.get("variant"), str))
                 and (e.get("config") is None or isinstance(e.get("config"), dict))
-                and (e.get("time_us") is None or isinstance(e.get("time_us"), (int, float)))):
+                and (e.get("time_us") is None or isinstance(e.get("time_us"), (int, float)))
+                and isinstance(e.get("complete", True), bool)):
             raise ValueError(f"entry {key!r} is malformed")
         if e.get("variant") is not None and e.get("config") is None:
             raise ValueError(f"entry {key!r} has a variant but no config")

@@ -7,7 +7,9 @@ out-of-resources or out-of-memory, marks the candidate failed), checks its resul
 against the reference (a wrong config must never win), times it with `timer(fn) ->
 milliseconds` (default: triton.testing.do_bench median), and writes the key's entry to
 the table at once: an interrupted run resumes where it stopped (tuned keys are skipped
-unless force=True).
+unless force=True). A candidate that breaks the CUDA context (illegal address: nothing
+can run after it in this process) is recorded as crashed, the run stops with a message,
+and the next run finishes that key without it.
 
 Variants default to sasa_triton.kernels.FORWARD_VARIANTS / BACKWARD_VARIANTS (name ->
 module path, imported here); tests pass `variants={"fwd": {name: module}, ...}`.
@@ -15,6 +17,7 @@ module path, imported here); tests pass `variants={"fwd": {name: module}, ...}`.
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 import time
 import zlib
@@ -192,7 +195,28 @@ class _Bench:
                                  f"(relative to its max; tolerance {tol:.0e})")
 
 
-def _bench_candidate(bench: _Bench, cand: Candidate, timer) -> dict:
+class ContextLost(RuntimeError):
+    """A candidate broke the CUDA context (illegal address, ...): nothing more can run in
+    this process. Its entry is written (incomplete); re-running resumes and skips it."""
+
+
+def _context_lost(device) -> bool:
+    """After a failure: is the device still usable? (A sticky CUDA error fails every
+    later call, so a synchronize tells.)"""
+    if device.type != "cuda":
+        return False
+    try:
+        torch.cuda.synchronize(device)
+        return False
+    except Exception:
+        return True
+
+
+def _cand_id(variant, config) -> str:
+    return f"{variant} {json.dumps(config, sort_keys=True)}"
+
+
+def _bench_candidate(bench: _Bench, cand: Candidate, timer, device) -> dict:
     row = {"variant": cand.variant, "config": cand.config}
     fn = bench.runner(cand)
     try:
@@ -203,7 +227,9 @@ def _bench_candidate(bench: _Bench, cand: Candidate, timer) -> dict:
     except Exception as e:  # compile failure, out of resources/memory, wrong result
         row["time_us"] = None
         row["error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
-        if torch.cuda.is_available():
+        if _context_lost(device):
+            row["crashed"] = True
+        elif device.type == "cuda":
             torch.cuda.empty_cache()
     return row
 
@@ -217,11 +243,12 @@ def tune(cases, out_path, gpu: str, *, variants: Optional[dict] = None,
     stream = sys.stderr if stream is None else stream
     timer = default_timer if timer is None else timer
     device = torch.device("cuda" if device is None else device)
-    done = {} if force else (table.load_entries(out_path, gpu) or {})
+    done = table.load_entries(out_path, gpu) or {}
     todo, summary = [], []
     for case in _unique(cases):
-        if str(case.key) in done:
-            summary.append(_summary(case.key, "skipped", done[str(case.key)]))
+        entry = done.get(str(case.key))
+        if entry is not None and entry.get("complete", True) and not force:
+            summary.append(_summary(case.key, "skipped", entry))
         else:
             todo.append(case)
     items = plan(todo, variants)
@@ -234,14 +261,16 @@ def tune(cases, out_path, gpu: str, *, variants: Optional[dict] = None,
     progress = Progress(total, est, stream)
     try:
         for i, it in enumerate(items):
+            previous = None if force else done.get(str(it.case.key))
             summary.append(_tune_one(it, out_path, gpu, timer, device, verify, progress,
-                                     f"key {i + 1}/{len(items)}"))
+                                     f"key {i + 1}/{len(items)}", previous))
     finally:
         progress.close()
     return summary
 
 
-def _tune_one(it: PlanItem, out_path, gpu, timer, device, verify, progress, label) -> dict:
+def _tune_one(it: PlanItem, out_path, gpu, timer, device, verify, progress, label,
+              previous: Optional[dict]) -> dict:
     key = it.case.key
     if not it.candidates:
         progress.note_key(f"{key}: no variant supports it; the heuristic serves it")
@@ -254,16 +283,31 @@ def _tune_one(it: PlanItem, out_path, gpu, timer, device, verify, progress, labe
         progress.step(len(it.candidates), label)
         progress.note_key(f"{key}: inputs failed ({type(e).__name__}: {e}); not tuned")
         return _summary(key, "failed", None)
-    rows = []
+    # an earlier run of this key that broke the context: keep its rows, skip its crasher
+    rows = [r for r in (previous or {}).get("candidates", []) if r.get("crashed")
+            or r.get("time_us") is not None]
+    ran = {_cand_id(r["variant"], r["config"]) for r in rows}
+    crashed = None
     for cand in it.candidates:
-        rows.append(_bench_candidate(bench, cand, timer))
+        if _cand_id(cand.variant, cand.config) not in ran:
+            rows.append(_bench_candidate(bench, cand, timer, device))
+            if rows[-1].get("crashed"):
+                crashed = rows[-1]
+                break
         progress.step(1, f"{label} {cand.variant}")
     del bench
     ok = [r for r in rows if r["time_us"] is not None]
     best = min(ok, key=lambda r: r["time_us"]) if ok else None
     entry = table.make_entry(best and best["variant"], best and best["config"],
                              best and best["time_us"], it.case.q_shape, rows)
+    if crashed:
+        entry["complete"] = False
     table.record(out_path, gpu, {str(key): entry})
+    if crashed:
+        raise ContextLost(
+            f"{key}: candidate {crashed['variant']} {crashed['config']} broke the CUDA context "
+            f"({crashed['error']}). It is recorded and will be skipped: run the same command "
+            f"again to continue.")
     if best:
         progress.note_key(f"{key}: {best['variant']} {best['config']} {best['time_us']:.1f} us "
                           f"({len(ok)}/{len(rows)} candidates ran)")

@@ -277,13 +277,16 @@ class FakeVariants:
         self.timed = []  # candidates the timer measured
         self.interrupt_after = None
 
-    def module(self, name, blocks, supported=True, wrong=False, fail_compile=False):
+    def module(self, name, blocks, supported=True, wrong=False, fail_compile=False,
+               crash=False):
         fake = self
 
         def forward(q, k, v, args, config=None):
             fake.last = (name, config["BLOCK"])
             if fail_compile:
                 raise RuntimeError("CompilationError: out of shared memory (fake)")
+            if crash:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (fake)")
             out, lse = reference_attend(q, k, v, args, return_lse=True)
             return (torch.zeros_like(out) if wrong else out), lse.float()
 
@@ -373,6 +376,28 @@ def test_tuner_resumes_after_interruption(tmp_path):
     assert fake.timed == []
     tune(fake, cases[:1], path, force=True)
     assert len(fake.timed) == per_key
+
+
+def test_tuner_stops_on_a_broken_context_and_resumes_without_the_crasher(tmp_path, monkeypatch):
+    fake, path, case = FakeVariants(), tmp_path / "t.json", tiny_cases()[0]
+    variants = fake.variants()
+    fwd = variants["fwd"]
+    variants["fwd"] = {"slow": fwd["slow"], "crasher": fake.module("crasher", [1], crash=True),
+                       "fast": fwd["fast"]}
+    monkeypatch.setattr(tuner, "_context_lost", lambda device: fake.last[0] == "crasher")
+    run = lambda: tuner.tune([case], path, GPU, variants=variants, timer=fake.timer,
+                             device="cpu", stream=io.StringIO())
+    with pytest.raises(tuner.ContextLost, match="crasher"):
+        run()
+    entry = table.load_entries(path, GPU)[str(case.key)]
+    assert entry["complete"] is False and entry["variant"] == "slow"
+    assert entry["candidates"][-1]["crashed"] is True
+    fake.timed = []
+    assert run()[0]["variant"] == "fast"
+    assert fake.timed == [("fast", 32), ("fast", 64)]  # slow kept, crasher skipped
+    entry = table.load_entries(path, GPU)[str(case.key)]
+    assert "complete" not in entry and len(entry["candidates"]) == 5
+    assert run()[0]["status"] == "skipped"
 
 
 def test_tuner_without_candidates_writes_nothing(tmp_path):

@@ -13,6 +13,8 @@ and the next run finishes that key without it.
 
 Variants default to sasa_triton.kernels.FORWARD_VARIANTS / BACKWARD_VARIANTS (name ->
 module path, imported here); tests pass `variants={"fwd": {name: module}, ...}`.
+Planning (and --dry-run) calls `supports` and `prune` with AttendArgs whose tensors are
+on the "meta" device: they must look at shapes and dtypes only.
 """
 from __future__ import annotations
 
@@ -336,7 +338,8 @@ def tune_on_miss(key: TuneKey, gpu: str, shape=None) -> None:
     case = TuneCase.from_key(key)
     if shape is not None:
         B, H, W = shape[:3]
-        case = case._replace(B=B, H=H, W=W)
+        if case._replace(B=B, H=H, W=W).key == key:  # a shape of another bucket: ignored
+            case = case._replace(B=B, H=H, W=W)
     start = time.monotonic()
     sys.stderr.write(f"sasa_triton: tuning unseen key {key} (SASA_TRITON_TUNE_ON_MISS=1)\n")
     tune([case], table.table_path(table.user_dir(), gpu), gpu)

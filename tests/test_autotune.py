@@ -438,6 +438,20 @@ def test_tune_on_miss_is_opt_in(monkeypatch):
     assert lookup_mod.lookup(a_key(), gpu=GPU)[0] == "tuned_now" and len(calls) == 1
 
 
+def test_tune_on_miss_tunes_the_calls_shape_into_the_user_table(monkeypatch):
+    seen = []
+    monkeypatch.setattr(tuner, "tune", lambda cases, path, gpu, **kw: seen.append((cases, path)))
+    big = a_key(h_bucket=512)
+    tuner.tune_on_miss(big, GPU, (2, 300, 31, 8, 16))
+    tuner.tune_on_miss(big, GPU)
+    tuner.tune_on_miss(big, GPU, (2, 30, 31, 8, 16))  # not this key's bucket: ignored
+    (shaped, path), (bucketed, _), (other, _) = seen
+    assert path == user_table()
+    assert (shaped[0].B, shaped[0].H, shaped[0].W, shaped[0].key) == (2, 300, 31, big)
+    assert (bucketed[0].H, bucketed[0].W, bucketed[0].key) == (256, 32, big)
+    assert other == bucketed
+
+
 # ---------------------------------------------------------------- CLI
 
 def test_cli_dry_run_lists_keys_variants_and_estimate(monkeypatch, capsys):

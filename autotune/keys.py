@@ -160,8 +160,8 @@ class TuneCase(NamedTuple):
 
     @classmethod
     def from_key(cls, key: TuneKey, B: int = 8) -> "TuneCase":
-        """A representative case of a key: the bucket's own size (at most 256)."""
-        return cls(key.direction, B, min(key.h_bucket, 256), min(key.w_bucket, 256), key.heads,
+        """A representative case of a key: the bucket's own size (its largest member)."""
+        return cls(key.direction, B, key.h_bucket, key.w_bucket, key.heads,
                    key.d, key.kh, key.kw, key.dh, key.dw, key.dtype, key.padding, key.rel,
                    key.rpb)
 

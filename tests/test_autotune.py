@@ -100,6 +100,7 @@ def test_key_string_round_trip_and_errors():
     for key in (a_key(), a_key(direction="bwd", kh=3, kw=5, dh=2, rel="per_head", rpb=True,
                                 dtype="fp16", padding="shift", h_bucket=512, w_bucket=8)):
         assert TuneKey.parse(str(key)) == key
+        assert TuneCase.from_key(key).key == key  # its representative shape is in its bucket
     assert str(a_key()) == "fwd-bf16-k7x7-dil1x1-heads8-d16-zeros-rel_shared-rpb0-H32xW32"
     for bad in ("", "fwd-bf16", str(a_key()).replace("zeros", "reflect"),
                 str(a_key()).replace("rpb0", "rpb2"), str(a_key()).replace("fwd", "up")):
@@ -448,7 +449,7 @@ def test_tune_on_miss_tunes_the_calls_shape_into_the_user_table(monkeypatch):
     (shaped, path), (bucketed, _), (other, _) = seen
     assert path == user_table()
     assert (shaped[0].B, shaped[0].H, shaped[0].W, shaped[0].key) == (2, 300, 31, big)
-    assert (bucketed[0].H, bucketed[0].W, bucketed[0].key) == (256, 32, big)
+    assert (bucketed[0].H, bucketed[0].W, bucketed[0].key) == (512, 32, big)
     assert other == bucketed
 
 

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="list keys x variants x config counts and the time estimate, tune "
                         "nothing (needs no GPU)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="at most N configs per variant and key: the variant's default, then "
+                        "evenly spaced picks (a quick table when device time is short)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking each candidate's result against the reference")
     return p
@@ -103,11 +106,11 @@ def _gpu() -> Optional[str]:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-def dry_run(cases, out_dir, gpu: Optional[str], stream=None) -> None:
+def dry_run(cases, out_dir, gpu: Optional[str], stream=None, limit=None) -> None:
     from .tuner import estimate_seconds, plan
 
     stream = sys.stdout if stream is None else stream
-    items = plan(cases)
+    items = plan(cases, limit=limit)
     done = {}
     path = table.table_path(out_dir, gpu) if gpu else None
     if path is not None:
@@ -142,11 +145,13 @@ def dry_run(cases, out_dir, gpu: Optional[str], stream=None) -> None:
 def main(argv=None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    if ns.limit is not None and ns.limit < 1:
+        parser.error("--limit must be >= 1")
     cases = _cases(ns, parser)
     out_dir = table.shipped_dir() if ns.ship else (ns.out or table.user_dir())
     gpu = _gpu()
     if ns.dry_run:
-        dry_run(cases, out_dir, gpu)
+        dry_run(cases, out_dir, gpu, limit=ns.limit)
         return 0
     if gpu is None:
         sys.stderr.write("sasa_triton.autotune: no CUDA GPU found; tuning times kernels on "
@@ -158,7 +163,8 @@ def main(argv=None) -> int:
 
     path = table.table_path(out_dir, gpu)
     try:
-        summary = tune(cases, path, gpu, force=ns.force, verify=not ns.no_verify)
+        summary = tune(cases, path, gpu, force=ns.force, verify=not ns.no_verify,
+                       limit=ns.limit)
     except KeyboardInterrupt:
         sys.stderr.write(f"\ninterrupted: the keys tuned so far are in {path}; run the same "
                          f"command again to resume.\n")

@@ -98,8 +98,26 @@ def make_args(case: TuneCase, device, generator=None):
     return q, k, v, args
 
 
-def plan(cases, variants: Optional[dict] = None) -> list[PlanItem]:
-    """The candidates of each case: supported variants x pruned configs (no GPU needed)."""
+def limit_configs(configs: list, default: Optional[dict], limit: Optional[int]) -> list:
+    """At most `limit` configs: the variant's default first (the heuristic's choice is
+    always measured), then evenly spaced picks across the pruned list."""
+    if limit is None or len(configs) <= limit:
+        return configs
+    chosen = [default] if default is not None else []
+    step = len(configs) / max(limit - len(chosen), 1)
+    for i in range(max(limit - len(chosen), 0)):
+        chosen.append(configs[int(i * step)])
+    out, seen = [], set()
+    for c in chosen:
+        if _cand_id("", c) not in seen:
+            seen.add(_cand_id("", c))
+            out.append(c)
+    return out[:limit]
+
+
+def plan(cases, variants: Optional[dict] = None, limit: Optional[int] = None) -> list[PlanItem]:
+    """The candidates of each case: supported variants x pruned configs (no GPU needed),
+    at most `limit` configs per variant when given."""
     loaded = {}
     items = []
     for case in cases:
@@ -114,6 +132,9 @@ def plan(cases, variants: Optional[dict] = None) -> list[PlanItem]:
                     counts[name] = 0
                     continue
                 configs = list(mod.prune(mod.search_space(), case.q_shape, args))
+                if limit is not None and len(configs) > limit:
+                    configs = limit_configs(configs, mod.default_config(case.q_shape, args),
+                                            limit)
             except Exception as e:
                 counts[name] = 0
                 notes.append(f"{name}: supports/prune failed: {type(e).__name__}: {e}")
@@ -238,7 +259,8 @@ def _bench_candidate(bench: _Bench, cand: Candidate, timer, device) -> dict:
 
 def tune(cases, out_path, gpu: str, *, variants: Optional[dict] = None,
          timer: Optional[Callable] = None, device=None, force: bool = False,
-         verify: bool = True, stream=None, per_candidate: Optional[dict] = None) -> list[dict]:
+         verify: bool = True, stream=None, per_candidate: Optional[dict] = None,
+         limit: Optional[int] = None) -> list[dict]:
     """Tunes each case into the table at `out_path` (named for `gpu`) and returns one
     summary dict per case: key, status ("tuned" | "skipped" | "failed" | "no candidates"),
     variant, config, time_us."""
@@ -253,7 +275,7 @@ def tune(cases, out_path, gpu: str, *, variants: Optional[dict] = None,
             summary.append(_summary(case.key, "skipped", entry))
         else:
             todo.append(case)
-    items = plan(todo, variants)
+    items = plan(todo, variants, limit)
     for note in dict.fromkeys(n for it in items for n in it.notes):  # once each, in order
         stream.write(f"note: {note}\n")
     total = sum(len(it.candidates) for it in items)

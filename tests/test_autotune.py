@@ -423,6 +423,17 @@ def test_plan_estimate_and_progress():
     assert "4/10 candidates" in p.line() and "ETA 30s" in p.line()
 
 
+def test_limit_keeps_the_default_and_spreads_the_rest():
+    configs = [{"BLOCK": b} for b in range(10)]
+    assert tuner.limit_configs(configs, {"BLOCK": 7}, 3) == [{"BLOCK": 7}, {"BLOCK": 0},
+                                                             {"BLOCK": 5}]
+    assert tuner.limit_configs(configs, {"BLOCK": 0}, 3) == [{"BLOCK": 0}, {"BLOCK": 5}]
+    assert tuner.limit_configs(configs, None, 20) == configs
+    items = tuner.plan(tiny_cases()[:1], FakeVariants().variants(), limit=1)
+    assert [(c.variant, c.config["BLOCK"]) for c in items[0].candidates] == \
+        [("slow", 8), ("fast", 32), ("broken", 1), ("wrong", 1)]
+
+
 def test_tune_on_miss_is_opt_in(monkeypatch):
     calls = []
 

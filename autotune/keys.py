@@ -40,6 +40,9 @@ def size_bucket(n: int) -> int:
     return b if b < MAX_BUCKET else MAX_BUCKET
 
 
+_EXAMPLE_KEY = "fwd-bf16-k7x7-dil1x1-heads8-d16-zeros-rel_shared-rpb0-H32xW32"
+
+
 class TuneKey(NamedTuple):
     direction: str  # "fwd" | "bwd"
     kh: int
@@ -77,8 +80,7 @@ class TuneKey(NamedTuple):
                       _int_after(hb, "H"), _int_after(wb, "W"))
             key.check()
         except ValueError as e:
-            raise ValueError(f"bad tune key {text!r} (expected e.g. "
-                             f"'fwd-bf16-k7x7-dil1x1-heads8-d16-zeros-rel_shared-rpb0-H32xW32'): {e}"
+            raise ValueError(f"bad tune key {text!r} (expected e.g. '{_EXAMPLE_KEY}'): {e}"
                              ) from None
         return key
 

@@ -183,7 +183,8 @@ def test_lookup_order_user_then_shipped_then_none():
     assert lookup_mod.lookup(a_key(d=8), gpu=GPU)[0] == "shipped_v"
     assert lookup_mod.lookup(a_key(d=32), gpu=GPU) is None
     # an entry whose every candidate failed is a miss, not a crash
-    table.record(user_table(), GPU, {str(a_key(d=32)): table.make_entry(None, None, None, (1,), [])})
+    all_failed = table.make_entry(None, None, None, (1,), [])
+    table.record(user_table(), GPU, {str(a_key(d=32)): all_failed})
     lookup_mod.clear_cache()
     assert lookup_mod.lookup(a_key(d=32), gpu=GPU) is None
 

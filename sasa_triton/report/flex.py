@@ -39,11 +39,13 @@ def _raise_recompile_limits() -> None:
 
 
 def make_flex_neighborhood(H: int, W: int, heads: int, d: int, k: int, device,
-                           with_rel: bool):
-    """Returns fn(q, k, v, rel_h, rel_w) -> (B, H, W, heads, d); rel tables shared (k, .)."""
+                           with_rel: bool, compile: bool = True):
+    """Returns fn(q, k, v, rel_h, rel_w) -> (B, H, W, heads, d); rel tables shared (k, .).
+    compile=False runs FlexAttention eagerly (slow; for checking the math on CPU)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    _raise_recompile_limits()
+    if compile:
+        _raise_recompile_limits()
     r, L, d_pad, d2 = k // 2, H * W, max(d, 16), d // 2
     scale = d ** -0.5
 
@@ -76,7 +78,7 @@ def make_flex_neighborhood(H: int, W: int, heads: int, d: int, k: int, device,
                              block_mask=block_mask, scale=scale)
         return out[..., :d].unflatten(2, (H, W)).permute(0, 2, 3, 1, 4)
 
-    compiled = torch.compile(forward, dynamic=False)
+    compiled = torch.compile(forward, dynamic=False) if compile else forward
 
     def run(q, key, v, rel_h=None, rel_w=None):
         return compiled(q, key, v, rel_h, rel_w, block_mask)

@@ -11,15 +11,22 @@ from __future__ import annotations
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 
 def _storages(tree):
-    for t in tree_flatten(tree)[0]:
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            storage = t.untyped_storage()
+    """Storages of the tensors in nested tuples / lists / dicts (aten arguments and
+    results; cheaper than a general pytree flatten, which is called per op)."""
+    if isinstance(tree, torch.Tensor):
+        if tree.device.type != "meta":
+            storage = tree.untyped_storage()
             if storage.data_ptr() != 0:
                 yield storage
+    elif isinstance(tree, (tuple, list)):
+        for item in tree:
+            yield from _storages(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _storages(item)
 
 
 class PeakLiveBytes(TorchDispatchMode):

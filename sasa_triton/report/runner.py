@@ -95,7 +95,7 @@ def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
 
 
-def _measure(impl, inputs, direction: str, budget_s: float) -> dict:
+def _measure(impl, inputs, direction: str, budget_s: float, min_reps: int) -> dict:
     device_type = inputs.device.type
     try:
         forward, leaves = impl.build(inputs, direction == "fwdbwd")
@@ -103,7 +103,7 @@ def _measure(impl, inputs, direction: str, budget_s: float) -> dict:
         step()  # warm-up: compile, autotune, algorithm search
         if device_type == "cuda":
             torch.cuda.synchronize()
-        timing = time_fn(step, device_type, budget_s=budget_s)
+        timing = time_fn(step, device_type, budget_s=budget_s, min_reps=min_reps)
         mem, mem_method = peak_extra_mib(step, device_type)
         return dict(status="ok", median_us=timing.median_us, p20_us=timing.p20_us,
                     p80_us=timing.p80_us, reps=timing.reps, timer=timing.timer,
@@ -137,7 +137,8 @@ class RunResult:
 def run_suite(suite: Optional[str] = None, dtype: Optional[str] = None, direction: str = "both",
               impl_filter: Optional[str] = None, device: Optional[str] = None,
               budget_s: float = 0.15, extra_impls: tuple = (), shapes: Optional[list] = None,
-              cpu_threads: Optional[int] = 1, log: Callable[[str], None] = print) -> RunResult:
+              cpu_threads: Optional[int] = 1, min_reps: int = 3,
+              log: Callable[[str], None] = print) -> RunResult:
     """Measures every (case, implementation, direction); returns the rows (not written).
 
     On CPU, torch runs with `cpu_threads` intra-op threads (default 1: the quick suite's
@@ -150,13 +151,13 @@ def run_suite(suite: Optional[str] = None, dtype: Optional[str] = None, directio
                 and not (device is None and torch.cuda.is_available()):
             torch.set_num_threads(cpu_threads)
         return _run_suite(suite, dtype, direction, impl_filter, device, budget_s,
-                          extra_impls, shapes, log)
+                          min_reps, extra_impls, shapes, log)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_suite(suite, dtype, direction, impl_filter, device, budget_s, extra_impls, shapes,
-               log) -> RunResult:
+def _run_suite(suite, dtype, direction, impl_filter, device, budget_s, min_reps, extra_impls,
+               shapes, log) -> RunResult:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -193,7 +194,7 @@ def _run_suite(suite, dtype, direction, impl_filter, device, budget_s, extra_imp
         for impl in chosen:
             for direc in directions:
                 i += 1
-                result = _measure(impl, inputs, direc, budget_s)
+                result = _measure(impl, inputs, direc, budget_s, min_reps)
                 floor_us = fwd_floor_us * (FWDBWD_FLOOR_FACTOR if direc == "fwdbwd" else 1)
                 row = dict(case=shape.name, suite=suite, B=shape.B, H=shape.H, W=shape.W,
                            C=shape.C, heads=shape.heads, d=shape.d, k=shape.k,

@@ -12,6 +12,7 @@ import datetime
 import gc
 import importlib.metadata
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from . import impls as impls_mod
-from .suites import Shape, default_suite, get_suite
+from .suites import default_suite, get_suite
 from .timing import copy_bandwidth_gbps, peak_extra_mib, time_fn
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -86,7 +87,8 @@ def _step(forward: Callable, leaves: list, direction: str) -> Callable:
         out = forward()
         if not grad_out:  # the first (warm-up) call fixes a random output gradient
             grad_out.append(torch.randn_like(out))
-        return torch.autograd.grad(out, leaves, grad_out[0])
+        # allow_unused: a layer may hold parameters its forward does not touch
+        return torch.autograd.grad(out, leaves, grad_out[0], allow_unused=True)
     return fwdbwd
 
 
@@ -116,9 +118,6 @@ def _measure(impl, inputs, direction: str, budget_s: float, min_reps: int) -> di
         failure = dict(status="error: out of memory", note=_short(error))
     except Exception as error:  # recorded; the run goes on
         failure = dict(status=f"error: {_short(error)}")
-    finally:
-        if device_type == "cuda":
-            torch.cuda.empty_cache()
     gc.collect()  # a traceback holds the failed call's tensors in reference cycles
     if device_type == "cuda":
         torch.cuda.empty_cache()
@@ -145,22 +144,21 @@ def run_suite(suite: Optional[str] = None, dtype: Optional[str] = None, directio
     tiny ops gain nothing from more, and a busy machine makes thread handoffs dominate);
     None keeps torch's setting.
     """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     threads = torch.get_num_threads()
     try:
-        if cpu_threads is not None and (device or "cpu").startswith("cpu") \
-                and not (device is None and torch.cuda.is_available()):
+        if dev.type == "cpu" and cpu_threads is not None:
             torch.set_num_threads(cpu_threads)
-        return _run_suite(suite, dtype, direction, impl_filter, device, budget_s,
-                          min_reps, extra_impls, shapes, log)
+        return _run_suite(suite, dtype, direction, impl_filter, dev, budget_s, min_reps,
+                          extra_impls, shapes, log)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_suite(suite, dtype, direction, impl_filter, device, budget_s, min_reps, extra_impls,
-               shapes, log) -> RunResult:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+def _run_suite(suite, dtype, direction, impl_filter, dev: torch.device, budget_s, min_reps,
+               extra_impls, shapes, log) -> RunResult:
     suite = suite or default_suite(dev.type)
     shapes = shapes if shapes is not None else get_suite(suite)
     if dtype is None:
@@ -172,6 +170,8 @@ def _run_suite(suite, dtype, direction, impl_filter, device, budget_s, min_reps,
     torch_dtype = DTYPES[dtype]
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # cuDNN picks its best algorithm in warm-up
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            log("warning: TRITON_INTERPRET=1 is set: Triton kernels run in the interpreter")
 
     machine = Machine.detect(dev)
     if dev.type == "cpu":

@@ -55,8 +55,8 @@ def write_summary(df: pd.DataFrame, out_dir: Path, charts: list[Path], csv_name:
                   command: str) -> Path:
     first = df.iloc[0]
     cpu = first["device_type"] == "cpu"
-    versions = ", ".join(f"{name} {first[name]}" for name in
-                         ("torch", "triton", "python", "cuda", "cudnn", "cpu_threads") if name in df)
+    names = ("torch", "triton", "python", "cuda", "cudnn", "cpu_threads")
+    versions = ", ".join(f"{name} {first[name]}" for name in names if name in df)
     lines = [f"# sasa-triton report: {first['device']}", ""]
     if cpu:
         lines += ["**CPU timings** (no GPU in this run): these numbers are the CPU "

@@ -26,6 +26,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--cpu-budget", type=float, default=0.15,
                    help="seconds of timed calls per measurement on CPU (default 0.15)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="on CUDA, time by CUDA graph replay (no host overhead; for tiny "
+                        "shapes); implementations that cannot be captured use do_bench")
     p.add_argument("--min-reps", type=int, default=3,
                    help="fewest timed calls per measurement on CPU (default 3)")
     p.add_argument("--cpu-threads", type=int, default=1,
@@ -55,7 +58,7 @@ def main(argv: Optional[list[str]] = None, extra_impls: tuple = ()):
     result = run_suite(suite=args.suite, dtype=args.dtype, direction=args.direction,
                        impl_filter=args.impl, device=args.device, budget_s=args.cpu_budget,
                        extra_impls=extra_impls, cpu_threads=args.cpu_threads or None,
-                       min_reps=args.min_reps)
+                       min_reps=args.min_reps, cuda_graphs=args.cuda_graphs)
     out_dir = args.out or default_out_dir(result.machine)
     command = "python -m sasa_triton.report " + shlex.join(argv if argv is not None
                                                             else sys.argv[1:])

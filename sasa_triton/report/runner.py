@@ -97,7 +97,8 @@ def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
 
 
-def _measure(impl, inputs, direction: str, budget_s: float, min_reps: int) -> dict:
+def _measure(impl, inputs, direction: str, budget_s: float, min_reps: int,
+             cuda_graphs: bool) -> dict:
     device_type = inputs.device.type
     try:
         forward, leaves = impl.build(inputs, direction == "fwdbwd")
@@ -105,7 +106,8 @@ def _measure(impl, inputs, direction: str, budget_s: float, min_reps: int) -> di
         step()  # warm-up: compile, autotune, algorithm search
         if device_type == "cuda":
             torch.cuda.synchronize()
-        timing = time_fn(step, device_type, budget_s=budget_s, min_reps=min_reps)
+        timing = time_fn(step, device_type, budget_s=budget_s, min_reps=min_reps,
+                         cuda_graphs=cuda_graphs)
         mem, mem_method = peak_extra_mib(step, device_type)
         return dict(status="ok", median_us=timing.median_us, p20_us=timing.p20_us,
                     p80_us=timing.p80_us, reps=timing.reps, timer=timing.timer,
@@ -136,7 +138,7 @@ class RunResult:
 def run_suite(suite: Optional[str] = None, dtype: Optional[str] = None, direction: str = "both",
               impl_filter: Optional[str] = None, device: Optional[str] = None,
               budget_s: float = 0.15, extra_impls: tuple = (), shapes: Optional[list] = None,
-              cpu_threads: Optional[int] = 1, min_reps: int = 3,
+              cpu_threads: Optional[int] = 1, min_reps: int = 3, cuda_graphs: bool = False,
               log: Callable[[str], None] = print) -> RunResult:
     """Measures every (case, implementation, direction); returns the rows (not written).
 
@@ -152,13 +154,13 @@ def run_suite(suite: Optional[str] = None, dtype: Optional[str] = None, directio
         if dev.type == "cpu" and cpu_threads is not None:
             torch.set_num_threads(cpu_threads)
         return _run_suite(suite, dtype, direction, impl_filter, dev, budget_s, min_reps,
-                          extra_impls, shapes, log)
+                          cuda_graphs, extra_impls, shapes, log)
     finally:
         torch.set_num_threads(threads)
 
 
 def _run_suite(suite, dtype, direction, impl_filter, dev: torch.device, budget_s, min_reps,
-               extra_impls, shapes, log) -> RunResult:
+               cuda_graphs, extra_impls, shapes, log) -> RunResult:
     suite = suite or default_suite(dev.type)
     shapes = shapes if shapes is not None else get_suite(suite)
     if dtype is None:
@@ -194,7 +196,7 @@ def _run_suite(suite, dtype, direction, impl_filter, dev: torch.device, budget_s
         for impl in chosen:
             for direc in directions:
                 i += 1
-                result = _measure(impl, inputs, direc, budget_s, min_reps)
+                result = _measure(impl, inputs, direc, budget_s, min_reps, cuda_graphs)
                 floor_us = fwd_floor_us * (FWDBWD_FLOOR_FACTOR if direc == "fwdbwd" else 1)
                 row = dict(case=shape.name, suite=suite, B=shape.B, H=shape.H, W=shape.W,
                            C=shape.C, heads=shape.heads, d=shape.d, k=shape.k,

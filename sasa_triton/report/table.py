@@ -20,7 +20,7 @@ Columns, in order:
     p20_us       20th percentile latency
     p80_us       80th percentile latency
     reps         timed repetitions (empty with do_bench, which picks its own)
-    timer        triton do_bench | cuda events | cpu perf_counter
+    timer        triton do_bench | triton do_bench_cudagraph | cuda events | cpu perf_counter
     peak_mem_mib peak extra memory of one call, outputs included, MiB
     mem_method   cuda max_memory_allocated delta | cpu dispatch-mode live tensor bytes
     io_bytes     4 * B*H*W*C * bytes per element (read q, k, v, write out once)

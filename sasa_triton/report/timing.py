@@ -2,7 +2,7 @@
 
 CUDA: `triton.testing.do_bench` (it flushes L2 between reps; quantiles 0.5/0.2/0.8) after
 a warm-up call, so compilation and autotuning stay outside the timed region; CUDA events
-when Triton is missing. CPU: a perf_counter loop after a warm-up, run for a time budget.
+when Triton is missing; optionally `do_bench_cudagraph` (graph replay, no host overhead). CPU: a perf_counter loop after a warm-up, run for a time budget.
 Peak extra memory: on CUDA the max_memory_allocated delta of one call; on CPU the peak
 live tensor bytes seen by a TorchDispatchMode (`memory.PeakLiveBytes`).
 """
@@ -41,9 +41,15 @@ def _quantiles_us(samples_s: list[float]) -> tuple[float, float, float]:
 
 
 def time_fn(fn: Callable[[], object], device_type: str, budget_s: float = 0.2,
-            min_reps: int = 3, max_reps: int = 200) -> Timing:
-    """Times fn() (already warmed up once by the caller: compiled, autotuned)."""
+            min_reps: int = 3, max_reps: int = 200, cuda_graphs: bool = False) -> Timing:
+    """Times fn() (already warmed up once by the caller: compiled, autotuned).
+    cuda_graphs: replay fn from a CUDA graph (no host overhead; for tiny shapes), falling
+    back to plain do_bench where fn cannot be captured."""
     if device_type == "cuda":
+        if cuda_graphs:
+            timing = _time_cuda_graph(fn)
+            if timing is not None:
+                return timing
         return _time_cuda(fn)
     fn()  # a second warm-up: allocator and caches settle
     samples: list[float] = []
@@ -54,6 +60,18 @@ def time_fn(fn: Callable[[], object], device_type: str, budget_s: float = 0.2,
         fn()
         samples.append(time.perf_counter() - t0)
     return Timing(*_quantiles_us(samples), reps=len(samples), timer="cpu perf_counter")
+
+
+def _time_cuda_graph(fn) -> Timing | None:
+    try:
+        from triton.testing import do_bench_cudagraph
+
+        med, p20, p80 = do_bench_cudagraph(fn, rep=100, quantiles=[0.5, 0.2, 0.8])
+    except Exception:  # capture not possible (host sync, CPU work...): plain timing
+        torch.cuda.synchronize()
+        return None
+    return Timing(med * 1e3, p20 * 1e3, p80 * 1e3, reps=math.nan,
+                  timer="triton do_bench_cudagraph")
 
 
 def _time_cuda(fn) -> Timing:

@@ -97,6 +97,19 @@ def test_quick_suite_writes_charts_and_summary(quick_report):
     assert "![latency_by_case](latency_by_case.png)" in summary
 
 
+def test_only_charts_with_data_are_drawn(quick_report, tmp_path):
+    import pandas as pd
+
+    from sasa_triton.report.charts import draw_all
+
+    frame = pd.read_csv(quick_report.csv)
+    one_case = frame[(frame["case"] == "q-k3") & (frame["direction"] == "fwd")]
+    drawn = {p.stem for p in draw_all(one_case, tmp_path)}
+    assert drawn == {"latency_by_case", "peak_memory", "ratio_to_floor"}  # no sweeps
+    failed = frame.assign(status="error: x")
+    assert draw_all(failed, tmp_path / "none") == []
+
+
 def test_failing_implementation_is_recorded_and_run_goes_on(quick_report):
     import pandas as pd
 

@@ -9,9 +9,12 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# `make report REPORT_ARGS=` runs the default suite of the machine (resnet50 on a GPU).
+REPORT_ARGS ?= --suite quick
+
 .PHONY: report demo test
 report: $(STAMP)
-	$(PY) -m sasa_triton.demo
+	$(PY) -m sasa_triton.report $(REPORT_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m sasa_triton.demo

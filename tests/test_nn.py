@@ -97,6 +97,15 @@ def test_sasa2d_float32_both_layouts():
         assert_close(layer(xx), expected, torch.float32, "float32 SASA2d")
 
 
+def test_sasa2d_under_bfloat16_autocast():
+    layer = _layer(dtype=torch.float32, rpb=True)
+    x = _input((2, 6, 7, 6), dtype=torch.float32, channels_last=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, _expected(layer, x), torch.bfloat16, "SASA2d under bf16 autocast")
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_qkv_are_views_of_the_projection(monkeypatch, channels_last):
     layer = _layer(dtype=torch.float32)
@@ -283,6 +292,14 @@ def test_flop_counts_match_the_paper():
     sasa = count_flops(sasa_resnet50())
     assert sasa["total"] == pytest.approx(7.0e9, rel=0.05)
     assert 0 < sasa["attention"] < sasa["conv"]
+
+
+def test_summary_cli(capsys):
+    from sasa_triton.nn import summary
+    rows = summary.main(["--size", "32", "--models", "sasa_resnet26", "conv_resnet26"])
+    assert [r["model"] for r in rows] == ["sasa_resnet26", "conv_resnet26"]
+    assert rows[0]["attention"] > 0 and rows[1]["attention"] == 0
+    assert "sasa_resnet26" in capsys.readouterr().out
 
 
 def test_import_sasa_triton_does_not_load_nn():

@@ -186,7 +186,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=list(MODELS),
                         default=["sasa_resnet50", "conv_resnet50"])
     parser.add_argument("--stem", choices=["conv", "attention"], default="conv",
-                        help="stem of the SASA models (the conv models always use conv)")
+                        help="stem of the SASA models (conv models always use conv); the attention "
+                        "stem is plain PyTorch, see sasa_triton.nn.AttentionStem2d")
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")

@@ -8,4 +8,13 @@ from .api import attend
 from .backends import backends
 
 __version__ = "0.1.0"
-__all__ = ["attend", "backends", "__version__"]
+__all__ = ["attend", "backends", "nn", "__version__"]
+
+
+def __getattr__(name: str):
+    # `sasa_triton.nn` (modules) loads on first use, keeping `import sasa_triton` minimal
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module(".nn", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .args import check_attend_args
-from .backends import check_backend, load
+from .backends import check_backend
+from .ops import attend_op
 
 IntPair = Union[int, Sequence[int]]
 
@@ -55,7 +56,7 @@ def attend(
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if backend == "auto":
         backend = _auto_backend(q)
-    return load(backend)(q, k, v, args)
+    return attend_op(q, k, v, args, backend)  # a custom op: autograd + torch.compile
 
 
 def _auto_backend(q: torch.Tensor) -> str:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .args import AttendArgs
-from .backends import register_backend
+from .backends import check_backend, register_backend
 from .reference import reference_attend
 
 # backend name -> ("module:forward", "module:backward")
@@ -69,10 +69,11 @@ def reference_forward(q, k, v, args: AttendArgs, config=None):
 # ---------------------------------------------------------------- the ops
 
 def _fresh(t: Tensor, inputs) -> Tensor:
-    """A custom op may not return a view of its inputs: copy in the rare case it would."""
+    """Outputs are contiguous (as the fake impls say) and never a view of an input
+    (a custom op may not alias): copy in the rare case one would be."""
     if any(t.data_ptr() == x.data_ptr() for x in inputs if x is not None and x.numel()):
-        return t.clone()
-    return t
+        return t.clone(memory_format=torch.contiguous_format)
+    return t.contiguous()
 
 
 @torch.library.custom_op("sasa_triton::attend_fwd", mutates_args=())
@@ -84,11 +85,12 @@ def attend_fwd(
 ) -> tuple[Tensor, Tensor]:
     args = _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
     out, lse = _impl(backend, 0)(q, k, v, args, _config(config))
-    return _fresh(out, (q, k, v)), lse
+    return _fresh(out, (q, k, v)), _fresh(lse, (q, k, v))
 
 
 @attend_fwd.register_fake
 def _(q, k, v, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale, backend, config):
+    check_backend(backend, q)  # at trace time: `attend` skips this check under torch.compile
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty(q.shape), q.new_empty(q.shape[:4], dtype=lse_dtype)
 
@@ -109,7 +111,7 @@ def attend_bwd(
 @attend_bwd.register_fake
 def _(q, k, v, out, lse, dout, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale, backend, config):
     grads = [q.new_empty(q.shape) for _ in range(3)]
-    grads += [q.new_empty(0) if t is None else torch.empty_like(t) for t in (rel_h, rel_w, rpb)]
+    grads += [q.new_empty(0) if t is None else t.new_empty(t.shape) for t in (rel_h, rel_w, rpb)]
     return tuple(grads)
 
 

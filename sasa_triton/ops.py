@@ -50,8 +50,14 @@ def _impl(name: str, direction: int) -> Callable:
 
 
 @functools.lru_cache(maxsize=256)
-def _config(text: str) -> Optional[dict]:
+def _parse_config(text: str) -> Optional[dict]:
     return json.loads(text) if text else None
+
+
+def _config(text: str) -> Optional[dict]:
+    """The parsed config (a fresh dict: implementations may pop keys from it)."""
+    config = _parse_config(text)
+    return None if config is None else dict(config)
 
 
 def _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale) -> AttendArgs:

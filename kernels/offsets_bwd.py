@@ -25,7 +25,9 @@ FMAs per (pixel, head, offset), twice the forward. Shift mode walks (2kh-1)(2kw-
 candidate offsets of which kh*kw are live: ~4x the compute of zeros/mask. Extra memory:
 delta (B, H, W, heads) float32 and the partial sums, B * ceil(HW/BLOCK_P) * heads *
 (Ty + Tx_pad) * d_pad floats for rel (+ Ty * Tx for rpb), reduced by torch in a fixed
-order: no float atomics, gradients are bit-identical on repeat.
+order: no float atomics, gradients are bit-identical on repeat. Registers: besides the
+[BLOCK_P, d_pad] tiles, kernel 1 holds the drel_w partial as a [Tx_pad, d_pad] tile
+(large only for big k and d together, e.g. shift k=13 with d=256).
 """
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ pair, with the signatures of the kernel-variant interface:
 `backward(q, k, v, out, lse, dout, args, config) -> (dq, dk, dv, drel_h, drel_w, drpb)`.
 Targets are imported on first use, so importing this module imports no Triton.
 The backward op has no autograd of its own: double backward is not supported.
+In eager mode with nothing to differentiate, `attend_op` calls the forward directly
+(the op dispatch costs tens of microseconds of host time).
 """
 from __future__ import annotations
 
@@ -146,6 +148,10 @@ attend_fwd.register_autograd(_backward, setup_context=_setup_context)
 def attend_op(q, k, v, args: AttendArgs, backend: str, config: str = "") -> Tensor:
     """Runs `backend` through the custom op (differentiable, torch.compile-friendly)."""
     kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
+    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, rel_h, rel_w, rpb))):
+        # eager, nothing to differentiate: skip the op dispatch (tens of microseconds)
+        return _impl(backend, 0)(q, k, v, args, _config(config))[0]
     out, _ = attend_fwd(q, k, v, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale,
                         backend, config)
     return out

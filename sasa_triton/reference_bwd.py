@@ -39,7 +39,6 @@ def reference_backward(q, k, v, out, lse, dout, args: AttendArgs, config=None):
     if rpb is not None:
         rpb_c = rpb.to(cdt)
         drpb = torch.zeros(rpb.shape, dtype=cdt, device=dev)
-    b_idx = torch.arange(B, device=dev)[:, None, None]
     n_idx = torch.arange(N, device=dev)[:, None, None]
 
     for a in range(kh):
@@ -56,12 +55,13 @@ def reference_backward(q, k, v, out, lse, dout, args: AttendArgs, config=None):
 
             k_n = torch.where(inside[..., None], k[:, y[:, None], x[None, :]].to(cdt), 0.0)
             v_n = torch.where(inside[..., None], v[:, y[:, None], x[None, :]].to(cdt), 0.0)
-            if rel_h is not None:  # k + [rel_h[row], rel_w[col]], per pixel and head
-                r_h = rel_h_n[:, row].permute(1, 0, 2)[None, :, None]  # (1, H, 1, N, d2)
-                r_w = rel_w_n[:, col].permute(1, 0, 2)[None, None]  # (1, 1, W, N, d - d2)
-                k_n = k_n + torch.cat([r_h.expand(B, H, W, N, d2),
-                                       r_w.expand(B, H, W, N, D - d2)], dim=-1)
-            logit = torch.einsum("bhwnd,bhwnd->bhwn", q_c, k_n) * scale
+            logit = torch.einsum("bhwnd,bhwnd->bhwn", q_c, k_n)
+            if rel_h is not None:  # separable: q_h . rel_h[row] + q_w . rel_w[col]
+                r_h = rel_h_n[:, row].transpose(0, 1)  # (H, N, d2)
+                r_w = rel_w_n[:, col].transpose(0, 1)  # (W, N, d - d2)
+                logit = logit + torch.einsum("bhwnd,hnd->bhwn", q_c[..., :d2], r_h)
+                logit = logit + torch.einsum("bhwnd,wnd->bhwn", q_c[..., d2:], r_w)
+            logit = logit * scale
             if rpb is not None:
                 logit = logit + rpb_c[:, rel_y[:, a]][:, :, rel_x[:, c]].permute(1, 2, 0)
             p = torch.exp(logit - lse_c)
@@ -71,12 +71,16 @@ def reference_backward(q, k, v, out, lse, dout, args: AttendArgs, config=None):
                 ds = torch.where(inside, ds, 0.0)
 
             dq += ds[..., None] * k_n
-            # keys/values: only in-image neighbors exist (zeros mode drops the rest)
+            if rel_h is not None:
+                dq[..., :d2] += ds[..., None] * r_h[None, :, None]
+                dq[..., d2:] += ds[..., None] * r_w[None, None]
+            # keys/values: only in-image neighbors exist (zeros mode drops the rest);
+            # index_add_ over flat pixels (shift windows map several queries to one key)
             dk_part = torch.where(inside[..., None], ds[..., None] * q_c, 0.0)
             dv_part = torch.where(inside[..., None], p[..., None] * dout_c, 0.0)
-            at = (b_idx, y[None, :, None].expand(1, H, W), x[None, None, :].expand(1, H, W))
-            dk.index_put_(at, dk_part, accumulate=True)
-            dv.index_put_(at, dv_part, accumulate=True)
+            at = (y[:, None] * W + x[None, :]).reshape(-1)
+            dk.view(B, H * W, N, D).index_add_(1, at, dk_part.view(B, H * W, N, D))
+            dv.view(B, H * W, N, D).index_add_(1, at, dv_part.view(B, H * W, N, D))
             if rel_h is not None:
                 drel_h_n.index_add_(1, row, torch.einsum("bhwn,bhwnd->nhd", ds, q_c[..., :d2]))
                 drel_w_n.index_add_(1, col, torch.einsum("bhwn,bhwnd->nwd", ds, q_c[..., d2:]))

@@ -8,7 +8,7 @@ import torch
 import sasa_triton
 from sasa_triton import ops
 
-from cases import Case, assert_close, make_inputs
+from cases import REFERENCE_CASES, Case, assert_close, make_inputs
 from oracle import oracle_attend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,6 +49,20 @@ def test_gradcheck_float64_through_op(case):
                                   **dict(kw, **dict(zip(names, tables))))
 
     assert torch.autograd.gradcheck(f, tuple(_leaves(q, k, v, kw)))
+
+
+@pytest.mark.parametrize("case", [REFERENCE_CASES[i] for i in (2, 4, 7, 9, 13, 14)], ids=lambda c: c.id)
+def test_reference_backward_matches_oracle(case):
+    """The reference path's direct backward (inside the op), float32 vs the oracle."""
+    q, k, v, kw = make_inputs(case, torch.float32, "nchw_view", DEVICE, requires_grad=True)
+    leaves = _leaves(q, k, v, kw)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    got = torch.autograd.grad(sasa_triton.attend(q, k, v, case.k, **kw), leaves, dout)
+    ref = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    extra = dict(kw, **dict(zip([n for n in TABLES if n in kw], ref[3:])))
+    want = torch.autograd.grad(oracle_attend(*ref[:3], case.k, **extra), ref, dout.cpu().double())
+    for name, g, w in zip(["q", "k", "v", *[n for n in TABLES if n in kw]], got, want):
+        assert_close(g.cpu(), w, torch.float32, name)
 
 
 def test_opcheck():

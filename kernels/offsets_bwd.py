@@ -121,6 +121,9 @@ def _dq_kernel(
     o_do = b * s_dob + i64 * s_doh + j64 * s_dow + n * s_don
     b_do = tl.load(p_do + o_do[:, None] + o_d[None, :] * s_dod, mask=m_pd, other=0.0).to(tl.float32)
     b_lse = tl.load(p_lse + b * s_lb + i64 * s_lh + j64 * s_lw + n * s_ln, mask=m_p, other=0.0)
+    log2e = 1.4426950408889634  # P = exp2(logit * log2e - lse * log2e): scale folded in
+    scale2 = scale * log2e
+    b_lse2 = b_lse * log2e
     b_delta = tl.sum(b_do * b_o, axis=1)  # [BLOCK_P]
     tl.store(p_delta + ((b * H + i64) * W + j64) * NH + n, b_delta, mask=m_p)
 
@@ -142,21 +145,23 @@ def _dq_kernel(
                 m_live = m_in
             m_kd = m_in[:, None] & m_d[None, :]
             o_k = b * s_kb + y.to(tl.int64) * s_kh + x.to(tl.int64) * s_kw + n * s_kn
-            b_k = tl.load(p_k + o_k[:, None] + o_d[None, :] * s_kd, mask=m_kd, other=0.0).to(tl.float32)
+            b_k = tl.load(p_k + o_k[:, None] + o_d[None, :] * s_kd, mask=m_kd, other=0.0)
+            b_k = b_k.to(tl.float32)
             o_v = b * s_vb + y.to(tl.int64) * s_vh + x.to(tl.int64) * s_vw + n * s_vn
-            b_v = tl.load(p_v + o_v[:, None] + o_d[None, :] * s_vd, mask=m_kd, other=0.0).to(tl.float32)
+            b_v = tl.load(p_v + o_v[:, None] + o_d[None, :] * s_vd, mask=m_kd, other=0.0)
+            b_v = b_v.to(tl.float32)
             if HAS_REL:
                 b_rw = tl.load(p_relw + n * s_rwn + tx * s_rwr + (o_d - D2) * s_rwd,
                                mask=(o_d >= D2) & m_d, other=0.0).to(tl.float32)
                 b_k = b_k + (b_rh + b_rw)[None, :]  # k + [rel_h[ty], rel_w[tx]]
-            b_s = tl.sum(b_q * b_k, axis=1) * scale  # [BLOCK_P]
+            b_s = tl.sum(b_q * b_k, axis=1) * scale2  # [BLOCK_P], log2 units
             if HAS_RPB:
                 if PADDING == 2:
-                    b_s += tl.load(p_rpb + n * s_bn + ty * s_by + tx * s_bx).to(tl.float32)
+                    b_s += tl.load(p_rpb + n * s_bn + ty * s_by + tx * s_bx).to(tl.float32) * log2e
                 else:
                     b_s += tl.load(p_rpb + n * s_bn + (ty + KH // 2) * s_by
-                                   + (tx + KW // 2) * s_bx).to(tl.float32)
-            b_p = tl.exp(b_s - b_lse)
+                                   + (tx + KW // 2) * s_bx).to(tl.float32) * log2e
+            b_p = tl.exp2(b_s - b_lse2)
             b_dp = tl.sum(b_do * b_v, axis=1)
             b_ds = tl.where(m_live, b_p * (b_dp - b_delta), 0.0)  # where: no NaN from dead taps
             acc_dq += b_ds[:, None] * b_k
@@ -213,6 +218,8 @@ def _dkv_kernel(
     o_v = b * s_vb + y64 * s_vh + x64 * s_vw + n * s_vn
     b_v = tl.load(p_v + o_v[:, None] + o_d[None, :] * s_vd, mask=m_pd, other=0.0).to(tl.float32)
 
+    log2e = 1.4426950408889634  # P = exp2(logit * log2e - lse * log2e): scale folded in
+    scale2 = scale * log2e
     acc_dk = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
     acc_dv = tl.zeros([BLOCK_P, D_PAD], dtype=tl.float32)
     for ty in range(0, TY):
@@ -227,24 +234,28 @@ def _dkv_kernel(
             i64 = i.to(tl.int64)
             j64 = j.to(tl.int64)
             o_q = b * s_qb + i64 * s_qh + j64 * s_qw + n * s_qn
-            b_q = tl.load(p_q + o_q[:, None] + o_d[None, :] * s_qd, mask=m_qd, other=0.0).to(tl.float32)
+            b_q = tl.load(p_q + o_q[:, None] + o_d[None, :] * s_qd, mask=m_qd, other=0.0)
+            b_q = b_q.to(tl.float32)
             o_do = b * s_dob + i64 * s_doh + j64 * s_dow + n * s_don
-            b_do = tl.load(p_do + o_do[:, None] + o_d[None, :] * s_dod, mask=m_qd, other=0.0).to(tl.float32)
-            b_lse = tl.load(p_lse + b * s_lb + i64 * s_lh + j64 * s_lw + n * s_ln, mask=m_live, other=0.0)
+            b_do = tl.load(p_do + o_do[:, None] + o_d[None, :] * s_dod, mask=m_qd, other=0.0)
+            b_do = b_do.to(tl.float32)
+            b_lse = tl.load(p_lse + b * s_lb + i64 * s_lh + j64 * s_lw + n * s_ln,
+                            mask=m_live, other=0.0)
+            b_lse2 = b_lse * log2e
             b_delta = tl.load(p_delta + ((b * H + i64) * W + j64) * NH + n, mask=m_live, other=0.0)
             b_ke = b_k
             if HAS_REL:
                 b_rw = tl.load(p_relw + n * s_rwn + tx * s_rwr + (o_d - D2) * s_rwd,
                                mask=(o_d >= D2) & m_d, other=0.0).to(tl.float32)
                 b_ke = b_k + (b_rh + b_rw)[None, :]
-            b_s = tl.sum(b_q * b_ke, axis=1) * scale  # [BLOCK_P]
+            b_s = tl.sum(b_q * b_ke, axis=1) * scale2  # [BLOCK_P], log2 units
             if HAS_RPB:
                 if PADDING == 2:
-                    b_s += tl.load(p_rpb + n * s_bn + ty * s_by + tx * s_bx).to(tl.float32)
+                    b_s += tl.load(p_rpb + n * s_bn + ty * s_by + tx * s_bx).to(tl.float32) * log2e
                 else:
                     b_s += tl.load(p_rpb + n * s_bn + (ty + KH // 2) * s_by
-                                   + (tx + KW // 2) * s_bx).to(tl.float32)
-            b_p = tl.where(m_live, tl.exp(b_s - b_lse), 0.0)
+                                   + (tx + KW // 2) * s_bx).to(tl.float32) * log2e
+            b_p = tl.where(m_live, tl.exp2(b_s - b_lse2), 0.0)
             b_dp = tl.sum(b_do * b_v, axis=1)
             b_ds = tl.where(m_live, b_p * (b_dp - b_delta), 0.0)
             acc_dv += b_p[:, None] * b_do
@@ -350,7 +361,9 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config=None):
     part_h = _new((B, n_blocks, NH, ty_n, d_pad), torch.float32, dev) if has_rel else delta
     part_w = _new((B, n_blocks, NH, tx_pad, d_pad), torch.float32, dev) if has_rel else delta
     part_b = _new((B, n_blocks, NH, ty_n, tx_n), torch.float32, dev) if has_rpb else delta
-    relh_t, relw_t, rpb_t = (rel_h if has_rel else q), (rel_w if has_rel else q), (rpb if has_rpb else q)
+    # absent tables: any tensor stands in (the HAS_REL / HAS_RPB paths compile away)
+    relh_t, relw_t = (rel_h, rel_w) if has_rel else (q, q)
+    rpb_t = rpb if has_rpb else q
     table_strides = (*_table_strides(rel_h), *_table_strides(rel_w),
                      *(rpb.stride() if has_rpb else (0, 0, 0)))
     shape_args = (H, W, NH, D, D // 2, kh, kw, dh, dw, ty_n, tx_n, scale)

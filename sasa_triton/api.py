@@ -51,8 +51,10 @@ def attend(
         l = scale * q . (k + [rel_h[row], rel_w[col]]) + rpb[n, dy + kh - 1, dx + kw - 1].
     """
     args = check_attend_args(q, k, v, kernel_size, dilation, padding, rel_h, rel_w, rpb, scale)
-    if not torch.compiler.is_compiling():  # (under torch.compile the op's fake impl checks it:
-        check_backend(backend, q)          # Dynamo will not trace a file whose path has "triton/backends")
+    # Dynamo skips files whose path holds "triton/backends": under torch.compile the
+    # op's fake implementation checks the backend instead
+    if not torch.compiler.is_compiling():
+        check_backend(backend, q)
     if q.numel() == 0:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if backend == "auto":

@@ -33,7 +33,8 @@ from .reference import reference_attend
 
 # backend name -> ("module:forward", "module:backward")
 IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
-    "reference": ("sasa_triton.ops:reference_forward", "sasa_triton.reference_bwd:reference_backward"),
+    "reference": ("sasa_triton.ops:reference_forward",
+                  "sasa_triton.reference_bwd:reference_backward"),
 }
 
 
@@ -47,6 +48,9 @@ def register_implementation(name: str, forward: str, backward: str, triton: bool
 
 @functools.lru_cache(maxsize=None)
 def _impl(name: str, direction: int) -> Callable:
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"backend {name!r} has no (forward, backward) pair in "
+                         f"sasa_triton.ops.IMPLEMENTATIONS (use ops.register_implementation)")
     module, _, function = IMPLEMENTATIONS[name][direction].partition(":")
     return getattr(importlib.import_module(module), function)
 

@@ -79,7 +79,8 @@ def kernel_grads(module, q, k, v, kw, case, dout, config=None):
 
 def oracle_grads(q, k, v, kw, case, dout):
     names = [n for n in TABLES if kw.get(n) is not None]
-    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v, *[kw[n] for n in names])]
+    tensors = (q, k, v, *[kw[n] for n in names])
+    leaves = [t.detach().cpu().double().requires_grad_() for t in tensors]
     extra = dict(kw, **dict(zip(names, leaves[3:])))
     out = oracle_attend(*leaves[:3], case.k, **extra)
     grads = torch.autograd.grad(out, leaves, dout.cpu().double())
@@ -99,7 +100,8 @@ def check_against_oracle(module, case, dtype, layout, tables_fp32=False):
         assert not g.isnan().any(), f"{case.id}: d{name} has unwritten (NaN) entries"
         # table gradients sum over every pixel: compare relative to their size
         atol, rtol = TOLERANCES[dtype]
-        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol * max(1.0, w.abs().max().item()),
+        atol = atol * max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol,
                                    msg=lambda m: f"{case.id} d{name}: {m}")
 
 
@@ -125,7 +127,8 @@ def test_grads_strided_layouts(variant, case, layout):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_half_inputs_with_fp32_tables(variant):
-    check_against_oracle(VARIANTS[variant], CASES[4], torch.bfloat16, "channels_last", tables_fp32=True)
+    check_against_oracle(VARIANTS[variant], CASES[4], torch.bfloat16, "channels_last",
+                         tables_fp32=True)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -1,12 +1,13 @@
 """`attend` as torch.library custom ops, so autograd and torch.compile see one opaque op.
 
-Two ops, both taking the implementation name (`backend`) and a JSON config string
-("" = the implementation's default) as plain arguments:
+Two ops, taking the implementation name (`backend`) and JSON config strings ("" = the
+implementation's default config) as plain arguments:
 
 * `sasa_triton::attend_fwd(q, k, v, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale,
-  backend, config) -> (out, lse)`
-* `sasa_triton::attend_bwd(q, k, v, out, lse, dout, <same>) -> (dq, dk, dv, drel_h,
-  drel_w, drpb)`, an empty tensor standing for an absent table's gradient.
+  backend, fwd_config, bwd_config) -> (out, lse)` (bwd_config is kept for the backward)
+* `sasa_triton::attend_bwd(q, k, v, out, lse, dout, rel_h, rel_w, rpb, kh, kw, dh, dw,
+  padding, scale, backend, bwd_config) -> (dq, dk, dv, drel_h, drel_w, drpb)`, an empty
+  tensor standing for an absent table's gradient.
 
 `IMPLEMENTATIONS` maps a backend name to its ("module:forward", "module:backward")
 pair, with the signatures of the kernel-variant interface:
@@ -83,7 +84,8 @@ def reference_forward(q, k, v, args: AttendArgs, config=None):
 def _fresh(t: Tensor, inputs) -> Tensor:
     """Outputs are contiguous (as the fake impls say) and never a view of an input
     (a custom op may not alias): copy in the rare case one would be."""
-    if any(t.data_ptr() == x.data_ptr() for x in inputs if x is not None and x.numel()):
+    storage = t.untyped_storage().data_ptr()
+    if any(storage == x.untyped_storage().data_ptr() for x in inputs if x is not None):
         return t.clone(memory_format=torch.contiguous_format)
     return t.contiguous()
 
@@ -93,15 +95,16 @@ def attend_fwd(
     q: Tensor, k: Tensor, v: Tensor,
     rel_h: Optional[Tensor], rel_w: Optional[Tensor], rpb: Optional[Tensor],
     kh: int, kw: int, dh: int, dw: int, padding: str, scale: float,
-    backend: str, config: str,
+    backend: str, fwd_config: str, bwd_config: str,
 ) -> tuple[Tensor, Tensor]:
     args = _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
-    out, lse = _impl(backend, 0)(q, k, v, args, _config(config))
+    out, lse = _impl(backend, 0)(q, k, v, args, _config(fwd_config))
     return _fresh(out, (q, k, v)), _fresh(lse, (q, k, v))
 
 
 @attend_fwd.register_fake
-def _(q, k, v, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale, backend, config):
+def _(q, k, v, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale, backend, fwd_config,
+      bwd_config):
     check_backend(backend, q)  # at trace time: `attend` skips this check under torch.compile
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty(q.shape), q.new_empty(q.shape[:4], dtype=lse_dtype)
@@ -131,7 +134,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, rel_h, rel_w, rpb, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, rel_h, rel_w, rpb)
-    ctx.rest = rest  # kh, kw, dh, dw, padding, scale, backend, config
+    ctx.rest = rest[:-2] + rest[-1:]  # kh, kw, dh, dw, padding, scale, backend, bwd_config
     ctx.mark_non_differentiable(lse)
 
 
@@ -143,19 +146,21 @@ def _backward(ctx, dout, dlse):
             drel_h if rel_h is not None else None,
             drel_w if rel_w is not None else None,
             drpb if rpb is not None else None,
-            *([None] * len(ctx.rest)))
+            *([None] * (len(ctx.rest) + 1)))
 
 
 attend_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attend_op(q, k, v, args: AttendArgs, backend: str, config: str = "") -> Tensor:
-    """Runs `backend` through the custom op (differentiable, torch.compile-friendly)."""
+def attend_op(q, k, v, args: AttendArgs, backend: str, fwd_config: str = "",
+              bwd_config: str = "") -> Tensor:
+    """Runs `backend` through the custom op (differentiable, torch.compile-friendly);
+    the configs are JSON strings of the variants' config dicts ("" = their default)."""
     kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
     if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, rel_h, rel_w, rpb))):
         # eager, nothing to differentiate: skip the op dispatch (tens of microseconds)
-        return _impl(backend, 0)(q, k, v, args, _config(config))[0]
+        return _impl(backend, 0)(q, k, v, args, _config(fwd_config))[0]
     out, _ = attend_fwd(q, k, v, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale,
-                        backend, config)
+                        backend, fwd_config, bwd_config)
     return out

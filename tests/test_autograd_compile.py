@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import sasa_triton
+import sasa_triton.args
 from sasa_triton import ops
 
 from cases import REFERENCE_CASES, Case, assert_close, make_inputs
@@ -74,7 +75,7 @@ def test_opcheck():
     case = Case(B=1, H=4, W=5, heads=2, d=4, k=3, rel="shared", rpb=True)
     q, k, v, kw = make_inputs(case, torch.float32, "nchw_view", DEVICE, requires_grad=True)
     fwd_args = (q, k, v, kw["rel_h"], kw["rel_w"], kw["rpb"], 3, 3, 1, 1, "zeros", 0.5,
-                "reference", "")
+                "reference", "", "")
     torch.library.opcheck(torch.ops.sasa_triton.attend_fwd.default, fwd_args)
     with torch.no_grad():
         out, lse = torch.ops.sasa_triton.attend_fwd(*fwd_args)
@@ -98,6 +99,23 @@ def test_kernel_backward_through_autograd(case, triton_bwd_test):
     want = torch.autograd.grad(oracle_attend(*ref[:3], case.k, **extra), ref, dout.cpu().double())
     for name, g, w in zip(["q", "k", "v", *TABLES], got, want):
         assert_close(g.cpu(), w, torch.float32, name)
+
+
+def test_op_passes_the_backward_config(triton_bwd_test, monkeypatch):
+    """The bwd_config JSON given to the op reaches the backward kernel as a dict."""
+    seen = []
+    module = importlib.import_module("sasa_triton.kernels.offsets_bwd")
+    real = module.backward
+    monkeypatch.setattr(module, "backward", lambda *a: seen.append(a[-1]) or real(*a))
+    ops._impl.cache_clear()
+    case = Case(B=1, H=4, W=5, heads=2, d=8, k=3, rel="shared")
+    q, k, v, kw = make_inputs(case, torch.float32, device=DEVICE, requires_grad=True)
+    args = sasa_triton.args.check_attend_args(q, k, v, 3, 1, "zeros", kw["rel_h"], kw["rel_w"],
+                                              None, None)
+    out = ops.attend_op(q, k, v, args, triton_bwd_test, "", '{"BLOCK_P": 16, "num_warps": 2}')
+    out.sum().backward()
+    ops._impl.cache_clear()
+    assert seen == [{"BLOCK_P": 16, "num_warps": 2}] and q.grad is not None
 
 
 class TinySASA(torch.nn.Module):

@@ -1,0 +1,202 @@
+"""Backward kernels against float64 autograd through the oracle.
+
+Each kernel gets out and lse from the reference forward (the forward kernels are tested
+on their own) and must return the gradient of every differentiable input. Runs through
+Triton's interpreter on CPU; on a CUDA machine the same tests run on the GPU.
+"""
+import importlib
+
+import pytest
+import torch
+
+from sasa_triton.args import check_attend_args
+from sasa_triton.kernels import BACKWARD_VARIANTS
+from sasa_triton.reference import reference_attend
+
+from cases import Case, TOLERANCES, assert_close, make_inputs
+from oracle import oracle_attend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+VARIANTS = {name: importlib.import_module(module) for name, module in BACKWARD_VARIANTS.items()}
+TABLES = ("rel_h", "rel_w", "rpb")
+
+# A covering set: every padding, dilation 1 / square / not, square and non-square odd
+# kernels 1..13, image smaller than the window, shared and per-head rel, rpb, scale,
+# head dims 1..256 (odd ones split rel_h/rel_w unevenly).
+CASES = [
+    Case(B=2, H=5, W=6, heads=2, d=8, k=3),
+    Case(B=1, H=5, W=6, heads=2, d=8, k=3, rel="per_head", rpb=True, scale=0.7),
+    Case(B=1, H=6, W=5, heads=2, d=8, k=5, padding="mask", rel="shared"),
+    Case(B=1, H=9, W=7, heads=1, d=8, k=3, dilation=2, padding="mask", rpb=True),
+    Case(B=1, H=7, W=7, heads=2, d=8, k=3, padding="shift", rel="shared", rpb=True),
+    Case(B=1, H=8, W=6, heads=2, d=5, k=(3, 5), dilation=(2, 1), padding="shift",
+         rel="per_head", rpb=True),
+    Case(B=2, H=9, W=10, heads=1, d=4, k=3, dilation=(2, 3), padding="shift", rel="per_head"),
+    Case(B=1, H=3, W=2, heads=1, d=8, k=5, rel="shared", rpb=True),
+    Case(B=1, H=3, W=2, heads=2, d=8, k=5, padding="mask", rpb=True),
+    Case(B=1, H=4, W=5, heads=2, d=6, k=1, rel="shared", rpb=True),
+    Case(B=1, H=6, W=7, heads=1, d=16, k=(5, 3), dilation=(1, 2), rel="per_head", rpb=True),
+    Case(B=1, H=4, W=4, heads=2, d=1, k=3, padding="mask", rpb=True),
+    Case(B=1, H=3, W=4, heads=1, d=256, k=3, rel="shared", rpb=True),
+    Case(B=1, H=5, W=7, heads=1, d=4, k=13, padding="mask", rel="shared", rpb=True),
+    Case(B=1, H=7, W=8, heads=1, d=8, k=7, padding="shift", rel="per_head", rpb=True),
+]
+# Half precision and strided layouts on the cases with every feature on.
+FULL = [CASES[1], CASES[2], CASES[5]]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    for module in VARIANTS.values():
+        monkeypatch.setattr(module, "POISON_OUTPUTS", True)
+
+
+def _args(q, k, v, case, kw):
+    return check_attend_args(q, k, v, case.k, kw["dilation"], kw["padding"], kw.get("rel_h"),
+                             kw.get("rel_w"), kw.get("rpb"), kw["scale"])
+
+
+def _dout(q, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(q.shape, generator=g, dtype=torch.float64).to(q.dtype).to(q.device)
+
+
+def kernel_grads(module, q, k, v, kw, case, dout, config=None):
+    """Gradients of (q, k, v, tables present) from one backward variant."""
+    args = _args(q, k, v, case, kw)
+    with torch.no_grad():
+        out, lse = reference_attend(q, k, v, args, return_lse=True)
+    grads = module.backward(q, k, v, out, lse, dout, args, config)
+    names = [n for n in TABLES if kw.get(n) is not None]
+    for name, g in zip(TABLES, grads[3:]):
+        assert (g is None) == (kw.get(name) is None), name
+        if g is not None:
+            assert g.shape == kw[name].shape and g.dtype == kw[name].dtype, name
+    for g in grads[:3]:
+        assert g.shape == q.shape and g.dtype == q.dtype
+    return dict(zip(["q", "k", "v", *names], [g for g in grads if g is not None]))
+
+
+def oracle_grads(q, k, v, kw, case, dout):
+    names = [n for n in TABLES if kw.get(n) is not None]
+    tensors = (q, k, v, *[kw[n] for n in names])
+    leaves = [t.detach().cpu().double().requires_grad_() for t in tensors]
+    extra = dict(kw, **dict(zip(names, leaves[3:])))
+    out = oracle_attend(*leaves[:3], case.k, **extra)
+    grads = torch.autograd.grad(out, leaves, dout.cpu().double())
+    return dict(zip(["q", "k", "v", *names], grads))
+
+
+def check_against_oracle(module, case, dtype, layout, tables_fp32=False):
+    q, k, v, kw = make_inputs(case, dtype, layout, DEVICE)
+    if tables_fp32:
+        kw = {n: (t.float() if n in TABLES and t is not None else t) for n, t in kw.items()}
+    dout = _dout(q)
+    got = kernel_grads(module, q, k, v, kw, case, dout)
+    want = oracle_grads(q, k, v, kw, case, dout)
+    assert got.keys() == want.keys()
+    for name in want:
+        g, w = got[name].cpu(), want[name]
+        assert not g.isnan().any(), f"{case.id}: d{name} has unwritten (NaN) entries"
+        # table gradients sum over every pixel: compare relative to their size
+        atol, rtol = TOLERANCES[dtype]
+        atol = atol * max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol,
+                                   msg=lambda m: f"{case.id} d{name}: {m}")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_grads_match_oracle_fp32(variant, case):
+    check_against_oracle(VARIANTS[variant], case, torch.float32, "contiguous")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", FULL, ids=lambda c: c.id)
+def test_grads_match_oracle_half(variant, case, dtype):
+    check_against_oracle(VARIANTS[variant], case, dtype, "contiguous")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("layout", ["nchw_view", "channels_last"])
+@pytest.mark.parametrize("case", FULL[:2], ids=lambda c: c.id)
+def test_grads_strided_layouts(variant, case, layout):
+    check_against_oracle(VARIANTS[variant], case, torch.float32, layout)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_half_inputs_with_fp32_tables(variant):
+    check_against_oracle(VARIANTS[variant], CASES[4], torch.bfloat16, "channels_last",
+                         tables_fp32=True)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_deterministic(variant):
+    """Two runs give bit-identical gradients (no float atomics)."""
+    case = Case(B=1, H=6, W=5, heads=2, d=8, k=3, padding="shift", rel="shared", rpb=True)
+    q, k, v, kw = make_inputs(case, torch.float32, "contiguous", DEVICE)
+    dout = _dout(q)
+    first = kernel_grads(VARIANTS[variant], q, k, v, kw, case, dout)
+    second = kernel_grads(VARIANTS[variant], q, k, v, kw, case, dout)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_pruned_config_agrees(variant):
+    """Each config the tuner may pick for this shape gives the same gradients."""
+    module = VARIANTS[variant]
+    case = Case(B=1, H=6, W=7, heads=2, d=8, k=3, padding="mask", rel="per_head", rpb=True)
+    q, k, v, kw = make_inputs(case, torch.float32, "contiguous", DEVICE)
+    args = _args(q, k, v, case, kw)
+    configs = module.prune(module.search_space(), tuple(q.shape), args)
+    assert configs and module.default_config(tuple(q.shape), args) in module.search_space()
+    blocks = {c["BLOCK_P"]: c for c in configs}  # launch settings do not change the math
+    dout = _dout(q)
+    want = kernel_grads(module, q, k, v, kw, case, dout)
+    for config in blocks.values():
+        got = kernel_grads(module, q, k, v, kw, case, dout, config)
+        for name in want:
+            assert_close(got[name], want[name], torch.float32, f"{config} d{name}")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_broadcast_dout(variant):
+    """dout of out.sum() is an expanded (stride 0) tensor: read with its strides."""
+    case = Case(B=1, H=4, W=5, heads=2, d=8, k=3, rel="shared")
+    q, k, v, kw = make_inputs(case, torch.float32, "nchw_view", DEVICE)
+    dout = torch.ones((), device=DEVICE).expand(q.shape)
+    got = kernel_grads(VARIANTS[variant], q, k, v, kw, case, dout)
+    want = oracle_grads(q, k, v, kw, case, dout)
+    for name in want:
+        assert_close(got[name].cpu(), want[name], torch.float32, name)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_supports_and_empty(variant):
+    module = VARIANTS[variant]
+    q = torch.zeros(0, 4, 4, 2, 8, device=DEVICE)
+    args = check_attend_args(q, q, q, 3, 1, "zeros", None, None, None, None)
+    assert not module.supports((1, 4, 4, 2, 8), torch.float64, args)
+    assert not module.supports((1, 4, 4, 2, 512), torch.float32, args)
+    grads = module.backward(q, q, q, q, q[..., 0], q, args)
+    assert [g.shape for g in grads[:3]] == [q.shape] * 3 and grads[3:] == (None, None, None)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU (a > 2**31-element view)")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_64bit_offsets(variant):
+    """A batch stride of 2**31 elements: offsets must be computed in 64 bits."""
+    H, W, N, D = 4, 5, 2, 8
+    big = torch.randn(2 ** 31 + H * W * N * D, device="cuda", dtype=torch.float16)
+    q = big.as_strided((2, H, W, N, D), (2 ** 31, W * N * D, N * D, D, 1))
+    case = Case(B=2, H=H, W=W, heads=N, d=D, k=3, padding="mask")
+    kw = dict(dilation=1, padding="mask", scale=None)
+    dout = _dout(q)
+    got = kernel_grads(VARIANTS[variant], q, q, q, kw, case, dout)
+    small = q.contiguous()
+    del big, q
+    want = kernel_grads(VARIANTS[variant], small, small, small, kw, case, dout)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name

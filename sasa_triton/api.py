@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .args import check_attend_args
-from .backends import check_backend
+from .registry import check_backend
 from .ops import attend_op
 
 IntPair = Union[int, Sequence[int]]
@@ -51,9 +51,7 @@ def attend(
         l = scale * q . (k + [rel_h[row], rel_w[col]]) + rpb[n, dy + kh - 1, dx + kw - 1].
     """
     args = check_attend_args(q, k, v, kernel_size, dilation, padding, rel_h, rel_w, rpb, scale)
-    # Dynamo skips files whose path holds "triton/backends": under torch.compile the
-    # op's fake implementation checks the backend instead
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling():  # traced, the op's fake impl checks it
         check_backend(backend, q)
     if q.numel() == 0:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .args import AttendArgs
-from .backends import check_backend, register_backend
+from .registry import check_backend, register_backend
 from .reference import reference_attend
 
 # backend name -> ("module:forward", "module:backward")

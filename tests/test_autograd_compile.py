@@ -14,7 +14,7 @@ from oracle import oracle_attend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TABLES = ("rel_h", "rel_w", "rpb")
-backends_module = importlib.import_module("sasa_triton.backends")
+backends_module = importlib.import_module("sasa_triton.registry")
 
 
 @pytest.fixture

@@ -180,7 +180,7 @@ def test_suites_follow_perf_md():
 
 
 def test_report_never_runs_triton_backends_on_cpu():
-    registry = importlib.import_module("sasa_triton.backends")
+    registry = importlib.import_module("sasa_triton.registry")
 
     registry.register_backend("fake_kernel", "nowhere:nothing", triton=True)
     try:

@@ -156,7 +156,7 @@ def _conv2d(shape: Shape) -> torch.nn.Module:
 # --- the list -----------------------------------------------------------------------
 
 def _is_triton_backend(name: str) -> bool:
-    from sasa_triton.backends import _REGISTRY
+    from sasa_triton.registry import _REGISTRY
 
     entry = _REGISTRY.get(name)
     return entry is None or entry.triton

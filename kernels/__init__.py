@@ -1,1 +1,13 @@
-"""Triton kernels of sasa-triton, one file per kernel family (installed as sasa_triton.kernels)."""
+"""Triton kernels of sasa-triton, one file per kernel family (installed as sasa_triton.kernels).
+
+The variant tables below are plain data, importable without Triton; a variant module is
+imported only when it runs. Interface of a forward variant module (see the variant brief):
+`search_space()`, `prune(configs, q_shape, args)`, `default_config(q_shape, args)`,
+`supports(q_shape, dtype, args)`, `forward(q, k, v, args, config=None) -> (out, lse)`.
+"""
+
+FORWARD_VARIANTS = {
+    "tiled": "sasa_triton.kernels.tiled_fwd",  # tensor-core halo tiles, one (b, head) per program
+    "allheads": "sasa_triton.kernels.allheads_fwd",  # all heads of a pixel block, d < 16, tiny maps
+}
+BACKWARD_VARIANTS: dict = {}  # filled by the backward kernels

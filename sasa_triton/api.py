@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .args import check_attend_args
-from .backends import check_backend, load
+from .backends import check_backend, load, triton_usable
 
 IntPair = Union[int, Sequence[int]]
 
@@ -59,4 +59,8 @@ def attend(
 
 
 def _auto_backend(q: torch.Tensor) -> str:
+    """CUDA tensors go to the kernel dispatcher (sasa_triton.dispatch); CPU (and float64)
+    to the reference."""
+    if q.is_cuda and q.dtype != torch.float64 and triton_usable("cuda"):
+        return "triton"
     return "reference"

@@ -23,6 +23,10 @@ class Backend(NamedTuple):
 
 _REGISTRY: dict[str, Backend] = {
     "reference": Backend("sasa_triton.reference:reference_attend", triton=False),
+    # forward kernels (sasa_triton/dispatch.py): the dispatcher's choice, or one variant
+    "triton": Backend("sasa_triton.dispatch:triton_attend", triton=True),
+    "tiled": Backend("sasa_triton.dispatch:tiled_attend", triton=True),
+    "allheads": Backend("sasa_triton.dispatch:allheads_attend", triton=True),
 }
 
 

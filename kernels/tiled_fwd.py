@@ -1,0 +1,283 @@
+"""Forward kernel family "tiled": tensor-core halo tiles, one (batch, head) per program.
+
+What a program owns: BLOCK_H image rows x BLOCK_W adjacent query pixels of one row
+segment, of one batch b and one head n. The rows are processed one after the other; for
+each query row the program walks the k/v halo in sub-tiles, one per window row a
+(kh of them): sub-tile a is the image row `start_y + a*dh`, columns [x0, x0 + BLOCK_K)
+where BLOCK_K = next_pow2(halo width), halo width = BLOCK_W + (kw-1)*dw (zeros/mask) or
+the widest shifted-window union (shift). Per sub-tile:
+    S = Q K^T                        tl.dot, [BLOCK_W, D] @ [D, BLOCK_K]
+    S = S*scale*log2(e) + column bias + row bias (+ rpb),  masked to each query's window
+    online softmax in base 2 (m, l), acc += P V       tl.dot, [BLOCK_W, BLOCK_K] @ [BLOCK_K, D]
+and it saves lse = ln(sum exp(logit)) per query.
+
+Supported: every padding mode, dilation, odd kh/kw with BLOCK_K <= 256 (e.g. k <= 13
+at dilation <= 16), shared/per-head rel tables, rpb, fp16/bf16/fp32 (fp32 dots use
+input_precision="ieee"), head dims d = 1..256, padded inside the kernel to
+BLOCK_D = max(16, next_pow2(d)) with masks. Any strides; 64-bit base offsets.
+
+Performance notes (against PERF.md's first cuts, which reached 5-30x the IO floor):
+* The query tile is a row segment, so every pixel of a k/v sub-tile shares the window
+  row a with every query: the row part of the relative term is one scalar per query
+  per a (q[:d/2] . rel_h[row], kh dot products per query in all) and the window mask
+  along the row is the same for all a. The column pattern (window mask, and the
+  column part q[d/2:] . rel_w[col], kw dot products per query) is built once per query
+  row as a [BLOCK_W, BLOCK_K] bias and reused for all kh sub-tiles; no [TQ, TK] index
+  math, no k^2 x d tensor and no gather in the inner loop (the 116x column of PERF.md).
+* The live score tile is [BLOCK_W, BLOCK_K] = 16 x 32 for k = 7 (49% useful columns of
+  22/32, 7/22 of them in a window) instead of the 64 x 256 tile of an 8x8/16x16 halo.
+* exp2 with scale*log2(e) folded into one FMA on the score tile; the running max starts
+  finite so no -inf - -inf guard is needed in the loop.
+* The grid puts the head index fastest, so the programs of all heads of a row segment
+  run together and each 32/64-byte sector of the heads-last rows is used in full (L2).
+* Each k/v row is read by the kh programs of neighbouring query rows: L2 hits, not HBM.
+* NaN safety: halo columns outside a query's window are removed with tl.where on S,
+  and non-finite v rows (rare) are zeroed in a branch taken only when one occurs, with
+  the affected queries set to NaN explicitly, since 0 * NaN in P V would otherwise leak.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (PADDING_CODES, alloc_outputs, bias_strides, check_config,
+                     halo_span, head_block, launch_options, next_pow2, window_start)
+
+MAX_BLOCK_K = 256
+
+
+@triton.jit
+def _tiled_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    H, W, HEADS, D, D_HALF,
+    sq_b, sq_h, sq_w, sq_n, sq_d,
+    sk_b, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_h, sv_w, sv_n, sv_d,
+    so_b, so_h, so_w, so_n, so_d,
+    sl_b, sl_h, sl_w, sl_n,
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
+    dil_h, dil_w, qk_scale,  # qk_scale = scale * log2(e)
+    KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,
+    HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    SHIFT: tl.constexpr = PADDING == 2
+    MASK: tl.constexpr = PADDING == 1
+    # head fastest: the heads of one row segment run side by side (full cache sectors)
+    pid = tl.program_id(0)
+    n = pid % HEADS
+    t = pid // HEADS
+    n_jb = tl.cdiv(W, BLOCK_W)
+    jb = t % n_jb
+    t = t // n_jb
+    n_ib = tl.cdiv(H, BLOCK_H)
+    ib = t % n_ib
+    b = t // n_ib
+
+    o_j = jb * BLOCK_W + tl.arange(0, BLOCK_W)  # query columns
+    m_j = o_j < W
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    start_x, off_x = window_start(o_j, W, KW, dil_w, SHIFT)  # [BLOCK_W]
+    if SHIFT:
+        x0 = tl.min(tl.where(m_j, start_x, W), axis=0)
+    else:
+        x0 = jb * BLOCK_W - (KW // 2) * dil_w
+    o_x = x0 + tl.arange(0, BLOCK_K)  # halo columns
+    m_x = (o_x >= 0) & (o_x < W)
+
+    # Column pattern, shared by every row and every window row of this program.
+    o_diff = o_x[None, :] - start_x[:, None]  # [BLOCK_W, BLOCK_K]
+    o_diffc = tl.maximum(o_diff, 0)
+    o_tap = o_diffc // dil_w  # tap index c of halo column x for query j
+    m_win = (o_diff >= 0) & (o_diffc - o_tap * dil_w == 0) & (o_tap < KW)
+    if MASK:
+        m_win = m_win & m_x[None, :]
+    m_win = m_win & m_j[:, None]
+
+    b64 = b.to(tl.int64)
+    n64 = n.to(tl.int64)
+    p_q0 = q_ptr + b64 * sq_b + n64 * sq_n
+    p_k0 = k_ptr + b64 * sk_b + n64 * sk_n
+    p_v0 = v_ptr + b64 * sv_b + n64 * sv_n
+    p_o0 = o_ptr + b64 * so_b + n64 * so_n
+    p_l0 = lse_ptr + b64 * sl_b + n64 * sl_n
+    o_xk = o_x.to(tl.int64)
+    o_kx = o_xk[:, None] * sk_w + o_d[None, :] * sk_d  # [BLOCK_K, BLOCK_D]
+    o_vx = o_xk[:, None] * sv_w + o_d[None, :] * sv_d
+    m_kv_x = m_x[:, None] & m_d[None, :]
+    if HAS_RPB:
+        o_rpb_x = (off_x[:, None] + o_tap + KW - 1) * srp_w  # [BLOCK_W, BLOCK_K]
+    if HAS_REL:
+        m_dh = o_d < D_HALF  # rel_h channels
+        m_dw = (o_d >= D_HALF) & m_d  # rel_w channels
+
+    for r in range(0, BLOCK_H):
+        i = ib * BLOCK_H + r
+        if i < H:
+            i64 = i.to(tl.int64)
+            p_q = p_q0 + i64 * sq_h + o_j[:, None].to(tl.int64) * sq_w + o_d[None, :] * sq_d
+            b_q = tl.load(p_q, mask=m_j[:, None] & m_d[None, :], other=0.0)  # [BLOCK_W, BLOCK_D]
+            start_y, off_y = window_start(i, H, KH, dil_h, SHIFT)
+
+            # column bias in log2 units: q[d/2:] . rel_w[col] for each of the kw taps
+            b_bias = tl.zeros([BLOCK_W, BLOCK_K], dtype=tl.float32)
+            if HAS_REL:
+                b_qf = b_q.to(tl.float32)
+                for c in range(KW):
+                    if SHIFT:
+                        o_col = off_x + c + KW - 1  # [BLOCK_W]
+                        p_rw = (relw_ptr + n * srw_n + o_col[:, None] * srw_r
+                                + (o_d[None, :] - D_HALF) * srw_d)
+                        b_rw = tl.load(p_rw, mask=m_j[:, None] & m_dw[None, :], other=0.0)
+                        b_sc = tl.sum(b_qf * b_rw.to(tl.float32), axis=1)  # [BLOCK_W]
+                    else:
+                        p_rw = relw_ptr + n * srw_n + c * srw_r + (o_d - D_HALF) * srw_d
+                        b_rw = tl.load(p_rw, mask=m_dw, other=0.0)  # [BLOCK_D]
+                        b_sc = tl.sum(b_qf * b_rw.to(tl.float32)[None, :], axis=1)
+                    b_bias = tl.where(o_tap == c, b_sc[:, None] * qk_scale, b_bias)
+
+            # window rows to walk: in mask mode only those inside the image
+            if MASK:
+                a_lo = tl.maximum((dil_h - 1 - start_y) // dil_h, 0)
+                a_hi = tl.minimum((H - 1 - start_y) // dil_h + 1, KH)
+            else:
+                a_lo = 0
+                a_hi = KH
+            b_m = tl.full([BLOCK_W], -1.0e30, dtype=tl.float32)
+            b_l = tl.zeros([BLOCK_W], dtype=tl.float32)
+            b_acc = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)
+            b_nbad = tl.zeros([BLOCK_W], dtype=tl.int32)
+            for a in range(a_lo, a_hi):
+                y = start_y + a * dil_h
+                y64 = y.to(tl.int64)
+                m_kv = m_kv_x & ((y >= 0) & (y < H))
+                b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)  # [BLOCK_K, BLOCK_D]
+                b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [BW, D] @ [D, BK] -> [BW, BK]
+                b_s = b_s * qk_scale + b_bias
+                if HAS_REL:
+                    if SHIFT:
+                        row = off_y + a + KH - 1
+                    else:
+                        row = a
+                    b_rh = tl.load(relh_ptr + n * srh_n + row * srh_r + o_d * srh_d,
+                                   mask=m_dh, other=0.0)  # [BLOCK_D]
+                    b_sr = tl.sum(b_qf * b_rh.to(tl.float32)[None, :], axis=1)  # [BLOCK_W]
+                    b_s += b_sr[:, None] * qk_scale
+                if HAS_RPB:
+                    p_rpb = rpb_ptr + n * srp_n + (off_y + a + KH - 1) * srp_h + o_rpb_x
+                    b_rpb = tl.load(p_rpb, mask=m_win, other=0.0)
+                    b_s += b_rpb.to(tl.float32) * 1.4426950408889634
+                b_s = tl.where(m_win, b_s, float("-inf"))
+                b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+                b_alpha = tl.exp2(b_m - b_m_new)
+                b_p = tl.exp2(b_s - b_m_new[:, None])  # [BLOCK_W, BLOCK_K]
+                b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+
+                b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BLOCK_K, BLOCK_D]
+                # 0 * NaN in P V would spread a non-finite v to every query of the tile
+                m_vok = tl.abs(b_v.to(tl.float32)) < float("inf")
+                b_vbad = tl.max(tl.where(m_vok, 0, 1), axis=1)  # [BLOCK_K]
+                if tl.max(b_vbad, axis=0) > 0:
+                    b_v = tl.where(m_vok, b_v, tl.zeros_like(b_v))
+                    b_nbad += tl.sum(tl.where(m_win & (b_vbad[None, :] > 0), 1, 0), axis=1)
+                b_pv = tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")  # [BW, BK] @ [BK, D] -> [BW, D]
+                b_acc = b_acc * b_alpha[:, None] + b_pv
+                b_m = b_m_new
+
+            b_o = b_acc / b_l[:, None]
+            b_o = tl.where(b_nbad[:, None] > 0, float("nan"), b_o)
+            p_o = p_o0 + i64 * so_h + o_j[:, None].to(tl.int64) * so_w + o_d[None, :] * so_d
+            tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_j[:, None] & m_d[None, :])
+            b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
+            tl.store(p_l0 + i64 * sl_h + o_j.to(tl.int64) * sl_w, b_lse, mask=m_j)
+
+
+# --- host side --------------------------------------------------------------------------
+
+def search_space() -> list[dict]:
+    """Tile shapes and launch settings the tuner may try."""
+    return [
+        dict(BLOCK_W=bw, BLOCK_H=bh, num_warps=nw, num_stages=ns)
+        for bw in (16, 32, 64)
+        for bh in (1, 2, 4)
+        for nw in (1, 2, 4, 8)
+        for ns in (1, 2, 3)
+    ]
+
+
+def _block_k(q_shape, args, block_w: int) -> int:
+    W = q_shape[2]
+    return max(16, next_pow2(halo_span(W, args.kw, args.dw, args.padding, block_w)))
+
+
+def prune(configs, q_shape, args) -> list[dict]:
+    """Drops tiles much wider than the image, halos over MAX_BLOCK_K columns, too many
+    live registers for the warps, and row blocks taller than the image."""
+    B, H, W, heads, d = q_shape
+    bd = head_block(d)
+    kept = []
+    for cfg in configs:
+        bw, bh, nw = cfg["BLOCK_W"], cfg["BLOCK_H"], cfg.get("num_warps", 4)
+        if bw > max(16, next_pow2(W)) or bh > max(1, H):
+            continue
+        bk = _block_k(q_shape, args, bw)
+        if bk > MAX_BLOCK_K:
+            continue
+        live = bw * bk + (2 * bw + 2 * bk) * bd  # S/P, q + acc, k + v (fp32 words)
+        if live > 256 * 32 * nw or live < 8 * 32 * nw:  # <= 256 and >= 8 per thread
+            continue
+        kept.append(cfg)
+    return kept
+
+
+def default_config(q_shape, args) -> dict:
+    """16-wide row segments (halo 32 columns for k = 7), 2 rows per program so the column
+    pattern is reused; warps grow with the head dim. Tuned tables override this."""
+    B, H, W, heads, d = q_shape
+    bd = head_block(d)
+    bk = _block_k(q_shape, args, 16)
+    num_warps = 1 if bd * bk <= 512 else 2 if bd * bk <= 2048 else 4 if bd * bk <= 8192 else 8
+    return dict(BLOCK_W=16, BLOCK_H=2 if H > 1 else 1, num_warps=num_warps, num_stages=2)
+
+
+def supports(q_shape, dtype, args) -> bool:
+    B, H, W, heads, d = q_shape
+    return (dtype in (torch.float16, torch.bfloat16, torch.float32) and 1 <= d <= 256
+            and _block_k(q_shape, args, 16) <= MAX_BLOCK_K)
+
+
+def forward(q, k, v, args, config=None, _poison=False):
+    """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
+    B, H, W, heads, d = q.shape
+    if not supports(tuple(q.shape), q.dtype, args):
+        raise ValueError(
+            f"tiled forward does not support q {tuple(q.shape)} {q.dtype} with kernel "
+            f"({args.kh}, {args.kw}), dilation ({args.dh}, {args.dw}), padding {args.padding!r}"
+        )
+    config = default_config(tuple(q.shape), args) if config is None else config
+    check_config(config, search_space(), "tiled")
+    out, lse = alloc_outputs(q, _poison)
+    if out.numel() == 0:
+        return out, lse
+    bw, bh = config["BLOCK_W"], config["BLOCK_H"]
+    bk = _block_k(tuple(q.shape), args, bw)
+    rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
+    dummy = q  # never read when the flag is off
+    grid = (B * triton.cdiv(H, bh) * triton.cdiv(W, bw) * heads,)
+    _tiled_fwd_kernel[grid](
+        q, k, v, out, lse,
+        dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
+        dummy if rpb is None else rpb,
+        H, W, heads, d, d // 2,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
+        args.dh, args.dw, args.scale * 1.4426950408889634,
+        KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
+        HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
+        BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d),
+        **launch_options(config),
+    )
+    return out, lse

@@ -153,7 +153,9 @@ def _tiled_fwd_kernel(
             for a in range(a_lo, a_hi):
                 y = start_y + a * dil_h
                 y64 = y.to(tl.int64)
-                m_kv = m_kv_x & ((y >= 0) & (y < H))
+                # row check as a vector: the interpreter mishandles block & scalar masks
+                o_y = y + tl.zeros([BLOCK_K], dtype=tl.int32)
+                m_kv = m_kv_x & ((o_y >= 0) & (o_y < H))[:, None]
                 b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)  # [BLOCK_K, BLOCK_D]
                 b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [BW, D] @ [D, BK] -> [BW, BK]
                 b_s = b_s * qk_scale + b_bias

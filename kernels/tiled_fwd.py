@@ -32,8 +32,9 @@ Performance notes (against PERF.md's first cuts, which reached 5-30x the IO floo
   run together and each 32/64-byte sector of the heads-last rows is used in full (L2).
 * Each k/v row is read by the kh programs of neighbouring query rows: L2 hits, not HBM.
 * NaN safety: halo columns outside a query's window are removed with tl.where on S,
-  and non-finite v rows (rare) are zeroed in a branch taken only when one occurs, with
-  the affected queries set to NaN explicitly, since 0 * NaN in P V would otherwise leak.
+  and non-finite v values (rare) are zeroed in a branch taken only when one occurs, with
+  the (query, channel) outputs whose window holds one set to NaN explicitly, since
+  0 * NaN in P V would otherwise leak into every query of the tile.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def _tiled_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     SHIFT: tl.constexpr = PADDING == 2
     MASK: tl.constexpr = PADDING == 1
@@ -120,6 +121,8 @@ def _tiled_fwd_kernel(
             i64 = i.to(tl.int64)
             p_q = p_q0 + i64 * sq_h + o_j[:, None].to(tl.int64) * sq_w + o_d[None, :] * sq_d
             b_q = tl.load(p_q, mask=m_j[:, None] & m_d[None, :], other=0.0)  # [BLOCK_W, BLOCK_D]
+            if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
+                b_q = b_q.to(tl.float32)
             start_y, off_y = window_start(i, H, KH, dil_h, SHIFT)
 
             # column bias in log2 units: q[d/2:] . rel_w[col] for each of the kw taps
@@ -149,7 +152,7 @@ def _tiled_fwd_kernel(
             b_m = tl.full([BLOCK_W], -1.0e30, dtype=tl.float32)
             b_l = tl.zeros([BLOCK_W], dtype=tl.float32)
             b_acc = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)
-            b_nbad = tl.zeros([BLOCK_W], dtype=tl.int32)
+            b_bad = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)  # non-finite v seen
             for a in range(a_lo, a_hi):
                 y = start_y + a * dil_h
                 y64 = y.to(tl.int64)
@@ -157,6 +160,8 @@ def _tiled_fwd_kernel(
                 o_y = y + tl.zeros([BLOCK_K], dtype=tl.int32)
                 m_kv = m_kv_x & ((o_y >= 0) & (o_y < H))[:, None]
                 b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)  # [BLOCK_K, BLOCK_D]
+                if DOT_F32:
+                    b_k = b_k.to(tl.float32)
                 b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [BW, D] @ [D, BK] -> [BW, BK]
                 b_s = b_s * qk_scale + b_bias
                 if HAS_REL:
@@ -181,16 +186,20 @@ def _tiled_fwd_kernel(
                 b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BLOCK_K, BLOCK_D]
                 # 0 * NaN in P V would spread a non-finite v to every query of the tile
                 m_vok = tl.abs(b_v.to(tl.float32)) < float("inf")
-                b_vbad = tl.max(tl.where(m_vok, 0, 1), axis=1)  # [BLOCK_K]
-                if tl.max(b_vbad, axis=0) > 0:
+                if tl.max(tl.max(tl.where(m_vok, 0, 1), axis=1), axis=0) > 0:  # rare
                     b_v = tl.where(m_vok, b_v, tl.zeros_like(b_v))
-                    b_nbad += tl.sum(tl.where(m_win & (b_vbad[None, :] > 0), 1, 0), axis=1)
-                b_pv = tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")  # [BW, BK] @ [BK, D] -> [BW, D]
+                    b_win = tl.where(m_win, 1.0, 0.0)
+                    b_bad += tl.dot(b_win, tl.where(m_vok, 0.0, 1.0), input_precision="ieee")  # [BW, BK] @ [BK, D]
+                b_pl = b_p.to(v_ptr.dtype.element_ty)
+                if DOT_F32:
+                    b_pl = b_pl.to(tl.float32)
+                    b_v = b_v.to(tl.float32)
+                b_pv = tl.dot(b_pl, b_v, input_precision="ieee")  # [BW, BK] @ [BK, D] -> [BW, D]
                 b_acc = b_acc * b_alpha[:, None] + b_pv
                 b_m = b_m_new
 
             b_o = b_acc / b_l[:, None]
-            b_o = tl.where(b_nbad[:, None] > 0, float("nan"), b_o)
+            b_o = tl.where(b_bad > 0, float("nan"), b_o)
             p_o = p_o0 + i64 * so_h + o_j[:, None].to(tl.int64) * so_w + o_d[None, :] * so_d
             tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_j[:, None] & m_d[None, :])
             b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
@@ -280,6 +289,7 @@ def forward(q, k, v, args, config=None, _poison=False):
         KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
         BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d),
+        DOT_F32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
         **launch_options(config),
     )
     return out, lse

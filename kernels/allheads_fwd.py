@@ -71,9 +71,12 @@ def _allheads_fwd_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_nd = (o_n[:, None] < HEADS) & (o_d[None, :] < D)  # [BLOCK_N, BLOCK_D]
     m_pnd = m_p[:, None, None] & m_nd[None, :, :]
-    o_qnd = o_n[:, None] * sq_n + o_d[None, :] * sq_d
-    o_knd = o_n[:, None] * sk_n + o_d[None, :] * sk_d
-    o_vnd = o_n[:, None] * sv_n + o_d[None, :] * sv_d
+    # head/channel strides may be multiples of H*W (NCHW views): 64-bit offsets
+    o_n64 = o_n.to(tl.int64)
+    o_d64 = o_d.to(tl.int64)
+    o_qnd = o_n64[:, None] * sq_n + o_d64[None, :] * sq_d
+    o_knd = o_n64[:, None] * sk_n + o_d64[None, :] * sk_d
+    o_vnd = o_n64[:, None] * sv_n + o_d64[None, :] * sv_d
 
     p_q = q_ptr + (b * sq_b + y.to(tl.int64) * sq_h + x.to(tl.int64) * sq_w)[:, None, None]
     b_q = tl.load(p_q + o_qnd[None, :, :], mask=m_pnd, other=0.0).to(tl.float32)  # [P, N, D]
@@ -149,7 +152,7 @@ def _allheads_fwd_kernel(
 
     b_o = b_acc / b_l[:, :, None]
     o_o = (b * so_b + y.to(tl.int64) * so_h + x.to(tl.int64) * so_w)[:, None, None]
-    o_ond = o_n[:, None] * so_n + o_d[None, :] * so_d
+    o_ond = o_n64[:, None] * so_n + o_d64[None, :] * so_d
     tl.store(o_ptr + o_o + o_ond[None, :, :], b_o.to(o_ptr.dtype.element_ty), mask=m_pnd)
     b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
     o_l = (b * sl_b + y.to(tl.int64) * sl_h + x.to(tl.int64) * sl_w)[:, None] + o_n[None, :] * sl_n
@@ -212,7 +215,7 @@ def forward(q, k, v, args, config=None, _poison=False):
             f"next_pow2(heads) * next_pow2(d) <= {MAX_ROW}, kw <= {MAX_KW})"
         )
     config = default_config(tuple(q.shape), args) if config is None else config
-    check_config(config, search_space(), "allheads")
+    check_config(config, ("BLOCK_P",), "allheads")
     out, lse = alloc_outputs(q, _poison)
     if out.numel() == 0:
         return out, lse

@@ -76,6 +76,17 @@ def bias_strides(t, heads_dim: bool = True):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def row_offsets_fit_i32(tensors, cols: int, d: int, heads: int = 1) -> bool:
+    """Whether offsets inside one (batch, row) slice -- `cols` pixels (halo columns
+    included, which may lie left of the image), `heads` heads and `d` channels -- stay
+    below 2**31 for every (B, H, W, heads, d) tensor, so a kernel may keep them int32."""
+    for t in tensors:
+        s_w, s_n, s_d = (abs(x) for x in t.stride()[2:5])
+        if cols * s_w + heads * s_n + d * s_d >= 2**31:
+            return False
+    return True
+
+
 def alloc_outputs(q: torch.Tensor, poison: bool = False):
     """out (contiguous, q's dtype) and lse (float32) for a forward launch; NaN-filled
     when poisoned so that a test sees any element the kernel failed to write."""
@@ -94,9 +105,7 @@ def launch_options(config: dict) -> dict:
     return {k: config[k] for k in ("num_warps", "num_stages") if k in config}
 
 
-def check_config(config: dict, space: list, name: str) -> None:
-    """A config must name every meta-parameter of its variant's search space."""
-    keys = set(space[0])
-    missing = keys - set(config)
-    if missing:
-        raise ValueError(f"{name} config {config!r} lacks {sorted(missing)}")
+def check_config(config, keys, name: str) -> None:
+    """A config must be a dict naming every meta-parameter `keys` of its variant."""
+    if not isinstance(config, dict) or any(k not in config for k in keys):
+        raise ValueError(f"{name} config must be a dict with keys {list(keys)}, got {config!r}")

@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from .common import (PADDING_CODES, alloc_outputs, bias_strides, check_config,
-                     halo_span, head_block, launch_options, next_pow2, window_start)
+                     halo_span, head_block, launch_options, next_pow2, row_offsets_fit_i32,
+                     window_start)
 
 MAX_BLOCK_K = 256
 
@@ -63,6 +64,7 @@ def _tiled_fwd_kernel(
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
+    ROW_I64: tl.constexpr, KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     SHIFT: tl.constexpr = PADDING == 2
     MASK: tl.constexpr = PADDING == 1
@@ -81,6 +83,12 @@ def _tiled_fwd_kernel(
     m_j = o_j < W
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
+    # Offsets inside one (b, head, row) slice stay int32 (fewer registers) unless the
+    # launcher found that they can pass 2**31 (ROW_I64); bases are always int64.
+    if ROW_I64:
+        o_dr = o_d.to(tl.int64)
+    else:
+        o_dr = o_d
     start_x, off_x = window_start(o_j, W, KW, dil_w, SHIFT)  # [BLOCK_W]
     if SHIFT:
         x0 = tl.min(tl.where(m_j, start_x, W), axis=0)
@@ -105,10 +113,21 @@ def _tiled_fwd_kernel(
     p_v0 = v_ptr + b64 * sv_b + n64 * sv_n
     p_o0 = o_ptr + b64 * so_b + n64 * so_n
     p_l0 = lse_ptr + b64 * sl_b + n64 * sl_n
-    o_xk = o_x.to(tl.int64)
-    o_kx = o_xk[:, None] * sk_w + o_d[None, :] * sk_d  # [BLOCK_K, BLOCK_D]
-    o_vx = o_xk[:, None] * sv_w + o_d[None, :] * sv_d
-    m_kv_x = m_x[:, None] & m_d[None, :]
+    if ROW_I64:
+        o_xr = o_x.to(tl.int64)
+        o_jr = o_j.to(tl.int64)
+    else:
+        o_xr = o_x
+        o_jr = o_j
+    o_kx = o_xr[:, None] * sk_w + o_dr[None, :] * sk_d  # [BLOCK_K, BLOCK_D]
+    if KV_SAME_STRIDES:  # one offset tile for k and v: fewer live registers
+        o_vx = o_kx
+    else:
+        o_vx = o_xr[:, None] * sv_w + o_dr[None, :] * sv_d
+    if EVEN_D:  # no channel mask: masks stay per pixel (fewer predicate registers)
+        m_kv_x = m_x[:, None]
+    else:
+        m_kv_x = m_x[:, None] & m_d[None, :]
     if HAS_RPB:
         o_rpb_x = (off_x[:, None] + o_tap + KW - 1) * srp_w  # [BLOCK_W, BLOCK_K]
     if HAS_REL:
@@ -119,7 +138,7 @@ def _tiled_fwd_kernel(
         i = ib * BLOCK_H + r
         if i < H:
             i64 = i.to(tl.int64)
-            p_q = p_q0 + i64 * sq_h + o_j[:, None].to(tl.int64) * sq_w + o_d[None, :] * sq_d
+            p_q = p_q0 + i64 * sq_h + (o_jr[:, None] * sq_w + o_dr[None, :] * sq_d)
             b_q = tl.load(p_q, mask=m_j[:, None] & m_d[None, :], other=0.0)  # [BLOCK_W, BLOCK_D]
             if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
                 b_q = b_q.to(tl.float32)
@@ -200,10 +219,10 @@ def _tiled_fwd_kernel(
 
             b_o = b_acc / b_l[:, None]
             b_o = tl.where(b_bad > 0, float("nan"), b_o)
-            p_o = p_o0 + i64 * so_h + o_j[:, None].to(tl.int64) * so_w + o_d[None, :] * so_d
+            p_o = p_o0 + i64 * so_h + (o_jr[:, None] * so_w + o_dr[None, :] * so_d)
             tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_j[:, None] & m_d[None, :])
             b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
-            tl.store(p_l0 + i64 * sl_h + o_j.to(tl.int64) * sl_w, b_lse, mask=m_j)
+            tl.store(p_l0 + i64 * sl_h + o_jr * sl_w, b_lse, mask=m_j)
 
 
 # --- host side --------------------------------------------------------------------------
@@ -269,7 +288,7 @@ def forward(q, k, v, args, config=None, _poison=False):
             f"({args.kh}, {args.kw}), dilation ({args.dh}, {args.dw}), padding {args.padding!r}"
         )
     config = default_config(tuple(q.shape), args) if config is None else config
-    check_config(config, search_space(), "tiled")
+    check_config(config, ("BLOCK_W", "BLOCK_H"), "tiled")
     out, lse = alloc_outputs(q, _poison)
     if out.numel() == 0:
         return out, lse
@@ -290,6 +309,8 @@ def forward(q, k, v, args, config=None, _poison=False):
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
         BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d),
         DOT_F32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+        ROW_I64=not row_offsets_fit_i32((q, k, v, out), W + bk, d),
+        KV_SAME_STRIDES=k.stride() == v.stride(), EVEN_D=d == head_block(d),
         **launch_options(config),
     )
     return out, lse

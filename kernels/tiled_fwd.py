@@ -31,10 +31,14 @@ Performance notes (against PERF.md's first cuts, which reached 5-30x the IO floo
 * The grid puts the head index fastest, so the programs of all heads of a row segment
   run together and each 32/64-byte sector of the heads-last rows is used in full (L2).
 * Each k/v row is read by the kh programs of neighbouring query rows: L2 hits, not HBM.
-* NaN safety: halo columns outside a query's window are removed with tl.where on S,
-  and non-finite v values (rare) are zeroed in a branch taken only when one occurs, with
-  the (query, channel) outputs whose window holds one set to NaN explicitly, since
-  0 * NaN in P V would otherwise leak into every query of the tile.
+* NaN safety at no cost in the main loop: halo columns outside a query's window are
+  removed with tl.where on S; a non-finite v would leak through 0 * NaN in P V, so
+  after the loop a row whose accumulator holds a non-finite value (rare) is recomputed
+  in a slow pass with such v zeroed and its in-window (query, channel) outputs set
+  to NaN. No per-sub-tile reduction or branch.
+* Registers (ptxas -v for sm_90, Triton 3.9, k = 7, d = 16, bf16): about 150-170 per
+  thread without spills; int32 in-row offsets (ROW_I64 only for giant rows), one offset
+  tile for k and v when their strides agree, no channel mask when d is a power of two.
 """
 from __future__ import annotations
 
@@ -47,6 +51,38 @@ from .common import (PADDING_CODES, alloc_outputs, bias_strides, check_config,
                      window_start)
 
 MAX_BLOCK_K = 256
+
+
+@triton.jit
+def _subtile_logits(a, b_q, b_qf, b_bias, m_win, m_kv_x, p_k0, o_kx, sk_h, start_y, off_y, H,
+                    p_relh, srh_r, srh_d, p_rpb, srp_h, o_rpb_x, o_d, m_dh, dil_h, qk_scale,
+                    KH: tl.constexpr, SHIFT: tl.constexpr, HAS_REL: tl.constexpr,
+                    HAS_RPB: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    """Base-2 logits [BLOCK_W, BLOCK_K] of one query row against k/v sub-tile a (image
+    row start_y + a*dil_h), -inf outside each query's window; also that row's int64
+    index and the k/v load mask."""
+    y = start_y + a * dil_h
+    y64 = y.to(tl.int64)
+    # row check as a vector: the interpreter mishandles block & scalar masks
+    o_y = y + tl.zeros([BLOCK_K], dtype=tl.int32)
+    m_kv = m_kv_x & ((o_y >= 0) & (o_y < H))[:, None]
+    b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)  # [BLOCK_K, BLOCK_D]
+    if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
+        b_k = b_k.to(tl.float32)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [BW, D] @ [D, BK] -> [BW, BK]
+    b_s = b_s * qk_scale + b_bias
+    if HAS_REL:  # row part: q[:d/2] . rel_h[row], one dot product per query
+        if SHIFT:
+            row = off_y + a + KH - 1
+        else:
+            row = a
+        b_rh = tl.load(p_relh + row * srh_r + o_d * srh_d, mask=m_dh, other=0.0)  # [BLOCK_D]
+        b_sr = tl.sum(b_qf * b_rh.to(tl.float32)[None, :], axis=1)  # [BLOCK_W]
+        b_s += b_sr[:, None] * qk_scale
+    if HAS_RPB:
+        b_rpb = tl.load(p_rpb + (off_y + a + KH - 1) * srp_h + o_rpb_x, mask=m_win, other=0.0)
+        b_s += b_rpb.to(tl.float32) * 1.4426950408889634
+    return tl.where(m_win, b_s, float("-inf")), y64, m_kv
 
 
 @triton.jit
@@ -128,11 +164,11 @@ def _tiled_fwd_kernel(
         m_kv_x = m_x[:, None]
     else:
         m_kv_x = m_x[:, None] & m_d[None, :]
+    o_rpb_x = o_tap  # rpb column offsets (unused without rpb)
     if HAS_RPB:
         o_rpb_x = (off_x[:, None] + o_tap + KW - 1) * srp_w  # [BLOCK_W, BLOCK_K]
-    if HAS_REL:
-        m_dh = o_d < D_HALF  # rel_h channels
-        m_dw = (o_d >= D_HALF) & m_d  # rel_w channels
+    m_dh = o_d < D_HALF  # rel_h channels
+    m_dw = (o_d >= D_HALF) & m_d  # rel_w channels
 
     for r in range(0, BLOCK_H):
         i = ib * BLOCK_H + r
@@ -146,6 +182,7 @@ def _tiled_fwd_kernel(
 
             # column bias in log2 units: q[d/2:] . rel_w[col] for each of the kw taps
             b_bias = tl.zeros([BLOCK_W, BLOCK_K], dtype=tl.float32)
+            b_qf = b_q  # fp32 copy for the rel dot products (unused without rel)
             if HAS_REL:
                 b_qf = b_q.to(tl.float32)
                 for c in range(KW):
@@ -171,44 +208,16 @@ def _tiled_fwd_kernel(
             b_m = tl.full([BLOCK_W], -1.0e30, dtype=tl.float32)
             b_l = tl.zeros([BLOCK_W], dtype=tl.float32)
             b_acc = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)
-            b_bad = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)  # non-finite v seen
             for a in range(a_lo, a_hi):
-                y = start_y + a * dil_h
-                y64 = y.to(tl.int64)
-                # row check as a vector: the interpreter mishandles block & scalar masks
-                o_y = y + tl.zeros([BLOCK_K], dtype=tl.int32)
-                m_kv = m_kv_x & ((o_y >= 0) & (o_y < H))[:, None]
-                b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)  # [BLOCK_K, BLOCK_D]
-                if DOT_F32:
-                    b_k = b_k.to(tl.float32)
-                b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [BW, D] @ [D, BK] -> [BW, BK]
-                b_s = b_s * qk_scale + b_bias
-                if HAS_REL:
-                    if SHIFT:
-                        row = off_y + a + KH - 1
-                    else:
-                        row = a
-                    b_rh = tl.load(relh_ptr + n * srh_n + row * srh_r + o_d * srh_d,
-                                   mask=m_dh, other=0.0)  # [BLOCK_D]
-                    b_sr = tl.sum(b_qf * b_rh.to(tl.float32)[None, :], axis=1)  # [BLOCK_W]
-                    b_s += b_sr[:, None] * qk_scale
-                if HAS_RPB:
-                    p_rpb = rpb_ptr + n * srp_n + (off_y + a + KH - 1) * srp_h + o_rpb_x
-                    b_rpb = tl.load(p_rpb, mask=m_win, other=0.0)
-                    b_s += b_rpb.to(tl.float32) * 1.4426950408889634
-                b_s = tl.where(m_win, b_s, float("-inf"))
+                b_s, y64, m_kv = _subtile_logits(
+                    a, b_q, b_qf, b_bias, m_win, m_kv_x, p_k0, o_kx, sk_h, start_y, off_y, H,
+                    relh_ptr + n * srh_n, srh_r, srh_d, rpb_ptr + n * srp_n, srp_h, o_rpb_x,
+                    o_d, m_dh, dil_h, qk_scale, KH, SHIFT, HAS_REL, HAS_RPB, BLOCK_K, DOT_F32)
                 b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
                 b_alpha = tl.exp2(b_m - b_m_new)
                 b_p = tl.exp2(b_s - b_m_new[:, None])  # [BLOCK_W, BLOCK_K]
                 b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-
                 b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BLOCK_K, BLOCK_D]
-                # 0 * NaN in P V would spread a non-finite v to every query of the tile
-                m_vok = tl.abs(b_v.to(tl.float32)) < float("inf")
-                if tl.max(tl.max(tl.where(m_vok, 0, 1), axis=1), axis=0) > 0:  # rare
-                    b_v = tl.where(m_vok, b_v, tl.zeros_like(b_v))
-                    b_win = tl.where(m_win, 1.0, 0.0)
-                    b_bad += tl.dot(b_win, tl.where(m_vok, 0.0, 1.0), input_precision="ieee")  # [BW, BK] @ [BK, D]
                 b_pl = b_p.to(v_ptr.dtype.element_ty)
                 if DOT_F32:
                     b_pl = b_pl.to(tl.float32)
@@ -216,9 +225,36 @@ def _tiled_fwd_kernel(
                 b_pv = tl.dot(b_pl, b_v, input_precision="ieee")  # [BW, BK] @ [BK, D] -> [BW, D]
                 b_acc = b_acc * b_alpha[:, None] + b_pv
                 b_m = b_m_new
-
             b_o = b_acc / b_l[:, None]
-            b_o = tl.where(b_bad > 0, float("nan"), b_o)
+
+            # Rare slow pass: a non-finite value reached acc. It may be a NaN/inf v outside
+            # some query's window that 0 * NaN in P V spread over the tile; recompute P V
+            # with non-finite v zeroed (m and l are final, so no rescaling) and set the
+            # (query, channel) outputs whose window holds one to NaN.
+            m_fin = tl.abs(b_acc) < float("inf")
+            if tl.max(tl.max(tl.where(m_fin, 0, 1), axis=1), axis=0) > 0:
+                b_acc = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)
+                b_bad = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)
+                for a in range(a_lo, a_hi):
+                    b_s, y64, m_kv = _subtile_logits(
+                        a, b_q, b_qf, b_bias, m_win, m_kv_x, p_k0, o_kx, sk_h, start_y, off_y,
+                        H, relh_ptr + n * srh_n, srh_r, srh_d, rpb_ptr + n * srp_n, srp_h,
+                        o_rpb_x, o_d, m_dh, dil_h, qk_scale, KH, SHIFT, HAS_REL, HAS_RPB, BLOCK_K,
+                        DOT_F32)
+                    b_p = tl.exp2(b_s - b_m[:, None])
+                    b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)
+                    m_vok = tl.abs(b_v.to(tl.float32)) < float("inf")
+                    b_v = tl.where(m_vok, b_v, tl.zeros_like(b_v))
+                    # 0/1 indicators in fp16: exact counts from a tensor-core dot
+                    b_win = tl.where(m_win, 1.0, 0.0).to(tl.float16)
+                    b_vnan = tl.where(m_vok, 0.0, 1.0).to(tl.float16)
+                    b_bad += tl.dot(b_win, b_vnan)  # [BW, BK] @ [BK, D] -> [BW, D]
+                    b_pl = b_p.to(v_ptr.dtype.element_ty)
+                    if DOT_F32:
+                        b_pl = b_pl.to(tl.float32)
+                        b_v = b_v.to(tl.float32)
+                    b_acc += tl.dot(b_pl, b_v, input_precision="ieee")  # [BW, BK] @ [BK, D]
+                b_o = tl.where(b_bad > 0, float("nan"), b_acc / b_l[:, None])
             p_o = p_o0 + i64 * so_h + (o_jr[:, None] * so_w + o_dr[None, :] * so_d)
             tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_j[:, None] & m_d[None, :])
             b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453

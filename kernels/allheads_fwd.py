@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .common import (PADDING_CODES, alloc_outputs, bias_strides, check_config, head_block,
-                     launch_options, next_pow2, window_start)
+                     launch_options, next_pow2, row_offsets_fit_i32, window_start)
 
 MAX_ROW = 1024  # next_pow2(heads) * next_pow2(d) held per pixel
 MAX_KW = 64
@@ -55,7 +55,7 @@ def _allheads_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_KW: tl.constexpr,
+    BLOCK_KW: tl.constexpr, ROW_I64: tl.constexpr, KV_SAME_STRIDES: tl.constexpr,
 ):
     SHIFT: tl.constexpr = PADDING == 2
     MASK: tl.constexpr = PADDING == 1
@@ -71,12 +71,21 @@ def _allheads_fwd_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_nd = (o_n[:, None] < HEADS) & (o_d[None, :] < D)  # [BLOCK_N, BLOCK_D]
     m_pnd = m_p[:, None, None] & m_nd[None, :, :]
-    # head/channel strides may be multiples of H*W (NCHW views): 64-bit offsets
-    o_n64 = o_n.to(tl.int64)
-    o_d64 = o_d.to(tl.int64)
-    o_qnd = o_n64[:, None] * sq_n + o_d64[None, :] * sq_d
-    o_knd = o_n64[:, None] * sk_n + o_d64[None, :] * sk_d
-    o_vnd = o_n64[:, None] * sv_n + o_d64[None, :] * sv_d
+    # Offsets inside one pixel's row of heads x d stay int32 (fewer registers) unless the
+    # launcher found that they can pass 2**31 (ROW_I64: NCHW views of giant images);
+    # per-pixel offsets are always int64.
+    if ROW_I64:
+        o_nr = o_n.to(tl.int64)
+        o_dr = o_d.to(tl.int64)
+    else:
+        o_nr = o_n
+        o_dr = o_d
+    o_qnd = o_nr[:, None] * sq_n + o_dr[None, :] * sq_d
+    o_knd = o_nr[:, None] * sk_n + o_dr[None, :] * sk_d
+    if KV_SAME_STRIDES:  # one offset tile for k and v
+        o_vnd = o_knd
+    else:
+        o_vnd = o_nr[:, None] * sv_n + o_dr[None, :] * sv_d
 
     p_q = q_ptr + (b * sq_b + y.to(tl.int64) * sq_h + x.to(tl.int64) * sq_w)[:, None, None]
     b_q = tl.load(p_q + o_qnd[None, :, :], mask=m_pnd, other=0.0).to(tl.float32)  # [P, N, D]
@@ -152,7 +161,7 @@ def _allheads_fwd_kernel(
 
     b_o = b_acc / b_l[:, :, None]
     o_o = (b * so_b + y.to(tl.int64) * so_h + x.to(tl.int64) * so_w)[:, None, None]
-    o_ond = o_n64[:, None] * so_n + o_d64[None, :] * so_d
+    o_ond = o_nr[:, None] * so_n + o_dr[None, :] * so_d
     tl.store(o_ptr + o_o + o_ond[None, :, :], b_o.to(o_ptr.dtype.element_ty), mask=m_pnd)
     b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
     o_l = (b * sl_b + y.to(tl.int64) * sl_h + x.to(tl.int64) * sl_w)[:, None] + o_n[None, :] * sl_n
@@ -192,11 +201,13 @@ def prune(configs, q_shape, args) -> list[dict]:
 
 
 def default_config(q_shape, args) -> dict:
-    """About 2048 (pixel, head, channel) values per program, 16 per thread, so that q,
-    acc and the loaded neighbour rows stay in registers."""
+    """About 2048 (pixel, head, channel) values per program, 8 per thread: q, acc, the
+    kw column parts and the loaded neighbour rows stay in registers (ptxas for sm_90:
+    about 100 registers at 16 per thread for 8 heads x d = 8, bf16) with room for
+    several programs per SM."""
     row = _row(q_shape)
     bp = max(4, min(128, 2048 // row))
-    num_warps = max(1, min(8, bp * row // (32 * 16)))
+    num_warps = max(1, min(8, bp * row // (32 * 8)))
     return dict(BLOCK_P=bp, num_warps=num_warps, num_stages=1)
 
 
@@ -234,6 +245,8 @@ def forward(q, k, v, args, config=None, _poison=False):
         KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
         BLOCK_P=bp, BLOCK_N=next_pow2(heads), BLOCK_D=next_pow2(d),
-        BLOCK_KW=next_pow2(args.kw), **launch_options(config),
+        BLOCK_KW=next_pow2(args.kw),
+        ROW_I64=not row_offsets_fit_i32((q, k, v, out), 1, d, heads),
+        KV_SAME_STRIDES=k.stride() == v.stride(), **launch_options(config),
     )
     return out, lse

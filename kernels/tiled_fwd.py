@@ -36,9 +36,11 @@ Performance notes (against PERF.md's first cuts, which reached 5-30x the IO floo
   after the loop a row whose accumulator holds a non-finite value (rare) is recomputed
   in a slow pass with such v zeroed and its in-window (query, channel) outputs set
   to NaN. No per-sub-tile reduction or branch.
-* Registers (ptxas -v for sm_90, Triton 3.9, k = 7, d = 16, bf16): about 150-170 per
-  thread without spills; int32 in-row offsets (ROW_I64 only for giant rows), one offset
-  tile for k and v when their strides agree, no channel mask when d is a power of two.
+* Registers (ptxas -v for sm_90, Triton 3.9, k = 7, bf16, default configs): 85-141 per
+  thread for d = 16..128 without spills; int32 in-row offsets (ROW_I64 only for giant
+  rows), one offset tile for k and v when their strides agree, no channel mask when d
+  is a power of two; prune() drops configs that the same measurements show spilling.
+* Untested on a GPU so far: timings and the best tiles are the tuner's job.
 """
 from __future__ import annotations
 
@@ -279,9 +281,17 @@ def _block_k(q_shape, args, block_w: int) -> int:
     return max(16, next_pow2(halo_span(W, args.kw, args.dw, args.padding, block_w)))
 
 
+def _per_thread(bw: int, bh: int, bk: int, bd: int, num_warps: int) -> float:
+    """Estimated live tile values per thread: S/P [BW, BK], q/acc [BW, D], k/v [BK, D];
+    a second row per program costs a quarter more (the shared column pattern stays
+    live across rows). Fitted to ptxas -v for sm_90 (Triton 3.9, bf16, k = 7): below
+    64 no config spilled; at 64 and above most did."""
+    return (bw * bk + (bw + bk) * bd) * (1.6 if bh > 1 else 1.0) / (32 * num_warps)
+
+
 def prune(configs, q_shape, args) -> list[dict]:
-    """Drops tiles much wider than the image, halos over MAX_BLOCK_K columns, too many
-    live registers for the warps, and row blocks taller than the image."""
+    """Drops tiles much wider than the image, row blocks taller than it, halos over
+    MAX_BLOCK_K columns, and tiles that would spill registers (or leave threads idle)."""
     B, H, W, heads, d = q_shape
     bd = head_block(d)
     kept = []
@@ -290,23 +300,24 @@ def prune(configs, q_shape, args) -> list[dict]:
         if bw > max(16, next_pow2(W)) or bh > max(1, H):
             continue
         bk = _block_k(q_shape, args, bw)
-        if bk > MAX_BLOCK_K:
-            continue
-        live = bw * bk + (2 * bw + 2 * bk) * bd  # S/P, q + acc, k + v (fp32 words)
-        if live > 256 * 32 * nw or live < 8 * 32 * nw:  # <= 256 and >= 8 per thread
+        if bk > MAX_BLOCK_K or not 4 <= _per_thread(bw, bh, bk, bd, nw) < 64:
             continue
         kept.append(cfg)
     return kept
 
 
 def default_config(q_shape, args) -> dict:
-    """16-wide row segments (halo 32 columns for k = 7), 2 rows per program so the column
-    pattern is reused; warps grow with the head dim. Tuned tables override this."""
+    """16-wide row segments (halo 32 columns for k = 7), one row per program, 2 warps
+    for d <= 16, 4 up to d = 128, 8 above, more while the tile would spill (ptxas for
+    sm_90, k = 7, bf16: 128, 85, 106, 141 registers for d = 16, 32, 64, 128, no spills;
+    two rows per program cost 20-40 more). Tuned tables override this."""
     B, H, W, heads, d = q_shape
     bd = head_block(d)
     bk = _block_k(q_shape, args, 16)
-    num_warps = 1 if bd * bk <= 512 else 2 if bd * bk <= 2048 else 4 if bd * bk <= 8192 else 8
-    return dict(BLOCK_W=16, BLOCK_H=2 if H > 1 else 1, num_warps=num_warps, num_stages=2)
+    num_warps = 2 if bd <= 16 else 4 if bd <= 128 else 8
+    while num_warps < 8 and _per_thread(16, 1, bk, bd, num_warps) >= 64:
+        num_warps *= 2
+    return dict(BLOCK_W=16, BLOCK_H=1, num_warps=num_warps, num_stages=2)
 
 
 def supports(q_shape, dtype, args) -> bool:

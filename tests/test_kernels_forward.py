@@ -138,6 +138,33 @@ def test_nan_reaches_only_its_windows(variant, padding):
     assert_close(out[fin], want[fin], torch.float32, "finite outputs")
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU with 5 GiB free")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_offsets_past_2_31_elements(variant):
+    """Batch 2 of q, k and v starts past element 2**31 of one buffer while the batch
+    stride fits in int32: 32-bit offset math (b * stride) would wrap around."""
+    B, H, W, N, D = 3, 5, 6, 2, 16
+    per_batch = H * W * N * D
+    batch_stride = 2**30 + 512
+    buf = torch.empty(2 * batch_stride + 3 * per_batch, dtype=torch.float16, device=DEVICE)
+    strides = (batch_stride, W * N * D, N * D, D, 1)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (buf.as_strided((B, H, W, N, D), strides, i * per_batch) for i in range(3))
+    for t in (q, k, v):
+        t.copy_(torch.randn(B, H, W, N, D, generator=g).half())
+    rel_h, rel_w = torch.randn(3, D // 2, generator=g), torch.randn(3, D - D // 2, generator=g)
+    kw = dict(dilation=1, padding="zeros", rel_h=rel_h.half().to(DEVICE),
+              rel_w=rel_w.half().to(DEVICE), rpb=None, scale=None)
+    args = check_attend_args(q, k, v, 3, 1, "zeros", kw["rel_h"], kw["rel_w"], None, None)
+    out, lse = variant_module(variant).forward(q, k, v, args, _poison=True)
+    want, want_lse = oracle_attend(q.cpu(), k.cpu(), v.cpu(), 3, return_lse=True, dilation=1,
+                                   padding="zeros", rel_h=kw["rel_h"].cpu(),
+                                   rel_w=kw["rel_w"].cpu())
+    assert_close(out.cpu(), want, torch.float16, f"{variant} out")
+    torch.testing.assert_close(lse.cpu().double(), want_lse, atol=5e-3, rtol=2e-5)
+    del buf
+
+
 def test_kernel_backends_through_attend():
     case = Case(B=1, H=4, W=5, heads=2, d=8, k=3, rel="shared", rpb=True)
     q, k, v, kw = make_inputs(case, torch.float32, "nchw_view", DEVICE)

@@ -81,20 +81,33 @@ def run_forward(name: str, q, k, v, args: AttendArgs, config: Optional[dict] = N
     return mod.forward(q, k, v, args, config)
 
 
+def _needs_grad(q, k, v, args: AttendArgs) -> bool:
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, args.rel_h, args.rel_w, args.rpb))
+
+
 def triton_attend(q, k, v, args: AttendArgs) -> torch.Tensor:
-    """Backend "triton": the dispatcher's choice of kernel."""
+    """Backend "triton": the dispatcher's choice of kernel. Until the kernels' autograd
+    Function lands, calls that need gradients run the (differentiable) reference."""
     name, config = choose_forward(q, args)
-    if name == "reference":
+    if name == "reference" or _needs_grad(q, k, v, args):
         from .reference import reference_attend
         return reference_attend(q, k, v, args)
     return variant_module(name).forward(q, k, v, args, config)[0]
 
 
+def _forced(name: str, q, k, v, args: AttendArgs) -> torch.Tensor:
+    if _needs_grad(q, k, v, args):
+        raise ValueError(f"backend={name!r} runs the forward kernel only (no gradients yet); "
+                         f"use backend='auto' or 'reference' for inputs that require grad")
+    return run_forward(name, q, k, v, args)[0]
+
+
 def tiled_attend(q, k, v, args: AttendArgs) -> torch.Tensor:
     """Backend "tiled": forces the tensor-core tile kernel (default config)."""
-    return run_forward("tiled", q, k, v, args)[0]
+    return _forced("tiled", q, k, v, args)
 
 
 def allheads_attend(q, k, v, args: AttendArgs) -> torch.Tensor:
     """Backend "allheads": forces the all-heads kernel (default config)."""
-    return run_forward("allheads", q, k, v, args)[0]
+    return _forced("allheads", q, k, v, args)

@@ -177,6 +177,16 @@ def test_kernel_backends_through_attend():
         assert_close(out.cpu(), want, torch.float32, name)
 
 
+def test_gradients_are_never_silently_dropped():
+    case = Case(B=1, H=3, W=4, heads=1, d=8, k=3)
+    q, k, v, kw = make_inputs(case, torch.float32, "contiguous", DEVICE, requires_grad=True)
+    out = sasa_triton.attend(q, k, v, case.k, backend="triton", **kw)  # falls back for now
+    assert out.requires_grad
+    for name in VARIANTS:
+        with pytest.raises(ValueError, match="gradients"):
+            sasa_triton.attend(q, k, v, case.k, backend=name, **kw)
+
+
 def test_forced_variant_that_cannot_run_raises():
     q = torch.randn(1, 1, 1, 8, 256, device=DEVICE)  # 8 heads x 256 channels per pixel
     with pytest.raises(ValueError, match="allheads"):

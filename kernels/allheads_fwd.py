@@ -144,7 +144,8 @@ def _allheads_fwd_kernel(
             if HAS_REL:
                 b_s += tl.sum(tl.where(o_c[None, None, :] == c, b_relw, 0.0), axis=2)
             if HAS_RPB:
-                p_rpb = rpb_ptr + (o_rpb_y + (off_x + c + KW - 1) * srp_w)[:, None] + o_n[None, :] * srp_n
+                o_rpb = o_rpb_y + (off_x + c + KW - 1) * srp_w  # [BLOCK_P]
+                p_rpb = rpb_ptr + o_rpb[:, None] + o_n[None, :] * srp_n
                 b_rpb = tl.load(p_rpb, mask=m_p[:, None] & (o_n[None, :] < HEADS), other=0.0)
                 b_s += b_rpb.to(tl.float32) * 1.4426950408889634
             if MASK:

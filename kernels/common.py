@@ -25,6 +25,8 @@ LOG2E = 1.4426950408889634
 
 # Debug flag: fill kernel outputs with NaN before the launch so an unwritten element shows.
 POISON_OUTPUTS = os.environ.get("SASA_TRITON_POISON") == "1"
+# Kernels run through Triton's interpreter (read when triton.jit decorates them).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

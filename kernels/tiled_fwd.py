@@ -48,9 +48,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (PADDING_CODES, alloc_outputs, bias_strides, check_config,
-                     halo_span, head_block, launch_options, next_pow2, row_offsets_fit_i32,
-                     window_start)
+from .common import (INTERPRETED, PADDING_CODES, alloc_outputs, bias_strides,
+                     check_config, halo_span, head_block, launch_options, next_pow2,
+                     row_offsets_fit_i32, window_start)
 
 MAX_BLOCK_K = 256
 
@@ -355,7 +355,7 @@ def forward(q, k, v, args, config=None, _poison=False):
         KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
         BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d),
-        DOT_F32=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
         ROW_I64=not row_offsets_fit_i32((q, k, v, out), W + bk, d),
         KV_SAME_STRIDES=k.stride() == v.stride(), EVEN_D=d == head_block(d),
         **launch_options(config),

@@ -52,6 +52,10 @@ CASES = [
 ]
 
 
+def _on_cpu(kw):
+    return {n: (t.cpu() if torch.is_tensor(t) else t) for n, t in kw.items()}
+
+
 def _args(q, k, v, case, kw):
     return check_attend_args(q, k, v, case.k, kw["dilation"], kw["padding"], kw.get("rel_h"),
                              kw.get("rel_w"), kw.get("rpb"), kw["scale"])
@@ -66,7 +70,7 @@ def _check_variant(variant, case, dtype=torch.float32, layout="contiguous", conf
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     assert lse.shape == q.shape[:-1] and lse.dtype == torch.float32 and lse.is_contiguous()
     want, want_lse = oracle_attend(q.cpu(), k.cpu(), v.cpu(), case.k, return_lse=True,
-                                   **{n: (t.cpu() if torch.is_tensor(t) else t) for n, t in kw.items()})
+                                   **_on_cpu(kw))
     assert_close(out.cpu(), want, dtype, f"{variant} out {case.id}")
     # lse of low-precision inputs: logits are exact products of the rounded inputs,
     # summed in float32, so the float32 tolerance with an atol for the logit size fits
@@ -129,7 +133,7 @@ def test_nan_reaches_only_its_windows(variant, padding):
     args = _args(q, k, v, case, kw)
     out, lse = variant_module(variant).forward(q, k, v, args, _poison=True)
     want, want_lse = oracle_attend(q.cpu(), k.cpu(), v.cpu(), case.k, return_lse=True,
-                                   **{n: (t.cpu() if torch.is_tensor(t) else t) for n, t in kw.items()})
+                                   **_on_cpu(kw))
     out, lse = out.cpu(), lse.cpu()
     assert torch.equal(out.isnan(), want.isnan()), "NaN pattern of out differs"
     assert torch.equal(lse.isnan(), want_lse.isnan()), "NaN pattern of lse differs"
@@ -169,7 +173,7 @@ def test_kernel_backends_through_attend():
     case = Case(B=1, H=4, W=5, heads=2, d=8, k=3, rel="shared", rpb=True)
     q, k, v, kw = make_inputs(case, torch.float32, "nchw_view", DEVICE)
     want = oracle_attend(q.cpu(), k.cpu(), v.cpu(), case.k,
-                         **{n: (t.cpu() if torch.is_tensor(t) else t) for n, t in kw.items()})
+                         **_on_cpu(kw))
     names = sasa_triton.backends(DEVICE)
     for name in ("triton", *VARIANTS):
         assert name in names
@@ -272,11 +276,11 @@ def _aot_compile_all() -> None:
             else:
                 sig[arg] = "fp32" if arg == "qk_scale" else "i32"
         src = ASTSource(fn, sig, constexprs, attrs)
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+        options = dict(num_warps=4, num_stages=2)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
         print("compiled", name, dtype, flush=True)
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests above use the real compiler")
 def test_kernels_compile_for_sm90():
     import os
     import subprocess

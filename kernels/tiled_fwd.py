@@ -37,7 +37,7 @@ Performance notes (against PERF.md's first cuts, which reached 5-30x the IO floo
   in a slow pass with such v zeroed and its in-window (query, channel) outputs set
   to NaN. No per-sub-tile reduction or branch.
 * Registers (ptxas -v for sm_90, Triton 3.9, k = 7, bf16, default configs): 85-141 per
-  thread for d = 16..128 without spills; int32 in-row offsets (ROW_I64 only for giant
+  thread for d = 16..128 without spills, no replicated MMA rows (see default_config); int32 in-row offsets (ROW_I64 only for giant
   rows), one offset tile for k and v when their strides agree, no channel mask when d
   is a power of two; prune() drops configs that the same measurements show spilling.
 * Untested on a GPU so far: timings and the best tiles are the tuner's job.
@@ -302,19 +302,23 @@ def prune(configs, q_shape, args) -> list[dict]:
         bk = _block_k(q_shape, args, bw)
         if bk > MAX_BLOCK_K or not 4 <= _per_thread(bw, bh, bk, bd, nw) < 64:
             continue
+        if bd <= 16 and nw > bw // 16:  # Triton stacks the warps along M: replicated work
+            continue
         kept.append(cfg)
     return kept
 
 
 def default_config(q_shape, args) -> dict:
-    """16-wide row segments (halo 32 columns for k = 7), one row per program, 2 warps
-    for d <= 16, 4 up to d = 128, 8 above, more while the tile would spill (ptxas for
-    sm_90, k = 7, bf16: 128, 85, 106, 141 registers for d = 16, 32, 64, 128, no spills;
-    two rows per program cost 20-40 more). Tuned tables override this."""
+    """16-wide row segments (halo 32 columns for k = 7), one row per program, 1 warp for
+    d <= 16 (with more, Triton 3.9 stacks the warps along the 16 query rows of the MMA
+    and replicates the score tile), 4 up to d = 128 (warps split the head dim), 8
+    above, more while the tile would spill. ptxas for sm_90, k = 7, bf16: 138, 85, 106,
+    141 registers for d = 16, 32, 64, 128, no spills; two rows per program cost 20-40
+    more. Tuned tables override this."""
     B, H, W, heads, d = q_shape
     bd = head_block(d)
     bk = _block_k(q_shape, args, 16)
-    num_warps = 2 if bd <= 16 else 4 if bd <= 128 else 8
+    num_warps = 1 if bd <= 16 else 4 if bd <= 128 else 8
     while num_warps < 8 and _per_thread(16, 1, bk, bd, num_warps) >= 64:
         num_warps *= 2
     return dict(BLOCK_W=16, BLOCK_H=1, num_warps=num_warps, num_stages=2)

@@ -52,13 +52,11 @@ def _allheads_fwd_kernel(
     sl_b, sl_h, sl_w, sl_n,
     srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
     dil_h, dil_w, qk_scale,  # qk_scale = scale * log2(e)
-    KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_KW: tl.constexpr, ROW_I64: tl.constexpr, KV_SAME_STRIDES: tl.constexpr,
 ):
-    SHIFT: tl.constexpr = PADDING == 2
-    MASK: tl.constexpr = PADDING == 1
     pid = tl.program_id(0)
     o_p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # flat pixel index
     m_p = o_p < NPIX
@@ -89,8 +87,8 @@ def _allheads_fwd_kernel(
 
     p_q = q_ptr + (b * sq_b + y.to(tl.int64) * sq_h + x.to(tl.int64) * sq_w)[:, None, None]
     b_q = tl.load(p_q + o_qnd[None, :, :], mask=m_pnd, other=0.0).to(tl.float32)  # [P, N, D]
-    start_y, off_y = window_start(y, H, KH, dil_h, SHIFT)  # [BLOCK_P]
-    start_x, off_x = window_start(x, W, KW, dil_w, SHIFT)
+    start_y, off_y = window_start(y, H, KH, dil_h, PADDING == 2)  # [BLOCK_P]
+    start_x, off_x = window_start(x, W, KW, dil_w, PADDING == 2)
     o_kb = b * sk_b  # [BLOCK_P] int64
     o_vb = b * sv_b
 
@@ -103,7 +101,7 @@ def _allheads_fwd_kernel(
         o_c = tl.arange(0, BLOCK_KW)
         b_relw = tl.zeros([BLOCK_P, BLOCK_N, BLOCK_KW], dtype=tl.float32)
         for c in range(KW):
-            if SHIFT:
+            if PADDING == 2:  # shift
                 o_col = off_x + c + KW - 1  # [BLOCK_P]
                 p_rw = relw_ptr + (o_col * srw_r)[:, None, None] + o_rw_nd[None, :, :]
                 b_rw = tl.load(p_rw, mask=m_p[:, None, None] & m_dw[None, :, :], other=0.0)
@@ -123,7 +121,7 @@ def _allheads_fwd_kernel(
         # the row part q[:d/2] . rel_h[row], once per window row
         b_srow = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
         if HAS_REL:
-            if SHIFT:
+            if PADDING == 2:  # shift
                 o_row = off_y + a + KH - 1
                 p_rh = relh_ptr + (o_row * srh_r)[:, None, None] + o_rh_nd[None, :, :]
                 b_rh = tl.load(p_rh, mask=m_p[:, None, None] & m_dh[None, :, :], other=0.0)
@@ -148,7 +146,7 @@ def _allheads_fwd_kernel(
                 p_rpb = rpb_ptr + o_rpb[:, None] + o_n[None, :] * srp_n
                 b_rpb = tl.load(p_rpb, mask=m_p[:, None] & (o_n[None, :] < HEADS), other=0.0)
                 b_s += b_rpb.to(tl.float32) * 1.4426950408889634
-            if MASK:
+            if PADDING == 1:  # mask
                 b_s = tl.where(m_k[:, None], b_s, float("-inf"))
             b_m_new = tl.maximum(b_m, b_s)
             b_alpha = tl.exp2(b_m - b_m_new)

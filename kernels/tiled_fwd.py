@@ -37,9 +37,10 @@ Performance notes (against PERF.md's first cuts, which reached 5-30x the IO floo
   in a slow pass with such v zeroed and its in-window (query, channel) outputs set
   to NaN. No per-sub-tile reduction or branch.
 * Registers (ptxas -v for sm_90, Triton 3.9, k = 7, bf16, default configs): 85-141 per
-  thread for d = 16..128 without spills, no replicated MMA rows (see default_config); int32 in-row offsets (ROW_I64 only for giant
-  rows), one offset tile for k and v when their strides agree, no channel mask when d
-  is a power of two; prune() drops configs that the same measurements show spilling.
+  thread for d = 16..128 without spills and without replicated MMA rows (see
+  default_config); int32 in-row offsets (ROW_I64 only for giant rows), one offset tile
+  for k and v when their strides agree, no channel mask when d is a power of two;
+  prune() drops configs that the same measurements show spilling.
 * Untested on a GPU so far: timings and the best tiles are the tuner's job.
 """
 from __future__ import annotations
@@ -98,14 +99,12 @@ def _tiled_fwd_kernel(
     sl_b, sl_h, sl_w, sl_n,
     srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
     dil_h, dil_w, qk_scale,  # qk_scale = scale * log2(e)
-    KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
     ROW_I64: tl.constexpr, KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    SHIFT: tl.constexpr = PADDING == 2
-    MASK: tl.constexpr = PADDING == 1
     # head fastest: the heads of one row segment run side by side (full cache sectors)
     pid = tl.program_id(0)
     n = pid % HEADS
@@ -127,8 +126,8 @@ def _tiled_fwd_kernel(
         o_dr = o_d.to(tl.int64)
     else:
         o_dr = o_d
-    start_x, off_x = window_start(o_j, W, KW, dil_w, SHIFT)  # [BLOCK_W]
-    if SHIFT:
+    start_x, off_x = window_start(o_j, W, KW, dil_w, PADDING == 2)  # [BLOCK_W]
+    if PADDING == 2:  # shift
         x0 = tl.min(tl.where(m_j, start_x, W), axis=0)
     else:
         x0 = jb * BLOCK_W - (KW // 2) * dil_w
@@ -140,7 +139,7 @@ def _tiled_fwd_kernel(
     o_diffc = tl.maximum(o_diff, 0)
     o_tap = o_diffc // dil_w  # tap index c of halo column x for query j
     m_win = (o_diff >= 0) & (o_diffc - o_tap * dil_w == 0) & (o_tap < KW)
-    if MASK:
+    if PADDING == 1:  # mask
         m_win = m_win & m_x[None, :]
     m_win = m_win & m_j[:, None]
 
@@ -180,7 +179,7 @@ def _tiled_fwd_kernel(
             b_q = tl.load(p_q, mask=m_j[:, None] & m_d[None, :], other=0.0)  # [BLOCK_W, BLOCK_D]
             if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
                 b_q = b_q.to(tl.float32)
-            start_y, off_y = window_start(i, H, KH, dil_h, SHIFT)
+            start_y, off_y = window_start(i, H, KH, dil_h, PADDING == 2)
 
             # column bias in log2 units: q[d/2:] . rel_w[col] for each of the kw taps
             b_bias = tl.zeros([BLOCK_W, BLOCK_K], dtype=tl.float32)
@@ -188,7 +187,7 @@ def _tiled_fwd_kernel(
             if HAS_REL:
                 b_qf = b_q.to(tl.float32)
                 for c in range(KW):
-                    if SHIFT:
+                    if PADDING == 2:  # shift
                         o_col = off_x + c + KW - 1  # [BLOCK_W]
                         p_rw = (relw_ptr + n * srw_n + o_col[:, None] * srw_r
                                 + (o_d[None, :] - D_HALF) * srw_d)
@@ -201,7 +200,7 @@ def _tiled_fwd_kernel(
                     b_bias = tl.where(o_tap == c, b_sc[:, None] * qk_scale, b_bias)
 
             # window rows to walk: in mask mode only those inside the image
-            if MASK:
+            if PADDING == 1:  # mask
                 a_lo = tl.maximum((dil_h - 1 - start_y) // dil_h, 0)
                 a_hi = tl.minimum((H - 1 - start_y) // dil_h + 1, KH)
             else:
@@ -214,7 +213,8 @@ def _tiled_fwd_kernel(
                 b_s, y64, m_kv = _subtile_logits(
                     a, b_q, b_qf, b_bias, m_win, m_kv_x, p_k0, o_kx, sk_h, start_y, off_y, H,
                     relh_ptr + n * srh_n, srh_r, srh_d, rpb_ptr + n * srp_n, srp_h, o_rpb_x,
-                    o_d, m_dh, dil_h, qk_scale, KH, SHIFT, HAS_REL, HAS_RPB, BLOCK_K, DOT_F32)
+                    o_d, m_dh, dil_h, qk_scale, KH, PADDING == 2, HAS_REL, HAS_RPB, BLOCK_K,
+                    DOT_F32)
                 b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
                 b_alpha = tl.exp2(b_m - b_m_new)
                 b_p = tl.exp2(b_s - b_m_new[:, None])  # [BLOCK_W, BLOCK_K]
@@ -241,8 +241,8 @@ def _tiled_fwd_kernel(
                     b_s, y64, m_kv = _subtile_logits(
                         a, b_q, b_qf, b_bias, m_win, m_kv_x, p_k0, o_kx, sk_h, start_y, off_y,
                         H, relh_ptr + n * srh_n, srh_r, srh_d, rpb_ptr + n * srp_n, srp_h,
-                        o_rpb_x, o_d, m_dh, dil_h, qk_scale, KH, SHIFT, HAS_REL, HAS_RPB, BLOCK_K,
-                        DOT_F32)
+                        o_rpb_x, o_d, m_dh, dil_h, qk_scale, KH, PADDING == 2, HAS_REL,
+                        HAS_RPB, BLOCK_K, DOT_F32)
                     b_p = tl.exp2(b_s - b_m[:, None])
                     b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)
                     m_vok = tl.abs(b_v.to(tl.float32)) < float("inf")

@@ -115,9 +115,11 @@ def describe_machine(device: torch.device) -> dict:
     except ImportError:
         triton_version = "none"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    try:  # what attend(backend="auto") picks here (a private helper: may change)
-        from sasa_triton.api import _auto_backend
-        backend = _auto_backend(torch.empty(1, 1, 1, 1, 8, device=device))
+    try:  # what attend(backend="auto") picks for a stage-1 layer (s1 of PERF.md)
+        from sasa_triton.args import check_attend_args
+        from sasa_triton.dispatch import choose
+        q = torch.empty(32, 56, 56, 8, 8, dtype=torch.bfloat16, device=device)
+        backend = choose(q, check_attend_args(q, q, q, 7, 1, "zeros", None, None, None, None))[0]
     except Exception:  # noqa: BLE001 - only a label in the report
         backend = "auto"
     return {"device": name, "torch": torch.__version__, "triton": triton_version,

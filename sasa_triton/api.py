@@ -5,9 +5,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from . import dispatch
 from .args import check_attend_args
-from .registry import check_backend
+from .kernels import FORWARD_VARIANTS
 from .ops import attend_op
+from .registry import check_backend
 
 IntPair = Union[int, Sequence[int]]
 
@@ -55,10 +57,7 @@ def attend(
         check_backend(backend, q)
     if q.numel() == 0:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if backend == "auto":
-        backend = _auto_backend(q)
-    return attend_op(q, k, v, args, backend)  # a custom op: autograd + torch.compile
-
-
-def _auto_backend(q: torch.Tensor) -> str:
-    return "reference"
+    if backend in FORWARD_VARIANTS and not torch.compiler.is_compiling():
+        dispatch.check_forced(backend, q, args)
+    # a custom op (autograd + torch.compile); "auto" is resolved inside it per call
+    return attend_op(q, k, v, args, backend)

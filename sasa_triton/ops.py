@@ -9,11 +9,13 @@ implementation's default config) as plain arguments:
   padding, scale, backend, bwd_config) -> (dq, dk, dv, drel_h, drel_w, drpb)`, an empty
   tensor standing for an absent table's gradient.
 
-`IMPLEMENTATIONS` maps a backend name to its ("module:forward", "module:backward")
-pair, with the signatures of the kernel-variant interface:
-`forward(q, k, v, args, config) -> (out, lse)` and
-`backward(q, k, v, out, lse, dout, args, config) -> (dq, dk, dv, drel_h, drel_w, drpb)`.
-Targets are imported on first use, so importing this module imports no Triton.
+`backend` is "auto" (sasa_triton.dispatch picks the kernel variant and config for the
+call, inside the op, so tracing never runs the dispatcher), "reference", or a forced
+forward variant ("tiled", "allheads", see `IMPLEMENTATIONS`), whose backward is the
+dispatcher's default backward kernel. Implementations have the kernel-variant
+signatures `forward(q, k, v, args, config) -> (out, lse)` and
+`backward(q, k, v, out, lse, dout, args, config) -> (dq, dk, dv, drel_h, drel_w, drpb)`,
+and are imported on first use, so importing this module imports no Triton.
 The backward op has no autograd of its own: double backward is not supported.
 In eager mode with nothing to differentiate, `attend_op` calls the forward directly
 (the op dispatch costs tens of microseconds of host time).
@@ -28,32 +30,49 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import dispatch
 from .args import AttendArgs
+from .kernels import FORWARD_VARIANTS
 from .registry import check_backend, register_backend
 from .reference import reference_attend
 
-# backend name -> ("module:forward", "module:backward")
-IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
-    "reference": ("sasa_triton.ops:reference_forward",
-                  "sasa_triton.reference_bwd:reference_backward"),
-}
+# Names `attend_op` accepts besides "auto" (resolved per call by sasa_triton.dispatch):
+# name -> "module:forward" target; the backward of a kernel variant is the dispatcher's
+# default backward kernel (the reference where none supports the case).
+IMPLEMENTATIONS: dict[str, str] = {"reference": "sasa_triton.ops:reference_forward"}
+IMPLEMENTATIONS.update({name: f"{module}:forward" for name, module in FORWARD_VARIANTS.items()})
 
 
-def register_implementation(name: str, forward: str, backward: str, triton: bool = True) -> None:
-    """Makes `attend(..., backend=name)` run `forward` and differentiate with `backward`
-    (both "module:function" targets with the kernel-variant signatures)."""
-    IMPLEMENTATIONS[name] = (forward, backward)
+def register_implementation(name: str, forward: str, triton: bool = True) -> None:
+    """Makes `attend(..., backend=name)` run `forward` ("module:function" with the
+    kernel-variant signature); its backward is the dispatcher's default backward."""
+    IMPLEMENTATIONS[name] = forward
     register_backend(name, forward, triton=triton)
-    _impl.cache_clear()
+    _load.cache_clear()
 
 
 @functools.lru_cache(maxsize=None)
-def _impl(name: str, direction: int) -> Callable:
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"backend {name!r} has no (forward, backward) pair in "
-                         f"sasa_triton.ops.IMPLEMENTATIONS (use ops.register_implementation)")
-    module, _, function = IMPLEMENTATIONS[name][direction].partition(":")
+def _load(target: str) -> Callable:
+    module, _, function = target.partition(":")
     return getattr(importlib.import_module(module), function)
+
+
+def _impl(backend: str, direction: int, q: Tensor, args: AttendArgs, config_text: str):
+    """(function, config) that run `direction` (0 forward, 1 backward) of `backend`."""
+    if backend == "auto":
+        name, config = dispatch.choose(q, args, direction)
+    elif direction == 1 and backend != "reference":
+        name, config = dispatch.default_backward(q, args)
+        if config_text and name != "reference":
+            config = _config(config_text)
+    else:
+        if backend not in IMPLEMENTATIONS:
+            raise ValueError(f"backend {backend!r} has no implementation in "
+                             f"sasa_triton.ops.IMPLEMENTATIONS (use ops.register_implementation)")
+        if backend == "reference" and direction == 1:
+            return dispatch.implementation("reference", 1), None
+        return _load(IMPLEMENTATIONS[backend]), _config(config_text)
+    return dispatch.implementation(name, direction), None if config is None else dict(config)
 
 
 @functools.lru_cache(maxsize=256)
@@ -98,7 +117,8 @@ def attend_fwd(
     backend: str, fwd_config: str, bwd_config: str,
 ) -> tuple[Tensor, Tensor]:
     args = _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
-    out, lse = _impl(backend, 0)(q, k, v, args, _config(fwd_config))
+    forward, config = _impl(backend, 0, q, args, fwd_config)
+    out, lse = forward(q, k, v, args, config)
     return _fresh(out, (q, k, v)), _fresh(lse, (q, k, v))
 
 
@@ -118,7 +138,8 @@ def attend_bwd(
     backend: str, config: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     args = _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
-    grads = _impl(backend, 1)(q, k, v, out, lse, dout, args, _config(config))
+    backward, parsed = _impl(backend, 1, q, args, config)
+    grads = backward(q, k, v, out, lse, dout, args, parsed)
     inputs = (q, k, v, out, lse, dout, rel_h, rel_w, rpb)
     return tuple(q.new_empty(0) if g is None else _fresh(g, inputs) for g in grads)
 
@@ -160,7 +181,8 @@ def attend_op(q, k, v, args: AttendArgs, backend: str, fwd_config: str = "",
     if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, rel_h, rel_w, rpb))):
         # eager, nothing to differentiate: skip the op dispatch (tens of microseconds)
-        return _impl(backend, 0)(q, k, v, args, _config(fwd_config))[0]
+        forward, config = _impl(backend, 0, q, args, fwd_config)
+        return forward(q, k, v, args, config)[0]
     out, _ = attend_fwd(q, k, v, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale,
                         backend, fwd_config, bwd_config)
     return out

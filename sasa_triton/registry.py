@@ -23,6 +23,9 @@ class Backend(NamedTuple):
 
 _REGISTRY: dict[str, Backend] = {
     "reference": Backend("sasa_triton.reference:reference_attend", triton=False),
+    # forced forward kernel variants (their backward: the default backward kernel)
+    "tiled": Backend("sasa_triton.kernels.tiled_fwd:forward", triton=True),
+    "allheads": Backend("sasa_triton.kernels.allheads_fwd:forward", triton=True),
 }
 
 

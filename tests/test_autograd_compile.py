@@ -22,11 +22,11 @@ def triton_bwd_test(monkeypatch):
     """A temporary backend: reference forward + the offsets backward kernel."""
     monkeypatch.setitem(backends_module._REGISTRY, "triton_bwd_test", None)  # restored after
     monkeypatch.setitem(ops.IMPLEMENTATIONS, "triton_bwd_test", None)
-    ops.register_implementation("triton_bwd_test", "sasa_triton.ops:reference_forward",
-                                "sasa_triton.kernels.offsets_bwd:backward", triton=True)
+    # a forced forward's backward is the default backward kernel ("offsets")
+    ops.register_implementation("triton_bwd_test", "sasa_triton.ops:reference_forward")
     yield "triton_bwd_test"
     backends_module.load.cache_clear()
-    ops._impl.cache_clear()
+    ops._load.cache_clear()
 
 
 def _leaves(q, k, v, kw):
@@ -107,14 +107,12 @@ def test_op_passes_the_backward_config(triton_bwd_test, monkeypatch):
     module = importlib.import_module("sasa_triton.kernels.offsets_bwd")
     real = module.backward
     monkeypatch.setattr(module, "backward", lambda *a: seen.append(a[-1]) or real(*a))
-    ops._impl.cache_clear()
     case = Case(B=1, H=4, W=5, heads=2, d=8, k=3, rel="shared")
     q, k, v, kw = make_inputs(case, torch.float32, device=DEVICE, requires_grad=True)
     args = sasa_triton.args.check_attend_args(q, k, v, 3, 1, "zeros", kw["rel_h"], kw["rel_w"],
                                               None, None)
     out = ops.attend_op(q, k, v, args, triton_bwd_test, "", '{"BLOCK_P": 16, "num_warps": 2}')
     out.sum().backward()
-    ops._impl.cache_clear()
     assert seen == [{"BLOCK_P": 16, "num_warps": 2}] and q.grad is not None
 
 

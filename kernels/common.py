@@ -1,0 +1,113 @@
+"""Pieces shared by the forward kernel families: window geometry in-kernel, host helpers.
+
+Geometry follows SPEC.md (and sasa_triton/window.py) along one axis: pixel i's window
+starts at `start` and its taps sit at `start + t * dil`, t in [0, K). `window_start`
+also returns `(start - i) // dil`, from which the rel-table and rpb indices of tap t
+follow without any negative division:
+
+* rpb index            = off + t + K - 1                      (every padding mode)
+* rel table index      = t (zeros/mask) or off + t + K - 1    (shift)
+
+Triton's integer `//` and `%` truncate toward zero, so every division here has a
+non-negative dividend.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+PADDING_CODES = {"zeros": 0, "mask": 1, "shift": 2}
+LOG2E = 1.4426950408889634
+
+# Debug flag: fill kernel outputs with NaN before the launch so an unwritten element shows.
+POISON_OUTPUTS = os.environ.get("SASA_TRITON_POISON") == "1"
+# Kernels run through Triton's interpreter (read when triton.jit decorates them).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def window_start(i, size, K: tl.constexpr, dil, SHIFT: tl.constexpr):
+    """(start position, (start - i) // dil) of the window of pixel(s) i along one axis."""
+    if SHIFT:
+        g = i % dil  # dilation group; its members are g, g + dil, ... < size
+        member = i // dil
+        count = (size - g + dil - 1) // dil
+        first = tl.minimum(tl.maximum(member - K // 2, 0), count - K)
+        return g + first * dil, first - member
+    else:
+        return i - (K // 2) * dil, i * 0 - K // 2
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def head_block(d: int, minimum: int = 16) -> int:
+    """The padded head dim a kernel holds: a power of two >= max(d, minimum)."""
+    return max(minimum, next_pow2(d))
+
+
+@functools.lru_cache(maxsize=4096)
+def halo_span(size: int, k: int, dil: int, padding: str, tile: int) -> int:
+    """Largest number of consecutive positions covering the windows of `tile` adjacent
+    pixels (any tile start) along an axis: the halo width a tile of queries reads."""
+    if padding != "shift":
+        return tile + (k - 1) * dil
+    starts = []
+    for i in range(size):
+        g, member = i % dil, i // dil
+        count = (size - g + dil - 1) // dil
+        starts.append(g + min(max(member - k // 2, 0), count - k) * dil)
+    span = 0
+    for t0 in range(0, size, tile):  # tiles start at multiples of the tile width
+        block = starts[t0:t0 + tile]
+        span = max(span, max(block) - min(block) + (k - 1) * dil + 1)
+    return span
+
+
+def bias_strides(t, heads_dim: bool = True):
+    """(head, row, col) strides of a rel table (2-D shared -> head stride 0) or rpb."""
+    if t is None:
+        return 0, 0, 0
+    if t.dim() == 2:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def row_offsets_fit_i32(tensors, cols: int, d: int, heads: int = 1) -> bool:
+    """Whether offsets inside one (batch, row) slice -- `cols` pixels (halo columns
+    included, which may lie left of the image), `heads` heads and `d` channels -- stay
+    below 2**31 for every (B, H, W, heads, d) tensor, so a kernel may keep them int32."""
+    for t in tensors:
+        s_w, s_n, s_d = (abs(x) for x in t.stride()[2:5])
+        if cols * s_w + heads * s_n + d * s_d >= 2**31:
+            return False
+    return True
+
+
+def alloc_outputs(q: torch.Tensor, poison: bool = False):
+    """out (contiguous, q's dtype) and lse (float32) for a forward launch; NaN-filled
+    when poisoned so that a test sees any element the kernel failed to write."""
+    B, H, W, N, D = q.shape
+    if poison or POISON_OUTPUTS:
+        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
+        lse = torch.full((B, H, W, N), float("nan"), dtype=torch.float32, device=q.device)
+    else:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, W, N), dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+def launch_options(config: dict) -> dict:
+    """The launch keywords (num_warps, num_stages) of a config dict."""
+    return {k: config[k] for k in ("num_warps", "num_stages") if k in config}
+
+
+def check_config(config, keys, name: str) -> None:
+    """A config must be a dict naming every meta-parameter `keys` of its variant."""
+    if not isinstance(config, dict) or any(k not in config for k in keys):
+        raise ValueError(f"{name} config must be a dict with keys {list(keys)}, got {config!r}")

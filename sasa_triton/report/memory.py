@@ -29,6 +29,16 @@ def _storages(tree):
             yield from _storages(item)
 
 
+def _custom_op_body(func):
+    """The Python function behind a sasa_triton custom op, else None."""
+    if getattr(func, "namespace", None) != "sasa_triton":
+        return None
+    from sasa_triton import ops
+
+    op = getattr(ops, func.__name__.split(".")[0], None)
+    return getattr(op, "_init_fn", None)
+
+
 class PeakLiveBytes(TorchDispatchMode):
     """`with PeakLiveBytes() as m: ...`, then m.peak (bytes)."""
 
@@ -43,7 +53,14 @@ class PeakLiveBytes(TorchDispatchMode):
         for storage in _storages((args, kwargs)):
             if storage.data_ptr() not in self.live:
                 self.before.add(storage.data_ptr())
-        out = func(*args, **(kwargs or {}))
+        body = _custom_op_body(func)
+        if body is not None:
+            # attend's custom ops would be one opaque call: run their Python body with
+            # this mode active, so the allocations inside are seen too
+            with self:
+                out = body(*args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
         for storage in _storages(out):
             address = storage.data_ptr()
             if address in self.live and self.live[address][0].expired():

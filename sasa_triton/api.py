@@ -56,8 +56,18 @@ def attend(
     if not torch.compiler.is_compiling():  # traced, the op's fake impl checks it
         check_backend(backend, q)
     if q.numel() == 0:
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        return _empty_output(q, k, v, args)
     if backend in FORWARD_VARIANTS and not torch.compiler.is_compiling():
         dispatch.check_forced(backend, q, args)
     # a custom op (autograd + torch.compile); "auto" is resolved inside it per call
     return attend_op(q, k, v, args, backend)
+
+
+def _empty_output(q, k, v, args) -> torch.Tensor:
+    """The output of an empty call, still connected to every input for autograd (so a
+    backward through it gives zero gradients instead of failing)."""
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    tensors = [t for t in (q, k, v, args.rel_h, args.rel_w, args.rpb) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        out = out + sum(t.sum() for t in tensors).to(q.dtype) * 0
+    return out

@@ -88,6 +88,10 @@ def test_empty_inputs(shape):
     q = torch.randn(shape)
     out = sasa_triton.attend(q, q, q, 3, padding="mask")
     assert out.shape == shape
+    q.requires_grad_()
+    rpb = torch.randn(shape[3], 5, 5, requires_grad=True)
+    sasa_triton.attend(q, q, q, 3, rpb=rpb).sum().backward()
+    assert q.grad.shape == shape and not rpb.grad.any()
 
 
 def test_forward_memory_does_not_grow_with_k2():

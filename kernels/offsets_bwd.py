@@ -27,7 +27,10 @@ delta (B, H, W, heads) float32 and the partial sums, B * ceil(HW/BLOCK_P) * head
 (Ty + Tx_pad) * d_pad floats for rel (+ Ty * Tx for rpb), reduced by torch in a fixed
 order: no float atomics, gradients are bit-identical on repeat. Registers: besides the
 [BLOCK_P, d_pad] tiles, kernel 1 holds the drel_w partial as a [Tx_pad, d_pad] tile
-(large only for big k and d together, e.g. shift k=13 with d=256).
+(large only for big k and d together, e.g. shift k=13 with d=256). ptxas for sm_90
+(tests/test_kernels_backward.py compiles both kernels without a GPU): the default configs
+take 150-240 registers per thread for d = 8..256 and do not spill; prune() drops the
+configs that do (see _fits).
 """
 from __future__ import annotations
 
@@ -282,13 +285,21 @@ def search_space() -> list[dict]:
             for bp in _BLOCKS for nw in _WARPS for ns in _STAGES]
 
 
+def _per_thread(config: dict, d: int) -> int:
+    """Values of one [BLOCK_P, d_pad] tile per thread."""
+    return config["BLOCK_P"] * triton.next_power_of_2(max(d, 1)) // (32 * config.get("num_warps", 4))
+
+
 def _fits(config: dict, q_shape, args: AttendArgs) -> bool:
+    """ptxas -v for sm_90 (Triton 3.6 and 3.9, k = 7, bf16/fp32, every padding, rel + rpb):
+    at <= 16 tile values per thread both kernels take 64-240 registers without spills;
+    at 32 they sit at the 255 cap and spill in shift mode and at 2 warps (12-340 bytes);
+    at 64 they spill 0.4-1.6 KB. At 2 warps, 16 values already spill in shift mode
+    (12-20 bytes), so 2-warp configs keep <= 8. Blocks much larger than the image go too."""
     B, H, W, heads, d = q_shape
-    bp, nw = config["BLOCK_P"], config.get("num_warps", 4)
-    per_thread = bp * triton.next_power_of_2(max(d, 1)) // (32 * nw)
-    # ~6 live [BLOCK_P, d_pad] fp32 tiles: keep each under 32 registers per thread,
-    # and do not make a block much larger than the image.
-    return per_thread <= 32 and bp <= max(_BLOCKS[0], triton.next_power_of_2(H * W))
+    limit = 8 if config.get("num_warps", 4) <= 2 else 16
+    return (_per_thread(config, d) <= limit
+            and config["BLOCK_P"] <= max(_BLOCKS[0], triton.next_power_of_2(H * W)))
 
 
 def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
@@ -297,13 +308,15 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
 
 
 def default_config(q_shape, args: AttendArgs) -> dict:
-    """The largest pixel block whose [BLOCK_P, d_pad] tile holds <= 2048 values (a few
-    fp32 tiles in registers at 4 warps), no larger than the image; 4 warps."""
+    """The largest pixel block whose [BLOCK_P, d_pad] tile holds <= 2048 values, no larger
+    than the image; warps so that a thread holds <= 16 of them (8 at 2 warps): no spills
+    (see _fits), e.g. 150-240 registers per thread for d = 8..256 on sm_90."""
     B, H, W, heads, d = q_shape
     d_pad = triton.next_power_of_2(max(d, 1))
     cap = max(_BLOCKS[0], triton.next_power_of_2(max(H * W, 1)))
     bp = next((b for b in reversed(_BLOCKS) if b * d_pad <= 2048 and b <= cap), _BLOCKS[0])
-    return {"BLOCK_P": bp, "num_warps": 4 if bp * d_pad >= 1024 else 2, "num_stages": 1}
+    warps = 8 if bp * d_pad > 2048 else 4 if bp * d_pad >= 1024 else 2
+    return {"BLOCK_P": bp, "num_warps": warps, "num_stages": 1}
 
 
 def supports(q_shape, dtype, args: AttendArgs) -> bool:

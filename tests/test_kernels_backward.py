@@ -162,6 +162,18 @@ def test_every_pruned_config_agrees(variant):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("d", [1, 8, 16, 64, 256])
+@pytest.mark.parametrize("hw", [(3, 4), (64, 64)])
+def test_default_config_survives_prune(variant, d, hw):
+    """The launcher's default is one of the configs the tuner keeps (none that spill)."""
+    module = VARIANTS[variant]
+    q = torch.zeros(1, *hw, 2, d)
+    args = check_attend_args(q, q, q, 7, 1, "zeros", None, None, None, None)
+    default = module.default_config(tuple(q.shape), args)
+    assert default in module.prune(module.search_space(), tuple(q.shape), args)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_broadcast_dout(variant):
     """dout of out.sum() is an expanded (stride 0) tensor: read with its strides."""
     case = Case(B=1, H=4, W=5, heads=2, d=8, k=3, rel="shared")
@@ -200,3 +212,67 @@ def test_64bit_offsets(variant):
     want = kernel_grads(VARIANTS[variant], small, small, small, kw, case, dout)
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+
+# --- the real compiler, without a GPU ---------------------------------------------------
+# A subprocess runs `backward` on CPU tensors with both kernels swapped for recorders and
+# compiles each recorded launch for an H100 (sm_90) with Triton's compiler and ptxas,
+# specialised as a GPU launch would be (see aot_sm90.py): every padding mode, rel/rpb on
+# and off, d = 8/16/64, fp16/bf16/fp32 (and bf16 with fp32 tables), contiguous and
+# channels_last, each at the config the launcher picks by default, which must not spill
+# more than a few bytes (ptxas sometimes parks a word or two on the stack at 150-170
+# registers; pruned configs spill hundreds).
+
+BWD_AOT_SPECS = [  # (case, dtype, layout, fp32 tables)
+    (Case(B=2, H=16, W=16, heads=4, d=64, k=7, rel="shared"), torch.bfloat16, "contiguous",
+     False),
+    (Case(B=2, H=16, W=16, heads=2, d=8, k=3, padding="mask", rpb=True), torch.float16,
+     "contiguous", False),
+    (Case(B=2, H=12, W=16, heads=4, d=16, k=5, dilation=(1, 2), padding="shift",
+          rel="per_head", rpb=True), torch.float32, "contiguous", False),
+    (Case(B=2, H=16, W=16, heads=2, d=16, k=3, padding="shift", rel="shared", rpb=True),
+     torch.bfloat16, "channels_last", True),
+]
+_BWD_KERNELS = ("_dq_kernel", "_dkv_kernel")
+
+
+def _bwd_aot_compile_all() -> None:
+    from aot_sm90 import compile_launch, record_launches
+    from sasa_triton.kernels import offsets_bwd
+
+    for case, dtype, layout, tables_fp32 in BWD_AOT_SPECS:
+        q, k, v, kw = make_inputs(case, dtype, layout)
+        if tables_fp32:
+            kw = {n: (t.float() if n in TABLES and t is not None else t) for n, t in kw.items()}
+        args = _args(q, k, v, case, kw)
+        out = torch.empty_like(q)
+        lse = torch.zeros(q.shape[:-1], dtype=torch.float32)
+        config = offsets_bwd.default_config(tuple(q.shape), args)
+        with record_launches(offsets_bwd, _BWD_KERNELS) as recorders:
+            offsets_bwd.backward(q, k, v, out, lse, _dout(q), args)
+        for name in _BWD_KERNELS:
+            rec = recorders[name]
+            assert len(rec.calls) == 1, name
+            _, usage = compile_launch(rec.fn, *rec.calls[0])
+            print("compiled", name, case.id, dtype, layout, config, usage, flush=True)
+
+
+def test_backward_kernels_compile_for_sm90():
+    import re
+
+    from aot_sm90 import run_in_subprocess
+
+    proc = run_in_subprocess(__file__, "--aot-compile")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("compiled")]
+    assert len(lines) == 2 * len(BWD_AOT_SPECS), proc.stdout[-4000:]
+    stores = [int(re.search(r"'spill_stores': (\d+)", ln).group(1)) for ln in lines]
+    assert max(stores) <= 32, "default configs spill registers:\n" + "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--aot-compile" in sys.argv:
+        _bwd_aot_compile_all()

@@ -1,17 +1,17 @@
 """Named implementations of `attend` and which of them run on this machine.
 
-A backend is a function `fn(q, k, v, args: AttendArgs) -> out` named by a
-"module:function" string and imported on first use, so `import sasa_triton` stays cheap
-(no Triton import, no compilation). Kernel variants are Triton backends: they run on
-CUDA tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1).
+A backend is a name `attend(..., backend=name)` accepts, with the "module:function" of
+its forward (sasa_triton.ops runs it; nothing is imported here, so `import sasa_triton`
+stays cheap: no Triton import, no compilation). Kernel variants are Triton backends:
+they run on CUDA tensors, or on CPU tensors under Triton's interpreter
+(TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 import os
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -32,7 +32,6 @@ _REGISTRY: dict[str, Backend] = {
 def register_backend(name: str, target: str, triton: bool = True) -> None:
     """Adds a backend under `name` (accepted by `attend(..., backend=name)`)."""
     _REGISTRY[name] = Backend(target, triton)
-    load.cache_clear()
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,12 +53,6 @@ def backends(device: torch.device | str | None = None) -> list[str]:
     names = ["auto"]
     names += [n for n, b in _REGISTRY.items() if not b.triton or triton_usable(device_type)]
     return names
-
-
-@functools.lru_cache(maxsize=None)
-def load(name: str) -> Callable:
-    module, _, function = _REGISTRY[name].target.partition(":")
-    return getattr(importlib.import_module(module), function)
 
 
 def check_backend(name, q: torch.Tensor) -> None:

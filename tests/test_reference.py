@@ -7,7 +7,7 @@ from sasa_triton.args import check_attend_args
 from sasa_triton.reference import reference_attend
 
 from cases import REFERENCE_CASES, Case, assert_close, make_inputs
-from memtrack import PeakLiveBytes
+from sasa_triton.report.memory import PeakLiveBytes
 from oracle import oracle_attend
 
 

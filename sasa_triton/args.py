@@ -62,6 +62,20 @@ def _check_bias_dtype_device(t: torch.Tensor, name: str, q: torch.Tensor) -> Non
         raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
 
+def check_window(kernel_size, dilation, padding) -> tuple[int, int, int, int]:
+    """(kh, kw, dh, dw) of a valid window; raises naming the bad argument."""
+    kh, kw = _pair(kernel_size, "kernel_size")
+    for kk in (kh, kw):
+        if kk < 1 or kk % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size!r}")
+    dh, dw = _pair(dilation, "dilation")
+    if dh < 1 or dw < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation!r}")
+    if not isinstance(padding, str) or padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    return kh, kw, dh, dw
+
+
 def check_attend_args(
     q, k, v, kernel_size, dilation, padding, rel_h, rel_w, rpb, scale
 ) -> AttendArgs:
@@ -89,16 +103,7 @@ def check_attend_args(
             f"head dim d={d} (last dim of q) is larger than the kernels support (<= {MAX_HEAD_DIM})"
         )
 
-    kh, kw = _pair(kernel_size, "kernel_size")
-    for kk in (kh, kw):
-        if kk < 1 or kk % 2 == 0:
-            raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size!r}")
-    dh, dw = _pair(dilation, "dilation")
-    if dh < 1 or dw < 1:
-        raise ValueError(f"dilation must be >= 1, got {dilation!r}")
-
-    if not isinstance(padding, str) or padding not in PADDINGS:
-        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    kh, kw, dh, dw = check_window(kernel_size, dilation, padding)
     if padding == "shift" and (kh * dh > H or kw * dw > W):
         raise ValueError(
             f"padding='shift' needs kernel_size * dilation <= image size: "

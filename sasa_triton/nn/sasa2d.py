@@ -15,16 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..api import attend
-from ..args import PADDINGS
+from ..args import check_window
 
 IntPair = Union[int, Sequence[int]]
-
-
-def _pair(value: IntPair, name: str) -> tuple[int, int]:
-    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return pair
 
 
 def _positive_int(value, name: str) -> int:
@@ -115,14 +108,7 @@ class SASA2d(nn.Module):
             raise ValueError(
                 f"out_channels ({out_channels}) must be divisible by heads ({heads})"
             )
-        kh, kw = _pair(kernel_size, "kernel_size")
-        if kh < 1 or kw < 1 or kh % 2 == 0 or kw % 2 == 0:
-            raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size!r}")
-        dh, dw = _pair(dilation, "dilation")
-        if dh < 1 or dw < 1:
-            raise ValueError(f"dilation must be >= 1, got {dilation!r}")
-        if not isinstance(padding, str) or padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        kh, kw, dh, dw = check_window(kernel_size, dilation, padding)
         d = out_channels // heads
         if rel_pos and d < 2:
             raise ValueError(

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sasa2d import _pair, _positive_int
+from ..args import check_window
+from .sasa2d import _positive_int
 
 
 class SpatialMixtureAttention2d(nn.Module):
@@ -40,9 +41,7 @@ class SpatialMixtureAttention2d(nn.Module):
             _positive_int(value, name)
         if out_channels % heads:
             raise ValueError(f"out_channels ({out_channels}) must be divisible by heads ({heads})")
-        kh, kw = _pair(kernel_size, "kernel_size")
-        if kh < 1 or kw < 1 or kh % 2 == 0 or kw % 2 == 0:
-            raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size!r}")
+        kh, kw, _, _ = check_window(kernel_size, 1, "zeros")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.heads, self.mixtures = (kh, kw), heads, mixtures
         self.head_dim = out_channels // heads

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .args import AttendArgs
-from .window import window_positions
+from .window import window_taps
 
 
 def _per_head(table, heads: int, dtype) -> torch.Tensor:
@@ -26,9 +26,6 @@ def reference_attend(q, k, v, args: AttendArgs, return_lse: bool = False):
     kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
-    pos_y, rel_y = window_positions(H, kh, dh, padding, dev)
-    pos_x, rel_x = window_positions(W, kw, dw, padding, dev)
-    shift = padding == "shift"
     in_place = not (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, rel_h, rel_w, rpb)))
 
@@ -43,52 +40,39 @@ def reference_attend(q, k, v, args: AttendArgs, return_lse: bool = False):
     m = torch.full((B, H, W, N), float("-inf"), dtype=cdt, device=dev)
     denom = torch.zeros((B, H, W, N), dtype=cdt, device=dev)
     acc = torch.zeros((B, H, W, N, D), dtype=cdt, device=dev)
-    for a in range(kh):
-        y = pos_y[:, a]
-        in_y = (y >= 0) & (y < H)
-        y = y.clamp(0, max(H - 1, 0))
-        row = rel_y[:, a] if shift else torch.full_like(y, a)
-        for c in range(kw):
-            x = pos_x[:, c]
-            in_x = (x >= 0) & (x < W)
-            x = x.clamp(0, max(W - 1, 0))
-            col = rel_x[:, c] if shift else torch.full_like(x, c)
-            inside = (in_y[:, None] & in_x[None, :])[:, :, None]  # (H, W, 1)
-            # only the center offset (or a shifted window) stays inside for every pixel;
-            # decided in Python so torch.compile needs no data-dependent branch
-            all_inside = shift or (a == kh // 2 and c == kw // 2)
+    for tap in window_taps(H, W, kh, kw, dh, dw, padding, dev):
+        y, x, inside, all_inside = tap.y, tap.x, tap.inside, tap.all_inside
+        k_n = k[:, y[:, None], x[None, :]].to(cdt)  # (B, H, W, N, D)
+        v_n = v[:, y[:, None], x[None, :]].to(cdt)
+        if not all_inside and padding == "zeros":
+            # where, not a multiply: a NaN outside the window must not leak in
+            k_n = torch.where(inside[..., None], k_n, 0.0)
+            v_n = torch.where(inside[..., None], v_n, 0.0)
+        logit = torch.einsum("bhwnd,bhwnd->bhwn", q_c, k_n)
+        del k_n
+        if rel_h is not None:  # separable: q_h . rel_h[row] + q_w . rel_w[col]
+            logit = logit + torch.einsum("bhwnd,nhd->bhwn", q_h, rel_h_n[:, tap.row])
+            logit = logit + torch.einsum("bhwnd,nwd->bhwn", q_w, rel_w_n[:, tap.col])
+        logit = logit * scale
+        if rpb is not None:
+            bias = rpb_c[:, tap.rel_y][:, :, tap.rel_x]  # (N, H, W)
+            logit = logit + bias.permute(1, 2, 0)
+        if not all_inside and padding == "mask":
+            logit = torch.where(inside, logit, float("-inf"))
 
-            k_n = k[:, y[:, None], x[None, :]].to(cdt)  # (B, H, W, N, D)
-            v_n = v[:, y[:, None], x[None, :]].to(cdt)
-            if not all_inside and padding == "zeros":
-                # where, not a multiply: a NaN outside the window must not leak in
-                k_n = torch.where(inside[..., None], k_n, 0.0)
-                v_n = torch.where(inside[..., None], v_n, 0.0)
-            logit = torch.einsum("bhwnd,bhwnd->bhwn", q_c, k_n)
-            del k_n
-            if rel_h is not None:  # separable: q_h . rel_h[row] + q_w . rel_w[col]
-                logit = logit + torch.einsum("bhwnd,nhd->bhwn", q_h, rel_h_n[:, row])
-                logit = logit + torch.einsum("bhwnd,nwd->bhwn", q_w, rel_w_n[:, col])
-            logit = logit * scale
-            if rpb is not None:
-                bias = rpb_c[:, rel_y[:, a]][:, :, rel_x[:, c]]  # (N, H, W)
-                logit = logit + bias.permute(1, 2, 0)
-            if not all_inside and padding == "mask":
-                logit = torch.where(inside, logit, float("-inf"))
-
-            # online softmax; the running max is a constant for autograd (exact grads)
-            m_new = torch.maximum(m, logit.detach())
-            m_safe = torch.where(torch.isneginf(m_new), 0.0, m_new)
-            alpha = torch.exp(m - m_safe)
-            p = torch.exp(logit - m_safe)
-            if in_place:
-                denom.mul_(alpha).add_(p)
-                acc.mul_(alpha[..., None]).addcmul_(p[..., None], v_n)
-            else:
-                denom = denom * alpha + p
-                acc = acc * alpha[..., None] + p[..., None] * v_n
-            m = m_new
-            del v_n
+        # online softmax; the running max is a constant for autograd (exact grads)
+        m_new = torch.maximum(m, logit.detach())
+        m_safe = torch.where(torch.isneginf(m_new), 0.0, m_new)
+        alpha = torch.exp(m - m_safe)
+        p = torch.exp(logit - m_safe)
+        if in_place:
+            denom.mul_(alpha).add_(p)
+            acc.mul_(alpha[..., None]).addcmul_(p[..., None], v_n)
+        else:
+            denom = denom * alpha + p
+            acc = acc * alpha[..., None] + p[..., None] * v_n
+        m = m_new
+        del v_n
     out = (acc.div_(denom[..., None]) if in_place else acc / denom[..., None]).to(q.dtype)
     if return_lse:
         return out, m + torch.log(denom)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .args import AttendArgs
-from .window import window_positions
+from .window import window_taps
 
 
 def reference_backward(q, k, v, out, lse, dout, args: AttendArgs, config=None):
@@ -21,9 +21,6 @@ def reference_backward(q, k, v, out, lse, dout, args: AttendArgs, config=None):
     kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
-    pos_y, rel_y = window_positions(H, kh, dh, padding, dev)
-    pos_x, rel_x = window_positions(W, kw, dw, padding, dev)
-    shift = padding == "shift"
     d2 = D // 2
 
     q_c, dout_c, lse_c = q.to(cdt), dout.to(cdt), lse.to(cdt)
@@ -41,52 +38,42 @@ def reference_backward(q, k, v, out, lse, dout, args: AttendArgs, config=None):
         drpb = torch.zeros(rpb.shape, dtype=cdt, device=dev)
     n_idx = torch.arange(N, device=dev)[:, None, None]
 
-    for a in range(kh):
-        y = pos_y[:, a]
-        in_y = (y >= 0) & (y < H)
-        y = y.clamp(0, max(H - 1, 0))
-        row = rel_y[:, a] if shift else torch.full_like(y, a)
-        for c in range(kw):
-            x = pos_x[:, c]
-            in_x = (x >= 0) & (x < W)
-            x = x.clamp(0, max(W - 1, 0))
-            col = rel_x[:, c] if shift else torch.full_like(x, c)
-            inside = (in_y[:, None] & in_x[None, :])[:, :, None]  # (H, W, 1)
+    for tap in window_taps(H, W, kh, kw, dh, dw, padding, dev):
+        y, x, row, col, inside = tap.y, tap.x, tap.row, tap.col, tap.inside
+        k_n = torch.where(inside[..., None], k[:, y[:, None], x[None, :]].to(cdt), 0.0)
+        v_n = torch.where(inside[..., None], v[:, y[:, None], x[None, :]].to(cdt), 0.0)
+        logit = torch.einsum("bhwnd,bhwnd->bhwn", q_c, k_n)
+        if rel_h is not None:  # separable: q_h . rel_h[row] + q_w . rel_w[col]
+            r_h = rel_h_n[:, row].transpose(0, 1)  # (H, N, d2)
+            r_w = rel_w_n[:, col].transpose(0, 1)  # (W, N, d - d2)
+            logit = logit + torch.einsum("bhwnd,hnd->bhwn", q_c[..., :d2], r_h)
+            logit = logit + torch.einsum("bhwnd,wnd->bhwn", q_c[..., d2:], r_w)
+        logit = logit * scale
+        if rpb is not None:
+            logit = logit + rpb_c[:, tap.rel_y][:, :, tap.rel_x].permute(1, 2, 0)
+        p = torch.exp(logit - lse_c)
+        ds = p * (torch.einsum("bhwnd,bhwnd->bhwn", dout_c, v_n) - delta)
+        if padding == "mask":  # left out of the softmax: no gradient at all
+            p = torch.where(inside, p, 0.0)
+            ds = torch.where(inside, ds, 0.0)
 
-            k_n = torch.where(inside[..., None], k[:, y[:, None], x[None, :]].to(cdt), 0.0)
-            v_n = torch.where(inside[..., None], v[:, y[:, None], x[None, :]].to(cdt), 0.0)
-            logit = torch.einsum("bhwnd,bhwnd->bhwn", q_c, k_n)
-            if rel_h is not None:  # separable: q_h . rel_h[row] + q_w . rel_w[col]
-                r_h = rel_h_n[:, row].transpose(0, 1)  # (H, N, d2)
-                r_w = rel_w_n[:, col].transpose(0, 1)  # (W, N, d - d2)
-                logit = logit + torch.einsum("bhwnd,hnd->bhwn", q_c[..., :d2], r_h)
-                logit = logit + torch.einsum("bhwnd,wnd->bhwn", q_c[..., d2:], r_w)
-            logit = logit * scale
-            if rpb is not None:
-                logit = logit + rpb_c[:, rel_y[:, a]][:, :, rel_x[:, c]].permute(1, 2, 0)
-            p = torch.exp(logit - lse_c)
-            ds = p * (torch.einsum("bhwnd,bhwnd->bhwn", dout_c, v_n) - delta)
-            if padding == "mask":  # left out of the softmax: no gradient at all
-                p = torch.where(inside, p, 0.0)
-                ds = torch.where(inside, ds, 0.0)
-
-            dq += ds[..., None] * k_n
-            if rel_h is not None:
-                dq[..., :d2] += ds[..., None] * r_h[None, :, None]
-                dq[..., d2:] += ds[..., None] * r_w[None, None]
-            # keys/values: only in-image neighbors exist (zeros mode drops the rest);
-            # index_add_ over flat pixels (shift windows map several queries to one key)
-            dk_part = torch.where(inside[..., None], ds[..., None] * q_c, 0.0)
-            dv_part = torch.where(inside[..., None], p[..., None] * dout_c, 0.0)
-            at = (y[:, None] * W + x[None, :]).reshape(-1)
-            dk.view(B, H * W, N, D).index_add_(1, at, dk_part.view(B, H * W, N, D))
-            dv.view(B, H * W, N, D).index_add_(1, at, dv_part.view(B, H * W, N, D))
-            if rel_h is not None:
-                drel_h_n.index_add_(1, row, torch.einsum("bhwn,bhwnd->nhd", ds, q_c[..., :d2]))
-                drel_w_n.index_add_(1, col, torch.einsum("bhwn,bhwnd->nwd", ds, q_c[..., d2:]))
-            if rpb is not None:
-                drpb.index_put_((n_idx, rel_y[:, a][None, :, None], rel_x[:, c][None, None, :]),
-                                ds.sum(0).permute(2, 0, 1), accumulate=True)
+        dq += ds[..., None] * k_n
+        if rel_h is not None:
+            dq[..., :d2] += ds[..., None] * r_h[None, :, None]
+            dq[..., d2:] += ds[..., None] * r_w[None, None]
+        # keys/values: only in-image neighbors exist (zeros mode drops the rest);
+        # index_add_ over flat pixels (shift windows map several queries to one key)
+        dk_part = torch.where(inside[..., None], ds[..., None] * q_c, 0.0)
+        dv_part = torch.where(inside[..., None], p[..., None] * dout_c, 0.0)
+        at = (y[:, None] * W + x[None, :]).reshape(-1)
+        dk.view(B, H * W, N, D).index_add_(1, at, dk_part.view(B, H * W, N, D))
+        dv.view(B, H * W, N, D).index_add_(1, at, dv_part.view(B, H * W, N, D))
+        if rel_h is not None:
+            drel_h_n.index_add_(1, row, torch.einsum("bhwn,bhwnd->nhd", ds, q_c[..., :d2]))
+            drel_w_n.index_add_(1, col, torch.einsum("bhwn,bhwnd->nwd", ds, q_c[..., d2:]))
+        if rpb is not None:
+            drpb.index_put_((n_idx, tap.rel_y[None, :, None], tap.rel_x[None, None, :]),
+                            ds.sum(0).permute(2, 0, 1), accumulate=True)
 
     grads = [(dq * scale).to(q.dtype), (dk * scale).to(q.dtype), dv.to(q.dtype)]
     if rel_h is not None:

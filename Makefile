@@ -12,12 +12,9 @@ STAMP := $(VENV)/.installed
 # `make report REPORT_ARGS=` runs the default suite of the machine (resnet50 on a GPU).
 REPORT_ARGS ?= --suite quick
 
-.PHONY: report demo test
+.PHONY: report test
 report: $(STAMP)
 	$(PY) -m sasa_triton.report $(REPORT_ARGS)
-
-demo: $(STAMP)
-	$(PY) -m sasa_triton.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

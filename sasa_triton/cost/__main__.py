@@ -32,7 +32,8 @@ def parse_args(argv):
                    help="comma-separated: auto (dispatched) and variant names; default all")
     p.add_argument("--direction", default="fwd,bwd", help="fwd, bwd or fwd,bwd")
     p.add_argument("--arch", default="sm_90", help="compile target (model constants: H100)")
-    p.add_argument("--out", default="reports/cost", help="folder for the CSVs and predicted.md")
+    p.add_argument("--out", default=None, help="folder for the CSVs and predicted.md (default "
+                   "reports/cost; with --update-baseline / --watch-json only when given)")
     p.add_argument("--calibrate", metavar="BENCH_CSV", default=None,
                    help="fit the issue efficiency to a GPU report CSV and store it")
     p.add_argument("--update-baseline", metavar="PATH", default=None,
@@ -138,13 +139,17 @@ def main(argv=None) -> int:
 
     meta = dict(triton=triton.__version__, arch=f"sm_{arch}")
     command = "python -m sasa_triton.cost " + shlex.join(argv)
-    paths = output.write_all(cases, calibration, meta, Path(args.out), command.strip())
+    paths = []
+    if args.out is not None or not watch:
+        out = Path(args.out or "reports/cost")
+        paths = output.write_all(cases, calibration, meta, out, command.strip())
     print()
     print(f"{output.PREDICTED}; model {calibration.label()}")
     print()
     print("\n".join(output.summary_table(cases)))
     print()
-    print(f"Wrote {', '.join(str(p) for p in paths)} in {time.time() - start:.0f} s")
+    print(f"Wrote {', '.join(str(p) for p in paths) or 'no tables'} in "
+          f"{time.time() - start:.0f} s")
     return 0
 
 

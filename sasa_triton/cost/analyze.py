@@ -80,42 +80,58 @@ def unique_tensor_bytes(values) -> int:
     return total
 
 
-def analyze(launch: Launch, arch: int = 90) -> LaunchReport:
-    compiled = compile_cached(launch.fn, launch.args, launch.kwargs, arch)
-    cubin = compiled.asm["cubin"]
-    usage = sass.resource_usage(cubin)
-    instructions, loops = sass.read_cubin(cubin)
-    match = kernels.match_loops(launch.kernel, launch.arguments(), [lp.depth for lp in loops])
+@dataclasses.dataclass
+class Tally:
+    loops: list[LoopReport]
+    outside: Counter
+    outside_mem: Counter
+    per_program: Counter  # dynamic instructions per warp per program, by class
+    ldg_bytes_per_warp: float
+    stg_bytes_per_warp: float
+
+
+def tally(instructions: list[sass.Instruction], loops: list[sass.Loop],
+          matched: list[kernels.MatchedLoop]) -> Tally:
+    """Static counts per loop and dynamic counts per warp and program (the rules above)."""
     reports = [LoopReport(i, lp.depth, lp.start, lp.end, m.name, m.trips, m.iterations,
-                          Counter(), Counter()) for i, (lp, m) in enumerate(zip(loops, match.loops))]
-    outside, outside_mem, per_program = Counter(), Counter(), Counter()
-    ldg = stg = 0.0
+                          Counter(), Counter()) for i, (lp, m) in enumerate(zip(loops, matched))]
+    result = Tally(reports, Counter(), Counter(), Counter(), 0.0, 0.0)
     for ins in instructions:
         cls = classes.instruction_class(ins.opcode)
-        where = sass.innermost_loop(loops, ins.address)
         width = classes.access_bytes(ins.opcode)
+        where = sass.innermost_loop(loops, ins.address)
         if where is None:
-            body, mem, times = outside, outside_mem, 1
+            body, mem, times = result.outside, result.outside_mem, 1
         else:
             loop = reports[where]
             body, mem, times = loop.body, loop.mem, loop.iterations
         body[cls] += 1
         if width:
             mem[f"{cls}.{width}B"] += 1
-        per_program[cls] += times
+        result.per_program[cls] += times
         if cls == "ldg":
-            ldg += times * 32 * width
+            result.ldg_bytes_per_warp += times * 32 * width
         elif cls == "stg":
-            stg += times * 32 * width
+            result.stg_bytes_per_warp += times * 32 * width
+    return result
+
+
+def analyze(launch: Launch, arch: int = 90) -> LaunchReport:
+    compiled = compile_cached(launch.fn, launch.args, launch.kwargs, arch)
+    cubin = compiled.asm["cubin"]
+    usage = sass.resource_usage(cubin)
+    instructions, loops = sass.read_cubin(cubin)
+    match = kernels.match_loops(launch.kernel, launch.arguments(), [lp.depth for lp in loops])
+    t = tally(instructions, loops, match.loops)
     meta = compiled.metadata
     warps = meta.num_warps
     return LaunchReport(
         kernel=launch.kernel, grid=launch.grid, programs=launch.programs, num_warps=warps,
         num_stages=meta.num_stages, regs=usage["regs"],
         spill_bytes=usage["local"] + usage["stack"], shared=meta.shared,
-        static_instructions=len(instructions), loops=reports, outside=outside,
-        outside_mem=outside_mem,
-        per_program=per_program, ldg_bytes_per_program=ldg * warps,
-        stg_bytes_per_program=stg * warps,
+        static_instructions=len(instructions), loops=t.loops, outside=t.outside,
+        outside_mem=t.outside_mem, per_program=t.per_program,
+        ldg_bytes_per_program=t.ldg_bytes_per_warp * warps,
+        stg_bytes_per_program=t.stg_bytes_per_warp * warps,
         hbm_bytes=unique_tensor_bytes(list(launch.args) + list(launch.kwargs.values())),
         note=match.note)

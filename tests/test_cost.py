@@ -90,13 +90,21 @@ def test_dynamic_counts_multiply_trip_counts():
 
 
 def test_loop_table_matches_by_nesting():
-    tiled = dict(HAS_REL=True, KW=7, KH=7, BLOCK_H=1)
-    m = kernels.match_loops("_tiled_fwd_kernel", tiled, [0, 0, 0])
+    tiled = dict(HAS_REL=True, KW=7, KH=7, BLOCK_H=1, PADDING=0)
+    m = kernels.match_loops("_tiled_fwd_kernel", tiled, [0, 0, 0], [False, True, True])
     assert [(x.trips, x.iterations) for x in m.loops] == [(7, 7), (7, 7), (0, 0)] and not m.note
-    # the rel loop unrolled: window rows and the slow pass remain (never the reverse)
-    m = kernels.match_loops("_tiled_fwd_kernel", tiled, [0, 0])
+    # the rel loop unrolled: window rows and the slow pass remain (the exp2 marker says so)
+    m = kernels.match_loops("_tiled_fwd_kernel", tiled, [0, 0], [True, True])
     assert [x.name for x in m.loops] == ["window rows a<KH", "NaN slow pass (not taken)"]
     assert not m.note
+    # allheads, k = 5: both column loops unrolled, the window-row loop is left
+    heads = dict(HAS_REL=True, KW=5, KH=3)
+    m = kernels.match_loops("_allheads_fwd_kernel", heads, [0], [True])
+    assert [(x.name, x.iterations) for x in m.loops] == [("window rows a<KH", 3)]
+    m = kernels.match_loops("_allheads_fwd_kernel", heads, [0, 1], [True, True])
+    assert [x.iterations for x in m.loops] == [3, 15] and not m.note
+    m = kernels.match_loops("_allheads_fwd_kernel", heads, [0], [False])  # only the rel loop
+    assert [(x.name, x.iterations) for x in m.loops] == [("rel column parts c<KW", 5)]
     m = kernels.match_loops("_dq_kernel", dict(TY=5, TX=3), [0, 1])
     assert [x.iterations for x in m.loops] == [5, 15]
     m = kernels.match_loops("_dq_kernel", dict(TY=5, TX=3), [0, 1, 2])

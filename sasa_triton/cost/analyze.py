@@ -121,7 +121,10 @@ def analyze(launch: Launch, arch: int = 90) -> LaunchReport:
     cubin = compiled.asm["cubin"]
     usage = sass.resource_usage(cubin)
     instructions, loops = sass.read_cubin(cubin)
-    match = kernels.match_loops(launch.kernel, launch.arguments(), [lp.depth for lp in loops])
+    exp2 = [any(i.opcode == "MUFU.EX2" and lp.contains(i.address) for i in instructions)
+            for lp in loops]
+    match = kernels.match_loops(launch.kernel, launch.arguments(), [lp.depth for lp in loops],
+                                exp2)
     t = tally(instructions, loops, match.loops)
     meta = compiled.metadata
     warps = meta.num_warps

@@ -4,16 +4,21 @@ This is the only coupling to kernel internals (kernel function names, the names 
 launch arguments that bound its loops). Each entry maps a kernel's launch arguments
 (constexprs and runtime ints, by parameter name) to its loops as written in the source,
 outermost first, in program order. The SASS loops (sass.find_loops) are matched to this
-list by nesting; a loop the compiler may unroll completely is `optional` (a loop of at
-most one trip always is; a loop of 0 trips is compiled like any other), and its code then counts as straight-line code of its parent.
-When nothing matches, the output says so and every loop counts once (a lower bound).
+list by nesting and by one marker: whether the body (nested loops included) holds an
+exp2 (MUFU.EX2), which tells the softmax loops from the rel-table loops. A loop with a
+constexpr bound may be unrolled completely by the compiler (`unrollable`; innermost
+first, and any loop of one trip), its code then counting as straight-line code of its
+parent; a loop of 0 trips (a rarely taken path) is compiled like any other. Among the
+readings that fit, the one unrolling the fewest loops, earliest in this list first, is
+taken; when readings disagree on trip counts, or none fits, the output says so (with no
+fit, every loop counts once: a lower bound).
 
 Mapping per kernel (what the trip counts stand for):
-* `_tiled_fwd_kernel`: [rel column parts, c < KW (only with HAS_REL; LLVM may unroll)],
+* `_tiled_fwd_kernel`: [rel column parts, c < KW (only with HAS_REL)],
   [window rows, a_lo <= a < a_hi: KH (zeros/shift; an upper bound in mask mode)],
   [NaN slow pass: 0 trips, it runs only when a non-finite value reached acc]; all inside
   [query rows, r < BLOCK_H] when BLOCK_H > 1.
-* `_allheads_fwd_kernel`: [rel column parts, c < KW (HAS_REL; may be unrolled)],
+* `_allheads_fwd_kernel`: [rel column parts, c < KW (HAS_REL)],
   [window rows, a < KH [window columns, c < KW]].
 * `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode).
 """
@@ -29,29 +34,33 @@ class LoopSpec:
     name: str  # what the loop walks, and its bound in the source
     trips: int
     children: list["LoopSpec"] = dataclasses.field(default_factory=list)
-    optional: bool = False  # the compiler may unroll it completely
+    unrollable: bool = False  # constexpr bound: the compiler may unroll it completely
+    exp2: Optional[bool] = None  # its body holds an exp2 (None: either)
 
 
 def _tiled(c: dict) -> list[LoopSpec]:
     body = []
     if c["HAS_REL"]:
-        body.append(LoopSpec("rel column parts c<KW", c["KW"], optional=True))
-    body.append(LoopSpec("window rows a<KH", c["KH"]))
-    body.append(LoopSpec("NaN slow pass (not taken)", 0))
+        body.append(LoopSpec("rel column parts c<KW", c["KW"], unrollable=True, exp2=False))
+    # zeros/shift: a_lo, a_hi = 0, KH (constexpr); mask: clipped at run time, KH at most
+    unroll = c["PADDING"] != 1
+    body.append(LoopSpec("window rows a<KH", c["KH"], unrollable=unroll, exp2=True))
+    body.append(LoopSpec("NaN slow pass (not taken)", 0, unrollable=unroll, exp2=True))
     if c["BLOCK_H"] > 1:
-        return [LoopSpec("query rows r<BLOCK_H", c["BLOCK_H"], body, optional=True)]
+        return [LoopSpec("query rows r<BLOCK_H", c["BLOCK_H"], body, unrollable=True)]
     return body
 
 
 def _allheads(c: dict) -> list[LoopSpec]:
     loops = []
     if c["HAS_REL"]:
-        loops.append(LoopSpec("rel column parts c<KW", c["KW"], optional=True))
-    loops.append(LoopSpec("window rows a<KH", c["KH"], [LoopSpec("window cols c<KW", c["KW"])]))
+        loops.append(LoopSpec("rel column parts c<KW", c["KW"], unrollable=True, exp2=False))
+    cols = LoopSpec("window cols c<KW", c["KW"], unrollable=True, exp2=True)
+    loops.append(LoopSpec("window rows a<KH", c["KH"], [cols], unrollable=True, exp2=True))
     return loops
 
 
-def _offsets(c: dict) -> list[LoopSpec]:
+def _offsets(c: dict) -> list[LoopSpec]:  # TY, TX are runtime arguments: never unrolled
     return [LoopSpec("offset rows ty<TY", c["TY"], [LoopSpec("offset cols tx<TX", c["TX"])])]
 
 
@@ -78,12 +87,11 @@ class LoopMatch:
 
 
 def _flatten(specs: list[LoopSpec], removed: set, depth: int = 0, outer: int = 1):
-    """Pre-order (spec, depth, iterations) of the loops left after `removed` are unrolled."""
+    """Pre-order (spec, depth, iterations) of the loops left after `removed` are unrolled
+    (a removed loop's children, all removed too, are straight-line code of its parent)."""
     for spec in specs:
         iterations = outer * spec.trips
-        if id(spec) in removed:
-            yield from _flatten(spec.children, removed, depth, iterations)
-        else:
+        if id(spec) not in removed:
             yield spec, depth, iterations
             yield from _flatten(spec.children, removed, depth + 1, iterations)
 
@@ -94,29 +102,49 @@ def _all(specs: list[LoopSpec]):
         yield from _all(spec.children)
 
 
-def match_loops(kernel: str, arguments: dict, depths: list[int]) -> LoopMatch:
-    """Trip counts for the SASS loops of `kernel` (their nesting depths in address order)."""
+def _fits(flat, depths: list[int], exp2: list[bool]) -> bool:
+    return ([d for _, d, _ in flat] == depths
+            and all(s.exp2 is None or s.exp2 == e for (s, _, _), e in zip(flat, exp2)))
+
+
+def _readings(specs: list[LoopSpec], depths: list[int], exp2: list[bool]) -> list:
+    """Every fitting reading, fewest unrolled loops first, earliest in the table first."""
+    candidates = [s for s in _all(specs) if s.unrollable or s.trips == 1]
+    readings = []
+    for n in range(len(candidates) + 1):
+        for removed in itertools.combinations(candidates, n):
+            ids = {id(s) for s in removed}
+            # innermost first: an unrolled loop's nested loops are unrolled too
+            if any(id(c) not in ids for s in removed for c in _all(s.children)):
+                continue
+            flat = list(_flatten(specs, ids))
+            if _fits(flat, depths, exp2):
+                readings.append(flat)
+    return readings
+
+
+def match_loops(kernel: str, arguments: dict, depths: list[int],
+                exp2: Optional[list[bool]] = None) -> LoopMatch:
+    """Trip counts for the SASS loops of `kernel`, given their nesting depths in address
+    order and whether each body (nested loops included) holds an exp2."""
+    exp2 = [True] * len(depths) if exp2 is None else exp2
     fallback = [MatchedLoop("?", 1, 1) for _ in depths]
     make: Optional[Callable] = LOOPS.get(kernel)
     if make is None:
         return LoopMatch(fallback, f"{kernel}: no trip-count entry in sasa_triton/cost/"
                                    "kernels.py; loops counted once")
     specs = make(arguments)
-    optional = [s for s in _all(specs) if s.optional or s.trips == 1]
-    matches = []
-    for n in range(len(optional) + 1):
-        for removed in itertools.combinations(optional, n):
-            flat = list(_flatten(specs, {id(s) for s in removed}))
-            if [depth for _, depth, _ in flat] == depths:
-                matches.append(flat)
-        if matches:
-            break  # prefer the fewest unrolled loops
-    if not matches:
+    readings = _readings(specs, depths, exp2)
+    if not readings:
         expected = [(s.name, d) for s, d, _ in _flatten(specs, set())]
-        return LoopMatch(fallback, f"{kernel}: SASS loop depths {depths} do not match the "
-                                   f"kernel table {expected}; loops counted once")
-    chosen = [MatchedLoop(s.name, s.trips, it) for s, _, it in matches[0]]
+        return LoopMatch(fallback, f"{kernel}: SASS loops (depths {depths}, exp2 {exp2}) do "
+                                   f"not match the kernel table {expected}; loops counted once")
+    chosen = [MatchedLoop(s.name, s.trips, it) for s, _, it in readings[0]]
+    iterations = [m.iterations for m in chosen]
+    others = [r for r in readings[1:] if [it for _, _, it in r] != iterations]
     note = ""
-    if any([m.iterations for m in chosen] != [it for _, _, it in other] for other in matches):
-        note = f"{kernel}: nesting ambiguous ({len(matches)} readings); took the first"
+    if others:
+        alt = [[(s.name, it) for s, _, it in r] for r in others]
+        note = (f"{kernel}: loop nesting ambiguous; took {[(m.name, m.iterations) for m in chosen]}"
+                f", also possible {alt}")
     return LoopMatch(chosen, note)

@@ -17,8 +17,8 @@ import pytest
 
 from sasa_triton.cost import baseline, classes, kernels, model, sass
 from sasa_triton.cost.analyze import LaunchReport, tally
+from sasa_triton.cost.cases import SUITES
 from sasa_triton.cost.predict import CaseCost, LaunchCost
-from sasa_triton.report.suites import SUITES
 
 BASELINE = Path(__file__).with_name("cost_baseline.json")
 

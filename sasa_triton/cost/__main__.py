@@ -44,18 +44,12 @@ def parse_args(argv):
 
 
 def _shapes(spec: str) -> list:
-    from sasa_triton.report.suites import SUITES
+    from .cases import shapes
 
-    by_name = {s.name: s for s in SUITES["all"] + SUITES["quick"]}
-    shapes = []
-    for part in (x.strip() for x in spec.split(",") if x.strip()):
-        if part in SUITES:
-            shapes += SUITES[part]
-        elif part in by_name:
-            shapes.append(by_name[part])
-        else:
-            raise SystemExit(f"--suite: unknown suite or case {part!r}; suites: {sorted(SUITES)}")
-    return list({s.name: s for s in shapes}.values())
+    try:
+        return shapes(spec)
+    except ValueError as error:
+        raise SystemExit(f"--suite: {error}") from None
 
 
 def _arch(text: str) -> int:
@@ -112,15 +106,19 @@ def main(argv=None) -> int:
     if args.calibrate:
         from .calibrate import calibrate
 
-        print(calibrate(Path(args.calibrate), {s.name: s for s in _shapes("all")}, arch))
+        from .cases import by_name
+
+        print(calibrate(Path(args.calibrate), by_name(), arch))
         return 0
 
     watch = args.update_baseline or args.watch_json
     if watch:
-        by_name = {s.name: s for s in _shapes("all")}
+        from .cases import by_name
+
+        named = by_name()
         cases = []
         for name, direction in baseline.WATCH:
-            cases += run_cases([by_name[name]], [direction], ["auto"], arch,
+            cases += run_cases([named[name]], [direction], ["auto"], arch,
                                calibration.efficiency)
         totals = baseline.totals(cases)
         if args.update_baseline:

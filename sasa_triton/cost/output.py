@@ -139,7 +139,7 @@ def all_cases_table(cases: list[CaseCost]) -> list[str]:
 
 def launches_table(cases: list[CaseCost]) -> list[str]:
     lines = ["| case | dir | kernel | grid | warps | regs | spill B | smem B | programs/SM "
-             "| loops: walks x iterations (body instr) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| loops: walks x iterations (body instr) |", "|---" * 10 + "|"]
     for c in cases:
         if c.impl != "auto":
             continue

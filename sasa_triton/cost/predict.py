@@ -8,8 +8,8 @@ import torch
 
 from . import model
 from .analyze import LaunchReport, analyze
+from .cases import Shape
 from .record import record
-from sasa_triton.report.suites import Shape
 
 
 @dataclasses.dataclass

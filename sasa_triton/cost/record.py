@@ -20,7 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sasa_triton import dispatch
 from sasa_triton.args import AttendArgs
 from sasa_triton.kernels import BACKWARD_VARIANTS, FORWARD_VARIANTS
-from sasa_triton.report.suites import Shape
+
+from .cases import Shape
 
 DIRECTIONS = {"fwd": 0, "bwd": 1}
 AUTO = "auto"
@@ -113,6 +114,8 @@ def case_inputs(shape: Shape, dtype: torch.dtype = torch.bfloat16):
     return q, key, v, args
 
 
+# The coupling to the dispatcher and the variant tables is these two functions.
+
 def implementations(direction: str) -> list[str]:
     """The names --impl accepts for a direction: auto (dispatched) and each variant."""
     return [AUTO, *(FORWARD_VARIANTS if direction == "fwd" else BACKWARD_VARIANTS)]
@@ -121,7 +124,8 @@ def implementations(direction: str) -> list[str]:
 def choose(name: str, direction: str, q, args) -> tuple[str, Optional[dict]]:
     """(variant, config) of implementation `name`: the dispatcher's choice for a CUDA call
     without a tuned table (auto), or the variant forced with its default config.
-    Raises ValueError when a forced variant does not support the case."""
+    Raises ValueError when a forced variant does not support the case, or when the
+    dispatcher would run the reference (no kernel supports it)."""
     d = DIRECTIONS[direction]
     shape = tuple(q.shape)
     if name == AUTO:
@@ -139,7 +143,7 @@ def record(shape: Shape, direction: str, name: str, dtype=torch.bfloat16) -> Rec
     q, k, v, args = case_inputs(shape, dtype)
     variant, config = choose(name, direction, q, args)
     if variant == "reference":
-        return Recorded(variant, None, [], [])
+        raise ValueError("no kernel supports this case (the dispatcher runs the reference)")
     d = DIRECTIONS[direction]
     launcher = dispatch.implementation(variant, d)
     module = importlib.import_module(launcher.__module__)

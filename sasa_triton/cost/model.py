@@ -27,8 +27,8 @@ CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
 H100 = dict(
     name="H100 SXM5 80GB HBM3",
     sms=132,  # NVIDIA H100 Tensor Core GPU Architecture whitepaper (SXM5: 132 SMs)
-    clock_ghz=1.755,  # sustained SM clock assumed under load (max boost 1.98 GHz, whitepaper);
-                      # the earlier static reading used it too; calibration absorbs the error
+    clock_ghz=1.755,  # an assumed sustained SM clock under load (max boost 1.98 GHz,
+                      # whitepaper); not measured: calibration absorbs the error
     issue_per_clock=4,  # warp instructions per SM per clock: 4 sub-partitions x 1 scheduler
                         # (whitepaper, SM diagram)
     hbm_gbps=2960.0,  # device-to-device copy measured on the card (bytes read + written,

@@ -19,12 +19,12 @@ from typing import NamedTuple
 
 import torch
 
-DIRECTIONS = ("fwd", "bwd")
+from sasa_triton.types import DIRECTIONS, DTYPE_NAMES, DTYPES, PADDINGS
+
+__all__ = ["DIRECTIONS", "DTYPES", "DTYPE_NAMES", "PADDINGS", "RELS", "TuneCase", "TuneKey",
+           "key_for", "parse_case", "parse_cases", "size_bucket"]
+
 RELS = ("none", "shared", "per_head")
-PADDINGS = ("zeros", "mask", "shift")
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-               torch.float64: "fp64"}
-DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 # Image sides are bucketed to the next power of two, clamped to this range: maps smaller
 # than 8 behave alike (one tile), and beyond 512 the kernels are in steady state.

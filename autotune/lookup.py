@@ -21,7 +21,7 @@ import os
 import warnings
 from typing import Optional
 
-from . import table
+from . import tuned_table as table
 from .keys import TuneKey
 
 _NOT_TUNED = object()

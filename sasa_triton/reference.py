@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .args import AttendArgs
+from .types import AttendArgs
 from .window import window_taps
 
 
@@ -77,3 +77,10 @@ def reference_attend(q, k, v, args: AttendArgs, return_lse: bool = False):
     if return_lse:
         return out, m + torch.log(denom)
     return out
+
+
+def reference_forward(q, k, v, args: AttendArgs, config=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the reference with the kernel-variant signature, without building
+    an autograd graph (the "reference" entry of sasa_triton.variants)."""
+    with torch.no_grad():
+        return reference_attend(q, k, v, args, return_lse=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .args import AttendArgs
+from .types import AttendArgs
 from .window import window_taps
 
 

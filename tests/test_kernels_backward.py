@@ -4,20 +4,19 @@ Each kernel gets out and lse from the reference forward (the forward kernels are
 on their own) and must return the gradient of every differentiable input. Runs through
 Triton's interpreter on CPU; on a CUDA machine the same tests run on the GPU.
 """
-import importlib
 
 import pytest
 import torch
 
 from sasa_triton.args import check_attend_args
-from sasa_triton.kernels import BACKWARD_VARIANTS
+from sasa_triton.variants import REFERENCE, with_direction
 from sasa_triton.reference import reference_attend
 
 from cases import Case, TOLERANCES, assert_close, make_inputs
 from oracle import oracle_attend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-VARIANTS = {name: importlib.import_module(module) for name, module in BACKWARD_VARIANTS.items()}
+VARIANTS = {v.name: v for v in with_direction("bwd") if v.name != REFERENCE}
 TABLES = ("rel_h", "rel_w", "rpb")
 
 # A covering set: every padding, dilation 1 / square / not, square and non-square odd
@@ -47,8 +46,9 @@ FULL = [CASES[1], CASES[2], CASES[5]]
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    for module in VARIANTS.values():
-        monkeypatch.setattr(module, "POISON_OUTPUTS", True)
+    from sasa_triton.kernels import common
+
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
 
 
 def _args(q, k, v, case, kw):

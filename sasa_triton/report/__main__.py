@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .suites import SUITES
+from ..perf_suite import SUITES
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

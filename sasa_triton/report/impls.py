@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from . import baselines, flex
-from .suites import Shape
+from ..perf_suite import Shape
 
 
 class Unsupported(Exception):
@@ -156,10 +156,10 @@ def _conv2d(shape: Shape) -> torch.nn.Module:
 # --- the list -----------------------------------------------------------------------
 
 def _is_triton_backend(name: str) -> bool:
-    from sasa_triton.registry import _REGISTRY
+    from sasa_triton.variants import VARIANTS
 
-    entry = _REGISTRY.get(name)
-    return entry is None or entry.triton
+    entry = VARIANTS.get(name)
+    return entry is None or entry.needs_triton
 
 
 def attend_backends(device_type: str) -> list[str]:

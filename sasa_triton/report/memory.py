@@ -33,10 +33,9 @@ def _custom_op_body(func):
     """The Python function behind a sasa_triton custom op, else None."""
     if getattr(func, "namespace", None) != "sasa_triton":
         return None
-    from sasa_triton import ops
+    from sasa_triton.ops import custom_op_body
 
-    op = getattr(ops, func.__name__.split(".")[0], None)
-    return getattr(op, "_init_fn", None)
+    return custom_op_body(func.__name__.split(".")[0])
 
 
 class PeakLiveBytes(TorchDispatchMode):

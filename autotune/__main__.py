@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cases(ns, parser):
+def _cases(ns, parser) -> list:
     directions = DIRECTIONS if ns.direction == "both" else (ns.direction,)
     dtypes = tuple(filter(None, (s.strip() for s in ns.dtype.split(","))))
     bad = [d for d in dtypes if d not in DTYPES]

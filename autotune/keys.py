@@ -64,7 +64,7 @@ class TuneKey(NamedTuple):
                 f"-H{self.h_bucket}xW{self.w_bucket}")
 
     @classmethod
-    def parse(cls, text: str) -> "TuneKey":
+    def parse(cls, text: str) -> TuneKey:
         """Inverse of str(key); ValueError naming the bad part otherwise."""
         try:
             direction, dtype, k, dil, heads, d, padding, rel, rpb, hw = text.split("-")
@@ -161,13 +161,13 @@ class TuneCase(NamedTuple):
                 f"dil={dil},padding={self.padding},rel={self.rel},rpb={int(self.rpb)}")
 
     @classmethod
-    def from_key(cls, key: TuneKey, B: int = 8) -> "TuneCase":
+    def from_key(cls, key: TuneKey, B: int = 8) -> TuneCase:
         """A representative case of a key: the bucket's own size (its largest member)."""
         return cls(key.direction, B, key.h_bucket, key.w_bucket, key.heads,
                    key.d, key.kh, key.kw, key.dh, key.dw, key.dtype, key.padding, key.rel,
                    key.rpb)
 
-    def with_(self, **changes) -> "TuneCase":
+    def with_(self, **changes) -> TuneCase:
         return self._replace(**changes)
 
 

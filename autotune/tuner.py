@@ -25,7 +25,7 @@ import json
 import sys
 import time
 import zlib
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -77,7 +77,7 @@ def load_variants(direction: str, variants: Optional[dict] = None) -> tuple[dict
     return modules, notes
 
 
-def make_args(case: TuneCase, device, generator=None):
+def make_args(case: TuneCase, device, generator=None) -> tuple:
     """q, k, v and AttendArgs for a case: random normal inputs (rel and rpb scaled by 0.5),
     contiguous; on the "meta" device only shapes (for planning without a GPU)."""
     from sasa_triton.args import check_attend_args
@@ -344,7 +344,7 @@ def _summary(key: TuneKey, status: str, entry: Optional[dict]) -> dict:
             "config": entry.get("config"), "time_us": entry.get("time_us")}
 
 
-def _unique(cases):
+def _unique(cases) -> Iterator[TuneCase]:
     seen = set()
     for c in cases:
         if c.key not in seen:

@@ -20,8 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, PADDING_CODES, alloc_outputs, bias_strides, check_config, head_block,
-                     launch_options, next_pow2, row_offsets_fit_i32, window_start)
+from .common import (
+    LOG2E,
+    PADDING_CODES,
+    alloc_outputs,
+    bias_strides,
+    check_config,
+    launch_options,
+    next_pow2,
+    row_offsets_fit_i32,
+    window_start,
+)
 
 MAX_ROW = 1024  # next_pow2(heads) * next_pow2(d) held per pixel
 MAX_KW = 64
@@ -201,7 +210,7 @@ def supports(q_shape, dtype, args) -> bool:
             and _row(q_shape) <= MAX_ROW and args.kw <= MAX_KW)
 
 
-def forward(q, k, v, args, config=None, _poison=False):
+def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
     B, H, W, heads, d = q.shape
     if not supports(tuple(q.shape), q.dtype, args):

@@ -72,7 +72,7 @@ def halo_span(size: int, k: int, dil: int, padding: str, tile: int) -> int:
     return span
 
 
-def bias_strides(t, heads_dim: bool = True):
+def bias_strides(t, heads_dim: bool = True) -> tuple[int, int, int]:
     """(head, row, col) strides of a rel table (2-D shared -> head stride 0) or rpb."""
     if t is None:
         return 0, 0, 0

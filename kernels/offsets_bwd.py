@@ -33,8 +33,16 @@ import triton.language as tl
 
 from sasa_triton.types import AttendArgs
 
-from .common import (LOG2E, PADDING_CODES, bias_strides, check_config, launch_options,
-                     new_output, next_pow2, window_start)
+from .common import (
+    LOG2E,
+    PADDING_CODES,
+    bias_strides,
+    check_config,
+    launch_options,
+    new_output,
+    next_pow2,
+    window_start,
+)
 
 MAX_GRID_Y = 65535  # CUDA limit on grid axis 1 (the batch axis here)
 

@@ -24,9 +24,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, INTERPRETED, PADDING_CODES, alloc_outputs, bias_strides,
-                     check_config, halo_span, head_block, launch_options, next_pow2,
-                     row_offsets_fit_i32, window_start)
+from .common import (
+    INTERPRETED,
+    LOG2E,
+    PADDING_CODES,
+    alloc_outputs,
+    bias_strides,
+    check_config,
+    halo_span,
+    head_block,
+    launch_options,
+    next_pow2,
+    row_offsets_fit_i32,
+    window_start,
+)
 
 MAX_BLOCK_K = 256
 
@@ -302,7 +313,7 @@ def supports(q_shape, dtype, args) -> bool:
             and _block_k(q_shape, args, 16) <= MAX_BLOCK_K)
 
 
-def forward(q, k, v, args, config=None, _poison=False):
+def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
     B, H, W, heads, d = q.shape
     if not supports(tuple(q.shape), q.dtype, args):

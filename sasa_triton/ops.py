@@ -110,7 +110,7 @@ def _(q, k, v, out, lse, dout, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale
     return tuple(grads)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output) -> None:
     q, k, v, rel_h, rel_w, rpb, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, rel_h, rel_w, rpb)
@@ -118,7 +118,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse) -> tuple:
     q, k, v, out, lse, rel_h, rel_w, rpb = ctx.saved_tensors
     dq, dk, dv, drel_h, drel_w, drpb = attend_bwd(q, k, v, out, lse, dout, rel_h, rel_w, rpb,
                                                   *ctx.rest)

@@ -19,7 +19,8 @@ def _per_head(table, heads: int, dtype) -> torch.Tensor:
     return table.expand(heads, *table.shape) if table.dim() == 2 else table
 
 
-def reference_attend(q, k, v, args: AttendArgs, return_lse: bool = False):
+def reference_attend(q, k, v, args: AttendArgs, return_lse: bool = False,
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """out (B, H, W, heads, d) in q's dtype; with return_lse also the float32 (float64)
     log-sum-exp of the logits, (B, H, W, heads)."""
     B, H, W, N, D = q.shape

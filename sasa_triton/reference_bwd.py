@@ -15,7 +15,7 @@ from .types import AttendArgs
 from .window import window_taps
 
 
-def reference_backward(q, k, v, out, lse, dout, args: AttendArgs, config=None):
+def reference_backward(q, k, v, out, lse, dout, args: AttendArgs, config=None) -> tuple:
     """(dq, dk, dv, drel_h, drel_w, drpb), the last three None when absent."""
     B, H, W, N, D = q.shape
     kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args

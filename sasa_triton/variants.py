@@ -151,7 +151,7 @@ def with_direction(direction: str, tuned_only: bool = False) -> list[Variant]:
             and not (tuned_only and v.search_space is None)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_usable(device_type: str) -> bool:
     """Triton kernels can run on this device type in this process."""
     if importlib.util.find_spec("triton") is None:

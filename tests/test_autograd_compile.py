@@ -155,7 +155,10 @@ def _run(model, inputs):
 def _compare_compiled(make_model, inputs, compile_backend):
     eager_model, compiled_model = make_model().to(DEVICE), make_model().to(DEVICE)
     compiled_model.load_state_dict(eager_model.state_dict())
-    leaves = lambda: [t.detach().clone().requires_grad_() for t in inputs]
+
+    def leaves():
+        return [t.detach().clone().requires_grad_() for t in inputs]
+
     want_out, want_grads = _run(eager_model, leaves())
     compiled = torch.compile(compiled_model, fullgraph=True, backend=compile_backend)
     got_out, got_grads = _run(compiled, leaves())

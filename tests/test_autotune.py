@@ -18,8 +18,14 @@ from sasa_triton.autotune import lookup as lookup_mod
 from sasa_triton.autotune import tuned_table as table
 from sasa_triton.autotune import tuner
 from sasa_triton.autotune.__main__ import main as cli_main
-from sasa_triton.autotune.keys import (TuneCase, TuneKey, key_for, parse_case, parse_cases,
-                                       size_bucket)
+from sasa_triton.autotune.keys import (
+    TuneCase,
+    TuneKey,
+    key_for,
+    parse_case,
+    parse_cases,
+    size_bucket,
+)
 from sasa_triton.autotune.progress import Progress
 from sasa_triton.reference import reference_attend
 
@@ -388,8 +394,11 @@ def test_tuner_stops_on_a_broken_context_and_resumes_without_the_crasher(tmp_pat
     variants["fwd"] = {"slow": fwd["slow"], "crasher": fake.module("crasher", [1], crash=True),
                        "fast": fwd["fast"]}
     monkeypatch.setattr(tuner, "_context_lost", lambda device: fake.last[0] == "crasher")
-    run = lambda: tuner.tune([case], path, GPU, variants=variants, timer=fake.timer,
-                             device="cpu", stream=io.StringIO())
+
+    def run():
+        return tuner.tune([case], path, GPU, variants=variants, timer=fake.timer,
+                          device="cpu", stream=io.StringIO())
+
     with pytest.raises(tuner.ContextLost, match="crasher"):
         run()
     entry = table.load_entries(path, GPU)[str(case.key)]

@@ -16,7 +16,7 @@ from sasa_triton.dispatch import choose, heuristic_forward
 from sasa_triton.variants import REFERENCE, triton_usable, with_direction
 from sasa_triton.variants import get as variant_module
 
-from cases import Case, TOLERANCES, assert_close, make_inputs
+from cases import Case, assert_close, make_inputs
 from oracle import oracle_attend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,6 +142,7 @@ def test_nan_reaches_only_its_windows(variant, padding):
     assert_close(out[fin], want[fin], torch.float32, "finite outputs")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU with 5 GiB free")
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_offsets_past_2_31_elements(variant):

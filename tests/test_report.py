@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cases import Case, assert_close, make_inputs
-from oracle import oracle_attend
-
-from sasa_triton.report import __main__ as cli
 from sasa_triton import perf_suite as suites
+from sasa_triton.report import __main__ as cli
 from sasa_triton.report.baselines import unfold_attend
 from sasa_triton.report.impls import Impl, attend_backends
 from sasa_triton.report.results_csv import COLUMNS
+
+from cases import Case, assert_close, make_inputs
+from oracle import oracle_attend
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,7 @@ downsamples.
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F

@@ -37,7 +37,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None, extra_impls: tuple = ()):
+def main(argv: Optional[list[str]] = None, extra_impls: tuple = ()) -> object:
     args = parse_args(argv)
     import torch
 

@@ -16,8 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
-from . import baselines, flex
 from ..perf_suite import Shape
+from . import baselines, flex
 
 
 class Unsupported(Exception):
@@ -43,7 +43,7 @@ class CaseInputs:
     x: torch.Tensor  # (B, C, H, W) channels_last: the convolutions' and layers' input
 
     @classmethod
-    def make(cls, shape: Shape, dtype, device, seed: int = 0) -> "CaseInputs":
+    def make(cls, shape: Shape, dtype, device, seed: int = 0) -> CaseInputs:
         g = torch.Generator(device=device).manual_seed(seed)
         B, H, W, N, D, k = shape.B, shape.H, shape.W, shape.heads, shape.d, shape.k
 

@@ -21,9 +21,9 @@ from typing import Callable, Optional
 import torch
 
 from ..autotune.tuned_table import gpu_slug
+from ..perf_suite import default_suite, get_suite
 from ..types import DTYPES as TYPE_NAMES
 from . import impls as impls_mod
-from ..perf_suite import default_suite, get_suite
 from .timing import copy_bandwidth_gbps, peak_extra_mib, time_fn
 
 # --dtype: the short names of sasa_triton.types and torch's own (no float64 here)
@@ -42,7 +42,7 @@ class Machine:
     versions: dict
 
     @classmethod
-    def detect(cls, device: torch.device) -> "Machine":
+    def detect(cls, device: torch.device) -> Machine:
         if device.type == "cuda":
             name = torch.cuda.get_device_name(device)
             slug = gpu_slug(name)

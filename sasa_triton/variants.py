@@ -45,15 +45,17 @@ class Lazy:
 
     def __init__(self, target: str):
         self.target = target
+        self._module_name, _, self._function = target.partition(":")
         self._module = None
 
     def module(self) -> Any:
+        """The imported module (imported on the first call)."""
         if self._module is None:
-            self._module = importlib.import_module(self.target.partition(":")[0])
+            self._module = importlib.import_module(self._module_name)
         return self._module
 
     def __call__(self, *args, **kwargs) -> Any:
-        return getattr(self.module(), self.target.partition(":")[2])(*args, **kwargs)
+        return getattr(self.module(), self._function)(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"Lazy({self.target!r})"
@@ -111,8 +113,9 @@ def _keep(configs: list, q_shape, args: AttendArgs) -> list:
 
 _KERNELS = "sasa_triton.kernels"
 
-# The table. Order matters: the dispatcher's default backward is the first entry with a
-# backward that supports the call (the reference last), and `backends()` lists in order.
+# The table. Order matters: `backends()` lists in this order, and the dispatcher's default
+# backward is the first entry after the reference (its fallback) whose backward supports
+# the call.
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     # plain PyTorch, any device and dtype (float64 included): the CPU path and the oracle
     Variant(REFERENCE, Lazy("sasa_triton.reference:reference_forward"),
@@ -129,7 +132,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 
 def register(variant: Variant) -> None:
     """Adds (or replaces) an implementation at run time; `attend(..., backend=name)`
-    accepts it when it has a forward."""
+    accepts it when it has a forward. Choices "auto" already made stay cached until
+    `sasa_triton.dispatch.clear_cache()`."""
     VARIANTS[variant.name] = variant
     _check_cache.clear()
 

@@ -150,6 +150,37 @@ def test_na2d_qk_av_match_natten_and_oracle(seed):
         torch.testing.assert_close(got, exp, atol=1e-10, rtol=1e-10)
 
 
+def test_split_form_with_additional_tokens():
+    """NATTEN's unfused cross-attention: the extra tokens' logits `q . k_extra` (no rpb)
+    follow the window's, and their weights multiply the extra values."""
+    B, N, H, W, D, n, kernel, dil = 2, 2, 6, 7, 4, 3, (3, 5), (2, 1)
+    q, k, v = _qkv((B, N, H, W, D), 0)
+    extra_k, extra_v, _ = _qkv((B, N, n, D), 1)
+    rpb = _rpb(N, kernel, 0)
+    inputs = [q, k, v, extra_k, extra_v, rpb]
+
+    logits = natten.na2d_qk(q, k, kernel, dil, additional_keys=extra_k, rpb=rpb)
+    want_logits = torch.cat([natten_qk(q, k, kernel, dil, rpb),
+                             torch.einsum("bnhwd,bnmd->bnhwm", q, extra_k)], dim=-1)
+    torch.testing.assert_close(logits, want_logits)
+    attn = logits.softmax(-1)
+    out = natten.na2d_av(attn, v, kernel, dil, additional_values=extra_v)
+    want = natten_av(want_logits.softmax(-1)[..., :15], v, kernel, dil) + torch.einsum(
+        "bnhwm,bnmd->bnhwd", want_logits.softmax(-1)[..., 15:], extra_v)
+    torch.testing.assert_close(out, want)
+    for got, exp in zip(_grads(out, inputs, 0), _grads(want, inputs, 0)):
+        torch.testing.assert_close(got, exp)
+
+    # 1-D: a row of the 2-D case
+    out1 = natten.na1d_av(natten.na1d_qk(q[:, :, 0], k[:, :, 0], 5, 1, additional_keys=extra_k,
+                                         rpb=rpb[:, 2]).softmax(-1),
+                          v[:, :, 0], 5, 1, additional_values=extra_v)
+    logits1 = natten.na2d_qk(q[:, :, :1], k[:, :, :1], (1, 5), 1, additional_keys=extra_k,
+                             rpb=rpb[:, 2:3])
+    torch.testing.assert_close(out1, natten.na2d_av(logits1.softmax(-1), v[:, :, :1], (1, 5),
+                                                    additional_values=extra_v)[:, :, 0])
+
+
 # ---- NeighborhoodAttention2D -------------------------------------------------------------
 
 def _natten_state_dict(dim, heads, kernel, rel_pos_bias, qkv_bias, seed):
@@ -246,9 +277,9 @@ def test_unsupported_arguments_raise_naming_them():
                       lambda: natten.na1d(q[:, 0], q[:, 0], q[:, 0], 3, is_causal=True),
                       lambda: natten.NeighborhoodAttention2D(8, 2, 3, is_causal=True)],
         "additional_keys": [lambda: natten.na2d(q, q, q, 3, additional_keys=extra),
-                            lambda: natten.na2d_qk(qf, qf, 3, additional_keys=extra)],
-        "additional_values": [lambda: natten.na2d(q, q, q, 3, additional_values=extra),
-                              lambda: natten.na2d_av(qf[..., :9], qf, 3, additional_values=extra)],
+                            lambda: natten.na1d(q[:, 0], q[:, 0], q[:, 0], 3,
+                                                additional_keys=extra)],
+        "additional_values": [lambda: natten.na2d(q, q, q, 3, additional_values=extra)],
         "stride": [lambda: natten.na2d(q, q, q, 3, stride=2)],
     }
     for name, fns in calls.items():
@@ -280,6 +311,11 @@ def test_bad_arguments_raise_before_running():
         natten.na2d_qk(qf, qf[..., :2], 3)
     with pytest.raises(ValueError, match="attn"):
         natten.na2d_av(qf[..., :1].expand(1, 2, 5, 5, 8), qf, 3)
+    with pytest.raises(ValueError, match="additional_keys"):
+        natten.na2d_qk(qf, qf, 3, additional_keys=torch.zeros(1, 3, 2, 4))
+    with pytest.raises(ValueError, match="attn"):  # 9 window weights + 2 extras expected
+        natten.na2d_av(qf[..., :1].expand(1, 2, 5, 5, 9), qf, 3,
+                       additional_values=torch.zeros(1, 2, 2, 4))
     with pytest.raises(ValueError, match="num_heads"):
         natten.NeighborhoodAttention2D(10, 3, 3)
     with pytest.raises(ValueError, match="kernel_size"):

@@ -12,8 +12,10 @@ at the borders, its rpb is indexed by the neighbor's offset in dilated steps
   row-major over the window) in plain PyTorch, for users who inspect or edit them.
   Memory: the neighborhoods are gathered, about k^2 times the key/value tensor.
 
-Not supported (NotImplementedError naming the argument): causal masks, additional
-keys/values (cross-neighborhood attention), stride != 1 (NATTEN 0.20).
+Extra tokens every query also attends to (`additional_keys` / `additional_values`,
+(B, heads, n, d)) work in the split form, as in NATTEN's unfused ops. Not supported
+(NotImplementedError naming the argument): causal masks, additional keys/values in the
+fused `na2d` / `na1d`, stride != 1 (NATTEN 0.20).
 """
 from __future__ import annotations
 
@@ -38,8 +40,8 @@ def _unsupported(is_causal, additional_keys=None, additional_values=None, stride
                     ("additional_values", additional_values)):
         if t is not None:
             raise NotImplementedError(
-                f"{name}: cross-neighborhood attention (extra keys/values) is not "
-                "supported by sasa_triton.natten")
+                f"{name}: the fused na2d/na1d do not take extra keys/values; "
+                "na2d_qk/na2d_av (na1d_qk/na1d_av) do")
     strides = stride if isinstance(stride, (tuple, list)) else (stride,)
     if any(s != 1 for s in strides):
         raise NotImplementedError(
@@ -159,6 +161,14 @@ def _check_split(name: str, t, ndim: int, other=None, other_name: str = "") -> N
                          f"{other_name} {tuple(other.shape)} (all but the last dim)")
 
 
+def _check_extra(name: str, t, like: torch.Tensor) -> None:
+    """Extra tokens: (B, heads, n, d) with like's batch, heads and head dim."""
+    _check_dim(name, t, 4, "(batch, heads, tokens, head_dim)")
+    if (t.shape[0], t.shape[1], t.shape[3]) != (like.shape[0], like.shape[1], like.shape[-1]):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; it must match batch, heads and "
+                         f"head_dim of {tuple(like.shape)}")
+
+
 def na2d_qk(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -171,10 +181,11 @@ def na2d_qk(
     """NATTEN's unfused QK: logits `query . key[neighbor] + rpb` (no scale: NATTEN's
     module scales the query first).
 
-    query, key: (B, heads, H, W, d). rpb: (heads, 2kh-1, 2kw-1).
-    Returns (B, heads, H, W, kh*kw), the window taps row-major.
+    query, key: (B, heads, H, W, d). rpb: (heads, 2kh-1, 2kw-1). additional_keys:
+    (B, heads, n, d) tokens every query also sees (their logits carry no rpb).
+    Returns (B, heads, H, W, kh*kw + n), the window taps row-major, then the n extras.
     """
-    _unsupported(is_causal, additional_keys)
+    _unsupported(is_causal)
     _check_split("query", query, 5)
     _check_split("key", key, 5)
     if key.shape != query.shape:
@@ -189,7 +200,11 @@ def na2d_qk(
             raise ValueError(f"rpb must be a tensor of shape {want}, got "
                              f"{tuple(rpb.shape) if isinstance(rpb, torch.Tensor) else rpb!r}")
         attn = attn + rpb.to(attn.dtype)[:, ry, rx]  # (N, H*W, kh*kw), broadcast over B
-    return attn.reshape(B, N, H, W, kh * kw)
+    if additional_keys is not None:
+        _check_extra("additional_keys", additional_keys, query)
+        extra = torch.einsum("bnpd,bnmd->bnpm", query.reshape(B, N, H * W, D), additional_keys)
+        attn = torch.cat([attn, extra], dim=-1)
+    return attn.reshape(B, N, H, W, -1)
 
 
 def na2d_av(
@@ -202,19 +217,27 @@ def na2d_av(
 ) -> torch.Tensor:
     """NATTEN's unfused AV: `sum over the window of attn * value[neighbor]`.
 
-    attn: (B, heads, H, W, kh*kw) (as from `na2d_qk`, usually after a softmax);
-    value: (B, heads, H, W, d). Returns (B, heads, H, W, d).
+    attn: (B, heads, H, W, kh*kw + n) (as from `na2d_qk`, usually after a softmax);
+    value: (B, heads, H, W, d); additional_values: (B, heads, n, d) for the last n
+    weights. Returns (B, heads, H, W, d).
     """
-    _unsupported(is_causal, None, additional_values)
+    _unsupported(is_causal)
     _check_split("value", value, 5)
     _check_split("attn", attn, 5, value, "value")
     B, N, H, W, D = value.shape
     flat, _, _, (kh, kw) = _neighbors(H, W, kernel_size, dilation, value.device)
-    if attn.shape[-1] != kh * kw:
-        raise ValueError(f"attn must have kh*kw = {kh * kw} weights per pixel (last dim), "
-                         f"got {attn.shape[-1]}")
+    n = 0
+    if additional_values is not None:
+        _check_extra("additional_values", additional_values, value)
+        n = additional_values.shape[2]
+    if attn.shape[-1] != kh * kw + n:
+        raise ValueError(f"attn must have kh*kw + extra tokens = {kh * kw + n} weights per "
+                         f"pixel (last dim), got {attn.shape[-1]}")
+    attn = attn.to(value.dtype).reshape(B, N, H * W, -1)
     values = value.reshape(B, N, H * W, D)[:, :, flat]  # (B, N, H*W, kh*kw, D)
-    out = torch.einsum("bnpk,bnpkd->bnpd", attn.to(value.dtype).reshape(B, N, H * W, -1), values)
+    out = torch.einsum("bnpk,bnpkd->bnpd", attn[..., :kh * kw], values)
+    if n:
+        out = out + torch.einsum("bnpm,bnmd->bnpd", attn[..., kh * kw:], additional_values)
     return out.reshape(B, N, H, W, D)
 
 
@@ -227,15 +250,17 @@ def na1d_qk(
     is_causal: Union[bool, Sequence[bool]] = False,
     rpb: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """1-D `na2d_qk`: query, key (B, heads, L, d), rpb (heads, 2k-1) -> (B, heads, L, k)."""
-    _unsupported(is_causal, additional_keys)
+    """1-D `na2d_qk`: query, key (B, heads, L, d), rpb (heads, 2k-1), additional_keys
+    (B, heads, n, d) -> (B, heads, L, k + n)."""
+    _unsupported(is_causal)
     _check_split("query", query, 4)
     _check_split("key", key, 4)
     k, dil = _one(kernel_size, "kernel_size"), _one(dilation, "dilation")
     if isinstance(rpb, torch.Tensor):
         _check_dim("rpb", rpb, 2, "(heads, 2 * kernel_size - 1)")
         rpb = rpb.unsqueeze(1)
-    return na2d_qk(query.unsqueeze(2), key.unsqueeze(2), (1, k), (1, dil), rpb=rpb).squeeze(2)
+    return na2d_qk(query.unsqueeze(2), key.unsqueeze(2), (1, k), (1, dil),
+                   additional_keys=additional_keys, rpb=rpb).squeeze(2)
 
 
 def na1d_av(
@@ -246,9 +271,11 @@ def na1d_av(
     additional_values: Optional[torch.Tensor] = None,
     is_causal: Union[bool, Sequence[bool]] = False,
 ) -> torch.Tensor:
-    """1-D `na2d_av`: attn (B, heads, L, k), value (B, heads, L, d) -> (B, heads, L, d)."""
-    _unsupported(is_causal, None, additional_values)
+    """1-D `na2d_av`: attn (B, heads, L, k + n), value (B, heads, L, d), additional_values
+    (B, heads, n, d) -> (B, heads, L, d)."""
+    _unsupported(is_causal)
     _check_split("attn", attn, 4)
     _check_split("value", value, 4)
     k, dil = _one(kernel_size, "kernel_size"), _one(dilation, "dilation")
-    return na2d_av(attn.unsqueeze(2), value.unsqueeze(2), (1, k), (1, dil)).squeeze(2)
+    return na2d_av(attn.unsqueeze(2), value.unsqueeze(2), (1, k), (1, dil),
+                   additional_values=additional_values).squeeze(2)

@@ -327,3 +327,11 @@ def test_bad_arguments_raise_before_running():
 def test_scale_zero_means_the_default_like_natten():
     q, k, v = _qkv((1, 5, 6, 2, 4), 0, requires_grad=False)
     torch.testing.assert_close(natten.na2d(q, k, v, 3, scale=0.0), natten.na2d(q, k, v, 3))
+
+
+def test_rpb_of_another_dtype_is_cast_like_natten():
+    q, k, v = _qkv((1, 5, 6, 2, 4), 0, requires_grad=False)
+    q, k, v = q.float(), k.float(), v.float()
+    rpb = torch.randn(2, 5, 5, dtype=torch.float64)  # NATTEN casts rpb to the query dtype
+    torch.testing.assert_close(natten.na2d(q, k, v, 3, rpb=rpb),
+                               sasa_triton.attend(q, k, v, 3, padding="shift", rpb=rpb.float()))

@@ -113,6 +113,8 @@ def test_na2d_runs_the_triton_kernels():
         out = natten.na2d(q, k, v, kernel, dil, rpb=rpb, backend=backend)
         want = oracle_attend(q, k, v, kernel, dil, "shift", rpb=rpb)
         torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+        if backend != "tiled":
+            continue  # one backward kernel serves every forward variant
         got_g = _grads(out, [qkv, rpb], 0)
         want_g = _grads(want, [qkv, rpb], 0)
         for got, exp in zip(got_g, want_g):

@@ -6,7 +6,7 @@ at the borders, its rpb is indexed by the neighbor's offset in dilated steps
 
 * `na2d` / `na1d` (fused, heads-last `(B, H, W, heads, d)` / `(B, L, heads, d)`): NATTEN
   0.17's signature; they run the library's kernels (the reference on CPU) and are
-  differentiable in q, k, v and rpb (NATTEN's fused kernels never trained rpb).
+  differentiable in q, k, v and rpb (NATTEN 0.17's fused kernels could not train rpb).
 * `na2d_qk` / `na2d_av` (and the 1-D pair), heads-first `(B, heads, H, W, d)` like
   NATTEN's unfused ops: they materialise the `(B, heads, H, W, kh*kw)` logits (weights
   row-major over the window) in plain PyTorch, for users who inspect or edit them.
@@ -61,7 +61,7 @@ def _scale(scale: Optional[float]) -> Optional[float]:
     return scale if scale else None
 
 
-def _one(value, name: str):
+def _one(value, name: str) -> int:
     """A 1-D argument given as an int or a 1-tuple, as an int."""
     if isinstance(value, (tuple, list)):
         if len(value) != 1:
@@ -138,7 +138,7 @@ def na1d(
     return out.squeeze(1)
 
 
-def _neighbors(H: int, W: int, kernel_size, dilation, device):
+def _neighbors(H: int, W: int, kernel_size, dilation, device) -> tuple:
     """Flat neighbor index (H*W, kh*kw) and rpb indices (H*W, kh*kw) of NATTEN's windows,
     window taps row-major (the order of NATTEN's attention weights)."""
     kh, kw, dh, dw = check_window(kernel_size, dilation, "shift")

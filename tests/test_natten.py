@@ -221,12 +221,11 @@ def test_module_matches_natten_forward_and_backward(seed):
     heads, head_dim = c["heads"], rng.choice([2, 4, 8])
     dim = heads * head_dim
     kernel = c["kernel"] if seed % 2 else c["kernel"][0]
-    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
-    dil = c["dilation"]
-    H, W = c["size"] if seed != 3 else (2, 3)  # seed 3: smaller than the window (padded)
-    if isinstance(kernel, int):
-        H, W = (H, H) if seed != 3 else (H, W)
-        dil = dil[0]
+    dil, (H, W) = c["dilation"], c["size"]
+    if isinstance(kernel, int):  # a square window on a square image
+        dil, W = dil[0], H
+    if seed == len(SEEDS) - 1:  # smaller than the window along one or both axes: padded
+        kernel, dil, H, W = (5, 3), (2, 1), 6, 2
     qk_scale = rng.choice([None, 0.25])
     sd = _natten_state_dict(dim, heads, kernel, c["rpb"], rng.random() < 0.8, seed)
 

@@ -105,7 +105,6 @@ def main(argv=None) -> int:
     calibration = model.load_calibration()
     if args.calibrate:
         from .calibrate import calibrate
-
         from .cases import by_name
 
         print(calibrate(Path(args.calibrate), by_name(), arch))

@@ -1,8 +1,8 @@
 """The cases the tool reads: the benchmark report's suites (one import, so a rename of
-the report's suite module touches this file only)."""
+the suite module (sasa_triton/perf_suite.py) touches this file only)."""
 from __future__ import annotations
 
-from sasa_triton.report.suites import SUITES, Shape
+from sasa_triton.perf_suite import SUITES, Shape
 
 __all__ = ["SUITES", "Shape", "by_name", "shapes"]
 

@@ -20,7 +20,8 @@ Mapping per kernel (what the trip counts stand for):
   [query rows, r < BLOCK_H] when BLOCK_H > 1.
 * `_allheads_fwd_kernel`: [rel column parts, c < KW (HAS_REL)],
   [window rows, a < KH [window columns, c < KW]].
-* `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode).
+* `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode;
+  runtime arguments: KH, KW are constexpr since issue 11 but bound no loop).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from typing import Callable, Optional
 class LoopSpec:
     name: str  # what the loop walks, and its bound in the source
     trips: int
-    children: list["LoopSpec"] = dataclasses.field(default_factory=list)
+    children: list[LoopSpec] = dataclasses.field(default_factory=list)
     unrollable: bool = False  # constexpr bound: the compiler may unroll it completely
     exp2: Optional[bool] = None  # its body holds an exp2 (None: either)
 

@@ -17,9 +17,8 @@ from typing import Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sasa_triton import dispatch
-from sasa_triton.args import AttendArgs
-from sasa_triton.kernels import BACKWARD_VARIANTS, FORWARD_VARIANTS
+from sasa_triton import dispatch, variants
+from sasa_triton.types import AttendArgs
 
 from .cases import Shape
 
@@ -114,39 +113,49 @@ def case_inputs(shape: Shape, dtype: torch.dtype = torch.bfloat16):
     return q, key, v, args
 
 
-# The coupling to the dispatcher and the variant tables is these two functions.
+# The coupling to the dispatcher and the implementation table is these functions.
 
 def implementations(direction: str) -> list[str]:
-    """The names --impl accepts for a direction: auto (dispatched) and each variant."""
-    return [AUTO, *(FORWARD_VARIANTS if direction == "fwd" else BACKWARD_VARIANTS)]
+    """The names --impl accepts for a direction: auto (dispatched) and each Triton
+    variant of the table with a function in that direction."""
+    return [AUTO, *(v.name for v in variants.with_direction(direction) if v.needs_triton)]
 
 
 def choose(name: str, direction: str, q, args) -> tuple[str, Optional[dict]]:
     """(variant, config) of implementation `name`: the dispatcher's choice for a CUDA call
     without a tuned table (auto), or the variant forced with its default config.
-    Raises ValueError when a forced variant does not support the case, or when the
-    dispatcher would run the reference (no kernel supports it)."""
+    Raises ValueError when a forced variant does not support the case; auto returns
+    "reference" when the dispatcher would run it (no kernel supports the case)."""
     d = DIRECTIONS[direction]
     shape = tuple(q.shape)
     if name == AUTO:
         if d == 0:
             return dispatch.heuristic_forward(shape, q.dtype, args)
         return dispatch.default_backward(q, args)
-    module = dispatch.variant_module(name, d)
-    if not module.supports(shape, q.dtype, args):
+    variant = variants.get(name)
+    if not variant.needs_triton or variant.function(direction) is None:
+        raise ValueError(f"{name} is not a Triton kernel with a {direction} launcher")
+    if not variant.supports(shape, q.dtype, args):
         raise ValueError(f"{name} does not support this case")
-    return name, module.default_config(shape, args)
+    return name, variant.default_config(shape, args)
+
+
+def _launcher(variant: str, direction: str):
+    """(launcher, its kernel module) of a Triton variant in a direction."""
+    function = variants.get(variant).function(direction)
+    if isinstance(function, variants.Lazy):
+        return function, function.module()
+    return function, importlib.import_module(function.__module__)
 
 
 def record(shape: Shape, direction: str, name: str, dtype=torch.bfloat16) -> Recorded:
     """The launches implementation `name` makes for `shape` in `direction`."""
     q, k, v, args = case_inputs(shape, dtype)
     variant, config = choose(name, direction, q, args)
-    if variant == "reference":
+    if variant == variants.REFERENCE:
         raise ValueError("no kernel supports this case (the dispatcher runs the reference)")
     d = DIRECTIONS[direction]
-    launcher = dispatch.implementation(variant, d)
-    module = importlib.import_module(launcher.__module__)
+    launcher, module = _launcher(variant, direction)
     launches: list[Launch] = []
     counter = _GlueCounter()
     with _recording(module, launches), counter:

@@ -148,7 +148,7 @@ def innermost_loop(loops: list[Loop], address: int) -> int | None:
     return best
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_parse(cubin: bytes) -> tuple:
     instructions = parse(disassemble(cubin))
     return tuple(instructions), tuple(find_loops(instructions))

@@ -4,12 +4,14 @@ FLOPs are counted per layer, 2 per multiply-add (the paper's convention: ResNet-
 8.2 GFLOPs): convolutions and linear layers from their shapes, the attention of `SASA2d`
 and of the stem by their `attention_flops` (window dot products, value sums, the
 separable relative term, softmax). Batch norm, ReLU and pooling outside SASA2d are not
-counted (the paper and most counters leave them out). One forward pass on CPU, with
-hooks, supplies each layer's input size; torch.utils.flop_counter is not used because
-it would count the reference `attend`'s einsums, which depend on the backend.
+counted (the paper and most counters leave them out). One forward pass on the meta
+device (shapes only, no arithmetic: a detector at 800 x 800 costs nothing), with hooks,
+supplies each layer's input size; torch.utils.flop_counter is not used because it would
+count the reference `attend`'s einsums, which depend on the backend.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -24,7 +26,12 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def count_flops(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224)) -> dict:
-    """FLOPs per image of one forward pass: {"total", "conv", "linear", "attention"}."""
+    """FLOPs per image of one forward pass: {"total", "conv", "linear", "attention"}.
+
+    The pass runs on a meta-device copy of `model` (or on `model` itself when it was
+    built on the meta device, e.g. under `with torch.device("meta"):`)."""
+    if any(p.device.type != "meta" for p in model.parameters()):
+        model = copy.deepcopy(model).to("meta")
     counts = {"conv": 0, "linear": 0, "attention": 0}
 
     def conv_hook(m: nn.Conv2d, inputs, out):
@@ -51,7 +58,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224)) 
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.randn(*input_size))
+            model(torch.empty(*input_size, device="meta"))
     finally:
         model.train(was_training)
         for h in hooks:

@@ -46,7 +46,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224)) 
         x = inputs[0]
         counts["attention"] += x.shape[0] * m.attention_flops(x.shape[2], x.shape[3])
 
-    hooks = []
+    hooks, stubbed = [], []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             hooks.append(m.register_forward_hook(conv_hook))
@@ -54,6 +54,8 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224)) 
             hooks.append(m.register_forward_hook(linear_hook))
         elif isinstance(m, (SASA2d, SpatialMixtureAttention2d)):
             hooks.append(m.register_forward_hook(attention_hook))
+            m.forward = _shape_only_forward(m)  # instance attribute, deleted below
+            stubbed.append(m)
     was_training = model.training
     try:
         model.eval()
@@ -63,10 +65,26 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224)) 
         model.train(was_training)
         for h in hooks:
             h.remove()
+        for m in stubbed:
+            del m.forward
     batch = input_size[0]
     counts = {k: v // batch for k, v in counts.items()}
     counts["total"] = sum(counts.values())
     return counts
+
+
+def _shape_only_forward(m: nn.Module) -> Callable:
+    """The attention layer's forward on meta tensors without its arithmetic (the meta
+    rendering of the reference attention walks every window tap: seconds per layer).
+    The projection still runs, so that the conv hook counts it."""
+    stride = getattr(m, "stride", 1)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        m.qkv(x)
+        B, _, H, W = x.shape
+        return x.new_empty(B, m.out_channels, -(-H // stride), -(-W // stride))
+
+    return forward
 
 
 def summarize(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224),
@@ -81,7 +99,7 @@ def summarize(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224),
 
 
 def _format_row(row: dict) -> str:
-    return (f"{row['model']:<30} {row['params'] / 1e6:8.2f}M {row['total'] / 1e9:8.2f} "
+    return (f"{row['model']:<42} {row['params'] / 1e6:8.2f}M {row['total'] / 1e9:8.2f} "
             f"{row['conv'] / 1e9:8.2f} {row['attention'] / 1e9:8.2f}")
 
 

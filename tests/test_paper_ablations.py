@@ -174,3 +174,29 @@ def test_stem_spatial_values_switch_shapes_and_parameters():
     n_off = sum(p.numel() for p in off.parameters())
     assert n_on - n_off == 3 * 16 * 3 + (3 + 3 + 4) * 16  # 3 more value projections + embs
     assert "spatial_values=False" in repr(off.attention)
+
+
+@pytest.mark.parametrize("backend", ["tiled", "allheads"])
+@pytest.mark.parametrize("kwargs", [dict(logits="position"), dict(position="absolute", abs_size=5)],
+                         ids=["qr", "absolute"])
+def test_knobs_run_on_the_kernels(monkeypatch, backend, kwargs):
+    """The knobs change what reaches `attend`, not `attend`: the Triton kernels (through
+    the interpreter here) give the formula's result too, forward and backward."""
+    import functools
+
+    import sasa_triton
+    import sasa_triton.nn.sasa2d as sasa2d_module
+
+    monkeypatch.setattr(sasa2d_module, "attend",
+                        functools.partial(sasa_triton.attend, backend=backend))
+    reference = _layer(**kwargs)  # float64
+    layer = _layer(**kwargs).float()
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 6, 6, 5, generator=torch.Generator().manual_seed(5))
+    x1, x2 = x.clone().requires_grad_(), x.double().requires_grad_()
+    out = layer(x1)
+    want = naive_sasa(reference, x2)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(x1.grad.double(), x2.grad, rtol=1e-4, atol=1e-5)

@@ -25,7 +25,7 @@ from .studies import MODELS, STUDIES
 CLASSIC = ["conv_resnet26", "sasa_resnet26", "sasa_resnet26_attention_stem",
            "conv_resnet38", "sasa_resnet38", "sasa_resnet38_attention_stem",
            "conv_resnet50", "sasa_resnet50", "sasa_resnet50_attention_stem"]
-DETECTION_SIZE = 640  # the TPU / Detectron-style RetinaNet training size used here
+DETECTION_SIZE = 640  # the TPU RetinaNet training size; --size 800 for Detectron's
 
 
 def _on_meta(make: Callable[[], nn.Module]) -> nn.Module:

@@ -176,6 +176,7 @@ def test_anchor_matching_and_box_coding():
     iou = box_iou(boxes, anchors)
     assert iou[0, 0] == 1 and iou[0, 1] == pytest.approx(25 / 175)
     assert match(anchors, boxes).tolist() == [0, -1, 1]  # box 1 keeps its best anchor
+    assert match(anchors, torch.zeros(0, 4)).tolist() == [-1, -1, -1]  # an empty image
     assert torch.allclose(encode(anchors[:1], boxes[:1]), torch.zeros(1, 4))
     deltas = encode(anchors[2:], boxes[1:])
     assert deltas[0, :2].abs().max() < 1e-6 and deltas[0, 2] == pytest.approx(math.log(0.6))
@@ -273,3 +274,10 @@ def test_report_fpn_case_is_the_detectors_p3_level():
     layer = model.backbone.fpn.layer_blocks[0]
     assert (case.C, case.H, case.W) == tuple(p3.shape[1:])
     assert (case.heads, case.k) == (layer.heads, layer.kernel_size[0])
+
+
+def test_train_detector_example_cli(capsys):
+    example = _import_example("train_detector")
+    losses = example.main(["--tiny", "--size", "64", "--variants", "retinanet_sasa"])
+    assert list(losses) == ["retinanet_sasa"] and math.isfinite(losses["retinanet_sasa"][0])
+    assert "retinanet_sasa" in capsys.readouterr().out

@@ -60,7 +60,7 @@ def match(anchors: torch.Tensor, boxes: torch.Tensor, fg: float = 0.5,
           bg: float = 0.4) -> torch.Tensor:
     """Per anchor: the index of its box, -1 background, -2 ignored."""
     if len(boxes) == 0:
-        return torch.full((len(anchors),), -1, dtype=torch.long)
+        return torch.full((len(anchors),), -1, dtype=torch.long, device=anchors.device)
     iou = box_iou(boxes, anchors)  # (boxes, anchors)
     best, idx = iou.max(0)
     matched = idx.clone()

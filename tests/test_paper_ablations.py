@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oracle import oracle_attend
 from sasa_triton.nn import SASA2d, SpatialMixtureAttention2d
 from sasa_triton.nn.stem import AttentionStem2d
+
+from oracle import oracle_attend
 
 
 @pytest.fixture(scope="module", autouse=True)

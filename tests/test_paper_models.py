@@ -12,9 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from sasa_triton.nn import SASA2d, count_flops, count_parameters
-from sasa_triton.nn.detection import (DETECTORS, FeaturePyramid, ResNetFPN, RetinaNetHead,
-                                      build_detector, resnet_fpn)
+from sasa_triton.nn import SASA2d, count_parameters
+from sasa_triton.nn.detection import (
+    DETECTORS,
+    RetinaNetHead,
+    build_detector,
+    resnet_fpn,
+)
 from sasa_triton.nn.detection_loss import box_iou, encode, make_anchors, match, retinanet_loss
 from sasa_triton.nn.resnet import LAYERS, Bottleneck, ResNet
 from sasa_triton.nn.studies import STUDIES, build, names
@@ -265,7 +269,7 @@ def test_train_hybrid_example_trains_both_kinds_of_stage():
 
 
 def test_report_fpn_case_is_the_detectors_p3_level():
-    from sasa_triton.report import suites
+    from sasa_triton import perf_suite as suites
     (case,) = suites.SUITES["fpn"]
     assert case.name in [s.name for s in suites.SUITES["all"]]
     with torch.device("meta"):

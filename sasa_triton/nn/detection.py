@@ -111,7 +111,7 @@ class ResNetFPN(nn.Module):
         self.names = [str(i) for i in range(len(in_list))] + [
             f"p{len(in_list) + 3 + j}" for j in range(extra_levels)]
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         stages = self.body.stage_outputs(x)
         pyramid = self.fpn([stages[i - 1] for i in self.returned_stages])
         return OrderedDict(zip(self.names, pyramid))

@@ -7,7 +7,6 @@ downsamples.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -15,19 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..api import attend
-from ..args import check_window
+from ..args import check_positive_int, check_window
 
 IntPair = Union[int, Sequence[int]]
 POSITIONS = ("relative", "absolute", "none")
 LOGITS = ("content+position", "content", "position")
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def split_qkv(proj: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,7 +36,7 @@ def _pair(value, name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2:
         raise ValueError(f"{name} must be an int or a pair, got {value!r}")
-    return _positive_int(pair[0], name), _positive_int(pair[1], name)
+    return check_positive_int(pair[0], name), check_positive_int(pair[1], name)
 
 
 def _resolve_position(position: Optional[str], logits: Optional[str],
@@ -141,10 +132,10 @@ class SASA2d(nn.Module):
         abs_size: Optional[IntPair] = None,
     ) -> None:
         super().__init__()
-        _positive_int(in_channels, "in_channels")
-        _positive_int(out_channels, "out_channels")
-        _positive_int(heads, "heads")
-        _positive_int(stride, "stride")
+        check_positive_int(in_channels, "in_channels")
+        check_positive_int(out_channels, "out_channels")
+        check_positive_int(heads, "heads")
+        check_positive_int(stride, "stride")
         if out_channels % heads:
             raise ValueError(
                 f"out_channels ({out_channels}) must be divisible by heads ({heads})"

@@ -40,8 +40,8 @@ def detection_rows(size: int = DETECTION_SIZE, num_classes: int = 80, num_anchor
     body, FPN and heads, with the reductions against the first."""
     rows = []
     for name in names:
-        model = _on_meta(lambda: build_detector(name, num_classes=num_classes,
-                                                num_anchors=num_anchors, **overrides))
+        model = _on_meta(lambda name=name: build_detector(name, num_classes=num_classes,
+                                                          num_anchors=num_anchors, **overrides))
         shape = (1, 3, size, size)
         total, features = count_flops(model, shape), count_flops(model.backbone, shape)
         body = count_flops(model.backbone.body, shape)

@@ -45,10 +45,15 @@ BASE = (Case(B=1, H=5, W=6, heads=2, d=8, k=3) if REHEARSE
 
 def _combos() -> list:
     full = list(itertools.product(VARIANTS, PADDINGS, DTYPES, BIASES, LAYOUTS))
-    if REHEARSE:  # a fixed sample in which every value of every axis appears
-        full = random.Random(0).sample(full, min(len(full), 24))
-        for axis, values in enumerate((VARIANTS, PADDINGS, DTYPES, BIASES, LAYOUTS)):
-            assert {c[axis] for c in full} == set(values), f"axis {axis} not covered"
+    if REHEARSE:  # the first fixed sample in which every value of every axis appears
+        axes = (VARIANTS, PADDINGS, DTYPES, BIASES, LAYOUTS)
+        for seed in range(1000):
+            sample = random.Random(seed).sample(full, min(len(full), 12))
+            if all({c[i] for c in sample} == set(values) for i, values in enumerate(axes)):
+                full = sample
+                break
+        else:
+            raise AssertionError("no covering sample of the product")
     shard = os.environ.get("SASA_CHECK_SHARD")
     if shard:
         i, n = (int(x) for x in shard.split("/"))

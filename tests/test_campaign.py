@@ -54,7 +54,7 @@ def test_rehearsal_runs_install_and_tune_and_packs_one_tarball(rehearsal):
     assert {n: s["status"] for n, s in steps.items()} == {"install": "ok", "tune": "ok"}
     table = json.loads((work / "tune" / "cpu-interpreter.json").read_text())
     assert table["kernels_hash"] == info["kernels_hash"] and len(table["entries"]) == 2
-    assert "budget" in run.stdout and "| tune | 35 |" in (out / "summary.md").read_text()
+    assert "budget" in run.stdout and "| tune | 30 |" in (out / "summary.md").read_text()
 
 
 def test_ingest_places_every_file_of_the_rehearsal(rehearsal, tmp_path):

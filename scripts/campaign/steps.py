@@ -270,12 +270,12 @@ def sanitize(ctx: Context) -> tuple:
 
 
 STEPS = {s.name: s for s in [
-    Step("install", 60, 30, install, "offline editable install, import every subpackage"),
-    Step("check", 360, 110, check, "kernel tests on the real compiler + campaign_check"),
-    Step("tune", 240, 35, tune, "quick tuned table for the PERF suite"),
+    Step("install", 60, 25, install, "offline editable install, import every subpackage"),
+    Step("check", 360, 100, check, "kernel tests on the real compiler + campaign_check"),
+    Step("tune", 240, 30, tune, "quick tuned table for the PERF suite"),
     Step("bench", 420, 45, bench, "PERF suite, all baselines, floor, host time, one CSV"),
-    Step("report", 240, 40, report, "report: resnet50 and det suites, charts, summary"),
-    Step("e2e", 120, 20, e2e, "SASA-ResNet-50 vs ResNet-50, train and infer images/s"),
+    Step("report", 240, 45, report, "report: resnet50 and det suites, charts, summary"),
+    Step("e2e", 120, 35, e2e, "SASA-ResNet-50 vs ResNet-50, train and infer images/s"),
     Step("sanitize", 120, 20, sanitize, "compute-sanitizer memcheck/racecheck, subset"),
 ]}
 ORDER = list(STEPS)

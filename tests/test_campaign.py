@@ -102,6 +102,19 @@ def test_ingest_layout_and_kernel_hash_refusal(tmp_path):
     assert ingest_mod.main([str(stale), "--dest", str(tmp_path / "dest2"), "--force"]) == 0
 
 
+def test_gpu_mode_without_a_gpu_fails_each_step_with_the_reason(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_campaign.py"), "e2e",
+                          "sanitize", "--out", str(tmp_path / "out"), "--work",
+                          str(tmp_path / "work")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 1
+    steps = json.loads((tmp_path / "work" / "steps.json").read_text())
+    assert [s["status"] for s in steps.values()] == ["failed", "failed"]
+    assert all("--rehearse" in s["detail"] for s in steps.values())
+    assert (tmp_path / "out" / pack.TARBALL).exists()  # still packed, with the reason
+
+
 def test_kernels_hash_is_the_autotune_tables_hash():
     assert machine.kernels_hash(REPO / "kernels") == machine.installed_kernels_hash()
 

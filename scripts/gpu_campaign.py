@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -128,6 +129,10 @@ def write_summary(work: Path, records: dict, info: dict, rehearse: bool) -> str:
     return text
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     names = step_list(args.steps)
@@ -158,6 +163,7 @@ def main(argv=None) -> int:
     no_gpu = None if args.rehearse or info.get("cuda_available") else (
         "no CUDA GPU visible (torch.cuda.is_available() is False); on CPU use --rehearse")
     installed = True
+    signal.signal(signal.SIGTERM, _interrupt)
     for name in names:
         step = STEPS[name]
         shutil.rmtree(work / name, ignore_errors=True)
@@ -179,6 +185,8 @@ def main(argv=None) -> int:
                         "failed", "install failed (install/pip.log, install/imports.log)")
             else:
                 status, detail = step.run(ctx)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: record, pack what there is, stop
+            status, detail = "interrupted", "the campaign was interrupted during this step"
         except Exception:  # a broken step is recorded; the next one runs
             status, detail = "failed", traceback.format_exc().strip().splitlines()[-1]
             (ctx.dir(name) / "error.log").write_text(traceback.format_exc())
@@ -191,6 +199,9 @@ def main(argv=None) -> int:
                                  "%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         say(f"== {name}: {status} in {seconds:.0f} s: {detail}")
         (work / "steps.json").write_text(json.dumps(records, indent=1) + "\n")
+        if status == "interrupted":
+            names = names[:names.index(name) + 1]
+            break
 
     summary = write_summary(work, records, info, args.rehearse)
     log_file.close()

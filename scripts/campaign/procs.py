@@ -39,18 +39,19 @@ class Outcome:
         return self.rc == 0 and not self.timed_out
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGINT to the command's process group, SIGKILL if it is still there after GRACE_S."""
+def _stop(*procs_: subprocess.Popen) -> None:
+    """SIGINT to each command's process group, SIGKILL to those still there after
+    GRACE_S (all at once: the grace period runs once, not once per command)."""
     for sig, wait in ((signal.SIGINT, GRACE_S), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            pass
+        alive = [p for p in procs_ if p.poll() is None]
+        for proc in alive:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        stop_at = time.time() + wait
+        while any(p.poll() is None for p in alive) and time.time() < stop_at:
+            time.sleep(0.1)
 
 
 def run(commands: list, base_env: dict, cwd: Path, deadline: float, parallel: int = 1,
@@ -58,6 +59,16 @@ def run(commands: list, base_env: dict, cwd: Path, deadline: float, parallel: in
     """Runs the commands, at most `parallel` at once, none past `deadline` (time.time());
     returns one Outcome per command, in order."""
     pending, running, done = list(commands), {}, {}
+    try:
+        _loop(pending, running, done, base_env, cwd, deadline, parallel, say)
+    finally:  # interrupted (Ctrl-C, SIGTERM): no command outlives the campaign
+        _stop(*(proc for _, proc, _, _, _ in running.values()))
+        for _, _, log, _, _ in running.values():
+            log.close()
+    return [done[c.name] for c in commands]
+
+
+def _loop(pending, running, done, base_env, cwd, deadline, parallel, say) -> None:
     while pending or running:
         while pending and len(running) < parallel:
             cmd = pending.pop(0)
@@ -74,8 +85,10 @@ def run(commands: list, base_env: dict, cwd: Path, deadline: float, parallel: in
             log.write(f"$ {' '.join(map(str, cmd.argv))}\n")
             log.flush()
             env = {**base_env, **(cmd.env or {})}
+            # its own process group (to stop it with its children), in our session (so a
+            # machine that ends the campaign's session ends it too)
             proc = subprocess.Popen([str(a) for a in cmd.argv], cwd=cwd, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, preexec_fn=os.setpgrp)
             running[cmd.name] = (cmd, proc, log, time.time(), time.time() + limit)
         time.sleep(0.2)
         for name, (cmd, proc, log, start, stop_at) in list(running.items()):
@@ -94,7 +107,6 @@ def run(commands: list, base_env: dict, cwd: Path, deadline: float, parallel: in
             del running[name]
             state = "timed out" if timed_out else f"exit {proc.returncode}"
             say(f"  {name}: {state} after {done[name].seconds:.1f} s")
-    return [done[c.name] for c in commands]
 
 
 def tail(path: Path, lines: int = 15) -> str:

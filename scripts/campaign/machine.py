@@ -43,8 +43,13 @@ def git_state(repo: Path) -> dict:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
+    note = None
+    if not commit:  # a copy of the tree without .git: the caller may name the commit
+        commit = os.environ.get("SASA_CAMPAIGN_COMMIT") or None
+        note = ("no git checkout here; commit from SASA_CAMPAIGN_COMMIT" if commit
+                else "no git checkout here (a copy of the tree); set SASA_CAMPAIGN_COMMIT")
     return {"git_commit": commit, "git_dirty": bool(status) if status is not None else None,
-            "git_note": None if commit else "no git checkout here (a copy of the tree)"}
+            "git_note": note}
 
 
 def installed_kernels_hash() -> Optional[str]:

@@ -114,3 +114,10 @@ def tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def last_words(path: Path) -> str:
+    """The command's last line of output (the campaign's own exit line skipped)."""
+    lines = [line for line in tail(path, 40).splitlines()
+             if line.strip() and not line.startswith("[campaign]")]
+    return lines[-1].strip() if lines else "no output"

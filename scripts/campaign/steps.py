@@ -4,7 +4,7 @@ A step is a function of a `Context` returning (status, detail); it runs its comm
 through `ctx.run`, which stops them at the step's deadline. Budgets are in seconds: on an
 H100 each step stays under 8 minutes (one device command of at most 10) and `all` sums
 to 26 minutes; the rehearsal's sum to 5 minutes. Statuses: ok | failed | timed out |
-not available.
+not available (and interrupted, set by the campaign on Ctrl-C or SIGTERM).
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def _status(outcomes: list) -> str:
 def _why(outcomes: list) -> str:
     bad = [o for o in outcomes if not o.ok]
     return "; ".join(f"{o.name}: {'timed out' if o.timed_out else f'exit {o.rc}'} "
-                     f"({procs.tail(o.log, 1)[:160]})" for o in bad)
+                     f"({procs.last_words(o.log)[:160]}; {o.log.name})" for o in bad)
 
 
 def import_check(ctx: Context, log: Path) -> procs.Outcome:

@@ -211,7 +211,7 @@ def report(ctx: Context) -> tuple:
         suites = {"quick": None}
         extra = ["--cpu-budget", "0.02", "--min-reps", "2"]
     else:
-        suites, extra = {"resnet50": 160, "det": 70}, []
+        suites, extra = {"resnet50": 150, "det": 60}, []
     outcomes = ctx.run([Command(s, ctx.py("-m", "sasa_triton.report", "--suite", s,
                                           "--out", d / s, *extra), d / f"{s}.log", cap_s=cap)
                         for s, cap in suites.items()])
@@ -283,10 +283,10 @@ def sanitize(ctx: Context) -> tuple:
 STEPS = {s.name: s for s in [
     Step("install", 60, 25, install, "offline editable install, import every subpackage"),
     Step("check", 360, 90, check, "kernel tests on the real compiler + campaign_check"),
-    Step("tune", 240, 30, tune, "quick tuned table for the PERF suite"),
+    Step("tune", 300, 30, tune, "quick tuned table for the PERF suite"),
     Step("bench", 420, 45, bench, "PERF suite, all baselines, floor, host time, one CSV"),
-    Step("report", 240, 45, report, "report: resnet50 and det suites, charts, summary"),
+    Step("report", 210, 45, report, "report: resnet50 and det suites, charts, summary"),
     Step("e2e", 120, 45, e2e, "SASA-ResNet-50 vs ResNet-50, train and infer images/s"),
-    Step("sanitize", 120, 20, sanitize, "compute-sanitizer memcheck/racecheck, subset"),
+    Step("sanitize", 90, 20, sanitize, "compute-sanitizer memcheck/racecheck, subset"),
 ]}
 ORDER = list(STEPS)

@@ -91,14 +91,17 @@ def _loop(pending, running, done, base_env, cwd, deadline, parallel, say) -> Non
                                     stderr=subprocess.STDOUT, preexec_fn=os.setpgrp)
             running[cmd.name] = (cmd, proc, log, time.time(), time.time() + limit)
         time.sleep(0.2)
+        now = time.time()
+        expired = {name for name, (_, proc, _, _, stop_at) in running.items()
+                   if proc.poll() is None and now >= stop_at}
+        if expired:  # stopped together: one grace period for all of them
+            say(f"  {', '.join(sorted(expired))}: over the limit, stopping (SIGINT, then "
+                "SIGKILL)")
+            _stop(*(running[name][1] for name in expired))
         for name, (cmd, proc, log, start, stop_at) in list(running.items()):
-            timed_out = False
+            timed_out = name in expired
             if proc.poll() is None:
-                if time.time() < stop_at:
-                    continue
-                say(f"  {name}: over its limit, stopping it (SIGINT, then SIGKILL)")
-                _stop(proc)
-                timed_out = True
+                continue
             log.write(f"\n[campaign] exit status {proc.returncode}"
                       f"{', stopped at its time limit' if timed_out else ''}, "
                       f"{time.time() - start:.1f} s\n")

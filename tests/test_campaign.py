@@ -132,8 +132,8 @@ def test_a_command_over_its_limit_is_stopped_and_the_next_one_runs(tmp_path):
 
 
 def test_report_keeps_the_rows_measured_before_an_interrupt():
+    from sasa_triton.perf_suite import Shape
     from sasa_triton.report.runner import run_suite
-    from sasa_triton.report.suites import Shape
 
     lines = []
 

@@ -53,18 +53,10 @@ def git_state(repo: Path) -> dict:
 
 
 def installed_kernels_hash() -> Optional[str]:
-    """The autotune package's own kernels_hash() (found by name, whatever its module)."""
-    import pkgutil
-
-    autotune = importlib.import_module("sasa_triton.autotune")
-    for info in pkgutil.iter_modules(autotune.__path__):
-        if info.name.startswith("_"):
-            continue
-        fn = getattr(importlib.import_module(f"sasa_triton.autotune.{info.name}"),
-                     "kernels_hash", None)
-        if callable(fn):
-            return fn()
-    return None
+    """The autotune package's own kernels_hash() (sasa_triton.autotune.tuned_table's)."""
+    module = importlib.import_module("sasa_triton.autotune.tuned_table")
+    fn = getattr(module, "kernels_hash", None)
+    return fn() if callable(fn) else None
 
 
 def _driver() -> Optional[str]:

@@ -98,7 +98,7 @@ def _loop(pending, running, done, base_env, cwd, deadline, parallel, say) -> Non
             say(f"  {', '.join(sorted(expired))}: over the limit, stopping (SIGINT, then "
                 "SIGKILL)")
             _stop(*(running[name][1] for name in expired))
-        for name, (cmd, proc, log, start, stop_at) in list(running.items()):
+        for name, (cmd, proc, log, start, _stop_at) in list(running.items()):
             timed_out = name in expired
             if proc.poll() is None:
                 continue

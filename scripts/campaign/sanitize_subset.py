@@ -23,7 +23,8 @@ if os.environ.get("SASA_CAMPAIGN_REHEARSE") == "1":  # the interpreter is slow: 
 
 def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    variants = [b for b in sasa_triton.backends(device) if b not in ("auto", "reference")]
+    variants = [v.name for v in sasa_triton.variants.VARIANTS.values()  # the Triton kernels
+               if v.needs_triton and v.name in sasa_triton.backends(device)]
     if not variants:
         raise SystemExit("no Triton kernel runs here (needs CUDA or TRITON_INTERPRET=1)")
     g = torch.Generator().manual_seed(0)

@@ -3,8 +3,8 @@
 `choose(q, args, direction)` returns (name, config) for the forward (direction 0) or the
 backward (1) of a `backend="auto"` call. On CUDA (non-float64) the order is: the tuned
 table for this GPU (sasa_triton.autotune.lookup: user cache dir, then the shipped table)
--> the heuristic below -> the reference when no kernel supports the case. Elsewhere (CPU,
-float64) it is the reference. The result is cached per call key, so a call costs one dict
+-> the heuristic below -> the reference when no kernel supports the case. On CPU it is
+"cpu" (sasa_triton/cpu.py, every dtype); elsewhere (float64 on CUDA) the reference. The result is cached per call key, so a call costs one dict
 lookup after the first. `implementation(name, direction)` is the function that runs it.
 
 Forward heuristic (PERF.md's calibration on an H100): head dims below 16 go to
@@ -27,7 +27,11 @@ from .registry import triton_usable
 
 _CACHE: dict = {}
 _VARIANTS = (FORWARD_VARIANTS, BACKWARD_VARIANTS)
-_REFERENCE = ("sasa_triton.ops:reference_forward", "sasa_triton.reference_bwd:reference_backward")
+# plain-PyTorch implementations, forward and backward (not kernel variants)
+_PLAIN = {
+    "reference": ("sasa_triton.ops:reference_forward", "sasa_triton.reference_bwd:reference_backward"),
+    "cpu": ("sasa_triton.cpu:forward", "sasa_triton.cpu:backward"),
+}
 
 
 def variant_module(name: str, direction: int = 0):
@@ -41,8 +45,8 @@ def variant_module(name: str, direction: int = 0):
 
 def implementation(name: str, direction: int) -> Callable:
     """forward(q, k, v, args, config) or backward(q, k, v, out, lse, dout, args, config)."""
-    if name == "reference":
-        module, _, function = _REFERENCE[direction].partition(":")
+    if name in _PLAIN:
+        module, _, function = _PLAIN[name][direction].partition(":")
         return getattr(importlib.import_module(module), function)
     return getattr(variant_module(name, direction), ("forward", "backward")[direction])
 
@@ -64,6 +68,8 @@ def choose(q: torch.Tensor, args: AttendArgs, direction: int = 0) -> tuple[str, 
 
 
 def _choose(q, args: AttendArgs, direction: int):
+    if q.device.type == "cpu":
+        return "cpu", None
     if q.dtype == torch.float64 or q.device.type != "cuda" or not triton_usable("cuda"):
         return "reference", None
     shape = tuple(q.shape)

@@ -39,7 +39,11 @@ from .reference import reference_attend
 # Names `attend_op` accepts besides "auto" (resolved per call by sasa_triton.dispatch):
 # name -> "module:forward" target; the backward of a kernel variant is the dispatcher's
 # default backward kernel (the reference where none supports the case).
-IMPLEMENTATIONS: dict[str, str] = {"reference": "sasa_triton.ops:reference_forward"}
+IMPLEMENTATIONS: dict[str, str] = {"reference": "sasa_triton.ops:reference_forward",
+                                   "cpu": "sasa_triton.cpu:forward"}
+# implementations with a backward of their own (see dispatch._PLAIN); a kernel variant's
+# backward is the dispatcher's default backward kernel
+_OWN_BACKWARD = ("reference", "cpu")
 IMPLEMENTATIONS.update({name: f"{module}:forward" for name, module in FORWARD_VARIANTS.items()})
 
 
@@ -61,7 +65,7 @@ def _impl(backend: str, direction: int, q: Tensor, args: AttendArgs, config_text
     """(function, config) that run `direction` (0 forward, 1 backward) of `backend`."""
     if backend == "auto":
         name, config = dispatch.choose(q, args, direction)
-    elif direction == 1 and backend != "reference":
+    elif direction == 1 and backend not in _OWN_BACKWARD:
         name, config = dispatch.default_backward(q, args)
         if config_text and name != "reference":
             config = _config(config_text)
@@ -69,8 +73,8 @@ def _impl(backend: str, direction: int, q: Tensor, args: AttendArgs, config_text
         if backend not in IMPLEMENTATIONS:
             raise ValueError(f"backend {backend!r} has no implementation in "
                              f"sasa_triton.ops.IMPLEMENTATIONS (use ops.register_implementation)")
-        if backend == "reference" and direction == 1:
-            return dispatch.implementation("reference", 1), None
+        if direction == 1:  # one of _OWN_BACKWARD
+            return dispatch.implementation(backend, 1), _config(config_text)
         return _load(IMPLEMENTATIONS[backend]), _config(config_text)
     return dispatch.implementation(name, direction), None if config is None else dict(config)
 

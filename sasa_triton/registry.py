@@ -23,6 +23,8 @@ class Backend(NamedTuple):
 
 _REGISTRY: dict[str, Backend] = {
     "reference": Backend("sasa_triton.reference:reference_attend", triton=False),
+    # plain PyTorch in chunks of batched products: the CPU path (sasa_triton/cpu.py)
+    "cpu": Backend("sasa_triton.cpu:forward", triton=False),
     # forced forward kernel variants (their backward: the default backward kernel)
     "tiled": Backend("sasa_triton.kernels.tiled_fwd:forward", triton=True),
     "allheads": Backend("sasa_triton.kernels.allheads_fwd:forward", triton=True),

@@ -21,8 +21,8 @@ fixed handful of ops, whatever k is:
   rel_w @ q_w, broadcast over the window), + rpb, softmax over the taps in float32,
   out = sum_taps(p * values). The backward recomputes p from the saved log-sum-exp,
   dS = p * (dout . v - delta), dq = sum_taps(dS * (k + r)), and sends scale q dS and
-  p dout back to the key positions: each tap's image is written shifted by its offset
-  into a zeroed buffer (a strided `out=` view) and the taps summed (zeros/mask), or an
+  p dout back to the key positions: a key's queries form the same window around it
+  (taps flipped), so that is one more strided window product (zeros/mask), or an
   accumulating index_put (shift).
 
 Signatures as the reference and the kernel variants:
@@ -84,6 +84,7 @@ class _Call(NamedTuple):
     rel_h: Optional[torch.Tensor]  # (rows, d//2) shared or (N, rows, d//2), compute dtype
     rel_w: Optional[torch.Tensor]
     rpb: Optional[torch.Tensor]  # (N, 2kh-1, 2kw-1), compute dtype
+    scratch: list  # [one flat buffer], reused by every product of the call (_tap_sum)
 
 
 def _channels_first(t: torch.Tensor, dtype) -> torch.Tensor:
@@ -113,7 +114,7 @@ def _prepare(q, k, v, args: AttendArgs) -> _Call:
     inner[:, :, D:].copy_(v.permute(0, 3, 4, 1, 2))
     qs = _channels_first(q, cdt).mul_(scale)  # the copy is ours: scale it in place
     tables = [None if t is None else t.to(cdt) for t in (rel_h, rel_w, rpb)]
-    return _Call((B, H, W, N, D), args, geo, kv.view(B * N, 2 * D, Hp, Wp), qs, *tables)
+    return _Call((B, H, W, N, D), args, geo, kv.view(B * N, 2 * D, Hp, Wp), qs, *tables, [])
 
 
 def _chunks(call: _Call, elems_per_tap: int, config: Optional[dict]):
@@ -149,10 +150,15 @@ def _windows(call: _Call, b0: int, b1: int, i0: int, i1: int) -> torch.Tensor:
                          kv.storage_offset() + b0 * N * sP + i0 * Wp)
 
 
-def _tap_sum(a: torch.Tensor, b: torch.Tensor, dims) -> torch.Tensor:
-    """sum over dims of a * b (broadcast), the product written contiguously first."""
+def _tap_sum(a: torch.Tensor, b: torch.Tensor, dims, scratch: list) -> torch.Tensor:
+    """sum over dims of a * b (broadcast), the product written contiguously first into
+    the call's scratch buffer (`scratch[0]`, grown as needed): one buffer reused by
+    every product of a call, since fresh large allocations cost page faults each time."""
     shape = torch.broadcast_shapes(a.shape, b.shape)
-    return torch.mul(a, b, out=torch.empty(shape, dtype=a.dtype, device=a.device)).sum(dims)
+    numel = shape.numel()
+    if not scratch or scratch[0].numel() < numel:
+        scratch[:] = [torch.empty(numel, dtype=a.dtype, device=a.device)]
+    return torch.mul(a, b, out=scratch[0][:numel].view(shape)).sum(dims)
 
 
 def _table_logits(q_part: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -167,7 +173,8 @@ def _logits(call: _Call, win: torch.Tensor, qc: torch.Tensor, i0: int, i1: int):
     b, N, D, r, W = qc.shape
     kh, kw = call.args.kh, call.args.kw
     shift, geo = call.args.padding == "shift", call.geo
-    logit = _tap_sum(win[:, :D], qc.reshape(b * N, D, 1, 1, r, W), 1).view(b, N, kh, kw, r, W)
+    logit = _tap_sum(win[:, :D], qc.reshape(b * N, D, 1, 1, r, W), 1, call.scratch)
+    logit = logit.view(b, N, kh, kw, r, W)
     if call.rel_h is not None:
         d2 = D // 2
         lh = _table_logits(qc[:, :, :d2], call.rel_h)  # (b, N, kh or 2kh-1, r, W)
@@ -209,7 +216,8 @@ def _forward(q, k, v, args: AttendArgs, config):
         m = p.amax(1, keepdim=True)
         p.sub_(m).exp_()
         s = p.sum(1, keepdim=True)  # (P, 1, r, W)
-        o = _tap_sum(win[:, D:], p.view(P, 1, kh, kw, r, W), (2, 3)).div_(s)  # (P, D, r, W)
+        o = _tap_sum(win[:, D:], p.view(P, 1, kh, kw, r, W), (2, 3), call.scratch)
+        o.div_(s)  # (P, D, r, W)
         out_cf[b0:b1, :, :, i0:i1] = o.view(b, N, D, r, W)
         lse_cf[b0:b1, :, i0:i1] = m.add_(s.log_()).view(b, N, r, W)
     return out, lse
@@ -245,10 +253,10 @@ def _backward(q, k, v, out, lse, dout, args: AttendArgs, config):
         qc6, doc6 = qc.reshape(P, D, 1, 1, r, W), doc.reshape(P, D, 1, 1, r, W)
         p = _logits(call, win, qc, i0, i1).view(P, 1, kh, kw, r, W)
         p.sub_(lse_cf[b0:b1, :, i0:i1].reshape(P, 1, 1, 1, r, W)).exp_()
-        ds = _tap_sum(win[:, D:], doc6, 1).view(P, 1, kh, kw, r, W)  # dout . v
+        ds = _tap_sum(win[:, D:], doc6, 1, call.scratch).view(P, 1, kh, kw, r, W)  # dout.v
         ds.sub_(delta[b0:b1, :, i0:i1].reshape(P, 1, 1, 1, r, W)).mul_(p)  # dS
 
-        dqc = _tap_sum(win[:, :D], ds, (2, 3)).view(b, N, D, r, W)
+        dqc = _tap_sum(win[:, :D], ds, (2, 3), call.scratch).view(b, N, D, r, W)
         if call.rel_h is not None:
             ds_b = ds.view(b, N, kh, kw, r, W)
             _rel_backward(call, ds_b.sum(3), qc[:, :, :d2], dqc[:, :, :d2], drel_h,
@@ -274,15 +282,10 @@ def _backward(q, k, v, out, lse, dout, args: AttendArgs, config):
             ch = torch.arange(2 * D, device=dev)[:, None, None, None, None]
             dkv.index_put_((pix, ch, geo.pos_y[:, None, i0:i1, None],
                             geo.pos_x[None, :, None, :]), part, accumulate=True)
-        else:  # each tap's image lands shifted by the tap's offset in its own slice of g
-            span = r + (kh - 1) * dh  # padded rows the chunk's windows cover
-            g = torch.zeros((P, 2 * D, kh, kw, span, Wp), dtype=cdt, device=dev)
-            sa, sc = kw * span * Wp, span * Wp
-            shifted = g.as_strided((P, 2 * D, kh, kw, r, W),
-                                   (2 * D * T * sc, T * sc, sa + dh * Wp, sc + dw, Wp, 1))
-            torch.mul(qc6, ds, out=shifted[:, :D])
-            torch.mul(doc6, p, out=shifted[:, D:])
-            dkv[b0 * N:b1 * N, :, i0:i0 + span] += g.sum((2, 3))
+        else:
+            span = r + (kh - 1) * dh  # padded key rows the chunk's windows cover
+            dkv[b0 * N:b1 * N, :, i0:i0 + span] += _key_gradients(
+                call, torch.stack((qc6, doc6), 1), torch.stack((ds, p), 1), span)
 
     dq = _bhwnd(dq.mul_(args.scale), q.dtype)
     inner = dkv.view(B, N, 2 * D, Hp, Wp)[..., geo.ph:geo.ph + H, geo.pw:geo.pw + W]
@@ -290,6 +293,32 @@ def _backward(q, k, v, out, lse, dout, args: AttendArgs, config):
     for given, grad in zip((args.rel_h, args.rel_w, args.rpb), grads):
         result.append(None if given is None else grad.to(given.dtype))
     return tuple(result)
+
+
+def _key_gradients(call: _Call, x, s, span: int) -> torch.Tensor:
+    """sum over the queries whose window holds key y of x(query) * s(query, tap), for
+    the chunk's padded key rows: (P, 2D, span, Wp), channels [scale q dS | dout p].
+
+    x (P, 2, D, 1, 1, r, W) and s (P, 2, 1, kh, kw, r, W). Key y sees tap (a, c) from
+    query y - o(a, c), o = ((a - kh//2) dh, (c - kw//2) dw), i.e. tap (kh-1-a, kw-1-c)
+    of a window around y: so x and s (taps flipped) are zero-padded by twice the
+    window's reach and read through the same strided window view as the keys.
+    """
+    kh, kw, dh, dw = call.args.kh, call.args.kw, call.args.dh, call.args.dw
+    P, _, D, _, _, r, W = x.shape
+    ph, pw = call.geo.ph, call.geo.pw
+    Rq, Wq = r + 4 * ph, W + 4 * pw
+    xp = x.new_zeros((P, 2, D, Rq, Wq))
+    xp[..., 2 * ph:2 * ph + r, 2 * pw:2 * pw + W] = x.view(P, 2, D, r, W)
+    sp = s.new_zeros((P, 2, kh, kw, Rq, Wq))
+    sp[..., 2 * ph:2 * ph + r, 2 * pw:2 * pw + W] = s.view(P, 2, kh, kw, r, W).flip((2, 3))
+    Wp = W + 2 * pw
+    x_win = xp.as_strided((P, 2, D, kh, kw, span, Wp),
+                          (2 * D * Rq * Wq, D * Rq * Wq, Rq * Wq, dh * Wq, dw, Wq, 1))
+    st = Rq * Wq  # one tap's image in sp
+    s_win = sp.as_strided((P, 2, 1, kh, kw, span, Wp),
+                          (2 * kh * kw * st, kh * kw * st, 0, kw * st + dh * Wq, st + dw, Wq, 1))
+    return _tap_sum(x_win, s_win, (3, 4), call.scratch).view(P, 2 * D, span, Wp)
 
 
 def _rel_backward(call: _Call, ds_axis, q_part, dq_part, dtable, idx, table) -> None:

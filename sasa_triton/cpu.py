@@ -234,13 +234,12 @@ def _backward(q, k, v, out, lse, dout, args: AttendArgs, config):
     B, H, W, N, D = call.shape
     kh, kw, dh, dw, padding = args[:5]
     shift, geo, cdt, dev = padding == "shift", call.geo, call.kv.dtype, q.device
-    _, _, Hp, Wp = call.kv.shape
     d2, T = D // 2, kh * kw
     do = _channels_first(dout, cdt)
     delta = (do * out.permute(0, 3, 4, 1, 2)).sum(2)  # (B, N, H, W) rowsum(dout * out)
     lse_cf = lse.permute(0, 3, 1, 2)
     dq = torch.empty((B, N, D, H, W), dtype=cdt, device=dev)
-    dkv = torch.zeros((B * N, 2 * D, Hp, Wp), dtype=cdt, device=dev)
+    dkv = torch.zeros((B * N, 2 * D, H, W), dtype=cdt, device=dev)  # [dk | dv], no border
     grads = [None if t is None else torch.zeros(t.shape, dtype=cdt, device=dev)
              for t in (call.rel_h, call.rel_w, call.rpb)]
     drel_h, drel_w, drpb = grads
@@ -282,22 +281,22 @@ def _backward(q, k, v, out, lse, dout, args: AttendArgs, config):
             ch = torch.arange(2 * D, device=dev)[:, None, None, None, None]
             dkv.index_put_((pix, ch, geo.pos_y[:, None, i0:i1, None],
                             geo.pos_x[None, :, None, :]), part, accumulate=True)
-        else:
-            span = r + (kh - 1) * dh  # padded key rows the chunk's windows cover
-            dkv[b0 * N:b1 * N, :, i0:i0 + span] += _key_gradients(
-                call, torch.stack((qc6, doc6), 1), torch.stack((ds, p), 1), span)
+        else:  # the image rows the chunk's windows reach
+            y0, y1 = max(0, i0 - geo.ph), min(H, i1 + geo.ph)
+            dkv[b0 * N:b1 * N, :, y0:y1] += _key_gradients(
+                call, torch.stack((qc6, doc6), 1), torch.stack((ds, p), 1), i0, y0, y1)
 
     dq = _bhwnd(dq.mul_(args.scale), q.dtype)
-    inner = dkv.view(B, N, 2 * D, Hp, Wp)[..., geo.ph:geo.ph + H, geo.pw:geo.pw + W]
+    inner = dkv.view(B, N, 2 * D, H, W)
     result = [dq, _bhwnd(inner[:, :, :D], q.dtype), _bhwnd(inner[:, :, D:], q.dtype)]
     for given, grad in zip((args.rel_h, args.rel_w, args.rpb), grads):
         result.append(None if given is None else grad.to(given.dtype))
     return tuple(result)
 
 
-def _key_gradients(call: _Call, x, s, span: int) -> torch.Tensor:
-    """sum over the queries whose window holds key y of x(query) * s(query, tap), for
-    the chunk's padded key rows: (P, 2D, span, Wp), channels [scale q dS | dout p].
+def _key_gradients(call: _Call, x, s, i0: int, y0: int, y1: int) -> torch.Tensor:
+    """sum over the chunk's queries whose window holds key y of x(query) * s(query, tap),
+    for image rows y0 <= y < y1: (P, 2D, y1 - y0, W), channels [scale q dS | dout p].
 
     x (P, 2, D, 1, 1, r, W) and s (P, 2, 1, kh, kw, r, W). Key y sees tap (a, c) from
     query y - o(a, c), o = ((a - kh//2) dh, (c - kw//2) dw), i.e. tap (kh-1-a, kw-1-c)
@@ -312,13 +311,15 @@ def _key_gradients(call: _Call, x, s, span: int) -> torch.Tensor:
     xp[..., 2 * ph:2 * ph + r, 2 * pw:2 * pw + W] = x.view(P, 2, D, r, W)
     sp = s.new_zeros((P, 2, kh, kw, Rq, Wq))
     sp[..., 2 * ph:2 * ph + r, 2 * pw:2 * pw + W] = s.view(P, 2, kh, kw, r, W).flip((2, 3))
-    Wp = W + 2 * pw
-    x_win = xp.as_strided((P, 2, D, kh, kw, span, Wp),
-                          (2 * D * Rq * Wq, D * Rq * Wq, Rq * Wq, dh * Wq, dw, Wq, 1))
-    st = Rq * Wq  # one tap's image in sp
-    s_win = sp.as_strided((P, 2, 1, kh, kw, span, Wp),
-                          (2 * kh * kw * st, kh * kw * st, 0, kw * st + dh * Wq, st + dw, Wq, 1))
-    return _tap_sum(x_win, s_win, (3, 4), call.scratch).view(P, 2 * D, span, Wp)
+    # key y (image row; column x) reads buffer row y + ph - i0 + a' dh, column x + pw + c' dw
+    rows, start = y1 - y0, (y0 + ph - i0) * Wq + pw
+    st = Rq * Wq  # one image in xp / sp
+    x_win = xp.as_strided((P, 2, D, kh, kw, rows, W),
+                          (2 * D * st, D * st, st, dh * Wq, dw, Wq, 1), start)
+    s_win = sp.as_strided((P, 2, 1, kh, kw, rows, W),
+                          (2 * kh * kw * st, kh * kw * st, 0, kw * st + dh * Wq, st + dw, Wq, 1),
+                          start)
+    return _tap_sum(x_win, s_win, (3, 4), call.scratch).view(P, 2 * D, rows, W)
 
 
 def _rel_backward(call: _Call, ds_axis, q_part, dq_part, dtable, idx, table) -> None:

@@ -234,7 +234,7 @@ def _backward(q, k, v, out, lse, dout, args: AttendArgs, config):
     B, H, W, N, D = call.shape
     kh, kw, dh, dw, padding = args[:5]
     shift, geo, cdt, dev = padding == "shift", call.geo, call.kv.dtype, q.device
-    d2, T = D // 2, kh * kw
+    d2 = D // 2
     do = _channels_first(dout, cdt)
     delta = (do * out.permute(0, 3, 4, 1, 2)).sum(2)  # (B, N, H, W) rowsum(dout * out)
     lse_cf = lse.permute(0, 3, 1, 2)

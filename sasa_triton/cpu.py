@@ -117,15 +117,19 @@ def _prepare(q, k, v, args: AttendArgs) -> _Call:
     return _Call((B, H, W, N, D), args, geo, kv.view(B * N, 2 * D, Hp, Wp), qs, *tables, [])
 
 
-def _chunks(call: _Call, elems_per_tap: int, config: Optional[dict]):
-    """(b0, b1, i0, i1) blocks of query pixels whose per-tap temporaries fit the budget."""
+def _chunks(call: _Call, per_tap: int, config: Optional[dict], halo_per_tap: int = 0):
+    """(b0, b1, i0, i1) blocks of query pixels whose per-tap temporaries fit the budget:
+    per_tap values per query pixel and tap, plus halo_per_tap per key pixel and tap for
+    the rows the windows reach beyond the chunk (the backward's key products). The
+    smallest chunk is one image row: its temporaries are the floor of the budget."""
     B, H, W, N, D = call.shape
     budget = (config or {}).get("chunk_bytes", CHUNK_BYTES)
-    taps = call.args.kh * call.args.kw
-    row_bytes = N * W * taps * elems_per_tap * call.kv.element_size()
-    rows = max(1, budget // max(row_bytes, 1))
+    tap_bytes = N * W * call.args.kh * call.args.kw * call.kv.element_size()
+    row_bytes = max(tap_bytes * per_tap, 1)
+    halo_bytes = tap_bytes * halo_per_tap * 2 * call.geo.ph
+    rows = max(1, (budget - halo_bytes) // row_bytes)
     if rows >= H:  # whole images per chunk
-        images = max(1, rows // max(H, 1))
+        images = max(1, budget // (row_bytes * max(H, 1) + halo_bytes))
         for b0 in range(0, B, images):
             yield b0, min(B, b0 + images), 0, H
         return
@@ -230,6 +234,21 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
 
 
 def _backward(q, k, v, out, lse, dout, args: AttendArgs, config):
+    # the chunk loop's buffers (padded k/v, scaled q, dout copy) are freed on its return,
+    # before the gradients are copied to their final layout
+    dq, dkv, grads = _backward_sums(q, k, v, out, lse, dout, args, config)
+    B, H, W, N, D = q.shape
+    dkv = dkv.view(B, N, 2 * D, H, W)
+    result = [_bhwnd(dq.mul_(args.scale), q.dtype), _bhwnd(dkv[:, :, :D], q.dtype),
+              _bhwnd(dkv[:, :, D:], q.dtype)]
+    for given, grad in zip((args.rel_h, args.rel_w, args.rpb), grads):
+        result.append(None if given is None else grad.to(given.dtype))
+    return tuple(result)
+
+
+def _backward_sums(q, k, v, out, lse, dout, args: AttendArgs, config):
+    """(dq / scale as (B, N, D, H, W), [dk | dv] as (B*N, 2D, H, W), [drel_h, drel_w,
+    drpb]) in the compute dtype."""
     call = _prepare(q, k, v, args)
     B, H, W, N, D = call.shape
     kh, kw, dh, dw, padding = args[:5]
@@ -244,7 +263,7 @@ def _backward(q, k, v, out, lse, dout, args: AttendArgs, config):
              for t in (call.rel_h, call.rel_w, call.rpb)]
     drel_h, drel_w, drpb = grads
 
-    for b0, b1, i0, i1 in _chunks(call, 3 * D + 4, config):
+    for b0, b1, i0, i1 in _chunks(call, 5 * D + 6, config, halo_per_tap=2 * D):
         win = _windows(call, b0, b1, i0, i1)
         qc, doc = call.qs[b0:b1, :, :, i0:i1], do[b0:b1, :, :, i0:i1]
         b, r = b1 - b0, i1 - i0
@@ -286,12 +305,7 @@ def _backward(q, k, v, out, lse, dout, args: AttendArgs, config):
             dkv[b0 * N:b1 * N, :, y0:y1] += _key_gradients(
                 call, torch.stack((qc6, doc6), 1), torch.stack((ds, p), 1), i0, y0, y1)
 
-    dq = _bhwnd(dq.mul_(args.scale), q.dtype)
-    inner = dkv.view(B, N, 2 * D, H, W)
-    result = [dq, _bhwnd(inner[:, :, :D], q.dtype), _bhwnd(inner[:, :, D:], q.dtype)]
-    for given, grad in zip((args.rel_h, args.rel_w, args.rpb), grads):
-        result.append(None if given is None else grad.to(given.dtype))
-    return tuple(result)
+    return dq, dkv, grads
 
 
 def _key_gradients(call: _Call, x, s, i0: int, y0: int, y1: int) -> torch.Tensor:

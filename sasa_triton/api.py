@@ -32,7 +32,7 @@ def attend(
 
     Args:
         q, k, v: (B, H, W, heads, d) tensors of one dtype (float16, bfloat16, float32;
-            float64 on the reference backend), any strides.
+            float64 on the plain-PyTorch backends "cpu" and "reference"), any strides.
         kernel_size: odd int or (kh, kw).
         dilation: int or (dh, dw), >= 1.
         padding: "zeros" (out-of-image neighbors are zero keys/values that still take
@@ -44,7 +44,7 @@ def attend(
             (zeros/mask) or 2kh-1 (shift); a 2-D table is shared by all heads.
         rpb: additive relative positional bias, (heads, 2kh-1, 2kw-1).
         scale: logit scale; None means d ** -0.5.
-        backend: "auto" (the fastest kernel on CUDA, the reference on CPU), or a name
+        backend: "auto" (the fastest kernel on CUDA, "cpu" on CPU), or a name
             from `sasa_triton.backends()` to force an implementation.
 
     Returns:

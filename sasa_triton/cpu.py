@@ -41,8 +41,9 @@ import torch.nn.functional as F
 from .args import AttendArgs
 from .window import window_positions
 
-# Working-set budget of one chunk's per-tap temporaries, bytes.
-CHUNK_BYTES = 16 * 2 ** 20
+# Working-set budget of one chunk's per-tap temporaries, bytes. Large enough that the
+# backward's key halo (the window's reach above and below a chunk) stays a small part.
+CHUNK_BYTES = 64 * 2 ** 20
 
 
 class _Geometry(NamedTuple):
@@ -263,7 +264,8 @@ def _backward_sums(q, k, v, out, lse, dout, args: AttendArgs, config):
              for t in (call.rel_h, call.rel_w, call.rpb)]
     drel_h, drel_w, drpb = grads
 
-    for b0, b1, i0, i1 in _chunks(call, 5 * D + 6, config, halo_per_tap=2 * D):
+    # per tap: one product buffer (reused), p, dS, their stacked copies and flipped pads
+    for b0, b1, i0, i1 in _chunks(call, 2 * D + 8, config, halo_per_tap=2 * D + 4):
         win = _windows(call, b0, b1, i0, i1)
         qc, doc = call.qs[b0:b1, :, :, i0:i1], do[b0:b1, :, :, i0:i1]
         b, r = b1 - b0, i1 - i0

@@ -123,11 +123,11 @@ def test_memory_is_bounded_by_the_chunk_budget():
     unfolded windows alone would be 2 k^2 = 50 x the input."""
     q, k, v = (torch.randn(8, 32, 32, 4, 8) for _ in range(3))
     input_bytes = q.numel() * q.element_size()
-    budget = 2 ** 20
+    budget = 4 * 2 ** 20  # 4 x the input
     args = check_attend_args(q, k, v, 5, 1, "zeros", None, None, None, None)
     with PeakLiveBytes() as mem:
         out, lse = cpu.forward(q, k, v, args, {"chunk_bytes": budget})
     assert 0 < mem.peak < 4 * input_bytes + 2 * budget, f"forward peak {mem.peak / input_bytes:.1f}x"
     with PeakLiveBytes() as mem:
         cpu.backward(q, k, v, out, lse, torch.randn_like(out), args, {"chunk_bytes": budget})
-    assert 0 < mem.peak < 9 * input_bytes + 2 * budget, f"backward peak {mem.peak / input_bytes:.1f}x"
+    assert 0 < mem.peak < 8 * input_bytes + 2 * budget, f"backward peak {mem.peak / input_bytes:.1f}x"

@@ -16,7 +16,8 @@ fixed handful of ops, whatever k is:
   (zeros/mask: no copy) or an index gather (shift).
 * Query pixels go in chunks of (images, rows) sized so that a chunk's per-tap
   temporaries fit `config["chunk_bytes"]` (default `CHUNK_BYTES`): peak extra memory is
-  a few copies of the input plus that budget, never k^2 times the input.
+  a few copies of the input plus that budget, never k^2 times the input (the smallest
+  chunk, one image row, sets a floor).
 * Per chunk: logits = sum_d(windows * q), + the separable rel logits (rel_h @ q_h and
   rel_w @ q_w, broadcast over the window), + rpb, softmax over the taps in float32,
   out = sum_taps(p * values). The backward recomputes p from the saved log-sum-exp,
@@ -41,9 +42,10 @@ import torch.nn.functional as F
 from .args import AttendArgs
 from .window import window_positions
 
-# Working-set budget of one chunk's per-tap temporaries, bytes. Large enough that the
-# backward's key halo (the window's reach above and below a chunk) stays a small part.
-CHUNK_BYTES = 64 * 2 ** 20
+# Working-set budgets of one chunk's per-tap temporaries, bytes (config["chunk_bytes"]
+# overrides both). The forward's fits a large cache better; the backward's is larger so
+# that its key halo (the window's reach above and below a chunk) stays a small part.
+CHUNK_BYTES = {"forward": 16 * 2 ** 20, "backward": 64 * 2 ** 20}
 
 
 class _Geometry(NamedTuple):
@@ -118,13 +120,14 @@ def _prepare(q, k, v, args: AttendArgs) -> _Call:
     return _Call((B, H, W, N, D), args, geo, kv.view(B * N, 2 * D, Hp, Wp), qs, *tables, [])
 
 
-def _chunks(call: _Call, per_tap: int, config: Optional[dict], halo_per_tap: int = 0):
+def _chunks(call: _Call, direction: str, per_tap: int, config: Optional[dict],
+            halo_per_tap: int = 0):
     """(b0, b1, i0, i1) blocks of query pixels whose per-tap temporaries fit the budget:
     per_tap values per query pixel and tap, plus halo_per_tap per key pixel and tap for
     the rows the windows reach beyond the chunk (the backward's key products). The
     smallest chunk is one image row: its temporaries are the floor of the budget."""
     B, H, W, N, D = call.shape
-    budget = (config or {}).get("chunk_bytes", CHUNK_BYTES)
+    budget = (config or {}).get("chunk_bytes", CHUNK_BYTES[direction])
     tap_bytes = N * W * call.args.kh * call.args.kw * call.kv.element_size()
     row_bytes = max(tap_bytes * per_tap, 1)
     halo_bytes = tap_bytes * halo_per_tap * 2 * call.geo.ph
@@ -212,7 +215,7 @@ def _forward(q, k, v, args: AttendArgs, config):
     out = torch.empty((B, H, W, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, W, N), dtype=call.kv.dtype, device=q.device)
     out_cf, lse_cf = out.permute(0, 3, 4, 1, 2), lse.permute(0, 3, 1, 2)
-    for b0, b1, i0, i1 in _chunks(call, D + 2, config):
+    for b0, b1, i0, i1 in _chunks(call, "forward", D + 2, config):
         win = _windows(call, b0, b1, i0, i1)
         qc = call.qs[b0:b1, :, :, i0:i1]
         b, r = b1 - b0, i1 - i0
@@ -265,7 +268,7 @@ def _backward_sums(q, k, v, out, lse, dout, args: AttendArgs, config):
     drel_h, drel_w, drpb = grads
 
     # per tap: one product buffer (reused), p, dS, their stacked copies and flipped pads
-    for b0, b1, i0, i1 in _chunks(call, 2 * D + 8, config, halo_per_tap=2 * D + 4):
+    for b0, b1, i0, i1 in _chunks(call, "backward", 2 * D + 8, config, halo_per_tap=2 * D + 4):
         win = _windows(call, b0, b1, i0, i1)
         qc, doc = call.qs[b0:b1, :, :, i0:i1], do[b0:b1, :, :, i0:i1]
         b, r = b1 - b0, i1 - i0

@@ -1,5 +1,5 @@
-"""The fast CPU implementation of `attend` ("cpu"): unfolded windows in chunks, batched
-matrix products.
+"""The fast CPU implementation of `attend` ("cpu"): every window tap at once, as strided
+views and vectorized products, in chunks of query rows.
 
 The reference walks the kh x kw window offsets one by one (tens of small ops each), so
 on small maps it is Python overhead. This path does a whole chunk of query pixels in a
@@ -37,7 +37,6 @@ import functools
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .args import AttendArgs
 from .window import window_positions

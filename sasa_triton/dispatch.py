@@ -4,8 +4,9 @@
 backward (1) of a `backend="auto"` call. On CUDA (non-float64) the order is: the tuned
 table for this GPU (sasa_triton.autotune.lookup: user cache dir, then the shipped table)
 -> the heuristic below -> the reference when no kernel supports the case. On CPU it is
-"cpu" (sasa_triton/cpu.py, every dtype); elsewhere (float64 on CUDA) the reference. The result is cached per call key, so a call costs one dict
-lookup after the first. `implementation(name, direction)` is the function that runs it.
+"cpu" (sasa_triton/cpu.py, every dtype); elsewhere (float64 on CUDA) the reference. The
+result is cached per call key, so a call costs one dict lookup after the first.
+`implementation(name, direction)` is the function that runs it.
 
 Forward heuristic (PERF.md's calibration on an H100): head dims below 16 go to
 "allheads" (tensor-core tiles would pad d to 16 and waste most of each MMA; all heads

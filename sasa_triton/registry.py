@@ -23,7 +23,7 @@ class Backend(NamedTuple):
 
 _REGISTRY: dict[str, Backend] = {
     "reference": Backend("sasa_triton.reference:reference_attend", triton=False),
-    # plain PyTorch in chunks of batched products: the CPU path (sasa_triton/cpu.py)
+    # plain PyTorch, all window taps at once in row chunks: the CPU path (sasa_triton/cpu.py)
     "cpu": Backend("sasa_triton.cpu:forward", triton=False),
     # forced forward kernel variants (their backward: the default backward kernel)
     "tiled": Backend("sasa_triton.kernels.tiled_fwd:forward", triton=True),

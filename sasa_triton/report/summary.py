@@ -61,8 +61,8 @@ def write_summary(df: pd.DataFrame, out_dir: Path, charts: list[Path], csv_name:
     if cpu:
         lines += ["**CPU timings** (no GPU in this run): these numbers are the CPU "
                   "paths of attend (`cpu`, `reference`) and CPU convolutions, not GPU "
-                  "kernels; they check "
-                  "that the harness works, not how fast the kernels are.", ""]
+                  "kernels; they check that the harness works, not how fast the kernels "
+                  "are.", ""]
     lines += [
         f"* machine: {first['device']} ({first['device_type']})",
         f"* versions: {versions}",

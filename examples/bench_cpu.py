@@ -1,10 +1,12 @@
 """CPU latency of `attend`'s CPU path next to the unfold SASA port and the reference.
 
-Same process, same inputs, the implementations interleaved (the report's: random q, k, v and shared SASA rel tables,
-padding="zeros", float32), median of repeats after a warm-up. Shapes: the report's
-`quick` suite and the paper's ResNet-50 stages at small batch.
+Same process, same inputs (the report's: random q, k, v and shared SASA rel tables,
+padding="zeros", float32), the implementations interleaved rep by rep, median of
+repeats after a warm-up. Shapes: the report's `quick` suite and the paper's ResNet-50
+stages at small batch.
 
     python examples/bench_cpu.py [--threads 1] [--batch 1] [--reps 20] [--suite quick,resnet]
+    python examples/bench_cpu.py --threads 1 --timer thread   # steadier on a busy machine
 
 Prints one row per shape and direction: milliseconds per call, and cpu / port.
 """

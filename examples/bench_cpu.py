@@ -21,8 +21,8 @@ import time
 import torch
 
 import sasa_triton
+from sasa_triton.perf_suite import QUICK, RESNET50
 from sasa_triton.report.baselines import unfold_attend
-from sasa_triton.report.suites import QUICK, RESNET50
 
 TIMER = time.perf_counter  # --timer thread: time.thread_time (CPU time, one thread only)
 IMPLS = {

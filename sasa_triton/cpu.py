@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .args import AttendArgs
+from .types import AttendArgs
 from .window import window_positions
 
 # Working-set budgets of one chunk's per-tap temporaries, bytes (config["chunk_bytes"]

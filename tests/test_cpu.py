@@ -94,7 +94,7 @@ def test_dtypes_through_attend(case, dtype):
         atol, rtol = TOLERANCES[dtype]  # scaled to the gradient's size, as for the kernels
         torch.testing.assert_close(g.double(), w.double(), rtol=rtol,
                                    atol=atol * max(1.0, w.abs().max().item()),
-                                   msg=lambda m: f"d{name}: {m}")
+                                   msg=lambda m, name=name: f"d{name}: {m}")
 
 
 @pytest.mark.parametrize("layout", ["nchw_view", "channels_last"])

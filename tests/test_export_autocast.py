@@ -72,7 +72,7 @@ def test_autocast_runs_attend_in_the_autocast_dtype():
     leaves = [q, k, v, kw["rel_h"], kw["rel_w"], kw["rpb"]]
     grads = torch.autograd.grad(out.float().sum(), leaves)
     want_grads = torch.autograd.grad(oracle_attend(q, k, v, case.k, **kw).sum(), leaves)
-    for g, w, leaf in zip(grads, want_grads, leaves):
+    for g, w in zip(grads, want_grads):
         assert g.dtype == torch.float32
         atol, rtol = TOLERANCES[torch.bfloat16]
         torch.testing.assert_close(g, w, atol=4 * atol * max(1.0, w.abs().max().item()),

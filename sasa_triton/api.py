@@ -30,7 +30,7 @@ def attend(
 
     Args:
         q, k, v: (B, H, W, heads, d) tensors of one dtype (float16, bfloat16, float32;
-            float64 on the reference backend), any strides.
+            float64 on the plain-PyTorch backends "cpu" and "reference"), any strides.
         kernel_size: odd int or (kh, kw).
         dilation: int or (dh, dw), >= 1.
         padding: "zeros" (out-of-image neighbors are zero keys/values that still take
@@ -42,14 +42,16 @@ def attend(
             (zeros/mask) or 2kh-1 (shift); a 2-D table is shared by all heads.
         rpb: additive relative positional bias, (heads, 2kh-1, 2kw-1).
         scale: logit scale; None means d ** -0.5.
-        backend: "auto" (the fastest kernel on CUDA, the reference on CPU), or a name
+        backend: "auto" (the fastest kernel on CUDA, "cpu" on CPU), or a name
             from `sasa_triton.backends()` to force an implementation.
 
     Returns:
-        A new contiguous (B, H, W, heads, d) tensor in q's dtype:
+        A new contiguous (B, H, W, heads, d) tensor in q's dtype (under torch.autocast:
+        the autocast dtype, see `_autocast`):
         out[b, i, j, n] = sum over the window of softmax(l) * v, with
         l = scale * q . (k + [rel_h[row], rel_w[col]]) + rpb[n, dy + kh - 1, dx + kw - 1].
     """
+    q, k, v, rel_h, rel_w, rpb = _autocast(q, k, v, rel_h, rel_w, rpb)
     args = check_attend_args(q, k, v, kernel_size, dilation, padding, rel_h, rel_w, rpb, scale)
     if not torch.compiler.is_compiling():  # traced, the op's fake impl checks it
         check_backend(backend, q)
@@ -59,6 +61,20 @@ def attend(
         check_supported(backend, q, args)
     # a custom op (autograd + torch.compile); "auto" is resolved inside it per call
     return attend_op(q, k, v, args, backend)
+
+
+def _autocast(*tensors):
+    """Under torch.autocast for q's device, q, k, v, rel_h, rel_w and rpb are cast to the
+    autocast dtype (float16 / bfloat16; float64 stays, as autocast leaves it), so the
+    attention runs in that dtype (softmax and accumulation stay float32 inside). A
+    custom op gets no autocast of its own; `torch.library.register_autocast` would fix
+    one dtype per device, not follow the user's. The casts are differentiable."""
+    q = tensors[0]
+    if not isinstance(q, torch.Tensor) or not torch.is_autocast_enabled(q.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(q.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)
 
 
 def _empty_output(q, k, v, args) -> torch.Tensor:

@@ -12,7 +12,7 @@ from .types import PADDINGS, AttendArgs
 
 __all__ = ["AttendArgs", "PADDINGS", "check_attend_args", "check_window", "check_positive_int"]
 
-# float64 is accepted for testing (gradcheck) and runs on the reference backend only.
+# float64 is accepted for testing (gradcheck) and runs on the plain-PyTorch backends only.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The Triton kernels hold a whole head dimension (padded to a power of two) in registers.
 MAX_HEAD_DIM = 256

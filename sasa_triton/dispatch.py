@@ -6,8 +6,9 @@ Dispatch only chooses; the names it returns were checked by `attend` and are run
 * "auto" -> `choose(q, args, direction)`. On CUDA (non-float64) the order is: the tuned
   table for this GPU (sasa_triton.autotune.lookup: user cache dir, then the shipped
   table) -> the heuristic below -> the reference when no kernel supports the case.
-  Elsewhere (CPU, float64) it is the reference. The result is cached per call key, so a
-  call costs one dict lookup after the first.
+  On CPU it is "cpu" (sasa_triton/cpu.py, every dtype); elsewhere (float64 on CUDA) the
+  reference. The result is cached per call key, so a call costs one dict lookup after
+  the first.
 * a forced backend -> its forward with the given config; its backward is its own
   `backward` when it has one, else `default_backward` (with the given config, if any).
 
@@ -27,7 +28,7 @@ import torch
 
 from . import variants
 from .types import AttendArgs
-from .variants import REFERENCE, call_key, triton_usable
+from .variants import CPU, REFERENCE, call_key, triton_usable
 
 _CACHE: dict = {}
 _DIRECTIONS = variants.DIRECTIONS  # direction index 0 / 1 -> "fwd" / "bwd"
@@ -58,6 +59,8 @@ def choose(q: torch.Tensor, args: AttendArgs, direction: int = 0) -> tuple[str, 
 
 
 def _choose(q, args: AttendArgs, direction: int) -> tuple[str, Optional[dict]]:
+    if q.device.type == "cpu":
+        return CPU, None
     if q.dtype == torch.float64 or q.device.type != "cuda" or not triton_usable("cuda"):
         return REFERENCE, None
     shape = tuple(q.shape)
@@ -89,7 +92,7 @@ def default_backward(q: torch.Tensor, args: AttendArgs) -> tuple[str, Optional[d
         hit = REFERENCE, None
         shape = tuple(q.shape)
         for variant in variants.with_direction("bwd"):
-            if variant.name != REFERENCE and variant.supports(shape, q.dtype, args):
+            if variant.needs_triton and variant.supports(shape, q.dtype, args):
                 hit = variant.name, variant.default_config(shape, args)
                 break
         _CACHE[key] = hit

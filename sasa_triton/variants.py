@@ -37,6 +37,7 @@ import torch
 from .types import DIRECTIONS, AttendArgs
 
 REFERENCE = "reference"
+CPU = "cpu"
 
 
 class Lazy:
@@ -114,13 +115,17 @@ def _keep(configs: list, q_shape, args: AttendArgs) -> list:
 _KERNELS = "sasa_triton.kernels"
 
 # The table. Order matters: `backends()` lists in this order, and the dispatcher's default
-# backward is the first entry after the reference (its fallback) whose backward supports
-# the call.
+# backward is the first Triton entry whose backward supports the call (the reference is
+# its fallback).
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    # plain PyTorch, any device and dtype (float64 included): the CPU path and the oracle
+    # plain PyTorch, any device and dtype (float64 included): the oracle and the fallback
     Variant(REFERENCE, Lazy("sasa_triton.reference:reference_forward"),
             Lazy("sasa_triton.reference_bwd:reference_backward"), _supports_all, _no_config,
             None, _keep, needs_triton=False),
+    # plain PyTorch, every window tap at once in chunks of rows: the CPU path ("auto" on
+    # CPU; sasa_triton/cpu.py), any device and dtype, its own backward; not tuned
+    Variant(CPU, Lazy("sasa_triton.cpu:forward"), Lazy("sasa_triton.cpu:backward"),
+            _supports_all, _no_config, None, _keep, needs_triton=False),
     # tensor-core halo tiles, one (batch, head) per program
     kernel_variant("tiled", f"{_KERNELS}.tiled_fwd", forward=True),
     # all heads of a pixel block: d < 16 and tiny rows

@@ -60,8 +60,9 @@ def write_summary(df: pd.DataFrame, out_dir: Path, charts: list[Path], csv_name:
     lines = [f"# sasa-triton report: {first['device']}", ""]
     if cpu:
         lines += ["**CPU timings** (no GPU in this run): these numbers are the CPU "
-                  "reference path and CPU convolutions, not GPU kernels; they check "
-                  "that the harness works, not how fast the kernels are.", ""]
+                  "paths of attend (`cpu`, `reference`) and CPU convolutions, not GPU "
+                  "kernels; they check that the harness works, not how fast the kernels "
+                  "are.", ""]
     lines += [
         f"* machine: {first['device']} ({first['device_type']})",
         f"* versions: {versions}",

@@ -17,6 +17,7 @@ Backward: the first backward variant that supports the case, with its default co
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -111,7 +112,13 @@ def _tuned(q, args: AttendArgs, direction: int, shape):
     hit = lookup(key_for(q, args, ("fwd", "bwd")[direction]), q.device, shape=shape)
     if hit is None or hit[0] not in _VARIANTS[direction]:
         return None
-    if not variant_module(hit[0], direction).supports(shape, q.dtype, args):
+    module = variant_module(hit[0], direction)
+    if not module.supports(shape, q.dtype, args):
+        return None
+    if hit[1] not in module.search_space():  # a table is data: trust no config it names
+        warnings.warn(f"sasa_triton: ignoring the tuned config {hit[1]!r} of {hit[0]!r}: it "
+                      f"is not in the variant's search space (edited or foreign table?); "
+                      f"using the heuristic kernel choice", UserWarning, stacklevel=2)
         return None
     return hit
 

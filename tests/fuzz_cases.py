@@ -134,8 +134,12 @@ def _draw_options(rng: random.Random, seed: int, backward: bool) -> FuzzCase:
     d = rng.choice(HEAD_DIMS)
     rel = rng.choice((None, "shared", "per_head")) if d >= 2 else None
     rpb = rng.random() < 0.5
-    scale = None if rng.random() < 0.6 else round(rng.uniform(0.05, 2.0), 3)
     dtype = rng.choice(DTYPES)
+    # Half-precision backward passes see out rounded to 8-11 bits: with a very peaked
+    # softmax, delta = rowsum(dout * out) cancels against dout . v and the rounding of
+    # out dominates dS (as in FlashAttention). Logit scales stay moderate there.
+    top = 1.0 if backward and dtype in (torch.float16, torch.bfloat16) else 2.0
+    scale = None if rng.random() < 0.6 else round(rng.uniform(0.05, top), 3)
     table_dtype = dtype if dtype == torch.float64 or rng.random() < 0.7 else torch.float32
     layout = rng.choice(QKV_LAYOUTS)
     parts = tuple(rng.choice(TENSOR_LAYOUTS) for _ in range(3)) if layout == "mixed" else ()

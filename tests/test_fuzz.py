@@ -128,7 +128,7 @@ def check_forward(seed: int) -> tuple:
             problems.append(f"{name} {config}: raised {type(e).__name__}: {e}")
             continue
         ran.append(name)
-        for what, got, exp, floor in (("out", out, want, FLOOR * v_max),
+        for what, got, exp, floor in (("out", out, want, FLOOR[tol] * v_max),
                                       ("lse", lse, want_lse, 1.0)):
             problem = mismatch(what, got, exp, tol, floor)
             if problem:
@@ -194,12 +194,13 @@ def check_backward(seed: int) -> tuple:
             continue
         ran.append(backend)
         tol = coarser(case.dtype, case.table_dtype)
-        problem = mismatch("out", out, want.detach(), tol, FLOOR * _v_max(case, sources64))
+        v_max = _v_max(case, sources64)
+        problem = mismatch("out", out, want.detach(), tol, FLOOR[tol] * v_max)
         if problem:
             problems.append(f"{backend}: {problem}")
         for name, got, exp in zip(names, grads, want_grads):
             g_tol = coarser(tol, src[name].dtype)
-            problem = mismatch(f"grad of {name}", got, exp, g_tol, FLOOR * largest)
+            problem = mismatch(f"grad of {name}", got, exp, g_tol, FLOOR[g_tol] * largest)
             if problem:
                 problems.append(f"{backend} {fwd_cfg} {bwd_cfg}: {problem}")
     return case, problems, ran

@@ -36,10 +36,10 @@ def nonfinite_case(seed: int) -> dict:
     padding = rng.choice(("zeros", "mask", "shift"))
     kh, kw = rng.choice((1, 3, 3, 5)), rng.choice((1, 3, 3, 5))
     dh, dw = rng.choice((1, 1, 2)), rng.choice((1, 1, 2))
-    H, W = rng.randint(4, 7), rng.randint(4, 7)
+    H, W = rng.randint(4, 6), rng.randint(4, 6)
     if padding == "shift":
         H, W = max(H, kh * dh), max(W, kw * dw)
-    N, D = rng.randint(1, 3), rng.choice((2, 3, 4, 8, 16))
+    N, D = rng.randint(1, 2), rng.choice((2, 3, 4, 8, 16))
     dtype = rng.choice((torch.float32,) * 3 + (torch.float16, torch.bfloat16))
 
     def rand(*shape, scale=1.0):
@@ -123,10 +123,10 @@ def test_nonfinite_gradients_stay_in_their_windows(impl):
         got = dict(zip(NAMES, got))
         finite = [g[g.isfinite()].abs().max().item() for g in want_grads.values()
                   if g.isfinite().any()]
-        floor = FLOOR * max(finite, default=1.0)
+        largest = max(finite, default=1.0)
         for name, exp in want_grads.items():
             tol = coarser(c["dtype"], t[name].dtype)
-            problem = mismatch(f"grad of {name}", got[name], exp, tol, floor)
+            problem = mismatch(f"grad of {name}", got[name], exp, tol, FLOOR[tol] * largest)
             assert problem is None, f"{impl}: {c['desc']}: {problem}"
         dq = want_grads["q"]
         partial += 0 < int((~dq.isfinite()).sum()) < dq.numel()

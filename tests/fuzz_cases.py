@@ -135,11 +135,7 @@ def _draw_options(rng: random.Random, seed: int, backward: bool) -> FuzzCase:
     rel = rng.choice((None, "shared", "per_head")) if d >= 2 else None
     rpb = rng.random() < 0.5
     dtype = rng.choice(DTYPES)
-    # Half-precision backward passes see out rounded to 8-11 bits: with a very peaked
-    # softmax, delta = rowsum(dout * out) cancels against dout . v and the rounding of
-    # out dominates dS (as in FlashAttention). Logit scales stay moderate there.
-    top = 1.0 if backward and dtype in (torch.float16, torch.bfloat16) else 2.0
-    scale = None if rng.random() < 0.6 else round(rng.uniform(0.05, top), 3)
+    scale = None if rng.random() < 0.6 else round(rng.uniform(0.05, 2.0), 3)
     table_dtype = dtype if dtype == torch.float64 or rng.random() < 0.7 else torch.float32
     layout = rng.choice(QKV_LAYOUTS)
     parts = tuple(rng.choice(TENSOR_LAYOUTS) for _ in range(3)) if layout == "mixed" else ()
@@ -294,16 +290,15 @@ def make_dout(case: FuzzCase, dtype=None) -> torch.Tensor:
 # Relative error per tensor (max |got - want| over max |want|) allowed per dtype: the
 # oracle sees the same rounded inputs, so this is rounding inside the implementation
 # (float32 accumulation, P rounded to the value dtype before P V, outputs rounded).
-RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1.5e-2,
+RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2,
         torch.bfloat16: 5e-2}
 # The absolute floor, as a fraction of the case's largest gradient (of v's largest
 # value for out): a tensor that is exactly zero in exact arithmetic (drel_w when every
 # tap shares one column: a softmax row's gradients sum to zero) is judged by absolute
-# error. In half precision the backward reads out rounded to 8-11 bits; its rounding
-# enters every dS through delta = rowsum(dout * out) at the scale of the largest
-# terms, so small gradients there are judged against the largest one.
-FLOOR = {torch.float64: 0.05, torch.float32: 0.05, torch.float16: 0.25,
-         torch.bfloat16: 1.0}
+# error. (The rounding of the saved out, which every backward reads, is accounted for
+# exactly in tests/test_fuzz.py, so it needs no looser floor in half precision.)
+FLOOR = {torch.float64: 0.05, torch.float32: 0.05, torch.float16: 0.05,
+         torch.bfloat16: 0.05}
 
 
 def coarser(*dtypes) -> torch.dtype:

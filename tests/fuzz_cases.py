@@ -18,7 +18,6 @@ run one program after the other in the interpreter.
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 from typing import Callable, Optional
 
@@ -290,13 +289,13 @@ def make_dout(case: FuzzCase, dtype=None) -> torch.Tensor:
 # Relative error per tensor (max |got - want| over max |want|) allowed per dtype: the
 # oracle sees the same rounded inputs, so this is rounding inside the implementation
 # (float32 accumulation, P rounded to the value dtype before P V, outputs rounded).
-RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2,
-        torch.bfloat16: 5e-2}
+RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3,
+        torch.bfloat16: 3e-2}
 # The absolute floor, as a fraction of the case's largest gradient (of v's largest
 # value for out): a tensor that is exactly zero in exact arithmetic (drel_w when every
 # tap shares one column: a softmax row's gradients sum to zero) is judged by absolute
 # error. (The rounding of the saved out, which every backward reads, is accounted for
-# exactly in tests/test_fuzz.py, so it needs no looser floor in half precision.)
+# exactly by `own_out_gradients`, so it needs no looser floor in half precision.)
 FLOOR = {torch.float64: 0.05, torch.float32: 0.05, torch.float16: 0.05,
          torch.bfloat16: 0.05}
 
@@ -328,15 +327,19 @@ def mismatch(name: str, got: torch.Tensor, want: torch.Tensor, dtype,
     return None
 
 
-def relative_error(got: torch.Tensor, want: torch.Tensor, floor: float = 0.0) -> float:
-    """max |got - want| / max(max |want|, floor): the measure `mismatch` bounds."""
-    got = got.detach().cpu().double()
-    fin = want.isfinite()
-    if not fin.any():
-        return 0.0
-    scale = max(want.abs()[fin].max().item(), floor, 1e-30)
-    return (got - want).abs()[fin].max().item() / scale
+def own_out_gradients(out, want, want_lse, dout64, leaves) -> list:
+    """The exact gradients of `leaves` (float64, under the oracle's `want` and `want_lse`),
+    given that the backward reads the forward's own `out`.
 
-
-def is_finite_number(x) -> bool:
-    return isinstance(x, float) and math.isfinite(x)
+    Every backward (FlashAttention style) computes dS = P * (dout . v - delta) with
+    delta = rowsum(dout * out) from the saved out, which is rounded to the dtype (and,
+    for the tiled kernel, summed from P rounded to it). delta is then off by
+    e = rowsum(dout * (out - exact out)), which shifts dS by -e * P = -e * dlse/dlogit,
+    so the gradients by exactly -d(sum e * lse)/d(source). The oracle applies that shift:
+    what remains is the backward's own rounding, judged at the dtype's tolerance (the
+    caller checks out itself against the exact one).
+    """
+    e = ((out.detach().cpu().double() - want.detach()) * dout64.cpu()).sum(-1)
+    e = torch.where(e.isfinite(), e, 0.0)  # non-finite outputs are compared as such
+    objective = (want * dout64).sum() - (e * want_lse).sum()
+    return torch.autograd.grad(objective, leaves, retain_graph=True)

@@ -30,7 +30,7 @@ from sasa_triton.kernels import BACKWARD_VARIANTS, FORWARD_VARIANTS, common
 from sasa_triton.ops import attend_op, reference_forward
 from sasa_triton.registry import triton_usable
 
-from fuzz_cases import FLOOR, coarser, draw, make_dout, mismatch
+from fuzz_cases import FLOOR, coarser, draw, make_dout, mismatch, own_out_gradients
 from oracle import oracle_attend
 
 N_FWD = int(os.environ.get("SASA_FUZZ_N", "500"))
@@ -195,30 +195,14 @@ def check_backward(seed: int) -> tuple:
         problem = mismatch("out", out, want.detach(), tol, FLOOR[tol] * v_max)
         if problem:
             problems.append(f"{backend}: {problem}")
-        want_grads = _own_out_gradients(out, want, want_lse, dout64, sources64, names)
+        want_grads = own_out_gradients(out, want, want_lse, dout64,
+                                       [sources64[n] for n in names])
         for name, got, exp in zip(names, grads, want_grads):
             g_tol = coarser(tol, src[name].dtype)
             problem = mismatch(f"grad of {name}", got, exp, g_tol, FLOOR[g_tol] * largest)
             if problem:
                 problems.append(f"{backend} {fwd_cfg} {bwd_cfg}: {problem}")
     return case, problems, ran
-
-
-def _own_out_gradients(out, want, want_lse, dout64, sources64, names) -> list:
-    """The exact gradients of `names`, given that the backward reads the forward's own out.
-
-    Every backward (FlashAttention style) computes dS = P * (dout . v - delta) with
-    delta = rowsum(dout * out) from the saved out, which is rounded to the dtype (and,
-    for the tiled kernel, summed from P rounded to it). delta is then off by
-    e = rowsum(dout * (out - exact out)), which shifts dS by -e * P = -e * dlse/dlogit,
-    so the gradients by exactly -d(sum e * lse)/d(source). The oracle applies that shift:
-    what remains is the backward's own rounding, judged at the dtype's tolerance (out
-    itself is checked against the exact one above).
-    """
-    e = ((out.detach().cpu().double() - want.detach()) * dout64.cpu()).sum(-1)
-    e = torch.where(e.isfinite(), e, 0.0)  # non-finite outputs are compared as such
-    objective = (want * dout64).sum() - (e * want_lse).sum()
-    return torch.autograd.grad(objective, [sources64[n] for n in names], retain_graph=True)
 
 
 def _v_max(case, sources64) -> float:

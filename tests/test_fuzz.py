@@ -1,15 +1,16 @@
 """Seeded random fuzz: drawn `attend` calls against the float64 oracle, forward and backward.
 
 Each forward case (a seed) is one random call (tests/fuzz_cases.py draws shapes, options,
-dtypes and layouts) run on the reference and on every Triton forward variant that
-supports it (interpreter on CPU, with a random config of the variant's pruned search
-space and NaN-poisoned outputs), comparing out and lse with tests/oracle.py. Each
-backward case runs `attend` with autograd on the reference and on one Triton backend
-(forward variant + backward kernel, random configs), with `requires_grad` on a random
-subset of the leaf tensors the inputs are views of, and compares out and every gradient.
+dtypes and layouts) run on the reference and on one Triton forward variant (they take
+turns by seed; interpreter on CPU, a random config of the variant's pruned search space,
+NaN-poisoned outputs), comparing out and lse with tests/oracle.py. Each backward case
+runs `attend` with autograd on the reference and on one Triton backend (forward variant
++ backward kernel, random configs), with `requires_grad` on a random subset of the leaf
+tensors the inputs are views of, and compares out and every requested gradient.
 
 Environment:
-    SASA_FUZZ_N=2000        forward cases (backward cases: N // 5, at least 1)
+    SASA_FUZZ_N=2000        forward cases (backward cases: N // 5, at least 1); default 500
+                            (60 on a GPU, where every new case compiles)
     SASA_FUZZ_SEED=123      first seed (default 0); seeds are SEED, SEED+1, ...;
                             SASA_FUZZ_SEED=random draws a fresh one (the test ids, fwd<seed>
                             and bwd<seed>, and any failure name the seeds)
@@ -33,13 +34,14 @@ from sasa_triton.registry import triton_usable
 from fuzz_cases import FLOOR, coarser, draw, make_dout, mismatch, own_out_gradients
 from oracle import oracle_attend
 
-N_FWD = int(os.environ.get("SASA_FUZZ_N", "500"))
+TRITON = triton_usable("cpu") or torch.cuda.is_available()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# On a GPU each new (shape, options, config) compiles for seconds (the interpreter
+# compiles nothing): fewer cases by default there.
+N_FWD = int(os.environ.get("SASA_FUZZ_N", "500" if DEVICE == "cpu" else "60"))
 N_BWD = max(1, N_FWD // 5)
 _seed = os.environ.get("SASA_FUZZ_SEED", "0")
 SEED = random.SystemRandom().randrange(10**6) if _seed == "random" else int(_seed)
-TRITON = triton_usable("cpu") or torch.cuda.is_available()
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TABLES = ("rel_h", "rel_w", "rpb")
 
 
 @pytest.fixture(autouse=True)

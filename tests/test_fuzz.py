@@ -83,7 +83,7 @@ def _random_config(module, shape, args, rng: random.Random):
                                                                                       args)
 
 
-def _triton_variant(case, args, direction: int = 0):
+def _triton_variant(case, args):
     """The Triton forward variant of this case (they take turns, seed by seed), or None
     where Triton cannot run it (float64, no interpreter and no GPU, unsupported shape)."""
     if not TRITON or case.dtype == torch.float64:
@@ -113,7 +113,7 @@ def check_forward(seed: int) -> tuple:
     sources64 = {n: t.double() for n, t in case.sources.items()}
     want, want_lse = _oracle(case, sources64, want_lse=True)
     tol = coarser(case.dtype, case.table_dtype)
-    v_max = sources64_abs_max(case.inputs(sources64)["v"])
+    v_max = _v_max(case, sources64)
     problems, ran = [], []
     for name, forward, config in _forward_impls(case, args, rng):
         kwargs = {} if name == "reference" else {"_poison": True}
@@ -131,10 +131,6 @@ def check_forward(seed: int) -> tuple:
         if out.dtype != case.dtype or not out.is_contiguous():
             problems.append(f"{name}: out is {out.dtype}, contiguous={out.is_contiguous()}")
     return case, problems, ran
-
-
-def sources64_abs_max(t: torch.Tensor) -> float:
-    return t.abs().max().item() if t.numel() else 0.0
 
 
 def _backward_impls(case, args, rng):
@@ -204,8 +200,10 @@ def check_backward(seed: int) -> tuple:
 
 
 def _v_max(case, sources64) -> float:
+    """Largest |v| of the case (the scale of out and of its rounding)."""
     with torch.no_grad():
-        return sources64_abs_max(case.inputs(sources64)["v"])
+        v = case.inputs(sources64)["v"]
+        return v.abs().max().item() if v.numel() else 0.0
 
 
 @pytest.mark.parametrize("seed", range(SEED, SEED + N_FWD), ids=lambda s: f"fwd{s}")

@@ -105,7 +105,7 @@ def draw(seed: int, backward: bool = False) -> FuzzCase:
     rng = random.Random(seed * 2 + int(backward))
     limit = MAX_WORK_BWD if backward else MAX_WORK_FWD
     while True:
-        case = _draw_options(rng, seed, backward)
+        case = _draw_options(rng, seed)
         if case.work() <= limit:
             break
     gen = torch.Generator().manual_seed(rng.getrandbits(62))
@@ -117,7 +117,7 @@ def draw(seed: int, backward: bool = False) -> FuzzCase:
     return case
 
 
-def _draw_options(rng: random.Random, seed: int, backward: bool) -> FuzzCase:
+def _draw_options(rng: random.Random, seed: int) -> FuzzCase:
     padding = rng.choice(PADDINGS)
     kh = _odd_kernel(rng)
     kw = kh if rng.random() < 0.4 else _odd_kernel(rng)
@@ -126,6 +126,8 @@ def _draw_options(rng: random.Random, seed: int, backward: bool) -> FuzzCase:
     if padding == "shift":  # the window must fit: k * dil <= image side
         H = kh * dh + rng.choice((0, 0, 1, 2, 3))
         W = kw * dw + rng.choice((0, 0, 1, 2, 3))
+    elif rng.random() < 0.1:  # a wide strip: more than one 16-pixel column tile
+        H, W = rng.randint(1, 2), rng.randint(17, 24)
     else:  # often smaller than the window
         H, W = rng.randint(1, 7), rng.randint(1, 7)
     B = rng.choice((1, 1, 1, 2))
@@ -289,7 +291,10 @@ def make_dout(case: FuzzCase, dtype=None) -> torch.Tensor:
 # Relative error per tensor (max |got - want| over max |want|) allowed per dtype: the
 # oracle sees the same rounded inputs, so this is rounding inside the implementation
 # (float32 accumulation, P rounded to the value dtype before P V, outputs rounded).
-RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3,
+# Largest errors over 500 calibration cases: float32 1e-4 (a constant dout, as from
+# out.sum(), makes dS a near-cancelling difference of two float32 sums over d; 2e-5
+# otherwise), float16 7e-4, bfloat16 8.5e-3: about 3-7x below these.
+RTOL = {torch.float64: 1e-9, torch.float32: 3e-4, torch.float16: 5e-3,
         torch.bfloat16: 3e-2}
 # The absolute floor, as a fraction of the case's largest gradient (of v's largest
 # value for out): a tensor that is exactly zero in exact arithmetic (drel_w when every

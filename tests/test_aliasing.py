@@ -7,11 +7,11 @@ of float64 copies for the oracle) and compares out and the leaves' gradients. Th
 """
 import pytest
 import torch
+from fuzz_cases import FLOOR, mismatch
 
 import sasa_triton
-from sasa_triton.registry import triton_usable
+from sasa_triton.variants import triton_usable
 
-from fuzz_cases import FLOOR, mismatch
 from oracle import oracle_attend
 
 BACKENDS = ["reference"] + (["tiled", "allheads"] if triton_usable("cpu") else [])

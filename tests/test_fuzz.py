@@ -23,18 +23,20 @@ import random
 
 import pytest
 import torch
+from fuzz_cases import FLOOR, coarser, draw, make_dout, mismatch, own_out_gradients
 
 import sasa_triton
 from sasa_triton import dispatch
 from sasa_triton.args import check_attend_args
-from sasa_triton.kernels import BACKWARD_VARIANTS, FORWARD_VARIANTS, common
-from sasa_triton.ops import attend_op, reference_forward
-from sasa_triton.registry import triton_usable
+from sasa_triton.kernels import common
+from sasa_triton.ops import attend_op
+from sasa_triton.reference import reference_forward
+from sasa_triton.variants import REFERENCE, get, triton_usable, with_direction
 
-from fuzz_cases import FLOOR, coarser, draw, make_dout, mismatch, own_out_gradients
 from oracle import oracle_attend
 
 TRITON = triton_usable("cpu") or torch.cuda.is_available()
+FORWARD_VARIANTS = sorted(v.name for v in with_direction("fwd") if v.name != REFERENCE)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # On a GPU each new (shape, options, config) compiles for seconds (the interpreter
 # compiles nothing): fewer cases by default there.
@@ -48,8 +50,6 @@ SEED = random.SystemRandom().randrange(10**6) if _seed == "random" else int(_see
 def poison_outputs(monkeypatch):
     """Every kernel output starts as NaN: an element a kernel fails to write fails."""
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
-    for name in BACKWARD_VARIANTS:
-        monkeypatch.setattr(dispatch.variant_module(name, 1), "POISON_OUTPUTS", True)
 
 
 def _fail(case, problems, what):
@@ -89,7 +89,7 @@ def _triton_variant(case, args):
     if not TRITON or case.dtype == torch.float64:
         return None
     name = sorted(FORWARD_VARIANTS)[case.seed % len(FORWARD_VARIANTS)]
-    if not dispatch.variant_module(name).supports(case.shape, case.dtype, args):
+    if not get(name).supports(case.shape, case.dtype, args):
         return None
     return name
 
@@ -99,7 +99,7 @@ def _forward_impls(case, args, rng):
     impls = [("reference", reference_forward, None)]
     name = _triton_variant(case, args)
     if name is not None:
-        module = dispatch.variant_module(name)
+        module = get(name)
         impls.append((name, module.forward, _random_config(module, case.shape, args, rng)))
     return impls
 
@@ -138,14 +138,14 @@ def _backward_impls(case, args, rng):
     impls = [("reference", "", "")]
     name = _triton_variant(case, args)
     if name is not None:
-        module = dispatch.variant_module(name)
+        module = get(name)
         q_meta = torch.empty(case.shape, dtype=case.dtype, device=DEVICE)
         bwd_name, _ = dispatch.default_backward(q_meta, args)
         fwd_cfg = bwd_cfg = ""
         if rng.random() < 0.6:  # else the defaults, through the public attend
             fwd_cfg = json.dumps(_random_config(module, case.shape, args, rng))
             if bwd_name != "reference":
-                bwd_module = dispatch.variant_module(bwd_name, 1)
+                bwd_module = get(bwd_name)
                 bwd_cfg = json.dumps(_random_config(bwd_module, case.shape, args, rng))
         impls.append((name, fwd_cfg, bwd_cfg))
     return impls

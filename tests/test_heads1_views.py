@@ -8,15 +8,15 @@ against the float64 oracle, and through SASA2d.
 """
 import pytest
 import torch
+from fuzz_cases import FLOOR, mismatch
 
 import sasa_triton
-from sasa_triton.nn import SASA2d, split_qkv
-from sasa_triton.reference_bwd import reference_backward
 from sasa_triton.args import check_attend_args
+from sasa_triton.nn import SASA2d, split_qkv
 from sasa_triton.reference import reference_attend
-from sasa_triton.registry import triton_usable
+from sasa_triton.reference_bwd import reference_backward
+from sasa_triton.variants import triton_usable
 
-from fuzz_cases import FLOOR, mismatch
 from oracle import oracle_attend
 
 BACKENDS = ["reference"] + (["tiled", "allheads"] if triton_usable("cpu") else [])
@@ -68,7 +68,7 @@ def test_reference_backward_accepts_any_strides(layout):
     want_out = reference_attend(*leaves[:3], args._replace(rel_h=leaves[3], rel_w=leaves[4]))
     want = torch.autograd.grad(want_out, leaves, dout)
     for name, a, b in zip(("q", "k", "v", "rel_h", "rel_w"), got, want):
-        torch.testing.assert_close(a, b, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 @pytest.mark.parametrize("padding", ["zeros", "mask", "shift"])

@@ -11,20 +11,21 @@ import random
 
 import pytest
 import torch
+from fuzz_cases import FLOOR, SHORT, coarser, mismatch, own_out_gradients
 
 from sasa_triton.args import check_attend_args
-from sasa_triton.dispatch import variant_module
-from sasa_triton.kernels import BACKWARD_VARIANTS, FORWARD_VARIANTS
-from sasa_triton.ops import reference_forward
+from sasa_triton.reference import reference_forward
 from sasa_triton.reference_bwd import reference_backward
-from sasa_triton.registry import triton_usable
+from sasa_triton.variants import REFERENCE, triton_usable, with_direction
+from sasa_triton.variants import get as variant_module
 
-from fuzz_cases import FLOOR, SHORT, coarser, mismatch, own_out_gradients
 from oracle import oracle_attend
 
 TRITON = triton_usable("cpu")
-FORWARDS = ["reference"] + (sorted(FORWARD_VARIANTS) if TRITON else [])
-BACKWARDS = ["reference"] + (sorted(BACKWARD_VARIANTS) if TRITON else [])
+FORWARD_VARIANTS = sorted(v.name for v in with_direction("fwd") if v.name != REFERENCE)
+BACKWARD_VARIANTS = sorted(v.name for v in with_direction("bwd") if v.name != REFERENCE)
+FORWARDS = ["reference"] + (FORWARD_VARIANTS if TRITON else [])
+BACKWARDS = ["reference"] + (BACKWARD_VARIANTS if TRITON else [])
 CASES_PER_IMPL = 10
 # The interpreter reduces NaN blocks with numpy, which says so: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
@@ -123,7 +124,7 @@ def test_nonfinite_gradients_stay_in_their_windows(impl):
         want_grads = dict(zip(leaves, own_out_gradients(out, want, want_lse, dout,
                                                         list(leaves.values()))))
         backward = reference_backward if impl == "reference" else \
-            variant_module(impl, 1).backward
+            variant_module(impl).backward
         got = backward(t["q"], t["k"], t["v"], out, lse, dout.to(c["dtype"]), args)
         got = dict(zip(NAMES, got))
         finite = [g[g.isfinite()].abs().max().item() for g in want_grads.values()

@@ -22,9 +22,9 @@ import torch
 from sasa_triton import dispatch
 from sasa_triton.args import check_attend_args
 from sasa_triton.autotune import lookup as lookup_mod
-from sasa_triton.autotune import table
+from sasa_triton.autotune import tuned_table as table
 from sasa_triton.autotune.keys import TuneKey, key_for
-from sasa_triton.kernels import BACKWARD_VARIANTS, FORWARD_VARIANTS
+from sasa_triton.variants import with_direction
 
 GPU = "Fake GPU 80GB HBM3"
 WRITERS, KEYS_PER_WRITER = 8, 25
@@ -295,9 +295,8 @@ def test_variant_names_are_never_imported(monkeypatch, tmp_path):
 def test_default_configs_are_in_the_search_space(direction):
     """The tuner records configs of the search space (and the default): the check
     above must never reject what the tuner writes."""
-    variants = (FORWARD_VARIANTS, BACKWARD_VARIANTS)[direction]
-    for name in variants:
-        module = dispatch.variant_module(name, direction)
+    for module in with_direction(("fwd", "bwd")[direction], tuned_only=True):
+        name = module.name
         space = module.search_space()
         for shape in [(1, 7, 7, 8, 8), (2, 56, 56, 4, 64), (1, 3, 200, 1, 256), (1, 9, 9, 16, 1)]:
             q, args = _call(shape, 3)

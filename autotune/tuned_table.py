@@ -31,6 +31,7 @@ import importlib.util
 import json
 import os
 import re
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -42,6 +43,7 @@ except ImportError:  # not on Windows: writers are then atomic but not serialise
     fcntl = None
 
 SCHEMA = 1
+MAX_TABLE_BYTES = 64 * 2**20  # a table of every key of a large sweep is a few MB
 _warned: set = set()
 
 
@@ -125,12 +127,18 @@ def _check_schema(data) -> None:
     for key, e in entries.items():
         if not (isinstance(e, dict) and isinstance(e.get("candidates", []), list)
                 and (e.get("variant") is None or isinstance(e.get("variant"), str))
-                and (e.get("config") is None or isinstance(e.get("config"), dict))
+                and (e.get("config") is None or _is_config(e.get("config")))
                 and (e.get("time_us") is None or isinstance(e.get("time_us"), (int, float)))
                 and isinstance(e.get("complete", True), bool)):
             raise ValueError(f"entry {key!r} is malformed")
         if e.get("variant") is not None and e.get("config") is None:
             raise ValueError(f"entry {key!r} has a variant but no config")
+
+
+def _is_config(config) -> bool:
+    """A config is a flat object of integer meta-parameters (bool is no integer here)."""
+    return isinstance(config, dict) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in config.values())
 
 
 def _warn_once(path: Path, message: str) -> None:
@@ -154,19 +162,26 @@ def why_unusable(data: dict, gpu: Optional[str]) -> Optional[str]:
 
 
 def read_raw(path) -> tuple[Optional[dict], Optional[str]]:
-    """(parsed table, None), or (None, why it is corrupt); (None, None) when absent."""
+    """(parsed table, None), or (None, why it is corrupt); (None, None) when absent.
+    Only a regular file of at most MAX_TABLE_BYTES is read (a FIFO would block, a
+    directory or a huge file is no table), and only as JSON: nothing in it is run."""
     path = Path(path)
     try:
-        text = path.read_text()
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            return None, "it is not a regular file"
+        if info.st_size > MAX_TABLE_BYTES:
+            return None, f"it is too large ({info.st_size} bytes, at most {MAX_TABLE_BYTES})"
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None, None
     except OSError as e:
         return None, f"cannot read it ({e})"
     try:
-        data = json.loads(text)
+        data = json.loads(raw.decode("utf-8"))
         _check_schema(data)
-    except ValueError as e:  # json.JSONDecodeError is a ValueError
-        return None, f"it is corrupt ({e})"
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, absurd nesting, schema
+        return None, f"it is corrupt ({type(e).__name__}: {str(e)[:200]})"
     return data, None
 
 

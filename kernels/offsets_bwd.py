@@ -147,6 +147,8 @@ def _dq_kernel(
                 b_rw = tl.load(relw_ptr + n * srw_n + tx * srw_r + (o_d - D_HALF) * srw_d,
                                mask=(o_d >= D_HALF) & m_d, other=0.0).to(tl.float32)
                 b_k = b_k + (b_rh + b_rw)[None, :]  # k + [rel_h[ty], rel_w[tx]]
+                if PADDING != 0:  # a dead tap adds no 0 * (an inf in a row it does not use)
+                    b_k = tl.where(m_live[:, None], b_k, 0.0)
             b_s = tl.sum(b_q * b_k, axis=1) * scale2  # [BLOCK_P], log2 units
             if HAS_RPB:
                 if PADDING == 2:
@@ -160,7 +162,10 @@ def _dq_kernel(
             b_ds = tl.where(m_live, b_p * (b_dp - b_delta), 0.0)  # where: no NaN from dead taps
             acc_dq += b_ds[:, None] * b_k
             if HAS_REL:
-                b_g = tl.sum(b_ds[:, None] * b_q, axis=0)  # [BLOCK_D]
+                if PADDING == 0:  # zeros: every tap of an in-image query is live
+                    b_g = tl.sum(b_ds[:, None] * b_q, axis=0)  # [BLOCK_D]
+                else:  # nor 0 * (a NaN in q) to a table row the query does not use
+                    b_g = tl.sum(tl.where(m_live[:, None], b_ds[:, None] * b_q, 0.0), axis=0)
                 acc_h += b_g
                 acc_w += tl.where(o_tx[:, None] == tx, b_g[None, :], 0.0)
             if HAS_RPB:

@@ -22,6 +22,7 @@ default config.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -111,6 +112,12 @@ def _tuned(q, args: AttendArgs, direction: int, shape) -> Optional[tuple[str, di
     if variant is None or variant.function(_DIRECTIONS[direction]) is None:
         return None
     if not variant.supports(shape, q.dtype, args):
+        return None
+    space = variant.search_space() if variant.search_space is not None else None
+    if space is not None and hit[1] not in space:  # a table is data: trust no config it names
+        warnings.warn(f"sasa_triton: ignoring the tuned config {hit[1]!r} of {hit[0]!r}: it "
+                      f"is not in the variant's search space (edited or foreign table?); "
+                      f"using the heuristic kernel choice", UserWarning, stacklevel=2)
         return None
     return hit
 

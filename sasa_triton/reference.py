@@ -45,8 +45,10 @@ def reference_attend(q, k, v, args: AttendArgs, return_lse: bool = False,
         y, x, inside, all_inside = tap.y, tap.x, tap.inside, tap.all_inside
         k_n = k[:, y[:, None], x[None, :]].to(cdt)  # (B, H, W, N, D)
         v_n = v[:, y[:, None], x[None, :]].to(cdt)
-        if not all_inside and padding == "zeros":
-            # where, not a multiply: a NaN outside the window must not leak in
+        if not all_inside:
+            # where, not a multiply: the clamped position of an out-of-image neighbor may
+            # lie outside the window, and a NaN there must not leak in (in mask mode too,
+            # where the tap's weight is 0 but 0 * NaN is NaN)
             k_n = torch.where(inside[..., None], k_n, 0.0)
             v_n = torch.where(inside[..., None], v_n, 0.0)
         logit = torch.einsum("bhwnd,bhwnd->bhwn", q_c, k_n)

@@ -25,9 +25,8 @@ def reference_backward(q, k, v, out, lse, dout, args: AttendArgs, config=None) -
 
     q_c, dout_c, lse_c = q.to(cdt), dout.to(cdt), lse.to(cdt)
     delta = torch.einsum("bhwnd,bhwnd->bhwn", dout_c, out.to(cdt))
-    dq = torch.zeros((B, H, W, N, D), dtype=cdt, device=dev)
-    dk = torch.zeros_like(dq)
-    dv = torch.zeros_like(dq)
+    # contiguous accumulators: their (B, H*W, N, D) views below must be views
+    dq, dk, dv = (torch.zeros((B, H, W, N, D), dtype=cdt, device=dev) for _ in range(3))
     if rel_h is not None:
         rel_h_n = rel_h.to(cdt).expand(N, *rel_h.shape[-2:])
         rel_w_n = rel_w.to(cdt).expand(N, *rel_w.shape[-2:])
@@ -53,24 +52,34 @@ def reference_backward(q, k, v, out, lse, dout, args: AttendArgs, config=None) -
             logit = logit + rpb_c[:, tap.rel_y][:, :, tap.rel_x].permute(1, 2, 0)
         p = torch.exp(logit - lse_c)
         ds = p * (torch.einsum("bhwnd,bhwnd->bhwn", dout_c, v_n) - delta)
-        if padding == "mask":  # left out of the softmax: no gradient at all
+        # mask mode: a masked tap is left out of the softmax and gets no gradient at all,
+        # not even 0 * (a NaN or inf in q or in a table row the query does not use)
+        masked = padding == "mask" and not tap.all_inside
+        if padding == "mask":
             p = torch.where(inside, p, 0.0)
             ds = torch.where(inside, ds, 0.0)
+        q_t = torch.where(inside[..., None], q_c, 0.0) if masked else q_c
 
         dq += ds[..., None] * k_n
         if rel_h is not None:
-            dq[..., :d2] += ds[..., None] * r_h[None, :, None]
-            dq[..., d2:] += ds[..., None] * r_w[None, None]
+            dq_h, dq_w = ds[..., None] * r_h[None, :, None], ds[..., None] * r_w[None, None]
+            if masked:
+                dq_h = torch.where(inside[..., None], dq_h, 0.0)
+                dq_w = torch.where(inside[..., None], dq_w, 0.0)
+            dq[..., :d2] += dq_h
+            dq[..., d2:] += dq_w
         # keys/values: only in-image neighbors exist (zeros mode drops the rest);
-        # index_add_ over flat pixels (shift windows map several queries to one key)
+        # index_add_ over flat pixels (shift windows map several queries to one key).
+        # The parts take the strides of q / dout (a permuted NCHW view, say), so they are
+        # reshaped, not viewed; dk / dv are contiguous, so theirs are real views.
         dk_part = torch.where(inside[..., None], ds[..., None] * q_c, 0.0)
         dv_part = torch.where(inside[..., None], p[..., None] * dout_c, 0.0)
         at = (y[:, None] * W + x[None, :]).reshape(-1)
-        dk.view(B, H * W, N, D).index_add_(1, at, dk_part.view(B, H * W, N, D))
-        dv.view(B, H * W, N, D).index_add_(1, at, dv_part.view(B, H * W, N, D))
+        dk.view(B, H * W, N, D).index_add_(1, at, dk_part.reshape(B, H * W, N, D))
+        dv.view(B, H * W, N, D).index_add_(1, at, dv_part.reshape(B, H * W, N, D))
         if rel_h is not None:
-            drel_h_n.index_add_(1, row, torch.einsum("bhwn,bhwnd->nhd", ds, q_c[..., :d2]))
-            drel_w_n.index_add_(1, col, torch.einsum("bhwn,bhwnd->nwd", ds, q_c[..., d2:]))
+            drel_h_n.index_add_(1, row, torch.einsum("bhwn,bhwnd->nhd", ds, q_t[..., :d2]))
+            drel_w_n.index_add_(1, col, torch.einsum("bhwn,bhwnd->nwd", ds, q_t[..., d2:]))
         if rpb is not None:
             drpb.index_put_((n_idx, tap.rel_y[None, :, None], tap.rel_x[None, None, :]),
                             ds.sum(0).permute(2, 0, 1), accumulate=True)

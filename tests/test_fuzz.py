@@ -31,12 +31,12 @@ from sasa_triton.args import check_attend_args
 from sasa_triton.kernels import common
 from sasa_triton.ops import attend_op
 from sasa_triton.reference import reference_forward
-from sasa_triton.variants import REFERENCE, get, triton_usable, with_direction
+from sasa_triton.variants import get, triton_usable, with_direction
 
 from oracle import oracle_attend
 
 TRITON = triton_usable("cpu") or torch.cuda.is_available()
-FORWARD_VARIANTS = sorted(v.name for v in with_direction("fwd") if v.name != REFERENCE)
+FORWARD_VARIANTS = sorted(v.name for v in with_direction("fwd") if v.needs_triton)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # On a GPU each new (shape, options, config) compiles for seconds (the interpreter
 # compiles nothing): fewer cases by default there.

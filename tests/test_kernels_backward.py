@@ -10,13 +10,13 @@ import torch
 
 from sasa_triton.args import check_attend_args
 from sasa_triton.reference import reference_attend
-from sasa_triton.variants import REFERENCE, with_direction
+from sasa_triton.variants import with_direction
 
 from cases import TOLERANCES, Case, assert_close, make_inputs
 from oracle import oracle_attend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-VARIANTS = {v.name: v for v in with_direction("bwd") if v.name != REFERENCE}
+VARIANTS = {v.name: v for v in with_direction("bwd") if v.needs_triton}
 TABLES = ("rel_h", "rel_w", "rpb")
 
 # A covering set: every padding, dilation 1 / square / not, square and non-square odd

@@ -13,14 +13,14 @@ import torch
 import sasa_triton
 from sasa_triton.args import check_attend_args
 from sasa_triton.dispatch import choose, heuristic_forward
-from sasa_triton.variants import REFERENCE, triton_usable, with_direction
 from sasa_triton.variants import get as variant_module
+from sasa_triton.variants import triton_usable, with_direction
 
 from cases import Case, assert_close, make_inputs
 from oracle import oracle_attend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-VARIANTS = sorted(v.name for v in with_direction("fwd") if v.name != REFERENCE)
+VARIANTS = sorted(v.name for v in with_direction("fwd") if v.needs_triton)
 
 pytestmark = pytest.mark.skipif(not triton_usable(torch.device(DEVICE).type),
                                 reason="Triton kernels need CUDA or TRITON_INTERPRET=1")

@@ -16,14 +16,14 @@ from fuzz_cases import FLOOR, SHORT, coarser, mismatch, own_out_gradients
 from sasa_triton.args import check_attend_args
 from sasa_triton.reference import reference_forward
 from sasa_triton.reference_bwd import reference_backward
-from sasa_triton.variants import REFERENCE, triton_usable, with_direction
 from sasa_triton.variants import get as variant_module
+from sasa_triton.variants import triton_usable, with_direction
 
 from oracle import oracle_attend
 
 TRITON = triton_usable("cpu")
-FORWARD_VARIANTS = sorted(v.name for v in with_direction("fwd") if v.name != REFERENCE)
-BACKWARD_VARIANTS = sorted(v.name for v in with_direction("bwd") if v.name != REFERENCE)
+FORWARD_VARIANTS = sorted(v.name for v in with_direction("fwd") if v.needs_triton)
+BACKWARD_VARIANTS = sorted(v.name for v in with_direction("bwd") if v.needs_triton)
 FORWARDS = ["reference"] + (FORWARD_VARIANTS if TRITON else [])
 BACKWARDS = ["reference"] + (BACKWARD_VARIANTS if TRITON else [])
 CASES_PER_IMPL = 10

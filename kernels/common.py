@@ -89,6 +89,21 @@ def row_offsets_fit_i32(tensors, cols: int, d: int, heads: int = 1) -> bool:
     return True
 
 
+def vector_width(tensors, block_d: int) -> int:
+    """The largest power of two <= block_d dividing every base address (in elements) and
+    every batch, row, column and head stride of the (B, H, W, heads, d) `tensors`, when d
+    is contiguous in all of them (else 1): a kernel may then load that many channels of a
+    head as one vector (tl.multiple_of hints on the pixel and head offsets)."""
+    if any(t.shape[4] > 1 and t.stride(4) != 1 for t in tensors):
+        return 1
+    vec = block_d
+    for t in tensors:
+        for n in (t.data_ptr() // t.element_size(), *t.stride()[:4]):
+            while vec > 1 and n % vec:
+                vec //= 2
+    return vec
+
+
 def alloc_outputs(q: torch.Tensor, poison: bool = False):
     """out (contiguous, q's dtype) and lse (float32) for a forward launch; NaN-filled
     when poisoned so that a test sees any element the kernel failed to write."""

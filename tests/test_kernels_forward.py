@@ -265,10 +265,10 @@ AOT_SPECS = [  # (kernel, dtype, constexprs)
                            KV_SAME_STRIDES=False, EVEN_D=False)),
     ("allheads", "bf16", dict(KH=7, KW=7, PADDING=0, HAS_REL=True, HAS_RPB=False, BLOCK_P=32,
                               BLOCK_N=8, BLOCK_D=8, BLOCK_KW=8, ROW_I64=False,
-                              KV_SAME_STRIDES=True)),
+                              KV_SAME_STRIDES=True, EVEN_ROW=True, VEC=8)),
     ("allheads", "fp16", dict(KH=3, KW=5, PADDING=1, HAS_REL=False, HAS_RPB=True, BLOCK_P=16,
                               BLOCK_N=1, BLOCK_D=1, BLOCK_KW=8, ROW_I64=True,
-                              KV_SAME_STRIDES=False)),
+                              KV_SAME_STRIDES=False, EVEN_ROW=False, VEC=1)),
 ]
 
 

@@ -11,6 +11,7 @@ a backward one has the same four plus
 FORWARD_VARIANTS = {
     "tiled": "sasa_triton.kernels.tiled_fwd",  # tensor-core halo tiles, one (b, head) per program
     "allheads": "sasa_triton.kernels.allheads_fwd",  # all heads of a pixel block, d < 16, tiny maps
+    "tile2d": "sasa_triton.kernels.tile2d_fwd",  # CUDA cores, 2-D pixel tile x all heads, d <= 16
 }
 BACKWARD_VARIANTS = {
     "offsets": "sasa_triton.kernels.offsets_bwd",  # CUDA cores, window offsets in a loop

@@ -26,6 +26,7 @@ _REGISTRY: dict[str, Backend] = {
     # forced forward kernel variants (their backward: the default backward kernel)
     "tiled": Backend("sasa_triton.kernels.tiled_fwd:forward", triton=True),
     "allheads": Backend("sasa_triton.kernels.allheads_fwd:forward", triton=True),
+    "tile2d": Backend("sasa_triton.kernels.tile2d_fwd:forward", triton=True),
 }
 
 

@@ -1,0 +1,262 @@
+"""Forward kernel family "tile2d": CUDA cores, a 2-D pixel tile with all its heads.
+
+What a program owns: a BLOCK_H x BLOCK_W tile of pixels of one image with all heads,
+held as [P, BLOCK_N, BLOCK_D] tiles (P = BLOCK_H * BLOCK_W, BLOCK_N = next_pow2(heads),
+BLOCK_D = next_pow2(d)); q, the output accumulator and the running max and sum stay in
+registers. The kw window columns are walked in NCHUNK static chunks of COLS columns
+(COLS a power of two, pad columns masked); for each chunk a runtime loop over the kh
+window rows loads the chunk's k and v rows of every tile pixel as one
+[COLS, P, BLOCK_N, BLOCK_D] tile, computes the COLS logits per (pixel, head) with
+CUDA-core dot products and updates the online softmax once per (row, chunk). Logits are
+in log2 units: q is scaled by scale * log2(e) once. The relative term is split: the
+column part q[d/2:] . rel_w[col] is computed once per chunk (a [COLS, P, BLOCK_N] tile),
+the row part q[:d/2] . rel_h[row] once per (row, chunk) and added to the row's max.
+Only in-window taps are loaded. It saves lse = ln(sum exp(logit)) per (pixel, head).
+
+Supported: every padding mode, dilation, any odd kh/kw (kw <= 64), shared/per-head rel
+tables, rpb, fp16/bf16/fp32, head dims while next_pow2(heads) * next_pow2(d) <= 256
+(e.g. 8 heads x d <= 32, 16 heads x d = 16). Any strides; 64-bit pixel offsets.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (LOG2E, PADDING_CODES, alloc_outputs, bias_strides, check_config,
+                     launch_options, next_pow2, row_offsets_fit_i32, vector_width,
+                     window_start)
+
+MAX_ROW = 256  # next_pow2(heads) * next_pow2(d) held per pixel
+MAX_KW = 64
+
+
+@triton.jit
+def _tile2d_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    H, W, HEADS, D, D_HALF, TILES_W, TILES,
+    sq_b, sq_h, sq_w, sq_n, sq_d,
+    sk_b, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_h, sv_w, sv_n, sv_d,
+    so_b, so_h, so_w, so_n, so_d,
+    sl_b, sl_h, sl_w, sl_n,
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
+    dil_h, dil_w, qk_scale,  # qk_scale = scale * log2(e)
+    KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
+    HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, COLS: tl.constexpr, NCHUNK: tl.constexpr,
+    ROW_I64: tl.constexpr, KV_SAME_STRIDES: tl.constexpr, EVEN_ROW: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    P: tl.constexpr = BLOCK_H * BLOCK_W
+    pid = tl.program_id(0)
+    b = (pid // TILES).to(tl.int64)
+    t = pid % TILES
+    o_i = tl.arange(0, P)
+    y = (t // TILES_W) * BLOCK_H + o_i // BLOCK_W  # [P]
+    x = (t % TILES_W) * BLOCK_W + o_i % BLOCK_W
+    m_p = (y < H) & (x < W)
+
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    if EVEN_ROW:  # heads == BLOCK_N and d == BLOCK_D: masks stay per pixel
+        m_nd = tl.full([BLOCK_N, BLOCK_D], 1, dtype=tl.int1)
+    else:
+        m_nd = (o_n[:, None] < HEADS) & (o_d[None, :] < D)
+    if ROW_I64:  # offsets inside one pixel's heads x d row can pass 2**31
+        o_nr = o_n.to(tl.int64)
+        o_dr = o_d.to(tl.int64)
+    else:
+        o_nr = o_n
+        o_dr = o_d
+    # VEC > 1: every pixel and head offset is a multiple of VEC elements, d contiguous
+    o_qnd = tl.multiple_of(o_nr * sq_n, VEC)[:, None] + o_dr[None, :] * sq_d
+    o_knd = tl.multiple_of(o_nr * sk_n, VEC)[:, None] + o_dr[None, :] * sk_d
+    if KV_SAME_STRIDES:
+        o_vnd = o_knd
+    else:
+        o_vnd = tl.multiple_of(o_nr * sv_n, VEC)[:, None] + o_dr[None, :] * sv_d
+
+    o_qp = tl.multiple_of(b * sq_b + y.to(tl.int64) * sq_h + x.to(tl.int64) * sq_w, VEC)
+    b_q = tl.load(q_ptr + o_qp[:, None, None] + o_qnd[None, :, :],
+                  mask=m_p[:, None, None] & m_nd[None, :, :], other=0.0)
+    b_q = b_q.to(tl.float32) * qk_scale  # [P, N, D], logits come out in log2 units
+    start_y, off_y = window_start(y, H, KH, dil_h, PADDING == 2)  # [P]
+    start_x, off_x = window_start(x, W, KW, dil_w, PADDING == 2)
+    o_kb = b * sk_b
+    o_vb = b * sv_b
+    if HAS_REL:
+        m_dh = (o_n[:, None] < HEADS) & (o_d[None, :] < D_HALF)  # q[:d/2] meets rel_h
+        m_dw = (o_n[:, None] < HEADS) & (o_d[None, :] >= D_HALF) & (o_d[None, :] < D)
+        o_rh_nd = o_n[:, None] * srh_n + o_d[None, :] * srh_d
+        o_rw_nd = o_n[:, None] * srw_n + (o_d[None, :] - D_HALF) * srw_d
+
+    b_m = tl.full([P, BLOCK_N], -1.0e30, dtype=tl.float32)  # finite: no inf - inf
+    b_l = tl.zeros([P, BLOCK_N], dtype=tl.float32)
+    b_acc = tl.zeros([P, BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for cc in tl.static_range(NCHUNK):
+        # the chunk's columns, per pixel: position, mask, offsets and rel column part
+        o_c = cc * COLS + tl.arange(0, COLS)  # [COLS] window column
+        xk = start_x[None, :] + o_c[:, None] * dil_w  # [COLS, P]
+        m_c = (o_c[:, None] < KW) & m_p[None, :]
+        m_x = m_c & (xk >= 0) & (xk < W)
+        o_kx = xk.to(tl.int64) * sk_w
+        o_vx = xk.to(tl.int64) * sv_w
+        o_rx = off_x[None, :] + o_c[:, None] + KW - 1  # [COLS, P] rpb (and shift rel) column
+        b_sc = tl.zeros([COLS, P, BLOCK_N], dtype=tl.float32)
+        if HAS_REL:
+            if PADDING == 2:  # shift: the rel column follows the pixel's window
+                p_rw = relw_ptr + (o_rx * srw_r)[:, :, None, None] + o_rw_nd[None, None, :, :]
+                m_rw = m_c[:, :, None, None] & m_dw[None, None, :, :]
+            else:
+                p_rw = relw_ptr + (o_c * srw_r)[:, None, None, None] + o_rw_nd[None, None, :, :]
+                m_rw = (o_c < KW)[:, None, None, None] & m_dw[None, None, :, :]
+            b_rw = tl.load(p_rw, mask=m_rw, other=0.0).to(tl.float32)  # [COLS, P|1, N, D]
+            b_sc = tl.sum(b_q[None, :, :, :] * b_rw, axis=3)
+        if PADDING == 1:  # mask: out-of-image taps drop out
+            b_sc = tl.where(m_x[:, :, None], b_sc, float("-inf"))
+        elif NCHUNK * COLS > KW:  # zeros / shift: only the pad columns past kw drop out
+            b_sc = tl.where((o_c < KW)[:, None, None], b_sc, float("-inf"))
+
+        for a in range(KH):
+            yk = start_y + a * dil_h  # [P]
+            m_y = (yk >= 0) & (yk < H)
+            m_k = m_x & m_y[None, :]  # [COLS, P]
+            o_ky = tl.multiple_of(o_kb + yk.to(tl.int64) * sk_h + o_kx, [VEC, VEC])  # [COLS, P]
+            b_k = tl.load(k_ptr + o_ky[:, :, None, None] + o_knd[None, None, :, :],
+                          mask=m_k[:, :, None, None] & m_nd[None, None, :, :], other=0.0)
+            b_s = tl.sum(b_q[None, :, :, :] * b_k.to(tl.float32), axis=3) + b_sc  # [C, P, N]
+            if HAS_RPB:
+                o_ry = off_y + a + KH - 1  # [P]
+                p_rpb = (rpb_ptr + (o_ry[None, :] * srp_h + o_rx * srp_w)[:, :, None]
+                         + (o_n * srp_n)[None, None, :])
+                b_rpb = tl.load(p_rpb, mask=m_c[:, :, None] & (o_n < HEADS)[None, None, :],
+                                other=0.0)
+                b_s += b_rpb.to(tl.float32) * 1.4426950408889634
+            # the row part is the same for the whole chunk: it goes into the max
+            b_srow = tl.zeros([P, BLOCK_N], dtype=tl.float32)
+            if HAS_REL:
+                if PADDING == 2:
+                    o_row = off_y + a + KH - 1
+                    p_rh = relh_ptr + (o_row * srh_r)[:, None, None] + o_rh_nd[None, :, :]
+                    b_rh = tl.load(p_rh, mask=m_p[:, None, None] & m_dh[None, :, :], other=0.0)
+                    b_srow = tl.sum(b_q * b_rh.to(tl.float32), axis=2)
+                else:
+                    b_rh = tl.load(relh_ptr + a * srh_r + o_rh_nd, mask=m_dh, other=0.0)
+                    b_srow = tl.sum(b_q * b_rh.to(tl.float32)[None, :, :], axis=2)
+            if PADDING == 1:  # mask: a row outside the image drops out as a whole
+                b_srow = tl.where(m_y[:, None], b_srow, float("-inf"))
+            b_m_new = tl.maximum(b_m, tl.max(b_s, axis=0) + b_srow)  # [P, N]
+            b_alpha = tl.exp2(b_m - b_m_new)
+            b_p = tl.exp2(b_s - (b_m_new - b_srow)[None, :, :])  # [C, P, N]
+            b_l = b_l * b_alpha + tl.sum(b_p, axis=0)
+            o_vy = tl.multiple_of(o_vb + yk.to(tl.int64) * sv_h + o_vx, [VEC, VEC])
+            b_v = tl.load(v_ptr + o_vy[:, :, None, None] + o_vnd[None, None, :, :],
+                          mask=m_k[:, :, None, None] & m_nd[None, None, :, :], other=0.0)
+            b_pv = tl.sum(b_p[:, :, :, None] * b_v.to(tl.float32), axis=0)  # [P, N, D]
+            b_acc = b_acc * b_alpha[:, :, None] + b_pv
+            b_m = b_m_new
+
+    b_o = b_acc / b_l[:, :, None]
+    o_o = tl.multiple_of(b * so_b + y.to(tl.int64) * so_h + x.to(tl.int64) * so_w, VEC)
+    o_ond = tl.multiple_of(o_nr * so_n, VEC)[:, None] + o_dr[None, :] * so_d
+    tl.store(o_ptr + o_o[:, None, None] + o_ond[None, :, :], b_o.to(o_ptr.dtype.element_ty),
+             mask=m_p[:, None, None] & m_nd[None, :, :])
+    b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
+    o_l = (b * sl_b + y.to(tl.int64) * sl_h + x.to(tl.int64) * sl_w)[:, None] + o_n[None, :] * sl_n
+    tl.store(lse_ptr + o_l, b_lse, mask=m_p[:, None] & (o_n[None, :] < HEADS))
+
+
+# --- host side --------------------------------------------------------------------------
+
+def column_chunk(kw: int) -> int:
+    """Columns per chunk: the power of two <= 8 that minimises a per-window-row cost of
+    36 per loaded column (dot, unpacking, exp) plus 18 per chunk (max, rescale, row part),
+    with the pad columns of the last chunk counted as loaded."""
+    return min((1, 2, 4, 8), key=lambda c: (-(-kw // c) * (36 * c + 18), -c))
+
+
+def _row(q_shape) -> int:
+    B, H, W, heads, d = q_shape
+    return next_pow2(heads) * next_pow2(d)
+
+
+def search_space() -> list[dict]:
+    """Tile shapes and launch settings the tuner may try."""
+    return [
+        dict(BLOCK_H=bh, BLOCK_W=bw, num_warps=nw, num_stages=1)
+        for bh in (1, 2, 4, 8, 16)
+        for bw in (4, 8, 16)
+        for nw in (1, 2, 4, 8)
+    ]
+
+
+def prune(configs, q_shape, args) -> list[dict]:
+    """Keeps 1 to 4 (pixel, head) pairs per thread, tiles no larger than the image."""
+    B, H, W, heads, d = q_shape
+    kept = []
+    for cfg in configs:
+        bh, bw, nw = cfg["BLOCK_H"], cfg["BLOCK_W"], cfg.get("num_warps", 4)
+        pairs = bh * bw * next_pow2(heads) * max(1, next_pow2(d) // 8) / (32 * nw)
+        if bh > max(1, next_pow2(H)) or bw > max(4, next_pow2(W)) or not 1 <= pairs <= 4:
+            continue
+        kept.append(cfg)
+    return kept
+
+
+def default_config(q_shape, args) -> dict:
+    """About 256 (pixel, head) pairs per program, one per thread: the tile is BLOCK_W = 8
+    columns wide (4 on images narrower than 8, or 28 = 7 x 4 wide) and as tall as that
+    leaves, at most the image."""
+    B, H, W, heads, d = q_shape
+    bw = 4 if W < 8 or (W % 8 and W % 4 == 0) else 8
+    bh = max(1, min(256 // (next_pow2(heads) * bw), next_pow2(H)))
+    threads = bh * bw * next_pow2(heads) * max(1, next_pow2(d) // 8)
+    return dict(BLOCK_H=bh, BLOCK_W=bw, num_warps=max(1, min(8, threads // 32)),
+                num_stages=1)
+
+
+def supports(q_shape, dtype, args) -> bool:
+    B, H, W, heads, d = q_shape
+    return (dtype in (torch.float16, torch.bfloat16, torch.float32) and 1 <= d <= 256
+            and _row(q_shape) <= MAX_ROW and args.kw <= MAX_KW)
+
+
+def forward(q, k, v, args, config=None, _poison=False):
+    """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
+    B, H, W, heads, d = q.shape
+    if not supports(tuple(q.shape), q.dtype, args):
+        raise ValueError(
+            f"tile2d forward does not support q {tuple(q.shape)} {q.dtype} (needs "
+            f"next_pow2(heads) * next_pow2(d) <= {MAX_ROW}, kw <= {MAX_KW})"
+        )
+    config = default_config(tuple(q.shape), args) if config is None else config
+    check_config(config, ("BLOCK_H", "BLOCK_W"), "tile2d")
+    out, lse = alloc_outputs(q, _poison)
+    if out.numel() == 0:
+        return out, lse
+    bh, bw = config["BLOCK_H"], config["BLOCK_W"]
+    tiles_w = triton.cdiv(W, bw)
+    tiles = triton.cdiv(H, bh) * tiles_w
+    cols = column_chunk(args.kw)
+    rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
+    dummy = q  # never read when the flag is off
+    _tile2d_fwd_kernel[(B * tiles,)](
+        q, k, v, out, lse,
+        dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
+        dummy if rpb is None else rpb,
+        H, W, heads, d, d // 2, tiles_w, tiles,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
+        args.dh, args.dw, args.scale * LOG2E,
+        KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
+        HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
+        BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=next_pow2(heads), BLOCK_D=next_pow2(d),
+        COLS=cols, NCHUNK=triton.cdiv(args.kw, cols),
+        ROW_I64=not row_offsets_fit_i32((q, k, v, out), 1, d, heads),
+        KV_SAME_STRIDES=k.stride() == v.stride(),
+        EVEN_ROW=heads == next_pow2(heads) and d == next_pow2(d),
+        VEC=vector_width((q, k, v, out), next_pow2(d)), **launch_options(config),
+    )
+    return out, lse

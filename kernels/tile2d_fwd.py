@@ -87,10 +87,15 @@ def _tile2d_fwd_kernel(
     o_kb = b * sk_b
     o_vb = b * sv_b
     if HAS_REL:
-        m_dh = (o_n[:, None] < HEADS) & (o_d[None, :] < D_HALF)  # q[:d/2] meets rel_h
-        m_dw = (o_n[:, None] < HEADS) & (o_d[None, :] >= D_HALF) & (o_d[None, :] < D)
+        if EVEN_ROW:  # compile-time channel split
+            m_dh = (o_n[:, None] < BLOCK_N) & (o_d[None, :] < BLOCK_D // 2)  # q[:d/2]: rel_h
+            m_dw = (o_n[:, None] < BLOCK_N) & (o_d[None, :] >= BLOCK_D // 2)  # q[d/2:]: rel_w
+            o_rw_nd = o_n[:, None] * srw_n + (o_d[None, :] - BLOCK_D // 2) * srw_d
+        else:
+            m_dh = (o_n[:, None] < HEADS) & (o_d[None, :] < D_HALF)
+            m_dw = (o_n[:, None] < HEADS) & (o_d[None, :] >= D_HALF) & (o_d[None, :] < D)
+            o_rw_nd = o_n[:, None] * srw_n + (o_d[None, :] - D_HALF) * srw_d
         o_rh_nd = o_n[:, None] * srh_n + o_d[None, :] * srh_d
-        o_rw_nd = o_n[:, None] * srw_n + (o_d[None, :] - D_HALF) * srw_d
 
     b_m = tl.full([P, BLOCK_N], -1.0e30, dtype=tl.float32)  # finite: no inf - inf
     b_l = tl.zeros([P, BLOCK_N], dtype=tl.float32)

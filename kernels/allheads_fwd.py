@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .common import (PADDING_CODES, alloc_outputs, bias_strides, check_config, head_block,
-                     launch_options, next_pow2, row_offsets_fit_i32, vector_width,
+                     launch_options, next_pow2, row_offsets_fit_i32, to_f32, vector_width,
                      window_start)
 
 MAX_ROW = 1024  # next_pow2(heads) * next_pow2(d) held per pixel
@@ -148,8 +148,8 @@ def _allheads_fwd_kernel(
             m_k = m_y & (xk >= 0) & (xk < W)  # [BLOCK_P]
             o_pix = tl.multiple_of(o_kb + o_ky * sk_h + xk.to(tl.int64) * sk_w, VEC)
             m_knd = m_k[:, None, None] & m_nd[None, :, :]
-            b_k = tl.load(k_ptr + o_pix[:, None, None] + o_knd[None, :, :], mask=m_knd,
-                          other=0.0).to(tl.float32)  # [P, N, D]
+            b_k = to_f32(tl.load(k_ptr + o_pix[:, None, None] + o_knd[None, :, :], mask=m_knd,
+                                 other=0.0))  # [P, N, D]
             b_s = tl.sum(b_q * b_k, axis=2) * qk_scale + b_srow  # [P, N]
             if HAS_REL:
                 b_s += tl.sum(tl.where(o_c[None, None, :] == c, b_relw, 0.0), axis=2)
@@ -164,9 +164,12 @@ def _allheads_fwd_kernel(
             b_alpha = tl.exp2(b_m - b_m_new)
             b_p = tl.exp2(b_s - b_m_new)
             b_l = b_l * b_alpha + b_p
-            o_vpix = tl.multiple_of(o_vb + o_ky * sv_h + xk.to(tl.int64) * sv_w, VEC)
-            b_v = tl.load(v_ptr + o_vpix[:, None, None] + o_vnd[None, :, :], mask=m_knd,
-                          other=0.0).to(tl.float32)
+            if KV_SAME_STRIDES:
+                o_vpix = o_pix
+            else:
+                o_vpix = tl.multiple_of(o_vb + o_ky * sv_h + xk.to(tl.int64) * sv_w, VEC)
+            b_v = to_f32(tl.load(v_ptr + o_vpix[:, None, None] + o_vnd[None, :, :], mask=m_knd,
+                                 other=0.0))
             b_acc = b_acc * b_alpha[:, :, None] + b_p[:, :, None] * b_v
             b_m = b_m_new
 

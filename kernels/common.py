@@ -42,6 +42,16 @@ def window_start(i, size, K: tl.constexpr, dil, SHIFT: tl.constexpr):
         return i - (K // 2) * dil, i * 0 - K // 2
 
 
+@triton.jit
+def to_f32(x):
+    """float32 of a loaded tile; bf16 by moving its bits into the high half: one integer
+    op per value (a shift, or a mask for the upper value of a packed pair)."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, PADDING_CODES, alloc_outputs, bias_strides, check_config,
-                     launch_options, next_pow2, row_offsets_fit_i32, vector_width,
+                     launch_options, next_pow2, row_offsets_fit_i32, to_f32, vector_width,
                      window_start)
 
 MAX_ROW = 256  # next_pow2(heads) * next_pow2(d) held per pixel
@@ -45,11 +45,14 @@ def _tile2d_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, COLS: tl.constexpr, NCHUNK: tl.constexpr,
+    DS: tl.constexpr, DV: tl.constexpr, COLS: tl.constexpr, NCHUNK: tl.constexpr,
     ROW_I64: tl.constexpr, KV_SAME_STRIDES: tl.constexpr, EVEN_ROW: tl.constexpr,
     VEC: tl.constexpr,
 ):
+    # Channel c of a head sits at (c // DV, c % DV) of a [DS, ..., DV] tile: DV channels
+    # are one vector load, the DS vectors of a head lie in the same thread.
     P: tl.constexpr = BLOCK_H * BLOCK_W
+    BLOCK_D: tl.constexpr = DS * DV
     pid = tl.program_id(0)
     b = (pid // TILES).to(tl.int64)
     t = pid % TILES
@@ -59,47 +62,47 @@ def _tile2d_fwd_kernel(
     m_p = (y < H) & (x < W)
 
     o_n = tl.arange(0, BLOCK_N)
-    o_d = tl.arange(0, BLOCK_D)
+    o_ch = (tl.arange(0, DS) * DV)[:, None, None] + tl.arange(0, DV)[None, None, :]  # [DS, 1, DV]
     if EVEN_ROW:  # heads == BLOCK_N and d == BLOCK_D: masks stay per pixel
-        m_nd = tl.full([BLOCK_N, BLOCK_D], 1, dtype=tl.int1)
+        n_heads = BLOCK_N
+        d_all = BLOCK_D
+        d_half = BLOCK_D // 2
     else:
-        m_nd = (o_n[:, None] < HEADS) & (o_d[None, :] < D)
+        n_heads = HEADS
+        d_all = D
+        d_half = D_HALF
+    m_nd = (o_n[None, :, None] < n_heads) & (o_ch < d_all)  # [DS, N, DV]
     if ROW_I64:  # offsets inside one pixel's heads x d row can pass 2**31
         o_nr = o_n.to(tl.int64)
-        o_dr = o_d.to(tl.int64)
+        o_chr = o_ch.to(tl.int64)
     else:
         o_nr = o_n
-        o_dr = o_d
+        o_chr = o_ch
     # VEC > 1: every pixel and head offset is a multiple of VEC elements, d contiguous
-    o_qnd = tl.multiple_of(o_nr * sq_n, VEC)[:, None] + o_dr[None, :] * sq_d
-    o_knd = tl.multiple_of(o_nr * sk_n, VEC)[:, None] + o_dr[None, :] * sk_d
+    o_qnd = tl.multiple_of(o_nr * sq_n, VEC)[None, :, None] + o_chr * sq_d  # [DS, N, DV]
+    o_knd = tl.multiple_of(o_nr * sk_n, VEC)[None, :, None] + o_chr * sk_d
     if KV_SAME_STRIDES:
         o_vnd = o_knd
     else:
-        o_vnd = tl.multiple_of(o_nr * sv_n, VEC)[:, None] + o_dr[None, :] * sv_d
+        o_vnd = tl.multiple_of(o_nr * sv_n, VEC)[None, :, None] + o_chr * sv_d
 
     o_qp = tl.multiple_of(b * sq_b + y.to(tl.int64) * sq_h + x.to(tl.int64) * sq_w, VEC)
-    b_q = tl.load(q_ptr + o_qp[:, None, None] + o_qnd[None, :, :],
-                  mask=m_p[:, None, None] & m_nd[None, :, :], other=0.0)
-    b_q = b_q.to(tl.float32) * qk_scale  # [P, N, D], logits come out in log2 units
+    b_q = tl.load(q_ptr + o_qp[None, :, None, None] + o_qnd[:, None, :, :],
+                  mask=m_p[None, :, None, None] & m_nd[:, None, :, :], other=0.0)
+    b_q = b_q.to(tl.float32) * qk_scale  # [DS, P, N, DV], logits come out in log2 units
     start_y, off_y = window_start(y, H, KH, dil_h, PADDING == 2)  # [P]
     start_x, off_x = window_start(x, W, KW, dil_w, PADDING == 2)
     o_kb = b * sk_b
     o_vb = b * sv_b
-    if HAS_REL:
-        if EVEN_ROW:  # compile-time channel split
-            m_dh = (o_n[:, None] < BLOCK_N) & (o_d[None, :] < BLOCK_D // 2)  # q[:d/2]: rel_h
-            m_dw = (o_n[:, None] < BLOCK_N) & (o_d[None, :] >= BLOCK_D // 2)  # q[d/2:]: rel_w
-            o_rw_nd = o_n[:, None] * srw_n + (o_d[None, :] - BLOCK_D // 2) * srw_d
-        else:
-            m_dh = (o_n[:, None] < HEADS) & (o_d[None, :] < D_HALF)
-            m_dw = (o_n[:, None] < HEADS) & (o_d[None, :] >= D_HALF) & (o_d[None, :] < D)
-            o_rw_nd = o_n[:, None] * srw_n + (o_d[None, :] - D_HALF) * srw_d
-        o_rh_nd = o_n[:, None] * srh_n + o_d[None, :] * srh_d
+    if HAS_REL:  # q[:d/2] meets rel_h, q[d/2:] rel_w
+        m_dh = (o_n[None, :, None] < n_heads) & (o_ch < d_half)  # [DS, N, DV]
+        m_dw = m_nd & (o_ch >= d_half)
+        o_rh_nd = o_n[None, :, None] * srh_n + o_ch * srh_d
+        o_rw_nd = o_n[None, :, None] * srw_n + (o_ch - d_half) * srw_d
 
     b_m = tl.full([P, BLOCK_N], -1.0e30, dtype=tl.float32)  # finite: no inf - inf
     b_l = tl.zeros([P, BLOCK_N], dtype=tl.float32)
-    b_acc = tl.zeros([P, BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_acc = tl.zeros([DS, P, BLOCK_N, DV], dtype=tl.float32)
     for cc in tl.static_range(NCHUNK):
         # the chunk's columns, per pixel: position, mask, offsets and rel column part
         o_c = cc * COLS + tl.arange(0, COLS)  # [COLS] window column
@@ -112,13 +115,15 @@ def _tile2d_fwd_kernel(
         b_sc = tl.zeros([COLS, P, BLOCK_N], dtype=tl.float32)
         if HAS_REL:
             if PADDING == 2:  # shift: the rel column follows the pixel's window
-                p_rw = relw_ptr + (o_rx * srw_r)[:, :, None, None] + o_rw_nd[None, None, :, :]
-                m_rw = m_c[:, :, None, None] & m_dw[None, None, :, :]
+                p_rw = (relw_ptr + (o_rx * srw_r)[None, :, :, None, None]
+                        + o_rw_nd[:, None, None, :, :])
+                m_rw = m_c[None, :, :, None, None] & m_dw[:, None, None, :, :]
             else:
-                p_rw = relw_ptr + (o_c * srw_r)[:, None, None, None] + o_rw_nd[None, None, :, :]
-                m_rw = (o_c < KW)[:, None, None, None] & m_dw[None, None, :, :]
-            b_rw = tl.load(p_rw, mask=m_rw, other=0.0).to(tl.float32)  # [COLS, P|1, N, D]
-            b_sc = tl.sum(b_q[None, :, :, :] * b_rw, axis=3)
+                p_rw = (relw_ptr + (o_c * srw_r)[None, :, None, None, None]
+                        + o_rw_nd[:, None, None, :, :])
+                m_rw = (o_c < KW)[None, :, None, None, None] & m_dw[:, None, None, :, :]
+            b_rw = tl.load(p_rw, mask=m_rw, other=0.0).to(tl.float32)  # [DS, COLS, P|1, N, DV]
+            b_sc = tl.sum(tl.sum(b_q[:, None, :, :, :] * b_rw, axis=4), axis=0)
         if PADDING == 1:  # mask: out-of-image taps drop out
             b_sc = tl.where(m_x[:, :, None], b_sc, float("-inf"))
         elif NCHUNK * COLS > KW:  # zeros / shift: only the pad columns past kw drop out
@@ -127,11 +132,12 @@ def _tile2d_fwd_kernel(
         for a in range(KH):
             yk = start_y + a * dil_h  # [P]
             m_y = (yk >= 0) & (yk < H)
-            m_k = m_x & m_y[None, :]  # [COLS, P]
+            m_k = (m_x & m_y[None, :])[None, :, :, None, None] & m_nd[:, None, None, :, :]
             o_ky = tl.multiple_of(o_kb + yk.to(tl.int64) * sk_h + o_kx, [VEC, VEC])  # [COLS, P]
-            b_k = tl.load(k_ptr + o_ky[:, :, None, None] + o_knd[None, None, :, :],
-                          mask=m_k[:, :, None, None] & m_nd[None, None, :, :], other=0.0)
-            b_s = tl.sum(b_q[None, :, :, :] * b_k.to(tl.float32), axis=3) + b_sc  # [C, P, N]
+            b_k = tl.load(k_ptr + o_ky[None, :, :, None, None] + o_knd[:, None, None, :, :],
+                          mask=m_k, other=0.0)  # [DS, COLS, P, N, DV]
+            b_s = tl.sum(tl.sum(b_q[:, None, :, :, :] * to_f32(b_k), axis=4), axis=0)
+            b_s += b_sc  # [COLS, P, N]
             if HAS_RPB:
                 o_ry = off_y + a + KH - 1  # [P]
                 p_rpb = (rpb_ptr + (o_ry[None, :] * srp_h + o_rx * srp_w)[:, :, None]
@@ -144,30 +150,34 @@ def _tile2d_fwd_kernel(
             if HAS_REL:
                 if PADDING == 2:
                     o_row = off_y + a + KH - 1
-                    p_rh = relh_ptr + (o_row * srh_r)[:, None, None] + o_rh_nd[None, :, :]
-                    b_rh = tl.load(p_rh, mask=m_p[:, None, None] & m_dh[None, :, :], other=0.0)
-                    b_srow = tl.sum(b_q * b_rh.to(tl.float32), axis=2)
+                    p_rh = relh_ptr + (o_row * srh_r)[None, :, None, None] + o_rh_nd[:, None, :, :]
+                    m_rh = m_p[None, :, None, None] & m_dh[:, None, :, :]
                 else:
-                    b_rh = tl.load(relh_ptr + a * srh_r + o_rh_nd, mask=m_dh, other=0.0)
-                    b_srow = tl.sum(b_q * b_rh.to(tl.float32)[None, :, :], axis=2)
+                    p_rh = relh_ptr + a * srh_r + o_rh_nd[:, None, :, :]
+                    m_rh = m_dh[:, None, :, :]
+                b_rh = tl.load(p_rh, mask=m_rh, other=0.0).to(tl.float32)  # [DS, P|1, N, DV]
+                b_srow = tl.sum(tl.sum(b_q * b_rh, axis=3), axis=0)
             if PADDING == 1:  # mask: a row outside the image drops out as a whole
                 b_srow = tl.where(m_y[:, None], b_srow, float("-inf"))
             b_m_new = tl.maximum(b_m, tl.max(b_s, axis=0) + b_srow)  # [P, N]
             b_alpha = tl.exp2(b_m - b_m_new)
-            b_p = tl.exp2(b_s - (b_m_new - b_srow)[None, :, :])  # [C, P, N]
+            b_p = tl.exp2(b_s - (b_m_new - b_srow)[None, :, :])  # [COLS, P, N]
             b_l = b_l * b_alpha + tl.sum(b_p, axis=0)
-            o_vy = tl.multiple_of(o_vb + yk.to(tl.int64) * sv_h + o_vx, [VEC, VEC])
-            b_v = tl.load(v_ptr + o_vy[:, :, None, None] + o_vnd[None, None, :, :],
-                          mask=m_k[:, :, None, None] & m_nd[None, None, :, :], other=0.0)
-            b_pv = tl.sum(b_p[:, :, :, None] * b_v.to(tl.float32), axis=0)  # [P, N, D]
-            b_acc = b_acc * b_alpha[:, :, None] + b_pv
+            if KV_SAME_STRIDES:
+                o_vy = o_ky
+            else:
+                o_vy = tl.multiple_of(o_vb + yk.to(tl.int64) * sv_h + o_vx, [VEC, VEC])
+            b_v = tl.load(v_ptr + o_vy[None, :, :, None, None] + o_vnd[:, None, None, :, :],
+                          mask=m_k, other=0.0)
+            b_pv = tl.sum(b_p[None, :, :, :, None] * to_f32(b_v), axis=1)  # [DS, P, N, DV]
+            b_acc = b_acc * b_alpha[None, :, :, None] + b_pv
             b_m = b_m_new
 
-    b_o = b_acc / b_l[:, :, None]
+    b_o = b_acc / b_l[None, :, :, None]
     o_o = tl.multiple_of(b * so_b + y.to(tl.int64) * so_h + x.to(tl.int64) * so_w, VEC)
-    o_ond = tl.multiple_of(o_nr * so_n, VEC)[:, None] + o_dr[None, :] * so_d
-    tl.store(o_ptr + o_o[:, None, None] + o_ond[None, :, :], b_o.to(o_ptr.dtype.element_ty),
-             mask=m_p[:, None, None] & m_nd[None, :, :])
+    o_ond = tl.multiple_of(o_nr * so_n, VEC)[None, :, None] + o_chr * so_d
+    tl.store(o_ptr + o_o[None, :, None, None] + o_ond[:, None, :, :],
+             b_o.to(o_ptr.dtype.element_ty), mask=m_p[None, :, None, None] & m_nd[:, None, :, :])
     b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
     o_l = (b * sl_b + y.to(tl.int64) * sl_h + x.to(tl.int64) * sl_w)[:, None] + o_n[None, :] * sl_n
     tl.store(lse_ptr + o_l, b_lse, mask=m_p[:, None] & (o_n[None, :] < HEADS))
@@ -245,6 +255,7 @@ def forward(q, k, v, args, config=None, _poison=False):
     tiles_w = triton.cdiv(W, bw)
     tiles = triton.cdiv(H, bh) * tiles_w
     cols = column_chunk(args.kw)
+    dv = min(next_pow2(d), 16 // q.element_size())  # channels per vector load
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     dummy = q  # never read when the flag is off
     _tile2d_fwd_kernel[(B * tiles,)](
@@ -257,7 +268,7 @@ def forward(q, k, v, args, config=None, _poison=False):
         args.dh, args.dw, args.scale * LOG2E,
         KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
-        BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=next_pow2(heads), BLOCK_D=next_pow2(d),
+        BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=next_pow2(heads), DS=next_pow2(d) // dv, DV=dv,
         COLS=cols, NCHUNK=triton.cdiv(args.kw, cols),
         ROW_I64=not row_offsets_fit_i32((q, k, v, out), 1, d, heads),
         KV_SAME_STRIDES=k.stride() == v.stride(),

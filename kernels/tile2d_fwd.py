@@ -47,7 +47,7 @@ def _tile2d_fwd_kernel(
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
     DS: tl.constexpr, DV: tl.constexpr, COLS: tl.constexpr, NCHUNK: tl.constexpr,
     ROW_I64: tl.constexpr, KV_SAME_STRIDES: tl.constexpr, EVEN_ROW: tl.constexpr,
-    VEC: tl.constexpr,
+    VEC: tl.constexpr, COL_STEP: tl.constexpr,
 ):
     # Channel c of a head sits at (c // DV, c % DV) of a [DS, ..., DV] tile: DV channels
     # are one vector load, the DS vectors of a head lie in the same thread.
@@ -109,8 +109,12 @@ def _tile2d_fwd_kernel(
         xk = start_x[None, :] + o_c[:, None] * dil_w  # [COLS, P]
         m_c = (o_c[:, None] < KW) & m_p[None, :]
         m_x = m_c & (xk >= 0) & (xk < W)
-        o_kx = xk.to(tl.int64) * sk_w
-        o_vx = xk.to(tl.int64) * sv_w
+        if COL_STEP > 0:  # k and v share strides and dil_w * column stride is COL_STEP
+            o_kx = (start_x.to(tl.int64) * sk_w)[None, :] + (o_c * COL_STEP).to(tl.int64)[:, None]
+            o_vx = o_kx
+        else:
+            o_kx = xk.to(tl.int64) * sk_w
+            o_vx = xk.to(tl.int64) * sv_w
         o_rx = off_x[None, :] + o_c[:, None] + KW - 1  # [COLS, P] rpb (and shift rel) column
         b_sc = tl.zeros([COLS, P, BLOCK_N], dtype=tl.float32)
         if HAS_REL:
@@ -185,11 +189,13 @@ def _tile2d_fwd_kernel(
 
 # --- host side --------------------------------------------------------------------------
 
-def column_chunk(kw: int) -> int:
-    """Columns per chunk: the power of two <= 8 that minimises a per-window-row cost of
-    36 per loaded column (dot, unpacking, exp) plus 18 per chunk (max, rescale, row part),
-    with the pad columns of the last chunk counted as loaded."""
-    return min((1, 2, 4, 8), key=lambda c: (-(-kw // c) * (36 * c + 18), -c))
+def column_chunk(kw: int, block_d: int) -> int:
+    """Columns per chunk: the power of two that minimises a per-window-row cost of 36 per
+    loaded column (dot, unpacking, exp) plus 18 per chunk (max, rescale, row part), pad
+    columns of the last chunk counted as loaded, with at most 64 channels of a chunk's
+    k row per thread (registers)."""
+    widths = [c for c in (1, 2, 4, 8) if c == 1 or c * block_d <= 64]
+    return min(widths, key=lambda c: (-(-kw // c) * (36 * c + 18), -c))
 
 
 def _row(q_shape) -> int:
@@ -208,12 +214,13 @@ def search_space() -> list[dict]:
 
 
 def prune(configs, q_shape, args) -> list[dict]:
-    """Keeps 1 to 4 (pixel, head) pairs per thread, tiles no larger than the image."""
+    """Keeps 1 to 4 (pixel, head) pairs per thread (a thread holds a head's channels) and
+    tiles no larger than the image."""
     B, H, W, heads, d = q_shape
     kept = []
     for cfg in configs:
         bh, bw, nw = cfg["BLOCK_H"], cfg["BLOCK_W"], cfg.get("num_warps", 4)
-        pairs = bh * bw * next_pow2(heads) * max(1, next_pow2(d) // 8) / (32 * nw)
+        pairs = bh * bw * next_pow2(heads) / (32 * nw)
         if bh > max(1, next_pow2(H)) or bw > max(4, next_pow2(W)) or not 1 <= pairs <= 4:
             continue
         kept.append(cfg)
@@ -222,12 +229,12 @@ def prune(configs, q_shape, args) -> list[dict]:
 
 def default_config(q_shape, args) -> dict:
     """About 256 (pixel, head) pairs per program, one per thread: the tile is BLOCK_W = 8
-    columns wide (4 on images narrower than 8, or 28 = 7 x 4 wide) and as tall as that
-    leaves, at most the image."""
+    columns wide (4 on images narrower than 8, or a multiple of 4 but not of 8 wide) and
+    as tall as that leaves, at most the image."""
     B, H, W, heads, d = q_shape
     bw = 4 if W < 8 or (W % 8 and W % 4 == 0) else 8
     bh = max(1, min(256 // (next_pow2(heads) * bw), next_pow2(H)))
-    threads = bh * bw * next_pow2(heads) * max(1, next_pow2(d) // 8)
+    threads = bh * bw * next_pow2(heads)
     return dict(BLOCK_H=bh, BLOCK_W=bw, num_warps=max(1, min(8, threads // 32)),
                 num_stages=1)
 
@@ -254,7 +261,7 @@ def forward(q, k, v, args, config=None, _poison=False):
     bh, bw = config["BLOCK_H"], config["BLOCK_W"]
     tiles_w = triton.cdiv(W, bw)
     tiles = triton.cdiv(H, bh) * tiles_w
-    cols = column_chunk(args.kw)
+    cols = column_chunk(args.kw, next_pow2(d))
     dv = min(next_pow2(d), 16 // q.element_size())  # channels per vector load
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     dummy = q  # never read when the flag is off
@@ -273,6 +280,8 @@ def forward(q, k, v, args, config=None, _poison=False):
         ROW_I64=not row_offsets_fit_i32((q, k, v, out), 1, d, heads),
         KV_SAME_STRIDES=k.stride() == v.stride(),
         EVEN_ROW=heads == next_pow2(heads) and d == next_pow2(d),
-        VEC=vector_width((q, k, v, out), next_pow2(d)), **launch_options(config),
+        VEC=vector_width((q, k, v, out), next_pow2(d)),
+        COL_STEP=args.dw * k.stride(2) if k.stride() == v.stride() else 0,
+        **launch_options(config),
     )
     return out, lse

@@ -189,12 +189,12 @@ def _tile2d_fwd_kernel(
 
 # --- host side --------------------------------------------------------------------------
 
-def column_chunk(kw: int, block_d: int) -> int:
+def column_chunk(kw: int, block_d: int, budget: int = 64) -> int:
     """Columns per chunk: the power of two that minimises a per-window-row cost of 36 per
     loaded column (dot, unpacking, exp) plus 18 per chunk (max, rescale, row part), pad
-    columns of the last chunk counted as loaded, with at most 64 channels of a chunk's
-    k row per thread (registers)."""
-    widths = [c for c in (1, 2, 4, 8) if c == 1 or c * block_d <= 64]
+    columns of the last chunk counted as loaded, with at most `budget` channels of a
+    chunk's k row per thread (registers)."""
+    widths = [c for c in (1, 2, 4, 8) if c == 1 or c * block_d <= budget]
     return min(widths, key=lambda c: (-(-kw // c) * (36 * c + 18), -c))
 
 
@@ -261,8 +261,10 @@ def forward(q, k, v, args, config=None, _poison=False):
     bh, bw = config["BLOCK_H"], config["BLOCK_W"]
     tiles_w = triton.cdiv(W, bw)
     tiles = triton.cdiv(H, bh) * tiles_w
-    cols = column_chunk(args.kw, next_pow2(d))
     dv = min(next_pow2(d), 16 // q.element_size())  # channels per vector load
+    vec = vector_width((q, k, v, out), next_pow2(d))
+    # scalar loads need an address register pair per channel: smaller chunks
+    cols = column_chunk(args.kw, next_pow2(d), 64 if vec >= dv else 16)
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     dummy = q  # never read when the flag is off
     _tile2d_fwd_kernel[(B * tiles,)](
@@ -280,7 +282,7 @@ def forward(q, k, v, args, config=None, _poison=False):
         ROW_I64=not row_offsets_fit_i32((q, k, v, out), 1, d, heads),
         KV_SAME_STRIDES=k.stride() == v.stride(),
         EVEN_ROW=heads == next_pow2(heads) and d == next_pow2(d),
-        VEC=vector_width((q, k, v, out), next_pow2(d)),
+        VEC=vec,
         COL_STEP=args.dw * k.stride(2) if k.stride() == v.stride() else 0,
         **launch_options(config),
     )

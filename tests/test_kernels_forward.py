@@ -113,6 +113,22 @@ def test_non_default_configs(variant, config):
     _check_variant(variant, case, config=config)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_k_and_v_with_different_strides(variant):
+    """k heads-last contiguous, v a view of an NCHW projection: the kernels' separate k
+    and v offset paths (and unvectorised v loads)."""
+    case = Case(B=1, H=5, W=7, heads=2, d=8, k=(3, 5), dilation=(1, 2), rel="shared")
+    q, k, _, kw = make_inputs(case, torch.bfloat16, "contiguous", DEVICE)
+    _, _, v, _ = make_inputs(case, torch.bfloat16, "nchw_view", DEVICE, seed=1)
+    assert k.stride() != v.stride()
+    args = _args(q, k, v, case, kw)
+    out, lse = variant_module(variant).forward(q, k, v, args, _poison=True)
+    want, want_lse = oracle_attend(q.cpu(), k.cpu(), v.cpu(), case.k, return_lse=True,
+                                   **_on_cpu(kw))
+    assert_close(out.cpu(), want, torch.bfloat16, f"{variant} out")
+    torch.testing.assert_close(lse.cpu().double(), want_lse, atol=5e-3, rtol=2e-5)
+
+
 @pytest.mark.parametrize("d", [64, 256])
 def test_large_head_dims(d):
     case = Case(B=1, H=2, W=3, heads=1, d=d, k=3, rel="shared")

@@ -32,6 +32,19 @@ MAX_KW = 64
 
 
 @triton.jit
+def _dot_chain(acc, a, b, N: tl.constexpr):
+    """acc + sum(a * b) over the last axis (N channels held by one thread), as one chain
+    of fused multiply-adds: the channels are split off in halves, not reduced as a tree."""
+    if N == 1:
+        return acc + tl.sum(a * b, axis=len(a.shape) - 1)
+    else:
+        a_e, a_o = tl.split(tl.reshape(a, a.shape[:-1] + [N // 2, 2]))
+        b_e, b_o = tl.split(tl.reshape(b, b.shape[:-1] + [N // 2, 2]))
+        acc = _dot_chain(acc, a_e, b_e, N // 2)
+        return _dot_chain(acc, a_o, b_o, N // 2)
+
+
+@triton.jit
 def _tile2d_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
     H, W, HEADS, D, D_HALF, TILES_W, TILES,
@@ -140,8 +153,12 @@ def _tile2d_fwd_kernel(
             o_ky = tl.multiple_of(o_kb + yk.to(tl.int64) * sk_h + o_kx, [VEC, VEC])  # [COLS, P]
             b_k = tl.load(k_ptr + o_ky[None, :, :, None, None] + o_knd[:, None, None, :, :],
                           mask=m_k, other=0.0)  # [DS, COLS, P, N, DV]
-            b_s = tl.sum(tl.sum(b_q[:, None, :, :, :] * to_f32(b_k), axis=4), axis=0)
-            b_s += b_sc  # [COLS, P, N]
+            b_qk = tl.broadcast_to(b_q[:, None, :, :, :], [DS, COLS, P, BLOCK_N, DV])
+            if DS == 1:  # the column rel part seeds the chain
+                b_s = tl.sum(_dot_chain(b_sc[None, :, :, :], b_qk, to_f32(b_k), DV), axis=0)
+            else:
+                b_s = tl.sum(_dot_chain(tl.zeros([DS, COLS, P, BLOCK_N], dtype=tl.float32),
+                                        b_qk, to_f32(b_k), DV), axis=0) + b_sc  # [COLS, P, N]
             if HAS_RPB:
                 o_ry = off_y + a + KH - 1  # [P]
                 p_rpb = (rpb_ptr + (o_ry[None, :] * srp_h + o_rx * srp_w)[:, :, None]

@@ -190,8 +190,11 @@ def _tile2d_fwd_kernel(
                 o_vy = tl.multiple_of(o_vb + yk.to(tl.int64) * sv_h + o_vx, [VEC, VEC])
             b_v = tl.load(v_ptr + o_vy[None, :, :, None, None] + o_vnd[:, None, None, :, :],
                           mask=m_k, other=0.0)
-            b_pv = tl.sum(b_p[None, :, :, :, None] * to_f32(b_v), axis=1)  # [DS, P, N, DV]
-            b_acc = b_acc * b_alpha[None, :, :, None] + b_pv
+            # acc * alpha + sum over the chunk's columns of p * v, as one chain per channel
+            b_pc = tl.broadcast_to(tl.permute(b_p, (1, 2, 0))[None, :, :, None, :],
+                                   [DS, P, BLOCK_N, DV, COLS])
+            b_vc = tl.permute(to_f32(b_v), (0, 2, 3, 4, 1))  # [DS, P, N, DV, COLS]
+            b_acc = _dot_chain(b_acc * b_alpha[None, :, :, None], b_pc, b_vc, COLS)
             b_m = b_m_new
 
     b_o = b_acc / b_l[None, :, :, None]

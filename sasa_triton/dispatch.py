@@ -7,11 +7,12 @@ table for this GPU (sasa_triton.autotune.lookup: user cache dir, then the shippe
 float64) it is the reference. The result is cached per call key, so a call costs one dict
 lookup after the first. `implementation(name, direction)` is the function that runs it.
 
-Forward heuristic (PERF.md's calibration on an H100): head dims below 16 go to
-"allheads" (tensor-core tiles would pad d to 16 and waste most of each MMA; all heads
-of a pixel form one coalesced row), and so do rows of at most 32 values (heads x d),
-where a one-head tile reads sector fragments; everything else goes to "tiled" (tensor
-cores win from d = 16 on). A variant that does not support the shape is skipped.
+Forward heuristic (PERF.md's calibration on an H100, and the sm_90 machine code): head
+dims below 16 go to "tile2d" (CUDA cores, a 2-D pixel tile with all heads; tensor-core
+tiles would pad d to 16 and waste most of each MMA), then "allheads" (rows too wide for
+tile2d); rows of at most 32 values (heads x d) go to "allheads", where a one-head tile
+reads sector fragments; everything else goes to "tiled" (tensor cores win from d = 16
+on). A variant that does not support the shape is skipped.
 Backward: the first backward variant that supports the case, with its default config.
 """
 from __future__ import annotations
@@ -78,7 +79,12 @@ def _choose(q, args: AttendArgs, direction: int):
 def heuristic_forward(shape: tuple, dtype, args: AttendArgs) -> tuple[str, Optional[dict]]:
     """The forward heuristic of the module docstring (no tuned table, any device)."""
     _, _, _, heads, d = shape
-    prefer = ("allheads", "tiled") if d < 16 or heads * d <= 32 else ("tiled", "allheads")
+    if d < 16:
+        prefer = ("tile2d", "allheads", "tiled")
+    elif heads * d <= 32:
+        prefer = ("allheads", "tiled")
+    else:
+        prefer = ("tiled", "allheads")
     for name in prefer:
         module = variant_module(name)
         if module.supports(shape, dtype, args):

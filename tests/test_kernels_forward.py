@@ -226,7 +226,9 @@ def test_dispatch_heuristic():
         args = check_attend_args(q, q, q, k, 1, "zeros", None, None, None, None)
         return heuristic_forward(tuple(q.shape), dtype, args)
 
-    assert choice(8, 8)[0] == "allheads"  # s1: d = 8
+    assert choice(8, 8)[0] == "tile2d"  # s1: d = 8
+    assert choice(64, 8)[0] == "allheads"  # a row too wide for tile2d
+    assert choice(1, 32)[0] == "allheads"  # a 32-value row
     assert choice(8, 16)[0] == "tiled"  # s2
     assert choice(8, 64)[0] == "tiled"  # s4
     assert choice(1, 128)[0] == "tiled"

@@ -1,17 +1,19 @@
 """Forward kernel family "tile2d": CUDA cores, a 2-D pixel tile with all its heads.
 
-What a program owns: a BLOCK_H x BLOCK_W tile of pixels of one image with all heads,
-held as [P, BLOCK_N, BLOCK_D] tiles (P = BLOCK_H * BLOCK_W, BLOCK_N = next_pow2(heads),
-BLOCK_D = next_pow2(d)); q, the output accumulator and the running max and sum stay in
-registers. The kw window columns are walked in NCHUNK static chunks of COLS columns
-(COLS a power of two, pad columns masked); for each chunk a runtime loop over the kh
-window rows loads the chunk's k and v rows of every tile pixel as one
-[COLS, P, BLOCK_N, BLOCK_D] tile, computes the COLS logits per (pixel, head) with
-CUDA-core dot products and updates the online softmax once per (row, chunk). Logits are
-in log2 units: q is scaled by scale * log2(e) once. The relative term is split: the
-column part q[d/2:] . rel_w[col] is computed once per chunk (a [COLS, P, BLOCK_N] tile),
-the row part q[:d/2] . rel_h[row] once per (row, chunk) and added to the row's max.
-Only in-window taps are loaded. It saves lse = ln(sum exp(logit)) per (pixel, head).
+What a program owns: a BLOCK_H x BLOCK_W tile of pixels of one image with all heads
+(P = BLOCK_H * BLOCK_W pixels, BLOCK_N = next_pow2(heads)); a thread holds whole
+(pixel, head) pairs: q, the output accumulator, the running max and sum. Channels sit in
+[DS, ..., DV] tiles (DV channels per vector load, DS vectors per head, DS * DV =
+next_pow2(d)). The kw window columns are walked in NCHUNK static chunks of COLS columns
+(pad columns past kw masked); for each chunk a runtime loop over the kh window rows loads
+the chunk's k and v rows of every tile pixel as [DS, COLS, P, BLOCK_N, DV] tiles, computes
+the COLS logits per (pixel, head) as fused multiply-add chains and updates the online
+softmax once per (row, chunk). Logits are in log2 units: q is scaled by scale * log2(e)
+once. The relative term is split: the column part q[d/2:] . rel_w[col] is computed once
+per chunk ([COLS, P, BLOCK_N]) and seeds the logits, the row part q[:d/2] . rel_h[row]
+once per (row, chunk) and goes into the row's max. Only in-window taps are loaded; when
+k and v share strides the column offsets are the compile-time COL_STEP apart. It saves
+lse = ln(sum exp(logit)) per (pixel, head).
 
 Supported: every padding mode, dilation, any odd kh/kw (kw <= 64), shared/per-head rel
 tables, rpb, fp16/bf16/fp32, head dims while next_pow2(heads) * next_pow2(d) <= 256
@@ -33,13 +35,14 @@ MAX_KW = 64
 
 @triton.jit
 def _dot_chain(acc, a, b, N: tl.constexpr):
-    """acc + sum(a * b) over the last axis (N channels held by one thread), as one chain
-    of fused multiply-adds: the channels are split off in halves, not reduced as a tree."""
+    """acc + sum(a * b) over the last axis of the 5-D tiles a and b (N values held by one
+    thread), as one chain of fused multiply-adds: halves are split off, no tree."""
     if N == 1:
-        return acc + tl.sum(a * b, axis=len(a.shape) - 1)
+        return acc + tl.sum(a * b, axis=4)
     else:
-        a_e, a_o = tl.split(tl.reshape(a, a.shape[:-1] + [N // 2, 2]))
-        b_e, b_o = tl.split(tl.reshape(b, b.shape[:-1] + [N // 2, 2]))
+        shape: tl.constexpr = [a.shape[0], a.shape[1], a.shape[2], a.shape[3], N // 2, 2]
+        a_e, a_o = tl.split(tl.reshape(a, shape))
+        b_e, b_o = tl.split(tl.reshape(b, shape))
         acc = _dot_chain(acc, a_e, b_e, N // 2)
         return _dot_chain(acc, a_o, b_o, N // 2)
 
@@ -123,7 +126,8 @@ def _tile2d_fwd_kernel(
         m_c = (o_c[:, None] < KW) & m_p[None, :]
         m_x = m_c & (xk >= 0) & (xk < W)
         if COL_STEP > 0:  # k and v share strides and dil_w * column stride is COL_STEP
-            o_kx = (start_x.to(tl.int64) * sk_w)[None, :] + (o_c * COL_STEP).to(tl.int64)[:, None]
+            o_kx = ((start_x.to(tl.int64) * sk_w)[None, :]
+                    + (o_c.to(tl.int64) * COL_STEP)[:, None])
             o_vx = o_kx
         else:
             o_kx = xk.to(tl.int64) * sk_w

@@ -29,6 +29,8 @@ from .common import (LOG2E, PADDING_CODES, alloc_outputs, bias_strides, check_co
                      launch_options, next_pow2, row_offsets_fit_i32, to_f32, vector_width,
                      window_start)
 
+# Triton before 3.8 orders a load's non-contiguous dims upwards (see _load_kv)
+_TIES_ASCENDING = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8)
 MAX_ROW = 256  # next_pow2(heads) * next_pow2(d) held per pixel
 MAX_KW = 64
 
@@ -48,6 +50,21 @@ def _dot_chain(acc, a, b, N: tl.constexpr):
 
 
 @triton.jit
+def _load_kv(p, m, TIES_ASCENDING: tl.constexpr):
+    """Masked load (0 elsewhere) of a [DS, COLS, P, N, DV] tile. The coalescer gives
+    threads to the dims after the contiguous one in index order, ties broken downwards
+    from Triton 3.8 on, upwards before: there the tile is loaded as [P, N, COLS, DS, DV],
+    so that threads go to pixels and heads and a thread keeps its columns and vectors."""
+    if TIES_ASCENDING:
+        m = tl.broadcast_to(m, p.shape)
+        b = tl.load(tl.permute(p, (2, 3, 1, 0, 4)), mask=tl.permute(m, (2, 3, 1, 0, 4)),
+                    other=0.0)
+        return tl.permute(b, (3, 2, 0, 1, 4))
+    else:
+        return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
 def _tile2d_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
     H, W, HEADS, D, D_HALF, TILES_W, TILES,
@@ -63,7 +80,7 @@ def _tile2d_fwd_kernel(
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
     DS: tl.constexpr, DV: tl.constexpr, COLS: tl.constexpr, NCHUNK: tl.constexpr,
     ROW_I64: tl.constexpr, KV_SAME_STRIDES: tl.constexpr, EVEN_ROW: tl.constexpr,
-    VEC: tl.constexpr, COL_STEP: tl.constexpr,
+    VEC: tl.constexpr, COL_STEP: tl.constexpr, TIES_ASCENDING: tl.constexpr,
 ):
     # Channel c of a head sits at (c // DV, c % DV) of a [DS, ..., DV] tile: DV channels
     # are one vector load, the DS vectors of a head lie in the same thread.
@@ -155,8 +172,8 @@ def _tile2d_fwd_kernel(
             m_y = (yk >= 0) & (yk < H)
             m_k = (m_x & m_y[None, :])[None, :, :, None, None] & m_nd[:, None, None, :, :]
             o_ky = tl.multiple_of(o_kb + yk.to(tl.int64) * sk_h + o_kx, [VEC, VEC])  # [COLS, P]
-            b_k = tl.load(k_ptr + o_ky[None, :, :, None, None] + o_knd[:, None, None, :, :],
-                          mask=m_k, other=0.0)  # [DS, COLS, P, N, DV]
+            b_k = _load_kv(k_ptr + o_ky[None, :, :, None, None] + o_knd[:, None, None, :, :],
+                           m_k, TIES_ASCENDING)  # [DS, COLS, P, N, DV]
             b_qk = tl.broadcast_to(b_q[:, None, :, :, :], [DS, COLS, P, BLOCK_N, DV])
             if DS == 1:  # the column rel part seeds the chain
                 b_s = tl.sum(_dot_chain(b_sc[None, :, :, :], b_qk, to_f32(b_k), DV), axis=0)
@@ -192,8 +209,8 @@ def _tile2d_fwd_kernel(
                 o_vy = o_ky
             else:
                 o_vy = tl.multiple_of(o_vb + yk.to(tl.int64) * sv_h + o_vx, [VEC, VEC])
-            b_v = tl.load(v_ptr + o_vy[None, :, :, None, None] + o_vnd[:, None, None, :, :],
-                          mask=m_k, other=0.0)
+            b_v = _load_kv(v_ptr + o_vy[None, :, :, None, None] + o_vnd[:, None, None, :, :],
+                           m_k, TIES_ASCENDING)
             # acc * alpha + sum over the chunk's columns of p * v, as one chain per channel
             b_pc = tl.broadcast_to(tl.permute(b_p, (1, 2, 0))[None, :, :, None, :],
                                    [DS, P, BLOCK_N, DV, COLS])
@@ -285,10 +302,10 @@ def forward(q, k, v, args, config=None, _poison=False):
     bh, bw = config["BLOCK_H"], config["BLOCK_W"]
     tiles_w = triton.cdiv(W, bw)
     tiles = triton.cdiv(H, bh) * tiles_w
-    dv = min(next_pow2(d), 16 // q.element_size())  # channels per vector load
     vec = vector_width((q, k, v, out), next_pow2(d))
-    # scalar loads need an address register pair per channel: smaller chunks
-    cols = column_chunk(args.kw, next_pow2(d), 64 if vec >= dv else 16)
+    dv = min(next_pow2(d), 16 // q.element_size(), vec)  # channels per vector load
+    # narrow loads need an address register pair per vector: smaller chunks
+    cols = column_chunk(args.kw, next_pow2(d), 64 if dv * q.element_size() == 16 else 16)
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     dummy = q  # never read when the flag is off
     _tile2d_fwd_kernel[(B * tiles,)](
@@ -308,6 +325,7 @@ def forward(q, k, v, args, config=None, _poison=False):
         EVEN_ROW=heads == next_pow2(heads) and d == next_pow2(d),
         VEC=vec,
         COL_STEP=args.dw * k.stride(2) if k.stride() == v.stride() else 0,
+        TIES_ASCENDING=_TIES_ASCENDING,
         **launch_options(config),
     )
     return out, lse

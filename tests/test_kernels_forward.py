@@ -129,6 +129,17 @@ def test_k_and_v_with_different_strides(variant):
     torch.testing.assert_close(lse.cpu().double(), want_lse, atol=5e-3, rtol=2e-5)
 
 
+def test_tile2d_permuted_loads_of_older_tritons(monkeypatch):
+    """Before Triton 3.8 tile2d loads its k/v tiles through a permutation (_load_kv); the
+    interpreter runs that path here too."""
+    from sasa_triton.kernels import tile2d_fwd
+
+    monkeypatch.setattr(tile2d_fwd, "_TIES_ASCENDING", not tile2d_fwd._TIES_ASCENDING)
+    case = Case(B=1, H=5, W=6, heads=2, d=16, k=(3, 5), padding="mask", rel="per_head",
+                rpb=True)
+    _check_variant("tile2d", case, torch.bfloat16, "channels_last")
+
+
 @pytest.mark.parametrize("d", [64, 256])
 def test_large_head_dims(d):
     case = Case(B=1, H=2, W=3, heads=1, d=d, k=3, rel="shared")

@@ -6,9 +6,10 @@ compiles the recorded launch with Triton's compiler and ptxas, specialised as a 
 launch would be (see aot_sm90.py): the suite's s1/s2 shapes and feature combinations that
 change the kernel (every padding mode, dilation, rel shared/per head, rpb, fp16/bf16/fp32,
 d not a power of two, several column chunks, k and v with different strides). No launch
-may spill more than a word or two: ptxas sometimes parks a predicate word across the
-window loop (Triton 3.8: 4 bytes at 80 registers), where a layout that does not fit
-spills hundreds.
+may spill more than a few words: ptxas sometimes parks one or two outside the window
+loop to stay at an occupancy step (Triton 3.8: a predicate word at 80 registers; 3.9:
+12 bytes at 128 registers for fp16 d = 12), where a layout that does not fit spills
+hundreds of bytes.
 """
 import re
 

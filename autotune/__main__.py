@@ -5,10 +5,10 @@ import argparse
 import sys
 from typing import Optional
 
-from . import table
+from . import tuned_table as table
 from .keys import DIRECTIONS, DTYPES, parse_cases
 from .progress import fmt_seconds
-from .suites import SUITE_HELP, suite_cases
+from .tune_suites import SUITE_HELP, suite_cases
 
 DESCRIPTION = """\
 Benchmarks every kernel variant x pruned config for each key on this GPU and stores the
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cases(ns, parser):
+def _cases(ns, parser) -> list:
     directions = DIRECTIONS if ns.direction == "both" else (ns.direction,)
     dtypes = tuple(filter(None, (s.strip() for s in ns.dtype.split(","))))
     bad = [d for d in dtypes if d not in DTYPES]

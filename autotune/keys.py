@@ -19,12 +19,12 @@ from typing import NamedTuple
 
 import torch
 
-DIRECTIONS = ("fwd", "bwd")
+from sasa_triton.types import DIRECTIONS, DTYPE_NAMES, DTYPES, PADDINGS
+
+__all__ = ["DIRECTIONS", "DTYPES", "DTYPE_NAMES", "PADDINGS", "RELS", "TuneCase", "TuneKey",
+           "key_for", "parse_case", "parse_cases", "size_bucket"]
+
 RELS = ("none", "shared", "per_head")
-PADDINGS = ("zeros", "mask", "shift")
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-               torch.float64: "fp64"}
-DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 # Image sides are bucketed to the next power of two, clamped to this range: maps smaller
 # than 8 behave alike (one tile), and beyond 512 the kernels are in steady state.
@@ -64,7 +64,7 @@ class TuneKey(NamedTuple):
                 f"-H{self.h_bucket}xW{self.w_bucket}")
 
     @classmethod
-    def parse(cls, text: str) -> "TuneKey":
+    def parse(cls, text: str) -> TuneKey:
         """Inverse of str(key); ValueError naming the bad part otherwise."""
         try:
             direction, dtype, k, dil, heads, d, padding, rel, rpb, hw = text.split("-")
@@ -161,13 +161,13 @@ class TuneCase(NamedTuple):
                 f"dil={dil},padding={self.padding},rel={self.rel},rpb={int(self.rpb)}")
 
     @classmethod
-    def from_key(cls, key: TuneKey, B: int = 8) -> "TuneCase":
+    def from_key(cls, key: TuneKey, B: int = 8) -> TuneCase:
         """A representative case of a key: the bucket's own size (its largest member)."""
         return cls(key.direction, B, key.h_bucket, key.w_bucket, key.heads,
                    key.d, key.kh, key.kw, key.dh, key.dw, key.dtype, key.padding, key.rel,
                    key.rpb)
 
-    def with_(self, **changes) -> "TuneCase":
+    def with_(self, **changes) -> TuneCase:
         return self._replace(**changes)
 
 

@@ -21,7 +21,7 @@ import os
 import warnings
 from typing import Optional
 
-from . import table
+from . import tuned_table as table
 from .keys import TuneKey
 
 _NOT_TUNED = object()
@@ -62,7 +62,7 @@ def gpu_name(device=None) -> Optional[str]:
 
 
 def lookup(key: TuneKey, device=None, *, gpu: Optional[str] = None,
-           shape: Optional[tuple] = None):
+           shape: Optional[tuple] = None) -> Optional[tuple[str, dict]]:
     """(variant, config) tuned for `key` on `gpu` (default: the name of CUDA `device`,
     index or torch.device, current when None), or None. The config is a fresh dict.
     `shape` (the call's q shape) is only used to tune on a miss when that is enabled."""
@@ -78,7 +78,7 @@ def lookup(key: TuneKey, device=None, *, gpu: Optional[str] = None,
     return hit[0], dict(hit[1])
 
 
-def _find(gpu: str, key: TuneKey, shape):
+def _find(gpu: str, key: TuneKey, shape) -> object:
     try:
         tables = _entries.get(gpu)
         if tables is None:
@@ -103,7 +103,7 @@ def _load(gpu: str) -> list:
     return found
 
 
-def _first(tables: list, key_str: str):
+def _first(tables: list, key_str: str) -> object:
     for entries in tables:
         entry = entries.get(key_str)
         if entry is not None and entry.get("variant") is not None:
@@ -111,7 +111,7 @@ def _first(tables: list, key_str: str):
     return _NOT_TUNED
 
 
-def _tune_on_miss(gpu: str, key: TuneKey, shape):
+def _tune_on_miss(gpu: str, key: TuneKey, shape) -> object:
     """Tunes one unseen key into the user's table (CUDA only, once per key and process)."""
     import torch
 

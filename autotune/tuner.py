@@ -11,8 +11,10 @@ unless force=True). A candidate that breaks the CUDA context (illegal address: n
 can run after it in this process) is recorded as crashed, the run stops with a message,
 and the next run finishes that key without it.
 
-Variants default to sasa_triton.kernels.FORWARD_VARIANTS / BACKWARD_VARIANTS (name ->
-module path, imported here); tests pass `variants={"fwd": {name: module}, ...}`.
+Variants default to the tuned entries of sasa_triton.variants (those with a search
+space); tests pass `variants={"fwd": {name: module}, ...}`. The oracle results are
+checked against is the table's "reference" entry unless `oracle` (anything with the
+variant functions `forward` and `backward`) is given.
 Planning (and --dry-run) calls `supports` and `prune` with AttendArgs whose tensors are
 on the "meta" device: they must look at shapes and dtypes only.
 """
@@ -23,12 +25,15 @@ import json
 import sys
 import time
 import zlib
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
-from . import table
-from .keys import DTYPES, TuneCase, TuneKey
+from sasa_triton import variants as variant_table
+from sasa_triton.types import DTYPES
+
+from . import tuned_table as table
+from .keys import TuneCase, TuneKey
 from .progress import Progress, fmt_seconds
 
 # Rough seconds per candidate (compile + benchmark) for the up-front estimate; the
@@ -37,7 +42,6 @@ SECONDS_PER_CANDIDATE = {"fwd": 3.0, "bwd": 6.0}
 # A candidate whose result is further than this from the reference (max abs error over
 # max abs value) failed: it catches broken configs, it is not a precision test.
 VERIFY_TOL = {"bf16": 5e-2, "fp16": 1e-2, "fp32": 1e-2, "fp64": 1e-6}
-VARIANT_DICTS = {"fwd": "FORWARD_VARIANTS", "bwd": "BACKWARD_VARIANTS"}
 
 
 class Candidate(NamedTuple):
@@ -54,23 +58,26 @@ class PlanItem(NamedTuple):
 
 
 def load_variants(direction: str, variants: Optional[dict] = None) -> tuple[dict, list]:
-    """({name: module}, [notes]) for a direction. `variants` overrides the registry: a dict
-    {"fwd": {name: module or "module.path"}, "bwd": {...}}."""
+    """({name: variant}, [notes]) for a direction. `variants` overrides the table of
+    sasa_triton.variants: a dict {"fwd": {name: module or "module.path"}, "bwd": {...}}."""
     if variants is None:
-        registry = getattr(importlib.import_module("sasa_triton.kernels"),
-                           VARIANT_DICTS[direction], {})
+        found = {v.name: v for v in variant_table.with_direction(direction, tuned_only=True)}
     else:
-        registry = variants.get(direction, {})
+        found = variants.get(direction, {})
     modules, notes = {}, []
-    for name, target in registry.items():
+    for name, target in found.items():
         try:
-            modules[name] = importlib.import_module(target) if isinstance(target, str) else target
+            if isinstance(target, str):
+                target = importlib.import_module(target)
+            elif isinstance(target, variant_table.Variant):
+                target.load()
+            modules[name] = target
         except Exception as e:
             notes.append(f"{direction} variant {name!r} not importable: {type(e).__name__}: {e}")
     return modules, notes
 
 
-def make_args(case: TuneCase, device, generator=None):
+def make_args(case: TuneCase, device, generator=None) -> tuple:
     """q, k, v and AttendArgs for a case: random normal inputs (rel and rpb scaled by 0.5),
     contiguous; on the "meta" device only shapes (for planning without a GPU)."""
     from sasa_triton.args import check_attend_args
@@ -168,32 +175,23 @@ def _rel_err(got, want) -> float:
 class _Bench:
     """Inputs, reference results and the call of one candidate for one case."""
 
-    def __init__(self, case: TuneCase, device, verify: bool):
-        from sasa_triton.reference import reference_attend
-
+    def __init__(self, case: TuneCase, device, verify: bool, oracle=None):
+        oracle = variant_table.get(variant_table.REFERENCE) if oracle is None else oracle
         g = torch.Generator(device=device).manual_seed(zlib.crc32(str(case.key).encode()))
         self.case = case
         self.q, self.k, self.v, self.args = make_args(case, device, g)
         self.ref = None
         if case.direction == "fwd":
             if verify:
-                with torch.no_grad():
-                    self.ref = reference_attend(self.q, self.k, self.v, self.args,
-                                                return_lse=True)
+                self.ref = oracle.forward(self.q, self.k, self.v, self.args, None)
             return
-        # backward: out and lse come from the reference; dout is random
-        a = self.args
-        leaves = [t.detach().requires_grad_(verify) if t is not None else None
-                  for t in (self.q, self.k, self.v, a.rel_h, a.rel_w, a.rpb)]
-        ref_args = a._replace(rel_h=leaves[3], rel_w=leaves[4], rpb=leaves[5])
-        with torch.set_grad_enabled(verify):
-            out, self.lse = reference_attend(*leaves[:3], ref_args, return_lse=True)
-        self.dout = torch.randn(out.shape, generator=g, device=device,
-                                dtype=torch.float32).to(out.dtype)
+        # backward: out and lse come from the oracle; dout is random
+        self.out, self.lse = oracle.forward(self.q, self.k, self.v, self.args, None)
+        self.dout = torch.randn(self.out.shape, generator=g, device=device,
+                                dtype=torch.float32).to(self.out.dtype)
         if verify:
-            out.backward(self.dout)
-            self.ref = tuple(t.grad if t is not None else None for t in leaves)
-        self.out, self.lse = out.detach(), self.lse.detach()
+            self.ref = oracle.backward(self.q, self.k, self.v, self.out, self.lse, self.dout,
+                                       self.args, None)
 
     def runner(self, cand: Candidate) -> Callable:
         mod, cfg, q, k, v, a = cand.module, cand.config, self.q, self.k, self.v, self.args
@@ -260,10 +258,10 @@ def _bench_candidate(bench: _Bench, cand: Candidate, timer, device) -> dict:
 def tune(cases, out_path, gpu: str, *, variants: Optional[dict] = None,
          timer: Optional[Callable] = None, device=None, force: bool = False,
          verify: bool = True, stream=None, per_candidate: Optional[dict] = None,
-         limit: Optional[int] = None) -> list[dict]:
+         limit: Optional[int] = None, oracle=None) -> list[dict]:
     """Tunes each case into the table at `out_path` (named for `gpu`) and returns one
     summary dict per case: key, status ("tuned" | "skipped" | "failed" | "no candidates"),
-    variant, config, time_us."""
+    variant, config, time_us. `oracle`: see the module docstring."""
     stream = sys.stderr if stream is None else stream
     timer = default_timer if timer is None else timer
     device = torch.device("cuda" if device is None else device)
@@ -287,20 +285,20 @@ def tune(cases, out_path, gpu: str, *, variants: Optional[dict] = None,
         for i, it in enumerate(items):
             previous = None if force else done.get(str(it.case.key))
             summary.append(_tune_one(it, out_path, gpu, timer, device, verify, progress,
-                                     f"key {i + 1}/{len(items)}", previous))
+                                     f"key {i + 1}/{len(items)}", previous, oracle))
     finally:
         progress.close()
     return summary
 
 
 def _tune_one(it: PlanItem, out_path, gpu, timer, device, verify, progress, label,
-              previous: Optional[dict]) -> dict:
+              previous: Optional[dict], oracle=None) -> dict:
     key = it.case.key
     if not it.candidates:
         progress.note_key(f"{key}: no variant supports it; the heuristic serves it")
         return _summary(key, "no candidates", None)
     try:
-        bench = _Bench(it.case, device, verify)
+        bench = _Bench(it.case, device, verify, oracle)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # e.g. out of memory for the inputs: skip the key, keep going
@@ -346,7 +344,7 @@ def _summary(key: TuneKey, status: str, entry: Optional[dict]) -> dict:
             "config": entry.get("config"), "time_us": entry.get("time_us")}
 
 
-def _unique(cases):
+def _unique(cases) -> Iterator[TuneCase]:
     seen = set()
     for c in cases:
         if c.key not in seen:

@@ -1,18 +1,17 @@
 """Triton kernels of sasa-triton, one file per kernel family (installed as sasa_triton.kernels).
 
-The variant tables below are plain data, importable without Triton; a variant module is
-imported only when it runs. A forward variant module has `search_space()`,
-`prune(configs, q_shape, args)`, `default_config(q_shape, args)`,
-`supports(q_shape, dtype, args)` and `forward(q, k, v, args, config=None) -> (out, lse)`;
-a backward one has the same four plus
+The ground floor of the package: these modules import Triton, torch and
+`sasa_triton.types` only. Which implementations exist, and how they are chosen, is the
+table in `sasa_triton.variants`; a variant module is imported only when it runs.
+
+common.py        geometry in-kernel (window_start), LOG2E, padding codes, host helpers
+tiled_fwd.py     forward "tiled": tensor-core halo tiles, one (batch, head) per program
+allheads_fwd.py  forward "allheads": all heads of a pixel block (d < 16, tiny rows)
+tile2d_fwd.py    forward "tile2d": CUDA cores, a 2-D pixel tile x all heads (d < 16)
+offsets_bwd.py   backward "offsets": CUDA cores, window offsets in a loop
+
+A variant module has `search_space()`, `prune(configs, q_shape, args)`,
+`default_config(q_shape, args)`, `supports(q_shape, dtype, args)` and its host
+launcher(s): `forward(q, k, v, args, config=None) -> (out, lse)` and/or
 `backward(q, k, v, out, lse, dout, args, config=None) -> (dq, dk, dv, drel_h, drel_w, drpb)`.
 """
-
-FORWARD_VARIANTS = {
-    "tiled": "sasa_triton.kernels.tiled_fwd",  # tensor-core halo tiles, one (b, head) per program
-    "allheads": "sasa_triton.kernels.allheads_fwd",  # all heads of a pixel block, d < 16, tiny maps
-    "tile2d": "sasa_triton.kernels.tile2d_fwd",  # CUDA cores, 2-D pixel tile x all heads, d <= 16
-}
-BACKWARD_VARIANTS = {
-    "offsets": "sasa_triton.kernels.offsets_bwd",  # CUDA cores, window offsets in a loop
-}

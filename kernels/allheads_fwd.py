@@ -15,21 +15,7 @@ tables, rpb, fp16/bf16/fp32, head dims d = 1..256 while next_pow2(heads) *
 next_pow2(d) <= 1024 (e.g. 8 heads x d <= 128); larger rows go to "tiled". Any
 strides; 64-bit pixel offsets.
 
-Performance notes (against PERF.md: this design reached 10x the floor on s1 as a first
-cut, with one head per program 31x):
-* In the heads-last layout a pixel's heads x d values form one contiguous row (128 bytes
-  for 8 heads x d = 8 in bf16): loading all heads at once uses every sector fetched,
-  where a one-head program reads 16-byte pieces.
-* Only in-window neighbours are loaded (no halo waste) and d is not padded to 16:
-  for d = 8 this beats tensor-core tiles, which would waste half of each MMA and 80%
-  of a halo score tile.
-* The relative term is separable: kw column parts q[d/2:] . rel_w[col] are computed
-  once per (pixel, head) before the loop and kept as a [BLOCK_P, BLOCK_N, BLOCK_KW] tile
-  (a select per offset), the row part q[:d/2] . rel_h[row] once per window row:
-  kh + kw dot products per query instead of k^2.
-* exp2 with scale*log2(e) folded into the logit FMA; the running max starts finite, so
-  no -inf - -inf guard is needed; masks are where-selects, never multiplies.
-* Pixels are flattened over (B, H, W) so tiny maps (7x7) fill whole blocks.
+Why it is built this way, and its register counts: docs/PERF.md ("Kernel notes").
 """
 from __future__ import annotations
 
@@ -37,9 +23,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (PADDING_CODES, alloc_outputs, bias_strides, check_config, head_block,
-                     launch_options, next_pow2, row_offsets_fit_i32, to_f32, vector_width,
-                     window_start)
+from .common import (
+    LOG2E,
+    PADDING_CODES,
+    alloc_outputs,
+    bias_strides,
+    check_config,
+    launch_options,
+    next_pow2,
+    row_offsets_fit_i32,
+    to_f32,
+    vector_width,
+    window_start,
+)
 
 MAX_ROW = 1024  # next_pow2(heads) * next_pow2(d) held per pixel
 MAX_KW = 64
@@ -157,7 +153,7 @@ def _allheads_fwd_kernel(
                 o_rpb = o_rpb_y + (off_x + c + KW - 1) * srp_w  # [BLOCK_P]
                 p_rpb = rpb_ptr + o_rpb[:, None] + o_n[None, :] * srp_n
                 b_rpb = tl.load(p_rpb, mask=m_p[:, None] & (o_n[None, :] < HEADS), other=0.0)
-                b_s += b_rpb.to(tl.float32) * 1.4426950408889634
+                b_s += b_rpb.to(tl.float32) * LOG2E
             if PADDING == 1:  # mask
                 b_s = tl.where(m_k[:, None], b_s, float("-inf"))
             b_m_new = tl.maximum(b_m, b_s)
@@ -217,8 +213,7 @@ def prune(configs, q_shape, args) -> list[dict]:
 
 def default_config(q_shape, args) -> dict:
     """About 2048 (pixel, head, channel) values per program, 8 per thread: q, acc, the
-    kw column parts and the loaded neighbour rows stay in registers (ptxas for sm_90:
-    about 100 registers at 16 per thread for 8 heads x d = 8, bf16) with room for
+    kw column parts and the loaded neighbour rows stay in registers, with room for
     several programs per SM."""
     row = _row(q_shape)
     bp = max(4, min(128, 2048 // row))
@@ -232,7 +227,7 @@ def supports(q_shape, dtype, args) -> bool:
             and _row(q_shape) <= MAX_ROW and args.kw <= MAX_KW)
 
 
-def forward(q, k, v, args, config=None, _poison=False):
+def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
     B, H, W, heads, d = q.shape
     if not supports(tuple(q.shape), q.dtype, args):
@@ -256,7 +251,7 @@ def forward(q, k, v, args, config=None, _poison=False):
         npix, H, W, heads, d, d // 2,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
-        args.dh, args.dw, args.scale * 1.4426950408889634,
+        args.dh, args.dw, args.scale * LOG2E.value,
         KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
         BLOCK_P=bp, BLOCK_N=next_pow2(heads), BLOCK_D=next_pow2(d),

@@ -1,4 +1,4 @@
-"""Pieces shared by the forward kernel families: window geometry in-kernel, host helpers.
+"""Pieces shared by the kernel families: window geometry in-kernel, constants, host helpers.
 
 Geometry follows SPEC.md (and sasa_triton/window.py) along one axis: pixel i's window
 starts at `start` and its taps sit at `start + t * dil`, t in [0, K). `window_start`
@@ -20,8 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-PADDING_CODES = {"zeros": 0, "mask": 1, "shift": 2}
-LOG2E = 1.4426950408889634
+from sasa_triton.types import PADDINGS
+
+# The kernels' PADDING constexpr: 0 zeros, 1 mask, 2 shift.
+PADDING_CODES = {name: code for code, name in enumerate(PADDINGS)}
+# log2(e): the kernels work in base 2 (exp2), logits scaled by scale * LOG2E. A constexpr,
+# so kernels may read it; host code multiplies by LOG2E.value.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 # Debug flag: fill kernel outputs with NaN before the launch so an unwritten element shows.
 POISON_OUTPUTS = os.environ.get("SASA_TRITON_POISON") == "1"
@@ -67,11 +72,9 @@ def halo_span(size: int, k: int, dil: int, padding: str, tile: int) -> int:
     pixels (any tile start) along an axis: the halo width a tile of queries reads."""
     if padding != "shift":
         return tile + (k - 1) * dil
-    starts = []
-    for i in range(size):
-        g, member = i % dil, i // dil
-        count = (size - g + dil - 1) // dil
-        starts.append(g + min(max(member - k // 2, 0), count - k) * dil)
+    from sasa_triton.window import window_positions  # the Python geometry (torch only)
+
+    starts = window_positions(size, k, dil, padding)[0][:, 0].tolist()
     span = 0
     for t0 in range(0, size, tile):  # tiles start at multiples of the tile width
         block = starts[t0:t0 + tile]
@@ -79,7 +82,7 @@ def halo_span(size: int, k: int, dil: int, padding: str, tile: int) -> int:
     return span
 
 
-def bias_strides(t, heads_dim: bool = True):
+def bias_strides(t, heads_dim: bool = True) -> tuple[int, int, int]:
     """(head, row, col) strides of a rel table (2-D shared -> head stride 0) or rpb."""
     if t is None:
         return 0, 0, 0
@@ -114,17 +117,19 @@ def vector_width(tensors, block_d: int) -> int:
     return vec
 
 
-def alloc_outputs(q: torch.Tensor, poison: bool = False):
-    """out (contiguous, q's dtype) and lse (float32) for a forward launch; NaN-filled
-    when poisoned so that a test sees any element the kernel failed to write."""
-    B, H, W, N, D = q.shape
+def new_output(shape, dtype, device, poison: bool = False) -> torch.Tensor:
+    """An uninitialised contiguous tensor for a kernel to write; NaN-filled when poisoned
+    (the argument or SASA_TRITON_POISON=1) so that a test sees any element the kernel
+    failed to write."""
     if poison or POISON_OUTPUTS:
-        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
-        lse = torch.full((B, H, W, N), float("nan"), dtype=torch.float32, device=q.device)
-    else:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, H, W, N), dtype=torch.float32, device=q.device)
-    return out, lse
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def alloc_outputs(q: torch.Tensor, poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (contiguous, q's dtype) and lse (float32) for a forward launch."""
+    return (new_output(q.shape, q.dtype, q.device, poison),
+            new_output(q.shape[:4], torch.float32, q.device, poison))
 
 
 def launch_options(config: dict) -> dict:

@@ -25,9 +25,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, PADDING_CODES, alloc_outputs, bias_strides, check_config,
-                     launch_options, next_pow2, row_offsets_fit_i32, to_f32, vector_width,
-                     window_start)
+from .common import (
+    LOG2E,
+    PADDING_CODES,
+    alloc_outputs,
+    bias_strides,
+    check_config,
+    launch_options,
+    next_pow2,
+    row_offsets_fit_i32,
+    to_f32,
+    vector_width,
+    window_start,
+)
 
 # Triton before 3.8 orders a load's non-contiguous dims upwards (see _load_kv)
 _TIES_ASCENDING = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8)
@@ -186,7 +196,7 @@ def _tile2d_fwd_kernel(
                          + (o_n * srp_n)[None, None, :])
                 b_rpb = tl.load(p_rpb, mask=m_c[:, :, None] & (o_n < HEADS)[None, None, :],
                                 other=0.0)
-                b_s += b_rpb.to(tl.float32) * 1.4426950408889634
+                b_s += b_rpb.to(tl.float32) * LOG2E
             # the row part is the same for the whole chunk: it goes into the max
             b_srow = tl.zeros([P, BLOCK_N], dtype=tl.float32)
             if HAS_REL:
@@ -315,7 +325,7 @@ def forward(q, k, v, args, config=None, _poison=False):
         H, W, heads, d, d // 2, tiles_w, tiles,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
-        args.dh, args.dw, args.scale * LOG2E,
+        args.dh, args.dw, args.scale * LOG2E.value,
         KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
         BLOCK_H=bh, BLOCK_W=bw, BLOCK_N=next_pow2(heads), DS=next_pow2(d) // dv, DV=dv,

@@ -16,32 +16,7 @@ at dilation <= 16), shared/per-head rel tables, rpb, fp16/bf16/fp32 (fp32 dots u
 input_precision="ieee"), head dims d = 1..256, padded inside the kernel to
 BLOCK_D = max(16, next_pow2(d)) with masks. Any strides; 64-bit base offsets.
 
-Performance notes (against PERF.md's first cuts, which reached 5-30x the IO floor):
-* The query tile is a row segment, so every pixel of a k/v sub-tile shares the window
-  row a with every query: the row part of the relative term is one scalar per query
-  per a (q[:d/2] . rel_h[row], kh dot products per query in all) and the window mask
-  along the row is the same for all a. The column pattern (window mask, and the
-  column part q[d/2:] . rel_w[col], kw dot products per query) is built once per query
-  row as a [BLOCK_W, BLOCK_K] bias and reused for all kh sub-tiles; no [TQ, TK] index
-  math, no k^2 x d tensor and no gather in the inner loop (the 116x column of PERF.md).
-* The live score tile is [BLOCK_W, BLOCK_K] = 16 x 32 for k = 7 (49% useful columns of
-  22/32, 7/22 of them in a window) instead of the 64 x 256 tile of an 8x8/16x16 halo.
-* exp2 with scale*log2(e) folded into one FMA on the score tile; the running max starts
-  finite so no -inf - -inf guard is needed in the loop.
-* The grid puts the head index fastest, so the programs of all heads of a row segment
-  run together and each 32/64-byte sector of the heads-last rows is used in full (L2).
-* Each k/v row is read by the kh programs of neighbouring query rows: L2 hits, not HBM.
-* NaN safety at no cost in the main loop: halo columns outside a query's window are
-  removed with tl.where on S; a non-finite v would leak through 0 * NaN in P V, so
-  after the loop a row whose accumulator holds a non-finite value (rare) is recomputed
-  in a slow pass with such v zeroed and its in-window (query, channel) outputs set
-  to NaN. No per-sub-tile reduction or branch.
-* Registers (ptxas -v for sm_90, Triton 3.9, k = 7, bf16, default configs): 85-141 per
-  thread for d = 16..128 without spills and without replicated MMA rows (see
-  default_config); int32 in-row offsets (ROW_I64 only for giant rows), one offset tile
-  for k and v when their strides agree, no channel mask when d is a power of two;
-  prune() drops configs that the same measurements show spilling.
-* Untested on a GPU so far: timings and the best tiles are the tuner's job.
+Why it is built this way, and its register counts: docs/PERF.md ("Kernel notes").
 """
 from __future__ import annotations
 
@@ -49,9 +24,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRETED, PADDING_CODES, alloc_outputs, bias_strides,
-                     check_config, halo_span, head_block, launch_options, next_pow2,
-                     row_offsets_fit_i32, window_start)
+from .common import (
+    INTERPRETED,
+    LOG2E,
+    PADDING_CODES,
+    alloc_outputs,
+    bias_strides,
+    check_config,
+    halo_span,
+    head_block,
+    launch_options,
+    next_pow2,
+    row_offsets_fit_i32,
+    window_start,
+)
 
 MAX_BLOCK_K = 256
 
@@ -84,7 +70,7 @@ def _subtile_logits(a, b_q, b_qf, b_bias, m_win, m_kv_x, p_k0, o_kx, sk_h, start
         b_s += b_sr[:, None] * qk_scale
     if HAS_RPB:
         b_rpb = tl.load(p_rpb + (off_y + a + KH - 1) * srp_h + o_rpb_x, mask=m_win, other=0.0)
-        b_s += b_rpb.to(tl.float32) * 1.4426950408889634
+        b_s += b_rpb.to(tl.float32) * LOG2E
     return tl.where(m_win, b_s, float("-inf")), y64, m_kv
 
 
@@ -284,8 +270,8 @@ def _block_k(q_shape, args, block_w: int) -> int:
 def _per_thread(bw: int, bh: int, bk: int, bd: int, num_warps: int) -> float:
     """Estimated live tile values per thread: S/P [BW, BK], q/acc [BW, D], k/v [BK, D];
     a second row per program costs a quarter more (the shared column pattern stays
-    live across rows). Fitted to ptxas -v for sm_90 (Triton 3.9, bf16, k = 7): below
-    64 no config spilled; at 64 and above most did."""
+    live across rows). Fitted to ptxas for sm_90: below 64 no config spilled
+    (docs/PERF.md)."""
     return (bw * bk + (bw + bk) * bd) * (1.6 if bh > 1 else 1.0) / (32 * num_warps)
 
 
@@ -309,12 +295,9 @@ def prune(configs, q_shape, args) -> list[dict]:
 
 
 def default_config(q_shape, args) -> dict:
-    """16-wide row segments (halo 32 columns for k = 7), one row per program, 1 warp for
-    d <= 16 (with more, Triton 3.9 stacks the warps along the 16 query rows of the MMA
-    and replicates the score tile), 4 up to d = 128 (warps split the head dim), 8
-    above, more while the tile would spill. ptxas for sm_90, k = 7, bf16: 138, 85, 106,
-    141 registers for d = 16, 32, 64, 128, no spills; two rows per program cost 20-40
-    more. Tuned tables override this."""
+    """16-wide row segments, one row per program, 1 warp for d <= 16 (more warps would
+    replicate the 16-row MMA tile), 4 up to d = 128 (warps split the head dim), 8 above,
+    more while the tile would spill (docs/PERF.md). Tuned tables override this."""
     B, H, W, heads, d = q_shape
     bd = head_block(d)
     bk = _block_k(q_shape, args, 16)
@@ -330,7 +313,7 @@ def supports(q_shape, dtype, args) -> bool:
             and _block_k(q_shape, args, 16) <= MAX_BLOCK_K)
 
 
-def forward(q, k, v, args, config=None, _poison=False):
+def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
     B, H, W, heads, d = q.shape
     if not supports(tuple(q.shape), q.dtype, args):
@@ -355,7 +338,7 @@ def forward(q, k, v, args, config=None, _poison=False):
         H, W, heads, d, d // 2,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
-        args.dh, args.dw, args.scale * 1.4426950408889634,
+        args.dh, args.dw, args.scale * LOG2E.value,
         KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
         BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d),

@@ -5,7 +5,7 @@ this machine can run. Importing the package imports torch only: Triton, the kern
 pandas and matplotlib load when first used.
 """
 from .api import attend
-from .registry import backends
+from .variants import backends
 
 __version__ = "0.1.0"
 __all__ = ["attend", "backends", "nn", "__version__"]

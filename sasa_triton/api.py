@@ -5,11 +5,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import dispatch
 from .args import check_attend_args
-from .kernels import FORWARD_VARIANTS
 from .ops import attend_op
-from .registry import check_backend
+from .variants import check_backend, check_supported
 
 IntPair = Union[int, Sequence[int]]
 
@@ -57,8 +55,8 @@ def attend(
         check_backend(backend, q)
     if q.numel() == 0:
         return _empty_output(q, k, v, args)
-    if backend in FORWARD_VARIANTS and not torch.compiler.is_compiling():
-        dispatch.check_forced(backend, q, args)
+    if not torch.compiler.is_compiling():
+        check_supported(backend, q, args)
     # a custom op (autograd + torch.compile); "auto" is resolved inside it per call
     return attend_op(q, k, v, args, backend)
 

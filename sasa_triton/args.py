@@ -6,29 +6,25 @@ the argument. It runs on every call, so it uses plain Python on shapes and dtype
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
-
 import torch
 
-PADDINGS = ("zeros", "mask", "shift")
+from .types import PADDINGS, AttendArgs
+
+__all__ = ["AttendArgs", "PADDINGS", "check_attend_args", "check_window", "check_positive_int"]
+
 # float64 is accepted for testing (gradcheck) and runs on the reference backend only.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The Triton kernels hold a whole head dimension (padded to a power of two) in registers.
 MAX_HEAD_DIM = 256
 
 
-class AttendArgs(NamedTuple):
-    """Normalised arguments of one `attend` call (everything but q, k, v)."""
-
-    kh: int
-    kw: int
-    dh: int
-    dw: int
-    padding: str
-    rel_h: Optional[torch.Tensor]
-    rel_w: Optional[torch.Tensor]
-    rpb: Optional[torch.Tensor]
-    scale: float
+def check_positive_int(value, name: str) -> int:
+    """`value` if it is an int >= 1; TypeError/ValueError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
 
 
 def _pair(value, name: str) -> tuple[int, int]:

@@ -1,62 +1,57 @@
-"""Dispatch: which implementation (kernel variant and config) runs a call.
+"""Dispatch: which implementation (a `sasa_triton.variants` entry and its config) runs a call.
 
-`choose(q, args, direction)` returns (name, config) for the forward (direction 0) or the
-backward (1) of a `backend="auto"` call. On CUDA (non-float64) the order is: the tuned
-table for this GPU (sasa_triton.autotune.lookup: user cache dir, then the shipped table)
--> the heuristic below -> the reference when no kernel supports the case. Elsewhere (CPU,
-float64) it is the reference. The result is cached per call key, so a call costs one dict
-lookup after the first. `implementation(name, direction)` is the function that runs it.
+Dispatch only chooses; the names it returns were checked by `attend` and are run by
+`sasa_triton.ops`. `resolve(backend, direction, q, args, config)` is the one entry point:
 
-Forward heuristic (PERF.md's calibration on an H100, and the sm_90 machine code): head
-dims below 16 go to "tile2d" (CUDA cores, a 2-D pixel tile with all heads; tensor-core
+* "auto" -> `choose(q, args, direction)`. On CUDA (non-float64) the order is: the tuned
+  table for this GPU (sasa_triton.autotune.lookup: user cache dir, then the shipped
+  table) -> the heuristic below -> the reference when no kernel supports the case.
+  Elsewhere (CPU, float64) it is the reference. The result is cached per call key, so a
+  call costs one dict lookup after the first.
+* a forced backend -> its forward with the given config; its backward is its own
+  `backward` when it has one, else `default_backward` (with the given config, if any).
+
+Forward heuristic (docs/PERF.md's calibration on an H100, and the sm_90 machine code):
+head dims below 16 go to "tile2d" (CUDA cores, a 2-D pixel tile with all heads; tensor-core
 tiles would pad d to 16 and waste most of each MMA), then "allheads" (rows too wide for
-tile2d); rows of at most 32 values (heads x d) go to "allheads", where a one-head tile
-reads sector fragments; everything else goes to "tiled" (tensor cores win from d = 16
-on). A variant that does not support the shape is skipped.
-Backward: the first backward variant that supports the case, with its default config.
+tile2d; all heads of a pixel form one coalesced row); rows of at most 32 values (heads x
+d) go to "allheads", where a one-head tile reads sector fragments; everything else goes
+to "tiled" (tensor cores win from d = 16 on). A variant that does not support the shape
+is skipped.
+Backward: the first kernel variant with a backward that supports the case, with its
+default config.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from .args import AttendArgs
-from .kernels import BACKWARD_VARIANTS, FORWARD_VARIANTS
-from .registry import triton_usable
+from . import variants
+from .types import AttendArgs
+from .variants import REFERENCE, call_key, triton_usable
 
 _CACHE: dict = {}
-_VARIANTS = (FORWARD_VARIANTS, BACKWARD_VARIANTS)
-_REFERENCE = ("sasa_triton.ops:reference_forward", "sasa_triton.reference_bwd:reference_backward")
+_DIRECTIONS = variants.DIRECTIONS  # direction index 0 / 1 -> "fwd" / "bwd"
 
 
-def variant_module(name: str, direction: int = 0):
-    """The module of kernel variant `name` (imports Triton)."""
-    variants = _VARIANTS[direction]
-    if name not in variants:
-        raise ValueError(f"unknown {('forward', 'backward')[direction]} variant {name!r}; "
-                         f"known: {sorted(variants)}")
-    return importlib.import_module(variants[name])
-
-
-def implementation(name: str, direction: int) -> Callable:
-    """forward(q, k, v, args, config) or backward(q, k, v, out, lse, dout, args, config)."""
-    if name == "reference":
-        module, _, function = _REFERENCE[direction].partition(":")
-        return getattr(importlib.import_module(module), function)
-    return getattr(variant_module(name, direction), ("forward", "backward")[direction])
-
-
-def call_key(q: torch.Tensor, args: AttendArgs) -> tuple:
-    """Everything about a call that a kernel choice may depend on (no tensor data)."""
-    rel = None if args.rel_h is None else args.rel_h.dim()
-    return (q.device, tuple(q.shape), q.dtype, args.kh, args.kw, args.dh, args.dw,
-            args.padding, rel, args.rpb is not None)
+def resolve(backend: str, direction: int, q: torch.Tensor, args: AttendArgs,
+            config: Optional[dict] = None) -> tuple[str, Optional[dict]]:
+    """(variant name, config) running `direction` (0 forward, 1 backward) of a call with
+    the (already checked) backend name; `config` is the caller's forced config or None."""
+    if backend == "auto":
+        name, chosen = choose(q, args, direction)
+        return name, None if chosen is None else dict(chosen)
+    if variants.VARIANTS[backend].function(_DIRECTIONS[direction]) is not None:
+        return backend, config
+    name, chosen = default_backward(q, args)
+    if config is not None and name != REFERENCE:
+        return name, config
+    return name, None if chosen is None else dict(chosen)
 
 
 def choose(q: torch.Tensor, args: AttendArgs, direction: int = 0) -> tuple[str, Optional[dict]]:
-    """(implementation name, config) for a backend="auto" call; cached per call key."""
+    """(variant name, config) for a backend="auto" call; cached per call key."""
     key = (direction, *call_key(q, args))
     hit = _CACHE.get(key)
     if hit is None:
@@ -64,9 +59,9 @@ def choose(q: torch.Tensor, args: AttendArgs, direction: int = 0) -> tuple[str, 
     return hit
 
 
-def _choose(q, args: AttendArgs, direction: int):
+def _choose(q, args: AttendArgs, direction: int) -> tuple[str, Optional[dict]]:
     if q.dtype == torch.float64 or q.device.type != "cuda" or not triton_usable("cuda"):
-        return "reference", None
+        return REFERENCE, None
     shape = tuple(q.shape)
     tuned = _tuned(q, args, direction, shape)
     if tuned is not None:
@@ -86,51 +81,42 @@ def heuristic_forward(shape: tuple, dtype, args: AttendArgs) -> tuple[str, Optio
     else:
         prefer = ("tiled", "allheads")
     for name in prefer:
-        module = variant_module(name)
-        if module.supports(shape, dtype, args):
-            return name, module.default_config(shape, args)
-    return "reference", None
+        variant = variants.VARIANTS.get(name)
+        if variant is not None and variant.supports(shape, dtype, args):
+            return name, variant.default_config(shape, args)
+    return REFERENCE, None
 
 
 def default_backward(q: torch.Tensor, args: AttendArgs) -> tuple[str, Optional[dict]]:
-    """The first backward kernel that supports the case (default config), else the
-    reference; also the backward of a forced forward variant. Cached per call key."""
+    """The first kernel variant with a backward that supports the case (default config),
+    else the reference; also the backward of a forced forward-only variant. Cached."""
     key = ("bwd-default", *call_key(q, args))
     hit = _CACHE.get(key)
     if hit is None:
-        hit = "reference", None
+        hit = REFERENCE, None
         shape = tuple(q.shape)
-        for name in BACKWARD_VARIANTS:
-            module = variant_module(name, 1)
-            if module.supports(shape, q.dtype, args):
-                hit = name, module.default_config(shape, args)
+        for variant in variants.with_direction("bwd"):
+            if variant.name != REFERENCE and variant.supports(shape, q.dtype, args):
+                hit = variant.name, variant.default_config(shape, args)
                 break
         _CACHE[key] = hit
     return hit
 
 
-def _tuned(q, args: AttendArgs, direction: int, shape):
+def _tuned(q, args: AttendArgs, direction: int, shape) -> Optional[tuple[str, dict]]:
     """The tuned table's (variant, config), if it has this key and the variant runs it."""
     from .autotune.keys import key_for
     from .autotune.lookup import lookup
 
-    hit = lookup(key_for(q, args, ("fwd", "bwd")[direction]), q.device, shape=shape)
-    if hit is None or hit[0] not in _VARIANTS[direction]:
+    hit = lookup(key_for(q, args, _DIRECTIONS[direction]), q.device, shape=shape)
+    if hit is None:
         return None
-    if not variant_module(hit[0], direction).supports(shape, q.dtype, args):
+    variant = variants.VARIANTS.get(hit[0])
+    if variant is None or variant.function(_DIRECTIONS[direction]) is None:
+        return None
+    if not variant.supports(shape, q.dtype, args):
         return None
     return hit
-
-
-def check_forced(name: str, q: torch.Tensor, args: AttendArgs) -> None:
-    """A forced forward variant that cannot run this case raises before any launch."""
-    key = ("forced", name, *call_key(q, args))
-    if key in _CACHE:
-        return
-    if not variant_module(name).supports(tuple(q.shape), q.dtype, args):
-        raise ValueError(f"backend={name!r} does not support q of shape {tuple(q.shape)} and "
-                         f"dtype {q.dtype} with these arguments; use backend='auto'")
-    _CACHE[key] = True
 
 
 def clear_cache() -> None:

@@ -9,13 +9,11 @@ implementation's default config) as plain arguments:
   padding, scale, backend, bwd_config) -> (dq, dk, dv, drel_h, drel_w, drpb)`, an empty
   tensor standing for an absent table's gradient.
 
-`backend` is "auto" (sasa_triton.dispatch picks the kernel variant and config for the
-call, inside the op, so tracing never runs the dispatcher), "reference", or a forced
-forward variant ("tiled", "allheads", see `IMPLEMENTATIONS`), whose backward is the
-dispatcher's default backward kernel. Implementations have the kernel-variant
-signatures `forward(q, k, v, args, config) -> (out, lse)` and
-`backward(q, k, v, out, lse, dout, args, config) -> (dq, dk, dv, drel_h, drel_w, drpb)`,
-and are imported on first use, so importing this module imports no Triton.
+`backend` is a name `attend` has checked (sasa_triton.variants.check_backend): "auto"
+(resolved per call inside the op, so tracing never runs the dispatcher) or a variant of
+the table. Ops only run: `sasa_triton.dispatch.resolve` says which variant and config,
+the variant's `forward` / `backward` (imported on first use, so importing this module
+imports no Triton) computes.
 The backward op has no autograd of its own: double backward is not supported.
 In eager mode with nothing to differentiate, `attend_op` calls the forward directly
 (the op dispatch costs tens of microseconds of host time).
@@ -23,56 +21,21 @@ In eager mode with nothing to differentiate, `attend_op` calls the forward direc
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from . import dispatch
-from .args import AttendArgs
-from .kernels import FORWARD_VARIANTS
-from .registry import check_backend, register_backend
-from .reference import reference_attend
-
-# Names `attend_op` accepts besides "auto" (resolved per call by sasa_triton.dispatch):
-# name -> "module:forward" target; the backward of a kernel variant is the dispatcher's
-# default backward kernel (the reference where none supports the case).
-IMPLEMENTATIONS: dict[str, str] = {"reference": "sasa_triton.ops:reference_forward"}
-IMPLEMENTATIONS.update({name: f"{module}:forward" for name, module in FORWARD_VARIANTS.items()})
+from . import dispatch, variants
+from .types import AttendArgs
 
 
-def register_implementation(name: str, forward: str, triton: bool = True) -> None:
-    """Makes `attend(..., backend=name)` run `forward` ("module:function" with the
-    kernel-variant signature); its backward is the dispatcher's default backward."""
-    IMPLEMENTATIONS[name] = forward
-    register_backend(name, forward, triton=triton)
-    _load.cache_clear()
-
-
-@functools.lru_cache(maxsize=None)
-def _load(target: str) -> Callable:
-    module, _, function = target.partition(":")
-    return getattr(importlib.import_module(module), function)
-
-
-def _impl(backend: str, direction: int, q: Tensor, args: AttendArgs, config_text: str):
+def _impl(backend: str, direction: int, q: Tensor, args: AttendArgs,
+          config_text: str) -> tuple[Callable, Optional[dict]]:
     """(function, config) that run `direction` (0 forward, 1 backward) of `backend`."""
-    if backend == "auto":
-        name, config = dispatch.choose(q, args, direction)
-    elif direction == 1 and backend != "reference":
-        name, config = dispatch.default_backward(q, args)
-        if config_text and name != "reference":
-            config = _config(config_text)
-    else:
-        if backend not in IMPLEMENTATIONS:
-            raise ValueError(f"backend {backend!r} has no implementation in "
-                             f"sasa_triton.ops.IMPLEMENTATIONS (use ops.register_implementation)")
-        if backend == "reference" and direction == 1:
-            return dispatch.implementation("reference", 1), None
-        return _load(IMPLEMENTATIONS[backend]), _config(config_text)
-    return dispatch.implementation(name, direction), None if config is None else dict(config)
+    name, config = dispatch.resolve(backend, direction, q, args, _config(config_text))
+    return variants.VARIANTS[name].function(variants.DIRECTIONS[direction]), config
 
 
 @functools.lru_cache(maxsize=256)
@@ -90,14 +53,6 @@ def _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale) -> AttendArgs:
     return AttendArgs(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
 
 
-# ---------------------------------------------------------------- reference path
-
-def reference_forward(q, k, v, args: AttendArgs, config=None):
-    """(out, lse) of the reference, without building an autograd graph."""
-    with torch.no_grad():
-        return reference_attend(q, k, v, args, return_lse=True)
-
-
 # ---------------------------------------------------------------- the ops
 
 def _fresh(t: Tensor, inputs) -> Tensor:
@@ -109,8 +64,7 @@ def _fresh(t: Tensor, inputs) -> Tensor:
     return t.contiguous()
 
 
-@torch.library.custom_op("sasa_triton::attend_fwd", mutates_args=())
-def attend_fwd(
+def _attend_fwd(
     q: Tensor, k: Tensor, v: Tensor,
     rel_h: Optional[Tensor], rel_w: Optional[Tensor], rpb: Optional[Tensor],
     kh: int, kw: int, dh: int, dw: int, padding: str, scale: float,
@@ -122,16 +76,18 @@ def attend_fwd(
     return _fresh(out, (q, k, v)), _fresh(lse, (q, k, v))
 
 
+attend_fwd = torch.library.custom_op("sasa_triton::attend_fwd", mutates_args=())(_attend_fwd)
+
+
 @attend_fwd.register_fake
 def _(q, k, v, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale, backend, fwd_config,
       bwd_config):
-    check_backend(backend, q)  # at trace time: `attend` skips this check under torch.compile
+    variants.check_backend(backend, q)  # at trace time: `attend` skips this check under torch.compile
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return q.new_empty(q.shape), q.new_empty(q.shape[:4], dtype=lse_dtype)
 
 
-@torch.library.custom_op("sasa_triton::attend_bwd", mutates_args=())
-def attend_bwd(
+def _attend_bwd(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
     rel_h: Optional[Tensor], rel_w: Optional[Tensor], rpb: Optional[Tensor],
     kh: int, kw: int, dh: int, dw: int, padding: str, scale: float,
@@ -144,6 +100,9 @@ def attend_bwd(
     return tuple(q.new_empty(0) if g is None else _fresh(g, inputs) for g in grads)
 
 
+attend_bwd = torch.library.custom_op("sasa_triton::attend_bwd", mutates_args=())(_attend_bwd)
+
+
 @attend_bwd.register_fake
 def _(q, k, v, out, lse, dout, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale, backend, config):
     grads = [q.new_empty(q.shape) for _ in range(3)]
@@ -151,7 +110,7 @@ def _(q, k, v, out, lse, dout, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale
     return tuple(grads)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output) -> None:
     q, k, v, rel_h, rel_w, rpb, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, rel_h, rel_w, rpb)
@@ -159,7 +118,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse) -> tuple:
     q, k, v, out, lse, rel_h, rel_w, rpb = ctx.saved_tensors
     dq, dk, dv, drel_h, drel_w, drpb = attend_bwd(q, k, v, out, lse, dout, rel_h, rel_w, rpb,
                                                   *ctx.rest)
@@ -171,6 +130,12 @@ def _backward(ctx, dout, dlse):
 
 
 attend_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def custom_op_body(name: str) -> Optional[Callable]:
+    """The Python function behind the custom op `sasa_triton::<name>` ("attend_fwd" or
+    "attend_bwd"), else None: a dispatch mode may run it to see inside the op."""
+    return {"attend_fwd": _attend_fwd, "attend_bwd": _attend_bwd}.get(name)
 
 
 def attend_op(q, k, v, args: AttendArgs, backend: str, fwd_config: str = "",

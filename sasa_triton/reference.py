@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .args import AttendArgs
+from .types import AttendArgs
 from .window import window_taps
 
 
@@ -19,7 +19,8 @@ def _per_head(table, heads: int, dtype) -> torch.Tensor:
     return table.expand(heads, *table.shape) if table.dim() == 2 else table
 
 
-def reference_attend(q, k, v, args: AttendArgs, return_lse: bool = False):
+def reference_attend(q, k, v, args: AttendArgs, return_lse: bool = False,
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """out (B, H, W, heads, d) in q's dtype; with return_lse also the float32 (float64)
     log-sum-exp of the logits, (B, H, W, heads)."""
     B, H, W, N, D = q.shape
@@ -77,3 +78,10 @@ def reference_attend(q, k, v, args: AttendArgs, return_lse: bool = False):
     if return_lse:
         return out, m + torch.log(denom)
     return out
+
+
+def reference_forward(q, k, v, args: AttendArgs, config=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the reference with the kernel-variant signature, without building
+    an autograd graph (the "reference" entry of sasa_triton.variants)."""
+    with torch.no_grad():
+        return reference_attend(q, k, v, args, return_lse=True)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from .args import AttendArgs
+from .types import AttendArgs
 from .window import window_taps
 
 
-def reference_backward(q, k, v, out, lse, dout, args: AttendArgs, config=None):
+def reference_backward(q, k, v, out, lse, dout, args: AttendArgs, config=None) -> tuple:
     """(dq, dk, dv, drel_h, drel_w, drpb), the last three None when absent."""
     B, H, W, N, D = q.shape
     kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args

@@ -12,12 +12,13 @@ rel tables.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 
 
-def window_positions(size: int, k: int, dil: int, padding: str, device=None):
+def window_positions(size: int, k: int, dil: int, padding: str,
+                     device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (pos, rel), both int64 tensors of shape (size, k)."""
     i = torch.arange(size, device=device).unsqueeze(1)
     a = torch.arange(k, device=device).unsqueeze(0)
@@ -47,7 +48,8 @@ class Tap(NamedTuple):
     all_inside: bool  # every pixel's neighbor is in the image (no masking needed)
 
 
-def window_taps(H: int, W: int, kh: int, kw: int, dh: int, dw: int, padding: str, device=None):
+def window_taps(H: int, W: int, kh: int, kw: int, dh: int, dw: int, padding: str,
+                device=None) -> Iterator[Tap]:
     """Yields a `Tap` for each of the kh x kw window offsets, row-major."""
     shift = padding == "shift"
     pos_y, rel_y = window_positions(H, kh, dh, padding, device)

@@ -27,3 +27,16 @@ def pytest_configure(config):
         raise pytest.UsageError(f"Triton {metadata.version('triton')}'s interpreter needs "
                                 f"numpy < 2.4 (found {metadata.version('numpy')}): "
                                 "pip install 'numpy<2.4'")
+
+
+def pytest_collection_modifyitems(config, items):
+    # `@pytest.mark.gpu` tests need a CUDA device: skipped (with the reason) without one;
+    # `pytest -m gpu` runs just them, `-m "not gpu"` everything else.
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu marker: needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

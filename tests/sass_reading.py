@@ -57,8 +57,10 @@ def main(variant: str, case: str, k: int = 7) -> None:
     import importlib
 
     import torch
-    from aot_sm90 import compile_launch, record_launches
+
     from sasa_triton.args import check_attend_args
+
+    from aot_sm90 import compile_launch, record_launches
 
     mod = importlib.import_module(f"sasa_triton.kernels.{variant}_fwd")
     name = f"_{variant}_fwd_kernel"

@@ -1,5 +1,6 @@
 """`attend` through the custom ops: gradcheck, opcheck, backward kernels wired into
 autograd, and torch.compile(fullgraph=True) of modules that call it."""
+import dataclasses
 import importlib
 
 import pytest
@@ -7,25 +8,23 @@ import torch
 
 import sasa_triton
 import sasa_triton.args
-from sasa_triton import ops
+from sasa_triton import ops, variants
 
 from cases import REFERENCE_CASES, Case, assert_close, make_inputs
 from oracle import oracle_attend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TABLES = ("rel_h", "rel_w", "rpb")
-backends_module = importlib.import_module("sasa_triton.registry")
 
 
 @pytest.fixture
 def triton_bwd_test(monkeypatch):
     """A temporary backend: reference forward + the offsets backward kernel."""
-    monkeypatch.setitem(backends_module._REGISTRY, "triton_bwd_test", None)  # restored after
-    monkeypatch.setitem(ops.IMPLEMENTATIONS, "triton_bwd_test", None)
     # a forced forward's backward is the default backward kernel ("offsets")
-    ops.register_implementation("triton_bwd_test", "sasa_triton.ops:reference_forward")
+    variant = dataclasses.replace(variants.get("reference"), name="triton_bwd_test",
+                                  backward=None, needs_triton=True)
+    monkeypatch.setitem(variants.VARIANTS, "triton_bwd_test", variant)  # restored after
     yield "triton_bwd_test"
-    ops._load.cache_clear()
 
 
 def _leaves(q, k, v, kw):
@@ -156,7 +155,10 @@ def _run(model, inputs):
 def _compare_compiled(make_model, inputs, compile_backend):
     eager_model, compiled_model = make_model().to(DEVICE), make_model().to(DEVICE)
     compiled_model.load_state_dict(eager_model.state_dict())
-    leaves = lambda: [t.detach().clone().requires_grad_() for t in inputs]
+
+    def leaves():
+        return [t.detach().clone().requires_grad_() for t in inputs]
+
     want_out, want_grads = _run(eager_model, leaves())
     compiled = torch.compile(compiled_model, fullgraph=True, backend=compile_backend)
     got_out, got_grads = _run(compiled, leaves())

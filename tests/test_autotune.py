@@ -15,10 +15,17 @@ import torch
 
 from sasa_triton.args import check_attend_args
 from sasa_triton.autotune import lookup as lookup_mod
-from sasa_triton.autotune import table, tuner
+from sasa_triton.autotune import tuned_table as table
+from sasa_triton.autotune import tuner
 from sasa_triton.autotune.__main__ import main as cli_main
-from sasa_triton.autotune.keys import (TuneCase, TuneKey, key_for, parse_case, parse_cases,
-                                       size_bucket)
+from sasa_triton.autotune.keys import (
+    TuneCase,
+    TuneKey,
+    key_for,
+    parse_case,
+    parse_cases,
+    size_bucket,
+)
 from sasa_triton.autotune.progress import Progress
 from sasa_triton.reference import reference_attend
 
@@ -387,8 +394,11 @@ def test_tuner_stops_on_a_broken_context_and_resumes_without_the_crasher(tmp_pat
     variants["fwd"] = {"slow": fwd["slow"], "crasher": fake.module("crasher", [1], crash=True),
                        "fast": fwd["fast"]}
     monkeypatch.setattr(tuner, "_context_lost", lambda device: fake.last[0] == "crasher")
-    run = lambda: tuner.tune([case], path, GPU, variants=variants, timer=fake.timer,
-                             device="cpu", stream=io.StringIO())
+
+    def run():
+        return tuner.tune([case], path, GPU, variants=variants, timer=fake.timer,
+                          device="cpu", stream=io.StringIO())
+
     with pytest.raises(tuner.ContextLost, match="crasher"):
         run()
     entry = table.load_entries(path, GPU)[str(case.key)]
@@ -470,11 +480,11 @@ def test_tune_on_miss_tunes_the_calls_shape_into_the_user_table(monkeypatch):
 def test_cli_dry_run_lists_keys_variants_and_estimate(monkeypatch, capsys):
     fake = FakeVariants()
     monkeypatch.setitem(sys.modules, "fake_fwd_variants", fake.module("fast", [32, 64]))
-    import sasa_triton.kernels as kernels
+    from sasa_triton import variants
 
-    monkeypatch.setattr(kernels, "FORWARD_VARIANTS", {"fastv": "fake_fwd_variants"}, raising=False)
-    monkeypatch.setattr(kernels, "BACKWARD_VARIANTS", {"missing": "no_such_module_xyz"},
-                        raising=False)
+    monkeypatch.setattr(variants, "VARIANTS", {
+        "fastv": variants.kernel_variant("fastv", "fake_fwd_variants", forward=True),
+        "missing": variants.kernel_variant("missing", "no_such_module_xyz", backward=True)})
     assert cli_main(["--dry-run", "--suite", "resnet50", "--direction", "both",
                      "--dtype", "bf16,fp16", "--key", "H=9,W=9,heads=2,d=8,k=3,rpb=1"]) == 0
     out = capsys.readouterr().out
@@ -513,7 +523,7 @@ def test_importing_autotune_and_lookup_stay_light():
             "from sasa_triton.autotune.lookup import lookup\n"
             "k = TuneKey.parse('fwd-bf16-k7x7-dil1x1-heads8-d16-zeros-rel_shared-rpb0-H32xW32')\n"
             "assert lookup(k, gpu='Fake GPU') is None\n"
-            "from sasa_triton.autotune import table\n"
+            "from sasa_triton.autotune import tuned_table as table\n"
             "assert table.triton_version() and len(table.kernels_hash()) == 64\n"
             "assert 'triton' not in sys.modules, 'triton imported'\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

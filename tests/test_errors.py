@@ -41,11 +41,13 @@ BAD_CALLS = {
     "shift-dilated-too-large": (ValueError, "shift", lambda: call(dilation=(1, 3), padding="shift")),
     "rel-h-without-rel-w": (ValueError, "rel_w", lambda: call(rel_h=torch.randn(3, 4))),
     "rel-h-wrong-rows": (ValueError, "rel_h", lambda: call(**rel(rows=5))),
-    "rel-w-wrong-width": (ValueError, "rel_w", lambda: call(rel_h=torch.randn(3, 4), rel_w=torch.randn(3, 3))),
+    "rel-w-wrong-width": (ValueError, "rel_w",
+                          lambda: call(rel_h=torch.randn(3, 4), rel_w=torch.randn(3, 3))),
     "rel-shift-needs-2k-1": (ValueError, "rel_h", lambda: call(padding="shift", **rel())),
     "rel-per-head-wrong-heads": (ValueError, "rel_h", lambda: call(
         rel_h=torch.randn(N + 1, 3, 4), rel_w=torch.randn(N + 1, 3, 4))),
-    "rel-dtype": (TypeError, "rel_h", lambda: call(rel_h=torch.randn(3, 4).double(), rel_w=torch.randn(3, 4))),
+    "rel-dtype": (TypeError, "rel_h",
+                  lambda: call(rel_h=torch.randn(3, 4).double(), rel_w=torch.randn(3, 4))),
     "rel-not-tensor": (TypeError, "rel_w", lambda: call(rel_h=torch.randn(3, 4), rel_w=[[0.0]])),
     "rel-needs-d-2": (ValueError, "d", lambda: call(*qkv(shape=(B, H, W, N, 1)),
                                                    rel_h=torch.randn(3, 0), rel_w=torch.randn(3, 1))),
@@ -65,6 +67,7 @@ def test_bad_input_raises_naming_the_argument(name):
         fn()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
 def test_device_mismatch():
     q, k, v = qkv()

@@ -4,20 +4,19 @@ Each kernel gets out and lse from the reference forward (the forward kernels are
 on their own) and must return the gradient of every differentiable input. Runs through
 Triton's interpreter on CPU; on a CUDA machine the same tests run on the GPU.
 """
-import importlib
 
 import pytest
 import torch
 
 from sasa_triton.args import check_attend_args
-from sasa_triton.kernels import BACKWARD_VARIANTS
 from sasa_triton.reference import reference_attend
+from sasa_triton.variants import REFERENCE, with_direction
 
-from cases import Case, TOLERANCES, assert_close, make_inputs
+from cases import TOLERANCES, Case, assert_close, make_inputs
 from oracle import oracle_attend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-VARIANTS = {name: importlib.import_module(module) for name, module in BACKWARD_VARIANTS.items()}
+VARIANTS = {v.name: v for v in with_direction("bwd") if v.name != REFERENCE}
 TABLES = ("rel_h", "rel_w", "rpb")
 
 # A covering set: every padding, dilation 1 / square / not, square and non-square odd
@@ -47,8 +46,9 @@ FULL = [CASES[1], CASES[2], CASES[5]]
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    for module in VARIANTS.values():
-        monkeypatch.setattr(module, "POISON_OUTPUTS", True)
+    from sasa_triton.kernels import common
+
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
 
 
 def _args(q, k, v, case, kw):
@@ -102,7 +102,7 @@ def check_against_oracle(module, case, dtype, layout, tables_fp32=False):
         atol, rtol = TOLERANCES[dtype]
         atol = atol * max(1.0, w.abs().max().item())
         torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol,
-                                   msg=lambda m: f"{case.id} d{name}: {m}")
+                                   msg=lambda m, name=name: f"{case.id} d{name}: {m}")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -196,6 +196,7 @@ def test_supports_and_empty(variant):
     assert [g.shape for g in grads[:3]] == [q.shape] * 3 and grads[3:] == (None, None, None)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU (a > 2**31-element view)")
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_64bit_offsets(variant):
@@ -238,8 +239,9 @@ _BWD_KERNELS = ("_dq_kernel", "_dkv_kernel")
 
 
 def _bwd_aot_compile_all() -> None:
-    from aot_sm90 import compile_launch, record_launches
     from sasa_triton.kernels import offsets_bwd
+
+    from aot_sm90 import compile_launch, record_launches
 
     for case, dtype, layout, tables_fp32 in BWD_AOT_SPECS:
         q, k, v, kw = make_inputs(case, dtype, layout)

@@ -12,15 +12,15 @@ import torch
 
 import sasa_triton
 from sasa_triton.args import check_attend_args
-from sasa_triton.registry import triton_usable
-from sasa_triton.dispatch import choose, heuristic_forward, variant_module
-from sasa_triton.kernels import FORWARD_VARIANTS
+from sasa_triton.dispatch import choose, heuristic_forward
+from sasa_triton.variants import REFERENCE, triton_usable, with_direction
+from sasa_triton.variants import get as variant_module
 
-from cases import Case, TOLERANCES, assert_close, make_inputs
+from cases import Case, assert_close, make_inputs
 from oracle import oracle_attend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-VARIANTS = sorted(FORWARD_VARIANTS)
+VARIANTS = sorted(v.name for v in with_direction("fwd") if v.name != REFERENCE)
 
 pytestmark = pytest.mark.skipif(not triton_usable(torch.device(DEVICE).type),
                                 reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -169,6 +169,7 @@ def test_nan_reaches_only_its_windows(variant, padding):
     assert_close(out[fin], want[fin], torch.float32, "finite outputs")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU with 5 GiB free")
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_offsets_past_2_31_elements(variant):

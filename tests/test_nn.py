@@ -13,12 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import sasa_triton.nn.sasa2d as sasa2d_module
+from sasa_triton.nn import (
+    AttentionStem2d,
+    ResNet,
+    SASA2d,
+    SpatialMixtureAttention2d,
+    conv_resnet50,
+    count_flops,
+    count_parameters,
+    sasa_resnet26,
+    sasa_resnet38,
+    sasa_resnet50,
+    split_qkv,
+)
+
 from cases import assert_close
 from oracle import oracle_attend
-from sasa_triton.nn import (AttentionStem2d, ResNet, SASA2d, SpatialMixtureAttention2d,
-                            conv_resnet50, count_flops, count_parameters, sasa_resnet26,
-                            sasa_resnet38, sasa_resnet50, split_qkv)
-import sasa_triton.nn.sasa2d as sasa2d_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")

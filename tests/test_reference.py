@@ -5,9 +5,9 @@ import torch
 import sasa_triton
 from sasa_triton.args import check_attend_args
 from sasa_triton.reference import reference_attend
+from sasa_triton.report.memory import PeakLiveBytes
 
 from cases import REFERENCE_CASES, Case, assert_close, make_inputs
-from sasa_triton.report.memory import PeakLiveBytes
 from oracle import oracle_attend
 
 

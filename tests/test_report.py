@@ -2,7 +2,6 @@
 math against the oracle, and that the package import stays light."""
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 import warnings
@@ -11,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cases import Case, assert_close, make_inputs
-from oracle import oracle_attend
-
+from sasa_triton import perf_suite as suites
 from sasa_triton.report import __main__ as cli
-from sasa_triton.report import suites
 from sasa_triton.report.baselines import unfold_attend
 from sasa_triton.report.impls import Impl, attend_backends
-from sasa_triton.report.table import COLUMNS
+from sasa_triton.report.results_csv import COLUMNS
+
+from cases import Case, assert_close, make_inputs
+from oracle import oracle_attend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +77,7 @@ def test_quick_suite_writes_csv_with_documented_columns(quick_report):
 
 def test_columns_are_documented():
     doc = (ROOT / "docs" / "report.md").read_text()
-    table_doc = sys.modules["sasa_triton.report.table"].__doc__
+    table_doc = sys.modules["sasa_triton.report.results_csv"].__doc__
     for column in COLUMNS:
         assert f"`{column}`" in doc, column
         assert column in table_doc, column
@@ -179,15 +178,13 @@ def test_suites_follow_perf_md():
     assert suites.default_suite("cpu") == "quick" and suites.default_suite("cuda") == "resnet50"
 
 
-def test_report_never_runs_triton_backends_on_cpu():
-    registry = importlib.import_module("sasa_triton.registry")
+def test_report_never_runs_triton_backends_on_cpu(monkeypatch):
+    from sasa_triton import variants
 
-    registry.register_backend("fake_kernel", "nowhere:nothing", triton=True)
-    try:
-        assert "fake_kernel" not in attend_backends("cpu")
-        assert "reference" in attend_backends("cpu")
-    finally:
-        del registry._REGISTRY["fake_kernel"]
+    monkeypatch.setitem(variants.VARIANTS, "fake_kernel",
+                        variants.kernel_variant("fake_kernel", "nowhere", forward=True))
+    assert "fake_kernel" not in attend_backends("cpu")
+    assert "reference" in attend_backends("cpu")
 
 
 def test_bad_arguments_are_refused():

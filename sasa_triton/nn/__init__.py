@@ -7,11 +7,19 @@
     conv_resnet26/38/50         the same networks with 3x3 convolutions (baselines)
     summarize                   parameter and FLOP counts (flops.py; CLI: python -m sasa_triton.nn.summary)
 """
-from .resnet import (Bottleneck, ResNet, conv_resnet26, conv_resnet38, conv_resnet50,
-                     sasa_resnet26, sasa_resnet38, sasa_resnet50)
+from .flops import count_flops, count_parameters, summarize
+from .resnet import (
+    Bottleneck,
+    ResNet,
+    conv_resnet26,
+    conv_resnet38,
+    conv_resnet50,
+    sasa_resnet26,
+    sasa_resnet38,
+    sasa_resnet50,
+)
 from .sasa2d import SASA2d, split_qkv
 from .stem import AttentionStem2d, SpatialMixtureAttention2d
-from .flops import count_flops, count_parameters, summarize
 
 __all__ = [
     "SASA2d", "split_qkv", "AttentionStem2d", "SpatialMixtureAttention2d",

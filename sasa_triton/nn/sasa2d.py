@@ -7,25 +7,16 @@ downsamples.
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..api import attend
-from ..args import check_window
+from ..args import check_positive_int, check_window
 
 IntPair = Union[int, Sequence[int]]
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def split_qkv(proj: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,10 +91,10 @@ class SASA2d(nn.Module):
         rel_per_head: bool = False,
     ) -> None:
         super().__init__()
-        _positive_int(in_channels, "in_channels")
-        _positive_int(out_channels, "out_channels")
-        _positive_int(heads, "heads")
-        _positive_int(stride, "stride")
+        check_positive_int(in_channels, "in_channels")
+        check_positive_int(out_channels, "out_channels")
+        check_positive_int(heads, "heads")
+        check_positive_int(stride, "stride")
         if out_channels % heads:
             raise ValueError(
                 f"out_channels ({out_channels}) must be divisible by heads ({heads})"

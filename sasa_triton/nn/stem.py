@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..args import check_window
-from .sasa2d import _positive_int
+from ..args import check_positive_int, check_window
 
 
 class SpatialMixtureAttention2d(nn.Module):
@@ -38,7 +37,7 @@ class SpatialMixtureAttention2d(nn.Module):
         super().__init__()
         for value, name in ((in_channels, "in_channels"), (out_channels, "out_channels"),
                             (heads, "heads"), (mixtures, "mixtures")):
-            _positive_int(value, name)
+            check_positive_int(value, name)
         if out_channels % heads:
             raise ValueError(f"out_channels ({out_channels}) must be divisible by heads ({heads})")
         kh, kw, _, _ = check_window(kernel_size, 1, "zeros")
@@ -124,7 +123,7 @@ class AttentionStem2d(nn.Module):
     def __init__(self, in_channels: int = 3, out_channels: int = 64, kernel_size: int = 5,
                  heads: int = 1, mixtures: int = 4, pool: int = 4) -> None:
         super().__init__()
-        _positive_int(pool, "pool")
+        check_positive_int(pool, "pool")
         self.attention = SpatialMixtureAttention2d(in_channels, out_channels, kernel_size,
                                                    heads, mixtures)
         self.bn = nn.BatchNorm2d(out_channels)

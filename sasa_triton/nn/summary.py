@@ -14,8 +14,14 @@ import torch
 from torch import nn
 
 from .flops import summarize
-from .resnet import (conv_resnet26, conv_resnet38, conv_resnet50, sasa_resnet26,
-                     sasa_resnet38, sasa_resnet50)
+from .resnet import (
+    conv_resnet26,
+    conv_resnet38,
+    conv_resnet50,
+    sasa_resnet26,
+    sasa_resnet38,
+    sasa_resnet50,
+)
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "conv_resnet26": conv_resnet26,

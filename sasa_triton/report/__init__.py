@@ -5,8 +5,9 @@ FlexAttention (CUDA), the cuDNN convolutions the layer replaces and the whole la
 (SASA2d vs nn.Conv2d), forward and forward + backward, with the memory floor measured in
 the same run; writes `reports/<gpu>/results.csv`, charts and summary.md.
 
-Files: suites (shapes), impls (what is compared), baselines (unfold port, convs), flex
-(FlexAttention), timing + memory (latency, peak memory, copy bandwidth), runner (the
-loop), table (the CSV and its columns, documented there), charts, summary, output,
-__main__ (the CLI). pandas and matplotlib are imported only inside this package.
+Files: impls (what is compared), baselines (unfold port, convs), flex (FlexAttention),
+timing + memory (latency, peak memory, copy bandwidth), runner (the loop), results_csv
+(the CSV and its columns, documented there), charts, markdown (summary.md), output,
+__main__ (the CLI); the shapes are sasa_triton.perf_suite's. pandas and matplotlib are
+imported only inside this package.
 """

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .suites import SUITES
+from ..perf_suite import SUITES
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -37,7 +37,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None, extra_impls: tuple = ()):
+def main(argv: Optional[list[str]] = None, extra_impls: tuple = ()) -> object:
     args = parse_args(argv)
     import torch
 

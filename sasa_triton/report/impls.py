@@ -16,8 +16,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..perf_suite import Shape
 from . import baselines, flex
-from .suites import Shape
 
 
 class Unsupported(Exception):
@@ -43,7 +43,7 @@ class CaseInputs:
     x: torch.Tensor  # (B, C, H, W) channels_last: the convolutions' and layers' input
 
     @classmethod
-    def make(cls, shape: Shape, dtype, device, seed: int = 0) -> "CaseInputs":
+    def make(cls, shape: Shape, dtype, device, seed: int = 0) -> CaseInputs:
         g = torch.Generator(device=device).manual_seed(seed)
         B, H, W, N, D, k = shape.B, shape.H, shape.W, shape.heads, shape.d, shape.k
 
@@ -156,10 +156,10 @@ def _conv2d(shape: Shape) -> torch.nn.Module:
 # --- the list -----------------------------------------------------------------------
 
 def _is_triton_backend(name: str) -> bool:
-    from sasa_triton.registry import _REGISTRY
+    from sasa_triton.variants import VARIANTS
 
-    entry = _REGISTRY.get(name)
-    return entry is None or entry.triton
+    entry = VARIANTS.get(name)
+    return entry is None or entry.needs_triton
 
 
 def attend_backends(device_type: str) -> list[str]:

@@ -8,12 +8,14 @@ is invisible, so on CPU this is a slight lower bound. CUDA uses the allocator's 
 """
 from __future__ import annotations
 
+from typing import Callable, Iterator, Optional
+
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def _storages(tree):
+def _storages(tree) -> Iterator:
     """Storages of the tensors in nested tuples / lists / dicts (aten arguments and
     results; cheaper than a general pytree flatten, which is called per op)."""
     if isinstance(tree, torch.Tensor):
@@ -29,14 +31,13 @@ def _storages(tree):
             yield from _storages(item)
 
 
-def _custom_op_body(func):
+def _custom_op_body(func) -> Optional[Callable]:
     """The Python function behind a sasa_triton custom op, else None."""
     if getattr(func, "namespace", None) != "sasa_triton":
         return None
-    from sasa_triton import ops
+    from sasa_triton.ops import custom_op_body
 
-    op = getattr(ops, func.__name__.split(".")[0], None)
-    return getattr(op, "_init_fn", None)
+    return custom_op_body(func.__name__.split(".")[0])
 
 
 class PeakLiveBytes(TorchDispatchMode):

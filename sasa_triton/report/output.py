@@ -5,9 +5,9 @@ import dataclasses
 from pathlib import Path
 
 from .charts import draw_all
+from .markdown import write_summary
+from .results_csv import read_csv, write_csv
 from .runner import RunResult
-from .summary import write_summary
-from .table import read_csv, write_csv
 
 CSV_NAME = "results.csv"
 

@@ -20,12 +20,15 @@ from typing import Callable, Optional
 
 import torch
 
+from ..autotune.tuned_table import gpu_slug
+from ..perf_suite import default_suite, get_suite
+from ..types import DTYPES as TYPE_NAMES
 from . import impls as impls_mod
-from .suites import default_suite, get_suite
 from .timing import copy_bandwidth_gbps, peak_extra_mib, time_fn
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+# --dtype: the short names of sasa_triton.types and torch's own (no float64 here)
+DTYPES = {alias: dtype for name, dtype in TYPE_NAMES.items() if name != "fp64"
+          for alias in (name, str(dtype).removeprefix("torch."))}
 DIRECTIONS = {"fwd": ("fwd",), "fwdbwd": ("fwdbwd",), "both": ("fwd", "fwdbwd")}
 # Forward + backward moves at least 3x the forward's bytes (PERF.md).
 FWDBWD_FLOOR_FACTOR = 3
@@ -39,12 +42,10 @@ class Machine:
     versions: dict
 
     @classmethod
-    def detect(cls, device: torch.device) -> "Machine":
+    def detect(cls, device: torch.device) -> Machine:
         if device.type == "cuda":
             name = torch.cuda.get_device_name(device)
-            slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-            while "--" in slug:
-                slug = slug.replace("--", "-")
+            slug = gpu_slug(name)
         else:
             name, slug = _cpu_model(), "cpu"
         versions = {"torch": torch.__version__, "triton": _version("triton"),

@@ -2,13 +2,15 @@
 
 CUDA: `triton.testing.do_bench` (it flushes L2 between reps; quantiles 0.5/0.2/0.8) after
 a warm-up call, so compilation and autotuning stay outside the timed region; CUDA events
-when Triton is missing; optionally `do_bench_cudagraph` (graph replay, no host overhead). CPU: a perf_counter loop after a warm-up, run for a time budget.
+when Triton is missing; optionally `do_bench_cudagraph` (graph replay, no host overhead).
+CPU: a perf_counter loop after a warm-up, run for a time budget.
 Peak extra memory: on CUDA the max_memory_allocated delta of one call; on CPU the peak
 live tensor bytes seen by a TorchDispatchMode (`memory.PeakLiveBytes`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Callable
@@ -128,6 +130,6 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None) -> floa
     dst = torch.empty_like(src)
     dst.copy_(src)
     _sync(device_type)
-    timing = time_fn(lambda: dst.copy_(src), device_type, budget_s=0.3, min_reps=5)
+    timing = time_fn(functools.partial(dst.copy_, src), device_type, budget_s=0.3, min_reps=5)
     del src, dst
     return 2 * nbytes / (timing.median_us * 1e-6) / 1e9

@@ -1,27 +1,35 @@
-"""Named suites of shapes to tune (shared/PERF.md), before direction and dtype are chosen.
+"""Named suites of keys to tune: the shapes of sasa_triton.perf_suite (docs/PERF.md) as
+forward bf16 `TuneCase`s, before direction and dtype are chosen.
 
-Each suite is a list of forward bf16 `TuneCase`s; `suite_cases` crosses them with the
-requested directions and dtypes and drops cases whose key another case already fills.
+`suite_cases` crosses them with the requested directions and dtypes and drops cases
+whose key another case already fills. A sweep leaves out its members that are s1..s4
+(k7 and h8 are s2); "options" covers the other arguments of attend on s2.
 """
 from __future__ import annotations
+
+from sasa_triton import perf_suite
 
 from .keys import TuneCase
 
 
-def _case(B, H, W, heads, d, k=7, **kw) -> TuneCase:
-    return TuneCase("fwd", B, H, W, heads, d, k, k, **kw)
+def tune_case(shape: perf_suite.Shape, **options) -> TuneCase:
+    """The forward bf16 case of a suite shape (zeros padding, shared rel unless given)."""
+    return TuneCase("fwd", shape.B, shape.H, shape.W, shape.heads, shape.d, shape.k, shape.k,
+                    **options)
 
 
-# The paper's SASA-ResNet-50 at 224 x 224, batch 32: k = 7, 8 heads, zeros padding,
-# relative embeddings (shared by the heads, as SASA2d's default) on.
-S1, S2, S3, S4 = (_case(32, 56, 56, 8, 8), _case(32, 28, 28, 8, 16),
-                  _case(32, 14, 14, 8, 32), _case(32, 7, 7, 8, 64))
+def _sweep(shapes: list) -> list[TuneCase]:
+    base = {s.key for s in perf_suite.RESNET50}
+    return [tune_case(s) for s in shapes if s.key not in base]
+
+
+S1, S2, S3, S4 = (tune_case(s) for s in perf_suite.RESNET50)
 
 SUITES = {
     "resnet50": [S1, S2, S3, S4],
-    "ksweep": [S2.with_(kh=k, kw=k) for k in (3, 5, 9, 11)],
-    "heads": [S2.with_(heads=h, d=128 // h) for h in (1, 2, 4, 16)],
-    "det": [_case(8, 128, 128, 4, 16)],
+    "ksweep": _sweep(perf_suite.KSWEEP),
+    "heads": _sweep(perf_suite.HEADS),
+    "det": [tune_case(s) for s in perf_suite.DET],
     # The other options of attend on s2, so they do not all fall to the heuristic.
     "options": [S2.with_(padding="mask"), S2.with_(padding="shift", rel="none"),
                 S2.with_(rel="per_head"), S2.with_(rel="none"), S2.with_(rpb=True),

@@ -1,8 +1,9 @@
-"""Benchmark shapes: the named suites of `python -m sasa_triton.report --suite NAME`.
+"""The benchmark suite of docs/PERF.md, defined once: the report times these shapes and
+the tuner (sasa_triton.autotune.tune_suites) tunes them.
 
-The GPU suites are PERF.md's (the paper's SASA-ResNet-50 at 224 x 224, batch 32; k = 7,
-8 heads unless the sweep says otherwise); `quick` is a tiny CPU suite that still feeds
-every chart (three kernel sizes, three head counts).
+The GPU suites are the paper's SASA-ResNet-50 at 224 x 224, batch 32 (k = 7, 8 heads,
+s1..s4) and sweeps around s2; `quick` is a tiny CPU suite that still feeds every chart
+of the report (three kernel sizes, three head counts). Plain data: no package imports.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ QUICK = [
 ]
 
 
-def _unique(shapes: list[Shape]) -> list[Shape]:
+def unique(shapes: list[Shape]) -> list[Shape]:
     """Drops repeated shapes (k7 and h8 are s2), keeping the first name."""
     seen, out = set(), []
     for s in shapes:
@@ -64,16 +65,18 @@ SUITES: dict[str, list[Shape]] = {
     "ksweep": KSWEEP,
     "heads": HEADS,
     "det": DET,
-    "all": _unique(RESNET50 + KSWEEP + HEADS + DET),
+    "all": unique(RESNET50 + KSWEEP + HEADS + DET),
     "quick": QUICK,
 }
 
 
 def default_suite(device_type: str) -> str:
+    """The suite `python -m sasa_triton.report` runs by default on a device type."""
     return "resnet50" if device_type == "cuda" else "quick"
 
 
 def get_suite(name: str) -> list[Shape]:
+    """The shapes of suite `name`; ValueError naming the suites otherwise."""
     if name not in SUITES:
         raise ValueError(f"--suite must be one of {sorted(SUITES)}, got {name!r}")
     return SUITES[name]

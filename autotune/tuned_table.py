@@ -72,7 +72,7 @@ def shipped_dir() -> Path:
     return Path(__file__).resolve().parent / "tables"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_version() -> Optional[str]:
     """The installed Triton's version, read from package metadata (no triton import)."""
     from importlib import metadata
@@ -90,7 +90,7 @@ def triton_version() -> Optional[str]:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernels_hash() -> str:
     """sha256 over the installed sasa_triton.kernels package's *.py files (sorted by
     name; each name and content), so any kernel edit makes old tables stale."""

@@ -41,6 +41,9 @@ _S2 = RESNET50[1]
 KSWEEP = [dataclasses.replace(_S2, name=f"k{k}", k=k) for k in (3, 5, 7, 9, 11)]
 HEADS = [dataclasses.replace(_S2, name=f"h{h}", heads=h) for h in (1, 2, 4, 8, 16)]
 DET = [Shape("det", 8, 128, 128, 64, 4)]
+# RetinaNet's finest FPN level at 640 x 640 (P3: 80 x 80 x 256, sasa_triton.nn.detection):
+# layer:SASA2d is the attention FPN layer, conv_3x3 its convolutional twin
+FPN = [Shape("fpn-p3", 8, 80, 80, 256, 8)]
 QUICK = [
     Shape("q-k3", 1, 16, 16, 32, 4, k=3),
     Shape("q-k5", 1, 16, 16, 32, 4, k=5),
@@ -65,7 +68,8 @@ SUITES: dict[str, list[Shape]] = {
     "ksweep": KSWEEP,
     "heads": HEADS,
     "det": DET,
-    "all": unique(RESNET50 + KSWEEP + HEADS + DET),
+    "fpn": FPN,
+    "all": unique(RESNET50 + KSWEEP + HEADS + DET + FPN),
     "quick": QUICK,
 }
 

@@ -7,11 +7,12 @@ import random
 
 import pytest
 import torch
+from natten_reference import natten_av, natten_module_forward, natten_qk
 
 import sasa_triton
-from natten_reference import natten_av, natten_module_forward, natten_qk
-from oracle import oracle_attend
 from sasa_triton import natten
+
+from oracle import oracle_attend
 
 
 def _random_config(rng: random.Random, one_d: bool = False) -> dict:
@@ -245,7 +246,7 @@ def test_module_matches_natten_forward_and_backward(seed):
     got = _grads(out, [x] + [params[n] for n in names], seed)
     exp = _grads(want, [x] + [sd64[n] for n in names], seed)
     for name, a, b in zip(["x"] + names, got, exp):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_module_attention_dropout_follows_nattens_unfused_path():

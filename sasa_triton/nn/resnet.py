@@ -8,10 +8,15 @@ layer's 2x2 average pool after the attention. `spatial="conv"` builds the same n
 with 3x3 convolutions (torchvision's ResNet v1.5: stride on the 3x3), so that benchmarks
 compare the layers and nothing else. Stems: "conv" (7x7 stride-2 conv, BN, ReLU, 3x3
 stride-2 max pool) or "attention" (`AttentionStem2d`).
+
+Hybrids (the paper's "where is attention most useful" study): `spatial` and
+`kernel_size` also take one value per stage, e.g. spatial=("conv", "conv", "sasa",
+"sasa"); `sasa_kwargs` reach every `SASA2d` (the position / logits ablations) and
+`stem_kwargs` the attention stem. The named configurations are in `studies.py`.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -60,23 +65,41 @@ class ResNet(nn.Module):
         layers: blocks per stage, e.g. (3, 4, 6, 3).
         num_classes: classifier outputs.
         stem: "conv" or "attention".
-        spatial: "sasa" or "conv".
-        kernel_size, heads: of every `SASA2d` (the paper: 7 and 8).
+        spatial: "sasa" or "conv", or one of them per stage.
+        kernel_size: the `SASA2d` window (the paper: 7), or one per stage; convolutional
+            stages always use 3x3.
+        heads: of every `SASA2d` (the paper: 8).
         in_channels: image channels.
         widths: stage widths (the bottleneck's inner channels).
+        sasa_kwargs: more keyword arguments of every `SASA2d` (e.g. position, logits,
+            padding). With position="absolute", each layer's abs_size is its input size
+            at `image_size` unless sasa_kwargs gives one.
+        stem_kwargs: keyword arguments of `AttentionStem2d` (e.g. spatial_values=False).
+        image_size: the training image size (sizes the absolute embeddings only).
     """
 
     def __init__(self, layers: Sequence[int], num_classes: int = 1000, stem: str = "conv",
-                 spatial: str = "sasa", kernel_size: int = 7, heads: int = 8,
-                 in_channels: int = 3, widths: Sequence[int] = (64, 128, 256, 512)) -> None:
+                 spatial: Union[str, Sequence[str]] = "sasa",
+                 kernel_size: Union[int, Sequence[int]] = 7, heads: int = 8,
+                 in_channels: int = 3, widths: Sequence[int] = (64, 128, 256, 512),
+                 sasa_kwargs: Optional[dict] = None, stem_kwargs: Optional[dict] = None,
+                 image_size: int = 224) -> None:
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
-        if spatial not in SPATIALS:
-            raise ValueError(f"spatial must be one of {SPATIALS}, got {spatial!r}")
         if len(layers) != len(widths):
             raise ValueError(f"layers ({len(layers)} stages) and widths ({len(widths)}) differ")
-        self.stem_kind, self.spatial_kind = stem, spatial
+        spatials = _per_stage(spatial, len(layers), "spatial")
+        kernels = _per_stage(kernel_size, len(layers), "kernel_size")
+        for s in spatials:
+            if s not in SPATIALS:
+                raise ValueError(f"spatial must be one of {SPATIALS} (or one per stage), "
+                                 f"got {spatial!r}")
+        self.stem_kind = stem
+        self.stage_spatials, self.stage_kernels = spatials, kernels
+        # one word when all stages agree (the classic networks), else "hybrid"
+        self.spatial_kind = spatials[0] if len(set(spatials)) == 1 else "hybrid"
+        sasa_kwargs = dict(sasa_kwargs or {})
         stem_width = widths[0]
         if stem == "conv":
             self.stem = nn.Sequential(
@@ -86,22 +109,28 @@ class ResNet(nn.Module):
                 nn.MaxPool2d(3, stride=2, padding=1),
             )
         else:
-            self.stem = AttentionStem2d(in_channels, stem_width)
+            self.stem = AttentionStem2d(in_channels, stem_width, **(stem_kwargs or {}))
 
-        if spatial == "sasa":
-            def make_spatial(cin: int, cout: int, stride: int) -> nn.Module:
-                return SASA2d(cin, cout, kernel_size=kernel_size, heads=heads, stride=stride)
-        else:
-            def make_spatial(cin: int, cout: int, stride: int) -> nn.Module:
-                return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        def make_spatial(kind: str, k: int, size: int) -> Callable[[int, int, int], nn.Module]:
+            if kind == "conv":
+                return lambda cin, cout, stride: nn.Conv2d(cin, cout, 3, stride=stride,
+                                                           padding=1, bias=False)
+            extra = dict(sasa_kwargs)
+            if extra.get("position") == "absolute":
+                extra.setdefault("abs_size", size)
+            return lambda cin, cout, stride: SASA2d(cin, cout, kernel_size=k, heads=heads,
+                                                    stride=stride, **extra)
 
         channels, self.stage_names = stem_width, []
+        size = -(-image_size // 4)  # after the stem
         for i, (blocks, width) in enumerate(zip(layers, widths)):
             stage = []
             for j in range(blocks):
                 stride = 2 if i > 0 and j == 0 else 1
-                stage.append(Bottleneck(channels, width, stride, make_spatial))
+                stage.append(Bottleneck(channels, width, stride,
+                                        make_spatial(spatials[i], kernels[i], size)))
                 channels = width * Bottleneck.expansion
+                size = -(-size // stride)
             self.add_module(f"layer{i + 1}", nn.Sequential(*stage))  # torchvision's names
             self.stage_names.append(f"layer{i + 1}")
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -120,11 +149,28 @@ class ResNet(nn.Module):
             if isinstance(m, Bottleneck):
                 nn.init.zeros_(m.bn3.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of every stage (C2, C3, C4, C5 for a 4-stage network)."""
+        outs = []
         x = self.stem(x)
         for name in self.stage_names:
             x = getattr(self, name)(x)
+            outs.append(x)
+        return outs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage_outputs(x)[-1]
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _per_stage(value, stages: int, name: str) -> tuple:
+    """One value per stage, from one value or a sequence of `stages` values."""
+    if isinstance(value, (str, int)):
+        return (value,) * stages
+    values = tuple(value)
+    if len(values) != stages:
+        raise ValueError(f"{name} needs one value per stage ({stages}), got {value!r}")
+    return values
 
 
 def _resnet(depth: int, spatial: str, num_classes: int, stem: str, **kwargs) -> ResNet:

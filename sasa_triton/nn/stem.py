@@ -29,12 +29,17 @@ class SpatialMixtureAttention2d(nn.Module):
 
     Input (B, in_channels, H, W) -> output (B, out_channels, H, W), stride 1.
     `kernel_size` must be odd (a centred window, like `attend`; the paper's stem uses
-    4 x 4, the nearest odd sizes are 3 and 5).
+    4 x 4, the nearest odd sizes are 3 and 5). `spatial_values=False` is the paper's
+    ablation without spatially-aware values: one value projection, no embeddings
+    (`mixtures` is ignored: p = 1), i.e. plain local attention on the pixels.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5,
-                 heads: int = 1, mixtures: int = 4, qkv_bias: bool = False) -> None:
+                 heads: int = 1, mixtures: int = 4, qkv_bias: bool = False,
+                 spatial_values: bool = True) -> None:
         super().__init__()
+        if not spatial_values:
+            mixtures = 1  # a single value projection, whatever was asked
         for value, name in ((in_channels, "in_channels"), (out_channels, "out_channels"),
                             (heads, "heads"), (mixtures, "mixtures")):
             check_positive_int(value, name)
@@ -46,21 +51,27 @@ class SpatialMixtureAttention2d(nn.Module):
         self.head_dim = out_channels // heads
         # one fused projection: [q | k | v_0 | ... | v_{m-1}]
         self.qkv = nn.Conv2d(in_channels, (2 + mixtures) * out_channels, 1, bias=qkv_bias)
+        self.spatial_values = spatial_values
         embed = self.head_dim
-        self.emb_row = nn.Parameter(torch.empty(kh, embed))
-        self.emb_col = nn.Parameter(torch.empty(kw, embed))
-        self.emb_mix = nn.Parameter(torch.empty(mixtures, embed))
+        for name, rows in (("emb_row", kh), ("emb_col", kw), ("emb_mix", mixtures)):
+            table = nn.Parameter(torch.empty(rows, embed)) if spatial_values else None
+            self.register_parameter(name, table)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         self.qkv.reset_parameters()
+        if not self.spatial_values:
+            return
         # unit row/col embeddings, mix vectors at 1/sqrt(embed): mixture logits start O(1)
         nn.init.normal_(self.emb_row)
         nn.init.normal_(self.emb_col)
         nn.init.normal_(self.emb_mix, std=self.emb_mix.shape[1] ** -0.5)
 
     def mixture_weights(self) -> torch.Tensor:
-        """p(a, b, m): (kh, kw, mixtures), a softmax over the last dim."""
+        """p(a, b, m): (kh, kw, mixtures), a softmax over the last dim (ones without
+        spatially-aware values)."""
+        if not self.spatial_values:
+            return self.qkv.weight.new_ones(*self.kernel_size, 1)
         pos = self.emb_row[:, None, :] + self.emb_col[None, :, :]  # (kh, kw, E)
         return torch.softmax(pos @ self.emb_mix.t(), dim=-1)
 
@@ -100,12 +111,14 @@ class SpatialMixtureAttention2d(nn.Module):
         softmax (~5 per logit), mixture coefficients (M per tap) and the mixed value
         sum (2 M d per tap), per head and pixel."""
         taps = self.kernel_size[0] * self.kernel_size[1]
-        per_head = taps * (2 * self.head_dim + 5 + self.mixtures * (1 + 2 * self.head_dim))
+        coef = self.mixtures if self.spatial_values else 0  # attn * p per mixture
+        per_head = taps * (2 * self.head_dim + 5 + coef + 2 * self.mixtures * self.head_dim)
         return height * width * self.heads * per_head
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"heads={self.heads}, mixtures={self.mixtures}")
+                f"heads={self.heads}, mixtures={self.mixtures}"
+                + ("" if self.spatial_values else ", spatial_values=False"))
 
 
 class AttentionStem2d(nn.Module):
@@ -121,11 +134,13 @@ class AttentionStem2d(nn.Module):
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 64, kernel_size: int = 5,
-                 heads: int = 1, mixtures: int = 4, pool: int = 4) -> None:
+                 heads: int = 1, mixtures: int = 4, pool: int = 4,
+                 spatial_values: bool = True) -> None:
         super().__init__()
         check_positive_int(pool, "pool")
         self.attention = SpatialMixtureAttention2d(in_channels, out_channels, kernel_size,
-                                                   heads, mixtures)
+                                                   heads, mixtures,
+                                                   spatial_values=spatial_values)
         self.bn = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.MaxPool2d(pool, pool) if pool > 1 else nn.Identity()

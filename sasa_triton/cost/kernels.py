@@ -1,0 +1,151 @@
+"""What the tool knows about each kernel: which loop of its SASS runs how many times.
+
+This is the only coupling to kernel internals (kernel function names, the names of the
+launch arguments that bound its loops). Each entry maps a kernel's launch arguments
+(constexprs and runtime ints, by parameter name) to its loops as written in the source,
+outermost first, in program order. The SASS loops (sass.find_loops) are matched to this
+list by nesting and by one marker: whether the body (nested loops included) holds an
+exp2 (MUFU.EX2), which tells the softmax loops from the rel-table loops. A loop with a
+constexpr bound may be unrolled completely by the compiler (`unrollable`; innermost
+first, and any loop of one trip), its code then counting as straight-line code of its
+parent; a loop of 0 trips (a rarely taken path) is compiled like any other. Among the
+readings that fit, the one unrolling the fewest loops, earliest in this list first, is
+taken; when readings disagree on trip counts, or none fits, the output says so (with no
+fit, every loop counts once: a lower bound).
+
+Mapping per kernel (what the trip counts stand for):
+* `_tiled_fwd_kernel`: [rel column parts, c < KW (only with HAS_REL)],
+  [window rows, a_lo <= a < a_hi: KH (zeros/shift; an upper bound in mask mode)],
+  [NaN slow pass: 0 trips, it runs only when a non-finite value reached acc]; all inside
+  [query rows, r < BLOCK_H] when BLOCK_H > 1.
+* `_allheads_fwd_kernel`: [rel column parts, c < KW (HAS_REL)],
+  [window rows, a < KH [window columns, c < KW]].
+* `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode;
+  runtime arguments: KH, KW are constexpr since issue 11 but bound no loop).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Callable, Optional
+
+
+@dataclasses.dataclass
+class LoopSpec:
+    name: str  # what the loop walks, and its bound in the source
+    trips: int
+    children: list[LoopSpec] = dataclasses.field(default_factory=list)
+    unrollable: bool = False  # constexpr bound: the compiler may unroll it completely
+    exp2: Optional[bool] = None  # its body holds an exp2 (None: either)
+
+
+def _tiled(c: dict) -> list[LoopSpec]:
+    body = []
+    if c["HAS_REL"]:
+        body.append(LoopSpec("rel column parts c<KW", c["KW"], unrollable=True, exp2=False))
+    # zeros/shift: a_lo, a_hi = 0, KH (constexpr); mask: clipped at run time, KH at most
+    unroll = c["PADDING"] != 1
+    body.append(LoopSpec("window rows a<KH", c["KH"], unrollable=unroll, exp2=True))
+    body.append(LoopSpec("NaN slow pass (not taken)", 0, unrollable=unroll, exp2=True))
+    if c["BLOCK_H"] > 1:
+        return [LoopSpec("query rows r<BLOCK_H", c["BLOCK_H"], body, unrollable=True)]
+    return body
+
+
+def _allheads(c: dict) -> list[LoopSpec]:
+    loops = []
+    if c["HAS_REL"]:
+        loops.append(LoopSpec("rel column parts c<KW", c["KW"], unrollable=True, exp2=False))
+    cols = LoopSpec("window cols c<KW", c["KW"], unrollable=True, exp2=True)
+    loops.append(LoopSpec("window rows a<KH", c["KH"], [cols], unrollable=True, exp2=True))
+    return loops
+
+
+def _offsets(c: dict) -> list[LoopSpec]:  # TY, TX are runtime arguments: never unrolled
+    return [LoopSpec("offset rows ty<TY", c["TY"], [LoopSpec("offset cols tx<TX", c["TX"])])]
+
+
+# kernel function name -> loops from the launch arguments (by parameter name)
+LOOPS: dict[str, Callable[[dict], list[LoopSpec]]] = {
+    "_tiled_fwd_kernel": _tiled,
+    "_allheads_fwd_kernel": _allheads,
+    "_dq_kernel": _offsets,
+    "_dkv_kernel": _offsets,
+}
+
+
+@dataclasses.dataclass
+class MatchedLoop:
+    name: str
+    trips: int
+    iterations: int  # per program: product of the trips of it and its enclosing loops
+
+
+@dataclasses.dataclass
+class LoopMatch:
+    loops: list[MatchedLoop]  # one per SASS loop, in address order
+    note: str = ""  # why the mapping is uncertain ("" when it is not)
+
+
+def _flatten(specs: list[LoopSpec], removed: set, depth: int = 0, outer: int = 1):
+    """Pre-order (spec, depth, iterations) of the loops left after `removed` are unrolled
+    (a removed loop's children, all removed too, are straight-line code of its parent)."""
+    for spec in specs:
+        iterations = outer * spec.trips
+        if id(spec) not in removed:
+            yield spec, depth, iterations
+            yield from _flatten(spec.children, removed, depth + 1, iterations)
+
+
+def _all(specs: list[LoopSpec]):
+    for spec in specs:
+        yield spec
+        yield from _all(spec.children)
+
+
+def _fits(flat, depths: list[int], exp2: list[bool]) -> bool:
+    return ([d for _, d, _ in flat] == depths
+            and all(s.exp2 is None or s.exp2 == e for (s, _, _), e in zip(flat, exp2)))
+
+
+def _readings(specs: list[LoopSpec], depths: list[int], exp2: list[bool]) -> list:
+    """Every fitting reading, fewest unrolled loops first, earliest in the table first."""
+    candidates = [s for s in _all(specs) if s.unrollable or s.trips == 1]
+    readings = []
+    for n in range(len(candidates) + 1):
+        for removed in itertools.combinations(candidates, n):
+            ids = {id(s) for s in removed}
+            # innermost first: an unrolled loop's nested loops are unrolled too
+            if any(id(c) not in ids for s in removed for c in _all(s.children)):
+                continue
+            flat = list(_flatten(specs, ids))
+            if _fits(flat, depths, exp2):
+                readings.append(flat)
+    return readings
+
+
+def match_loops(kernel: str, arguments: dict, depths: list[int],
+                exp2: Optional[list[bool]] = None) -> LoopMatch:
+    """Trip counts for the SASS loops of `kernel`, given their nesting depths in address
+    order and whether each body (nested loops included) holds an exp2."""
+    exp2 = [True] * len(depths) if exp2 is None else exp2
+    fallback = [MatchedLoop("?", 1, 1) for _ in depths]
+    make: Optional[Callable] = LOOPS.get(kernel)
+    if make is None:
+        return LoopMatch(fallback, f"{kernel}: no trip-count entry in sasa_triton/cost/"
+                                   "kernels.py; loops counted once")
+    specs = make(arguments)
+    readings = _readings(specs, depths, exp2)
+    if not readings:
+        expected = [(s.name, d) for s, d, _ in _flatten(specs, set())]
+        return LoopMatch(fallback, f"{kernel}: SASS loops (depths {depths}, exp2 {exp2}) do "
+                                   f"not match the kernel table {expected}; loops counted once")
+    chosen = [MatchedLoop(s.name, s.trips, it) for s, _, it in readings[0]]
+    iterations = [m.iterations for m in chosen]
+    others = [r for r in readings[1:] if [it for _, _, it in r] != iterations]
+    note = ""
+    if others:
+        alt = [[(s.name, it) for s, _, it in r] for r in others]
+        note = (f"{kernel}: loop nesting ambiguous; took {[(m.name, m.iterations) for m in chosen]}"
+                f", also possible {alt}")
+    return LoopMatch(chosen, note)

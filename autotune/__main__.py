@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "evenly spaced picks (a quick table when device time is short)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking each candidate's result against the reference")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: rehearse on CPU through Triton's interpreter (TRITON_INTERPRET=1; "
+                        "tiny --key shapes): the table, named 'cpu-interpreter', proves the "
+                        "pipeline and attend never reads it (default: cuda)")
     return p
 
 
@@ -100,10 +104,27 @@ def _cases(ns, parser) -> list:
     return unique
 
 
-def _gpu() -> Optional[str]:
+CPU_TABLE_NAME = "cpu-interpreter"  # the --device cpu rehearsal's table (never looked up)
+
+
+def _gpu(device: str = "cuda") -> Optional[str]:
     import torch
 
+    if device == "cpu":
+        return CPU_TABLE_NAME
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def _cpu_timer(fn) -> float:
+    """Median milliseconds of three calls on CPU (the --device cpu rehearsal)."""
+    import time
+
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return sorted(samples)[1] * 1e3
 
 
 def dry_run(cases, out_dir, gpu: Optional[str], stream=None, limit=None) -> None:
@@ -147,9 +168,15 @@ def main(argv=None) -> int:
     ns = parser.parse_args(argv)
     if ns.limit is not None and ns.limit < 1:
         parser.error("--limit must be >= 1")
+    if ns.device == "cpu":
+        if ns.ship:
+            parser.error("--device cpu tables are rehearsals: they are never shipped")
+        import os
+        # the kernels become interpreted functions only if this is set before they load
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     cases = _cases(ns, parser)
     out_dir = table.shipped_dir() if ns.ship else (ns.out or table.user_dir())
-    gpu = _gpu()
+    gpu = _gpu(ns.device)
     if ns.dry_run:
         dry_run(cases, out_dir, gpu, limit=ns.limit)
         return 0
@@ -163,8 +190,10 @@ def main(argv=None) -> int:
 
     path = table.table_path(out_dir, gpu)
     try:
+        on_cpu = ns.device == "cpu"
         summary = tune(cases, path, gpu, force=ns.force, verify=not ns.no_verify,
-                       limit=ns.limit)
+                       limit=ns.limit, device=ns.device,
+                       timer=_cpu_timer if on_cpu else None)
     except KeyboardInterrupt:
         sys.stderr.write(f"\ninterrupted: the keys tuned so far are in {path}; run the same "
                          f"command again to resume.\n")

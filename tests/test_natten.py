@@ -7,11 +7,11 @@ import random
 
 import pytest
 import torch
-from natten_reference import natten_av, natten_module_forward, natten_qk
 
 import sasa_triton
 from sasa_triton import natten
 
+from natten_reference import natten_av, natten_module_forward, natten_qk
 from oracle import oracle_attend
 
 

@@ -21,6 +21,9 @@ Columns, in order:
     p80_us       80th percentile latency
     reps         timed repetitions (empty with do_bench, which picks its own)
     timer        triton do_bench | triton do_bench_cudagraph | cuda events | cpu perf_counter
+    host_us      host time of one call, microseconds: wall time until it returns with the
+                 GPU idle before it (argument checks, dispatch, launches); on CPU the
+                 median latency (the whole call runs on the host)
     peak_mem_mib peak extra memory of one call, outputs included, MiB
     mem_method   cuda max_memory_allocated delta | cpu dispatch-mode live tensor bytes
     io_bytes     4 * B*H*W*C * bytes per element (read q, k, v, write out once)
@@ -30,6 +33,9 @@ Columns, in order:
     ratio_to_floor       median_us / floor_us
     ratio_to_fwd_floor   median_us / fwd_floor_us
     ratio_to_dense_conv  median_us / median_us of conv_kxk, same case and direction
+    ratio_to_conv_3x3, ratio_to_depthwise_conv, ratio_to_unfold, ratio_to_flex_na,
+    ratio_to_flex_na_rel  likewise for conv_3x3, conv_depthwise_kxk, unfold, flex_na
+                          and flex_na_rel (empty where that baseline did not run)
     device       GPU name, or the CPU model (CPU rows are CPU timings)
     device_type  cuda | cpu
     date         UTC time the run started
@@ -46,8 +52,10 @@ import pandas as pd
 COLUMNS = [
     "case", "suite", "B", "H", "W", "C", "heads", "d", "k", "dtype", "impl", "family",
     "direction", "status", "note", "impl_desc", "median_us", "p20_us", "p80_us", "reps", "timer",
-    "peak_mem_mib", "mem_method", "io_bytes", "copy_gbps", "floor_us", "fwd_floor_us",
-    "ratio_to_floor", "ratio_to_fwd_floor", "ratio_to_dense_conv", "device", "device_type",
+    "host_us", "peak_mem_mib", "mem_method", "io_bytes", "copy_gbps", "floor_us", "fwd_floor_us",
+    "ratio_to_floor", "ratio_to_fwd_floor", "ratio_to_dense_conv",
+    "ratio_to_conv_3x3", "ratio_to_depthwise_conv", "ratio_to_unfold", "ratio_to_flex_na",
+    "ratio_to_flex_na_rel", "device", "device_type",
     "date", "torch", "triton", "python",
 ]
 OPTIONAL_COLUMNS = ["cuda", "cudnn", "cpu_threads"]

@@ -24,7 +24,7 @@ from ..autotune.tuned_table import gpu_slug
 from ..perf_suite import default_suite, get_suite
 from ..types import DTYPES as TYPE_NAMES
 from . import impls as impls_mod
-from .timing import copy_bandwidth_gbps, peak_extra_mib, time_fn
+from .timing import copy_bandwidth_gbps, host_us, peak_extra_mib, time_fn
 
 # --dtype: the short names of sasa_triton.types and torch's own (no float64 here)
 DTYPES = {alias: dtype for name, dtype in TYPE_NAMES.items() if name != "fp64"
@@ -110,9 +110,11 @@ def _measure(impl, inputs, direction: str, budget_s: float, min_reps: int,
         timing = time_fn(step, device_type, budget_s=budget_s, min_reps=min_reps,
                          cuda_graphs=cuda_graphs)
         mem, mem_method = peak_extra_mib(step, device_type)
+        # on CPU the whole call is host time: the latency says it already
+        host = host_us(step, device_type) if device_type == "cuda" else timing.median_us
         return dict(status="ok", median_us=timing.median_us, p20_us=timing.p20_us,
                     p80_us=timing.p80_us, reps=timing.reps, timer=timing.timer,
-                    peak_mem_mib=mem, mem_method=mem_method)
+                    host_us=host, peak_mem_mib=mem, mem_method=mem_method)
     except impls_mod.Unsupported as why:
         return dict(status="unsupported", note=str(why))
     except impls_mod.Unavailable as why:
@@ -189,43 +191,57 @@ def _run_suite(suite, dtype, direction, impl_filter, dev: torch.device, budget_s
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     rows, start = [], time.perf_counter()
-    total, i = len(shapes) * len(chosen) * len(directions), 0
-    for shape in shapes:
-        inputs = impls_mod.CaseInputs.make(shape, torch_dtype, dev)
-        io_bytes = 4 * shape.B * shape.H * shape.W * shape.C * inputs.q.element_size()
-        fwd_floor_us = io_bytes / (copy_gbps * 1e9) * 1e6
-        for impl in chosen:
-            for direc in directions:
-                i += 1
-                result = _measure(impl, inputs, direc, budget_s, min_reps, cuda_graphs)
-                floor_us = fwd_floor_us * (FWDBWD_FLOOR_FACTOR if direc == "fwdbwd" else 1)
-                row = dict(case=shape.name, suite=suite, B=shape.B, H=shape.H, W=shape.W,
-                           C=shape.C, heads=shape.heads, d=shape.d, k=shape.k,
-                           dtype=str(torch_dtype).replace("torch.", ""), impl=impl.name,
-                           family=impl.family, direction=direc, note="",
-                           impl_desc=impl.desc)
-                row.update(result)
-                row.update(io_bytes=io_bytes, copy_gbps=copy_gbps, floor_us=floor_us,
-                           fwd_floor_us=fwd_floor_us, device=machine.name,
-                           device_type=dev.type, date=date, **machine.versions)
-                rows.append(row)
-                shown = (f"{row['median_us']:.1f} us" if row["status"] == "ok"
-                         else row["status"])
-                log(f"[{i}/{total}] {shape.name} {impl.name} {direc}: {shown} "
-                    f"(elapsed {time.perf_counter() - start:.1f} s)")
-        del inputs
+    total = len(shapes) * len(chosen) * len(directions)
+    try:
+        i = 0
+        for shape in shapes:
+            inputs = impls_mod.CaseInputs.make(shape, torch_dtype, dev)
+            io_bytes = 4 * shape.B * shape.H * shape.W * shape.C * inputs.q.element_size()
+            fwd_floor_us = io_bytes / (copy_gbps * 1e9) * 1e6
+            for impl in chosen:
+                for direc in directions:
+                    i += 1
+                    result = _measure(impl, inputs, direc, budget_s, min_reps, cuda_graphs)
+                    floor_us = fwd_floor_us * (FWDBWD_FLOOR_FACTOR if direc == "fwdbwd" else 1)
+                    row = dict(case=shape.name, suite=suite, B=shape.B, H=shape.H, W=shape.W,
+                               C=shape.C, heads=shape.heads, d=shape.d, k=shape.k,
+                               dtype=str(torch_dtype).replace("torch.", ""), impl=impl.name,
+                               family=impl.family, direction=direc, note="",
+                               impl_desc=impl.desc)
+                    row.update(result)
+                    row.update(io_bytes=io_bytes, copy_gbps=copy_gbps, floor_us=floor_us,
+                               fwd_floor_us=fwd_floor_us, device=machine.name,
+                               device_type=dev.type, date=date, **machine.versions)
+                    rows.append(row)
+                    shown = (f"{row['median_us']:.1f} us" if row["status"] == "ok"
+                             else row["status"])
+                    log(f"[{i}/{total}] {shape.name} {impl.name} {direc}: {shown} "
+                        f"(elapsed {time.perf_counter() - start:.1f} s)")
+            del inputs
+    except KeyboardInterrupt:  # Ctrl-C or a time limit: keep what was measured
+        log(f"interrupted: keeping the {len(rows)} of {total} measurements done")
     _add_ratios(rows)
     return RunResult(rows, machine, suite, torch_dtype, copy_gbps)
 
 
+# ratio column -> the baseline implementation it divides by (same case and direction)
+BASELINE_RATIOS = {"ratio_to_dense_conv": impls_mod.DENSE_CONV,
+                   "ratio_to_conv_3x3": "conv_3x3",
+                   "ratio_to_depthwise_conv": "conv_depthwise_kxk",
+                   "ratio_to_unfold": "unfold",
+                   "ratio_to_flex_na": "flex_na",
+                   "ratio_to_flex_na_rel": "flex_na_rel"}
+
+
 def _add_ratios(rows: list[dict]) -> None:
-    dense = {(r["case"], r["direction"]): r.get("median_us") for r in rows
-             if r["impl"] == impls_mod.DENSE_CONV and r["status"] == "ok"}
+    times = {(r["impl"], r["case"], r["direction"]): r["median_us"] for r in rows
+             if r["status"] == "ok"}
     for r in rows:
         median = r.get("median_us", math.nan) if r["status"] == "ok" else math.nan
         r["ratio_to_floor"] = median / r["floor_us"]
         r["ratio_to_fwd_floor"] = median / r["fwd_floor_us"]
-        r["ratio_to_dense_conv"] = median / dense.get((r["case"], r["direction"]), math.nan)
+        for column, baseline in BASELINE_RATIOS.items():
+            r[column] = median / times.get((baseline, r["case"], r["direction"]), math.nan)
 
 
 def default_out_dir(machine: Machine) -> Path:

@@ -4,6 +4,8 @@ CUDA: `triton.testing.do_bench` (it flushes L2 between reps; quantiles 0.5/0.2/0
 a warm-up call, so compilation and autotuning stay outside the timed region; CUDA events
 when Triton is missing; optionally `do_bench_cudagraph` (graph replay, no host overhead).
 CPU: a perf_counter loop after a warm-up, run for a time budget.
+Host time of one call (`host_us`): wall time until fn returns with the device idle
+before it, so on CUDA what the host spends before the GPU runs on by itself.
 Peak extra memory: on CUDA the max_memory_allocated delta of one call; on CPU the peak
 live tensor bytes seen by a TorchDispatchMode (`memory.PeakLiveBytes`).
 """
@@ -116,6 +118,21 @@ def peak_extra_mib(fn: Callable[[], object], device_type: str) -> tuple[float, s
         out = fn()
         del out
     return tracker.peak / MIB, "cpu dispatch-mode live tensor bytes"
+
+
+def host_us(fn: Callable[[], object], device_type: str, reps: int = 10) -> float:
+    """Median wall time until one call of fn returns, the device idle before each call:
+    on CUDA the host overhead (argument checks, dispatch, launches; kernels run on
+    asynchronously), on CPU the whole call."""
+    samples = []
+    for _ in range(reps):
+        _sync(device_type)
+        t0 = time.perf_counter()
+        out = fn()
+        samples.append(time.perf_counter() - t0)
+        del out
+    _sync(device_type)
+    return _quantiles_us(samples)[0]
 
 
 def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None) -> float:

@@ -5,7 +5,10 @@ all their heads, held as [BLOCK_P, BLOCK_N, BLOCK_D] tiles (BLOCK_N = next_pow2(
 BLOCK_D = next_pow2(d), no padding to 16). It loops over the kh x kw window offsets
 (runtime loops, not unrolled) and for each offset loads the neighbour's whole row of
 heads x d values, computes the per-head logits with CUDA-core dot products and updates
-a per-(pixel, head) online softmax. It saves lse = ln(sum exp(logit)).
+a per-(pixel, head) online softmax. It saves lse = ln(sum exp(logit)). When heads and d
+are powers of two (EVEN_ROW) its masks are per pixel only, and when every pixel and head
+offset is a multiple of VEC channels (d contiguous) a thread loads VEC channels of a
+head as one vector.
 
 Supported: every padding mode, dilation, any odd kh/kw (kw <= 64), shared/per-head rel
 tables, rpb, fp16/bf16/fp32, head dims d = 1..256 while next_pow2(heads) *
@@ -29,6 +32,8 @@ from .common import (
     launch_options,
     next_pow2,
     row_offsets_fit_i32,
+    to_f32,
+    vector_width,
     window_start,
 )
 
@@ -51,6 +56,7 @@ def _allheads_fwd_kernel(
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_KW: tl.constexpr, ROW_I64: tl.constexpr, KV_SAME_STRIDES: tl.constexpr,
+    EVEN_ROW: tl.constexpr, VEC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     o_p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # flat pixel index
@@ -62,7 +68,10 @@ def _allheads_fwd_kernel(
 
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
-    m_nd = (o_n[:, None] < HEADS) & (o_d[None, :] < D)  # [BLOCK_N, BLOCK_D]
+    if EVEN_ROW:  # heads == BLOCK_N and d == BLOCK_D: masks stay per pixel
+        m_nd = tl.full([BLOCK_N, BLOCK_D], 1, dtype=tl.int1)
+    else:
+        m_nd = (o_n[:, None] < HEADS) & (o_d[None, :] < D)  # [BLOCK_N, BLOCK_D]
     m_pnd = m_p[:, None, None] & m_nd[None, :, :]
     # Offsets inside one pixel's row of heads x d stay int32 (fewer registers) unless the
     # launcher found that they can pass 2**31 (ROW_I64: NCHW views of giant images);
@@ -73,14 +82,18 @@ def _allheads_fwd_kernel(
     else:
         o_nr = o_n
         o_dr = o_d
-    o_qnd = o_nr[:, None] * sq_n + o_dr[None, :] * sq_d
-    o_knd = o_nr[:, None] * sk_n + o_dr[None, :] * sk_d
+    # VEC > 1: the launcher found d contiguous (stride 1, specialised away) and every
+    # pixel and head offset (and each base address) a multiple of VEC elements, so a
+    # thread loads VEC channels of a head with one vector load
+    o_qnd = tl.multiple_of(o_nr * sq_n, VEC)[:, None] + o_dr[None, :] * sq_d
+    o_knd = tl.multiple_of(o_nr * sk_n, VEC)[:, None] + o_dr[None, :] * sk_d
     if KV_SAME_STRIDES:  # one offset tile for k and v
         o_vnd = o_knd
     else:
-        o_vnd = o_nr[:, None] * sv_n + o_dr[None, :] * sv_d
+        o_vnd = tl.multiple_of(o_nr * sv_n, VEC)[:, None] + o_dr[None, :] * sv_d
 
-    p_q = q_ptr + (b * sq_b + y.to(tl.int64) * sq_h + x.to(tl.int64) * sq_w)[:, None, None]
+    o_qp = tl.multiple_of(b * sq_b + y.to(tl.int64) * sq_h + x.to(tl.int64) * sq_w, VEC)
+    p_q = q_ptr + o_qp[:, None, None]
     b_q = tl.load(p_q + o_qnd[None, :, :], mask=m_pnd, other=0.0).to(tl.float32)  # [P, N, D]
     start_y, off_y = window_start(y, H, KH, dil_h, PADDING == 2)  # [BLOCK_P]
     start_x, off_x = window_start(x, W, KW, dil_w, PADDING == 2)
@@ -129,10 +142,10 @@ def _allheads_fwd_kernel(
         for c in range(KW):
             xk = start_x + c * dil_w
             m_k = m_y & (xk >= 0) & (xk < W)  # [BLOCK_P]
-            o_pix = o_kb + o_ky * sk_h + xk.to(tl.int64) * sk_w
+            o_pix = tl.multiple_of(o_kb + o_ky * sk_h + xk.to(tl.int64) * sk_w, VEC)
             m_knd = m_k[:, None, None] & m_nd[None, :, :]
-            b_k = tl.load(k_ptr + o_pix[:, None, None] + o_knd[None, :, :], mask=m_knd,
-                          other=0.0).to(tl.float32)  # [P, N, D]
+            b_k = to_f32(tl.load(k_ptr + o_pix[:, None, None] + o_knd[None, :, :], mask=m_knd,
+                                 other=0.0))  # [P, N, D]
             b_s = tl.sum(b_q * b_k, axis=2) * qk_scale + b_srow  # [P, N]
             if HAS_REL:
                 b_s += tl.sum(tl.where(o_c[None, None, :] == c, b_relw, 0.0), axis=2)
@@ -147,15 +160,19 @@ def _allheads_fwd_kernel(
             b_alpha = tl.exp2(b_m - b_m_new)
             b_p = tl.exp2(b_s - b_m_new)
             b_l = b_l * b_alpha + b_p
-            o_vpix = o_vb + o_ky * sv_h + xk.to(tl.int64) * sv_w
-            b_v = tl.load(v_ptr + o_vpix[:, None, None] + o_vnd[None, :, :], mask=m_knd,
-                          other=0.0).to(tl.float32)
+            if KV_SAME_STRIDES:
+                o_vpix = o_pix
+            else:
+                o_vpix = tl.multiple_of(o_vb + o_ky * sv_h + xk.to(tl.int64) * sv_w, VEC)
+            b_v = to_f32(tl.load(v_ptr + o_vpix[:, None, None] + o_vnd[None, :, :], mask=m_knd,
+                                 other=0.0))
             b_acc = b_acc * b_alpha[:, :, None] + b_p[:, :, None] * b_v
             b_m = b_m_new
 
     b_o = b_acc / b_l[:, :, None]
-    o_o = (b * so_b + y.to(tl.int64) * so_h + x.to(tl.int64) * so_w)[:, None, None]
-    o_ond = o_nr[:, None] * so_n + o_dr[None, :] * so_d
+    o_o = tl.multiple_of(b * so_b + y.to(tl.int64) * so_h + x.to(tl.int64) * so_w, VEC)
+    o_ond = tl.multiple_of(o_nr * so_n, VEC)[:, None] + o_dr[None, :] * so_d
+    o_o = o_o[:, None, None]
     tl.store(o_ptr + o_o + o_ond[None, :, :], b_o.to(o_ptr.dtype.element_ty), mask=m_pnd)
     b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
     o_l = (b * sl_b + y.to(tl.int64) * sl_h + x.to(tl.int64) * sl_w)[:, None] + o_n[None, :] * sl_n
@@ -240,6 +257,8 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         BLOCK_P=bp, BLOCK_N=next_pow2(heads), BLOCK_D=next_pow2(d),
         BLOCK_KW=next_pow2(args.kw),
         ROW_I64=not row_offsets_fit_i32((q, k, v, out), 1, d, heads),
-        KV_SAME_STRIDES=k.stride() == v.stride(), **launch_options(config),
+        KV_SAME_STRIDES=k.stride() == v.stride(),
+        EVEN_ROW=heads == next_pow2(heads) and d == next_pow2(d),
+        VEC=vector_width((q, k, v, out), next_pow2(d)), **launch_options(config),
     )
     return out, lse

@@ -47,6 +47,16 @@ def window_start(i, size, K: tl.constexpr, dil, SHIFT: tl.constexpr):
         return i - (K // 2) * dil, i * 0 - K // 2
 
 
+@triton.jit
+def to_f32(x):
+    """float32 of a loaded tile; bf16 by moving its bits into the high half: one integer
+    op per value (a shift, or a mask for the upper value of a packed pair)."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
@@ -90,6 +100,21 @@ def row_offsets_fit_i32(tensors, cols: int, d: int, heads: int = 1) -> bool:
         if cols * s_w + heads * s_n + d * s_d >= 2**31:
             return False
     return True
+
+
+def vector_width(tensors, block_d: int) -> int:
+    """The largest power of two <= block_d dividing every base address (in elements) and
+    every batch, row, column and head stride of the (B, H, W, heads, d) `tensors`, when d
+    is contiguous in all of them (else 1): a kernel may then load that many channels of a
+    head as one vector (tl.multiple_of hints on the pixel and head offsets)."""
+    if any(t.shape[4] > 1 and t.stride(4) != 1 for t in tensors):
+        return 1
+    vec = block_d
+    for t in tensors:
+        for n in (t.data_ptr() // t.element_size(), *t.stride()[:4]):
+            while vec > 1 and n % vec:
+                vec //= 2
+    return vec
 
 
 def new_output(shape, dtype, device, poison: bool = False) -> torch.Tensor:

@@ -12,11 +12,13 @@ Dispatch only chooses; the names it returns were checked by `attend` and are run
 * a forced backend -> its forward with the given config; its backward is its own
   `backward` when it has one, else `default_backward` (with the given config, if any).
 
-Forward heuristic (docs/PERF.md's calibration on an H100): head dims below 16 go to
-"allheads" (tensor-core tiles would pad d to 16 and waste most of each MMA; all heads
-of a pixel form one coalesced row), and so do rows of at most 32 values (heads x d),
-where a one-head tile reads sector fragments; everything else goes to "tiled" (tensor
-cores win from d = 16 on). A variant that does not support the shape is skipped.
+Forward heuristic (docs/PERF.md's calibration on an H100, and the sm_90 machine code):
+head dims below 16 go to "tile2d" (CUDA cores, a 2-D pixel tile with all heads; tensor-core
+tiles would pad d to 16 and waste most of each MMA), then "allheads" (rows too wide for
+tile2d; all heads of a pixel form one coalesced row); rows of at most 32 values (heads x
+d) go to "allheads", where a one-head tile reads sector fragments; everything else goes
+to "tiled" (tensor cores win from d = 16 on). A variant that does not support the shape
+is skipped.
 Backward: the first kernel variant with a backward that supports the case, with its
 default config.
 """
@@ -76,7 +78,12 @@ def _choose(q, args: AttendArgs, direction: int) -> tuple[str, Optional[dict]]:
 def heuristic_forward(shape: tuple, dtype, args: AttendArgs) -> tuple[str, Optional[dict]]:
     """The forward heuristic of the module docstring (no tuned table, any device)."""
     _, _, _, heads, d = shape
-    prefer = ("allheads", "tiled") if d < 16 or heads * d <= 32 else ("tiled", "allheads")
+    if d < 16:
+        prefer = ("tile2d", "allheads", "tiled")
+    elif heads * d <= 32:
+        prefer = ("allheads", "tiled")
+    else:
+        prefer = ("tiled", "allheads")
     for name in prefer:
         variant = variants.VARIANTS.get(name)
         if variant is not None and variant.supports(shape, dtype, args):

@@ -130,6 +130,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     kernel_variant("tiled", f"{_KERNELS}.tiled_fwd", forward=True),
     # all heads of a pixel block: d < 16 and tiny rows
     kernel_variant("allheads", f"{_KERNELS}.allheads_fwd", forward=True),
+    # CUDA cores, a 2-D pixel tile x all heads: d <= 16
+    kernel_variant("tile2d", f"{_KERNELS}.tile2d_fwd", forward=True),
     # the backward on CUDA cores, window offsets in a loop
     kernel_variant("offsets", f"{_KERNELS}.offsets_bwd", backward=True),
 )}

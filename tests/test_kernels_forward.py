@@ -113,6 +113,33 @@ def test_non_default_configs(variant, config):
     _check_variant(variant, case, config=config)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_k_and_v_with_different_strides(variant):
+    """k heads-last contiguous, v a view of an NCHW projection: the kernels' separate k
+    and v offset paths (and unvectorised v loads)."""
+    case = Case(B=1, H=5, W=7, heads=2, d=8, k=(3, 5), dilation=(1, 2), rel="shared")
+    q, k, _, kw = make_inputs(case, torch.bfloat16, "contiguous", DEVICE)
+    _, _, v, _ = make_inputs(case, torch.bfloat16, "nchw_view", DEVICE, seed=1)
+    assert k.stride() != v.stride()
+    args = _args(q, k, v, case, kw)
+    out, lse = variant_module(variant).forward(q, k, v, args, _poison=True)
+    want, want_lse = oracle_attend(q.cpu(), k.cpu(), v.cpu(), case.k, return_lse=True,
+                                   **_on_cpu(kw))
+    assert_close(out.cpu(), want, torch.bfloat16, f"{variant} out")
+    torch.testing.assert_close(lse.cpu().double(), want_lse, atol=5e-3, rtol=2e-5)
+
+
+def test_tile2d_permuted_loads_of_older_tritons(monkeypatch):
+    """Before Triton 3.8 tile2d loads its k/v tiles through a permutation (_load_kv); the
+    interpreter runs that path here too."""
+    from sasa_triton.kernels import tile2d_fwd
+
+    monkeypatch.setattr(tile2d_fwd, "_TIES_ASCENDING", not tile2d_fwd._TIES_ASCENDING)
+    case = Case(B=1, H=5, W=6, heads=2, d=16, k=(3, 5), padding="mask", rel="per_head",
+                rpb=True)
+    _check_variant("tile2d", case, torch.bfloat16, "channels_last")
+
+
 @pytest.mark.parametrize("d", [64, 256])
 def test_large_head_dims(d):
     case = Case(B=1, H=2, W=3, heads=1, d=d, k=3, rel="shared")
@@ -211,7 +238,9 @@ def test_dispatch_heuristic():
         args = check_attend_args(q, q, q, k, 1, "zeros", None, None, None, None)
         return heuristic_forward(tuple(q.shape), dtype, args)
 
-    assert choice(8, 8)[0] == "allheads"  # s1: d = 8
+    assert choice(8, 8)[0] == "tile2d"  # s1: d = 8
+    assert choice(64, 8)[0] == "allheads"  # a row too wide for tile2d
+    assert choice(1, 32)[0] == "allheads"  # a 32-value row
     assert choice(8, 16)[0] == "tiled"  # s2
     assert choice(8, 64)[0] == "tiled"  # s4
     assert choice(1, 128)[0] == "tiled"
@@ -266,10 +295,10 @@ AOT_SPECS = [  # (kernel, dtype, constexprs)
                            KV_SAME_STRIDES=False, EVEN_D=False)),
     ("allheads", "bf16", dict(KH=7, KW=7, PADDING=0, HAS_REL=True, HAS_RPB=False, BLOCK_P=32,
                               BLOCK_N=8, BLOCK_D=8, BLOCK_KW=8, ROW_I64=False,
-                              KV_SAME_STRIDES=True)),
+                              KV_SAME_STRIDES=True, EVEN_ROW=True, VEC=8)),
     ("allheads", "fp16", dict(KH=3, KW=5, PADDING=1, HAS_REL=False, HAS_RPB=True, BLOCK_P=16,
                               BLOCK_N=1, BLOCK_D=1, BLOCK_KW=8, ROW_I64=True,
-                              KV_SAME_STRIDES=False)),
+                              KV_SAME_STRIDES=False, EVEN_ROW=False, VEC=1)),
 ]
 
 

@@ -2,7 +2,7 @@
 committed baseline (tests/cost_baseline.json, keyed by Triton version).
 
 The watch set is a small representative subset of the resnet50 suite, so that CI
-compiles only five kernels: s1 forward (allheads, 8 warps), s2 forward (tiled, 1 warp),
+compiles only five kernels: s1 forward (tile2d), s2 forward (tiled, 1 warp),
 s3 forward (tiled, 4 warps) and s2 backward (offsets: dq and dk/dv kernels). A launch is
 keyed by case, direction and its position among the case's launches (not by kernel name,
 so renaming a kernel is not a change; a different dispatch is).

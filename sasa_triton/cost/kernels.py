@@ -20,6 +20,8 @@ Mapping per kernel (what the trip counts stand for):
   [query rows, r < BLOCK_H] when BLOCK_H > 1.
 * `_allheads_fwd_kernel`: [rel column parts, c < KW (HAS_REL)],
   [window rows, a < KH [window columns, c < KW]].
+* `_tile2d_fwd_kernel`: NCHUNK x [window rows, a < KH] (the column-chunk loop is a
+  tl.static_range, unrolled by the front end: one row loop per chunk).
 * `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode;
   runtime arguments: KH, KW are constexpr since issue 11 but bound no loop).
 """
@@ -61,6 +63,12 @@ def _allheads(c: dict) -> list[LoopSpec]:
     return loops
 
 
+def _tile2d(c: dict) -> list[LoopSpec]:
+    # the chunk loop is a tl.static_range (always unrolled): one row loop per chunk
+    return [LoopSpec(f"window rows a<KH (column chunk {cc})", c["KH"], unrollable=True, exp2=True)
+            for cc in range(c["NCHUNK"])]
+
+
 def _offsets(c: dict) -> list[LoopSpec]:  # TY, TX are runtime arguments: never unrolled
     return [LoopSpec("offset rows ty<TY", c["TY"], [LoopSpec("offset cols tx<TX", c["TX"])])]
 
@@ -69,6 +77,7 @@ def _offsets(c: dict) -> list[LoopSpec]:  # TY, TX are runtime arguments: never 
 LOOPS: dict[str, Callable[[dict], list[LoopSpec]]] = {
     "_tiled_fwd_kernel": _tiled,
     "_allheads_fwd_kernel": _allheads,
+    "_tile2d_fwd_kernel": _tile2d,
     "_dq_kernel": _offsets,
     "_dkv_kernel": _offsets,
 }

@@ -54,25 +54,15 @@ def compile_launch(fn, args, kwargs):
     with the signature, constants and attributes that a launch of these arguments gets.
     Usage is None when the kernel came from Triton's cache (no ptxas run)."""
     import triton
-    from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import create_function_from_signature
 
+    from sasa_triton.cost.compile import specialise
+
+    src, options, _ = specialise(fn, args, kwargs, SM)
     target = GPUTarget("cuda", SM, 32)
-    backend = CUDABackend(target)
-    kwargs = dict(kwargs)
-    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
-                                                          specialization, options)
-    src = ASTSource(fn, signature, constexprs, attrs)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        compiled = triton.compile(src, target=target, options=options.__dict__)
+        compiled = triton.compile(src, target=target, options=options)
     return compiled, ptxas_usage(log.getvalue())
 
 

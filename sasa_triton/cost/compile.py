@@ -7,7 +7,7 @@ specialisations compile once per process (`compile_cached`), and Triton's disk c
 keeps repeat runs fast.
 
 Uses Triton internals that are the same from 3.6 through 3.9 (the JIT's argument binder
-and `_pack_args`; tests/aot_sm90.py does the same). Needs a process without
+and `_pack_args`; tests/aot_sm90.py compiles through `specialise` too). Needs a process without
 TRITON_INTERPRET, which replaces triton.jit (see sasa_triton/cost/__main__.py).
 """
 from __future__ import annotations

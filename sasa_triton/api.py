@@ -70,11 +70,20 @@ def _autocast(*tensors):
     custom op gets no autocast of its own; `torch.library.register_autocast` would fix
     one dtype per device, not follow the user's. The casts are differentiable."""
     q = tensors[0]
-    if not isinstance(q, torch.Tensor) or not torch.is_autocast_enabled(q.device.type):
+    if not isinstance(q, torch.Tensor) or not _autocast_on(q.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(q.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
                  and t.dtype != torch.float64 else t for t in tensors)
+
+
+def _autocast_on(device_type: str) -> bool:
+    """torch.autocast is active for this device type (never for "meta" and other types
+    autocast does not know: asking torch about them raises)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
 
 
 def _empty_output(q, k, v, args) -> torch.Tensor:

@@ -11,7 +11,7 @@ fixed handful of ops, whatever k is:
   much slower on CPU). k and v are copied once, side by side, into `kv` of shape
   (B*heads, 2d, H + 2ph, W + 2pw) in float32 (float64 for float64 input), with a zero
   border of the window's reach in zeros/mask mode (exactly the contract's zero keys and
-  values; mask mode then adds -inf to those logits). Shift windows stay inside the image.
+  values; mask mode then sets those logits to -inf). Shift windows stay inside the image.
 * Windows of all taps, (B*heads, 2d, kh, kw, rows, W), are a strided view of `kv`
   (zeros/mask: no copy) or an index gather (shift).
 * Query pixels go in chunks of (images, rows) sized so that a chunk's per-tap
@@ -56,23 +56,21 @@ class _Geometry(NamedTuple):
     pos_x: torch.Tensor  # (kw, W)
     rel_y: torch.Tensor  # (kh, H) rpb / shift-table row of the tap
     rel_x: torch.Tensor  # (kw, W)
-    mask: Optional[torch.Tensor]  # (kh, kw, H, W) 0 / -inf (mask mode), else None
+    masked: Optional[torch.Tensor]  # (kh, kw, H, W) bool, True: tap left out (mask mode)
 
 
 @functools.lru_cache(maxsize=64)
-def _geometry(H, W, kh, kw, dh, dw, padding, dtype, device) -> _Geometry:
+def _geometry(H, W, kh, kw, dh, dw, padding, device) -> _Geometry:
     shift = padding == "shift"
     ph, pw = (0, 0) if shift else ((kh // 2) * dh, (kw // 2) * dw)
     pos_y, rel_y = (t.t().contiguous() for t in window_positions(H, kh, dh, padding, device))
     pos_x, rel_x = (t.t().contiguous() for t in window_positions(W, kw, dw, padding, device))
-    mask = None
+    masked = None
     if padding == "mask":
         in_y = (pos_y >= 0) & (pos_y < H)
         in_x = (pos_x >= 0) & (pos_x < W)
-        inside = in_y[:, None, :, None] & in_x[None, :, None, :]
-        mask = torch.zeros(inside.shape, dtype=dtype, device=device)
-        mask.masked_fill_(~inside, float("-inf"))
-    return _Geometry(ph, pw, pos_y + ph, pos_x + pw, rel_y, rel_x, mask)
+        masked = ~(in_y[:, None, :, None] & in_x[None, :, None, :])
+    return _Geometry(ph, pw, pos_y + ph, pos_x + pw, rel_y, rel_x, masked)
 
 
 class _Call(NamedTuple):
@@ -107,7 +105,7 @@ def _prepare(q, k, v, args: AttendArgs) -> _Call:
     B, H, W, N, D = q.shape
     kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    geo = _geometry(H, W, kh, kw, dh, dw, padding, cdt, q.device)
+    geo = _geometry(H, W, kh, kw, dh, dw, padding, q.device)
     Hp, Wp = H + 2 * geo.ph, W + 2 * geo.pw
     alloc = torch.zeros if geo.ph or geo.pw else torch.empty
     kv = alloc((B, N, 2 * D, Hp, Wp), dtype=cdt, device=q.device)
@@ -196,8 +194,8 @@ def _logits(call: _Call, win: torch.Tensor, qc: torch.Tensor, i0: int, i1: int):
             logit += call.rpb[:, geo.rel_y[:, None, i0:i1, None], geo.rel_x[None, :, None, :]]
         else:  # centered windows: the same kh x kw entries for every pixel
             logit += call.rpb[:, kh // 2:kh // 2 + kh, kw // 2:kw // 2 + kw, None, None]
-    if geo.mask is not None:
-        logit += geo.mask[:, :, i0:i1]
+    if geo.masked is not None:  # fill, not add: an inf rel/rpb term + -inf would be NaN
+        logit.masked_fill_(geo.masked[:, :, i0:i1], float("-inf"))
     return logit
 
 
@@ -277,14 +275,19 @@ def _backward_sums(q, k, v, out, lse, dout, args: AttendArgs, config):
         p.sub_(lse_cf[b0:b1, :, i0:i1].reshape(P, 1, 1, 1, r, W)).exp_()
         ds = _tap_sum(win[:, D:], doc6, 1, call.scratch).view(P, 1, kh, kw, r, W)  # dout.v
         ds.sub_(delta[b0:b1, :, i0:i1].reshape(P, 1, 1, 1, r, W)).mul_(p)  # dS
+        dead = None if geo.masked is None else geo.masked[:, :, i0:i1]
+        if dead is not None:  # a masked tap's dS is 0, even where delta is NaN (0 * NaN)
+            ds.masked_fill_(dead, 0.0)
 
         dqc = _tap_sum(win[:, :D], ds, (2, 3), call.scratch).view(b, N, D, r, W)
         if call.rel_h is not None:
             ds_b = ds.view(b, N, kh, kw, r, W)
             _rel_backward(call, ds_b.sum(3), qc[:, :, :d2], dqc[:, :, :d2], drel_h,
-                          geo.rel_y[None, None, :, i0:i1, None], call.rel_h)
+                          geo.rel_y[None, None, :, i0:i1, None], call.rel_h,
+                          None if dead is None else dead.all(1))
             _rel_backward(call, ds_b.sum(2), qc[:, :, d2:], dqc[:, :, d2:], drel_w,
-                          geo.rel_x[None, None, :, None, :], call.rel_w)
+                          geo.rel_x[None, None, :, None, :], call.rel_w,
+                          None if dead is None else dead.all(0))
         dq[b0:b1, :, :, i0:i1] = dqc
         if drpb is not None:
             per_tap = ds.view(b, N, kh, kw, r, W).sum(0)  # (N, kh, kw, r, W)
@@ -340,22 +343,36 @@ def _key_gradients(call: _Call, x, s, i0: int, y0: int, y1: int) -> torch.Tensor
     return _tap_sum(x_win, s_win, (3, 4), call.scratch).view(P, 2 * D, rows, W)
 
 
-def _rel_backward(call: _Call, ds_axis, q_part, dq_part, dtable, idx, table) -> None:
+def _rel_backward(call: _Call, ds_axis, q_part, dq_part, dtable, idx, table,
+                  dead=None) -> None:
     """One separable rel table's share of a chunk's backward.
 
     ds_axis (b, N, k, r, W): dS summed over the other window axis; q_part (b, N, c, r, W):
     the chunk's scaled q channels of this table; dq_part: the view of dq that gets
     table^T dS; dtable: the table's gradient (accumulated); idx: the table row of each
-    tap, broadcastable to ds_axis (used in shift mode, where it depends on the pixel).
+    tap, broadcastable to ds_axis (used in shift mode, where it depends on the pixel);
+    dead (k, r, W): mask mode, table rows whose taps are all masked for the pixel (shift
+    mode computes its own: the rows a pixel's window does not reach).
     """
     b, N, k, r, W = ds_axis.shape
     if call.args.padding == "shift":  # move dS from taps to table rows
         full = torch.zeros((b, N, table.shape[-2], r, W), dtype=ds_axis.dtype,
                            device=ds_axis.device)
         ds_axis = full.scatter_add_(2, idx.expand(ds_axis.shape), ds_axis)
+        used = torch.zeros((table.shape[-2], r, W), dtype=torch.bool, device=ds_axis.device)
+        dead = ~used.scatter_(0, idx[0, 0].expand(k, r, W), True)  # rows this pixel never uses
     rows = ds_axis.shape[2]
     ds_flat = ds_axis.reshape(b, N, rows, r * W)
-    dq_part += (table.transpose(-1, -2) @ ds_flat).view(dq_part.shape)
     q_flat = q_part.reshape(b, N, -1, r * W)
+    if dead is not None and dead.any() and not (table.isfinite().all() and q_flat.isfinite().all()):
+        # a dead row's dS is 0, but 0 * inf (table) or 0 * NaN (q) is not: leave its
+        # terms out, per pixel (rare: mask/shift mode with non-finite inputs only)
+        live = ~dead.reshape(1, 1, rows, 1, r * W)
+        tab = (table if table.dim() == 3 else table[None])[None, :, :, :, None]  # 1,N|1,k,c,1
+        dq_part += torch.where(live, tab * ds_flat[:, :, :, None], 0).sum(2).view(dq_part.shape)
+        terms = torch.where(live, ds_flat[:, :, :, None] * q_flat[:, :, None], 0).sum((0, 4))
+        dtable += terms if table.dim() == 3 else terms.sum(0)
+        return
+    dq_part += (table.transpose(-1, -2) @ ds_flat).view(dq_part.shape)
     spec = "bnkl,bncl->kc" if table.dim() == 2 else "bnkl,bncl->nkc"
     dtable += torch.einsum(spec, ds_flat, q_flat)

@@ -37,6 +37,8 @@ from oracle import oracle_attend
 
 TRITON = triton_usable("cpu") or torch.cuda.is_available()
 FORWARD_VARIANTS = sorted(v.name for v in with_direction("fwd") if v.needs_triton)
+# plain-PyTorch implementations besides the reference (the CPU path): every case
+PLAIN = sorted(v.name for v in with_direction("fwd") if not v.needs_triton and v.name != "reference")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # On a GPU each new (shape, options, config) compiles for seconds (the interpreter
 # compiles nothing): fewer cases by default there.
@@ -95,8 +97,10 @@ def _triton_variant(case, args):
 
 
 def _forward_impls(case, args, rng):
-    """(name, forward function, config): the reference and one Triton variant."""
+    """(name, forward function, config): the reference, the other plain implementations
+    and one Triton variant."""
     impls = [("reference", reference_forward, None)]
+    impls += [(name, get(name).forward, None) for name in PLAIN]
     name = _triton_variant(case, args)
     if name is not None:
         module = get(name)
@@ -116,7 +120,7 @@ def check_forward(seed: int) -> tuple:
     v_max = _v_max(case, sources64)
     problems, ran = [], []
     for name, forward, config in _forward_impls(case, args, rng):
-        kwargs = {} if name == "reference" else {"_poison": True}
+        kwargs = {"_poison": True} if get(name).needs_triton else {}
         try:
             out, lse = forward(inputs["q"], inputs["k"], inputs["v"], args, config, **kwargs)
         except Exception as e:  # a crash is a finding too: report it with the seed
@@ -134,8 +138,9 @@ def check_forward(seed: int) -> tuple:
 
 
 def _backward_impls(case, args, rng):
-    """(backend, fwd config, bwd config): the reference and one Triton backend."""
-    impls = [("reference", "", "")]
+    """(backend, fwd config, bwd config): the reference, the other plain implementations
+    and one Triton backend."""
+    impls = [("reference", "", "")] + [(name, "", "") for name in PLAIN]
     name = _triton_variant(case, args)
     if name is not None:
         module = get(name)

@@ -1,0 +1,550 @@
+"""Backward kernel 1 of the "rows" engine (query-owned, tensor cores): dq, delta and the
+table gradients, deterministic (no atomics).
+
+What a program owns: a tile of M = BLOCK_H x BLOCK_W query pixels (BLOCK_H image rows,
+each a row segment of BLOCK_W columns, whole rows where the image allows) of one batch b
+and one head n. It loads their q, out, dout and lse once, writes delta = rowsum(dout *
+out) for kernel 2 (rows_bwd_key), and walks the key rows that its queries' windows cover
+(their union; each key row is loaded once and serves every query row whose window holds
+it). Per key row y, with the row's k/v halo of BLOCK_K columns:
+    S  = Q K^T                     tl.dot [M, D] @ [D, BK]
+    S  = S*scale*log2(e) + column bias + row bias (+ rpb);  P = exp2(S - lse*log2(e))
+    dP = dO V^T                    tl.dot [M, D] @ [D, BK]
+    dS = P * (dP - delta), 0 outside each query's window
+    dq += dS K                     tl.dot [M, BK] @ [BK, D]
+The rel bias comes from two small products made once per program, Bh = Q rel_h^T and
+Bw = Q rel_w^T; the column bias tile (the column tap of a halo column depends only on
+the query's column, never on the key row) is expanded once. The rel part of dq needs,
+per query, G_row[t] = sum of dS over the window row with rel index t (one row sum per
+key row) and G_col[t] = sum over the window column t (a running [M, BK] sum of dS over
+key rows, split into columns once after the row loop); then
+    dq += G_row @ rel_h + G_col @ rel_w,  drel_h part = G_row^T Q,  drel_w part = G_col^T Q
+and drpb part [t_row, t_col] = sum of dS at that tap. Table indices are "rel indices":
+the tap (zeros/mask) or offset + k - 1 (shift), so a shift program's partial covers the
+whole 2k-1 table. The partials go to per-program buffers that `_reduce_tables_kernel`
+sums in a fixed order (one more launch), scaling, summing over heads for 2-D tables and
+casting to the table dtype.
+
+Supported: every padding mode, dilation, odd kh/kw with BLOCK_K <= 256, shared/per-head
+rel tables, rpb, fp16/bf16/fp32 (fp32 and the table products use input_precision="ieee"),
+d = 1..256. Any strides; 64-bit base offsets.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from sasa_triton.types import AttendArgs
+
+from .common import (
+    INTERPRETED,
+    LOG2E,
+    PADDING_CODES,
+    bias_strides,
+    halo_span,
+    head_block,
+    launch_options,
+    new_output,
+    next_pow2,
+    row_offsets_fit_i32,
+    window_start,
+)
+
+MAX_BLOCK_K = 256
+MAX_GRID = 2**31 - 1
+PREFIX = "Q_"
+
+
+@triton.jit
+def _query_grads_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,
+    H, W, HEADS, D, D_HALF, dil_h, dil_w, qk_scale, scale,  # qk_scale = scale * log2(e)
+    sq_b, sq_h, sq_w, sq_n, sq_d,
+    sk_b, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_h, sv_w, sv_n, sv_d,
+    so_b, so_h, so_w, so_n, so_d,
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
+    sl_b, sl_h, sl_w, sl_n,
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
+    sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
+    KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
+    TY: tl.constexpr, TX: tl.constexpr, TY_PAD: tl.constexpr, TX_PAD: tl.constexpr,
+    HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
+):
+    SHIFT: tl.constexpr = PADDING == 2
+    M: tl.constexpr = BLOCK_H * BLOCK_W
+    # head fastest: the heads of one tile run side by side (full cache sectors)
+    pid = tl.program_id(0)
+    n = pid % HEADS
+    t = pid // HEADS
+    n_jb = tl.cdiv(W, BLOCK_W)
+    jb = t % n_jb
+    t = t // n_jb
+    n_ib = tl.cdiv(H, BLOCK_H)
+    ib = t % n_ib
+    b = t // n_ib
+
+    o_m = tl.arange(0, M)
+    o_i = ib * BLOCK_H + o_m // BLOCK_W  # query rows
+    o_j = jb * BLOCK_W + o_m % BLOCK_W  # query columns
+    m_q = (o_i < H) & (o_j < W)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    m_qd = m_q[:, None] & m_d[None, :]
+    if ROW_I64:
+        o_dr = o_d.to(tl.int64)
+        o_jr = o_j.to(tl.int64)
+    else:
+        o_dr = o_d
+        o_jr = o_j
+    o_i64 = o_i.to(tl.int64)
+    b64 = b.to(tl.int64)
+    n64 = n.to(tl.int64)
+
+    # ---- the query tile: q, out, dout, lse once; delta for kernel 2
+    b_q = tl.load(q_ptr + b64 * sq_b + n64 * sq_n + o_i64[:, None] * sq_h
+                  + (o_jr[:, None] * sq_w + o_dr[None, :] * sq_d), mask=m_qd, other=0.0)
+    b_o = tl.load(o_ptr + b64 * so_b + n64 * so_n + o_i64[:, None] * so_h
+                  + (o_jr[:, None] * so_w + o_dr[None, :] * so_d), mask=m_qd, other=0.0)
+    b_do = tl.load(do_ptr + b64 * sdo_b + n64 * sdo_n + o_i64[:, None] * sdo_h
+                   + (o_jr[:, None] * sdo_w + o_dr[None, :] * sdo_d), mask=m_qd, other=0.0)
+    b_lse = tl.load(lse_ptr + b64 * sl_b + n64 * sl_n + o_i64 * sl_h + o_jr * sl_w,
+                    mask=m_q, other=0.0)
+    b_lse2 = b_lse * LOG2E
+    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), axis=1)  # [M]
+    tl.store(delta_ptr + ((b64 * H + o_i64) * W + o_j) * HEADS + n64, b_delta, mask=m_q)
+    b_qf = b_q.to(tl.float32)
+    if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
+        b_q = b_qf
+        b_do = b_do.to(tl.float32)
+
+    # ---- window geometry of every query
+    start_y, off_y = window_start(o_i, H, KH, dil_h, SHIFT)  # [M]
+    start_x, off_x = window_start(o_j, W, KW, dil_w, SHIFT)  # [M]
+    if SHIFT:
+        x0 = tl.min(tl.where(m_q, start_x, W), axis=0)
+        y_lo = tl.min(tl.where(m_q, start_y, H), axis=0)
+        y_hi = tl.max(tl.where(m_q, start_y, 0), axis=0) + (KH - 1) * dil_h
+    else:
+        x0 = jb * BLOCK_W - (KW // 2) * dil_w
+        i_first = ib * BLOCK_H
+        i_last = tl.minimum(i_first + BLOCK_H, H) - 1
+        y_lo = i_first - (KH // 2) * dil_h
+        y_hi = i_last + (KH // 2) * dil_h
+        if PADDING == 1:  # mask: only rows inside the image
+            y_lo = tl.maximum(y_lo, 0)
+            y_hi = tl.minimum(y_hi, H - 1)
+    o_x = x0 + tl.arange(0, BLOCK_K)  # halo columns
+    m_x = (o_x >= 0) & (o_x < W)
+    if ROW_I64:
+        o_xr = o_x.to(tl.int64)
+    else:
+        o_xr = o_x
+    o_kx = o_xr[:, None] * sk_w + o_dr[None, :] * sk_d  # [BK, BD]
+    o_vx = o_xr[:, None] * sv_w + o_dr[None, :] * sv_d
+    m_kv_x = m_x[:, None] & m_d[None, :]
+
+    # Column pattern, shared by every key row: tap of halo column x for query (i, j).
+    o_diff = o_x[None, :] - start_x[:, None]  # [M, BK]
+    o_diffc = tl.maximum(o_diff, 0)
+    o_tap = o_diffc // dil_w
+    m_col = (o_diff >= 0) & (o_diffc - o_tap * dil_w == 0) & (o_tap < KW) & m_q[:, None]
+    if PADDING == 1:
+        m_col = m_col & m_x[None, :]
+    if SHIFT:
+        o_tx = off_x[:, None] + o_tap + KW - 1  # rel (and rpb) column index
+    else:
+        o_tx = o_tap
+    o_ty = tl.arange(0, TY_PAD)
+    o_txp = tl.arange(0, TX_PAD)
+    m_dh = o_d < D_HALF
+    m_dw = (o_d >= D_HALF) & m_d
+
+    # Rel tables as [T, BLOCK_D] tiles over the full channel axis (zero elsewhere), and
+    # the bias products Bh = Q rel_h^T [M, TY_PAD], Bw = Q rel_w^T [M, TX_PAD].
+    b_colbias = tl.zeros([M, BLOCK_K], dtype=tl.float32)
+    b_bh = tl.zeros([M, TY_PAD], dtype=tl.float32)
+    if HAS_REL:
+        b_relh = tl.load(relh_ptr + n64 * srh_n + o_ty[:, None] * srh_r + o_d[None, :] * srh_d,
+                         mask=(o_ty[:, None] < TY) & m_dh[None, :], other=0.0).to(tl.float32)
+        b_relw = tl.load(relw_ptr + n64 * srw_n + o_txp[:, None] * srw_r
+                         + (o_d[None, :] - D_HALF) * srw_d,
+                         mask=(o_txp[:, None] < TX) & m_dw[None, :], other=0.0).to(tl.float32)
+        b_bh = tl.dot(b_qf, tl.trans(b_relh), input_precision="ieee") * qk_scale  # [M, TYP]
+        b_bw = tl.dot(b_qf, tl.trans(b_relw), input_precision="ieee") * qk_scale  # [M, TXP]
+        for c in tl.static_range(TX):
+            b_c = tl.sum(tl.where(o_txp[None, :] == c, b_bw, 0.0), axis=1)  # [M]
+            b_colbias = tl.where(o_tx == c, b_c[:, None], b_colbias)
+
+    b_acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)  # dS K
+    b_gacc = tl.zeros([M, BLOCK_K], dtype=tl.float32)  # dS summed over key rows
+    b_grow = tl.zeros([M, TY_PAD], dtype=tl.float32)  # G_row in rel-index space
+    b_prpb = tl.zeros([TY_PAD, TX_PAD], dtype=tl.float32)  # drpb partial
+    p_k0 = k_ptr + b64 * sk_b + n64 * sk_n
+    p_v0 = v_ptr + b64 * sv_b + n64 * sv_n
+    p_rpb = rpb_ptr + n64 * srp_n
+    for r in range(0, y_hi + 1 - y_lo):  # key rows: the union of the queries' windows
+        y = y_lo + r
+        y64 = y.to(tl.int64)
+        o_yv = y + tl.zeros([BLOCK_K], dtype=tl.int32)  # row check as a vector (interpreter)
+        m_kv = m_kv_x & ((o_yv >= 0) & (o_yv < H))[:, None]
+        b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)  # [BK, BD]
+        b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
+        if DOT_F32:
+            b_k = b_k.to(tl.float32)
+            b_v = b_v.to(tl.float32)
+        # which window row of each query key row y is (and its rel index)
+        o_dy = y - start_y  # [M]
+        o_dyc = tl.maximum(o_dy, 0)
+        o_a = o_dyc // dil_h
+        m_row = (o_dy >= 0) & (o_dyc - o_a * dil_h == 0) & (o_a < KH)
+        if SHIFT:
+            o_tyq = off_y + o_a + KH - 1
+        else:
+            o_tyq = o_a
+        m_win = m_col & m_row[:, None]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, D] @ [D, BK] -> [M, BK]
+        b_s = b_s * qk_scale - b_lse2[:, None]
+        if HAS_REL:
+            m_ty = o_ty[None, :] == o_tyq[:, None]  # [M, TY_PAD]
+            b_rowbias = tl.sum(tl.where(m_ty, b_bh, 0.0), axis=1)  # [M]
+            b_s += b_colbias + b_rowbias[:, None]
+        if HAS_RPB:
+            o_rpb = (off_y + o_a + KH - 1)[:, None] * srp_h + (off_x[:, None] + o_tap + KW - 1) * srp_w
+            b_s += tl.load(p_rpb + o_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
+        b_p = tl.exp2(b_s)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [M, D] @ [D, BK]
+        b_ds = tl.where(m_win, b_p * (b_dp - b_delta[:, None]), 0.0)  # [M, BK]
+        b_acc += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision="ieee")  # [M, BK] @ [BK, D]
+        if HAS_REL:
+            b_gacc += b_ds
+            b_grow += tl.where(m_ty, tl.sum(b_ds, axis=1)[:, None], 0.0)
+        if HAS_RPB:  # per query: dS summed into its column taps; then summed over queries
+            b_rt = tl.zeros([M, TX_PAD], dtype=tl.float32)
+            for c in tl.static_range(TX):
+                b_c = tl.sum(tl.where(o_tx == c, b_ds, 0.0), axis=1)
+                b_rt = tl.where(o_txp[None, :] == c, b_c[:, None], b_rt)
+            b_oh = tl.where(o_ty[None, :] == o_tyq[:, None], 1.0, 0.0)  # [M, TY_PAD]
+            b_prpb = tl.dot(tl.trans(b_oh), b_rt, b_prpb, input_precision="ieee")  # [TYP, TXP]
+
+    prog = pid.to(tl.int64)  # partial-buffer slot: (tile, head), fixed by the grid
+    if HAS_REL:
+        b_gcol = tl.zeros([M, TX_PAD], dtype=tl.float32)  # G_col in rel-index space
+        for c in tl.static_range(TX):
+            b_c = tl.sum(tl.where(o_tx == c, b_gacc, 0.0), axis=1)
+            b_gcol = tl.where(o_txp[None, :] == c, b_c[:, None], b_gcol)
+        b_acc += tl.dot(b_grow, b_relh, input_precision="ieee")  # [M, TYP] @ [TYP, D]
+        b_acc += tl.dot(b_gcol, b_relw, input_precision="ieee")  # [M, TXP] @ [TXP, D]
+        b_ph = tl.dot(tl.trans(b_grow), b_qf, input_precision="ieee") * scale  # [TYP, D]
+        b_pw = tl.dot(tl.trans(b_gcol), b_qf, input_precision="ieee") * scale  # [TXP, D]
+        d_w = D - D_HALF
+        tl.store(parth_ptr + (prog * TY + o_ty[:, None]) * D_HALF + o_d[None, :], b_ph,
+                 mask=(o_ty[:, None] < TY) & m_dh[None, :])
+        tl.store(partw_ptr + (prog * TX + o_txp[:, None]) * d_w + (o_d[None, :] - D_HALF), b_pw,
+                 mask=(o_txp[:, None] < TX) & m_dw[None, :])
+    if HAS_RPB:
+        tl.store(partb_ptr + (prog * TY + o_ty[:, None]) * TX + o_txp[None, :], b_prpb,
+                 mask=(o_ty[:, None] < TY) & (o_txp[None, :] < TX))
+    p_dq = (dq_ptr + b64 * sdq_b + n64 * sdq_n + o_i64[:, None] * sdq_h
+            + (o_jr[:, None] * sdq_w + o_dr[None, :] * sdq_d))
+    tl.store(p_dq, (b_acc * scale).to(dq_ptr.dtype.element_ty), mask=m_qd)
+
+
+@triton.jit
+def _reduce_tables_kernel(
+    parth_ptr, partw_ptr, partb_ptr, dh_ptr, dw_ptr, db_ptr,
+    n_prog_tiles, HEADS, D_HALF, D_W, KH, KW,
+    sdh_n, sdh_r, sdh_d, sdw_n, sdw_r, sdw_d, sdb_n, sdb_h, sdb_w,
+    TY: tl.constexpr, TX: tl.constexpr, SHIFT: tl.constexpr,
+    RELH_SHARED: tl.constexpr, RELW_SHARED: tl.constexpr, HAS_REL: tl.constexpr,
+    HAS_RPB: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program per (output row, head): rel_h rows [0, TY), then rel_w rows [0, TX),
+    then the rpb rows [0, RPB_ROWS = 2*KH - 1). It sums that row over every query-kernel
+    program (of its head, or of all heads for a shared table) in a fixed order: partial
+    buffers hold [tile, head, row, column] with the query kernel's pid as (tile, head)."""
+    r = tl.program_id(0)
+    n = tl.program_id(1)
+    o_r = tl.arange(0, BLOCK_R)
+    o_c = tl.arange(0, BLOCK_C)
+    if r < TY:  # rel_h row r
+        if HAS_REL:
+            if RELH_SHARED:  # every (tile, head) slot, by the head-0 program
+                count = n_prog_tiles * HEADS
+                step = 1
+                first = 0
+                active = n == 0
+            else:
+                count = n_prog_tiles
+                step = HEADS
+                first = n
+                active = n >= 0
+            if active:
+                acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+                for e0 in range(0, count, BLOCK_R):
+                    e = (e0 + o_r).to(tl.int64) * step + first
+                    acc += tl.load(parth_ptr + (e[:, None] * TY + r) * D_HALF + o_c[None, :],
+                                   mask=((e0 + o_r) < count)[:, None] & (o_c < D_HALF)[None, :],
+                                   other=0.0)
+                tot = tl.sum(acc, axis=0)
+                tl.store(dh_ptr + n * sdh_n + r * sdh_r + o_c * sdh_d,
+                         tot.to(dh_ptr.dtype.element_ty), mask=o_c < D_HALF)
+    elif r < TY + TX:  # rel_w row r - TY
+        if HAS_REL:
+            if RELW_SHARED:
+                count = n_prog_tiles * HEADS
+                step = 1
+                first = 0
+                active = n == 0
+            else:
+                count = n_prog_tiles
+                step = HEADS
+                first = n
+                active = n >= 0
+            if active:
+                rw = r - TY
+                acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+                for e0 in range(0, count, BLOCK_R):
+                    e = (e0 + o_r).to(tl.int64) * step + first
+                    acc += tl.load(partw_ptr + (e[:, None] * TX + rw) * D_W + o_c[None, :],
+                                   mask=((e0 + o_r) < count)[:, None] & (o_c < D_W)[None, :],
+                                   other=0.0)
+                tot = tl.sum(acc, axis=0)
+                tl.store(dw_ptr + n * sdw_n + rw * sdw_r + o_c * sdw_d,
+                         tot.to(dw_ptr.dtype.element_ty), mask=o_c < D_W)
+    else:  # rpb row rr of (2KH-1, 2KW-1); zeros/mask reach only the middle KH x KW
+        if HAS_RPB:
+            rr = r - TY - TX
+            n_cols = 2 * KW - 1
+            if SHIFT:
+                tr = rr
+                o_tc = o_c
+            else:
+                tr = rr - KH // 2
+                o_tc = o_c - KW // 2
+            m_c = (o_tc >= 0) & (o_tc < TX)
+            acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+            if (tr >= 0) & (tr < TY):
+                for e0 in range(0, n_prog_tiles, BLOCK_R):
+                    e = (e0 + o_r).to(tl.int64) * HEADS + n
+                    acc += tl.load(partb_ptr + (e[:, None] * TY + tr) * TX + o_tc[None, :],
+                                   mask=((e0 + o_r) < n_prog_tiles)[:, None] & m_c[None, :],
+                                   other=0.0)
+            tot = tl.sum(acc, axis=0)
+            tl.store(db_ptr + n * sdb_n + rr * sdb_h + o_c * sdb_w,
+                     tot.to(db_ptr.dtype.element_ty), mask=o_c < n_cols)
+
+
+# --- host side --------------------------------------------------------------------------
+
+_WIDTHS = (8, 16, 32, 64, 128)
+_HEIGHTS = (1, 2, 4, 8)
+_WARPS = (2, 4, 8)
+_STAGES = (1, 2)
+REDUCE_BLOCK_R = 128
+
+
+def _cfg(config: dict, key: str, default=None):
+    return config.get(PREFIX + key, default)
+
+
+def _block_k(q_shape, args: AttendArgs, block_w: int) -> int:
+    """Halo columns of a row segment: next power of two (>= 16) of the widest window union
+    of `block_w` adjacent queries (no wider than the image row)."""
+    W = q_shape[2]
+    span = halo_span(W, args.kw, args.dw, args.padding, max(1, min(block_w, W)))
+    return max(16, next_pow2(span))
+
+
+def _tables(args: AttendArgs) -> tuple[int, int]:
+    """(TY, TX): rel-index range along each axis (k, or 2k - 1 in shift mode)."""
+    if args.padding == "shift":
+        return 2 * args.kh - 1, 2 * args.kw - 1
+    return args.kh, args.kw
+
+
+def search_space() -> list[dict]:
+    """Tile shapes and launch settings the tuner may try (Q_-prefixed keys)."""
+    return [{"Q_BLOCK_W": bw, "Q_BLOCK_H": bh, "Q_num_warps": nw, "Q_num_stages": ns}
+            for bw in _WIDTHS for bh in _HEIGHTS for nw in _WARPS for ns in _STAGES
+            if 16 <= bw * bh <= 128]
+
+
+def _per_thread(q_shape, args: AttendArgs, config: dict) -> float:
+    """Estimated live fp32 values per thread: about six [M, BK] tiles (S/P/dP/dS, the dS
+    running sum, the column bias) and four [M, D] ones (q, dout, acc, and k/v)."""
+    d = q_shape[4]
+    bw, bh = _cfg(config, "BLOCK_W"), _cfg(config, "BLOCK_H")
+    bk = _block_k(q_shape, args, bw)
+    m = bw * bh
+    return (6 * m * bk + 4 * (m + bk) * head_block(d)) / (32 * _cfg(config, "num_warps", 4))
+
+
+def _work(q_shape, args: AttendArgs, config: dict) -> float:
+    """Score-tile elements computed per query pixel: the cost a tile shape pays for its
+    padding (M past the image, BK past the halo) and for key rows shared by few queries."""
+    B, H, W, heads, d = q_shape
+    bw, bh = _cfg(config, "BLOCK_W"), _cfg(config, "BLOCK_H")
+    bk = _block_k(q_shape, args, bw)
+    rows = min(bh, H) + (args.kh - 1) * args.dh
+    n_tiles = -(-H // bh) * -(-W // bw)
+    return n_tiles * rows * bw * bh * bk / (H * W)
+
+
+def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
+    """Drops tiles much wider/taller than the image, halos over MAX_BLOCK_K, and tiles
+    that would hold more than ~96 values per thread (spills) or leave threads idle."""
+    B, H, W, heads, d = q_shape
+    kept = []
+    for cfg in configs:
+        bw, bh = _cfg(cfg, "BLOCK_W"), _cfg(cfg, "BLOCK_H")
+        if bw > max(8, next_pow2(W)) or bh > max(1, next_pow2(H)) or bw * bh < 16:
+            continue
+        if _block_k(q_shape, args, bw) > MAX_BLOCK_K:
+            continue
+        if not 8 <= _per_thread(q_shape, args, cfg) <= 96:
+            continue
+        kept.append(cfg)
+    return kept or [default_config(q_shape, args)]
+
+
+def default_config(q_shape, args: AttendArgs) -> dict:
+    """Whole-row tiles of M >= 64 pixels where the image allows: among the 64-pixel tile
+    shapes (and smaller ones on tiny images) the one computing the fewest score elements
+    per pixel; warps so a thread holds <= 96 live values."""
+    B, H, W, heads, d = q_shape
+    best = None
+    for bw in _WIDTHS:
+        for bh in _HEIGHTS:
+            m = bw * bh
+            if m != max(16, min(64, next_pow2(H) * next_pow2(W))):
+                continue
+            if bw > max(8, next_pow2(W)) or bh > max(1, next_pow2(H)):
+                continue
+            if _block_k(q_shape, args, bw) > MAX_BLOCK_K:
+                continue
+            cfg = {"Q_BLOCK_W": bw, "Q_BLOCK_H": bh, "Q_num_warps": 4, "Q_num_stages": 2}
+            key = (_work(q_shape, args, cfg), -bw)
+            if best is None or key < best[0]:
+                best = (key, cfg)
+    if best is None:  # no tile passes the halo limit: the narrowest one (supports() is False)
+        cfg = {"Q_BLOCK_W": 16, "Q_BLOCK_H": 1, "Q_num_warps": 4, "Q_num_stages": 2}
+    else:
+        cfg = best[1]
+    while cfg["Q_num_warps"] < 8 and _per_thread(q_shape, args, cfg) > 96:
+        cfg["Q_num_warps"] *= 2
+    while cfg["Q_num_warps"] > 2 and _per_thread(q_shape, args, cfg) < 8:
+        cfg["Q_num_warps"] //= 2
+    return cfg
+
+
+def supports(q_shape, dtype, args: AttendArgs) -> bool:
+    """fp16/bf16/fp32, d = 1..256, every padding and table, halos up to MAX_BLOCK_K
+    columns for the narrowest tile (k <= 13 at dilation <= 16 on wide images)."""
+    B, H, W, heads, d = q_shape
+    return (dtype in (torch.float16, torch.bfloat16, torch.float32) and 1 <= d <= 256
+            and _block_k(q_shape, args, 16) <= MAX_BLOCK_K)
+
+
+def _check(config: dict, q_shape, args: AttendArgs) -> None:
+    keys = ("Q_BLOCK_W", "Q_BLOCK_H")
+    if not isinstance(config, dict) or any(k not in config for k in keys):
+        raise ValueError(f"rows_bwd_query config must be a dict with keys {list(keys)}, "
+                         f"got {config!r}")
+    bw, bh = config["Q_BLOCK_W"], config["Q_BLOCK_H"]
+    if bw < 1 or bh < 1 or bw & (bw - 1) or bh & (bh - 1) or bw * bh < 16:
+        raise ValueError(f"rows_bwd_query config: Q_BLOCK_W and Q_BLOCK_H must be powers of "
+                         f"two with a product >= 16, got {config!r}")
+    if _block_k(q_shape, args, bw) > MAX_BLOCK_K:
+        raise ValueError(f"rows_bwd_query config {config!r}: halo wider than {MAX_BLOCK_K}")
+
+
+def _launch_options(config: dict) -> dict:
+    return launch_options({k[len(PREFIX):]: v for k, v in config.items() if k.startswith(PREFIX)})
+
+
+QueryGrads = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
+                   Optional[torch.Tensor]]
+
+
+def query_grads(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] = None,
+                _poison: bool = False) -> QueryGrads:
+    """(dq, delta, drel_h, drel_w, drpb): dq a new contiguous tensor in q.dtype, delta
+    float32 contiguous (B, H, W, heads) = rowsum(float32(dout) * float32(out)), the table
+    gradients shaped and typed like args.rel_h / rel_w / rpb (None if absent). Two
+    launches: the query kernel and the table reduction (none without tables). `config`
+    reads only its Q_ keys; `_poison` NaN-fills outputs and buffers first (tests)."""
+    B, H, W, heads, d = q.shape
+    kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
+    if not supports(tuple(q.shape), q.dtype, args):
+        raise ValueError(
+            f"rows_bwd_query does not support q {tuple(q.shape)} {q.dtype} with kernel "
+            f"({kh}, {kw}), dilation ({dh}, {dw}), padding {padding!r}")
+    config = default_config(tuple(q.shape), args) if config is None else config
+    _check(config, tuple(q.shape), args)
+    dev = q.device
+    has_rel, has_rpb = rel_h is not None, rpb is not None
+    dq = new_output(q.shape, q.dtype, dev, _poison)
+    delta = new_output(q.shape[:4], torch.float32, dev, _poison)
+    drel_h = new_output(rel_h.shape, rel_h.dtype, dev, _poison) if has_rel else None
+    drel_w = new_output(rel_w.shape, rel_w.dtype, dev, _poison) if has_rel else None
+    drpb = new_output(rpb.shape, rpb.dtype, dev, _poison) if has_rpb else None
+    if q.numel() == 0:
+        dq.zero_(), delta.zero_()
+        for g in (drel_h, drel_w, drpb):
+            if g is not None:
+                g.zero_()
+        return dq, delta, drel_h, drel_w, drpb
+
+    bw, bh = config["Q_BLOCK_W"], config["Q_BLOCK_H"]
+    bk = _block_k(tuple(q.shape), args, bw)
+    ty_n, tx_n = _tables(args)
+    n_tiles = B * triton.cdiv(H, bh) * triton.cdiv(W, bw)
+    n_prog = n_tiles * heads
+    if n_prog > MAX_GRID:
+        raise ValueError(f"rows_bwd_query: q {tuple(q.shape)} needs more than {MAX_GRID} programs")
+    d_half = d // 2
+
+    def buffer(*shape) -> torch.Tensor:
+        return new_output(shape, torch.float32, dev, _poison)
+
+    part_h = buffer(n_prog, ty_n, d_half) if has_rel else delta
+    part_w = buffer(n_prog, tx_n, d - d_half) if has_rel else delta
+    part_b = buffer(n_prog, ty_n, tx_n) if has_rpb else delta
+    dummy = q  # never read when the flag is off
+    _query_grads_kernel[(n_prog,)](
+        q, k, v, out, dout, lse,
+        rel_h if has_rel else dummy, rel_w if has_rel else dummy, rpb if has_rpb else dummy,
+        dq, delta, part_h, part_w, part_b,
+        H, W, heads, d, d_half, dh, dw, scale * LOG2E.value, scale,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
+        *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb), *dq.stride(),
+        KH=kh, KW=kw, PADDING=PADDING_CODES[padding], TY=ty_n, TX=tx_n,
+        TY_PAD=max(16, next_pow2(ty_n)), TX_PAD=max(16, next_pow2(tx_n)),
+        HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk,
+        BLOCK_D=head_block(d), DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
+        ROW_I64=not row_offsets_fit_i32((q, k, v, out, dout, dq), W + bk, d),
+        **_launch_options(config),
+    )
+    if has_rel or has_rpb:
+        rows = ty_n + tx_n + (2 * kh - 1 if has_rpb else 0)
+        _reduce_tables_kernel[(rows, heads)](
+            part_h, part_w, part_b,
+            drel_h if has_rel else delta, drel_w if has_rel else delta,
+            drpb if has_rpb else delta,
+            n_tiles, heads, d_half, d - d_half, kh, kw,
+            *bias_strides(drel_h), *bias_strides(drel_w), *bias_strides(drpb),
+            TY=ty_n, TX=tx_n, SHIFT=padding == "shift",
+            RELH_SHARED=has_rel and rel_h.dim() == 2, RELW_SHARED=has_rel and rel_w.dim() == 2,
+            HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_R=REDUCE_BLOCK_R,
+            BLOCK_C=max(16, next_pow2(max(d - d_half, 2 * kw - 1))),
+            num_warps=4,
+        )
+    return dq, delta, drel_h, drel_w, drpb

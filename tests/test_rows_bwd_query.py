@@ -1,0 +1,160 @@
+"""Backward kernel 1 of the rows engine (kernels/rows_bwd_query.py) against float64
+autograd through the oracle: dq, delta and the rel/rpb table gradients (all of which the
+query kernel owns). out and lse come from the oracle too. Runs through Triton's
+interpreter on CPU; cases stay small.
+"""
+import pytest
+import torch
+
+from sasa_triton.args import check_attend_args
+from sasa_triton.kernels import rows_bwd_query as mod
+
+from cases import TOLERANCES, Case, make_inputs
+from oracle import oracle_attend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TABLES = ("rel_h", "rel_w", "rpb")
+
+# Every padding, dilation, non-square odd k, rel shared / per head, rpb, scale, head dims
+# 1..80 (odd ones split rel_h / rel_w unevenly), odd W, image smaller than the window.
+CASES = [
+    Case(B=2, H=5, W=6, heads=2, d=8, k=3),
+    Case(B=1, H=5, W=7, heads=2, d=8, k=3, rel="per_head", rpb=True, scale=0.7),
+    Case(B=1, H=6, W=5, heads=2, d=16, k=5, padding="mask", rel="shared"),
+    Case(B=1, H=9, W=7, heads=1, d=8, k=3, dilation=2, padding="mask", rpb=True, rel="shared"),
+    Case(B=1, H=7, W=7, heads=2, d=8, k=3, padding="shift", rel="shared", rpb=True),
+    Case(B=1, H=8, W=6, heads=2, d=5, k=(3, 5), dilation=(2, 1), padding="shift",
+         rel="per_head", rpb=True),
+    Case(B=1, H=9, W=10, heads=1, d=4, k=3, dilation=(2, 3), padding="shift", rel="per_head"),
+    Case(B=1, H=3, W=2, heads=1, d=8, k=5, rel="shared", rpb=True),
+    Case(B=1, H=4, W=5, heads=2, d=1, k=3, padding="mask", rpb=True),
+    Case(B=1, H=4, W=3, heads=1, d=32, k=1, rel="shared", rpb=True),
+    Case(B=1, H=6, W=9, heads=1, d=64, k=(5, 3), dilation=(1, 2), rel="per_head", rpb=True),
+    Case(B=1, H=3, W=5, heads=1, d=80, k=3, padding="mask", rel="shared"),
+    Case(B=1, H=7, W=8, heads=1, d=8, k=7, padding="shift", rel="per_head", rpb=True),
+]
+# Configs that split rows into segments and stack several rows per program.
+CONFIGS = [None, {"Q_BLOCK_W": 8, "Q_BLOCK_H": 2}, {"Q_BLOCK_W": 16, "Q_BLOCK_H": 4}]
+
+
+def _args(q, k, v, case, kw):
+    return check_attend_args(q, k, v, case.k, kw["dilation"], kw["padding"], kw.get("rel_h"),
+                             kw.get("rel_w"), kw.get("rpb"), kw["scale"])
+
+
+def _reference(q, k, v, kw, case, dout):
+    """float64 (out, lse, {name: grad}) of the oracle for dq and the tables."""
+    names = [n for n in TABLES if kw.get(n) is not None]
+    tensors = (q, k, v, *[kw[n] for n in names])
+    leaves = [t.detach().cpu().double().requires_grad_() for t in tensors]
+    extra = dict(kw, **dict(zip(names, leaves[3:])))
+    out, lse = oracle_attend(*leaves[:3], case.k, return_lse=True, **extra)
+    grads = torch.autograd.grad(out, leaves, dout.cpu().double())
+    want = dict(zip(["q", "k", "v", *names], grads))
+    del want["k"], want["v"]
+    return out.detach(), lse.detach(), want
+
+
+def _run(case, dtype=torch.float32, layout="contiguous", config=None, tables_fp32=False):
+    q, k, v, kw = make_inputs(case, dtype, layout, DEVICE)
+    if tables_fp32:
+        kw = {n: (t.float() if n in TABLES and t is not None else t) for n, t in kw.items()}
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+    out64, lse64, want = _reference(q, k, v, kw, case, dout)
+    out = out64.to(dtype).to(DEVICE)
+    lse = lse64.float().to(DEVICE)
+    args = _args(q, k, v, case, kw)
+    dq, delta, drel_h, drel_w, drpb = mod.query_grads(q, k, v, out, lse, dout, args, config,
+                                                      _poison=True)
+    got = {"q": dq, "rel_h": drel_h, "rel_w": drel_w, "rpb": drpb}
+    assert dq.shape == q.shape and dq.dtype == q.dtype and dq.is_contiguous()
+    for name in TABLES:
+        assert (got[name] is None) == (kw.get(name) is None), name
+        if got[name] is not None:
+            assert got[name].shape == kw[name].shape and got[name].dtype == kw[name].dtype
+    want_delta = (dout.double() * out.double()).sum(-1)
+    assert delta.dtype == torch.float32 and delta.shape == q.shape[:4] and delta.is_contiguous()
+    torch.testing.assert_close(delta.cpu().double(), want_delta.cpu(), rtol=1e-5, atol=1e-5)
+    return got, want
+
+
+def _check(case, got, want, dtype):
+    for name, w in want.items():
+        g = got[name].cpu()
+        assert not g.isnan().any(), f"{case.id}: d{name} has unwritten (NaN) entries"
+        atol, rtol = TOLERANCES[dtype]
+        atol = atol * max(1.0, w.abs().max().item())  # table grads sum over every pixel
+        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"{case.id} d{name}: {m}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_query_grads_match_oracle_fp32(case):
+    got, want = _run(case)
+    _check(case, got, want, torch.float32)
+
+
+@pytest.mark.parametrize("config", CONFIGS[1:], ids=str)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=lambda c: c.id)
+def test_query_grads_tile_shapes(case, config):
+    got, want = _run(case, config=config)
+    _check(case, got, want, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=lambda c: c.id)
+def test_query_grads_half(case, dtype):
+    got, want = _run(case, dtype)
+    _check(case, got, want, dtype)
+
+
+@pytest.mark.parametrize("layout", ["nchw_view", "channels_last"])
+def test_query_grads_strided(layout):
+    case = CASES[2]
+    got, want = _run(case, torch.float32, layout)
+    _check(case, got, want, torch.float32)
+
+
+def test_query_grads_half_inputs_fp32_tables():
+    case = CASES[4]
+    got, want = _run(case, torch.bfloat16, "channels_last", tables_fp32=True)
+    _check(case, got, want, torch.bfloat16)
+
+
+def test_query_grads_deterministic():
+    """Two runs give bit-identical dq, delta and table gradients (no atomics)."""
+    case = Case(B=2, H=6, W=5, heads=2, d=8, k=3, padding="shift", rel="shared", rpb=True)
+    q, k, v, kw = make_inputs(case, torch.float32, "contiguous", DEVICE)
+    args = _args(q, k, v, case, kw)
+    out, lse = oracle_attend(q, k, v, case.k, return_lse=True, **kw)
+    out, lse = out.float().to(DEVICE), lse.float().to(DEVICE)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    first = mod.query_grads(q, k, v, out, lse, dout, args)
+    second = mod.query_grads(q, k, v, out, lse, dout, args)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_configs_and_supports():
+    q = torch.zeros(2, 56, 56, 8, 8)
+    args = check_attend_args(q, q, q, 7, 1, "zeros", None, None, None, None)
+    default = mod.default_config(tuple(q.shape), args)
+    assert all(key.startswith("Q_") for key in default)
+    assert default["Q_BLOCK_W"] * default["Q_BLOCK_H"] >= 64
+    kept = mod.prune(mod.search_space(), tuple(q.shape), args)
+    assert kept and all(c in mod.search_space() for c in kept)
+    assert mod.supports(tuple(q.shape), torch.bfloat16, args)
+    assert not mod.supports(tuple(q.shape), torch.float64, args)
+    assert not mod.supports((1, 4, 4, 2, 512), torch.float32, args)
+    with pytest.raises(ValueError, match="Q_BLOCK_W"):
+        mod.query_grads(q, q, q, q, q[..., 0], q, args, {"BLOCK_W": 16})
+
+
+def test_empty():
+    q = torch.zeros(0, 4, 4, 2, 8, device=DEVICE)
+    rel_h, rel_w = torch.zeros(3, 4), torch.zeros(3, 4)
+    args = check_attend_args(q, q, q, 3, 1, "zeros", rel_h, rel_w, None, None)
+    dq, delta, drel_h, drel_w, drpb = mod.query_grads(q, q, q, q, q[..., 0], q, args)
+    assert dq.shape == q.shape and delta.shape == q.shape[:4] and drpb is None
+    assert torch.equal(drel_h, rel_h) and torch.equal(drel_w, rel_w)

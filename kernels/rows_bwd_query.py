@@ -59,6 +59,19 @@ PREFIX = "Q_"
 
 
 @triton.jit
+def _table_dot(a, b, HALF: tl.constexpr):
+    """a @ b for a float32 `a` (dS sums) and a table / query tile `b` already in the
+    dot dtype: with HALF, `a` is split into a high and a low half-precision part (two
+    tensor-core products, ~16 significant bits, exact products); else fp32 ("ieee")."""
+    if HALF:
+        a_hi = a.to(b.dtype)
+        a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
+        return tl.dot(a_hi, b) + tl.dot(a_lo, b)
+    else:
+        return tl.dot(a, b.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
 def _query_grads_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
     dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,
@@ -76,6 +89,7 @@ def _query_grads_kernel(
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
+    HALF: tl.constexpr, TABLE_HALF: tl.constexpr,
 ):
     SHIFT: tl.constexpr = PADDING == 2
     M: tl.constexpr = BLOCK_H * BLOCK_W
@@ -157,12 +171,23 @@ def _query_grads_kernel(
     m_col = (o_diff >= 0) & (o_diffc - o_tap * dil_w == 0) & (o_tap < KW) & m_q[:, None]
     if PADDING == 1:
         m_col = m_col & m_x[None, :]
-    if SHIFT:
-        o_tx = off_x[:, None] + o_tap + KW - 1  # rel (and rpb) column index
-    else:
-        o_tx = o_tap
     o_ty = tl.arange(0, TY_PAD)
     o_txp = tl.arange(0, TX_PAD)
+    # Rel column index t of a halo column (o_tx, [M, BK]) and, the other way round, the
+    # halo column of each query's rel column t (o_xt, [M, TX_PAD]; m_xt where t is one of
+    # its taps): the gathers between [M, BK] tiles and [M, TX] tables use them.
+    if SHIFT:
+        o_tx = off_x[:, None] + o_tap + KW - 1
+        o_tapt = o_txp[None, :] - off_x[:, None] - (KW - 1)  # [M, TX_PAD]
+    else:
+        o_tx = o_tap
+        o_tapt = o_txp[None, :] + 0 * off_x[:, None]
+    m_xt = (o_tapt >= 0) & (o_tapt < KW) & m_q[:, None]
+    o_xt = start_x[:, None] - x0 + o_tapt * dil_w
+    if PADDING == 1:
+        m_xt = m_xt & (o_xt + x0 >= 0) & (o_xt + x0 < W)
+    o_xt = tl.where(m_xt, o_xt, 0)
+    o_txc = tl.where(m_col, o_tx, 0)
     m_dh = o_d < D_HALF
     m_dw = (o_d >= D_HALF) & m_d
 
@@ -172,15 +197,21 @@ def _query_grads_kernel(
     b_bh = tl.zeros([M, TY_PAD], dtype=tl.float32)
     if HAS_REL:
         b_relh = tl.load(relh_ptr + n64 * srh_n + o_ty[:, None] * srh_r + o_d[None, :] * srh_d,
-                         mask=(o_ty[:, None] < TY) & m_dh[None, :], other=0.0).to(tl.float32)
+                         mask=(o_ty[:, None] < TY) & m_dh[None, :], other=0.0)
         b_relw = tl.load(relw_ptr + n64 * srw_n + o_txp[:, None] * srw_r
                          + (o_d[None, :] - D_HALF) * srw_d,
-                         mask=(o_txp[:, None] < TX) & m_dw[None, :], other=0.0).to(tl.float32)
-        b_bh = tl.dot(b_qf, tl.trans(b_relh), input_precision="ieee") * qk_scale  # [M, TYP]
-        b_bw = tl.dot(b_qf, tl.trans(b_relw), input_precision="ieee") * qk_scale  # [M, TXP]
-        for c in tl.static_range(TX):
-            b_c = tl.sum(tl.where(o_txp[None, :] == c, b_bw, 0.0), axis=1)  # [M]
-            b_colbias = tl.where(o_tx == c, b_c[:, None], b_colbias)
+                         mask=(o_txp[:, None] < TX) & m_dw[None, :], other=0.0)
+        if TABLE_HALF:  # half q and tables: tensor cores, exact products
+            b_relh = b_relh.to(b_q.dtype)
+            b_relw = b_relw.to(b_q.dtype)
+            b_bh = tl.dot(b_q, tl.trans(b_relh)) * qk_scale  # [M, D] @ [D, TYP] -> [M, TYP]
+            b_bw = tl.dot(b_q, tl.trans(b_relw)) * qk_scale  # [M, D] @ [D, TXP] -> [M, TXP]
+        else:
+            b_relh = b_relh.to(tl.float32)
+            b_relw = b_relw.to(tl.float32)
+            b_bh = tl.dot(b_qf, tl.trans(b_relh), input_precision="ieee") * qk_scale
+            b_bw = tl.dot(b_qf, tl.trans(b_relw), input_precision="ieee") * qk_scale
+        b_colbias = tl.gather(b_bw, o_txc, axis=1)  # [M, BK]: Bw at each column's tap
 
     b_acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)  # dS K
     b_gacc = tl.zeros([M, BLOCK_K], dtype=tl.float32)  # dS summed over key rows
@@ -213,8 +244,8 @@ def _query_grads_kernel(
         b_s = b_s * qk_scale - b_lse2[:, None]
         if HAS_REL:
             m_ty = o_ty[None, :] == o_tyq[:, None]  # [M, TY_PAD]
-            b_rowbias = tl.sum(tl.where(m_ty, b_bh, 0.0), axis=1)  # [M]
-            b_s += b_colbias + b_rowbias[:, None]
+            b_rowbias = tl.gather(b_bh, tl.where(m_row, o_tyq, 0)[:, None], axis=1)  # [M, 1]
+            b_s += b_colbias + b_rowbias
         if HAS_RPB:
             o_rpb = (off_y + o_a + KH - 1)[:, None] * srp_h + (off_x[:, None] + o_tap + KW - 1) * srp_w
             b_s += tl.load(p_rpb + o_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
@@ -226,23 +257,18 @@ def _query_grads_kernel(
             b_gacc += b_ds
             b_grow += tl.where(m_ty, tl.sum(b_ds, axis=1)[:, None], 0.0)
         if HAS_RPB:  # per query: dS summed into its column taps; then summed over queries
-            b_rt = tl.zeros([M, TX_PAD], dtype=tl.float32)
-            for c in tl.static_range(TX):
-                b_c = tl.sum(tl.where(o_tx == c, b_ds, 0.0), axis=1)
-                b_rt = tl.where(o_txp[None, :] == c, b_c[:, None], b_rt)
+            b_rt = tl.where(m_xt, tl.gather(b_ds, o_xt, axis=1), 0.0)  # [M, TX_PAD]
             b_oh = tl.where(o_ty[None, :] == o_tyq[:, None], 1.0, 0.0)  # [M, TY_PAD]
             b_prpb = tl.dot(tl.trans(b_oh), b_rt, b_prpb, input_precision="ieee")  # [TYP, TXP]
 
     prog = pid.to(tl.int64)  # partial-buffer slot: (tile, head), fixed by the grid
     if HAS_REL:
-        b_gcol = tl.zeros([M, TX_PAD], dtype=tl.float32)  # G_col in rel-index space
-        for c in tl.static_range(TX):
-            b_c = tl.sum(tl.where(o_tx == c, b_gacc, 0.0), axis=1)
-            b_gcol = tl.where(o_txp[None, :] == c, b_c[:, None], b_gcol)
-        b_acc += tl.dot(b_grow, b_relh, input_precision="ieee")  # [M, TYP] @ [TYP, D]
-        b_acc += tl.dot(b_gcol, b_relw, input_precision="ieee")  # [M, TXP] @ [TXP, D]
-        b_ph = tl.dot(tl.trans(b_grow), b_qf, input_precision="ieee") * scale  # [TYP, D]
-        b_pw = tl.dot(tl.trans(b_gcol), b_qf, input_precision="ieee") * scale  # [TXP, D]
+        # G_col in rel-index space: each (query, t) reads its one halo column
+        b_gcol = tl.where(m_xt, tl.gather(b_gacc, o_xt, axis=1), 0.0)  # [M, TX_PAD]
+        b_acc += _table_dot(b_grow, b_relh, TABLE_HALF)  # [M, TYP] @ [TYP, D] -> [M, D]
+        b_acc += _table_dot(b_gcol, b_relw, TABLE_HALF)  # [M, TXP] @ [TXP, D] -> [M, D]
+        b_ph = _table_dot(tl.trans(b_grow), b_q, HALF) * scale  # [TYP, M] @ [M, D]
+        b_pw = _table_dot(tl.trans(b_gcol), b_q, HALF) * scale  # [TXP, M] @ [M, D]
         d_w = D - D_HALF
         tl.store(parth_ptr + (prog * TY + o_ty[:, None]) * D_HALF + o_d[None, :], b_ph,
                  mask=(o_ty[:, None] < TY) & m_dh[None, :])
@@ -519,6 +545,8 @@ def query_grads(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict
     part_w = buffer(n_prog, tx_n, d - d_half) if has_rel else delta
     part_b = buffer(n_prog, ty_n, tx_n) if has_rpb else delta
     dummy = q  # never read when the flag is off
+    # tensor-core table products for half inputs (the interpreter's dot mishandles bf16)
+    half = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and not INTERPRETED)
     _query_grads_kernel[(n_prog,)](
         q, k, v, out, dout, lse,
         rel_h if has_rel else dummy, rel_w if has_rel else dummy, rpb if has_rpb else dummy,
@@ -531,6 +559,7 @@ def query_grads(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict
         HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk,
         BLOCK_D=head_block(d), DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
         ROW_I64=not row_offsets_fit_i32((q, k, v, out, dout, dq), W + bk, d),
+        HALF=half, TABLE_HALF=half and has_rel and rel_h.dtype == q.dtype == rel_w.dtype,
         **_launch_options(config),
     )
     if has_rel or has_rpb:

@@ -22,6 +22,11 @@ Mapping per kernel (what the trip counts stand for):
   [window rows, a < KH [window columns, c < KW]].
 * `_tile2d_fwd_kernel`: NCHUNK x [window rows, a < KH] (the column-chunk loop is a
   tl.static_range, unrolled by the front end: one row loop per chunk).
+* `_query_grads_kernel` (rows_bwd_query): [key rows: the union of the tile's windows,
+  min(BLOCK_H, H) + (KH - 1) * dil_h (zeros; an upper bound for mask and shift)]; its
+  column loops are tl.static_range (unrolled by the front end).
+* `_reduce_tables_kernel`: [partial slots / BLOCK_R] (the rel rows of a shared table,
+  the longest loop; a lower bound for rows that walk fewer slots).
 * `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode;
   runtime arguments: KH, KW are constexpr since issue 11 but bound no loop).
 """
@@ -73,12 +78,24 @@ def _offsets(c: dict) -> list[LoopSpec]:  # TY, TX are runtime arguments: never 
     return [LoopSpec("offset rows ty<TY", c["TY"], [LoopSpec("offset cols tx<TX", c["TX"])])]
 
 
+def _rows_bwd_query(c: dict) -> list[LoopSpec]:
+    rows = min(c["BLOCK_H"], c["H"]) + (c["KH"] - 1) * c["dil_h"]
+    return [LoopSpec("key rows (window union)", rows, exp2=True)]
+
+
+def _reduce_tables(c: dict) -> list[LoopSpec]:
+    slots = c["n_prog_tiles"] * (c["HEADS"] if c["RELH_SHARED"] else 1)
+    return [LoopSpec("partial slots e0<count", -(-slots // c["BLOCK_R"]), exp2=False)]
+
+
 # kernel function name -> loops from the launch arguments (by parameter name)
 LOOPS: dict[str, Callable[[dict], list[LoopSpec]]] = {
     "_tiled_fwd_kernel": _tiled,
     "_allheads_fwd_kernel": _allheads,
     "_tile2d_fwd_kernel": _tile2d,
     "_dq_kernel": _offsets,
+    "_query_grads_kernel": _rows_bwd_query,
+    "_reduce_tables_kernel": _reduce_tables,
     "_dkv_kernel": _offsets,
 }
 

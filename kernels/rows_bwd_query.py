@@ -27,7 +27,7 @@ casting to the table dtype.
 
 Supported: every padding mode, dilation, odd kh/kw with BLOCK_K <= 256, shared/per-head
 rel tables, rpb, fp16/bf16/fp32 (fp32 and the table products use input_precision="ieee"),
-d = 1..256. Any strides; 64-bit base offsets.
+d = 1..128 (larger d spills: `supports` says no). Any strides; 64-bit base offsets.
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ from .common import (
 )
 
 MAX_BLOCK_K = 256
+MAX_D = 128
 MAX_GRID = 2**31 - 1
 PREFIX = "Q_"
 
@@ -75,7 +76,7 @@ def _table_dot(a, b, HALF: tl.constexpr):
 def _query_grads_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
     dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,
-    H, W, HEADS, D, D_HALF, dil_h, dil_w, qk_scale, scale,  # qk_scale = scale * log2(e)
+    H, W, HEADS, D, D_HALF, qk_scale, scale,  # qk_scale = scale * log2(e)
     sq_b, sq_h, sq_w, sq_n, sq_d,
     sk_b, sk_h, sk_w, sk_n, sk_d,
     sv_b, sv_h, sv_w, sv_n, sv_d,
@@ -85,6 +86,7 @@ def _query_grads_kernel(
     srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
     sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
+    dil_h: tl.constexpr, dil_w: tl.constexpr,  # constexpr: no runtime integer division
     TY: tl.constexpr, TX: tl.constexpr, TY_PAD: tl.constexpr, TX_PAD: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -244,8 +246,8 @@ def _query_grads_kernel(
         b_s = b_s * qk_scale - b_lse2[:, None]
         if HAS_REL:
             m_ty = o_ty[None, :] == o_tyq[:, None]  # [M, TY_PAD]
-            b_rowbias = tl.gather(b_bh, tl.where(m_row, o_tyq, 0)[:, None], axis=1)  # [M, 1]
-            b_s += b_colbias + b_rowbias
+            b_rowbias = tl.sum(tl.where(m_ty, b_bh, 0.0), axis=1)  # [M], in-thread: no gather
+            b_s += b_colbias + b_rowbias[:, None]
         if HAS_RPB:
             o_rpb = (off_y + o_a + KH - 1)[:, None] * srp_h + (off_x[:, None] + o_tap + KW - 1) * srp_w
             b_s += tl.load(p_rpb + o_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
@@ -372,9 +374,9 @@ def _reduce_tables_kernel(
 
 _WIDTHS = (8, 16, 32, 64, 128)
 _HEIGHTS = (1, 2, 4, 8)
-_WARPS = (2, 4, 8)
+_WARPS = (1, 2, 4, 8)
 _STAGES = (1, 2)
-REDUCE_BLOCK_R = 128
+MAX_PER_THREAD = 160  # estimated live values per thread (_per_thread) that fit unspilled
 
 
 def _cfg(config: dict, key: str, default=None):
@@ -403,14 +405,19 @@ def search_space() -> list[dict]:
             if 16 <= bw * bh <= 128]
 
 
-def _per_thread(q_shape, args: AttendArgs, config: dict) -> float:
-    """Estimated live fp32 values per thread: about six [M, BK] tiles (S/P/dP/dS, the dS
-    running sum, the column bias) and four [M, D] ones (q, dout, acc, and k/v)."""
+def _per_thread(q_shape, args: AttendArgs, config: dict, dtype=torch.bfloat16) -> float:
+    """Estimated live fp32 values per thread: about five [M, BK] tiles (S/P/dP/dS, the
+    dS running sum, the column bias) and three [M, D] ones (q, dout, the dq accumulator)
+    plus k and v. Up to ~160 ptxas for sm_90 kept every suite shape under 200 registers
+    without spills (s1: 68 -> 122 registers, s4: 152 -> 180; at 4 warps;
+    tests/test_rows_bwd_query_compile_sm90.py)."""
     d = q_shape[4]
     bw, bh = _cfg(config, "BLOCK_W"), _cfg(config, "BLOCK_H")
     bk = _block_k(q_shape, args, bw)
     m = bw * bh
-    return (6 * m * bk + 4 * (m + bk) * head_block(d)) / (32 * _cfg(config, "num_warps", 4))
+    fp32 = 2 if dtype == torch.float32 else 1  # "ieee" dots: operands held as fp32
+    return fp32 * (5 * m * bk + (3 * m + 2 * bk) * head_block(d)) / (
+        32 * _cfg(config, "num_warps", 4))
 
 
 def _work(q_shape, args: AttendArgs, config: dict) -> float:
@@ -426,7 +433,7 @@ def _work(q_shape, args: AttendArgs, config: dict) -> float:
 
 def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
     """Drops tiles much wider/taller than the image, halos over MAX_BLOCK_K, and tiles
-    that would hold more than ~96 values per thread (spills) or leave threads idle."""
+    that would hold more than ~160 values per thread (spills) or leave threads idle."""
     B, H, W, heads, d = q_shape
     kept = []
     for cfg in configs:
@@ -435,47 +442,52 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
             continue
         if _block_k(q_shape, args, bw) > MAX_BLOCK_K:
             continue
-        if not 8 <= _per_thread(q_shape, args, cfg) <= 96:
+        if not 4 <= _per_thread(q_shape, args, cfg) <= MAX_PER_THREAD:
             continue
         kept.append(cfg)
     return kept or [default_config(q_shape, args)]
 
 
-def default_config(q_shape, args: AttendArgs) -> dict:
-    """Whole-row tiles of M >= 64 pixels where the image allows: among the 64-pixel tile
-    shapes (and smaller ones on tiny images) the one computing the fewest score elements
-    per pixel; warps so a thread holds <= 96 live values."""
+def default_config(q_shape, args: AttendArgs, dtype=torch.bfloat16) -> dict:
+    """A tile of M = 64 query pixels (fewer on tiny images) shaped to the window: among
+    the row-segment x rows shapes, the one computing the fewest score elements per pixel
+    (for k = 7 an 8 x 8 tile: 14 key rows of a 16-column halo, against 7 rows of 64
+    columns for a whole 56-pixel row); M = 32 / 16 for d > 64 / 128. 4 warps (one
+    warpgroup: M = 64 is one wgmma row block), more only while a thread would hold over
+    MAX_PER_THREAD values (fp32 counts double: query_grads passes q's dtype); one stage (the cost
+    tool reads fewer instructions than with 2; a GPU tuner may still prefer 2)."""
     B, H, W, heads, d = q_shape
     best = None
+    m_cap = 64 if head_block(d) <= 64 else 16  # [M, D] tiles
+    m_target = max(16, min(m_cap, next_pow2(H) * next_pow2(W)))
     for bw in _WIDTHS:
         for bh in _HEIGHTS:
-            m = bw * bh
-            if m != max(16, min(64, next_pow2(H) * next_pow2(W))):
-                continue
-            if bw > max(8, next_pow2(W)) or bh > max(1, next_pow2(H)):
+            if bw * bh != m_target or bw > max(8, next_pow2(W)) or bh > max(1, next_pow2(H)):
                 continue
             if _block_k(q_shape, args, bw) > MAX_BLOCK_K:
                 continue
-            cfg = {"Q_BLOCK_W": bw, "Q_BLOCK_H": bh, "Q_num_warps": 4, "Q_num_stages": 2}
+            cfg = {"Q_BLOCK_W": bw, "Q_BLOCK_H": bh, "Q_num_warps": 4, "Q_num_stages": 1}
             key = (_work(q_shape, args, cfg), -bw)
             if best is None or key < best[0]:
                 best = (key, cfg)
-    if best is None:  # no tile passes the halo limit: the narrowest one (supports() is False)
-        cfg = {"Q_BLOCK_W": 16, "Q_BLOCK_H": 1, "Q_num_warps": 4, "Q_num_stages": 2}
+    if best is None:  # no tile passes the halo limit (supports() is False): any valid one
+        cfg = {"Q_BLOCK_W": 16, "Q_BLOCK_H": 1, "Q_num_warps": 4, "Q_num_stages": 1}
     else:
         cfg = best[1]
-    while cfg["Q_num_warps"] < 8 and _per_thread(q_shape, args, cfg) > 96:
+    while cfg["Q_num_warps"] < 8 and _per_thread(q_shape, args, cfg, dtype) > MAX_PER_THREAD:
         cfg["Q_num_warps"] *= 2
-    while cfg["Q_num_warps"] > 2 and _per_thread(q_shape, args, cfg) < 8:
+    while cfg["Q_num_warps"] > 1 and _per_thread(q_shape, args, cfg, dtype) < 4:
         cfg["Q_num_warps"] //= 2
     return cfg
 
 
 def supports(q_shape, dtype, args: AttendArgs) -> bool:
-    """fp16/bf16/fp32, d = 1..256, every padding and table, halos up to MAX_BLOCK_K
-    columns for the narrowest tile (k <= 13 at dilation <= 16 on wide images)."""
+    """fp16/bf16/fp32, d = 1..MAX_D, every padding and table, halos up to MAX_BLOCK_K
+    columns for the narrowest tile (k <= 13 at dilation <= 16 on wide images). Larger d
+    spills registers even at 16 queries x 8 warps (fp32 d = 256: 380 bytes): the
+    offsets backward covers it."""
     B, H, W, heads, d = q_shape
-    return (dtype in (torch.float16, torch.bfloat16, torch.float32) and 1 <= d <= 256
+    return (dtype in (torch.float16, torch.bfloat16, torch.float32) and 1 <= d <= MAX_D
             and _block_k(q_shape, args, 16) <= MAX_BLOCK_K)
 
 
@@ -513,7 +525,7 @@ def query_grads(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict
         raise ValueError(
             f"rows_bwd_query does not support q {tuple(q.shape)} {q.dtype} with kernel "
             f"({kh}, {kw}), dilation ({dh}, {dw}), padding {padding!r}")
-    config = default_config(tuple(q.shape), args) if config is None else config
+    config = default_config(tuple(q.shape), args, q.dtype) if config is None else config
     _check(config, tuple(q.shape), args)
     dev = q.device
     has_rel, has_rpb = rel_h is not None, rpb is not None
@@ -551,10 +563,10 @@ def query_grads(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict
         q, k, v, out, dout, lse,
         rel_h if has_rel else dummy, rel_w if has_rel else dummy, rpb if has_rpb else dummy,
         dq, delta, part_h, part_w, part_b,
-        H, W, heads, d, d_half, dh, dw, scale * LOG2E.value, scale,
+        H, W, heads, d, d_half, scale * LOG2E.value, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
         *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb), *dq.stride(),
-        KH=kh, KW=kw, PADDING=PADDING_CODES[padding], TY=ty_n, TX=tx_n,
+        KH=kh, KW=kw, PADDING=PADDING_CODES[padding], dil_h=dh, dil_w=dw, TY=ty_n, TX=tx_n,
         TY_PAD=max(16, next_pow2(ty_n)), TX_PAD=max(16, next_pow2(tx_n)),
         HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk,
         BLOCK_D=head_block(d), DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
@@ -564,6 +576,7 @@ def query_grads(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict
     )
     if has_rel or has_rpb:
         rows = ty_n + tx_n + (2 * kh - 1 if has_rpb else 0)
+        block_c = max(16, next_pow2(max(d - d_half, 2 * kw - 1)))
         _reduce_tables_kernel[(rows, heads)](
             part_h, part_w, part_b,
             drel_h if has_rel else delta, drel_w if has_rel else delta,
@@ -572,8 +585,7 @@ def query_grads(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict
             *bias_strides(drel_h), *bias_strides(drel_w), *bias_strides(drpb),
             TY=ty_n, TX=tx_n, SHIFT=padding == "shift",
             RELH_SHARED=has_rel and rel_h.dim() == 2, RELW_SHARED=has_rel and rel_w.dim() == 2,
-            HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_R=REDUCE_BLOCK_R,
-            BLOCK_C=max(16, next_pow2(max(d - d_half, 2 * kw - 1))),
+            HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_R=max(16, 4096 // block_c), BLOCK_C=block_c,
             num_warps=4,
         )
     return dq, delta, drel_h, drel_w, drpb

@@ -146,7 +146,7 @@ def test_configs_and_supports():
     assert kept and all(c in mod.search_space() for c in kept)
     assert mod.supports(tuple(q.shape), torch.bfloat16, args)
     assert not mod.supports(tuple(q.shape), torch.float64, args)
-    assert not mod.supports((1, 4, 4, 2, 512), torch.float32, args)
+    assert not mod.supports((1, 4, 4, 2, 256), torch.float32, args)
     with pytest.raises(ValueError, match="Q_BLOCK_W"):
         mod.query_grads(q, q, q, q, q[..., 0], q, args, {"BLOCK_W": 16})
 

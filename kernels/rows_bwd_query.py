@@ -67,9 +67,135 @@ def _table_dot(a, b, HALF: tl.constexpr):
     if HALF:
         a_hi = a.to(b.dtype)
         a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
+        a_lo = tl.where(tl.abs(a) < float("inf"), a_lo, tl.zeros_like(a_lo))  # inf - inf
         return tl.dot(a_hi, b) + tl.dot(a_lo, b)
     else:
         return tl.dot(a, b.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
+def _finite(x):
+    """x with its non-finite entries set to 0."""
+    return tl.where(tl.abs(x.to(tl.float32)) < float("inf"), x, tl.zeros_like(x))
+
+
+@triton.jit
+def _live(m):
+    """A mask as a 0/1 fp16 tile (a dot operand; transposable, unlike int1)."""
+    return tl.where(m, 1.0, 0.0).to(tl.float16)
+
+
+@triton.jit
+def _count_nonfinite(b_live, x, acc):
+    """acc + b_live @ (x non-finite): per (row of the 0/1 tile b_live, channel of x), how
+    many live entries of x are non-finite; 0/1 fp16 operands give exact counts."""
+    b_bad = tl.where(tl.abs(x.to(tl.float32)) < float("inf"), 0.0, 1.0).to(tl.float16)
+    return tl.dot(b_live, b_bad, acc)
+
+
+@triton.jit
+def _grads_pass(
+    b_q, b_do, b_lse2, b_delta, b_bh, b_colbias, b_relh, b_relw,
+    start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
+    p_k0, p_v0, o_kx, o_vx, m_kv_x, sk_h, sv_h, p_rpb, srp_h, srp_w, qk_scale, scale,
+    KH: tl.constexpr, KW: tl.constexpr, SHIFT: tl.constexpr, dil_h: tl.constexpr,
+    TY: tl.constexpr, TY_PAD: tl.constexpr, TX_PAD: tl.constexpr,
+    HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, HALF: tl.constexpr,
+    TABLE_HALF: tl.constexpr, SAFE: tl.constexpr,
+):
+    """The key-row walk and the table products of one program: (dq / scale [M, D],
+    drel_h part [TY_PAD, D], drel_w part [TX_PAD, D], drpb part [TY_PAD, TX_PAD]).
+    SAFE: the products skip non-finite operands, and a result that IEEE arithmetic on the
+    live (query, tap) pairs alone would make non-finite is set to NaN (see the slow pass
+    in the kernel)."""
+    b_acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)  # dS K
+    b_gacc = tl.zeros([M, BLOCK_K], dtype=tl.float32)  # dS summed over key rows
+    b_grow = tl.zeros([M, TY_PAD], dtype=tl.float32)  # G_row in rel-index space
+    b_prpb = tl.zeros([TY_PAD, TX_PAD], dtype=tl.float32)  # drpb partial
+    b_bad = tl.zeros([M, BLOCK_D], dtype=tl.float32)  # SAFE: live non-finite operands of dq
+    m_lrow = tl.zeros([M, TY_PAD], dtype=tl.int1)  # SAFE: the rel rows each query uses
+    for r in range(0, y_hi + 1 - y_lo):  # key rows: the union of the queries' windows
+        y = y_lo + r
+        y64 = y.to(tl.int64)
+        o_yv = y + tl.zeros([BLOCK_K], dtype=tl.int32)  # row check as a vector (interpreter)
+        m_kv = m_kv_x & ((o_yv >= 0) & (o_yv < H))[:, None]
+        b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)  # [BK, BD]
+        b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
+        if DOT_F32:
+            b_k = b_k.to(tl.float32)
+            b_v = b_v.to(tl.float32)
+        # which window row of each query key row y is (and its rel index)
+        o_dy = y - start_y  # [M]
+        o_dyc = tl.maximum(o_dy, 0)
+        o_a = o_dyc // dil_h
+        m_row = (o_dy >= 0) & (o_dyc - o_a * dil_h == 0) & (o_a < KH)
+        if SHIFT:
+            o_tyq = off_y + o_a + KH - 1
+        else:
+            o_tyq = o_a
+        m_win = m_col & m_row[:, None]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, D] @ [D, BK] -> [M, BK]
+        b_s = b_s * qk_scale - b_lse2[:, None]
+        if HAS_REL:
+            m_ty = o_ty[None, :] == o_tyq[:, None]  # [M, TY_PAD]
+            b_rowbias = tl.sum(tl.where(m_ty, b_bh, 0.0), axis=1)  # [M], in-thread: no gather
+            b_s += b_colbias + b_rowbias[:, None]
+        if HAS_RPB:
+            o_rpb = (off_y + o_a + KH - 1)[:, None] * srp_h + (off_x[:, None] + o_tap + KW - 1) * srp_w
+            b_s += tl.load(p_rpb + o_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
+        b_p = tl.exp2(b_s)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [M, D] @ [D, BK]
+        b_ds = tl.where(m_win, b_p * (b_dp - b_delta[:, None]), 0.0)  # [M, BK]
+        b_kd = b_k
+        if SAFE:
+            b_kd = _finite(b_k)
+            b_bad = _count_nonfinite(_live(m_win), b_k, b_bad)  # [M, BK] @ [BK, D]
+        b_acc += tl.dot(b_ds.to(b_k.dtype), b_kd, input_precision="ieee")  # [M, BK] @ [BK, D]
+        if HAS_REL:
+            b_gacc += b_ds
+            b_grow += tl.where(m_ty, tl.sum(b_ds, axis=1)[:, None], 0.0)
+            if SAFE:
+                m_lrow = m_lrow | (m_ty & (m_row & m_q)[:, None])
+        if HAS_RPB:  # per query: dS summed into its column taps; then summed over queries
+            b_rt = tl.where(m_xt, tl.gather(b_ds, o_xt, axis=1), 0.0)  # [M, TX_PAD]
+            if SAFE:  # selects: no 0 * NaN between rows
+                for t in tl.static_range(TY):
+                    b_row = tl.sum(tl.where(o_tyq[:, None] == t, b_rt, 0.0), axis=0)  # [TXP]
+                    b_prpb += tl.where(o_ty[:, None] == t, b_row[None, :], 0.0)
+            else:
+                b_oh = tl.where(o_ty[None, :] == o_tyq[:, None], 1.0, 0.0)  # [M, TY_PAD]
+                b_prpb = tl.dot(tl.trans(b_oh), b_rt, b_prpb, input_precision="ieee")
+
+    if HAS_REL:
+        # G_col in rel-index space: each (query, t) reads its one halo column
+        b_gcol = tl.where(m_xt, tl.gather(b_gacc, o_xt, axis=1), 0.0)  # [M, TX_PAD]
+        b_qt = b_q
+        if SAFE:
+            b_lrow = _live(m_lrow)
+            b_lcol = _live(m_xt)
+            b_bad = _count_nonfinite(b_lrow, b_relh, b_bad)  # [M, TYP] @ [TYP, D]
+            b_bad = _count_nonfinite(b_lcol, b_relw, b_bad)  # [M, TXP] @ [TXP, D]
+            b_badh = _count_nonfinite(tl.trans(b_lrow), b_q,
+                                      tl.zeros([TY_PAD, BLOCK_D], dtype=tl.float32))
+            b_badw = _count_nonfinite(tl.trans(b_lcol), b_q,
+                                      tl.zeros([TX_PAD, BLOCK_D], dtype=tl.float32))
+            b_relh = _finite(b_relh)
+            b_relw = _finite(b_relw)
+            b_qt = _finite(b_q)
+        b_acc += _table_dot(b_grow, b_relh, TABLE_HALF)  # [M, TYP] @ [TYP, D] -> [M, D]
+        b_acc += _table_dot(b_gcol, b_relw, TABLE_HALF)  # [M, TXP] @ [TXP, D] -> [M, D]
+        b_ph = _table_dot(tl.trans(b_grow), b_qt, HALF) * scale  # [TYP, M] @ [M, D]
+        b_pw = _table_dot(tl.trans(b_gcol), b_qt, HALF) * scale  # [TXP, M] @ [M, D]
+        if SAFE:
+            b_ph = tl.where(b_badh > 0, float("nan"), b_ph)
+            b_pw = tl.where(b_badw > 0, float("nan"), b_pw)
+    else:
+        b_ph = tl.zeros([TY_PAD, BLOCK_D], dtype=tl.float32)
+        b_pw = tl.zeros([TX_PAD, BLOCK_D], dtype=tl.float32)
+    if SAFE:
+        b_acc = tl.where(b_bad > 0, float("nan"), b_acc)
+    return b_acc, b_ph, b_pw, b_prpb
 
 
 @triton.jit
@@ -197,6 +323,8 @@ def _query_grads_kernel(
     # the bias products Bh = Q rel_h^T [M, TY_PAD], Bw = Q rel_w^T [M, TX_PAD].
     b_colbias = tl.zeros([M, BLOCK_K], dtype=tl.float32)
     b_bh = tl.zeros([M, TY_PAD], dtype=tl.float32)
+    b_relh = tl.zeros([TY_PAD, BLOCK_D], dtype=tl.float32)  # (unused without rel)
+    b_relw = tl.zeros([TX_PAD, BLOCK_D], dtype=tl.float32)
     if HAS_REL:
         b_relh = tl.load(relh_ptr + n64 * srh_n + o_ty[:, None] * srh_r + o_d[None, :] * srh_d,
                          mask=(o_ty[:, None] < TY) & m_dh[None, :], other=0.0)
@@ -215,62 +343,37 @@ def _query_grads_kernel(
             b_bw = tl.dot(b_qf, tl.trans(b_relw), input_precision="ieee") * qk_scale
         b_colbias = tl.gather(b_bw, o_txc, axis=1)  # [M, BK]: Bw at each column's tap
 
-    b_acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)  # dS K
-    b_gacc = tl.zeros([M, BLOCK_K], dtype=tl.float32)  # dS summed over key rows
-    b_grow = tl.zeros([M, TY_PAD], dtype=tl.float32)  # G_row in rel-index space
-    b_prpb = tl.zeros([TY_PAD, TX_PAD], dtype=tl.float32)  # drpb partial
     p_k0 = k_ptr + b64 * sk_b + n64 * sk_n
     p_v0 = v_ptr + b64 * sv_b + n64 * sv_n
     p_rpb = rpb_ptr + n64 * srp_n
-    for r in range(0, y_hi + 1 - y_lo):  # key rows: the union of the queries' windows
-        y = y_lo + r
-        y64 = y.to(tl.int64)
-        o_yv = y + tl.zeros([BLOCK_K], dtype=tl.int32)  # row check as a vector (interpreter)
-        m_kv = m_kv_x & ((o_yv >= 0) & (o_yv < H))[:, None]
-        b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)  # [BK, BD]
-        b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
-        if DOT_F32:
-            b_k = b_k.to(tl.float32)
-            b_v = b_v.to(tl.float32)
-        # which window row of each query key row y is (and its rel index)
-        o_dy = y - start_y  # [M]
-        o_dyc = tl.maximum(o_dy, 0)
-        o_a = o_dyc // dil_h
-        m_row = (o_dy >= 0) & (o_dyc - o_a * dil_h == 0) & (o_a < KH)
-        if SHIFT:
-            o_tyq = off_y + o_a + KH - 1
-        else:
-            o_tyq = o_a
-        m_win = m_col & m_row[:, None]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, D] @ [D, BK] -> [M, BK]
-        b_s = b_s * qk_scale - b_lse2[:, None]
-        if HAS_REL:
-            m_ty = o_ty[None, :] == o_tyq[:, None]  # [M, TY_PAD]
-            b_rowbias = tl.sum(tl.where(m_ty, b_bh, 0.0), axis=1)  # [M], in-thread: no gather
-            b_s += b_colbias + b_rowbias[:, None]
-        if HAS_RPB:
-            o_rpb = (off_y + o_a + KH - 1)[:, None] * srp_h + (off_x[:, None] + o_tap + KW - 1) * srp_w
-            b_s += tl.load(p_rpb + o_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
-        b_p = tl.exp2(b_s)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [M, D] @ [D, BK]
-        b_ds = tl.where(m_win, b_p * (b_dp - b_delta[:, None]), 0.0)  # [M, BK]
-        b_acc += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision="ieee")  # [M, BK] @ [BK, D]
-        if HAS_REL:
-            b_gacc += b_ds
-            b_grow += tl.where(m_ty, tl.sum(b_ds, axis=1)[:, None], 0.0)
-        if HAS_RPB:  # per query: dS summed into its column taps; then summed over queries
-            b_rt = tl.where(m_xt, tl.gather(b_ds, o_xt, axis=1), 0.0)  # [M, TX_PAD]
-            b_oh = tl.where(o_ty[None, :] == o_tyq[:, None], 1.0, 0.0)  # [M, TY_PAD]
-            b_prpb = tl.dot(tl.trans(b_oh), b_rt, b_prpb, input_precision="ieee")  # [TYP, TXP]
+    b_acc, b_ph, b_pw, b_prpb = _grads_pass(
+        b_q, b_do, b_lse2, b_delta, b_bh, b_colbias, b_relh, b_relw,
+        start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
+        p_k0, p_v0, o_kx, o_vx, m_kv_x, sk_h, sv_h, p_rpb, srp_h, srp_w, qk_scale, scale,
+        KH, KW, SHIFT, dil_h, TY, TY_PAD, TX_PAD, HAS_REL, HAS_RPB, M, BLOCK_K, BLOCK_D,
+        DOT_F32, HALF, TABLE_HALF, False)
+    # Rare slow pass: a non-finite value reached a result. It may be a NaN / inf input
+    # outside some query's window that a 0 * NaN inside a product spread over the tile
+    # (a k row in dS K, a table row in G rel, a q in G^T Q, a tap in the rpb sums); redo
+    # the products with non-finite operands zeroed there (a live NaN still reaches its
+    # own results through dS / G) and the rpb sums by selects.
+    m_bad = tl.abs(b_acc) < float("inf")
+    bad = tl.max(tl.max(tl.where(m_bad, 0, 1), axis=1), axis=0)
+    if HAS_REL:
+        bad += tl.max(tl.max(tl.where(tl.abs(b_ph) < float("inf"), 0, 1), axis=1), axis=0)
+        bad += tl.max(tl.max(tl.where(tl.abs(b_pw) < float("inf"), 0, 1), axis=1), axis=0)
+    if HAS_RPB:
+        bad += tl.max(tl.max(tl.where(tl.abs(b_prpb) < float("inf"), 0, 1), axis=1), axis=0)
+    if bad > 0:
+        b_acc, b_ph, b_pw, b_prpb = _grads_pass(
+            b_q, b_do, b_lse2, b_delta, b_bh, b_colbias, b_relh, b_relw,
+            start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
+            p_k0, p_v0, o_kx, o_vx, m_kv_x, sk_h, sv_h, p_rpb, srp_h, srp_w, qk_scale, scale,
+            KH, KW, SHIFT, dil_h, TY, TY_PAD, TX_PAD, HAS_REL, HAS_RPB, M, BLOCK_K, BLOCK_D,
+            DOT_F32, HALF, TABLE_HALF, True)
 
     prog = pid.to(tl.int64)  # partial-buffer slot: (tile, head), fixed by the grid
     if HAS_REL:
-        # G_col in rel-index space: each (query, t) reads its one halo column
-        b_gcol = tl.where(m_xt, tl.gather(b_gacc, o_xt, axis=1), 0.0)  # [M, TX_PAD]
-        b_acc += _table_dot(b_grow, b_relh, TABLE_HALF)  # [M, TYP] @ [TYP, D] -> [M, D]
-        b_acc += _table_dot(b_gcol, b_relw, TABLE_HALF)  # [M, TXP] @ [TXP, D] -> [M, D]
-        b_ph = _table_dot(tl.trans(b_grow), b_q, HALF) * scale  # [TYP, M] @ [M, D]
-        b_pw = _table_dot(tl.trans(b_gcol), b_q, HALF) * scale  # [TXP, M] @ [M, D]
         d_w = D - D_HALF
         tl.store(parth_ptr + (prog * TY + o_ty[:, None]) * D_HALF + o_d[None, :], b_ph,
                  mask=(o_ty[:, None] < TY) & m_dh[None, :])

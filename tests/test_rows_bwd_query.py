@@ -158,3 +158,41 @@ def test_empty():
     dq, delta, drel_h, drel_w, drpb = mod.query_grads(q, q, q, q, q[..., 0], q, args)
     assert dq.shape == q.shape and delta.shape == q.shape[:4] and drpb is None
     assert torch.equal(drel_h, rel_h) and torch.equal(drel_w, rel_w)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                            "ignore:overflow encountered:RuntimeWarning")
+def test_query_grads_nonfinite_stay_in_their_windows():
+    """NaN / inf planted in q, k, v or a table reaches only the dq / table-gradient
+    entries whose windows hold it (the kernel's slow pass), on the random cases of
+    test_nonfinite."""
+    from fuzz_cases import FLOOR, coarser, mismatch, own_out_gradients
+    from test_nonfinite import _args as nonfinite_args
+    from test_nonfinite import _oracle, nonfinite_case
+
+    from sasa_triton.reference import reference_forward
+
+    partial = 0
+    for seed in range(5000, 5012):
+        c = nonfinite_case(seed)
+        t, args = c["t"], nonfinite_args(c)
+        leaves = {n: x.double().requires_grad_() for n, x in t.items()}
+        want, want_lse = _oracle(c, leaves)
+        dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed),
+                           dtype=torch.float64).to(c["dtype"]).double()
+        out, lse = reference_forward(t["q"], t["k"], t["v"], args)
+        want_grads = dict(zip(leaves, own_out_gradients(out, want, want_lse, dout,
+                                                        list(leaves.values()))))
+        dq, _, drel_h, drel_w, drpb = mod.query_grads(t["q"], t["k"], t["v"], out, lse,
+                                                      dout.to(c["dtype"]), args, _poison=True)
+        got = {"q": dq, "rel_h": drel_h, "rel_w": drel_w, "rpb": drpb}
+        finite = [g[g.isfinite()].abs().max().item() for g in want_grads.values()
+                  if g.isfinite().any()]
+        largest = max(finite, default=1.0)
+        for name in ("q", *[n for n in TABLES if n in t]):
+            tol = coarser(c["dtype"], t[name].dtype)
+            problem = mismatch(f"grad of {name}", got[name], want_grads[name], tol,
+                               FLOOR[tol] * largest)
+            assert problem is None, f"{c['desc']}: {problem}"
+        partial += 0 < int((~want_grads["q"].isfinite()).sum()) < dq.numel()
+    assert partial >= 3, "too few cases with a partial non-finite pattern"

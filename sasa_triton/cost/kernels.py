@@ -23,8 +23,9 @@ Mapping per kernel (what the trip counts stand for):
 * `_tile2d_fwd_kernel`: NCHUNK x [window rows, a < KH] (the column-chunk loop is a
   tl.static_range, unrolled by the front end: one row loop per chunk).
 * `_query_grads_kernel` (rows_bwd_query): [key rows: the union of the tile's windows,
-  min(BLOCK_H, H) + (KH - 1) * dil_h (zeros; an upper bound for mask and shift)]; its
-  column loops are tl.static_range (unrolled by the front end).
+  min(BLOCK_H, H) + (KH - 1) * dil_h (zeros; an upper bound for mask and shift)],
+  [the same walk in the non-finite slow pass: 0 trips, it runs only when a non-finite
+  value reached a result]; its column loops are tl.static_range (unrolled).
 * `_reduce_tables_kernel`: [partial slots / BLOCK_R] (the rel rows of a shared table,
   the longest loop; a lower bound for rows that walk fewer slots).
 * `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode;
@@ -80,7 +81,8 @@ def _offsets(c: dict) -> list[LoopSpec]:  # TY, TX are runtime arguments: never 
 
 def _rows_bwd_query(c: dict) -> list[LoopSpec]:
     rows = min(c["BLOCK_H"], c["H"]) + (c["KH"] - 1) * c["dil_h"]
-    return [LoopSpec("key rows (window union)", rows, exp2=True)]
+    return [LoopSpec("key rows (window union)", rows, exp2=True),
+            LoopSpec("non-finite slow pass (not taken)", 0, exp2=True)]
 
 
 def _reduce_tables(c: dict) -> list[LoopSpec]:

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from sasa_triton.types import AttendArgs
 
+from .offsets_bwd import _key_of_query
 from .common import (
     INTERPRETED,
     LOG2E,
@@ -73,24 +74,6 @@ def _table_dot(a, b, HALF: tl.constexpr):
         return tl.dot(a, b.to(tl.float32), input_precision="ieee")
 
 
-@triton.jit
-def _finite(x):
-    """x with its non-finite entries set to 0."""
-    return tl.where(tl.abs(x.to(tl.float32)) < float("inf"), x, tl.zeros_like(x))
-
-
-@triton.jit
-def _live(m):
-    """A mask as a 0/1 fp16 tile (a dot operand; transposable, unlike int1)."""
-    return tl.where(m, 1.0, 0.0).to(tl.float16)
-
-
-@triton.jit
-def _count_nonfinite(b_live, x, acc):
-    """acc + b_live @ (x non-finite): per (row of the 0/1 tile b_live, channel of x), how
-    many live entries of x are non-finite; 0/1 fp16 operands give exact counts."""
-    b_bad = tl.where(tl.abs(x.to(tl.float32)) < float("inf"), 0.0, 1.0).to(tl.float16)
-    return tl.dot(b_live, b_bad, acc)
 
 
 @triton.jit
@@ -102,19 +85,15 @@ def _grads_pass(
     TY: tl.constexpr, TY_PAD: tl.constexpr, TX_PAD: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, HALF: tl.constexpr,
-    TABLE_HALF: tl.constexpr, SAFE: tl.constexpr,
+    TABLE_HALF: tl.constexpr,
 ):
     """The key-row walk and the table products of one program: (dq / scale [M, D],
     drel_h part [TY_PAD, D], drel_w part [TX_PAD, D], drpb part [TY_PAD, TX_PAD]).
-    SAFE: the products skip non-finite operands, and a result that IEEE arithmetic on the
-    live (query, tap) pairs alone would make non-finite is set to NaN (see the slow pass
-    in the kernel)."""
+    """
     b_acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)  # dS K
     b_gacc = tl.zeros([M, BLOCK_K], dtype=tl.float32)  # dS summed over key rows
     b_grow = tl.zeros([M, TY_PAD], dtype=tl.float32)  # G_row in rel-index space
     b_prpb = tl.zeros([TY_PAD, TX_PAD], dtype=tl.float32)  # drpb partial
-    b_bad = tl.zeros([M, BLOCK_D], dtype=tl.float32)  # SAFE: live non-finite operands of dq
-    m_lrow = tl.zeros([M, TY_PAD], dtype=tl.int1)  # SAFE: the rel rows each query uses
     for r in range(0, y_hi + 1 - y_lo):  # key rows: the union of the queries' windows
         y = y_lo + r
         y64 = y.to(tl.int64)
@@ -147,59 +126,31 @@ def _grads_pass(
         b_p = tl.exp2(b_s)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [M, D] @ [D, BK]
         b_ds = tl.where(m_win, b_p * (b_dp - b_delta[:, None]), 0.0)  # [M, BK]
-        b_kd = b_k
-        if SAFE:
-            b_kd = _finite(b_k)
-            b_bad = _count_nonfinite(_live(m_win), b_k, b_bad)  # [M, BK] @ [BK, D]
-        b_acc += tl.dot(b_ds.to(b_k.dtype), b_kd, input_precision="ieee")  # [M, BK] @ [BK, D]
+        b_acc += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision="ieee")  # [M, BK] @ [BK, D]
         if HAS_REL:
             b_gacc += b_ds
             b_grow += tl.where(m_ty, tl.sum(b_ds, axis=1)[:, None], 0.0)
-            if SAFE:
-                m_lrow = m_lrow | (m_ty & (m_row & m_q)[:, None])
         if HAS_RPB:  # per query: dS summed into its column taps; then summed over queries
             b_rt = tl.where(m_xt, tl.gather(b_ds, o_xt, axis=1), 0.0)  # [M, TX_PAD]
-            if SAFE:  # selects: no 0 * NaN between rows
-                for t in tl.static_range(TY):
-                    b_row = tl.sum(tl.where(o_tyq[:, None] == t, b_rt, 0.0), axis=0)  # [TXP]
-                    b_prpb += tl.where(o_ty[:, None] == t, b_row[None, :], 0.0)
-            else:
-                b_oh = tl.where(o_ty[None, :] == o_tyq[:, None], 1.0, 0.0)  # [M, TY_PAD]
-                b_prpb = tl.dot(tl.trans(b_oh), b_rt, b_prpb, input_precision="ieee")
+            b_oh = tl.where(o_ty[None, :] == o_tyq[:, None], 1.0, 0.0)  # [M, TY_PAD]
+            b_prpb = tl.dot(tl.trans(b_oh), b_rt, b_prpb, input_precision="ieee")  # [TYP, TXP]
 
     if HAS_REL:
         # G_col in rel-index space: each (query, t) reads its one halo column
         b_gcol = tl.where(m_xt, tl.gather(b_gacc, o_xt, axis=1), 0.0)  # [M, TX_PAD]
-        b_qt = b_q
-        if SAFE:
-            b_lrow = _live(m_lrow)
-            b_lcol = _live(m_xt)
-            b_bad = _count_nonfinite(b_lrow, b_relh, b_bad)  # [M, TYP] @ [TYP, D]
-            b_bad = _count_nonfinite(b_lcol, b_relw, b_bad)  # [M, TXP] @ [TXP, D]
-            b_badh = _count_nonfinite(tl.trans(b_lrow), b_q,
-                                      tl.zeros([TY_PAD, BLOCK_D], dtype=tl.float32))
-            b_badw = _count_nonfinite(tl.trans(b_lcol), b_q,
-                                      tl.zeros([TX_PAD, BLOCK_D], dtype=tl.float32))
-            b_relh = _finite(b_relh)
-            b_relw = _finite(b_relw)
-            b_qt = _finite(b_q)
         b_acc += _table_dot(b_grow, b_relh, TABLE_HALF)  # [M, TYP] @ [TYP, D] -> [M, D]
         b_acc += _table_dot(b_gcol, b_relw, TABLE_HALF)  # [M, TXP] @ [TXP, D] -> [M, D]
-        b_ph = _table_dot(tl.trans(b_grow), b_qt, HALF) * scale  # [TYP, M] @ [M, D]
-        b_pw = _table_dot(tl.trans(b_gcol), b_qt, HALF) * scale  # [TXP, M] @ [M, D]
-        if SAFE:
-            b_ph = tl.where(b_badh > 0, float("nan"), b_ph)
-            b_pw = tl.where(b_badw > 0, float("nan"), b_pw)
+        b_ph = _table_dot(tl.trans(b_grow), b_q, HALF) * scale  # [TYP, M] @ [M, D]
+        b_pw = _table_dot(tl.trans(b_gcol), b_q, HALF) * scale  # [TXP, M] @ [M, D]
     else:
         b_ph = tl.zeros([TY_PAD, BLOCK_D], dtype=tl.float32)
         b_pw = tl.zeros([TX_PAD, BLOCK_D], dtype=tl.float32)
-    if SAFE:
-        b_acc = tl.where(b_bad > 0, float("nan"), b_acc)
     return b_acc, b_ph, b_pw, b_prpb
 
 
 @triton.jit
-def _query_grads_kernel(
+def _program(
+    pid,
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
     dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,
     H, W, HEADS, D, D_HALF, qk_scale, scale,  # qk_scale = scale * log2(e)
@@ -219,10 +170,11 @@ def _query_grads_kernel(
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr,
 ):
+    """One program of _query_grads_kernel: loads, the pass, stores. Returns 1 (storing
+    only delta) when a result came out non-finite, else 0."""
     SHIFT: tl.constexpr = PADDING == 2
     M: tl.constexpr = BLOCK_H * BLOCK_W
     # head fastest: the heads of one tile run side by side (full cache sectors)
-    pid = tl.program_id(0)
     n = pid % HEADS
     t = pid // HEADS
     n_jb = tl.cdiv(W, BLOCK_W)
@@ -351,40 +303,218 @@ def _query_grads_kernel(
         start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
         p_k0, p_v0, o_kx, o_vx, m_kv_x, sk_h, sv_h, p_rpb, srp_h, srp_w, qk_scale, scale,
         KH, KW, SHIFT, dil_h, TY, TY_PAD, TX_PAD, HAS_REL, HAS_RPB, M, BLOCK_K, BLOCK_D,
-        DOT_F32, HALF, TABLE_HALF, False)
-    # Rare slow pass: a non-finite value reached a result. It may be a NaN / inf input
-    # outside some query's window that a 0 * NaN inside a product spread over the tile
-    # (a k row in dS K, a table row in G rel, a q in G^T Q, a tap in the rpb sums); redo
-    # the products with non-finite operands zeroed there (a live NaN still reaches its
-    # own results through dS / G) and the rpb sums by selects.
-    m_bad = tl.abs(b_acc) < float("inf")
-    bad = tl.max(tl.max(tl.where(m_bad, 0, 1), axis=1), axis=0)
+        DOT_F32, HALF, TABLE_HALF)
+    # A non-finite result may come from a NaN / inf input outside some query's window
+    # that a 0 * NaN inside a product spread over the tile (a k row in dS K, a table row
+    # in G rel, a q in G^T Q, a tap in the rpb sums): then nothing is stored here and the
+    # kernel redoes the program with _safe_program.
+    bad = tl.max(tl.max(tl.where(tl.abs(b_acc) < float("inf"), 0, 1), axis=1), axis=0)
     if HAS_REL:
         bad += tl.max(tl.max(tl.where(tl.abs(b_ph) < float("inf"), 0, 1), axis=1), axis=0)
         bad += tl.max(tl.max(tl.where(tl.abs(b_pw) < float("inf"), 0, 1), axis=1), axis=0)
     if HAS_RPB:
         bad += tl.max(tl.max(tl.where(tl.abs(b_prpb) < float("inf"), 0, 1), axis=1), axis=0)
-    if bad > 0:
-        b_acc, b_ph, b_pw, b_prpb = _grads_pass(
-            b_q, b_do, b_lse2, b_delta, b_bh, b_colbias, b_relh, b_relw,
-            start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
-            p_k0, p_v0, o_kx, o_vx, m_kv_x, sk_h, sv_h, p_rpb, srp_h, srp_w, qk_scale, scale,
-            KH, KW, SHIFT, dil_h, TY, TY_PAD, TX_PAD, HAS_REL, HAS_RPB, M, BLOCK_K, BLOCK_D,
-            DOT_F32, HALF, TABLE_HALF, True)
+    if bad == 0:  # (the fast pass of a program with a non-finite result stores nothing)
+        prog = pid.to(tl.int64)  # partial-buffer slot: (tile, head), fixed by the grid
+        n_prog = tl.num_programs(0).to(tl.int64)  # partials: [row, slot, column]
+        if HAS_REL:
+            d_w = D - D_HALF
+            tl.store(parth_ptr + (o_ty[:, None] * n_prog + prog) * D_HALF + o_d[None, :], b_ph,
+                     mask=(o_ty[:, None] < TY) & m_dh[None, :])
+            tl.store(partw_ptr + (o_txp[:, None] * n_prog + prog) * d_w + (o_d[None, :] - D_HALF),
+                     b_pw,
+                     mask=(o_txp[:, None] < TX) & m_dw[None, :])
+        if HAS_RPB:
+            tl.store(partb_ptr + (o_ty[:, None] * n_prog + prog) * TX + o_txp[None, :], b_prpb,
+                     mask=(o_ty[:, None] < TY) & (o_txp[None, :] < TX))
+        p_dq = (dq_ptr + b64 * sdq_b + n64 * sdq_n + o_i64[:, None] * sdq_h
+                + (o_jr[:, None] * sdq_w + o_dr[None, :] * sdq_d))
+        tl.store(p_dq, (b_acc * scale).to(dq_ptr.dtype.element_ty), mask=m_qd)
+    return bad
 
-    prog = pid.to(tl.int64)  # partial-buffer slot: (tile, head), fixed by the grid
+
+@triton.jit
+def _safe_program(
+    pid, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    dq_ptr, parth_ptr, partw_ptr, partb_ptr, H, W, HEADS, D, D_HALF, scale,
+    sq_b, sq_h, sq_w, sq_n, sq_d, sk_b, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_h, sv_w, sv_n, sv_d, so_b, so_h, so_w, so_n, so_d,
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d, sl_b, sl_h, sl_w, sl_n,
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
+    sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
+    KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,
+    dil_h: tl.constexpr, dil_w: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
+    TY_PAD: tl.constexpr, TX_PAD: tl.constexpr, HAS_REL: tl.constexpr,
+    HAS_RPB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_D: tl.constexpr, SUB: tl.constexpr,
+):
+    """The slow pass: dq and the table partials of program `pid`, computed one window
+    offset at a time on CUDA cores (the offsets backward's per-tap arithmetic), where
+    every product of a dead (query, tap) pair is left out, so a NaN / inf input reaches
+    only the results whose windows hold it. Runs only for programs whose fast pass met a
+    non-finite result; SUB queries at a time, so it adds few registers to the kernel."""
+    n = pid % HEADS
+    t = pid // HEADS
+    n_jb = tl.cdiv(W, BLOCK_W)
+    jb = t % n_jb
+    t = t // n_jb
+    n_ib = tl.cdiv(H, BLOCK_H)
+    ib = t % n_ib
+    b = (t // n_ib).to(tl.int64)
+    n64 = n.to(tl.int64)
+    prog = pid.to(tl.int64)
+    n_prog = tl.num_programs(0).to(tl.int64)  # partials: [row, slot, column]
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_tx = tl.arange(0, TX_PAD)
+    o_ty = tl.arange(0, TY_PAD)
+    scale2 = scale * LOG2E
+
+    acc_h = tl.zeros([TY_PAD, BLOCK_D], dtype=tl.float32)  # drel_h partial, row ty
+    acc_w = tl.zeros([TX_PAD, BLOCK_D], dtype=tl.float32)  # drel_w partial, row tx
+    acc_b = tl.zeros([TY_PAD, TX_PAD], dtype=tl.float32)  # drpb partial
+    for sub in range(0, BLOCK_H * BLOCK_W // SUB):
+        o_m = sub * SUB + tl.arange(0, SUB)
+        i = ib * BLOCK_H + o_m // BLOCK_W
+        j = jb * BLOCK_W + o_m % BLOCK_W
+        m_p = (i < H) & (j < W)
+        m_pd = m_p[:, None] & m_d[None, :]
+        i64 = i.to(tl.int64)
+        j64 = j.to(tl.int64)
+        o_q = b * sq_b + i64 * sq_h + j64 * sq_w + n64 * sq_n
+        b_q = tl.load(q_ptr + o_q[:, None] + o_d[None, :] * sq_d, mask=m_pd,
+                      other=0.0).to(tl.float32)
+        o_o = b * so_b + i64 * so_h + j64 * so_w + n64 * so_n
+        b_o = tl.load(o_ptr + o_o[:, None] + o_d[None, :] * so_d, mask=m_pd,
+                      other=0.0).to(tl.float32)
+        o_do = b * sdo_b + i64 * sdo_h + j64 * sdo_w + n64 * sdo_n
+        b_do = tl.load(do_ptr + o_do[:, None] + o_d[None, :] * sdo_d, mask=m_pd,
+                       other=0.0).to(tl.float32)
+        b_lse = tl.load(lse_ptr + b * sl_b + i64 * sl_h + j64 * sl_w + n64 * sl_n, mask=m_p,
+                        other=0.0)
+        b_lse2 = b_lse * LOG2E
+        b_delta = tl.sum(b_do * b_o, axis=1)
+        acc_dq = tl.zeros([SUB, BLOCK_D], dtype=tl.float32)
+        for ty in range(0, TY):
+            y, m_y = _key_of_query(i, ty, H, KH, dil_h, PADDING == 2)
+            b_rh = tl.zeros([BLOCK_D], dtype=tl.float32)
+            if HAS_REL:
+                b_rh = tl.load(relh_ptr + n64 * srh_n + ty * srh_r + o_d * srh_d,
+                               mask=o_d < D_HALF, other=0.0).to(tl.float32)
+            for tx in range(0, TX):
+                x, m_x = _key_of_query(j, tx, W, KW, dil_w, PADDING == 2)
+                m_in = m_p & m_y & m_x
+                if PADDING == 0:  # zeros: out-of-image neighbours are zero keys, take mass
+                    m_live = m_p
+                else:
+                    m_live = m_in
+                m_kd = m_in[:, None] & m_d[None, :]
+                o_k = b * sk_b + y.to(tl.int64) * sk_h + x.to(tl.int64) * sk_w + n64 * sk_n
+                b_k = tl.load(k_ptr + o_k[:, None] + o_d[None, :] * sk_d, mask=m_kd,
+                              other=0.0).to(tl.float32)
+                o_v = b * sv_b + y.to(tl.int64) * sv_h + x.to(tl.int64) * sv_w + n64 * sv_n
+                b_v = tl.load(v_ptr + o_v[:, None] + o_d[None, :] * sv_d, mask=m_kd,
+                              other=0.0).to(tl.float32)
+                if HAS_REL:
+                    b_rw = tl.load(relw_ptr + n64 * srw_n + tx * srw_r + (o_d - D_HALF) * srw_d,
+                                   mask=(o_d >= D_HALF) & m_d, other=0.0).to(tl.float32)
+                    b_k = b_k + (b_rh + b_rw)[None, :]
+                    if PADDING != 0:  # a dead tap adds no 0 * (an inf in a row it does not use)
+                        b_k = tl.where(m_live[:, None], b_k, 0.0)
+                b_s = tl.sum(b_q * b_k, axis=1) * scale2
+                if HAS_RPB:
+                    if PADDING == 2:
+                        b_s += tl.load(rpb_ptr + n64 * srp_n + ty * srp_h + tx * srp_w).to(
+                            tl.float32) * LOG2E
+                    else:
+                        b_s += tl.load(rpb_ptr + n64 * srp_n + (ty + KH // 2) * srp_h
+                                       + (tx + KW // 2) * srp_w).to(tl.float32) * LOG2E
+                b_p = tl.exp2(b_s - b_lse2)
+                b_dp = tl.sum(b_do * b_v, axis=1)
+                b_ds = tl.where(m_live, b_p * (b_dp - b_delta), 0.0)
+                acc_dq += b_ds[:, None] * b_k
+                if HAS_REL:  # nor 0 * (a NaN in q) to a table row the query does not use
+                    b_g = tl.sum(tl.where(m_live[:, None], b_ds[:, None] * b_q, 0.0), axis=0)
+                    acc_h += tl.where(o_ty[:, None] == ty, b_g[None, :], 0.0)
+                    acc_w += tl.where(o_tx[:, None] == tx, b_g[None, :], 0.0)
+                if HAS_RPB:
+                    acc_b += tl.where((o_ty[:, None] == ty) & (o_tx[None, :] == tx),
+                                      tl.sum(b_ds, axis=0), 0.0)
+        o_dq = b * sdq_b + i64 * sdq_h + j64 * sdq_w + n64 * sdq_n
+        tl.store(dq_ptr + o_dq[:, None] + o_d[None, :] * sdq_d,
+                 (acc_dq * scale).to(dq_ptr.dtype.element_ty), mask=m_pd)
     if HAS_REL:
-        d_w = D - D_HALF
-        tl.store(parth_ptr + (prog * TY + o_ty[:, None]) * D_HALF + o_d[None, :], b_ph,
-                 mask=(o_ty[:, None] < TY) & m_dh[None, :])
-        tl.store(partw_ptr + (prog * TX + o_txp[:, None]) * d_w + (o_d[None, :] - D_HALF), b_pw,
-                 mask=(o_txp[:, None] < TX) & m_dw[None, :])
+        tl.store(parth_ptr + (o_ty[:, None] * n_prog + prog) * D_HALF + o_d[None, :],
+                 acc_h * scale,
+                 mask=(o_ty[:, None] < TY) & (o_d < D_HALF)[None, :])
+        tl.store(partw_ptr + (o_tx[:, None] * n_prog + prog) * (D - D_HALF)
+                 + (o_d[None, :] - D_HALF),
+                 acc_w * scale, mask=(o_tx[:, None] < TX) & ((o_d >= D_HALF) & m_d)[None, :])
     if HAS_RPB:
-        tl.store(partb_ptr + (prog * TY + o_ty[:, None]) * TX + o_txp[None, :], b_prpb,
-                 mask=(o_ty[:, None] < TY) & (o_txp[None, :] < TX))
-    p_dq = (dq_ptr + b64 * sdq_b + n64 * sdq_n + o_i64[:, None] * sdq_h
-            + (o_jr[:, None] * sdq_w + o_dr[None, :] * sdq_d))
-    tl.store(p_dq, (b_acc * scale).to(dq_ptr.dtype.element_ty), mask=m_qd)
+        tl.store(partb_ptr + (o_ty[:, None] * n_prog + prog) * TX + o_tx[None, :], acc_b,
+                 mask=(o_ty[:, None] < TY) & (o_tx[None, :] < TX))
+
+
+@triton.jit
+def _query_grads_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,
+    H, W, HEADS, D, D_HALF, qk_scale, scale,  # qk_scale = scale * log2(e)
+    sq_b, sq_h, sq_w, sq_n, sq_d,
+    sk_b, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_h, sv_w, sv_n, sv_d,
+    so_b, so_h, so_w, so_n, so_d,
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
+    sl_b, sl_h, sl_w, sl_n,
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
+    sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
+    KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
+    dil_h: tl.constexpr, dil_w: tl.constexpr,  # constexpr: no runtime integer division
+    TY: tl.constexpr, TX: tl.constexpr, TY_PAD: tl.constexpr, TX_PAD: tl.constexpr,
+    HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
+    HALF: tl.constexpr, TABLE_HALF: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bad = _program(
+        pid,
+        q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr,
+        rpb_ptr, dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr, H, W,
+        HEADS, D, D_HALF, qk_scale, scale, sq_b, sq_h, sq_w,
+        sq_n, sq_d, sk_b, sk_h, sk_w, sk_n, sk_d, sv_b,
+        sv_h, sv_w, sv_n, sv_d, so_b, so_h, so_w, so_n,
+        so_d, sdo_b, sdo_h, sdo_w, sdo_n, sdo_d, sl_b, sl_h,
+        sl_w, sl_n, srh_n, srh_r, srh_d, srw_n, srw_r, srw_d,
+        srp_n, srp_h, srp_w, sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
+        KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD,
+        TX_PAD, HAS_REL, HAS_RPB, BLOCK_H, BLOCK_W, BLOCK_K, BLOCK_D, DOT_F32,
+        ROW_I64, HALF, TABLE_HALF)
+    if bad > 0:  # rare: redo this program's results tap by tap (see _safe_program)
+        _safe_program(
+            pid, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+            dq_ptr, parth_ptr, partw_ptr, partb_ptr, H, W, HEADS, D, D_HALF, scale,
+            sq_b, sq_h, sq_w, sq_n, sq_d, sk_b, sk_h, sk_w, sk_n, sk_d,
+            sv_b, sv_h, sv_w, sv_n, sv_d, so_b, so_h, so_w, so_n, so_d,
+            sdo_b, sdo_h, sdo_w, sdo_n, sdo_d, sl_b, sl_h, sl_w, sl_n,
+            srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
+            sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
+            KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD, TX_PAD, HAS_REL, HAS_RPB,
+            BLOCK_H, BLOCK_W, BLOCK_D, 16)
+
+
+@triton.jit
+def _sum_slots(p_row, count, step, C, o_c, m_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """[BLOCK_C] sums over `count` slots (stride `step` slots of C floats, from p_row) of
+    columns o_c (m_c: valid), in a fixed order: BLOCK_R slots per step, then a tree."""
+    o_r = tl.arange(0, BLOCK_R)
+    o_rc = o_r[:, None] * (step * C) + o_c[None, :]  # int32 inside one block of slots
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for e0 in range(0, count, BLOCK_R):
+        p_blk = p_row + e0 * (step * C)
+        acc += tl.load(p_blk + o_rc, mask=((e0 + o_r) < count)[:, None] & m_c[None, :],
+                       other=0.0)
+    return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -398,62 +528,39 @@ def _reduce_tables_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One program per (output row, head): rel_h rows [0, TY), then rel_w rows [0, TX),
-    then the rpb rows [0, RPB_ROWS = 2*KH - 1). It sums that row over every query-kernel
-    program (of its head, or of all heads for a shared table) in a fixed order: partial
-    buffers hold [tile, head, row, column] with the query kernel's pid as (tile, head)."""
+    then the rpb rows [0, 2*KH - 1). It sums that row over every query-kernel program (of
+    its head, or of all heads for a shared table, by the head-0 program) in a fixed order,
+    scaled already, and stores it in the table's dtype. Partial buffers hold [row, slot,
+    column], the slot being the query kernel's pid = (tile, head): a row's slots are
+    contiguous (every HEADS-th for a per-head table)."""
     r = tl.program_id(0)
     n = tl.program_id(1)
-    o_r = tl.arange(0, BLOCK_R)
+    n_slots = n_prog_tiles.to(tl.int64) * HEADS
     o_c = tl.arange(0, BLOCK_C)
-    if r < TY:  # rel_h row r
+    if r < TY + TX:  # rel_h row r, or rel_w row r - TY
         if HAS_REL:
-            if RELH_SHARED:  # every (tile, head) slot, by the head-0 program
-                count = n_prog_tiles * HEADS
-                step = 1
-                first = 0
-                active = n == 0
+            if r < TY:
+                p_row = parth_ptr + r * n_slots * D_HALF
+                n_c = D_HALF
+                shared = RELH_SHARED
+                p_out = dh_ptr + n * sdh_n + r * sdh_r + o_c * sdh_d
             else:
-                count = n_prog_tiles
-                step = HEADS
-                first = n
-                active = n >= 0
-            if active:
-                acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-                for e0 in range(0, count, BLOCK_R):
-                    e = (e0 + o_r).to(tl.int64) * step + first
-                    acc += tl.load(parth_ptr + (e[:, None] * TY + r) * D_HALF + o_c[None, :],
-                                   mask=((e0 + o_r) < count)[:, None] & (o_c < D_HALF)[None, :],
-                                   other=0.0)
-                tot = tl.sum(acc, axis=0)
-                tl.store(dh_ptr + n * sdh_n + r * sdh_r + o_c * sdh_d,
-                         tot.to(dh_ptr.dtype.element_ty), mask=o_c < D_HALF)
-    elif r < TY + TX:  # rel_w row r - TY
-        if HAS_REL:
-            if RELW_SHARED:
-                count = n_prog_tiles * HEADS
-                step = 1
-                first = 0
-                active = n == 0
+                p_row = partw_ptr + (r - TY) * n_slots * D_W
+                n_c = D_W
+                shared = RELW_SHARED
+                p_out = dw_ptr + n * sdw_n + (r - TY) * sdw_r + o_c * sdw_d
+            if shared:
+                if n == 0:
+                    tot = _sum_slots(p_row, n_prog_tiles * HEADS, 1, n_c, o_c, o_c < n_c,
+                                     BLOCK_R, BLOCK_C)
+                    tl.store(p_out, tot.to(p_out.dtype.element_ty), mask=o_c < n_c)
             else:
-                count = n_prog_tiles
-                step = HEADS
-                first = n
-                active = n >= 0
-            if active:
-                rw = r - TY
-                acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-                for e0 in range(0, count, BLOCK_R):
-                    e = (e0 + o_r).to(tl.int64) * step + first
-                    acc += tl.load(partw_ptr + (e[:, None] * TX + rw) * D_W + o_c[None, :],
-                                   mask=((e0 + o_r) < count)[:, None] & (o_c < D_W)[None, :],
-                                   other=0.0)
-                tot = tl.sum(acc, axis=0)
-                tl.store(dw_ptr + n * sdw_n + rw * sdw_r + o_c * sdw_d,
-                         tot.to(dw_ptr.dtype.element_ty), mask=o_c < D_W)
+                tot = _sum_slots(p_row + n * n_c, n_prog_tiles, HEADS, n_c, o_c, o_c < n_c,
+                                 BLOCK_R, BLOCK_C)
+                tl.store(p_out, tot.to(p_out.dtype.element_ty), mask=o_c < n_c)
     else:  # rpb row rr of (2KH-1, 2KW-1); zeros/mask reach only the middle KH x KW
         if HAS_RPB:
             rr = r - TY - TX
-            n_cols = 2 * KW - 1
             if SHIFT:
                 tr = rr
                 o_tc = o_c
@@ -461,16 +568,12 @@ def _reduce_tables_kernel(
                 tr = rr - KH // 2
                 o_tc = o_c - KW // 2
             m_c = (o_tc >= 0) & (o_tc < TX)
-            acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+            tot = tl.zeros([BLOCK_C], dtype=tl.float32)
             if (tr >= 0) & (tr < TY):
-                for e0 in range(0, n_prog_tiles, BLOCK_R):
-                    e = (e0 + o_r).to(tl.int64) * HEADS + n
-                    acc += tl.load(partb_ptr + (e[:, None] * TY + tr) * TX + o_tc[None, :],
-                                   mask=((e0 + o_r) < n_prog_tiles)[:, None] & m_c[None, :],
-                                   other=0.0)
-            tot = tl.sum(acc, axis=0)
+                tot = _sum_slots(partb_ptr + (tr * n_slots + n) * TX, n_prog_tiles, HEADS, TX,
+                                 o_tc, m_c, BLOCK_R, BLOCK_C)
             tl.store(db_ptr + n * sdb_n + rr * sdb_h + o_c * sdb_w,
-                     tot.to(db_ptr.dtype.element_ty), mask=o_c < n_cols)
+                     tot.to(db_ptr.dtype.element_ty), mask=o_c < 2 * KW - 1)
 
 
 # --- host side --------------------------------------------------------------------------
@@ -656,9 +759,9 @@ def query_grads(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict
     def buffer(*shape) -> torch.Tensor:
         return new_output(shape, torch.float32, dev, _poison)
 
-    part_h = buffer(n_prog, ty_n, d_half) if has_rel else delta
-    part_w = buffer(n_prog, tx_n, d - d_half) if has_rel else delta
-    part_b = buffer(n_prog, ty_n, tx_n) if has_rpb else delta
+    part_h = buffer(ty_n, n_prog, d_half) if has_rel else delta
+    part_w = buffer(tx_n, n_prog, d - d_half) if has_rel else delta
+    part_b = buffer(ty_n, n_prog, tx_n) if has_rpb else delta
     dummy = q  # never read when the flag is off
     # tensor-core table products for half inputs (the interpreter's dot mishandles bf16)
     half = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and not INTERPRETED)
@@ -679,7 +782,7 @@ def query_grads(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict
     )
     if has_rel or has_rpb:
         rows = ty_n + tx_n + (2 * kh - 1 if has_rpb else 0)
-        block_c = max(16, next_pow2(max(d - d_half, 2 * kw - 1)))
+        block_c = next_pow2(max(d - d_half, 2 * kw - 1 if has_rpb else 1))  # no padding
         _reduce_tables_kernel[(rows, heads)](
             part_h, part_w, part_b,
             drel_h if has_rel else delta, drel_w if has_rel else delta,

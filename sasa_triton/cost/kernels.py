@@ -24,10 +24,11 @@ Mapping per kernel (what the trip counts stand for):
   tl.static_range, unrolled by the front end: one row loop per chunk).
 * `_query_grads_kernel` (rows_bwd_query): [key rows: the union of the tile's windows,
   min(BLOCK_H, H) + (KH - 1) * dil_h (zeros; an upper bound for mask and shift)],
-  [the same walk in the non-finite slow pass: 0 trips, it runs only when a non-finite
-  value reached a result]; its column loops are tl.static_range (unrolled).
-* `_reduce_tables_kernel`: [partial slots / BLOCK_R] (the rel rows of a shared table,
-  the longest loop; a lower bound for rows that walk fewer slots).
+  [the non-finite slow pass, query blocks [ty < TY [tx < TX]]: 0 trips, it runs only
+  for programs whose result came out non-finite]; its column loops are tl.static_range (unrolled).
+* `_reduce_tables_kernel`: [rel rows' slots (one walk for rel_h and rel_w unless one is
+  shared and the other per head)], [rpb slots] (partial slots / BLOCK_R; each program
+  takes one branch, so counting all for every program is an upper bound).
 * `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode;
   runtime arguments: KH, KW are constexpr since issue 11 but bound no loop).
 """
@@ -82,12 +83,25 @@ def _offsets(c: dict) -> list[LoopSpec]:  # TY, TX are runtime arguments: never 
 def _rows_bwd_query(c: dict) -> list[LoopSpec]:
     rows = min(c["BLOCK_H"], c["H"]) + (c["KH"] - 1) * c["dil_h"]
     return [LoopSpec("key rows (window union)", rows, exp2=True),
-            LoopSpec("non-finite slow pass (not taken)", 0, exp2=True)]
+            LoopSpec("slow pass: query blocks (not taken)", 0, [
+                LoopSpec("slow pass: offset rows ty<TY", c["TY"],
+                         [LoopSpec("slow pass: offset cols tx<TX", c["TX"], exp2=True)],
+                         exp2=True)], exp2=True)]
 
 
 def _reduce_tables(c: dict) -> list[LoopSpec]:
-    slots = c["n_prog_tiles"] * (c["HEADS"] if c["RELH_SHARED"] else 1)
-    return [LoopSpec("partial slots e0<count", -(-slots // c["BLOCK_R"]), exp2=False)]
+    def walk(name: str, shared: bool) -> LoopSpec:
+        slots = c["n_prog_tiles"] * (c["HEADS"] if shared else 1)
+        return LoopSpec(f"{name} partial slots", -(-slots // c["BLOCK_R"]), exp2=False)
+
+    loops = []
+    if c["HAS_REL"]:  # rel_h and rel_w rows share one walk when both are shared / per head
+        loops.append(walk("rel rows", c["RELH_SHARED"]))
+        if c["RELH_SHARED"] != c["RELW_SHARED"]:
+            loops.append(walk("rel_w rows", c["RELW_SHARED"]))
+    if c["HAS_RPB"]:
+        loops.append(walk("rpb", False))
+    return loops
 
 
 # kernel function name -> loops from the launch arguments (by parameter name)

@@ -621,7 +621,7 @@ def _per_thread(q_shape, args: AttendArgs, config: dict, dtype=torch.bfloat16) -
     bw, bh = _cfg(config, "BLOCK_W"), _cfg(config, "BLOCK_H")
     bk = _block_k(q_shape, args, bw)
     m = bw * bh
-    fp32 = 2 if dtype == torch.float32 else 1  # "ieee" dots: operands held as fp32
+    fp32 = 3 if dtype == torch.float32 else 1  # "ieee" dots: operands held as fp32
     return fp32 * (5 * m * bk + (3 * m + 2 * bk) * head_block(d)) / (
         32 * _cfg(config, "num_warps", 4))
 
@@ -658,13 +658,15 @@ def default_config(q_shape, args: AttendArgs, dtype=torch.bfloat16) -> dict:
     """A tile of M = 64 query pixels (fewer on tiny images) shaped to the window: among
     the row-segment x rows shapes, the one computing the fewest score elements per pixel
     (for k = 7 an 8 x 8 tile: 14 key rows of a 16-column halo, against 7 rows of 64
-    columns for a whole 56-pixel row); M = 32 / 16 for d > 64 / 128. 4 warps (one
+    columns for a whole 56-pixel row); M = 16 for d > 64, half as large for fp32. 4 warps (one
     warpgroup: M = 64 is one wgmma row block), more only while a thread would hold over
-    MAX_PER_THREAD values (fp32 counts double: query_grads passes q's dtype); one stage (the cost
+    MAX_PER_THREAD values (fp32 counts triple: query_grads passes q's dtype); one stage (the cost
     tool reads fewer instructions than with 2; a GPU tuner may still prefer 2)."""
     B, H, W, heads, d = q_shape
     best = None
     m_cap = 64 if head_block(d) <= 64 else 16  # [M, D] tiles
+    if dtype == torch.float32:  # "ieee" dots hold fp32 operands: half the tile
+        m_cap = max(16, m_cap // 2)
     m_target = max(16, min(m_cap, next_pow2(H) * next_pow2(W)))
     for bw in _WIDTHS:
         for bh in _HEIGHTS:

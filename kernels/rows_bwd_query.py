@@ -56,7 +56,8 @@ from .common import (
 
 MAX_BLOCK_K = 256
 MAX_D = 128
-MAX_GRID = 2**31 - 1
+MAX_GRID = 2**31 - 1  # programs of the query kernel (grid axis 0)
+MAX_GRID_Y = 65535  # heads: axis 1 of the reduction's grid
 PREFIX = "Q_"
 
 
@@ -693,10 +694,14 @@ def supports(q_shape, dtype, args: AttendArgs) -> bool:
     """fp16/bf16/fp32, d = 1..MAX_D, every padding and table, halos up to MAX_BLOCK_K
     columns for the narrowest tile (k <= 13 at dilation <= 16 on wide images). Larger d
     spills registers even at 16 queries x 8 warps (fp32 d = 256: 380 bytes): the
-    offsets backward covers it."""
+    offsets backward covers it. Also: heads <= 65535, programs < 2**31."""
     B, H, W, heads, d = q_shape
-    return (dtype in (torch.float16, torch.bfloat16, torch.float32) and 1 <= d <= MAX_D
-            and _block_k(q_shape, args, 16) <= MAX_BLOCK_K)
+    if not (dtype in (torch.float16, torch.bfloat16, torch.float32) and 1 <= d <= MAX_D
+            and _block_k(q_shape, args, 16) <= MAX_BLOCK_K and heads <= MAX_GRID_Y):
+        return False
+    cfg = default_config(q_shape, args, dtype)  # grid: one program per (tile, head)
+    tiles = B * -(-H // cfg["Q_BLOCK_H"]) * -(-W // cfg["Q_BLOCK_W"])
+    return tiles * heads <= MAX_GRID
 
 
 def _check(config: dict, q_shape, args: AttendArgs) -> None:

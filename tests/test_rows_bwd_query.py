@@ -196,3 +196,19 @@ def test_query_grads_nonfinite_stay_in_their_windows():
             assert problem is None, f"{c['desc']}: {problem}"
         partial += 0 < int((~want_grads["q"].isfinite()).sum()) < dq.numel()
     assert partial >= 2, "too few cases with a partial non-finite pattern"
+
+
+@pytest.mark.parametrize("shape", [(32, 56, 56, 8, 8), (32, 28, 28, 8, 16), (32, 14, 14, 8, 32),
+                                   (32, 7, 7, 8, 64), (8, 128, 128, 4, 16), (1, 3, 4, 2, 1),
+                                   (1, 64, 64, 2, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_default_config_is_kept_by_prune(shape, dtype):
+    """The default (the tile the heuristic picks) is in the search space and survives
+    prune, so the tuner's table and the launcher agree; M = 64 on the suite shapes."""
+    q = torch.zeros(1, *shape[1:])
+    args = check_attend_args(q, q, q, 7, 1, "zeros", None, None, None, None)
+    default = mod.default_config(shape, args, dtype)
+    assert default in mod.search_space()
+    assert default in mod.prune(mod.search_space(), shape, args)
+    if shape[4] <= 64 and dtype != torch.float32 and shape[1] * shape[2] >= 64:
+        assert default["Q_BLOCK_W"] * default["Q_BLOCK_H"] == 64

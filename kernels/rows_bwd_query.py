@@ -2,11 +2,13 @@
 table gradients, deterministic (no atomics).
 
 What a program owns: a tile of M = BLOCK_H x BLOCK_W query pixels (BLOCK_H image rows,
-each a row segment of BLOCK_W columns, whole rows where the image allows) of one batch b
-and one head n. It loads their q, out, dout and lse once, writes delta = rowsum(dout *
-out) for kernel 2 (rows_bwd_key), and walks the key rows that its queries' windows cover
-(their union; each key row is loaded once and serves every query row whose window holds
-it). Per key row y, with the row's k/v halo of BLOCK_K columns:
+each a row segment of BLOCK_W columns) of one batch b and one head n; M = 64 on the suite
+shapes (8 x 8 for k = 7: 14 key rows of a 16-column halo, the fewest score elements per
+pixel; whole 56-pixel rows would need 7 rows of 64 columns, 2.3x more). It loads their
+q, out, dout and lse once, writes delta = rowsum(dout * out) for kernel 2 (rows_bwd_key),
+and walks the key rows that its queries' windows cover (their union; each key row is
+loaded once and serves every query row whose window holds it). Per key row y, with the
+row's k/v halo of BLOCK_K columns:
     S  = Q K^T                     tl.dot [M, D] @ [D, BK]
     S  = S*scale*log2(e) + column bias + row bias (+ rpb);  P = exp2(S - lse*log2(e))
     dP = dO V^T                    tl.dot [M, D] @ [D, BK]
@@ -25,6 +27,13 @@ whole 2k-1 table. The partials go to per-program buffers that `_reduce_tables_ke
 sums in a fixed order (one more launch), scaling, summing over heads for 2-D tables and
 casting to the table dtype.
 
+Non-finite inputs: a NaN / inf outside some query's window reaches that query's results
+only through a 0 * NaN inside a product (dS K, G rel, G^T Q, the rpb one-hot product).
+A program whose results come out non-finite stores nothing but delta and is redone by
+`_safe_program`: the same results one window offset at a time on CUDA cores, every dead
+(query, tap) product left out (the offsets backward's arithmetic), so NaN / inf reach
+exactly the gradients whose windows hold them. It never runs on finite inputs.
+
 Supported: every padding mode, dilation, odd kh/kw with BLOCK_K <= 256, shared/per-head
 rel tables, rpb, fp16/bf16/fp32 (fp32 and the table products use input_precision="ieee"),
 d = 1..128 (larger d spills: `supports` says no). Any strides; 64-bit base offsets.
@@ -39,7 +48,6 @@ import triton.language as tl
 
 from sasa_triton.types import AttendArgs
 
-from .offsets_bwd import _key_of_query
 from .common import (
     INTERPRETED,
     LOG2E,
@@ -53,6 +61,7 @@ from .common import (
     row_offsets_fit_i32,
     window_start,
 )
+from .offsets_bwd import _key_of_query
 
 MAX_BLOCK_K = 256
 MAX_D = 128
@@ -73,8 +82,6 @@ def _table_dot(a, b, HALF: tl.constexpr):
         return tl.dot(a_hi, b) + tl.dot(a_lo, b)
     else:
         return tl.dot(a, b.to(tl.float32), input_precision="ieee")
-
-
 
 
 @triton.jit

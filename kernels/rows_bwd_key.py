@@ -201,7 +201,7 @@ def _key_bwd_kernel(
             if HAS_REL:
                 b_t = tl.dot(b_relt, tl.trans(b_q), input_precision="ieee")  # [TP, D] @ [D, N]
                 o_r2 = tl.broadcast_to(o_relr[:, None], (BLOCK_M, BLOCK_N))
-                b_s += tl.gather(b_t, o_r2, 0)  # [M, N]
+                b_s += tl.gather(b_t, o_r2, 0) + tl.gather(b_t, o_relc, 0)  # [M, N]
             b_s = b_s * qk_scale - (b_lse * LOG2E)[None, :]
             if HAS_RPB:
                 p_rpb = p_rpb0 + o_rpbr[:, None] * srp_h + o_rpbc * srp_w

@@ -71,20 +71,20 @@ def _row_taps(y, i, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr):
 
 @triton.jit
 def _row_is_live(i, y0, rows, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr):
-    """Whether some key row y0 .. y0 + rows - 1 (inside the image) lies in query row i's
-    window (scalar arithmetic: no reduction over the tile)."""
+    """Whether some key row y0 .. y0 + rows - 1 (inside the image) lies in the window of
+    query row i (0 <= i < H; scalar arithmetic, no reduction over the tile)."""
     start, off = window_start(i, H, KH, dil_h, SHIFT)
     lo = tl.maximum(y0, start)
     hi = tl.minimum(tl.minimum(y0 + rows, H) - 1, start + (KH - 1) * dil_h)
     first = lo + (dil_h - (lo - start) % dil_h) % dil_h  # first y >= lo on i's tap grid
-    return (i >= 0) & (i < H) & (first <= hi)
+    return first <= hi
 
 
 @triton.jit
 def _key_bwd_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, relh_ptr, relw_ptr, rpb_ptr,
     dk_ptr, dv_ptr,
-    H, W, HEADS, D, D_HALF, ROWS, COLS, N_SEG, HALO_H, HALO_W, QROWS,
+    H, W, HEADS, D, D_HALF, ROWS, COLS, N_SEG, HALO_H, HALO_W,
     sq_b, sq_h, sq_w, sq_n, sq_d,
     sk_b, sk_h, sk_w, sk_n, sk_d,
     sv_b, sv_h, sv_w, sv_n, sv_d,
@@ -166,8 +166,9 @@ def _key_bwd_kernel(
 
     # RelT [TP, D]: rel_h rows in the first D_HALF channels, then rel_w rows in the rest
     b_relt = tl.zeros([TP, BLOCK_D], dtype=q_ptr.dtype.element_ty)
+    o_tp = tl.arange(0, TP)
     if HAS_REL:
-        o_t = tl.arange(0, TP)
+        o_t = o_tp
         m_th = (o_t < TH)[:, None] & (o_d < D_HALF)[None, :]
         p_rh = relh_ptr + n64 * srh_n + o_t[:, None] * srh_r + o_d[None, :] * srh_d
         b_rh = tl.load(p_rh, mask=m_th, other=0.0)
@@ -182,11 +183,13 @@ def _key_bwd_kernel(
 
     acc_dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    i_lo = y0 - HALO_H
-    for r in range(0, QROWS):
-        i = i_lo + r
+    # query rows whose windows may hold the tile's keys (the rows in between that only
+    # dilation skips are tested by _row_is_live)
+    i_lo = tl.maximum(y0 - HALO_H, 0)
+    i_hi = tl.minimum(y0 + ROWS + HALO_H, H)
+    for i in range(i_lo, i_hi):
         if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
-            i64 = i.to(tl.int64)
+            i64 = i_lo.to(tl.int64) + (i - i_lo)  # (the interpreter iterates Python ints)
             b_q = tl.load(p_q0 + i64 * sq_h + o_qjd, mask=m_jd, other=0.0)  # [N, D]
             b_do = tl.load(p_do0 + i64 * sdo_h + o_dojd, mask=m_jd, other=0.0)  # [N, D]
             b_lse = tl.load(p_l0 + i64 * sl_h + o_jr * sl_w, mask=m_j, other=0.0)  # [N]
@@ -200,8 +203,10 @@ def _key_bwd_kernel(
             b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N] -> [M, N]
             if HAS_REL:
                 b_t = tl.dot(b_relt, tl.trans(b_q), input_precision="ieee")  # [TP, D] @ [D, N]
-                o_r2 = tl.broadcast_to(o_relr[:, None], (BLOCK_M, BLOCK_N))
-                b_s += tl.gather(b_t, o_r2, 0) + tl.gather(b_t, o_relc, 0)  # [M, N]
+                b_s += tl.gather(b_t, o_relc, 0)  # column part: T[col(m, j), j]
+                # row part, T[row(m), j]: a one-hot [M, TP] @ T [TP, N] on the tensor cores
+                b_hot = tl.where(o_relr[:, None] == o_tp[None, :], 1.0, 0.0).to(b_relt.dtype)
+                b_s = tl.dot(b_hot, b_t.to(b_relt.dtype), b_s, input_precision="ieee")
             b_s = b_s * qk_scale - (b_lse * LOG2E)[None, :]
             if HAS_RPB:
                 p_rpb = p_rpb0 + o_rpbr[:, None] * srp_h + o_rpbc * srp_w
@@ -369,7 +374,7 @@ def key_grads(q, k, v, dout, lse, delta, args: AttendArgs, config: Optional[dict
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
         dk, dv,
-        H, W, heads, d, d // 2, rows, cols, n_seg, halo_h, halo_w, qrows,
+        H, W, heads, d, d // 2, rows, cols, n_seg, halo_h, halo_w,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *delta.stride(),
         *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
         *dk.stride(), *dv.stride(),

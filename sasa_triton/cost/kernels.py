@@ -22,6 +22,9 @@ Mapping per kernel (what the trip counts stand for):
   [window rows, a < KH [window columns, c < KW]].
 * `_tile2d_fwd_kernel`: NCHUNK x [window rows, a < KH] (the column-chunk loop is a
   tl.static_range, unrolled by the front end: one row loop per chunk).
+* `_key_bwd_kernel` (rows_bwd_key): [query rows i_lo <= i < i_hi], runtime bounds: the
+  key tile's ROWS rows plus HALO_H on each side, clipped to the image (the mean over the
+  row blocks; rows that dilation skips count as full trips: an upper bound).
 * `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode;
   runtime arguments: KH, KW are constexpr since issue 11 but bound no loop).
 """
@@ -73,6 +76,13 @@ def _offsets(c: dict) -> list[LoopSpec]:  # TY, TX are runtime arguments: never 
     return [LoopSpec("offset rows ty<TY", c["TY"], [LoopSpec("offset cols tx<TX", c["TX"])])]
 
 
+def _key_bwd(c: dict) -> list[LoopSpec]:
+    H, rows, halo = c["H"], c["ROWS"], c["HALO_H"]
+    blocks = range(0, H, rows)
+    trips = sum(min(H, y0 + rows + halo) - max(0, y0 - halo) for y0 in blocks) / len(blocks)
+    return [LoopSpec("query rows i_lo<=i<i_hi", round(trips), exp2=True)]
+
+
 # kernel function name -> loops from the launch arguments (by parameter name)
 LOOPS: dict[str, Callable[[dict], list[LoopSpec]]] = {
     "_tiled_fwd_kernel": _tiled,
@@ -80,6 +90,7 @@ LOOPS: dict[str, Callable[[dict], list[LoopSpec]]] = {
     "_tile2d_fwd_kernel": _tile2d,
     "_dq_kernel": _offsets,
     "_dkv_kernel": _offsets,
+    "_key_bwd_kernel": _key_bwd,
 }
 
 

@@ -1,0 +1,65 @@
+"""rows_bwd_key compiled for an H100 (sm_90) as key_grads launches it, without a GPU.
+
+A subprocess runs key_grads on CPU tensors with the kernel swapped for a recorder and
+compiles each recorded launch with Triton's compiler and ptxas (see aot_sm90.py): the
+suite shapes (s1..s4, det: bf16, k 7, zeros, shared rel) and feature combinations that
+change the kernel (mask, shift with dilation, per-head rel, rpb, fp16, fp32, d = 80,
+row segments). No launch may spill more than a few words.
+"""
+import re
+
+import torch
+
+from cases import Case, make_inputs
+
+SPECS = [  # (case, dtype, layout)
+    (Case(B=2, H=56, W=56, heads=8, d=8, k=7, rel="shared"), torch.bfloat16, "contiguous"),
+    (Case(B=2, H=28, W=28, heads=8, d=16, k=7, rel="shared"), torch.bfloat16, "contiguous"),
+    (Case(B=2, H=14, W=14, heads=8, d=32, k=7, rel="shared"), torch.bfloat16, "contiguous"),
+    (Case(B=2, H=7, W=7, heads=8, d=64, k=7, rel="shared"), torch.bfloat16, "contiguous"),
+    (Case(B=1, H=128, W=128, heads=4, d=16, k=7, rel="shared"), torch.bfloat16, "contiguous"),
+    (Case(B=2, H=12, W=40, heads=4, d=16, k=(3, 5), dilation=(1, 2), padding="mask",
+          rel="per_head", rpb=True), torch.float16, "channels_last"),
+    (Case(B=2, H=12, W=20, heads=2, d=80, k=5, dilation=2, padding="shift", rel="shared",
+          rpb=True), torch.float32, "nchw_view"),
+]
+
+
+def _compile_all() -> None:
+    from sasa_triton.args import check_attend_args
+    from sasa_triton.kernels import rows_bwd_key
+
+    from aot_sm90 import compile_launch, record_launches
+
+    for case, dtype, layout in SPECS:
+        q, k, v, kw = make_inputs(case, dtype, layout)
+        args = check_attend_args(q, k, v, case.k, kw["dilation"], kw["padding"],
+                                 kw.get("rel_h"), kw.get("rel_w"), kw.get("rpb"), kw["scale"])
+        lse = torch.zeros(q.shape[:4])
+        config = rows_bwd_key.default_config(tuple(q.shape), args)
+        with record_launches(rows_bwd_key, ["_key_bwd_kernel"]) as recorders:
+            rows_bwd_key.key_grads(q, k, v, q, lse, lse, args)
+        (call,) = recorders["_key_bwd_kernel"].calls
+        _, usage = compile_launch(recorders["_key_bwd_kernel"].fn, *call)
+        print("compiled", case.id, dtype, layout, config, usage, flush=True)
+
+
+def test_key_kernel_compiles_for_sm90_without_spills():
+    from aot_sm90 import run_in_subprocess
+
+    proc = run_in_subprocess(__file__, "--aot-compile")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("compiled")]
+    assert len(lines) == len(SPECS), proc.stdout[-4000:]
+    assert all("'regs'" in ln for ln in lines), "no ptxas usage:\n" + "\n".join(lines)
+    stores = [int(re.search(r"'spill_stores': (\d+)", ln).group(1)) for ln in lines]
+    assert max(stores) <= 16, "a launch spills registers:\n" + "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    if "--aot-compile" in sys.argv:
+        _compile_all()

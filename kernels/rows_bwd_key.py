@@ -146,10 +146,22 @@ def _key_bwd_kernel(
     o_c = dxc // dil_w
     m_col = (dx >= 0) & (dxc - o_c * dil_w == 0) & (o_c < KW) & m_j[None, :] & m_key[:, None]
     o_rpbc = tl.where(m_col, off_x[None, :] + o_c + KW - 1, 0)  # rpb column (every mode)
+    # Column part of the rel bias: key columns of the tile lie in [j0, j0 + BLOCK_N) too,
+    # so T[col tap(x, j), j] = A_col @ Band, A_col [M, N] the one-hot of each key's column
+    # (fixed per program) and Band [N, N] (key column u, query column j) gathered from
+    # T per query row: a gather on [N, N] instead of [M, N].
+    o_u = j0 + tl.arange(0, BLOCK_N)  # key columns (rows of Band)
+    b_acol = tl.where(x[:, None] == o_u[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty)
+    if DOT_F32:
+        b_acol = b_acol.to(tl.float32)
+    du = o_u[:, None] - start_x[None, :]  # [N, N]
+    duc = tl.maximum(du, 0)
+    o_cu = duc // dil_w
+    m_band = (du >= 0) & (duc - o_cu * dil_w == 0) & (o_cu < KW)
     if SHIFT:
-        o_relc = o_rpbc + TH  # row of RelT holding the rel_w row of the tap
+        o_band = tl.where(m_band, off_x[None, :] + o_cu + KW - 1, 0) + TH  # RelT row
     else:
-        o_relc = tl.where(m_col, o_c, 0) + TH
+        o_band = tl.where(m_band, o_cu, 0) + TH
     if ROW_I64:
         o_jr = o_j.to(tl.int64)
         o_dr = o_d.to(tl.int64)
@@ -203,7 +215,8 @@ def _key_bwd_kernel(
             b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N] -> [M, N]
             if HAS_REL:
                 b_t = tl.dot(b_relt, tl.trans(b_q), input_precision="ieee")  # [TP, D] @ [D, N]
-                b_s += tl.gather(b_t, o_relc, 0)  # column part: T[col(m, j), j]
+                b_band = tl.gather(b_t, o_band, 0).to(b_relt.dtype)  # [N, N]
+                b_s = tl.dot(b_acol, b_band, b_s, input_precision="ieee")  # [M, N] @ [N, N]
                 # row part, T[row(m), j]: a one-hot [M, TP] @ T [TP, N] on the tensor cores
                 b_hot = tl.where(o_relr[:, None] == o_tp[None, :], 1.0, 0.0).to(b_relt.dtype)
                 b_s = tl.dot(b_hot, b_t.to(b_relt.dtype), b_s, input_precision="ieee")
@@ -237,10 +250,11 @@ def _key_bwd_kernel(
 # reads only its "K_" keys. K_BLOCK_M: key slots per program; K_BLOCK_N: query columns
 # per query row (a power of two; the key tile's column segment is sized to fit it).
 
-_BLOCK_M = (16, 32, 64, 128)
+_BLOCK_M = (16, 32, 64, 128, 256)
 _BLOCK_N = (16, 32, 64, 128, 256)
-_WARPS = (2, 4, 8)
+_WARPS = (1, 2, 4, 8)
 _STAGES = (1, 2)
+_MAX_PER_THREAD = 210  # _per_thread bound of the configs kept (no spills at sm_90)
 KEYS = ("K_BLOCK_M", "K_BLOCK_N", "K_num_warps", "K_num_stages")
 
 
@@ -274,9 +288,11 @@ def _tile(q_shape, args: AttendArgs, block_m: int, block_n: int) -> Optional[tup
 
 
 def _per_thread(block_m: int, block_n: int, block_d: int, num_warps: int) -> float:
-    """Rough live values per thread: a few [M, N] score tiles, k, v and the two
-    accumulators [M, D], q and dout [N, D]."""
-    return (3 * block_m * block_n + 4 * block_m * block_d + 2 * block_n * block_d) / (
+    """Rough live values per thread: k, v and the two fp32 accumulators [M, D], q and
+    dout [N, D] with their transposes, the [M, N] score tiles. Against ptxas for sm_90
+    (Triton 3.9, 16-bit inputs): 136 -> 177 registers, 176 -> 228, 208 -> 242, none
+    spilling; 224 spills (d = 80 at 4 warps)."""
+    return (3 * block_m * block_d + 3 * block_n * block_d + 4 * block_m * block_n) / (
         32 * num_warps)
 
 
@@ -293,7 +309,8 @@ def _fits(config: dict, q_shape, args: AttendArgs) -> bool:
         return False  # tiles much larger than the image
     if _tile(q_shape, args, bm, bn) is None:
         return False
-    return _per_thread(bm, bn, head_block(d), nw) <= 96 and nw * 16 <= max(bm, bn)
+    bd = head_block(d)
+    return _per_thread(bm, bn, bd, nw) <= _MAX_PER_THREAD and nw * 16 <= max(bm, bn, bd)
 
 
 def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
@@ -303,23 +320,24 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
 
 
 def default_config(q_shape, args: AttendArgs) -> dict:
-    """Query sub-tiles 16 wide for images up to 16 columns, else the narrowest of 32..256
-    that holds the whole row or a segment of >= 16 keys plus its halo (narrow score tiles:
-    a query row meets only kw columns of each key row); 64 key slots (fewer for large d,
-    more when a whole row needs them); 4 warps (8 for the largest tiles)."""
+    """The narrowest query sub-tile (16, 32, ... 256) that holds the whole row or a
+    segment of min(half its width, 16) keys plus the halo: a query row meets only kw
+    columns of each key row, so narrow score tiles waste least. 32 key slots (16 for
+    d > 64), 1 warp up to d = 32, 2 up to 64, 4 above, more while the tile would spill;
+    more slots when a whole row needs them. Cost-tool readings: docs/rows_bwd_key.md."""
     B, H, W, heads, d = q_shape
     halo_w = _halos(args)[1]
-    bn = 16 if W <= 16 else next(
-        (n for n in _BLOCK_N[1:] if W <= n or n - 2 * halo_w >= 16), _BLOCK_N[-1])
+    bn = next((n for n in _BLOCK_N if W <= n or n - 2 * halo_w >= min(n // 2, 16)),
+              _BLOCK_N[-1])
     bd = head_block(d)
-    bm = 64 if bd <= 64 else 32 if bd <= 128 else 16
-    tile = _tile(q_shape, args, 128, bn)
+    bm = 32 if bd <= 64 else 16
+    tile = _tile(q_shape, args, 256, bn)
     if tile is not None:
         bm = max(bm, next_pow2(tile[1]))  # a tile holds at least one segment
     bm = min(bm, max(16, next_pow2(H * W)))
-    nw = 8 if _per_thread(bm, bn, bd, 4) > 64 else 4
-    while nw > 1 and nw * 16 > max(bm, bn):
-        nw //= 2
+    nw = 1 if bd <= 32 else 2 if bd <= 64 else 4
+    while nw < 8 and _per_thread(bm, bn, bd, nw) > _MAX_PER_THREAD:
+        nw *= 2
     return {"K_BLOCK_M": bm, "K_BLOCK_N": bn, "K_num_warps": nw, "K_num_stages": 1}
 
 
@@ -367,6 +385,8 @@ def key_grads(q, k, v, dout, lse, delta, args: AttendArgs, config: Optional[dict
     th, tw = (2 * kh - 1, 2 * kw - 1) if shift else (kh, kw)
     halo_h, halo_w = _halos(args)
     launch = {key[2:]: config[key] for key in ("K_num_warps", "K_num_stages") if key in config}
+    if q.dtype == torch.float32:  # fp32 dots run on CUDA cores: 2-4x the registers
+        launch["num_warps"] = min(8, max(4, 2 * launch.get("num_warps", 4)))
     grid = (B * triton.cdiv(H, rows) * n_seg * heads,)
     dummy = q  # never read when the flag is off
     _key_bwd_kernel[grid](

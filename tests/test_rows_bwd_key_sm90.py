@@ -22,6 +22,8 @@ SPECS = [  # (case, dtype, layout)
           rel="per_head", rpb=True), torch.float16, "channels_last"),
     (Case(B=2, H=12, W=20, heads=2, d=80, k=5, dilation=2, padding="shift", rel="shared",
           rpb=True), torch.float32, "nchw_view"),
+    (Case(B=2, H=28, W=28, heads=2, d=16, k=7, rel="per_head", rpb=True), torch.float32,
+     "contiguous"),
 ]
 
 

@@ -237,6 +237,83 @@ def _key_bwd_kernel(
                 b_dsl = b_dsl.to(tl.float32)
             acc_dk += tl.dot(b_dsl, b_q, input_precision="ieee")  # [M, N] @ [N, D] -> [M, D]
 
+    # Rare slow pass: a non-finite value reached the accumulators. It may be a NaN/inf
+    # that a dot spread over the tile from outside some pair's window: 0 * inf in the
+    # one-hot rel dots, P^T dO or dS^T Q. Per-pair products (K Q^T, T = RelT Q^T,
+    # V dO^T) are exact, so recompute with the summed operands' non-finite entries
+    # zeroed (rel terms' infinities carried as counts), and set the (key, channel) gradients that a non-finite value reaches
+    # through a pair of some window to NaN, counted with 0/1 indicator dots in fp16.
+    m_fin = (tl.abs(acc_dk) < float("inf")) & (tl.abs(acc_dv) < float("inf"))
+    if tl.max(tl.max(tl.where(m_fin, 0, 1), axis=1), axis=0) > 0:
+        acc_dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc_dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        bad_dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        bad_dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        b_acol16 = b_acol.to(tl.float16)
+        for i in range(i_lo, i_hi):
+            if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
+                i64 = i_lo.to(tl.int64) + (i - i_lo)
+                b_q = tl.load(p_q0 + i64 * sq_h + o_qjd, mask=m_jd, other=0.0)
+                b_do = tl.load(p_do0 + i64 * sdo_h + o_dojd, mask=m_jd, other=0.0)
+                b_lse = tl.load(p_l0 + i64 * sl_h + o_jr * sl_w, mask=m_j, other=0.0)
+                b_delta = tl.load(p_dl0 + i64 * sdl_h + o_jr * sdl_w, mask=m_j, other=0.0)
+                if DOT_F32:
+                    b_q = b_q.to(tl.float32)
+                    b_do = b_do.to(tl.float32)
+                m_qok = tl.abs(b_q.to(tl.float32)) < float("inf")  # [N, D]
+                m_dook = tl.abs(b_do.to(tl.float32)) < float("inf")
+                m_row, o_relr, o_rpbr = _row_taps(y, i, H, KH, dil_h, SHIFT)
+                m_win = m_col & m_row[:, None]
+                b_win = tl.where(m_win, 1.0, 0.0).to(tl.float16)
+
+                b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # exact per pair
+                if HAS_REL:
+                    b_t = tl.dot(b_relt, tl.trans(b_q), input_precision="ieee")  # per pair
+                    # non-finite rel terms travel as counts: +inf 1, -inf 4, NaN 16 (a
+                    # pair has two terms, so the counts stay apart), exact in fp16 dots
+                    m_tok = tl.abs(b_t) < float("inf")
+                    b_code = tl.where(b_t != b_t, 16.0,
+                                      tl.where(m_tok, 0.0, tl.where(b_t > 0, 1.0, 4.0)))
+                    b_code = b_code.to(tl.float16)
+                    b_t = tl.where(m_tok, b_t, 0.0)
+                    b_band = tl.gather(b_t, o_band, 0).to(b_relt.dtype)
+                    b_s = tl.dot(b_acol, b_band, b_s, input_precision="ieee")
+                    b_hot = tl.where(o_relr[:, None] == o_tp[None, :], 1.0, 0.0)
+                    b_s = tl.dot(b_hot.to(b_relt.dtype), b_t.to(b_relt.dtype), b_s,
+                                 input_precision="ieee")
+                    b_cnt = tl.dot(b_hot.to(tl.float16), b_code)  # [M, TP] @ [TP, N]
+                    b_cnt = tl.dot(b_acol16, tl.gather(b_code, o_band, 0), b_cnt)
+                    o_cnt = b_cnt.to(tl.int32)
+                    b_s += tl.where(o_cnt % 4 > 0, float("inf"), 0.0)
+                    b_s += tl.where(o_cnt % 16 >= 4, float("-inf"), 0.0)  # inf - inf: NaN
+                    b_s = tl.where(o_cnt >= 16, float("nan"), b_s)
+                b_s = b_s * qk_scale - (b_lse * LOG2E)[None, :]
+                if HAS_RPB:
+                    p_rpb = p_rpb0 + o_rpbr[:, None] * srp_h + o_rpbc * srp_w
+                    b_s += tl.load(p_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
+                b_p = tl.where(m_win, tl.exp2(b_s), 0.0)
+                m_pbad = m_win & ~(tl.abs(b_p) < float("inf"))  # NaN or inf logit / lse
+                b_p = tl.where(m_pbad, 0.0, b_p)
+                b_dos = tl.where(m_dook, b_do, tl.zeros_like(b_do))
+                b_pl = b_p.to(do_ptr.dtype.element_ty)
+                if DOT_F32:
+                    b_pl = b_pl.to(tl.float32)
+                acc_dv += tl.dot(b_pl, b_dos, input_precision="ieee")
+                bad_dv += tl.dot(b_win, tl.where(m_dook, 0.0, 1.0).to(tl.float16))
+                bad_dv += tl.sum(tl.where(m_pbad, 1.0, 0.0), axis=1)[:, None]
+                b_dp = tl.dot(b_v, tl.trans(b_do), input_precision="ieee")  # exact per pair
+                b_ds = b_p * (b_dp - b_delta[None, :])
+                m_sbad = m_pbad | (m_win & ~(tl.abs(b_ds) < float("inf")))
+                b_dsl = tl.where(m_win & ~m_sbad, b_ds, 0.0).to(q_ptr.dtype.element_ty)
+                if DOT_F32:
+                    b_dsl = b_dsl.to(tl.float32)
+                acc_dk += tl.dot(b_dsl, tl.where(m_qok, b_q, tl.zeros_like(b_q)),
+                                 input_precision="ieee")
+                bad_dk += tl.dot(b_win, tl.where(m_qok, 0.0, 1.0).to(tl.float16))
+                bad_dk += tl.sum(tl.where(m_sbad, 1.0, 0.0), axis=1)[:, None]
+        acc_dk = tl.where(bad_dk > 0, float("nan"), acc_dk)
+        acc_dv = tl.where(bad_dv > 0, float("nan"), acc_dv)
+
     p_dk = (dk_ptr + b64 * sdk_b + n64 * sdk_n + (y64 * sdk_h + x64 * sdk_w)[:, None]
             + o_d[None, :] * sdk_d)
     tl.store(p_dk, (acc_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)

@@ -135,3 +135,40 @@ def test_bit_identical_on_repeat():
     second = rows_bwd_key.key_grads(q, k, v, dout, lse, delta, args)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_nonfinite_inputs_stay_in_their_windows():
+    """NaN / inf planted in q, k, v or a table reaches only the dk / dv entries whose
+    windows hold it (the slow pass), with the oracle's values elsewhere: the cases and
+    checks of test_nonfinite.py, for this kernel alone."""
+    from fuzz_cases import FLOOR, coarser, mismatch, own_out_gradients
+    from test_nonfinite import _args as nonfinite_args
+    from test_nonfinite import _oracle as nonfinite_oracle
+    from test_nonfinite import nonfinite_case
+
+    from sasa_triton.reference import reference_forward
+
+    partial = 0
+    for seed in range(5000, 5012):
+        c = nonfinite_case(seed)
+        t, args = c["t"], nonfinite_args(c)
+        leaves = {n: x.double().requires_grad_() for n, x in t.items()}
+        want, want_lse = nonfinite_oracle(c, leaves)
+        dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed),
+                           dtype=torch.float64).to(c["dtype"]).double()
+        out, lse = reference_forward(t["q"], t["k"], t["v"], args)
+        grads = own_out_gradients(out, want, want_lse, dout, list(leaves.values()))
+        want_grads = dict(zip(leaves, grads))
+        delta = (dout.float() * out.float()).sum(-1).contiguous()
+        dk, dv = rows_bwd_key.key_grads(t["q"], t["k"], t["v"], dout.to(c["dtype"]), lse,
+                                        delta, args, _poison=True)
+        finite = [g[g.isfinite()].abs().max().item() for g in want_grads.values()
+                  if g.isfinite().any()]
+        largest = max(finite, default=1.0)
+        for name, got in (("k", dk), ("v", dv)):
+            tol = coarser(c["dtype"], t[name].dtype)
+            problem = mismatch(f"grad of {name}", got, want_grads[name], tol,
+                               FLOOR[tol] * largest)
+            assert problem is None, f"{c['desc']}: {problem}"
+        partial += 0 < int((~want_grads["k"].isfinite()).sum()) < want_grads["k"].numel()
+    assert partial >= 3, "too few cases with a partial non-finite pattern"

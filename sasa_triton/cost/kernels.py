@@ -24,7 +24,9 @@ Mapping per kernel (what the trip counts stand for):
   tl.static_range, unrolled by the front end: one row loop per chunk).
 * `_key_bwd_kernel` (rows_bwd_key): [query rows i_lo <= i < i_hi], runtime bounds: the
   key tile's ROWS rows plus HALO_H on each side, clipped to the image (the mean over the
-  row blocks; rows that dilation skips count as full trips: an upper bound).
+  row blocks; rows that dilation skips count as full trips: an upper bound), then
+  [non-finite slow pass over the same rows: 0 trips, it runs only when a non-finite
+  value reached the accumulators].
 * `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode;
   runtime arguments: KH, KW are constexpr since issue 11 but bound no loop).
 """
@@ -80,7 +82,8 @@ def _key_bwd(c: dict) -> list[LoopSpec]:
     H, rows, halo = c["H"], c["ROWS"], c["HALO_H"]
     blocks = range(0, H, rows)
     trips = sum(min(H, y0 + rows + halo) - max(0, y0 - halo) for y0 in blocks) / len(blocks)
-    return [LoopSpec("query rows i_lo<=i<i_hi", round(trips), exp2=True)]
+    return [LoopSpec("query rows i_lo<=i<i_hi", round(trips), exp2=True),
+            LoopSpec("non-finite slow pass (not taken)", 0, exp2=True)]
 
 
 # kernel function name -> loops from the launch arguments (by parameter name)

@@ -99,7 +99,7 @@ def _key_bwd_kernel(
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, TP: tl.constexpr,  # rel_h / rel_w rows, padded sum
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
+    ROWS_P: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
 ):
     SHIFT: tl.constexpr = PADDING == 2
     # head fastest: the heads of one key tile run side by side (full cache sectors)
@@ -154,6 +154,12 @@ def _key_bwd_kernel(
     b_acol = tl.where(x[:, None] == o_u[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty)
     if DOT_F32:
         b_acol = b_acol.to(tl.float32)
+    # Row part likewise: A_row [M, RP] one-hot of each key's row in the tile (fixed per
+    # program) @ Brow [RP, N] = T[rel row of tile row r for query row i, j] per query row.
+    o_r = tl.arange(0, ROWS_P)
+    b_arow = tl.where((o_m // COLS)[:, None] == o_r[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty)
+    if DOT_F32:
+        b_arow = b_arow.to(tl.float32)
     du = o_u[:, None] - start_x[None, :]  # [N, N]
     duc = tl.maximum(du, 0)
     o_cu = duc // dil_w
@@ -178,9 +184,8 @@ def _key_bwd_kernel(
 
     # RelT [TP, D]: rel_h rows in the first D_HALF channels, then rel_w rows in the rest
     b_relt = tl.zeros([TP, BLOCK_D], dtype=q_ptr.dtype.element_ty)
-    o_tp = tl.arange(0, TP)
     if HAS_REL:
-        o_t = o_tp
+        o_t = tl.arange(0, TP)
         m_th = (o_t < TH)[:, None] & (o_d < D_HALF)[None, :]
         p_rh = relh_ptr + n64 * srh_n + o_t[:, None] * srh_r + o_d[None, :] * srh_d
         b_rh = tl.load(p_rh, mask=m_th, other=0.0)
@@ -209,7 +214,7 @@ def _key_bwd_kernel(
             if DOT_F32:
                 b_q = b_q.to(tl.float32)
                 b_do = b_do.to(tl.float32)
-            m_row, o_relr, o_rpbr = _row_taps(y, i, H, KH, dil_h, SHIFT)  # [M]
+            m_row, o_unused, o_rpbr = _row_taps(y, i, H, KH, dil_h, SHIFT)  # [M]
             m_win = m_col & m_row[:, None]  # [M, N]
 
             b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N] -> [M, N]
@@ -217,9 +222,10 @@ def _key_bwd_kernel(
                 b_t = tl.dot(b_relt, tl.trans(b_q), input_precision="ieee")  # [TP, D] @ [D, N]
                 b_band = tl.gather(b_t, o_band, 0).to(b_relt.dtype)  # [N, N]
                 b_s = tl.dot(b_acol, b_band, b_s, input_precision="ieee")  # [M, N] @ [N, N]
-                # row part, T[row(m), j]: a one-hot [M, TP] @ T [TP, N] on the tensor cores
-                b_hot = tl.where(o_relr[:, None] == o_tp[None, :], 1.0, 0.0).to(b_relt.dtype)
-                b_s = tl.dot(b_hot, b_t.to(b_relt.dtype), b_s, input_precision="ieee")
+                m_rr, o_rr, o_unused = _row_taps(y0 + o_r, i, H, KH, dil_h, SHIFT)  # [RP]
+                o_rr = tl.broadcast_to(o_rr[:, None], (ROWS_P, BLOCK_N))
+                b_brow = tl.gather(b_t, o_rr, 0).to(b_relt.dtype)  # [RP, N]
+                b_s = tl.dot(b_arow, b_brow, b_s, input_precision="ieee")  # [M, RP] @ [RP, N]
             b_s = b_s * qk_scale - (b_lse * LOG2E)[None, :]
             if HAS_RPB:
                 p_rpb = p_rpb0 + o_rpbr[:, None] * srp_h + o_rpbc * srp_w
@@ -260,7 +266,7 @@ def _key_bwd_kernel(
                     b_do = b_do.to(tl.float32)
                 m_qok = tl.abs(b_q.to(tl.float32)) < float("inf")  # [N, D]
                 m_dook = tl.abs(b_do.to(tl.float32)) < float("inf")
-                m_row, o_relr, o_rpbr = _row_taps(y, i, H, KH, dil_h, SHIFT)
+                m_row, o_unused, o_rpbr = _row_taps(y, i, H, KH, dil_h, SHIFT)
                 m_win = m_col & m_row[:, None]
                 b_win = tl.where(m_win, 1.0, 0.0).to(tl.float16)
 
@@ -276,10 +282,11 @@ def _key_bwd_kernel(
                     b_t = tl.where(m_tok, b_t, 0.0)
                     b_band = tl.gather(b_t, o_band, 0).to(b_relt.dtype)
                     b_s = tl.dot(b_acol, b_band, b_s, input_precision="ieee")
-                    b_hot = tl.where(o_relr[:, None] == o_tp[None, :], 1.0, 0.0)
-                    b_s = tl.dot(b_hot.to(b_relt.dtype), b_t.to(b_relt.dtype), b_s,
-                                 input_precision="ieee")
-                    b_cnt = tl.dot(b_hot.to(tl.float16), b_code)  # [M, TP] @ [TP, N]
+                    m_rr, o_rr, o_unused = _row_taps(y0 + o_r, i, H, KH, dil_h, SHIFT)
+                    o_rr = tl.broadcast_to(o_rr[:, None], (ROWS_P, BLOCK_N))
+                    b_brow = tl.gather(b_t, o_rr, 0).to(b_relt.dtype)
+                    b_s = tl.dot(b_arow, b_brow, b_s, input_precision="ieee")
+                    b_cnt = tl.dot(b_arow.to(tl.float16), tl.gather(b_code, o_rr, 0))
                     b_cnt = tl.dot(b_acol16, tl.gather(b_code, o_band, 0), b_cnt)
                     o_cnt = b_cnt.to(tl.int32)
                     b_s += tl.where(o_cnt % 4 > 0, float("inf"), 0.0)
@@ -477,7 +484,7 @@ def key_grads(q, k, v, dout, lse, delta, args: AttendArgs, config: Optional[dict
         KH=kh, KW=kw, PADDING=PADDING_CODES[padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
         TH=th, TW=tw, TP=max(16, next_pow2(th + tw)),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_block(d),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_block(d), ROWS_P=max(16, next_pow2(rows)),
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
         ROW_I64=not row_offsets_fit_i32((q, dout), W + bn, d),
         **launch,

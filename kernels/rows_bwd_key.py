@@ -2,7 +2,7 @@
 
 What a program owns: a tile of key pixels of one batch b and one head n -- ROWS image rows
 x COLS adjacent columns (a whole row when the image is narrow enough, else a row segment),
-flattened into BLOCK_M = next_pow2(ROWS * COLS) >= 16 slots. It loads their k and v once
+flattened into BLOCK_M >= ROWS * COLS slots (a config value). It loads their k and v once
 and walks the query rows whose windows can hold those keys (the inverse neighbourhood:
 the mirrored window for zeros/mask; for shift, where windows move inward at the borders,
 every row within (kh - 1) * dh, kept by the membership rule of `common.window_start`).
@@ -18,14 +18,17 @@ columns that can see the tile's keys, and computes (all d-sized products on tens
 
 The relative term is built per query row with one small dot, T = RelT Q^T ([TP, N]: row t
 of RelT is rel_h[t] in the first d/2 channels for t < TH, rel_w[t - TH] in the last ones
-after), then expanded onto the [M, N] score tile with two tl.gather along the table axis:
-the row tap of a key (query-row dependent) and its column tap (fixed per program: the
-column pattern of a row is the same for every query row). rpb is a masked gather load.
+after), and put on the score tile by two more tensor-core dots with one-hot matrices that
+are fixed per program: A_row [M, RP] (each key's row in the tile) @ Brow [RP, N] and A_col
+[M, N] (each key's column) @ Band [N, N], where Brow and Band are small tl.gather of T
+(the table row of each tile row's tap; the column tap of each (key column, query column)
+pair). rpb is a masked gather load. A non-finite value reaching the accumulators sends the
+program through a slow second pass (see the kernel).
 
 Keys outside the image never exist here (zeros-padding taps take softmax mass but have no
 key pixel); keys no query attends (dilation gaps in shift mode) get zero gradients.
 Deterministic: every dk/dv element is written by one program, no atomics.
-Costs and register counts: docs/PERF.md.
+Design notes, predicted costs and register counts: docs/rows_bwd_key.md.
 """
 from __future__ import annotations
 

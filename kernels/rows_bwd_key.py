@@ -240,8 +240,9 @@ def _key_bwd_kernel(
                 b_pl = b_pl.to(tl.float32)
             acc_dv += tl.dot(b_pl, b_do, input_precision="ieee")  # [M, N] @ [N, D] -> [M, D]
             b_dp = tl.dot(b_v, tl.trans(b_do), input_precision="ieee")  # [M, D] @ [D, N]
-            b_ds = b_p * (b_dp - b_delta[None, :])  # dS^T [M, N]
-            b_dsl = tl.where(m_win, b_ds, 0.0).to(q_ptr.dtype.element_ty)
+            # dS^T [M, N]: zero outside the windows as P is (a NaN/inf there, 0 * inf,
+            # reaches the accumulators and sends the program through the slow pass)
+            b_dsl = (b_p * (b_dp - b_delta[None, :])).to(q_ptr.dtype.element_ty)
             if DOT_F32:
                 b_dsl = b_dsl.to(tl.float32)
             acc_dk += tl.dot(b_dsl, b_q, input_precision="ieee")  # [M, N] @ [N, D] -> [M, D]

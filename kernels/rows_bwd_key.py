@@ -102,7 +102,8 @@ def _key_bwd_kernel(
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, TP: tl.constexpr,  # rel_h / rel_w rows, padded sum
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROWS_P: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
+    ROWS_P: tl.constexpr, MASK_IN_DOTS: tl.constexpr, DOT_F32: tl.constexpr,
+    ROW_I64: tl.constexpr,
 ):
     SHIFT: tl.constexpr = PADDING == 2
     # head fastest: the heads of one key tile run side by side (full cache sectors)
@@ -171,6 +172,10 @@ def _key_bwd_kernel(
         o_band = tl.where(m_band, off_x[None, :] + o_cu + KW - 1, 0) + TH  # RelT row
     else:
         o_band = tl.where(m_band, o_cu, 0) + TH
+    # MASK_IN_DOTS: the window mask rides in the rel dots as a large negative bias on
+    # Band / Brow (exp2 then gives exactly 0; padding slots and columns see zero q, dout
+    # and keys, so they add nothing), instead of a select on every score element
+    b_bandmask = tl.where(m_band, 0.0, -1.0e30)  # [N, N]
     if ROW_I64:
         o_jr = o_j.to(tl.int64)
         o_dr = o_d.to(tl.int64)
@@ -223,17 +228,25 @@ def _key_bwd_kernel(
             b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N] -> [M, N]
             if HAS_REL:
                 b_t = tl.dot(b_relt, tl.trans(b_q), input_precision="ieee")  # [TP, D] @ [D, N]
-                b_band = tl.gather(b_t, o_band, 0).to(b_relt.dtype)  # [N, N]
-                b_s = tl.dot(b_acol, b_band, b_s, input_precision="ieee")  # [M, N] @ [N, N]
+                b_band = tl.gather(b_t, o_band, 0)  # [N, N]
                 m_rr, o_rr, o_unused = _row_taps(y0 + o_r, i, H, KH, dil_h, SHIFT)  # [RP]
                 o_rr = tl.broadcast_to(o_rr[:, None], (ROWS_P, BLOCK_N))
-                b_brow = tl.gather(b_t, o_rr, 0).to(b_relt.dtype)  # [RP, N]
+                b_brow = tl.gather(b_t, o_rr, 0)  # [RP, N]
+                if MASK_IN_DOTS:
+                    b_band += b_bandmask
+                    b_brow += tl.where(m_rr, 0.0, -1.0e30)[:, None]
+                b_band = b_band.to(b_relt.dtype)
+                b_brow = b_brow.to(b_relt.dtype)
+                b_s = tl.dot(b_acol, b_band, b_s, input_precision="ieee")  # [M, N] @ [N, N]
                 b_s = tl.dot(b_arow, b_brow, b_s, input_precision="ieee")  # [M, RP] @ [RP, N]
             b_s = b_s * qk_scale - (b_lse * LOG2E)[None, :]
             if HAS_RPB:
                 p_rpb = p_rpb0 + o_rpbr[:, None] * srp_h + o_rpbc * srp_w
                 b_s += tl.load(p_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
-            b_p = tl.where(m_win, tl.exp2(b_s), 0.0)  # P^T [M, N]
+            if MASK_IN_DOTS:
+                b_p = tl.exp2(b_s)  # P^T [M, N]
+            else:
+                b_p = tl.where(m_win, tl.exp2(b_s), 0.0)
 
             b_pl = b_p.to(do_ptr.dtype.element_ty)
             if DOT_F32:
@@ -489,6 +502,10 @@ def key_grads(q, k, v, dout, lse, delta, args: AttendArgs, config: Optional[dict
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
         TH=th, TW=tw, TP=max(16, next_pow2(th + tw)),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_block(d), ROWS_P=max(16, next_pow2(rows)),
+        # fp16 cannot hold the -1e30 mask bias, a tiny or negative scale would undo it;
+        # rpb needs the mask for its loads anyway
+        MASK_IN_DOTS=(rel_h is not None and rpb is None and q.dtype != torch.float16
+                      and scale >= 1e-20),
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
         ROW_I64=not row_offsets_fit_i32((q, dout), W + bn, d),
         **launch,

@@ -172,3 +172,9 @@ def test_nonfinite_inputs_stay_in_their_windows():
             assert problem is None, f"{c['desc']}: {problem}"
         partial += 0 < int((~want_grads["k"].isfinite()).sum()) < want_grads["k"].numel()
     assert partial >= 3, "too few cases with a partial non-finite pattern"
+
+
+@pytest.mark.parametrize("scale", [-0.5, 1e-25])
+def test_negative_and_tiny_scale(scale):
+    """Negative and tiny scales: the window mask bias must not turn into softmax mass."""
+    run_case(Case(B=1, H=5, W=6, heads=1, d=8, k=3, rel="shared", scale=scale))

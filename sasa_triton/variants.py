@@ -134,7 +134,6 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     kernel_variant("tile2d", f"{_KERNELS}.tile2d_fwd", forward=True),
     # the backward on CUDA cores, window offsets in a loop
     kernel_variant("offsets", f"{_KERNELS}.offsets_bwd", backward=True),
-    kernel_variant("tmpkey", f"{_KERNELS}.tmp_bwdk_cost", backward=True),
 )}
 
 

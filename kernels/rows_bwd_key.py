@@ -264,8 +264,9 @@ def _key_bwd_kernel(
     # that a dot spread over the tile from outside some pair's window: 0 * inf in the
     # one-hot rel dots, P^T dO or dS^T Q. Per-pair products (K Q^T, T = RelT Q^T,
     # V dO^T) are exact, so recompute with the summed operands' non-finite entries
-    # zeroed (rel terms' infinities carried as counts), and set the (key, channel) gradients that a non-finite value reaches
-    # through a pair of some window to NaN, counted with 0/1 indicator dots in fp16.
+    # zeroed (rel terms' infinities carried as counts), and set the (key, channel)
+    # gradients that a non-finite value reaches through a pair of some window to NaN,
+    # counted with 0/1 indicator dots in fp16.
     m_fin = (tl.abs(acc_dk) < float("inf")) & (tl.abs(acc_dv) < float("inf"))
     if tl.max(tl.max(tl.where(m_fin, 0, 1), axis=1), axis=0) > 0:
         acc_dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

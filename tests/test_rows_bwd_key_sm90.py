@@ -3,11 +3,12 @@
 A subprocess runs key_grads on CPU tensors with the kernel swapped for a recorder and
 compiles each recorded launch with Triton's compiler and ptxas (see aot_sm90.py): the
 suite shapes (s1..s4, det: bf16, k 7, zeros, shared rel) and feature combinations that
-change the kernel (mask, shift with dilation, per-head rel, rpb, fp16, fp32, d = 80,
-row segments). (fp32 with d > 64 compiles but spills: its dots run on CUDA cores.) Every launch must compile. The query-row loop of the suite shapes must
-hold no local-memory (spill) access: ptxas may park a few values of the set-up code or
-of the non-finite slow pass (which runs only when a NaN/inf reached the accumulators)
-in local memory, but not in the loop that does the work.
+change the kernel (mask, shift with dilation, per-head rel, rpb, fp16, fp32 at d = 16,
+d = 80, row segments). Every launch must compile. The query-row loop of the suite shapes
+must hold no local-memory (spill) access: ptxas may park a few values of the set-up code
+or of the non-finite slow pass (which runs only when a NaN/inf reached the
+accumulators) in local memory, but not in the loop that does the work. (fp32 with
+d > 64 compiles but spills: its dots run on CUDA cores.)
 """
 import re
 

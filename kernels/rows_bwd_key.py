@@ -52,8 +52,6 @@ from .common import (
     window_start,
 )
 
-MAX_BLOCK_N = 256  # widest query-row sub-tile
-
 
 @triton.jit
 def _row_taps(y, i, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr):
@@ -351,7 +349,7 @@ def _key_bwd_kernel(
 # per query row (a power of two; the key tile's column segment is sized to fit it).
 
 _BLOCK_M = (16, 32, 64, 128, 256)
-_BLOCK_N = (16, 32, 64, 128, 256)
+_BLOCK_N = (16, 32, 64, 128, 256)  # the last is the widest query-row sub-tile
 _WARPS = (1, 2, 4, 8)
 _STAGES = (1, 2)
 _MAX_PER_THREAD = 190  # _per_thread bound of the configs kept (no spills at sm_90)

@@ -178,3 +178,42 @@ def test_nonfinite_inputs_stay_in_their_windows():
 def test_negative_and_tiny_scale(scale):
     """Negative and tiny scales: the window mask bias must not turn into softmax mass."""
     run_case(Case(B=1, H=5, W=6, heads=1, d=8, k=3, rel="shared", scale=scale))
+
+
+def test_every_pruned_tile_agrees():
+    """Each tile shape the tuner may pick for this shape gives the oracle's gradients."""
+    case = Case(B=1, H=6, W=7, heads=1, d=8, k=3, padding="mask", rel="per_head")
+    q = torch.zeros(1, 6, 7, 1, 8)
+    args = check_attend_args(q, q, q, 3, 1, "mask", None, None, None, None)
+    configs = rows_bwd_key.prune(rows_bwd_key.search_space(), tuple(q.shape), args)
+    tiles = {(c["K_BLOCK_M"], c["K_BLOCK_N"]): c for c in configs}
+    assert len(tiles) >= 2
+    for config in tiles.values():
+        run_case(case, config=config)
+
+
+@pytest.mark.parametrize("d", [1, 8, 16, 64, 80, 256])
+@pytest.mark.parametrize("hw", [(3, 4), (7, 7), (56, 56), (128, 128), (9, 300)])
+@pytest.mark.parametrize("padding", ["zeros", "shift"])
+def test_default_config_survives_prune(d, hw, padding):
+    """The launcher's default is one of the configs the tuner keeps, and supported."""
+    q = torch.zeros(1, *hw, 2, d)
+    k = 3 if padding == "shift" else 7
+    args = check_attend_args(q, q, q, k, 1, padding, None, None, None, None)
+    default = rows_bwd_key.default_config(tuple(q.shape), args)
+    assert default in rows_bwd_key.search_space()
+    assert default in rows_bwd_key.prune(rows_bwd_key.search_space(), tuple(q.shape), args)
+    assert rows_bwd_key.supports(tuple(q.shape), torch.bfloat16, args)
+
+
+def test_bad_config_and_unsupported_inputs():
+    q = torch.zeros(1, 4, 5, 1, 8)
+    args = check_attend_args(q, q, q, 3, 1, "zeros", None, None, None, None)
+    lse = torch.zeros(q.shape[:4])
+    with pytest.raises(ValueError, match="K_BLOCK_M"):
+        rows_bwd_key.key_grads(q, q, q, q, lse, lse, args, {"Q_BLOCK_M": 32})
+    assert not rows_bwd_key.supports(tuple(q.shape), torch.float64, args)
+    assert not rows_bwd_key.supports((1, 4, 5, 1, 512), torch.float32, args)
+    empty = torch.zeros(0, 4, 5, 1, 8)
+    dk, dv = rows_bwd_key.key_grads(empty, empty, empty, empty, lse[:0], lse[:0], args)
+    assert dk.shape == empty.shape and dv.shape == empty.shape

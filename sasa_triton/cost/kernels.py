@@ -29,6 +29,11 @@ Mapping per kernel (what the trip counts stand for):
 * `_reduce_tables_kernel`: [rel rows' slots (one walk for rel_h and rel_w unless one is
   shared and the other per head)], [rpb slots] (partial slots / BLOCK_R; each program
   takes one branch, so counting all for every program is an upper bound).
+* `_key_bwd_kernel` (rows_bwd_key): [query rows i_lo <= i < i_hi], runtime bounds: the
+  key tile's ROWS rows plus HALO_H on each side, clipped to the image (the mean over the
+  row blocks; rows that dilation skips count as full trips: an upper bound), then
+  [non-finite slow pass over the same rows: 0 trips, it runs only when a non-finite
+  value reached the accumulators].
 * `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode;
   runtime arguments: KH, KW are constexpr since issue 11 but bound no loop).
 """
@@ -104,6 +109,14 @@ def _reduce_tables(c: dict) -> list[LoopSpec]:
     return loops
 
 
+def _key_bwd(c: dict) -> list[LoopSpec]:
+    H, rows, halo = c["H"], c["ROWS"], c["HALO_H"]
+    blocks = range(0, H, rows)
+    trips = sum(min(H, y0 + rows + halo) - max(0, y0 - halo) for y0 in blocks) / len(blocks)
+    return [LoopSpec("query rows i_lo<=i<i_hi", round(trips), exp2=True),
+            LoopSpec("non-finite slow pass (not taken)", 0, exp2=True)]
+
+
 # kernel function name -> loops from the launch arguments (by parameter name)
 LOOPS: dict[str, Callable[[dict], list[LoopSpec]]] = {
     "_tiled_fwd_kernel": _tiled,
@@ -113,6 +126,7 @@ LOOPS: dict[str, Callable[[dict], list[LoopSpec]]] = {
     "_query_grads_kernel": _rows_bwd_query,
     "_reduce_tables_kernel": _reduce_tables,
     "_dkv_kernel": _offsets,
+    "_key_bwd_kernel": _key_bwd,
 }
 
 

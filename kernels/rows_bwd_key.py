@@ -1,0 +1,512 @@
+"""Backward kernel 2 of the "rows" family (key-owned, tensor cores): dk and dv.
+
+What a program owns: a tile of key pixels of one batch b and one head n -- ROWS image rows
+x COLS adjacent columns (a whole row when the image is narrow enough, else a row segment),
+flattened into BLOCK_M >= ROWS * COLS slots (a config value). It loads their k and v once
+and walks the query rows whose windows can hold those keys (the inverse neighbourhood:
+the mirrored window for zeros/mask; for shift, where windows move inward at the borders,
+every row within (kh - 1) * dh, kept by the membership rule of `common.window_start`).
+Per query row it loads that row's q, dout, lse and delta once, for the BLOCK_N query
+columns that can see the tile's keys, and computes (all d-sized products on tensor cores):
+
+    S^T  = K Q^T + bias              tl.dot, [M, D] @ [D, N] -> [M, N], log2 units
+    P^T  = exp2(S^T - lse * log2 e)  zero outside each query's window
+    dv  += P^T dO                    tl.dot, [M, N] @ [N, D]
+    dP^T = V dO^T                    tl.dot, [M, D] @ [D, N]
+    dS^T = P^T * (dP^T - delta)
+    dk  += dS^T Q                    tl.dot, [M, N] @ [N, D]   (times scale at the end)
+
+The relative term is built per query row with one small dot, T = RelT Q^T ([TP, N]: row t
+of RelT is rel_h[t] in the first d/2 channels for t < TH, rel_w[t - TH] in the last ones
+after), and put on the score tile by two more tensor-core dots with one-hot matrices that
+are fixed per program: A_row [M, RP] (each key's row in the tile) @ Brow [RP, N] and A_col
+[M, N] (each key's column) @ Band [N, N], where Brow and Band are small tl.gather of T
+(the table row of each tile row's tap; the column tap of each (key column, query column)
+pair). rpb is a masked gather load. A non-finite value reaching the accumulators sends the
+program through a slow second pass (see the kernel).
+
+Keys outside the image never exist here (zeros-padding taps take softmax mass but have no
+key pixel); keys no query attends (dilation gaps in shift mode) get zero gradients.
+Deterministic: every dk/dv element is written by one program, no atomics.
+Design notes, predicted costs and register counts: docs/rows_bwd_key.md.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from sasa_triton.types import AttendArgs
+
+from .common import (
+    INTERPRETED,
+    LOG2E,
+    PADDING_CODES,
+    bias_strides,
+    head_block,
+    new_output,
+    next_pow2,
+    row_offsets_fit_i32,
+    window_start,
+)
+
+
+@triton.jit
+def _row_taps(y, i, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr):
+    """For query row i (scalar) and key rows y ([M]): whether y is in i's window, the
+    rel_h table row of that tap and the rpb row."""
+    start, off = window_start(i, H, KH, dil_h, SHIFT)
+    dy = y - start
+    dyc = tl.maximum(dy, 0)
+    a = dyc // dil_h
+    m_row = (dy >= 0) & (dyc - a * dil_h == 0) & (a < KH)
+    rpb_row = off + a + KH - 1
+    if SHIFT:
+        rel_row = rpb_row
+    else:
+        rel_row = a
+    return m_row, tl.where(m_row, rel_row, 0), tl.where(m_row, rpb_row, 0)
+
+
+@triton.jit
+def _row_is_live(i, y0, rows, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr):
+    """Whether some key row y0 .. y0 + rows - 1 (inside the image) lies in the window of
+    query row i (0 <= i < H; scalar arithmetic, no reduction over the tile)."""
+    start, off = window_start(i, H, KH, dil_h, SHIFT)
+    lo = tl.maximum(y0, start)
+    hi = tl.minimum(tl.minimum(y0 + rows, H) - 1, start + (KH - 1) * dil_h)
+    first = lo + (dil_h - (lo - start) % dil_h) % dil_h  # first y >= lo on i's tap grid
+    return first <= hi
+
+
+@triton.jit
+def _key_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    dk_ptr, dv_ptr,
+    H, W, HEADS, D, D_HALF, ROWS, COLS, N_SEG, HALO_H, HALO_W,
+    sq_b, sq_h, sq_w, sq_n, sq_d,
+    sk_b, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_h, sv_w, sv_n, sv_d,
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
+    sl_b, sl_h, sl_w, sl_n,
+    sdl_b, sdl_h, sdl_w, sdl_n,
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
+    sdk_b, sdk_h, sdk_w, sdk_n, sdk_d,
+    sdv_b, sdv_h, sdv_w, sdv_n, sdv_d,
+    dil_h, dil_w, scale, qk_scale,  # qk_scale = scale * log2(e)
+    KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
+    HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, TP: tl.constexpr,  # rel_h / rel_w rows, padded sum
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS_P: tl.constexpr, MASK_IN_DOTS: tl.constexpr, DOT_F32: tl.constexpr,
+    ROW_I64: tl.constexpr,
+):
+    SHIFT: tl.constexpr = PADDING == 2
+    # head fastest: the heads of one key tile run side by side (full cache sectors)
+    pid = tl.program_id(0)
+    n = pid % HEADS
+    t = pid // HEADS
+    seg = t % N_SEG
+    t = t // N_SEG
+    n_rb = tl.cdiv(H, ROWS)
+    rb = t % n_rb
+    b = t // n_rb
+    y0 = rb * ROWS
+    x0 = seg * COLS
+
+    # key pixels of the tile, flattened: slot p -> (y0 + p // COLS, x0 + p % COLS)
+    o_m = tl.arange(0, BLOCK_M)
+    y = y0 + o_m // COLS
+    x = x0 + o_m % COLS
+    m_key = (o_m < ROWS * COLS) & (y < H) & (x < W)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    m_kd = m_key[:, None] & m_d[None, :]
+
+    b64 = b.to(tl.int64)
+    n64 = n.to(tl.int64)
+    y64 = y.to(tl.int64)
+    x64 = x.to(tl.int64)
+    p_k = k_ptr + b64 * sk_b + n64 * sk_n + (y64 * sk_h + x64 * sk_w)[:, None] + o_d[None, :] * sk_d
+    b_k = tl.load(p_k, mask=m_kd, other=0.0)  # [M, D]
+    p_v = v_ptr + b64 * sv_b + n64 * sv_n + (y64 * sv_h + x64 * sv_w)[:, None] + o_d[None, :] * sv_d
+    b_v = tl.load(p_v, mask=m_kd, other=0.0)  # [M, D]
+    if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
+        b_k = b_k.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+
+    # query columns that can see the tile: [j0, j0 + BLOCK_N), the launcher makes it wide
+    # enough; their column taps against the keys are the same for every query row
+    j0 = tl.maximum(x0 - HALO_W, 0)
+    o_j = j0 + tl.arange(0, BLOCK_N)
+    m_j = o_j < W
+    start_x, off_x = window_start(o_j, W, KW, dil_w, SHIFT)  # [N]
+    dx = x[:, None] - start_x[None, :]  # [M, N]
+    dxc = tl.maximum(dx, 0)
+    o_c = dxc // dil_w
+    m_col = (dx >= 0) & (dxc - o_c * dil_w == 0) & (o_c < KW) & m_j[None, :] & m_key[:, None]
+    o_rpbc = tl.where(m_col, off_x[None, :] + o_c + KW - 1, 0)  # rpb column (every mode)
+    # Column part of the rel bias: key columns of the tile lie in [j0, j0 + BLOCK_N) too,
+    # so T[col tap(x, j), j] = A_col @ Band, A_col [M, N] the one-hot of each key's column
+    # (fixed per program) and Band [N, N] (key column u, query column j) gathered from
+    # T per query row: a gather on [N, N] instead of [M, N].
+    o_u = j0 + tl.arange(0, BLOCK_N)  # key columns (rows of Band)
+    b_acol = tl.where(x[:, None] == o_u[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty)
+    if DOT_F32:
+        b_acol = b_acol.to(tl.float32)
+    # Row part likewise: A_row [M, RP] one-hot of each key's row in the tile (fixed per
+    # program) @ Brow [RP, N] = T[rel row of tile row r for query row i, j] per query row.
+    o_r = tl.arange(0, ROWS_P)
+    b_arow = tl.where((o_m // COLS)[:, None] == o_r[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty)
+    if DOT_F32:
+        b_arow = b_arow.to(tl.float32)
+    du = o_u[:, None] - start_x[None, :]  # [N, N]
+    duc = tl.maximum(du, 0)
+    o_cu = duc // dil_w
+    m_band = (du >= 0) & (duc - o_cu * dil_w == 0) & (o_cu < KW)
+    if SHIFT:
+        o_band = tl.where(m_band, off_x[None, :] + o_cu + KW - 1, 0) + TH  # RelT row
+    else:
+        o_band = tl.where(m_band, o_cu, 0) + TH
+    # MASK_IN_DOTS: the window mask rides in the rel dots as a large negative bias on
+    # Band / Brow (exp2 then gives exactly 0; padding slots and columns see zero q, dout
+    # and keys, so they add nothing), instead of a select on every score element
+    b_bandmask = tl.where(m_band, 0.0, -1.0e30)  # [N, N]
+    if ROW_I64:
+        o_jr = o_j.to(tl.int64)
+        o_dr = o_d.to(tl.int64)
+    else:
+        o_jr = o_j
+        o_dr = o_d
+    m_jd = m_j[:, None] & m_d[None, :]
+    o_qjd = o_jr[:, None] * sq_w + o_dr[None, :] * sq_d  # [N, D]
+    o_dojd = o_jr[:, None] * sdo_w + o_dr[None, :] * sdo_d
+    p_q0 = q_ptr + b64 * sq_b + n64 * sq_n
+    p_do0 = do_ptr + b64 * sdo_b + n64 * sdo_n
+    p_l0 = lse_ptr + b64 * sl_b + n64 * sl_n
+    p_dl0 = delta_ptr + b64 * sdl_b + n64 * sdl_n
+
+    # RelT [TP, D]: rel_h rows in the first D_HALF channels, then rel_w rows in the rest
+    b_relt = tl.zeros([TP, BLOCK_D], dtype=q_ptr.dtype.element_ty)
+    if HAS_REL:
+        o_t = tl.arange(0, TP)
+        m_th = (o_t < TH)[:, None] & (o_d < D_HALF)[None, :]
+        p_rh = relh_ptr + n64 * srh_n + o_t[:, None] * srh_r + o_d[None, :] * srh_d
+        b_rh = tl.load(p_rh, mask=m_th, other=0.0)
+        o_tw = tl.maximum(o_t - TH, 0)
+        m_tw = ((o_t >= TH) & (o_t < TH + TW))[:, None] & ((o_d >= D_HALF) & m_d)[None, :]
+        p_rw = relw_ptr + n64 * srw_n + o_tw[:, None] * srw_r + (o_d[None, :] - D_HALF) * srw_d
+        b_rw = tl.load(p_rw, mask=m_tw, other=0.0)
+        b_relt = (b_rh.to(tl.float32) + b_rw.to(tl.float32)).to(q_ptr.dtype.element_ty)
+        if DOT_F32:
+            b_relt = b_relt.to(tl.float32)
+    p_rpb0 = rpb_ptr + n64 * srp_n
+
+    acc_dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # query rows whose windows may hold the tile's keys (the rows in between that only
+    # dilation skips are tested by _row_is_live)
+    i_lo = tl.maximum(y0 - HALO_H, 0)
+    i_hi = tl.minimum(y0 + ROWS + HALO_H, H)
+    for i in range(i_lo, i_hi):
+        if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
+            i64 = i_lo.to(tl.int64) + (i - i_lo)  # (the interpreter iterates Python ints)
+            b_q = tl.load(p_q0 + i64 * sq_h + o_qjd, mask=m_jd, other=0.0)  # [N, D]
+            b_do = tl.load(p_do0 + i64 * sdo_h + o_dojd, mask=m_jd, other=0.0)  # [N, D]
+            b_lse = tl.load(p_l0 + i64 * sl_h + o_jr * sl_w, mask=m_j, other=0.0)  # [N]
+            b_delta = tl.load(p_dl0 + i64 * sdl_h + o_jr * sdl_w, mask=m_j, other=0.0)
+            if DOT_F32:
+                b_q = b_q.to(tl.float32)
+                b_do = b_do.to(tl.float32)
+            m_row, o_unused, o_rpbr = _row_taps(y, i, H, KH, dil_h, SHIFT)  # [M]
+            m_win = m_col & m_row[:, None]  # [M, N]
+
+            b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N] -> [M, N]
+            if HAS_REL:
+                b_t = tl.dot(b_relt, tl.trans(b_q), input_precision="ieee")  # [TP, D] @ [D, N]
+                b_band = tl.gather(b_t, o_band, 0)  # [N, N]
+                m_rr, o_rr, o_unused = _row_taps(y0 + o_r, i, H, KH, dil_h, SHIFT)  # [RP]
+                o_rr = tl.broadcast_to(o_rr[:, None], (ROWS_P, BLOCK_N))
+                b_brow = tl.gather(b_t, o_rr, 0)  # [RP, N]
+                if MASK_IN_DOTS:
+                    b_band += b_bandmask
+                    b_brow += tl.where(m_rr, 0.0, -1.0e30)[:, None]
+                b_band = b_band.to(b_relt.dtype)
+                b_brow = b_brow.to(b_relt.dtype)
+                b_s = tl.dot(b_acol, b_band, b_s, input_precision="ieee")  # [M, N] @ [N, N]
+                b_s = tl.dot(b_arow, b_brow, b_s, input_precision="ieee")  # [M, RP] @ [RP, N]
+            b_s = b_s * qk_scale - (b_lse * LOG2E)[None, :]
+            if HAS_RPB:
+                p_rpb = p_rpb0 + o_rpbr[:, None] * srp_h + o_rpbc * srp_w
+                b_s += tl.load(p_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
+            if MASK_IN_DOTS:
+                b_p = tl.exp2(b_s)  # P^T [M, N]
+            else:
+                b_p = tl.where(m_win, tl.exp2(b_s), 0.0)
+
+            b_pl = b_p.to(do_ptr.dtype.element_ty)
+            if DOT_F32:
+                b_pl = b_pl.to(tl.float32)
+            acc_dv += tl.dot(b_pl, b_do, input_precision="ieee")  # [M, N] @ [N, D] -> [M, D]
+            b_dp = tl.dot(b_v, tl.trans(b_do), input_precision="ieee")  # [M, D] @ [D, N]
+            # dS^T [M, N]: zero outside the windows as P is (a NaN/inf there, 0 * inf,
+            # reaches the accumulators and sends the program through the slow pass)
+            b_dsl = (b_p * (b_dp - b_delta[None, :])).to(q_ptr.dtype.element_ty)
+            if DOT_F32:
+                b_dsl = b_dsl.to(tl.float32)
+            acc_dk += tl.dot(b_dsl, b_q, input_precision="ieee")  # [M, N] @ [N, D] -> [M, D]
+
+    # Rare slow pass: a non-finite value reached the accumulators. It may be a NaN/inf
+    # that a dot spread over the tile from outside some pair's window: 0 * inf in the
+    # one-hot rel dots, P^T dO or dS^T Q. Per-pair products (K Q^T, T = RelT Q^T,
+    # V dO^T) are exact, so recompute with the summed operands' non-finite entries
+    # zeroed (rel terms' infinities carried as counts), and set the (key, channel)
+    # gradients that a non-finite value reaches through a pair of some window to NaN,
+    # counted with 0/1 indicator dots in fp16.
+    m_fin = (tl.abs(acc_dk) < float("inf")) & (tl.abs(acc_dv) < float("inf"))
+    if tl.max(tl.max(tl.where(m_fin, 0, 1), axis=1), axis=0) > 0:
+        acc_dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc_dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        b_acol16 = b_acol.to(tl.float16)
+        for i in range(i_lo, i_hi):
+            if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
+                i64 = i_lo.to(tl.int64) + (i - i_lo)
+                b_q = tl.load(p_q0 + i64 * sq_h + o_qjd, mask=m_jd, other=0.0)
+                b_do = tl.load(p_do0 + i64 * sdo_h + o_dojd, mask=m_jd, other=0.0)
+                b_lse = tl.load(p_l0 + i64 * sl_h + o_jr * sl_w, mask=m_j, other=0.0)
+                b_delta = tl.load(p_dl0 + i64 * sdl_h + o_jr * sdl_w, mask=m_j, other=0.0)
+                if DOT_F32:
+                    b_q = b_q.to(tl.float32)
+                    b_do = b_do.to(tl.float32)
+                m_qok = tl.abs(b_q.to(tl.float32)) < float("inf")  # [N, D]
+                m_dook = tl.abs(b_do.to(tl.float32)) < float("inf")
+                m_row, o_unused, o_rpbr = _row_taps(y, i, H, KH, dil_h, SHIFT)
+                m_win = m_col & m_row[:, None]
+                b_win = tl.where(m_win, 1.0, 0.0).to(tl.float16)
+
+                b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # exact per pair
+                if HAS_REL:
+                    b_t = tl.dot(b_relt, tl.trans(b_q), input_precision="ieee")  # per pair
+                    # non-finite rel terms travel as counts: +inf 1, -inf 4, NaN 16 (a
+                    # pair has two terms, so the counts stay apart), exact in fp16 dots
+                    m_tok = tl.abs(b_t) < float("inf")
+                    b_code = tl.where(b_t != b_t, 16.0,
+                                      tl.where(m_tok, 0.0, tl.where(b_t > 0, 1.0, 4.0)))
+                    b_code = b_code.to(tl.float16)
+                    b_t = tl.where(m_tok, b_t, 0.0)
+                    b_band = tl.gather(b_t, o_band, 0).to(b_relt.dtype)
+                    b_s = tl.dot(b_acol, b_band, b_s, input_precision="ieee")
+                    m_rr, o_rr, o_unused = _row_taps(y0 + o_r, i, H, KH, dil_h, SHIFT)
+                    o_rr = tl.broadcast_to(o_rr[:, None], (ROWS_P, BLOCK_N))
+                    b_brow = tl.gather(b_t, o_rr, 0).to(b_relt.dtype)
+                    b_s = tl.dot(b_arow, b_brow, b_s, input_precision="ieee")
+                    b_cnt = tl.dot(b_arow.to(tl.float16), tl.gather(b_code, o_rr, 0))
+                    b_cnt = tl.dot(b_acol16, tl.gather(b_code, o_band, 0), b_cnt)
+                    o_cnt = b_cnt.to(tl.int32)
+                    b_s += tl.where(o_cnt % 4 > 0, float("inf"), 0.0)
+                    b_s += tl.where(o_cnt % 16 >= 4, float("-inf"), 0.0)  # inf - inf: NaN
+                    b_s = tl.where(o_cnt >= 16, float("nan"), b_s)
+                b_s = b_s * qk_scale - (b_lse * LOG2E)[None, :]
+                if HAS_RPB:
+                    p_rpb = p_rpb0 + o_rpbr[:, None] * srp_h + o_rpbc * srp_w
+                    b_s += tl.load(p_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
+                b_p = tl.where(m_win, tl.exp2(b_s), 0.0)
+                m_pbad = m_win & ~(tl.abs(b_p) < float("inf"))  # NaN or inf logit / lse
+                b_p = tl.where(m_pbad, 0.0, b_p)
+                b_dos = tl.where(m_dook, b_do, tl.zeros_like(b_do))
+                b_pl = b_p.to(do_ptr.dtype.element_ty)
+                if DOT_F32:
+                    b_pl = b_pl.to(tl.float32)
+                acc_dv += tl.dot(b_pl, b_dos, input_precision="ieee")
+                b_bad = tl.dot(b_win, tl.where(m_dook, 0.0, 1.0).to(tl.float16))
+                b_bad += tl.sum(tl.where(m_pbad, 1.0, 0.0), axis=1)[:, None]
+                acc_dv += tl.where(b_bad > 0, float("nan"), 0.0)  # NaN stays
+                b_dp = tl.dot(b_v, tl.trans(b_do), input_precision="ieee")  # exact per pair
+                b_ds = b_p * (b_dp - b_delta[None, :])
+                m_sbad = m_pbad | (m_win & ~(tl.abs(b_ds) < float("inf")))
+                b_dsl = tl.where(m_win & ~m_sbad, b_ds, 0.0).to(q_ptr.dtype.element_ty)
+                if DOT_F32:
+                    b_dsl = b_dsl.to(tl.float32)
+                acc_dk += tl.dot(b_dsl, tl.where(m_qok, b_q, tl.zeros_like(b_q)),
+                                 input_precision="ieee")
+                b_bad = tl.dot(b_win, tl.where(m_qok, 0.0, 1.0).to(tl.float16))
+                b_bad += tl.sum(tl.where(m_sbad, 1.0, 0.0), axis=1)[:, None]
+                acc_dk += tl.where(b_bad > 0, float("nan"), 0.0)
+
+    p_dk = (dk_ptr + b64 * sdk_b + n64 * sdk_n + (y64 * sdk_h + x64 * sdk_w)[:, None]
+            + o_d[None, :] * sdk_d)
+    tl.store(p_dk, (acc_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)
+    p_dv = (dv_ptr + b64 * sdv_b + n64 * sdv_n + (y64 * sdv_h + x64 * sdv_w)[:, None]
+            + o_d[None, :] * sdv_d)
+    tl.store(p_dv, acc_dv.to(dv_ptr.dtype.element_ty), mask=m_kd)
+
+
+# ---------------------------------------------------------------- configs
+# One flat config dict is shared with the query kernel (rows_bwd_query): this kernel
+# reads only its "K_" keys. K_BLOCK_M: key slots per program; K_BLOCK_N: query columns
+# per query row (a power of two; the key tile's column segment is sized to fit it).
+
+_BLOCK_M = (16, 32, 64, 128, 256)
+_BLOCK_N = (16, 32, 64, 128, 256)  # the last is the widest query-row sub-tile
+_WARPS = (1, 2, 4, 8)
+_STAGES = (1, 2)
+_MAX_PER_THREAD = 190  # _per_thread bound of the configs kept (no spills at sm_90)
+KEYS = ("K_BLOCK_M", "K_BLOCK_N", "K_num_warps", "K_num_stages")
+
+
+def _halos(args: AttendArgs) -> tuple[int, int]:
+    """(rows, columns) a query may sit from a key of its window: (k // 2) * dil centred,
+    (k - 1) * dil in shift mode (windows move inward at the borders)."""
+    if args.padding == "shift":
+        return (args.kh - 1) * args.dh, (args.kw - 1) * args.dw
+    return (args.kh // 2) * args.dh, (args.kw // 2) * args.dw
+
+
+def _tile(q_shape, args: AttendArgs, block_m: int, block_n: int) -> Optional[tuple]:
+    """(rows, cols, n_seg, qrows) of the key tile a config gives, None if it cannot fit:
+    whole rows when the image is at most BLOCK_N wide, else balanced column segments
+    whose query columns (segment plus halo on both sides) fit BLOCK_N; as many rows as
+    BLOCK_M holds, balanced over the image height."""
+    B, H, W, heads, d = q_shape
+    halo_h, halo_w = _halos(args)
+    if W <= block_n:
+        cols = W
+    else:
+        cols = block_n - 2 * halo_w
+        if cols < 1:
+            return None
+        cols = triton.cdiv(W, triton.cdiv(W, cols))
+    if cols > block_m:
+        return None
+    rows = max(1, min(H, block_m // cols))
+    rows = triton.cdiv(H, triton.cdiv(H, rows))
+    return rows, cols, triton.cdiv(W, cols), rows + 2 * halo_h
+
+
+def _per_thread(block_m: int, block_n: int, block_d: int, num_warps: int) -> float:
+    """Rough live values per thread: k, v and the two fp32 accumulators [M, D], q and
+    dout [N, D] with their transposes, the [M, N] score tiles. Against ptxas for sm_90
+    (Triton 3.9, 16-bit inputs): 136 -> 177 registers, 176 -> 228, 208 -> 242, none
+    spilling; 224 spills (d = 80 at 4 warps)."""
+    return (3 * block_m * block_d + 3 * block_n * block_d + 4 * block_m * block_n) / (
+        32 * num_warps)
+
+
+def search_space() -> list[dict]:
+    """Every config the tuner may try (K_ keys only)."""
+    return [{"K_BLOCK_M": bm, "K_BLOCK_N": bn, "K_num_warps": nw, "K_num_stages": ns}
+            for bm in _BLOCK_M for bn in _BLOCK_N for nw in _WARPS for ns in _STAGES]
+
+
+def _fits(config: dict, q_shape, args: AttendArgs) -> bool:
+    B, H, W, heads, d = q_shape
+    bm, bn, nw = config["K_BLOCK_M"], config["K_BLOCK_N"], config.get("K_num_warps", 4)
+    if bn > max(16, next_pow2(W)) or bm > max(16, next_pow2(H * W)):
+        return False  # tiles much larger than the image
+    if _tile(q_shape, args, bm, bn) is None:
+        return False
+    bd = head_block(d)
+    return _per_thread(bm, bn, bd, nw) <= _MAX_PER_THREAD and nw * 16 <= max(bm, bn, bd)
+
+
+def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
+    """The configs of `configs` that fit the image and registers; the default when none."""
+    kept = [c for c in configs if _fits(c, q_shape, args)]
+    return kept or [default_config(q_shape, args)]
+
+
+def default_config(q_shape, args: AttendArgs) -> dict:
+    """The narrowest query sub-tile (16, 32, ... 256) that holds the whole row or a
+    segment of min(half its width, 16) keys plus the halo: a query row meets only kw
+    columns of each key row, so narrow score tiles waste least. 32 key slots (16 for
+    d > 64), 1 warp up to d = 32, 2 up to 64, 4 above, more while the tile would spill;
+    more slots when a whole row needs them. Cost-tool readings: docs/rows_bwd_key.md."""
+    B, H, W, heads, d = q_shape
+    halo_w = _halos(args)[1]
+    bn = next((n for n in _BLOCK_N if W <= n or n - 2 * halo_w >= min(n // 2, 16)),
+              _BLOCK_N[-1])
+    bd = head_block(d)
+    bm = 32 if bd <= 64 else 16
+    tile = _tile(q_shape, args, 256, bn)
+    if tile is not None:
+        bm = max(bm, next_pow2(tile[1]))  # a tile holds at least one segment
+    bm = min(bm, max(16, next_pow2(H * W)))
+    nw = 1 if bd <= 16 else 2 if bd <= 64 else 4
+    while nw < 8 and _per_thread(bm, bn, bd, nw) > _MAX_PER_THREAD:
+        nw *= 2
+    return {"K_BLOCK_M": bm, "K_BLOCK_N": bn, "K_num_warps": nw, "K_num_stages": 1}
+
+
+def supports(q_shape, dtype, args: AttendArgs) -> bool:
+    """fp16/bf16/fp32, d = 1..256, every padding, kernel size, dilation and table, as long
+    as a segment of the image width plus its halo fits a 256-column query sub-tile."""
+    B, H, W, heads, d = q_shape
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32) or not 1 <= d <= 256:
+        return False
+    cfg = default_config(q_shape, args)
+    return _tile(q_shape, args, cfg["K_BLOCK_M"], cfg["K_BLOCK_N"]) is not None
+
+
+# ---------------------------------------------------------------- launcher
+
+def key_grads(q, k, v, dout, lse, delta, args: AttendArgs, config: Optional[dict] = None,
+              _poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dk, dv): new contiguous tensors in q.dtype. lse: float32 (B, H, W, heads) natural
+    log-sum-exp of each query's logits; delta: float32 (B, H, W, heads) = rowsum(dout *
+    out). `config`: the shared flat dict (reads its K_ keys), None for the default.
+    `_poison` fills the outputs with NaN first (an unwritten element then shows)."""
+    B, H, W, heads, d = q.shape
+    if not supports(tuple(q.shape), q.dtype, args):
+        raise ValueError(f"rows key backward does not support q of shape {tuple(q.shape)}, "
+                         f"dtype {q.dtype}, kernel ({args.kh}, {args.kw}), dilation "
+                         f"({args.dh}, {args.dw}), padding {args.padding!r}")
+    if config is None:
+        config = default_config(tuple(q.shape), args)
+    if not isinstance(config, dict) or any(key not in config for key in KEYS[:2]):
+        raise ValueError(f"rows key backward config must be a dict with keys "
+                         f"{list(KEYS[:2])}, got {config!r}")
+    bm, bn = config["K_BLOCK_M"], config["K_BLOCK_N"]
+    tile = _tile(tuple(q.shape), args, bm, bn)
+    if tile is None:
+        raise ValueError(f"rows key backward config {config!r} does not fit q of shape "
+                         f"{tuple(q.shape)} with kernel ({args.kh}, {args.kw})")
+    rows, cols, n_seg, qrows = tile
+    dk = new_output(q.shape, q.dtype, q.device, _poison)
+    dv = new_output(q.shape, q.dtype, q.device, _poison)
+    if q.numel() == 0:
+        return dk.zero_(), dv.zero_()
+
+    kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
+    shift = padding == "shift"
+    th, tw = (2 * kh - 1, 2 * kw - 1) if shift else (kh, kw)
+    halo_h, halo_w = _halos(args)
+    launch = {key[2:]: config[key] for key in ("K_num_warps", "K_num_stages") if key in config}
+    if q.dtype == torch.float32:  # fp32 dots run on CUDA cores: 2-4x the registers
+        launch["num_warps"] = min(8, max(4, 2 * launch.get("num_warps", 4)))
+    grid = (B * triton.cdiv(H, rows) * n_seg * heads,)
+    dummy = q  # never read when the flag is off
+    _key_bwd_kernel[grid](
+        q, k, v, dout, lse, delta,
+        dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
+        dummy if rpb is None else rpb,
+        dk, dv,
+        H, W, heads, d, d // 2, rows, cols, n_seg, halo_h, halo_w,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *delta.stride(),
+        *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
+        *dk.stride(), *dv.stride(),
+        dh, dw, scale, scale * LOG2E.value,
+        KH=kh, KW=kw, PADDING=PADDING_CODES[padding],
+        HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
+        TH=th, TW=tw, TP=max(16, next_pow2(th + tw)),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_block(d), ROWS_P=max(16, next_pow2(rows)),
+        # fp16 cannot hold the -1e30 mask bias, a tiny or negative scale would undo it;
+        # rpb needs the mask for its loads anyway
+        MASK_IN_DOTS=(rel_h is not None and rpb is None and q.dtype != torch.float16
+                      and scale >= 1e-20),
+        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
+        ROW_I64=not row_offsets_fit_i32((q, dout), W + bn, d),
+        **launch,
+    )
+    return dk, dv

@@ -1,0 +1,219 @@
+"""rows_bwd_key.key_grads (backward kernel 2: dk, dv) against float64 autograd of the oracle.
+
+out and lse come from the oracle too (float64, then cast), delta = rowsum(dout * out) in
+float32, as the query kernel hands them over. Seeded random cases through Triton's
+interpreter: every padding, dilation, non-square odd k, shared / per-head rel, rpb,
+fp16/bf16/fp32, d in {1, 8, 16, 32, 64, 80}, odd W, strided layouts, several tiles per
+image (row segments, row blocks), repeat calls bit-identical.
+"""
+import random
+
+import pytest
+import torch
+
+from sasa_triton.args import check_attend_args
+from sasa_triton.kernels import rows_bwd_key
+
+from cases import TOLERANCES, Case, make_inputs
+from oracle import oracle_attend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(case, dtype, layout, seed=0):
+    q, k, v, kw = make_inputs(case, dtype, layout, DEVICE, seed=seed)
+    args = check_attend_args(q, k, v, case.k, kw["dilation"], kw["padding"], kw.get("rel_h"),
+                             kw.get("rel_w"), kw.get("rpb"), kw["scale"])
+    g = torch.Generator().manual_seed(seed + 1)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+    return q, k, v, kw, args, dout
+
+
+def _oracle(q, k, v, kw, case, dout):
+    """(out, lse, dk, dv) in float64."""
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    tables = {n: (kw[n].detach().cpu().double() if kw.get(n) is not None else None)
+              for n in ("rel_h", "rel_w", "rpb")}
+    out, lse = oracle_attend(*leaves, case.k, dilation=kw["dilation"], padding=kw["padding"],
+                             scale=kw["scale"], return_lse=True, **tables)
+    dk, dv = torch.autograd.grad(out, leaves[1:], dout.cpu().double())
+    return out.detach(), lse.detach(), dk, dv
+
+
+def run_case(case, dtype=torch.float32, layout="contiguous", config=None, seed=0):
+    q, k, v, kw, args, dout = _inputs(case, dtype, layout, seed)
+    out, lse, want_dk, want_dv = _oracle(q, k, v, kw, case, dout)
+    delta = (dout.cpu().float() * out.to(dtype).float()).sum(-1).contiguous().to(DEVICE)
+    lse32 = lse.float().to(DEVICE)
+    dk, dv = rows_bwd_key.key_grads(q, k, v, dout, lse32, delta, args, config, _poison=True)
+    for name, got, want in (("dk", dk, want_dk), ("dv", dv, want_dv)):
+        assert got.shape == q.shape and got.dtype == q.dtype and got.is_contiguous(), name
+        assert not got.isnan().any(), f"{case.id}: {name} has unwritten (NaN) entries"
+        atol, rtol = TOLERANCES[dtype]
+        atol = atol * max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"{case.id} {name}: {m}")
+    return q, k, v, dout, lse32, delta, args
+
+
+# hand-picked: each feature at least once, small B*H*W (interpreter)
+CASES = [
+    Case(B=1, H=5, W=6, heads=2, d=8, k=3),
+    Case(B=1, H=6, W=7, heads=2, d=8, k=3, rel="per_head", rpb=True, scale=0.7),
+    Case(B=1, H=6, W=5, heads=1, d=8, k=5, padding="mask", rel="shared"),
+    Case(B=1, H=9, W=7, heads=1, d=8, k=3, dilation=2, padding="mask", rpb=True),
+    Case(B=1, H=7, W=7, heads=2, d=8, k=3, padding="shift", rel="shared", rpb=True),
+    Case(B=1, H=8, W=6, heads=1, d=5, k=(3, 5), dilation=(2, 1), padding="shift",
+         rel="per_head", rpb=True),
+    Case(B=1, H=9, W=10, heads=1, d=4, k=3, dilation=(2, 3), padding="shift", rel="per_head"),
+    Case(B=1, H=3, W=2, heads=1, d=8, k=5, rel="shared", rpb=True),  # image < window
+    Case(B=1, H=4, W=5, heads=1, d=6, k=1, rel="shared", rpb=True),
+    Case(B=1, H=4, W=4, heads=1, d=1, k=3, padding="mask", rpb=True),
+    Case(B=1, H=5, W=7, heads=1, d=4, k=13, padding="mask", rel="shared", rpb=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_oracle_fp32(case):
+    run_case(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision(dtype):
+    run_case(Case(B=1, H=6, W=7, heads=2, d=16, k=(5, 3), dilation=(1, 2), rel="per_head",
+                  rpb=True), dtype)
+
+
+@pytest.mark.parametrize("layout", ["nchw_view", "channels_last"])
+def test_strided_layouts(layout):
+    run_case(Case(B=2, H=5, W=6, heads=2, d=8, k=3, padding="shift", rel="shared", rpb=True),
+              torch.float32, layout)
+
+
+@pytest.mark.parametrize("d", [32, 64, 80])
+def test_head_dims(d):
+    run_case(Case(B=1, H=3, W=5, heads=1, d=d, k=3, rel="shared"))
+
+
+@pytest.mark.parametrize("padding", ["zeros", "mask", "shift"])
+def test_many_tiles(padding):
+    """A 16-column query sub-tile over a 19-wide image: row segments with halos, several
+    rows per key tile, tiles cut at the image border."""
+    case = Case(B=1, H=7, W=19, heads=1, d=8, k=(3, 5), padding=padding, rel="shared",
+                rpb=True)
+    rows_bwd_key_config = {"K_BLOCK_M": 32, "K_BLOCK_N": 16, "K_num_warps": 2}
+    run_case(case, config=rows_bwd_key_config)
+
+
+def _random_case(seed: int) -> tuple:
+    rng = random.Random(seed)
+    padding = rng.choice(("zeros", "mask", "shift"))
+    kh, kw = rng.choice((1, 3, 5)), rng.choice((1, 3, 5))
+    dh, dw = rng.choice((1, 1, 2)), rng.choice((1, 1, 2))
+    H, W = rng.randint(2, 7), rng.randint(2, 9)
+    if padding == "shift":
+        H, W = max(H, kh * dh), max(W, kw * dw)
+    d = rng.choice((1, 2, 3, 8, 16))
+    rel = rng.choice((None, "shared", "per_head")) if d >= 2 else None
+    case = Case(B=rng.randint(1, 2), H=H, W=W, heads=rng.randint(1, 2), d=d, k=(kh, kw),
+                dilation=(dh, dw), padding=padding, rel=rel, rpb=rng.random() < 0.5)
+    dtype = rng.choice((torch.float32, torch.float32, torch.float16, torch.bfloat16))
+    layout = rng.choice(("contiguous", "nchw_view", "channels_last"))
+    return case, dtype, layout
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_cases(seed):
+    case, dtype, layout = _random_case(seed)
+    run_case(case, dtype, layout, seed=seed)
+
+
+def test_bit_identical_on_repeat():
+    q, k, v, dout, lse, delta, args = run_case(
+        Case(B=1, H=6, W=5, heads=2, d=8, k=3, padding="shift", rel="shared", rpb=True))
+    first = rows_bwd_key.key_grads(q, k, v, dout, lse, delta, args)
+    second = rows_bwd_key.key_grads(q, k, v, dout, lse, delta, args)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_nonfinite_inputs_stay_in_their_windows():
+    """NaN / inf planted in q, k, v or a table reaches only the dk / dv entries whose
+    windows hold it (the slow pass), with the oracle's values elsewhere: the cases and
+    checks of test_nonfinite.py, for this kernel alone."""
+    from fuzz_cases import FLOOR, coarser, mismatch, own_out_gradients
+    from test_nonfinite import _args as nonfinite_args
+    from test_nonfinite import _oracle as nonfinite_oracle
+    from test_nonfinite import nonfinite_case
+
+    from sasa_triton.reference import reference_forward
+
+    partial = 0
+    for seed in range(5000, 5008):
+        c = nonfinite_case(seed)
+        t, args = c["t"], nonfinite_args(c)
+        leaves = {n: x.double().requires_grad_() for n, x in t.items()}
+        want, want_lse = nonfinite_oracle(c, leaves)
+        dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed),
+                           dtype=torch.float64).to(c["dtype"]).double()
+        out, lse = reference_forward(t["q"], t["k"], t["v"], args)
+        grads = own_out_gradients(out, want, want_lse, dout, list(leaves.values()))
+        want_grads = dict(zip(leaves, grads))
+        delta = (dout.float() * out.float()).sum(-1).contiguous()
+        dk, dv = rows_bwd_key.key_grads(t["q"], t["k"], t["v"], dout.to(c["dtype"]), lse,
+                                        delta, args, _poison=True)
+        finite = [g[g.isfinite()].abs().max().item() for g in want_grads.values()
+                  if g.isfinite().any()]
+        largest = max(finite, default=1.0)
+        for name, got in (("k", dk), ("v", dv)):
+            tol = coarser(c["dtype"], t[name].dtype)
+            problem = mismatch(f"grad of {name}", got, want_grads[name], tol,
+                               FLOOR[tol] * largest)
+            assert problem is None, f"{c['desc']}: {problem}"
+        partial += 0 < int((~want_grads["k"].isfinite()).sum()) < want_grads["k"].numel()
+    assert partial >= 2, "too few cases with a partial non-finite pattern"
+
+
+@pytest.mark.parametrize("scale", [-0.5, 1e-25])
+def test_negative_and_tiny_scale(scale):
+    """Negative and tiny scales: the window mask bias must not turn into softmax mass."""
+    run_case(Case(B=1, H=5, W=6, heads=1, d=8, k=3, rel="shared", scale=scale))
+
+
+def test_every_pruned_tile_agrees():
+    """Each tile shape the tuner may pick for this shape gives the oracle's gradients."""
+    case = Case(B=1, H=6, W=7, heads=1, d=8, k=3, padding="mask", rel="per_head")
+    q = torch.zeros(1, 6, 7, 1, 8)
+    args = check_attend_args(q, q, q, 3, 1, "mask", None, None, None, None)
+    configs = rows_bwd_key.prune(rows_bwd_key.search_space(), tuple(q.shape), args)
+    tiles = {(c["K_BLOCK_M"], c["K_BLOCK_N"]): c for c in configs}
+    assert len(tiles) >= 2
+    for config in tiles.values():
+        run_case(case, config=config)
+
+
+@pytest.mark.parametrize("d", [1, 8, 16, 64, 80, 256])
+@pytest.mark.parametrize("hw", [(3, 4), (7, 7), (56, 56), (128, 128), (9, 300)])
+@pytest.mark.parametrize("padding", ["zeros", "shift"])
+def test_default_config_survives_prune(d, hw, padding):
+    """The launcher's default is one of the configs the tuner keeps, and supported."""
+    q = torch.zeros(1, *hw, 2, d)
+    k = 3 if padding == "shift" else 7
+    args = check_attend_args(q, q, q, k, 1, padding, None, None, None, None)
+    default = rows_bwd_key.default_config(tuple(q.shape), args)
+    assert default in rows_bwd_key.search_space()
+    assert default in rows_bwd_key.prune(rows_bwd_key.search_space(), tuple(q.shape), args)
+    assert rows_bwd_key.supports(tuple(q.shape), torch.bfloat16, args)
+
+
+def test_bad_config_and_unsupported_inputs():
+    q = torch.zeros(1, 4, 5, 1, 8)
+    args = check_attend_args(q, q, q, 3, 1, "zeros", None, None, None, None)
+    lse = torch.zeros(q.shape[:4])
+    with pytest.raises(ValueError, match="K_BLOCK_M"):
+        rows_bwd_key.key_grads(q, q, q, q, lse, lse, args, {"Q_BLOCK_M": 32})
+    assert not rows_bwd_key.supports(tuple(q.shape), torch.float64, args)
+    assert not rows_bwd_key.supports((1, 4, 5, 1, 512), torch.float32, args)
+    empty = torch.zeros(0, 4, 5, 1, 8)
+    dk, dv = rows_bwd_key.key_grads(empty, empty, empty, empty, lse[:0], lse[:0], args)
+    assert dk.shape == empty.shape and dv.shape == empty.shape

@@ -64,6 +64,9 @@ def _dout(q, seed=1):
 def kernel_grads(module, q, k, v, kw, case, dout, config=None):
     """Gradients of (q, k, v, tables present) from one backward variant."""
     args = _args(q, k, v, case, kw)
+    if not module.supports(tuple(q.shape), q.dtype, args):
+        # the dispatcher gives such a case to the next backward in the table
+        pytest.skip(f"{module.name} does not support this case (d={q.shape[-1]})")
     with torch.no_grad():
         out, lse = reference_attend(q, k, v, args, return_lse=True)
     grads = module.backward(q, k, v, out, lse, dout, args, config)
@@ -152,7 +155,8 @@ def test_every_pruned_config_agrees(variant):
     args = _args(q, k, v, case, kw)
     configs = module.prune(module.search_space(), tuple(q.shape), args)
     assert configs and module.default_config(tuple(q.shape), args) in module.search_space()
-    blocks = {c["BLOCK_P"]: c for c in configs}  # launch settings do not change the math
+    # launch settings (warps, stages) do not change the math: one config per tile shape
+    blocks = {tuple(sorted((k, v) for k, v in c.items() if "BLOCK" in k)): c for c in configs}
     dout = _dout(q)
     want = kernel_grads(module, q, k, v, kw, case, dout)
     for config in blocks.values():

@@ -1,0 +1,67 @@
+"""Backward family "rowsbwd": the two kernels of the row-tile backward, composed.
+
+1. `rows_bwd_query.query_grads` (a program owns a tile of query pixels): delta =
+   rowsum(dout * out), dq, and the relative-table / rpb gradients (per-program partials
+   reduced in a fixed order by a small second kernel);
+2. `rows_bwd_key.key_grads` (a program owns a tile of key pixels): dk and dv over the
+   inverse neighborhood, reading the delta that kernel 1 wrote.
+
+Both on tensor cores, no atomics: gradients are bit-identical run to run. A config is
+one flat dict of ints: the query kernel's keys start with "Q_", the key kernel's with
+"K_" (each kernel reads only its own). Where either kernel does not fit a case,
+`supports` says no and the dispatcher's next backward ("offsets") runs it.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+from sasa_triton.types import AttendArgs
+
+from . import rows_bwd_key as key_kernel
+from . import rows_bwd_query as query_kernel
+
+
+def supports(q_shape, dtype, args: AttendArgs) -> bool:
+    return (query_kernel.supports(q_shape, dtype, args)
+            and key_kernel.supports(q_shape, dtype, args))
+
+
+def default_config(q_shape, args: AttendArgs) -> dict:
+    return {**query_kernel.default_config(q_shape, args),
+            **key_kernel.default_config(q_shape, args)}
+
+
+def search_space() -> list[dict]:
+    """Every pairing of the two kernels' settings (prune cuts it per shape)."""
+    return [{**a, **b} for a, b in itertools.product(query_kernel.search_space(),
+                                                     key_kernel.search_space())]
+
+
+def _split(config: dict, prefix: str) -> dict:
+    return {k: v for k, v in config.items() if k.startswith(prefix)}
+
+
+def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
+    """The pairings whose halves both survive their kernel's own pruning."""
+    def kept(module, prefix):
+        halves = {tuple(sorted(_split(c, prefix).items())) for c in configs}
+        return {tuple(sorted(h.items()))
+                for h in module.prune([dict(t) for t in halves], q_shape, args)}
+
+    good_q, good_k = kept(query_kernel, "Q_"), kept(key_kernel, "K_")
+    return [c for c in configs if tuple(sorted(_split(c, "Q_").items())) in good_q
+            and tuple(sorted(_split(c, "K_").items())) in good_k]
+
+
+def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] = None,
+             _poison: bool = False):
+    """(dq, dk, dv, drel_h, drel_w, drpb); see the module docstring."""
+    if not supports(tuple(q.shape), q.dtype, args):
+        raise ValueError(f"rowsbwd backward does not support q of shape {tuple(q.shape)} "
+                         f"and dtype {q.dtype} with these arguments")
+    config = default_config(tuple(q.shape), args) if config is None else config
+    dq, delta, drel_h, drel_w, drpb = query_kernel.query_grads(
+        q, k, v, out, lse, dout, args, config, _poison=_poison)
+    dk, dv = key_kernel.key_grads(q, k, v, dout, lse, delta, args, config, _poison=_poison)
+    return dq, dk, dv, drel_h, drel_w, drpb

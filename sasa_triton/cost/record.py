@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import importlib
 import math
+import types
 from typing import Optional
 
 import torch
@@ -69,18 +70,21 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording(module, launches: list):
-    """Every JITFunction attribute of `module` replaced by a recorder."""
+    """Every JITFunction attribute of `module`, and of the kernel modules it imports (a
+    launcher composed of other launchers, e.g. rows_bwd), replaced by a recorder."""
     from triton.runtime.jit import JITFunction
 
-    names = [n for n, obj in vars(module).items() if isinstance(obj, JITFunction)]
-    originals = {n: getattr(module, n) for n in names}
+    modules = [module] + [m for m in vars(module).values() if isinstance(m, types.ModuleType)
+                          and m.__name__.startswith(module.__name__.rpartition(".")[0] + ".")]
+    originals = {(m, n): obj for m in modules for n, obj in vars(m).items()
+                 if isinstance(obj, JITFunction)}
     try:
-        for name in names:
-            setattr(module, name, _Recorder(originals[name], launches))
+        for (m, name), fn in originals.items():
+            setattr(m, name, _Recorder(fn, launches))
         yield
     finally:
-        for name, fn in originals.items():
-            setattr(module, name, fn)
+        for (m, name), fn in originals.items():
+            setattr(m, name, fn)
 
 
 _NO_KERNEL = {"empty", "empty_strided", "empty_like", "view", "_unsafe_view", "as_strided",

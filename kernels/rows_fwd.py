@@ -1,0 +1,534 @@
+"""Forward kernel family "rows": tensor-core row tiles that walk each k/v row once.
+
+What a program owns: one batch b, one head n and a query tile of ROWS image rows x
+BLOCK_W adjacent columns (a whole row when BLOCK_W >= W), flattened into BLOCK_M query
+pixels (m -> row m // BLOCK_W, column m % BLOCK_W; the tail past ROWS * BLOCK_W idles).
+With dilation dh the rows are ROWS consecutive members of one dilation group
+(g, g + dh, ...), so their windows share rows exactly as at dh = 1.
+
+What it loads: q once ([BLOCK_M, BLOCK_D]), then each k/v image row its windows cover
+(at most ROWS + kh - 1 of them) ONCE, columns [x0, x0 + BLOCK_K) of it, and reuses that
+row for every query row whose window holds it:
+    S = Q K^T                              tl.dot, [BLOCK_M, D] @ [D, BLOCK_K]
+    logits = S * scale*log2(e) + BIAS       BIAS: column rel term, -inf outside the window
+    + row term rt (q[:d/2] . rel_h[row], -inf for query rows the key row is not in)
+    online softmax in base 2 folded around rt; acc += P V   [BLOCK_M, BLOCK_K] @ [BLOCK_K, D]
+BIAS does not change from key row to key row (the column pattern of a query is the same
+in every window row), so per key row only a per-query row term is selected from a small
+[BLOCK_M, 16] table computed once by one tl.dot (q @ rel_h^T). With rpb the rpb values of
+the key row are gathered per key row (rpb is off in the standard suite).
+
+Zeros padding: out-of-image taps are zero keys and values whose logit is the rel/rpb
+part alone. They are never loaded: per query, their softmax mass is a log-sum-exp of
+column terms (out-of-image columns of an in-image row: one per query, or per window row
+with rpb) plus the row term, added to the running sum per key row; whole out-of-image
+rows are added once before the walk.
+
+Non-finite inputs: the fast walk masks by -inf additions only, so a NaN/inf k or v
+outside a query's window may reach its accumulator; then a slow pass recomputes the tile
+with explicit masks, zeroes non-finite v and marks the (query, channel) outputs whose
+window holds one as NaN (as the tiled kernel does).
+
+Saves lse = ln(sum exp(logit)) per query (float32) for the backward.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    INTERPRETED,
+    LOG2E,
+    PADDING_CODES,
+    alloc_outputs,
+    bias_strides,
+    check_config,
+    head_block,
+    launch_options,
+    next_pow2,
+    row_offsets_fit_i32,
+    window_start,
+)
+
+MAX_BLOCK_K = 128  # key columns per sub-tile (a score tile [BLOCK_M, BLOCK_K] in registers)
+MAX_BLOCK_D = 128  # padded head dim: acc [BLOCK_M, BLOCK_D] fp32 must stay in registers
+NEG_INF = float("-inf")
+
+
+@triton.jit
+def _rel_table(p_rel, srel_r, srel_d, o_d, d_lo, d_hi, rows,
+               BLOCK_D: tl.constexpr, E_PAD: tl.constexpr):
+    """[BLOCK_D, E_PAD] tile t[dd, e] = rel[e, dd - d_lo] for d_lo <= dd < d_hi, e < rows,
+    else 0: a dot operand that picks its half of q's channels."""
+    o_e = tl.arange(0, E_PAD)
+    m = ((o_d >= d_lo) & (o_d < d_hi))[:, None] & (o_e < rows)[None, :]
+    p = p_rel + o_e[None, :] * srel_r + (o_d - d_lo)[:, None] * srel_d
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _pick(b_tab, o_e, e):
+    """b_tab[m, e[m]] for each query m ([M, E] table, e out of range: -inf)."""
+    return tl.max(tl.where(o_e[None, :] == e[:, None], b_tab, float("-inf")), axis=1)
+
+
+@triton.jit
+def _logits(u, b_q, b_bias, b_rt, b_zo, o_e, t, st, ebase, m_q, m_win, p_k0, o_kx, m_kv,
+            y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH: tl.constexpr,
+            HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, ZEROS: tl.constexpr,
+            SAFE: tl.constexpr, DOT_F32: tl.constexpr):
+    """Key row u (group member) against the query tile: base-2 logits without the row
+    term [M, BK] (-inf outside each query's column window), the row term rt [M] (-inf for
+    queries whose window does not hold row u) and, in zeros mode, the log2 mass vz [M] of
+    the out-of-image column taps of that window row (row term included)."""
+    b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)  # [BK, BD]
+    if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
+        b_k = b_k.to(tl.float32)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, BD] @ [BD, BK] -> [M, BK]
+    b_s = b_s * qk_scale + b_bias
+    a = u - st  # window row of key row u, per query
+    m_live = (a >= 0) & (a < KH) & m_q
+    if HAS_REL:
+        rt = _pick(b_rt, o_e, u + ebase)
+    else:
+        rt = tl.zeros_like(qk_scale + a.to(tl.float32))
+    rt = tl.where(m_live, rt, float("-inf"))
+    if HAS_RPB:  # rpb[n, (y - i)/dh + kh - 1, (x - j)/dw + kw - 1]
+        m_rpb = m_win & m_live[:, None]
+        b_rpb = tl.load(p_rpb + ((u - t + KH - 1) * srp_h)[:, None] + o_rpb_x, mask=m_rpb,
+                        other=0.0)
+        b_s += b_rpb.to(tl.float32) * LOG2E
+    if SAFE:  # NaN/inf in k outside the window must not reach this query
+        b_s = tl.where(m_win & m_live[:, None], b_s, float("-inf"))
+    vz = rt
+    if ZEROS:
+        if HAS_RPB:
+            vz = rt + _pick(b_zo, o_e, a)
+        else:
+            vz = rt + b_zo
+    return b_s, rt, vz
+
+
+@triton.jit
+def _rows_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    H, W, HEADS, D, D_HALF, ROWS, BW,
+    sq_b, sq_h, sq_w, sq_n, sq_d,
+    sk_b, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_h, sv_w, sv_n, sv_d,
+    so_b, so_h, so_w, so_n, so_d,
+    sl_b, sl_h, sl_w, sl_n,
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
+    dil_h, dil_w, qk_scale,  # qk_scale = scale * log2(e)
+    KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
+    HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, REL_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    E_PAD: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
+    KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    ZEROS: tl.constexpr = PADDING == 0
+    SHIFT: tl.constexpr = PADDING == 2
+    # head fastest: the heads of one tile run side by side (full cache sectors)
+    pid = tl.program_id(0)
+    n = pid % HEADS
+    rest = pid // HEADS
+    n_jb = tl.cdiv(W, BW)
+    jb = rest % n_jb
+    rest = rest // n_jb
+    n_tb = tl.cdiv(tl.cdiv(H, dil_h), ROWS)
+    tb = rest % n_tb
+    rest = rest // n_tb
+    g = rest % dil_h  # dilation group of the rows: g, g + dil_h, ...
+    b = rest // dil_h
+    L = (H - g + dil_h - 1) // dil_h  # members of group g
+    t0 = tb * ROWS
+    j0 = jb * BW
+
+    # the query tile, flattened: member t (row g + t*dil_h), column j
+    o_m = tl.arange(0, BLOCK_M)
+    t = t0 + o_m // BW
+    j = j0 + o_m % BW
+    m_q = (o_m < ROWS * BW) & (t < L) & (j < W)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    st, off_y = window_start(t, L, KH, 1, SHIFT)  # first window member, per query
+    start_x, off_x = window_start(j, W, KW, dil_w, SHIFT)
+    # rel_h row of key member u for query m: u + ebase (zeros/mask: u - st = a)
+    if SHIFT:
+        ebase = off_y + KH - 1 - st
+    else:
+        ebase = -st
+
+    # key columns [x0, x0 + BLOCK_K): the union of the tile's windows, clipped to the image
+    if SHIFT:
+        x0 = tl.min(tl.where(m_q, start_x, W), axis=0)
+    else:
+        x0 = tl.maximum(j0 - (KW // 2) * dil_w, 0)
+    o_x = x0 + tl.arange(0, BLOCK_K)
+    m_x = o_x < W
+    o_diff = o_x[None, :] - start_x[:, None]  # [M, BK]
+    o_diffc = tl.maximum(o_diff, 0)
+    o_tap = o_diffc // dil_w  # tap c of key column x for query m
+    m_win = (o_diff >= 0) & (o_diffc - o_tap * dil_w == 0) & (o_tap < KW)
+    m_win = m_win & m_x[None, :] & m_q[:, None]
+
+    b64 = b.to(tl.int64)
+    n64 = n.to(tl.int64)
+    i64 = (g + t * dil_h).to(tl.int64)
+    p_q = (q_ptr + b64 * sq_b + n64 * sq_n + i64[:, None] * sq_h
+           + (j.to(tl.int64) * sq_w)[:, None] + o_d[None, :] * sq_d)
+    b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [M, BD]
+    if DOT_F32:
+        b_q = b_q.to(tl.float32)
+    p_k0 = k_ptr + b64 * sk_b + n64 * sk_n
+    p_v0 = v_ptr + b64 * sv_b + n64 * sv_n
+    if ROW_I64:
+        o_xr = o_x.to(tl.int64)
+        o_dr = o_d.to(tl.int64)
+    else:
+        o_xr = o_x
+        o_dr = o_d
+    o_kx = o_xr[:, None] * sk_w + o_dr[None, :] * sk_d  # [BK, BD]
+    if KV_SAME_STRIDES:
+        o_vx = o_kx
+    else:
+        o_vx = o_xr[:, None] * sv_w + o_dr[None, :] * sv_d
+    if EVEN_D:
+        m_kv = m_x[:, None]
+    else:
+        m_kv = m_x[:, None] & m_d[None, :]
+
+    # Relative terms, base 2, once per program: rel tables as dot operands.
+    o_e = tl.arange(0, E_PAD)
+    b_rt = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)  # row term per rel_h row
+    b_cf = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)  # column term per rel_w row
+    if HAS_REL:
+        if SHIFT:
+            n_rows_h = 2 * KH - 1
+            n_rows_w = 2 * KW - 1
+        else:
+            n_rows_h = KH
+            n_rows_w = KW
+        b_th = _rel_table(relh_ptr + n * srh_n, srh_r, srh_d, o_d, 0, D_HALF, n_rows_h,
+                          BLOCK_D, E_PAD)
+        b_tw = _rel_table(relw_ptr + n * srw_n, srw_r, srw_d, o_d, D_HALF, D, n_rows_w,
+                          BLOCK_D, E_PAD)
+        if REL_F32:  # float32 tables (or inputs): exact products on CUDA cores
+            b_qr = b_q.to(tl.float32)
+            b_th = b_th.to(tl.float32)
+            b_tw = b_tw.to(tl.float32)
+        else:
+            b_qr = b_q
+            b_th = b_th.to(b_q.dtype)
+            b_tw = b_tw.to(b_q.dtype)
+        b_rt = tl.dot(b_qr, b_th, input_precision="ieee") * qk_scale  # [M, BD] @ [BD, E]
+        b_cf = tl.dot(b_qr, b_tw, input_precision="ieee") * qk_scale  # [M, BD] @ [BD, E]
+
+    # BIAS [M, BK]: column term of each window tap, -inf outside the window. Zeros mode:
+    # the log2 mass of the out-of-image column taps (zo) and of all taps (za) per query,
+    # per window row a with rpb ([M, E_PAD] tables, column a).
+    b_bias = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    zo_m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    zo_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    za_m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    za_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    tzo_m = tl.full([BLOCK_M, E_PAD], -1.0e30, tl.float32)
+    tzo_s = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+    tza_m = tl.full([BLOCK_M, E_PAD], -1.0e30, tl.float32)
+    tza_s = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+    for c in tl.static_range(KW):
+        b_cc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if HAS_REL:
+            if SHIFT:
+                b_cc = _pick(b_cf, o_e, off_x + c + KW - 1)
+            else:
+                b_cc = _pick(b_cf, o_e, c + 0 * off_x)
+            b_bias = tl.where(o_tap == c, b_cc[:, None], b_bias)
+        if ZEROS:
+            xc = start_x + c * dil_w
+            m_out = (xc < 0) | (xc >= W)
+            if HAS_RPB:  # column c of the rpb window, every window row a
+                b_pc = tl.load(rpb_ptr + n * srp_n + (o_e - KH // 2 + KH - 1) * srp_h
+                               + (c - KW // 2 + KW - 1) * srp_w, mask=o_e < KH, other=0.0)
+                b_lg = b_cc[:, None] + b_pc.to(tl.float32)[None, :] * LOG2E  # [M, E]
+                b_lo = tl.where(m_out[:, None], b_lg, float("-inf"))
+                new = tl.maximum(tzo_m, b_lo)
+                tzo_s = tzo_s * tl.exp2(tzo_m - new) + tl.exp2(b_lo - new)
+                tzo_m = new
+                new = tl.maximum(tza_m, b_lg)
+                tza_s = tza_s * tl.exp2(tza_m - new) + tl.exp2(b_lg - new)
+                tza_m = new
+            else:
+                b_co = tl.where(m_out, b_cc, float("-inf"))
+                new = tl.maximum(zo_m, b_co)
+                zo_s = zo_s * tl.exp2(zo_m - new) + tl.exp2(b_co - new)
+                zo_m = new
+                new = tl.maximum(za_m, b_cc)
+                za_s = za_s * tl.exp2(za_m - new) + tl.exp2(b_cc - new)
+                za_m = new
+    b_bias = tl.where(m_win, b_bias, float("-inf"))
+    if HAS_RPB:
+        b_zo = tzo_m + tl.log2(tzo_s)  # [M, E]: log2 mass, out-of-image columns of row a
+        b_za = tza_m + tl.log2(tza_s)  # [M, E]: log2 mass, every column of row a
+    else:
+        b_zo = zo_m + tl.log2(zo_s)  # [M]
+        b_za = (za_m + tl.log2(za_s))[:, None] + tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+    p_rpb = rpb_ptr + n * srp_n
+    o_rpb_x = o_tap  # rpb column offsets (unused without rpb)
+    if HAS_RPB:
+        o_rpb_x = (off_x[:, None] + o_tap + KW - 1) * srp_w
+
+    # key members walked: the union of the tile's window rows (in the image)
+    t_last = tl.minimum(t0 + ROWS, L) - 1
+    if SHIFT:
+        u_lo = tl.minimum(tl.maximum(t0 - KH // 2, 0), L - KH)
+        u_hi = tl.minimum(tl.maximum(t_last - KH // 2, 0), L - KH) + KH
+    else:
+        u_lo = tl.maximum(t0 - KH // 2, 0)
+        u_hi = tl.minimum(t_last + KH // 2 + 1, L)
+
+    # Zeros mode: whole out-of-image window rows hold zero keys only; their mass (row
+    # term + every column's term) starts the softmax state.
+    b_m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if ZEROS:
+        u_a = t[:, None] + o_e[None, :] - KH // 2  # member of window row a
+        m_rowout = ((u_a < 0) | (u_a >= L)) & (o_e < KH)[None, :] & m_q[:, None]
+        b_vo = tl.where(m_rowout, b_rt + b_za, float("-inf"))  # [M, E]
+        b_m = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
+        b_l = tl.sum(tl.exp2(b_vo - b_m[:, None]), axis=1)
+    b_m0 = b_m
+    b_l0 = b_l
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for u in range(u_lo, u_hi):
+        y64 = (g + u * dil_h).to(tl.int64)
+        b_s, rt, vz = _logits(u, b_q, b_bias, b_rt, b_zo, o_e, t, st, ebase, m_q, m_win,
+                              p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale,
+                              KH, HAS_REL, HAS_RPB, ZEROS, False, DOT_F32)
+        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
+        if ZEROS:
+            b_m_new = tl.maximum(b_m_new, vz)
+        b_alpha = tl.exp2(b_m - b_m_new)
+        b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])  # [M, BK]; 0 where rt = -inf
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        if ZEROS:
+            b_l += tl.exp2(vz - b_m_new)
+        b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
+        b_pl = b_p.to(v_ptr.dtype.element_ty)
+        if DOT_F32:
+            b_pl = b_pl.to(tl.float32)
+            b_v = b_v.to(tl.float32)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")  # [M, BK] @ [BK, BD]
+        b_m = b_m_new
+    b_o = b_acc / b_l[:, None]
+
+    # Rare slow pass: a non-finite value reached acc or l (a NaN/inf k or v possibly
+    # outside the window, spread by the -inf additions or by 0 * NaN in P V): recompute
+    # with explicit window masks, non-finite v zeroed, and mark the (query, channel)
+    # outputs whose window holds one as NaN.
+    m_bad = ~((tl.abs(b_acc) < float("inf")) & (tl.abs(b_l) < float("inf"))[:, None])
+    m_bad = m_bad & m_q[:, None]
+    if tl.max(tl.max(tl.where(m_bad, 1, 0), axis=1), axis=0) > 0:
+        b_m = b_m0
+        b_l = b_l0
+        b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        b_bad = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for u in range(u_lo, u_hi):
+            y64 = (g + u * dil_h).to(tl.int64)
+            b_s, rt, vz = _logits(u, b_q, b_bias, b_rt, b_zo, o_e, t, st, ebase, m_q, m_win,
+                                  p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x,
+                                  qk_scale, KH, HAS_REL, HAS_RPB, ZEROS, True, DOT_F32)
+            b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
+            if ZEROS:
+                b_m_new = tl.maximum(b_m_new, vz)
+            b_alpha = tl.exp2(b_m - b_m_new)
+            b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])
+            b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+            if ZEROS:
+                b_l += tl.exp2(vz - b_m_new)
+            b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)
+            m_vok = tl.abs(b_v.to(tl.float32)) < float("inf")
+            b_v = tl.where(m_vok, b_v, tl.zeros_like(b_v))
+            # 0/1 indicators in fp16: exact counts from a tensor-core dot
+            b_win = tl.where(m_win & (rt > float("-inf"))[:, None], 1.0, 0.0).to(tl.float16)
+            b_vnan = tl.where(m_vok, 0.0, 1.0).to(tl.float16)
+            b_bad += tl.dot(b_win, b_vnan)  # [M, BK] @ [BK, BD] -> [M, BD]
+            b_pl = b_p.to(v_ptr.dtype.element_ty)
+            if DOT_F32:
+                b_pl = b_pl.to(tl.float32)
+                b_v = b_v.to(tl.float32)
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
+            b_m = b_m_new
+        b_o = tl.where(b_bad > 0, float("nan"), b_acc / b_l[:, None])
+
+    p_o = (o_ptr + b64 * so_b + n64 * so_n + (i64 * so_h + j.to(tl.int64) * so_w)[:, None]
+           + o_d[None, :] * so_d)
+    tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
+    b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
+    p_l = lse_ptr + b64 * sl_b + n64 * sl_n + i64 * sl_h + j.to(tl.int64) * sl_w
+    tl.store(p_l, b_lse, mask=m_q)
+
+
+# --- host side --------------------------------------------------------------------------
+
+def search_space() -> list[dict]:
+    """Tile shapes the tuner may try: BLOCK_M query pixels, BLOCK_W columns per row
+    (>= W: whole rows), warps stacked along M (16 rows of the MMA tile each)."""
+    return [
+        dict(BLOCK_M=bm, BLOCK_W=bw, num_warps=nw, num_stages=ns)
+        for bm in (64, 128)
+        for bw in (8, 16, 32, 64, 128)
+        for nw in (4, 8)
+        for ns in (1, 2, 3)
+    ]
+
+
+def tile_rows(q_shape, args, block_m: int, block_w: int) -> tuple[int, int]:
+    """(columns, rows) of the query tile: BLOCK_W clipped to the image width, as many
+    rows of a dilation group as BLOCK_M holds (at most the group's length)."""
+    B, H, W, heads, d = q_shape
+    bw = max(1, min(block_w, W))
+    members = triton.cdiv(max(H, 1), args.dh)
+    return bw, max(1, min(block_m // bw, members))
+
+
+def block_k(q_shape, args, block_w: int) -> int:
+    """Key columns per sub-tile: the union of BLOCK_W adjacent queries' windows, clipped
+    to the image (a whole row: next_pow2(W)); 16 at least (tl.dot)."""
+    W = q_shape[2]
+    bw = max(1, min(block_w, W))
+    if args.padding == "shift":
+        from .common import halo_span
+
+        span = halo_span(W, args.kw, args.dw, "shift", bw)
+    else:
+        span = bw + (args.kw - 1) * args.dw
+    return max(16, next_pow2(min(W, span)))
+
+
+def _e_pad(args) -> int:
+    """Width of the rel/row tables: rel rows (kh or 2kh - 1 in shift mode), >= 16."""
+    rows = max(args.kh, args.kw) if args.padding != "shift" else 2 * max(args.kh, args.kw) - 1
+    return max(16, next_pow2(rows))
+
+
+def _per_thread(bm: int, bk: int, bd: int, e: int, num_warps: int) -> float:
+    """Estimated live fp32 tile values per thread: S/P and BIAS [M, BK], acc [M, D],
+    q [M, D] (half: 16-bit), the row table [M, E] (and its zeros-mode twin)."""
+    return (2 * bm * bk + 1.5 * bm * bd + 2 * bm * e) / (32 * num_warps)
+
+
+def _fits(q_shape, args, cfg) -> bool:
+    B, H, W, heads, d = q_shape
+    bm, nw = cfg["BLOCK_M"], cfg.get("num_warps", 4)
+    bw, rows = tile_rows(q_shape, args, bm, cfg["BLOCK_W"])
+    bk = block_k(q_shape, args, cfg["BLOCK_W"])
+    return (bw <= bm and bk <= MAX_BLOCK_K and nw * 16 <= bm
+            and _per_thread(bm, bk, head_block(d), _e_pad(args), nw) < 96)
+
+
+def prune(configs, q_shape, args) -> list[dict]:
+    """Drops column blocks wider than needed (one per distinct clipped width), tiles whose
+    key rows exceed MAX_BLOCK_K, more warps than 16-row slices, and tiles that would
+    spill registers."""
+    B, H, W, heads, d = q_shape
+    kept, seen = [], set()
+    for cfg in configs:
+        bw = min(cfg["BLOCK_W"], W)
+        key = (cfg["BLOCK_M"], bw, cfg.get("num_warps"), cfg.get("num_stages"))
+        if key in seen or not _fits(q_shape, args, cfg):
+            continue
+        seen.add(key)
+        kept.append(cfg)
+    return kept
+
+
+def _work(q_shape, args, bm: int, bw_cfg: int) -> float:
+    """Score-tile elements a launch processes (key rows walked x BLOCK_M x BLOCK_K, plus
+    a per-program share for the rel tables and the column pattern): the default
+    config's cost estimate."""
+    B, H, W, heads, d = q_shape
+    bw, rows = tile_rows(q_shape, args, bm, bw_cfg)
+    bk = block_k(q_shape, args, bw_cfg)
+    members = triton.cdiv(max(H, 1), args.dh)
+    n_tb = triton.cdiv(members, rows)
+    walked = 0  # key rows walked, summed over the row blocks (in-image rows only)
+    for tb in range(n_tb):
+        t0, t1 = tb * rows, min(tb * rows + rows, members) - 1
+        if args.padding == "shift":
+            lo = min(max(t0 - args.kh // 2, 0), members - args.kh)
+            hi = min(max(t1 - args.kh // 2, 0), members - args.kh) + args.kh
+        else:
+            lo, hi = max(t0 - args.kh // 2, 0), min(t1 + args.kh // 2 + 1, members)
+        walked += hi - lo
+    per_program = bm * (_e_pad(args) * (args.kw + 2) + head_block(d)) / 2
+    return triton.cdiv(W, bw) * (walked * bm * bk + n_tb * per_program)
+
+
+def default_config(q_shape, args) -> dict:
+    """The fitting (BLOCK_M, BLOCK_W) with the least score-tile work (`_work`), warps
+    stacked along M (BLOCK_M / 16; 8 at most). Tuned tables override this."""
+    best = None
+    for bm in (64, 128):
+        for bw in (8, 16, 32, 64, 128):
+            nw = min(8, bm // 16)
+            cfg = dict(BLOCK_M=bm, BLOCK_W=bw, num_warps=nw, num_stages=2)
+            if not _fits(q_shape, args, cfg):
+                continue
+            cost = _work(q_shape, args, bm, bw)
+            if best is None or cost < best[0]:
+                best = (cost, cfg)
+    return best[1] if best is not None else dict(BLOCK_M=64, BLOCK_W=8, num_warps=4,
+                                                 num_stages=2)
+
+
+def supports(q_shape, dtype, args) -> bool:
+    B, H, W, heads, d = q_shape
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32) or not 1 <= d <= 256:
+        return False
+    if head_block(d) > MAX_BLOCK_D or _e_pad(args) > 32:
+        return False
+    return any(_fits(q_shape, args, dict(BLOCK_M=bm, BLOCK_W=bw, num_warps=min(8, bm // 16)))
+               for bm in (64, 128) for bw in (8, 16, 32, 64, 128))
+
+
+def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
+    B, H, W, heads, d = q.shape
+    if not supports(tuple(q.shape), q.dtype, args):
+        raise ValueError(
+            f"rows forward does not support q {tuple(q.shape)} {q.dtype} with kernel "
+            f"({args.kh}, {args.kw}), dilation ({args.dh}, {args.dw}), padding {args.padding!r}"
+        )
+    config = default_config(tuple(q.shape), args) if config is None else config
+    check_config(config, ("BLOCK_M", "BLOCK_W"), "rows")
+    out, lse = alloc_outputs(q, _poison)
+    if out.numel() == 0:
+        return out, lse
+    bm = config["BLOCK_M"]
+    bw, rows = tile_rows(tuple(q.shape), args, bm, config["BLOCK_W"])
+    bk = block_k(tuple(q.shape), args, config["BLOCK_W"])
+    rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
+    dummy = q  # never read when the flag is off
+    members = triton.cdiv(H, args.dh)
+    grid = (B * args.dh * triton.cdiv(members, rows) * triton.cdiv(W, bw) * heads,)
+    rel_f32 = rel_h is not None and (q.dtype == torch.float32 or rel_h.dtype == torch.float32
+                                     or rel_w.dtype == torch.float32)
+    _rows_fwd_kernel[grid](
+        q, k, v, out, lse,
+        dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
+        dummy if rpb is None else rpb,
+        H, W, heads, d, d // 2, rows, bw,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
+        args.dh, args.dw, args.scale * LOG2E.value,
+        KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
+        HAS_REL=rel_h is not None, HAS_RPB=rpb is not None, REL_F32=rel_f32,
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=head_block(d), E_PAD=_e_pad(args),
+        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
+        ROW_I64=not row_offsets_fit_i32((q, k, v, out), W + bk, d),
+        KV_SAME_STRIDES=k.stride() == v.stride(), EVEN_D=d == head_block(d),
+        **launch_options(config),
+    )
+    return out, lse

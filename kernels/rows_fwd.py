@@ -76,12 +76,13 @@ def _pick(b_tab, o_e, e):
 @triton.jit
 def _logits(u, b_q, b_bias, b_rt, b_zo, o_e, t, st, ebase, m_q, m_win, p_k0, o_kx, m_kv,
             y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH: tl.constexpr,
-            HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, ZEROS: tl.constexpr,
+            HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, VIRT: tl.constexpr,
             SAFE: tl.constexpr, DOT_F32: tl.constexpr):
     """Key row u (group member) against the query tile: base-2 logits without the row
     term [M, BK] (-inf outside each query's column window), the row term rt [M] (-inf for
-    queries whose window does not hold row u) and, in zeros mode, the log2 mass vz [M] of
-    the out-of-image column taps of that window row (row term included)."""
+    queries whose window does not hold row u), in zeros mode the log2 mass vz [M] of the
+    out-of-image column taps of that window row (row term included), and which queries'
+    windows hold row u."""
     b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)  # [BK, BD]
     if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
         b_k = b_k.to(tl.float32)
@@ -102,18 +103,18 @@ def _logits(u, b_q, b_bias, b_rt, b_zo, o_e, t, st, ebase, m_q, m_win, p_k0, o_k
     if SAFE:  # NaN/inf in k outside the window must not reach this query
         b_s = tl.where(m_win & m_live[:, None], b_s, float("-inf"))
     vz = rt
-    if ZEROS:
+    if VIRT:
         if HAS_RPB:
             vz = rt + _pick(b_zo, o_e, a)
         else:
             vz = rt + b_zo
-    return b_s, rt, vz
+    return b_s, rt, vz, m_live
 
 
 @triton.jit
 def _rows_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
-    H, W, HEADS, D, D_HALF, ROWS, BW,
+    H, W, HEADS, D, D_HALF, N_JB, N_TB,
     sq_b, sq_h, sq_w, sq_n, sq_d,
     sk_b, sk_h, sk_w, sk_n, sk_d,
     sv_b, sv_h, sv_w, sv_n, sv_d,
@@ -123,33 +124,34 @@ def _rows_fwd_kernel(
     dil_h, dil_w, qk_scale,  # qk_scale = scale * log2(e)
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, REL_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, CLIP: tl.constexpr,
     E_PAD: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     ZEROS: tl.constexpr = PADDING == 0
     SHIFT: tl.constexpr = PADDING == 2
+    VIRT: tl.constexpr = ZEROS and CLIP  # out-of-image column taps outside the key tile
+    ROWS: tl.constexpr = BLOCK_M // BLOCK_W
     # head fastest: the heads of one tile run side by side (full cache sectors)
     pid = tl.program_id(0)
     n = pid % HEADS
     rest = pid // HEADS
-    n_jb = tl.cdiv(W, BW)
-    jb = rest % n_jb
-    rest = rest // n_jb
-    n_tb = tl.cdiv(tl.cdiv(H, dil_h), ROWS)
-    tb = rest % n_tb
-    rest = rest // n_tb
+    jb = rest % N_JB
+    rest = rest // N_JB
+    tb = rest % N_TB
+    rest = rest // N_TB
     g = rest % dil_h  # dilation group of the rows: g, g + dil_h, ...
     b = rest // dil_h
     L = (H - g + dil_h - 1) // dil_h  # members of group g
     t0 = tb * ROWS
-    j0 = jb * BW
+    j0 = jb * BLOCK_W
 
     # the query tile, flattened: member t (row g + t*dil_h), column j
     o_m = tl.arange(0, BLOCK_M)
-    t = t0 + o_m // BW
-    j = j0 + o_m % BW
-    m_q = (o_m < ROWS * BW) & (t < L) & (j < W)
+    t = t0 + o_m // BLOCK_W
+    j = j0 + o_m % BLOCK_W
+    m_q = (t < L) & (j < W)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     st, off_y = window_start(t, L, KH, 1, SHIFT)  # first window member, per query
@@ -160,18 +162,23 @@ def _rows_fwd_kernel(
     else:
         ebase = -st
 
-    # key columns [x0, x0 + BLOCK_K): the union of the tile's windows, clipped to the image
+    # key columns [x0, x0 + BLOCK_K): the union of the tile's windows; clipped to the
+    # image (CLIP) when the unclipped halo would need a wider tile. Zeros mode, unclipped:
+    # out-of-image columns are in the tile as zero keys (masked loads) with their bias.
     if SHIFT:
         x0 = tl.min(tl.where(m_q, start_x, W), axis=0)
-    else:
+    elif CLIP:
         x0 = tl.maximum(j0 - (KW // 2) * dil_w, 0)
+    else:
+        x0 = j0 - (KW // 2) * dil_w
     o_x = x0 + tl.arange(0, BLOCK_K)
-    m_x = o_x < W
+    m_x = (o_x >= 0) & (o_x < W)
     o_diff = o_x[None, :] - start_x[:, None]  # [M, BK]
     o_diffc = tl.maximum(o_diff, 0)
     o_tap = o_diffc // dil_w  # tap c of key column x for query m
-    m_win = (o_diff >= 0) & (o_diffc - o_tap * dil_w == 0) & (o_tap < KW)
-    m_win = m_win & m_x[None, :] & m_q[:, None]
+    m_win = (o_diff >= 0) & (o_diffc - o_tap * dil_w == 0) & (o_tap < KW) & m_q[:, None]
+    if CLIP or not ZEROS:
+        m_win = m_win & m_x[None, :]
 
     b64 = b.to(tl.int64)
     n64 = n.to(tl.int64)
@@ -225,30 +232,35 @@ def _rows_fwd_kernel(
         b_rt = tl.dot(b_qr, b_th, input_precision="ieee") * qk_scale  # [M, BD] @ [BD, E]
         b_cf = tl.dot(b_qr, b_tw, input_precision="ieee") * qk_scale  # [M, BD] @ [BD, E]
 
-    # BIAS [M, BK]: column term of each window tap, -inf outside the window. Zeros mode:
-    # the log2 mass of the out-of-image column taps (zo) and of all taps (za) per query,
-    # per window row a with rpb ([M, E_PAD] tables, column a).
+    # BIAS [M, BK]: column term of each window tap, -inf outside the window.
     b_bias = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    zo_m = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    zo_s = tl.zeros([BLOCK_M], dtype=tl.float32)
-    za_m = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    za_s = tl.zeros([BLOCK_M], dtype=tl.float32)
-    tzo_m = tl.full([BLOCK_M, E_PAD], -1.0e30, tl.float32)
-    tzo_s = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
-    tza_m = tl.full([BLOCK_M, E_PAD], -1.0e30, tl.float32)
-    tza_s = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
-    for c in tl.static_range(KW):
-        b_cc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if HAS_REL:
+    if HAS_REL:
+        for c in tl.static_range(KW):
             if SHIFT:
                 b_cc = _pick(b_cf, o_e, off_x + c + KW - 1)
             else:
                 b_cc = _pick(b_cf, o_e, c + 0 * off_x)
             b_bias = tl.where(o_tap == c, b_cc[:, None], b_bias)
-        if ZEROS:
-            xc = start_x + c * dil_w
-            m_out = (xc < 0) | (xc >= W)
-            if HAS_RPB:  # column c of the rpb window, every window row a
+    b_bias = tl.where(m_win, b_bias, float("-inf"))
+    # Zeros mode: log2 mass of a window row's out-of-image column taps (b_zo) and of all
+    # its taps (b_za), per query: [M] vectors from the column terms (zeros/mask: rel_w
+    # row c = tap c), or [M, E] tables over the window row a with rpb.
+    b_zo = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_zo_t = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+    b_za = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+    if ZEROS:
+        xe = start_x[:, None] + o_e[None, :] * dil_w  # column of tap e
+        m_tap = (o_e < KW)[None, :]
+        m_xout = ((xe < 0) | (xe >= W)) & m_tap
+        if HAS_RPB:  # column c of the rpb window, every window row a
+            tzo_m = tl.full([BLOCK_M, E_PAD], -1.0e30, tl.float32)
+            tzo_s = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+            tza_m = tl.full([BLOCK_M, E_PAD], -1.0e30, tl.float32)
+            tza_s = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+            for c in tl.static_range(KW):
+                b_cc = _pick(b_cf, o_e, c + 0 * off_x)
+                xc = start_x + c * dil_w
+                m_out = (xc < 0) | (xc >= W)
                 b_pc = tl.load(rpb_ptr + n * srp_n + (o_e - KH // 2 + KH - 1) * srp_h
                                + (c - KW // 2 + KW - 1) * srp_w, mask=o_e < KH, other=0.0)
                 b_lg = b_cc[:, None] + b_pc.to(tl.float32)[None, :] * LOG2E  # [M, E]
@@ -259,21 +271,21 @@ def _rows_fwd_kernel(
                 new = tl.maximum(tza_m, b_lg)
                 tza_s = tza_s * tl.exp2(tza_m - new) + tl.exp2(b_lg - new)
                 tza_m = new
-            else:
-                b_co = tl.where(m_out, b_cc, float("-inf"))
-                new = tl.maximum(zo_m, b_co)
-                zo_s = zo_s * tl.exp2(zo_m - new) + tl.exp2(b_co - new)
-                zo_m = new
-                new = tl.maximum(za_m, b_cc)
-                za_s = za_s * tl.exp2(za_m - new) + tl.exp2(b_cc - new)
-                za_m = new
-    b_bias = tl.where(m_win, b_bias, float("-inf"))
+            b_zo_t = tzo_m + tl.log2(tzo_s)  # [M, E]: column a = window row a
+            b_za = tza_m + tl.log2(tza_s)
+        else:
+            b_ca = tl.where(m_tap, b_cf, float("-inf"))
+            za_m = tl.max(b_ca, axis=1)
+            za = za_m + tl.log2(tl.sum(tl.exp2(b_ca - za_m[:, None]), axis=1))
+            b_za = za[:, None] + b_za
+            if VIRT:
+                b_co = tl.where(m_xout, b_cf, float("-inf"))
+                zo_m = tl.maximum(tl.max(b_co, axis=1), -1.0e30)
+                b_zo = zo_m + tl.log2(tl.sum(tl.exp2(b_co - zo_m[:, None]), axis=1))
     if HAS_RPB:
-        b_zo = tzo_m + tl.log2(tzo_s)  # [M, E]: log2 mass, out-of-image columns of row a
-        b_za = tza_m + tl.log2(tza_s)  # [M, E]: log2 mass, every column of row a
+        b_zot = b_zo_t
     else:
-        b_zo = zo_m + tl.log2(zo_s)  # [M]
-        b_za = (za_m + tl.log2(za_s))[:, None] + tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+        b_zot = b_zo
     p_rpb = rpb_ptr + n * srp_n
     o_rpb_x = o_tap  # rpb column offsets (unused without rpb)
     if HAS_RPB:
@@ -303,55 +315,58 @@ def _rows_fwd_kernel(
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for u in range(u_lo, u_hi):
         y64 = (g + u * dil_h).to(tl.int64)
-        b_s, rt, vz = _logits(u, b_q, b_bias, b_rt, b_zo, o_e, t, st, ebase, m_q, m_win,
-                              p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale,
-                              KH, HAS_REL, HAS_RPB, ZEROS, False, DOT_F32)
+        b_s, rt, vz, m_live = _logits(
+            u, b_q, b_bias, b_rt, b_zot, o_e, t, st, ebase, m_q, m_win, p_k0, o_kx, m_kv, y64,
+            sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT, False, DOT_F32)
         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
-        if ZEROS:
+        if VIRT:
             b_m_new = tl.maximum(b_m_new, vz)
         b_alpha = tl.exp2(b_m - b_m_new)
         b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])  # [M, BK]; 0 where rt = -inf
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        if ZEROS:
+        if VIRT:
             b_l += tl.exp2(vz - b_m_new)
         b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
         b_pl = b_p.to(v_ptr.dtype.element_ty)
         if DOT_F32:
             b_pl = b_pl.to(tl.float32)
             b_v = b_v.to(tl.float32)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")  # [M, BK] @ [BK, BD]
+        # [M, BK] @ [BK, BD] -> [M, BD]
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
         b_m = b_m_new
-    b_o = b_acc / b_l[:, None]
+    b_inv = 1.0 / b_l
+    b_o = b_acc * b_inv[:, None]
 
     # Rare slow pass: a non-finite value reached acc or l (a NaN/inf k or v possibly
     # outside the window, spread by the -inf additions or by 0 * NaN in P V): recompute
     # with explicit window masks, non-finite v zeroed, and mark the (query, channel)
     # outputs whose window holds one as NaN.
-    m_bad = ~((tl.abs(b_acc) < float("inf")) & (tl.abs(b_l) < float("inf"))[:, None])
-    m_bad = m_bad & m_q[:, None]
-    if tl.max(tl.max(tl.where(m_bad, 1, 0), axis=1), axis=0) > 0:
+    # (any non-finite element makes the row sum non-finite)
+    m_bad = ~(tl.abs(b_l + tl.sum(b_acc, axis=1)) < float("inf")) & m_q
+    if tl.max(tl.where(m_bad, 1, 0), axis=0) > 0:
         b_m = b_m0
         b_l = b_l0
         b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         b_bad = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for u in range(u_lo, u_hi):
+        for u in tl.range(u_lo, u_hi, num_stages=1):  # rare: no software pipeline
             y64 = (g + u * dil_h).to(tl.int64)
-            b_s, rt, vz = _logits(u, b_q, b_bias, b_rt, b_zo, o_e, t, st, ebase, m_q, m_win,
-                                  p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x,
-                                  qk_scale, KH, HAS_REL, HAS_RPB, ZEROS, True, DOT_F32)
+            b_s, rt, vz, m_live = _logits(
+                u, b_q, b_bias, b_rt, b_zot, o_e, t, st, ebase, m_q, m_win, p_k0, o_kx, m_kv,
+                y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT, True,
+                DOT_F32)
             b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
-            if ZEROS:
+            if VIRT:
                 b_m_new = tl.maximum(b_m_new, vz)
             b_alpha = tl.exp2(b_m - b_m_new)
             b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])
             b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-            if ZEROS:
+            if VIRT:
                 b_l += tl.exp2(vz - b_m_new)
             b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)
             m_vok = tl.abs(b_v.to(tl.float32)) < float("inf")
             b_v = tl.where(m_vok, b_v, tl.zeros_like(b_v))
             # 0/1 indicators in fp16: exact counts from a tensor-core dot
-            b_win = tl.where(m_win & (rt > float("-inf"))[:, None], 1.0, 0.0).to(tl.float16)
+            b_win = tl.where(m_win & m_live[:, None], 1.0, 0.0).to(tl.float16)
             b_vnan = tl.where(m_vok, 0.0, 1.0).to(tl.float16)
             b_bad += tl.dot(b_win, b_vnan)  # [M, BK] @ [BK, BD] -> [M, BD]
             b_pl = b_p.to(v_ptr.dtype.element_ty)
@@ -360,7 +375,8 @@ def _rows_fwd_kernel(
                 b_v = b_v.to(tl.float32)
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
             b_m = b_m_new
-        b_o = tl.where(b_bad > 0, float("nan"), b_acc / b_l[:, None])
+        b_inv = 1.0 / b_l
+        b_o = tl.where(b_bad > 0, float("nan"), b_acc * b_inv[:, None])
 
     p_o = (o_ptr + b64 * so_b + n64 * so_n + (i64 * so_h + j.to(tl.int64) * so_w)[:, None]
            + o_d[None, :] * so_d)
@@ -384,27 +400,28 @@ def search_space() -> list[dict]:
     ]
 
 
-def tile_rows(q_shape, args, block_m: int, block_w: int) -> tuple[int, int]:
-    """(columns, rows) of the query tile: BLOCK_W clipped to the image width, as many
-    rows of a dilation group as BLOCK_M holds (at most the group's length)."""
-    B, H, W, heads, d = q_shape
-    bw = max(1, min(block_w, W))
-    members = triton.cdiv(max(H, 1), args.dh)
-    return bw, max(1, min(block_m // bw, members))
+def tile_shape(q_shape, block_w: int) -> int:
+    """The query tile's column count: BLOCK_W, at most next_pow2(W) (a whole row)."""
+    return max(1, min(block_w, next_pow2(q_shape[2])))
 
 
-def block_k(q_shape, args, block_w: int) -> int:
-    """Key columns per sub-tile: the union of BLOCK_W adjacent queries' windows, clipped
-    to the image (a whole row: next_pow2(W)); 16 at least (tl.dot)."""
+def key_tile(q_shape, args, block_w: int) -> tuple[int, bool]:
+    """(BLOCK_K, clipped): key columns per sub-tile, the union of the windows of BLOCK_W
+    adjacent queries (16 at least, for tl.dot). Zeros mode keeps the out-of-image columns
+    of that union in the tile (zero keys, no extra work) unless clipping them to the image
+    makes the tile narrower; mask mode always clips; shift windows lie inside."""
     W = q_shape[2]
-    bw = max(1, min(block_w, W))
+    bw = min(tile_shape(q_shape, block_w), W)
     if args.padding == "shift":
         from .common import halo_span
 
-        span = halo_span(W, args.kw, args.dw, "shift", bw)
-    else:
-        span = bw + (args.kw - 1) * args.dw
-    return max(16, next_pow2(min(W, span)))
+        return max(16, next_pow2(halo_span(W, args.kw, args.dw, "shift", bw))), True
+    span = bw + (args.kw - 1) * args.dw
+    clipped = max(16, next_pow2(min(W, span)))
+    if args.padding == "mask":
+        return clipped, True
+    full = max(16, next_pow2(span))
+    return (clipped, True) if clipped < full else (full, False)
 
 
 def _e_pad(args) -> int:
@@ -419,13 +436,17 @@ def _per_thread(bm: int, bk: int, bd: int, e: int, num_warps: int) -> float:
     return (2 * bm * bk + 1.5 * bm * bd + 2 * bm * e) / (32 * num_warps)
 
 
-def _fits(q_shape, args, cfg) -> bool:
+def _fits(q_shape, args, cfg, strict: bool = True) -> bool:
+    """Whether a config fits: BLOCK_K <= MAX_BLOCK_K, warps <= 16-row slices, no spill
+    expected; strict also drops tiles with over twice the image's rows (idle queries)."""
     B, H, W, heads, d = q_shape
     bm, nw = cfg["BLOCK_M"], cfg.get("num_warps", 4)
-    bw, rows = tile_rows(q_shape, args, bm, cfg["BLOCK_W"])
-    bk = block_k(q_shape, args, cfg["BLOCK_W"])
-    return (bw <= bm and bk <= MAX_BLOCK_K and nw * 16 <= bm
-            and _per_thread(bm, bk, head_block(d), _e_pad(args), nw) < 96)
+    bw = tile_shape(q_shape, cfg["BLOCK_W"])
+    bk, _ = key_tile(q_shape, args, bw)
+    rows = bm // bw if bw <= bm else 0
+    members = triton.cdiv(max(H, 1), args.dh)
+    return (rows >= 1 and (not strict or rows == 1 or rows <= 2 * members) and bk <= MAX_BLOCK_K
+            and nw * 16 <= bm and _per_thread(bm, bk, head_block(d), _e_pad(args), nw) < 96)
 
 
 def prune(configs, q_shape, args) -> list[dict]:
@@ -435,8 +456,8 @@ def prune(configs, q_shape, args) -> list[dict]:
     B, H, W, heads, d = q_shape
     kept, seen = [], set()
     for cfg in configs:
-        bw = min(cfg["BLOCK_W"], W)
-        key = (cfg["BLOCK_M"], bw, cfg.get("num_warps"), cfg.get("num_stages"))
+        key = (cfg["BLOCK_M"], tile_shape(q_shape, cfg["BLOCK_W"]), cfg.get("num_warps"),
+               cfg.get("num_stages"))
         if key in seen or not _fits(q_shape, args, cfg):
             continue
         seen.add(key)
@@ -444,43 +465,47 @@ def prune(configs, q_shape, args) -> list[dict]:
     return kept
 
 
-def _work(q_shape, args, bm: int, bw_cfg: int) -> float:
+def key_rows_walked(members: int, rows: int, kh: int, shift: bool) -> tuple[int, int]:
+    """(key rows walked in all, row blocks) for one dilation group of `members` rows cut
+    into blocks of `rows`: each block walks the in-image rows its windows cover."""
+    walked, blocks = 0, triton.cdiv(members, rows)
+    for tb in range(blocks):
+        t0, t1 = tb * rows, min(tb * rows + rows, members) - 1
+        if shift:
+            lo = min(max(t0 - kh // 2, 0), members - kh)
+            hi = min(max(t1 - kh // 2, 0), members - kh) + kh
+        else:
+            lo, hi = max(t0 - kh // 2, 0), min(t1 + kh // 2 + 1, members)
+        walked += hi - lo
+    return walked, blocks
+
+
+def _work(q_shape, args, bm: int, block_w: int) -> float:
     """Score-tile elements a launch processes (key rows walked x BLOCK_M x BLOCK_K, plus
     a per-program share for the rel tables and the column pattern): the default
     config's cost estimate."""
     B, H, W, heads, d = q_shape
-    bw, rows = tile_rows(q_shape, args, bm, bw_cfg)
-    bk = block_k(q_shape, args, bw_cfg)
+    bw = tile_shape(q_shape, block_w)
+    bk, _ = key_tile(q_shape, args, bw)
     members = triton.cdiv(max(H, 1), args.dh)
-    n_tb = triton.cdiv(members, rows)
-    walked = 0  # key rows walked, summed over the row blocks (in-image rows only)
-    for tb in range(n_tb):
-        t0, t1 = tb * rows, min(tb * rows + rows, members) - 1
-        if args.padding == "shift":
-            lo = min(max(t0 - args.kh // 2, 0), members - args.kh)
-            hi = min(max(t1 - args.kh // 2, 0), members - args.kh) + args.kh
-        else:
-            lo, hi = max(t0 - args.kh // 2, 0), min(t1 + args.kh // 2 + 1, members)
-        walked += hi - lo
-    per_program = bm * (_e_pad(args) * (args.kw + 2) + head_block(d)) / 2
-    return triton.cdiv(W, bw) * (walked * bm * bk + n_tb * per_program)
+    walked, n_tb = key_rows_walked(members, bm // bw, args.kh, args.padding == "shift")
+    per_program = bm * (_e_pad(args) * 4 + head_block(d)) * 4
+    per_row = bm * (bk + 40)  # row reductions, the row term, loads and barriers
+    return triton.cdiv(W, bw) * (walked * per_row + n_tb * per_program)
+
+
+def _candidates(q_shape, args, strict: bool) -> list[dict]:
+    return [cfg for cfg in (dict(BLOCK_M=bm, BLOCK_W=bw, num_warps=4, num_stages=2)
+                            for bm in (64, 128) for bw in (8, 16, 32, 64, 128))
+            if _fits(q_shape, args, cfg, strict)]
 
 
 def default_config(q_shape, args) -> dict:
-    """The fitting (BLOCK_M, BLOCK_W) with the least score-tile work (`_work`), warps
-    stacked along M (BLOCK_M / 16; 8 at most). Tuned tables override this."""
-    best = None
-    for bm in (64, 128):
-        for bw in (8, 16, 32, 64, 128):
-            nw = min(8, bm // 16)
-            cfg = dict(BLOCK_M=bm, BLOCK_W=bw, num_warps=nw, num_stages=2)
-            if not _fits(q_shape, args, cfg):
-                continue
-            cost = _work(q_shape, args, bm, bw)
-            if best is None or cost < best[0]:
-                best = (cost, cfg)
-    return best[1] if best is not None else dict(BLOCK_M=64, BLOCK_W=8, num_warps=4,
-                                                 num_stages=2)
+    """The fitting (BLOCK_M, BLOCK_W) with the least estimated work (`_work`), 4 warps
+    stacked along M; on images too small for any tile without idle rows, the smallest
+    tile that fits. Tuned tables override this."""
+    configs = _candidates(q_shape, args, True) or _candidates(q_shape, args, False)
+    return min(configs, key=lambda c: _work(q_shape, args, c["BLOCK_M"], c["BLOCK_W"]))
 
 
 def supports(q_shape, dtype, args) -> bool:
@@ -489,8 +514,7 @@ def supports(q_shape, dtype, args) -> bool:
         return False
     if head_block(d) > MAX_BLOCK_D or _e_pad(args) > 32:
         return False
-    return any(_fits(q_shape, args, dict(BLOCK_M=bm, BLOCK_W=bw, num_warps=min(8, bm // 16)))
-               for bm in (64, 128) for bw in (8, 16, 32, 64, 128))
+    return bool(_candidates(q_shape, args, False))
 
 
 def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -507,25 +531,28 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
     if out.numel() == 0:
         return out, lse
     bm = config["BLOCK_M"]
-    bw, rows = tile_rows(tuple(q.shape), args, bm, config["BLOCK_W"])
-    bk = block_k(tuple(q.shape), args, config["BLOCK_W"])
+    bw = tile_shape(tuple(q.shape), config["BLOCK_W"])
+    bk, clip = key_tile(tuple(q.shape), args, bw)
+    if bm % bw or bm < bw:
+        raise ValueError(f"rows config: BLOCK_M {bm} must be a multiple of the tile width {bw}")
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     dummy = q  # never read when the flag is off
-    members = triton.cdiv(H, args.dh)
-    grid = (B * args.dh * triton.cdiv(members, rows) * triton.cdiv(W, bw) * heads,)
+    n_jb, n_tb = triton.cdiv(W, bw), triton.cdiv(triton.cdiv(H, args.dh), bm // bw)
+    grid = (B * args.dh * n_tb * n_jb * heads,)
     rel_f32 = rel_h is not None and (q.dtype == torch.float32 or rel_h.dtype == torch.float32
                                      or rel_w.dtype == torch.float32)
     _rows_fwd_kernel[grid](
         q, k, v, out, lse,
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
-        H, W, heads, d, d // 2, rows, bw,
+        H, W, heads, d, d // 2, n_jb, n_tb,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
         args.dh, args.dw, args.scale * LOG2E.value,
         KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None, REL_F32=rel_f32,
-        BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=head_block(d), E_PAD=_e_pad(args),
+        BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d), CLIP=clip,
+        E_PAD=_e_pad(args),
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
         ROW_I64=not row_offsets_fit_i32((q, k, v, out), W + bk, d),
         KV_SAME_STRIDES=k.stride() == v.stride(), EVEN_D=d == head_block(d),

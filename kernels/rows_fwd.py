@@ -74,27 +74,37 @@ def _pick(b_tab, o_e, e):
 
 
 @triton.jit
-def _logits(u, b_q, b_bias, b_rt, b_zo, o_e, t, st, ebase, m_q, m_win, p_k0, o_kx, m_kv,
-            y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH: tl.constexpr,
+def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, b_zo, o_e, t, st, ebase, m_q, m_win, p_k0,
+            o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH: tl.constexpr,
             HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, VIRT: tl.constexpr,
-            SAFE: tl.constexpr, DOT_F32: tl.constexpr):
-    """Key row u (group member) against the query tile: base-2 logits without the row
-    term [M, BK] (-inf outside each query's column window), the row term rt [M] (-inf for
-    queries whose window does not hold row u), in zeros mode the log2 mass vz [M] of the
-    out-of-image column taps of that window row (row term included), and which queries'
-    windows hold row u."""
+            SAFE: tl.constexpr, DOT_F32: tl.constexpr, NS_PAD: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """Key row u (group member, `slot` rows after the first one walked) against the query
+    tile: base-2 logits [M, BK] (-inf outside each query's column window), the row term
+    rt [M] (separate only with VIRT; else inside the logits, by the second dot: -1e30
+    raw for queries whose window does not hold row u), in zeros mode with VIRT the log2
+    mass vz [M] of the out-of-image column taps of that window row (row term included),
+    and which queries' windows hold row u."""
     b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)  # [BK, BD]
     if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
         b_k = b_k.to(tl.float32)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, BD] @ [BD, BK] -> [M, BK]
-    b_s = b_s * qk_scale + b_bias
     a = u - st  # window row of key row u, per query
     m_live = (a >= 0) & (a < KH) & m_q
-    if HAS_REL:
-        rt = _pick(b_rt, o_e, u + ebase)
-    else:
+    if VIRT or SAFE:  # (SAFE: an inf in b_qrow would spread NaN over the row by the dot)
+        b_s = b_s * qk_scale + b_bias
+        if HAS_REL:
+            rt = _pick(b_rt, o_e, u + ebase)
+        else:
+            rt = tl.zeros_like(qk_scale + a.to(tl.float32))
+        rt = tl.where(m_live, rt, float("-inf"))
+    else:  # row term (raw units) of row u: column `slot` of b_qrow, by a one-hot dot
+        o_s = tl.arange(0, b_qrow.shape[1])
+        m_sel = tl.broadcast_to(((o_s % NS_PAD) == slot)[:, None], (b_qrow.shape[1], BLOCK_K))
+        b_sel = tl.where(m_sel, 1.0, 0.0).to(b_qrow.dtype)  # [S, BK]
+        b_s = tl.dot(b_qrow, b_sel, b_s, input_precision="ieee")  # [M, S] @ [S, BK] + S
+        b_s = b_s * qk_scale + b_bias
         rt = tl.zeros_like(qk_scale + a.to(tl.float32))
-    rt = tl.where(m_live, rt, float("-inf"))
     if HAS_RPB:  # rpb[n, (y - i)/dh + kh - 1, (x - j)/dw + kw - 1]
         m_rpb = m_win & m_live[:, None]
         b_rpb = tl.load(p_rpb + ((u - t + KH - 1) * srp_h)[:, None] + o_rpb_x, mask=m_rpb,
@@ -125,7 +135,8 @@ def _rows_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, REL_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, CLIP: tl.constexpr,
+    BLOCK_D: tl.constexpr, CLIP: tl.constexpr, NS_PAD: tl.constexpr, SPLIT: tl.constexpr,
+    INTERP: tl.constexpr,
     E_PAD: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr,
 ):
@@ -206,9 +217,19 @@ def _rows_fwd_kernel(
     else:
         m_kv = m_x[:, None] & m_d[None, :]
 
+    # key members walked: the union of the tile's window rows (in the image)
+    t_last = tl.minimum(t0 + ROWS, L) - 1
+    if SHIFT:
+        u_lo = tl.minimum(tl.maximum(t0 - KH // 2, 0), L - KH)
+        u_hi = tl.minimum(tl.maximum(t_last - KH // 2, 0), L - KH) + KH
+    else:
+        u_lo = tl.maximum(t0 - KH // 2, 0)
+        u_hi = tl.minimum(t_last + KH // 2 + 1, L)
+
     # Relative terms, base 2, once per program: rel tables as dot operands.
     o_e = tl.arange(0, E_PAD)
     b_rt = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)  # row term per rel_h row
+    b_rtraw = b_rt
     b_cf = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)  # column term per rel_w row
     if HAS_REL:
         if SHIFT:
@@ -229,18 +250,40 @@ def _rows_fwd_kernel(
             b_qr = b_q
             b_th = b_th.to(b_q.dtype)
             b_tw = b_tw.to(b_q.dtype)
-        b_rt = tl.dot(b_qr, b_th, input_precision="ieee") * qk_scale  # [M, BD] @ [BD, E]
+        b_rtraw = tl.dot(b_qr, b_th, input_precision="ieee")  # [M, BD] @ [BD, E]
+        b_rt = b_rtraw * qk_scale
         b_cf = tl.dot(b_qr, b_tw, input_precision="ieee") * qk_scale  # [M, BD] @ [BD, E]
+
+    # Row term and liveness of each key row walked, raw units (before qk_scale): column
+    # s of b_qrow is for key member u_lo + s; -1e30 where the query's window misses it.
+    # 16-bit inputs: a bf16 hi/lo pair (columns s and NS_PAD + s) for a float32-exact sum.
+    S_PAD: tl.constexpr = NS_PAD * (2 if SPLIT else 1)
+    o_s = tl.arange(0, S_PAD)
+    u_s = u_lo + (o_s % NS_PAD)
+    a_s = u_s[None, :] - st[:, None]  # [M, S]
+    m_ls = (a_s >= 0) & (a_s < KH) & m_q[:, None]
+    b_g = tl.zeros([BLOCK_M, S_PAD], dtype=tl.float32)
+    if HAS_REL:
+        o_g = tl.minimum(tl.maximum(u_s[None, :] + ebase[:, None], 0), E_PAD - 1)
+        b_g = tl.gather(b_rtraw, o_g, axis=1)
+    b_g = tl.where(m_ls, b_g, -1.0e30)
+    if SPLIT:
+        b_hi = b_g.to(tl.bfloat16)
+        b_lo = (b_g - b_hi.to(tl.float32)).to(tl.bfloat16)
+        b_qrow = tl.where((o_s < NS_PAD)[None, :], b_hi, b_lo)
+        if INTERP:  # the interpreter's bf16 tl.dot is wrong: the bf16 values, in float32
+            b_qrow = b_qrow.to(tl.float32)
+    else:
+        b_qrow = b_g
 
     # BIAS [M, BK]: column term of each window tap, -inf outside the window.
     b_bias = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     if HAS_REL:
-        for c in tl.static_range(KW):
-            if SHIFT:
-                b_cc = _pick(b_cf, o_e, off_x + c + KW - 1)
-            else:
-                b_cc = _pick(b_cf, o_e, c + 0 * off_x)
-            b_bias = tl.where(o_tap == c, b_cc[:, None], b_bias)
+        if SHIFT:
+            o_col = off_x[:, None] + o_tap + KW - 1
+        else:
+            o_col = o_tap
+        b_bias = tl.gather(b_cf, tl.minimum(o_col, E_PAD - 1), axis=1)
     b_bias = tl.where(m_win, b_bias, float("-inf"))
     # Zeros mode: log2 mass of a window row's out-of-image column taps (b_zo) and of all
     # its taps (b_za), per query: [M] vectors from the column terms (zeros/mask: rel_w
@@ -291,15 +334,6 @@ def _rows_fwd_kernel(
     if HAS_RPB:
         o_rpb_x = (off_x[:, None] + o_tap + KW - 1) * srp_w
 
-    # key members walked: the union of the tile's window rows (in the image)
-    t_last = tl.minimum(t0 + ROWS, L) - 1
-    if SHIFT:
-        u_lo = tl.minimum(tl.maximum(t0 - KH // 2, 0), L - KH)
-        u_hi = tl.minimum(tl.maximum(t_last - KH // 2, 0), L - KH) + KH
-    else:
-        u_lo = tl.maximum(t0 - KH // 2, 0)
-        u_hi = tl.minimum(t_last + KH // 2 + 1, L)
-
     # Zeros mode: whole out-of-image window rows hold zero keys only; their mass (row
     # term + every column's term) starts the softmax state.
     b_m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -316,8 +350,9 @@ def _rows_fwd_kernel(
     for u in range(u_lo, u_hi):
         y64 = (g + u * dil_h).to(tl.int64)
         b_s, rt, vz, m_live = _logits(
-            u, b_q, b_bias, b_rt, b_zot, o_e, t, st, ebase, m_q, m_win, p_k0, o_kx, m_kv, y64,
-            sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT, False, DOT_F32)
+            u, b_q, b_bias, b_rt, b_qrow, u - u_lo, b_zot, o_e, t, st, ebase, m_q, m_win, p_k0,
+            o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT,
+            False, DOT_F32, NS_PAD, BLOCK_K)
         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
         if VIRT:
             b_m_new = tl.maximum(b_m_new, vz)
@@ -351,9 +386,9 @@ def _rows_fwd_kernel(
         for u in tl.range(u_lo, u_hi, num_stages=1):  # rare: no software pipeline
             y64 = (g + u * dil_h).to(tl.int64)
             b_s, rt, vz, m_live = _logits(
-                u, b_q, b_bias, b_rt, b_zot, o_e, t, st, ebase, m_q, m_win, p_k0, o_kx, m_kv,
-                y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT, True,
-                DOT_F32)
+                u, b_q, b_bias, b_rt, b_qrow, u - u_lo, b_zot, o_e, t, st, ebase, m_q, m_win,
+                p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL,
+                HAS_RPB, VIRT, True, DOT_F32, NS_PAD, BLOCK_K)
             b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
             if VIRT:
                 b_m_new = tl.maximum(b_m_new, vz)
@@ -552,6 +587,8 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None, REL_F32=rel_f32,
         BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d), CLIP=clip,
+        NS_PAD=max(16, next_pow2(bm // bw + args.kh - 1)),
+        SPLIT=q.dtype != torch.float32, INTERP=INTERPRETED,
         E_PAD=_e_pad(args),
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
         ROW_I64=not row_offsets_fit_i32((q, k, v, out), W + bk, d),

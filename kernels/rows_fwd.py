@@ -137,7 +137,7 @@ def _rows_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, CLIP: tl.constexpr, NS_PAD: tl.constexpr, SPLIT: tl.constexpr,
     INTERP: tl.constexpr,
-    E_PAD: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
+    E_PAD: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr, OFF_I64: tl.constexpr,
     KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     ZEROS: tl.constexpr = PADDING == 0
@@ -191,11 +191,18 @@ def _rows_fwd_kernel(
     if CLIP or not ZEROS:
         m_win = m_win & m_x[None, :]
 
-    b64 = b.to(tl.int64)
-    n64 = n.to(tl.int64)
-    i64 = (g + t * dil_h).to(tl.int64)
+    if OFF_I64:  # some tensor has elements past 2**31: 64-bit offsets
+        b64 = b.to(tl.int64)
+        n64 = n.to(tl.int64)
+        i64 = (g + t * dil_h).to(tl.int64)
+        j64 = j.to(tl.int64)
+    else:
+        b64 = b
+        n64 = n
+        i64 = g + t * dil_h
+        j64 = j
     p_q = (q_ptr + b64 * sq_b + n64 * sq_n + i64[:, None] * sq_h
-           + (j.to(tl.int64) * sq_w)[:, None] + o_d[None, :] * sq_d)
+           + (j64 * sq_w)[:, None] + o_d[None, :] * sq_d)
     b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [M, BD]
     if DOT_F32:
         b_q = b_q.to(tl.float32)
@@ -348,7 +355,9 @@ def _rows_fwd_kernel(
     b_l0 = b_l
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for u in range(u_lo, u_hi):
-        y64 = (g + u * dil_h).to(tl.int64)
+        y64 = g + u * dil_h
+        if OFF_I64:
+            y64 = y64.to(tl.int64)
         b_s, rt, vz, m_live = _logits(
             u, b_q, b_bias, b_rt, b_qrow, u - u_lo, b_zot, o_e, t, st, ebase, m_q, m_win, p_k0,
             o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT,
@@ -376,15 +385,19 @@ def _rows_fwd_kernel(
     # outside the window, spread by the -inf additions or by 0 * NaN in P V): recompute
     # with explicit window masks, non-finite v zeroed, and mark the (query, channel)
     # outputs whose window holds one as NaN.
-    # (any non-finite element makes the row sum non-finite)
+    # A loop of 0 or 1 trips (not an if), so that static readers of the machine code
+    # count it as the rarely run code it is. Any non-finite element makes its row's sum
+    # non-finite.
     m_bad = ~(tl.abs(b_l + tl.sum(b_acc, axis=1)) < float("inf")) & m_q
-    if tl.max(tl.where(m_bad, 1, 0), axis=0) > 0:
+    for _ in range(tl.max(tl.where(m_bad, 1, 0), axis=0)):
         b_m = b_m0
         b_l = b_l0
         b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         b_bad = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for u in tl.range(u_lo, u_hi, num_stages=1):  # rare: no software pipeline
-            y64 = (g + u * dil_h).to(tl.int64)
+            y64 = g + u * dil_h
+            if OFF_I64:
+                y64 = y64.to(tl.int64)
             b_s, rt, vz, m_live = _logits(
                 u, b_q, b_bias, b_rt, b_qrow, u - u_lo, b_zot, o_e, t, st, ebase, m_q, m_win,
                 p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL,
@@ -413,11 +426,11 @@ def _rows_fwd_kernel(
         b_inv = 1.0 / b_l
         b_o = tl.where(b_bad > 0, float("nan"), b_acc * b_inv[:, None])
 
-    p_o = (o_ptr + b64 * so_b + n64 * so_n + (i64 * so_h + j.to(tl.int64) * so_w)[:, None]
+    p_o = (o_ptr + b64 * so_b + n64 * so_n + (i64 * so_h + j64 * so_w)[:, None]
            + o_d[None, :] * so_d)
     tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
     b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
-    p_l = lse_ptr + b64 * sl_b + n64 * sl_n + i64 * sl_h + j.to(tl.int64) * sl_w
+    p_l = lse_ptr + b64 * sl_b + n64 * sl_n + i64 * sl_h + j64 * sl_w
     tl.store(p_l, b_lse, mask=m_q)
 
 
@@ -552,6 +565,19 @@ def supports(q_shape, dtype, args) -> bool:
     return bool(_candidates(q_shape, args, False))
 
 
+def _offsets_fit_i32(tensors, halo: int) -> bool:
+    """Whether every element offset the kernel forms (halo columns, which may lie left of
+    or past the image, included) stays below 2**31 in every tensor: then all offset
+    arithmetic may be int32."""
+    for t in tensors:
+        reach = sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride()))
+        if t.dim() >= 3:
+            reach += halo * abs(t.stride(2))
+        if reach + 1 >= 2**31:
+            return False
+    return True
+
+
 def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
     B, H, W, heads, d = q.shape
@@ -592,6 +618,7 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         E_PAD=_e_pad(args),
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
         ROW_I64=not row_offsets_fit_i32((q, k, v, out), W + bk, d),
+        OFF_I64=not _offsets_fit_i32((q, k, v, out, lse), bk),
         KV_SAME_STRIDES=k.stride() == v.stride(), EVEN_D=d == head_block(d),
         **launch_options(config),
     )

@@ -23,8 +23,9 @@ Mapping per kernel (what the trip counts stand for):
 * `_tile2d_fwd_kernel`: NCHUNK x [window rows, a < KH] (the column-chunk loop is a
   tl.static_range, unrolled by the front end: one row loop per chunk).
 * `_rows_fwd_kernel`: [key rows walked, u_lo <= u < u_hi: the mean over the row blocks
-  of the in-image rows the tile's windows cover (<= ROWS + KH - 1)], [NaN slow pass: 0
-  trips] (the column loops are tl.static_range, unrolled by the front end).
+  of the in-image rows the tile's windows cover (<= BLOCK_M / BLOCK_W + KH - 1)],
+  [NaN slow pass: a loop of 0 trips (1 only when a non-finite value reached acc)
+  [key rows walked again]].
 * `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode;
   runtime arguments: KH, KW are constexpr since issue 11 but bound no loop).
 """
@@ -80,8 +81,9 @@ def _rows(c: dict) -> list[LoopSpec]:
                  for g in range(dh)]
     blocks = dh * -(-(-(-H // dh)) // rows)  # programs along the rows, all groups
     trips = round(sum(walked for walked, _ in per_group) / max(1, blocks))
+    slow_rows = LoopSpec("key rows walked again", trips, exp2=True)
     return [LoopSpec("key rows walked u_lo<=u<u_hi", trips, exp2=True),
-            LoopSpec("NaN slow pass (not taken)", 0, exp2=True)]
+            LoopSpec("NaN slow pass (0 trips: not taken)", 0, [slow_rows], exp2=True)]
 
 
 def _offsets(c: dict) -> list[LoopSpec]:  # TY, TX are runtime arguments: never unrolled

@@ -324,10 +324,6 @@ def _rows_fwd_kernel(
             b_zo_t = tzo_m + tl.log2(tzo_s)  # [M, E]: column a = window row a
             b_za = tza_m + tl.log2(tza_s)
         else:
-            b_ca = tl.where(m_tap, b_cf, float("-inf"))
-            za_m = tl.max(b_ca, axis=1)
-            za = za_m + tl.log2(tl.sum(tl.exp2(b_ca - za_m[:, None]), axis=1))
-            b_za = za[:, None] + b_za
             if VIRT:
                 b_co = tl.where(m_xout, b_cf, float("-inf"))
                 zo_m = tl.maximum(tl.max(b_co, axis=1), -1.0e30)
@@ -343,14 +339,22 @@ def _rows_fwd_kernel(
 
     # Zeros mode: whole out-of-image window rows hold zero keys only; their mass (row
     # term + every column's term) starts the softmax state.
+    # Only tiles at the top or bottom of the image have such rows: a loop of 0 or 1 trips.
     b_m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     if ZEROS:
-        u_a = t[:, None] + o_e[None, :] - KH // 2  # member of window row a
-        m_rowout = ((u_a < 0) | (u_a >= L)) & (o_e < KH)[None, :] & m_q[:, None]
-        b_vo = tl.where(m_rowout, b_rt + b_za, float("-inf"))  # [M, E]
-        b_m = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
-        b_l = tl.sum(tl.exp2(b_vo - b_m[:, None]), axis=1)
+        has_out = ((t0 - KH // 2 < 0) | (t_last + KH // 2 >= L)).to(tl.int32)
+        for _ in range(has_out):
+            if not HAS_RPB:  # log2 mass of every tap of a window row
+                b_ca = tl.where(m_tap, b_cf, float("-inf"))
+                za_m = tl.max(b_ca, axis=1)
+                za = za_m + tl.log2(tl.sum(tl.exp2(b_ca - za_m[:, None]), axis=1))
+                b_za = za[:, None] + tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+            u_a = t[:, None] + o_e[None, :] - KH // 2  # member of window row a
+            m_rowout = ((u_a < 0) | (u_a >= L)) & (o_e < KH)[None, :] & m_q[:, None]
+            b_vo = tl.where(m_rowout, b_rt + b_za, float("-inf"))  # [M, E]
+            b_m = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
+            b_l = tl.sum(tl.exp2(b_vo - b_m[:, None]), axis=1)
     b_m0 = b_m
     b_l0 = b_l
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -526,6 +530,13 @@ def key_rows_walked(members: int, rows: int, kh: int, shift: bool) -> tuple[int,
             lo, hi = max(t0 - kh // 2, 0), min(t1 + kh // 2 + 1, members)
         walked += hi - lo
     return walked, blocks
+
+
+def edge_blocks(members: int, rows: int, kh: int) -> int:
+    """Row blocks of one dilation group whose windows reach past the image (zeros mode:
+    they start from the out-of-image rows' mass)."""
+    return sum(1 for tb in range(triton.cdiv(members, rows))
+               if tb * rows - kh // 2 < 0 or min(tb * rows + rows, members) - 1 + kh // 2 >= members)
 
 
 def _work(q_shape, args, bm: int, block_w: int) -> float:

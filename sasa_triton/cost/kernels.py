@@ -22,8 +22,7 @@ Mapping per kernel (what the trip counts stand for):
   [window rows, a < KH [window columns, c < KW]].
 * `_tile2d_fwd_kernel`: NCHUNK x [window rows, a < KH] (the column-chunk loop is a
   tl.static_range, unrolled by the front end: one row loop per chunk).
-* `_rows_fwd_kernel`: zeros mode: [out-of-image rows' mass: 1 trip in row blocks at the
-  top or bottom of the image, 0 elsewhere; the mean over the blocks], then [key rows walked, u_lo <= u < u_hi: the mean over the row blocks
+* `_rows_fwd_kernel`: [key rows walked, u_lo <= u < u_hi: the mean over the row blocks
   of the in-image rows the tile's windows cover (<= BLOCK_M / BLOCK_W + KH - 1)],
   [NaN slow pass: a loop of 0 trips (1 only when a non-finite value reached acc)
   [key rows walked again]].
@@ -75,7 +74,7 @@ def _tile2d(c: dict) -> list[LoopSpec]:
 
 
 def _rows(c: dict) -> list[LoopSpec]:
-    from sasa_triton.kernels.rows_fwd import edge_blocks, key_rows_walked  # launcher's counts
+    from sasa_triton.kernels.rows_fwd import key_rows_walked  # the launcher's own count
 
     H, dh, rows, kh = c["H"], c["dil_h"], c["BLOCK_M"] // c["BLOCK_W"], c["KH"]
     per_group = [key_rows_walked(-(-(H - g) // dh), rows, kh, c["PADDING"] == 2)
@@ -83,12 +82,7 @@ def _rows(c: dict) -> list[LoopSpec]:
     blocks = dh * -(-(-(-H // dh)) // rows)  # programs along the rows, all groups
     trips = round(sum(walked for walked, _ in per_group) / max(1, blocks))
     slow_rows = LoopSpec("key rows walked again", trips, exp2=True)
-    loops = []
-    if c["PADDING"] == 0:  # out-of-image rows' mass: tiles at the top or bottom only
-        edges = sum(edge_blocks(-(-(H - g) // dh), rows, kh) for g in range(dh))
-        loops.append(LoopSpec("out-of-image rows (0/1: edge tiles; mean)",
-                              edges / max(1, blocks), exp2=True))
-    return loops + [LoopSpec("key rows walked u_lo<=u<u_hi", trips, exp2=True),
+    return [LoopSpec("key rows walked u_lo<=u<u_hi", trips, exp2=True),
             LoopSpec("NaN slow pass (0 trips: not taken)", 0, [slow_rows], exp2=True)]
 
 

@@ -100,7 +100,9 @@ def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, b_zo, o_e, t, st, ebase, m_q, m_
         rt = tl.where(m_live, rt, float("-inf"))
     else:  # row term (raw units) of row u: column `slot` of b_qrow, by a one-hot dot
         o_s = tl.arange(0, b_qrow.shape[1])
-        m_sel = tl.broadcast_to(((o_s % NS_PAD) == slot)[:, None], (b_qrow.shape[1], BLOCK_K))
+        if b_qrow.shape[1] > NS_PAD:  # hi/lo pairs
+            o_s = o_s // 2
+        m_sel = tl.broadcast_to((o_s == slot)[:, None], (b_qrow.shape[1], BLOCK_K))
         b_sel = tl.where(m_sel, 1.0, 0.0).to(b_qrow.dtype)  # [S, BK]
         b_s = tl.dot(b_qrow, b_sel, b_s, input_precision="ieee")  # [M, S] @ [S, BK] + S
         b_s = b_s * qk_scale + b_bias
@@ -263,21 +265,20 @@ def _rows_fwd_kernel(
 
     # Row term and liveness of each key row walked, raw units (before qk_scale): column
     # s of b_qrow is for key member u_lo + s; -1e30 where the query's window misses it.
-    # 16-bit inputs: a bf16 hi/lo pair (columns s and NS_PAD + s) for a float32-exact sum.
-    S_PAD: tl.constexpr = NS_PAD * (2 if SPLIT else 1)
-    o_s = tl.arange(0, S_PAD)
-    u_s = u_lo + (o_s % NS_PAD)
-    a_s = u_s[None, :] - st[:, None]  # [M, S]
+    # 16-bit inputs: a bf16 hi/lo pair (columns 2s and 2s + 1) for a float32-exact sum.
+    o_s = tl.arange(0, NS_PAD)
+    u_s = u_lo + o_s
+    a_s = u_s[None, :] - st[:, None]  # [M, NS]
     m_ls = (a_s >= 0) & (a_s < KH) & m_q[:, None]
-    b_g = tl.zeros([BLOCK_M, S_PAD], dtype=tl.float32)
+    b_g = tl.zeros([BLOCK_M, NS_PAD], dtype=tl.float32)
     if HAS_REL:
         o_g = tl.minimum(tl.maximum(u_s[None, :] + ebase[:, None], 0), E_PAD - 1)
         b_g = tl.gather(b_rtraw, o_g, axis=1)
     b_g = tl.where(m_ls, b_g, -1.0e30)
-    if SPLIT:
+    if SPLIT:  # columns 2s, 2s + 1: the pair of slot s
         b_hi = b_g.to(tl.bfloat16)
         b_lo = (b_g - b_hi.to(tl.float32)).to(tl.bfloat16)
-        b_qrow = tl.where((o_s < NS_PAD)[None, :], b_hi, b_lo)
+        b_qrow = tl.reshape(tl.join(b_hi, b_lo), (BLOCK_M, 2 * NS_PAD))
         if INTERP:  # the interpreter's bf16 tl.dot is wrong: the bf16 values, in float32
             b_qrow = b_qrow.to(tl.float32)
     else:
@@ -634,7 +635,7 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None, REL_F32=rel_f32,
         BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d), CLIP=clip,
-        NS_PAD=max(16, next_pow2(bm // bw + args.kh - 1)),
+        NS_PAD=_ns_pad(bm, bw, args.kh),
         SPLIT=q.dtype != torch.float32, INTERP=INTERPRETED,
         E_PAD=_e_pad(args),
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,

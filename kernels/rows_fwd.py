@@ -499,7 +499,7 @@ SPILL_LIMIT = 112
 
 
 def _fits(q_shape, args, cfg, strict: bool = True) -> bool:
-    """Whether a config fits: BLOCK_K <= MAX_BLOCK_K, warps <= 16-row slices, no spill
+    """Whether a config fits: BLOCK_K <= MAX_BLOCK_K, warps <= 8-row slices, no spill
     expected; strict also drops tiles with over twice the image's rows (idle queries)."""
     B, H, W, heads, d = q_shape
     bm, nw = cfg["BLOCK_M"], cfg.get("num_warps", 4)
@@ -510,12 +510,12 @@ def _fits(q_shape, args, cfg, strict: bool = True) -> bool:
     if rows < 1 or (strict and rows > 1 and rows > 2 * members):
         return False
     per_thread = _per_thread(bm, bk, head_block(d), _e_pad(args), _ns_pad(bm, bw, args.kh), nw)
-    return bk <= MAX_BLOCK_K and nw * 16 <= bm and per_thread <= SPILL_LIMIT
+    return bk <= MAX_BLOCK_K and nw * 8 <= bm and per_thread <= SPILL_LIMIT
 
 
 def prune(configs, q_shape, args) -> list[dict]:
     """Drops column blocks wider than needed (one per distinct clipped width), tiles whose
-    key rows exceed MAX_BLOCK_K, more warps than 16-row slices, and tiles that would
+    key rows exceed MAX_BLOCK_K, more warps than 8-row slices, and tiles that would
     spill registers."""
     B, H, W, heads, d = q_shape
     kept, seen = [], set()
@@ -562,7 +562,7 @@ def _candidates(q_shape, args, strict: bool) -> list[dict]:
     """Default-config candidates, most preferred shape first: one warp owning 32 query
     rows (mma.sync: no warpgroup fences or one-hot staging per key row; the cost tool
     reads it 1.3-2x cheaper than 4 warps at d <= 32), else 4 warps on 64 rows; 1 stage."""
-    shapes = ((32, 1), (64, 2), (64, 4), (128, 4), (128, 8))
+    shapes = ((32, 1), (64, 2), (64, 4), (128, 4), (128, 8), (64, 8))
     return [cfg for cfg in (dict(BLOCK_M=bm, BLOCK_W=bw, num_warps=nw, num_stages=1)
                             for bm, nw in shapes for bw in (8, 16, 32, 64, 128))
             if _fits(q_shape, args, cfg, strict)]

@@ -487,12 +487,14 @@ def _ns_pad(bm: int, bw: int, kh: int) -> int:
     return max(16, next_pow2(bm // bw + kh - 1))
 
 
-def _per_thread(bm: int, bk: int, bd: int, e: int, ns: int, num_warps: int) -> float:
+def _per_thread(bm: int, bk: int, bd: int, e: int, ns: int, num_warps: int,
+                rpb: bool = False) -> float:
     """Estimated live 32-bit tile values per thread: S/P and BIAS [M, BK], acc [M, D],
-    q [M, D] (16-bit: half), the row table [M, E], the row-term table [M, 2 NS] (16-bit).
-    Fitted to ptxas for sm_90 (Triton 3.9): at most 112 compiled without spills, 120 and
-    above spilled."""
-    return (2 * bm * bk + 1.5 * bm * bd + bm * e + bm * ns) / (32 * num_warps)
+    q [M, D] (16-bit: half), the row table [M, E], the row-term table [M, 2 NS] (16-bit);
+    with rpb its offsets [M, BK] and the zero taps' [M, E] tables. Fitted to ptxas for
+    sm_90 (Triton 3.9): at most 112 compiled without spills, 120 and above spilled."""
+    extra = bm * bk + 2 * bm * e if rpb else 0
+    return (2 * bm * bk + 1.5 * bm * bd + bm * e + bm * ns + extra) / (32 * num_warps)
 
 
 SPILL_LIMIT = 112
@@ -509,7 +511,8 @@ def _fits(q_shape, args, cfg, strict: bool = True) -> bool:
     members = triton.cdiv(max(H, 1), args.dh)
     if rows < 1 or (strict and rows > 1 and rows > 2 * members):
         return False
-    per_thread = _per_thread(bm, bk, head_block(d), _e_pad(args), _ns_pad(bm, bw, args.kh), nw)
+    per_thread = _per_thread(bm, bk, head_block(d), _e_pad(args), _ns_pad(bm, bw, args.kh), nw,
+                             args.rpb is not None)
     return bk <= MAX_BLOCK_K and nw * 8 <= bm and per_thread <= SPILL_LIMIT
 
 

@@ -71,7 +71,7 @@ def _run(case, dtype=torch.float32, layout="contiguous", config=None, seed=0):
                                msg=lambda m: f"rows lse {case.id} {config}: {m}")
 
 
-@pytest.mark.parametrize("seed", range(24))
+@pytest.mark.parametrize("seed", range(16))
 def test_random_cases_match_oracle(seed):
     case, dtype, layout, config = _random_case(seed)
     if not rows_fwd._fits((case.B, case.H, case.W, case.heads, case.d),
@@ -86,17 +86,16 @@ def _args_of(case):
                              kw.get("rel_w"), kw.get("rpb"), kw["scale"])
 
 
-@pytest.mark.parametrize("config", [
+@pytest.mark.parametrize("config,dtype", [
     # zeros, whole-row tile W=14 -> BLOCK_K 16 < 32: clipped, out-of-image columns as a
     # log-sum-exp per window row (VIRT)
-    dict(BLOCK_M=32, BLOCK_W=16, num_warps=1, num_stages=1),
+    (dict(BLOCK_M=32, BLOCK_W=16, num_warps=1, num_stages=1), torch.bfloat16),
     # zeros, 8-wide tiles: the halo (14 columns) fits 16 unclipped: zero keys in the tile
-    dict(BLOCK_M=32, BLOCK_W=8, num_warps=1, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_W=8, num_warps=4, num_stages=2),
+    (dict(BLOCK_M=32, BLOCK_W=8, num_warps=1, num_stages=2), torch.float16),
+    (dict(BLOCK_M=64, BLOCK_W=8, num_warps=4, num_stages=2), torch.float32),
 ], ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 def test_clipped_and_unclipped_zero_taps(config, dtype):
-    case = Case(B=1, H=9, W=14, heads=2, d=16, k=7, rel="shared")
+    case = Case(B=1, H=8, W=14, heads=1, d=16, k=7, rel="shared")
     _run(case, dtype, config=config)
 
 

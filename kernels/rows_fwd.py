@@ -382,8 +382,6 @@ def _rows_fwd_kernel(
         # [M, BK] @ [BK, BD] -> [M, BD]
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
         b_m = b_m_new
-    b_inv = 1.0 / b_l
-    b_o = b_acc * b_inv[:, None]
 
     # Rare slow pass: a non-finite value reached acc or l (a NaN/inf k or v possibly
     # outside the window, spread by the -inf additions or by 0 * NaN in P V): recompute
@@ -427,8 +425,8 @@ def _rows_fwd_kernel(
                 b_v = b_v.to(tl.float32)
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
             b_m = b_m_new
-        b_inv = 1.0 / b_l
-        b_o = tl.where(b_bad > 0, float("nan"), b_acc * b_inv[:, None])
+        b_acc = tl.where(b_bad > 0, float("nan"), b_acc)
+    b_o = b_acc * (1.0 / b_l)[:, None]
 
     p_o = (o_ptr + b64 * so_b + n64 * so_n + (i64 * so_h + j64 * so_w)[:, None]
            + o_d[None, :] * so_d)

@@ -77,11 +77,11 @@ def _pick(b_tab, o_e, e):
 def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, b_zo, o_e, t, st, ebase, m_q, m_win, p_k0,
             o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH: tl.constexpr,
             HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, VIRT: tl.constexpr,
-            SAFE: tl.constexpr, DOT_F32: tl.constexpr, NS_PAD: tl.constexpr,
+            PICK: tl.constexpr, SAFE: tl.constexpr, DOT_F32: tl.constexpr, NS_PAD: tl.constexpr,
             BLOCK_K: tl.constexpr):
     """Key row u (group member, `slot` rows after the first one walked) against the query
     tile: base-2 logits [M, BK] (-inf outside each query's column window), the row term
-    rt [M] (separate only with VIRT; else inside the logits, by the second dot: -1e30
+    rt [M] (separate with PICK or SAFE; else inside the logits, by the second dot: -1e30
     raw for queries whose window does not hold row u), in zeros mode with VIRT the log2
     mass vz [M] of the out-of-image column taps of that window row (row term included),
     and which queries' windows hold row u."""
@@ -91,7 +91,7 @@ def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, b_zo, o_e, t, st, ebase, m_q, m_
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, BD] @ [BD, BK] -> [M, BK]
     a = u - st  # window row of key row u, per query
     m_live = (a >= 0) & (a < KH) & m_q
-    if VIRT or SAFE:  # (SAFE: an inf in b_qrow would spread NaN over the row by the dot)
+    if PICK or SAFE:  # (SAFE: an inf in b_qrow would spread NaN over the row by the dot)
         b_s = b_s * qk_scale + b_bias
         if HAS_REL:
             rt = _pick(b_rt, o_e, u + ebase)
@@ -137,7 +137,7 @@ def _rows_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, REL_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, CLIP: tl.constexpr, NS_PAD: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_D: tl.constexpr, CLIP: tl.constexpr, SPARE: tl.constexpr, NS_PAD: tl.constexpr, SPLIT: tl.constexpr,
     INTERP: tl.constexpr,
     E_PAD: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr, OFF_I64: tl.constexpr,
     KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr,
@@ -145,6 +145,10 @@ def _rows_fwd_kernel(
     ZEROS: tl.constexpr = PADDING == 0
     SHIFT: tl.constexpr = PADDING == 2
     VIRT: tl.constexpr = ZEROS and CLIP  # out-of-image column taps outside the key tile
+    # their mass per window row: in the spare last column of the tile (SPARE: a zero key
+    # whose bias is that mass, the row term added by the dot like any column), else
+    # picked per key row beside the tile (PICK)
+    PICK: tl.constexpr = VIRT and not SPARE
     ROWS: tl.constexpr = BLOCK_M // BLOCK_W
     # head fastest: the heads of one tile run side by side (full cache sectors)
     pid = tl.program_id(0)
@@ -186,6 +190,8 @@ def _rows_fwd_kernel(
         x0 = j0 - (KW // 2) * dil_w
     o_x = x0 + tl.arange(0, BLOCK_K)
     m_x = (o_x >= 0) & (o_x < W)
+    if SPARE:  # the last column: a zero key for the out-of-image columns' mass
+        m_x = m_x & (tl.arange(0, BLOCK_K) < BLOCK_K - 1)
     o_diff = o_x[None, :] - start_x[:, None]  # [M, BK]
     o_diffc = tl.maximum(o_diff, 0)
     o_tap = o_diffc // dil_w  # tap c of key column x for query m
@@ -329,6 +335,9 @@ def _rows_fwd_kernel(
                 b_co = tl.where(m_xout, b_cf, float("-inf"))
                 zo_m = tl.maximum(tl.max(b_co, axis=1), -1.0e30)
                 b_zo = zo_m + tl.log2(tl.sum(tl.exp2(b_co - zo_m[:, None]), axis=1))
+    if SPARE:
+        m_spare = (tl.arange(0, BLOCK_K) == BLOCK_K - 1)[None, :] & m_q[:, None]
+        b_bias = tl.where(m_spare, b_zo[:, None], b_bias)
     if HAS_RPB:
         b_zot = b_zo_t
     else:
@@ -365,14 +374,14 @@ def _rows_fwd_kernel(
         b_s, rt, vz, m_live = _logits(
             u, b_q, b_bias, b_rt, b_qrow, u - u_lo, b_zot, o_e, t, st, ebase, m_q, m_win, p_k0,
             o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT,
-            False, DOT_F32, NS_PAD, BLOCK_K)
+            PICK, False, DOT_F32, NS_PAD, BLOCK_K)
         b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
-        if VIRT:
+        if PICK:
             b_m_new = tl.maximum(b_m_new, vz)
         b_alpha = tl.exp2(b_m - b_m_new)
         b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])  # [M, BK]; 0 where rt = -inf
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        if VIRT:
+        if PICK:
             b_l += tl.exp2(vz - b_m_new)
         b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
         b_pl = b_p.to(v_ptr.dtype.element_ty)
@@ -403,7 +412,7 @@ def _rows_fwd_kernel(
             b_s, rt, vz, m_live = _logits(
                 u, b_q, b_bias, b_rt, b_qrow, u - u_lo, b_zot, o_e, t, st, ebase, m_q, m_win,
                 p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL,
-                HAS_RPB, VIRT, True, DOT_F32, NS_PAD, BLOCK_K)
+                HAS_RPB, VIRT, PICK, True, DOT_F32, NS_PAD, BLOCK_K)
             b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
             if VIRT:
                 b_m_new = tl.maximum(b_m_new, vz)
@@ -472,6 +481,12 @@ def key_tile(q_shape, args, block_w: int) -> tuple[int, bool]:
         return clipped, True
     full = max(16, next_pow2(span))
     return (clipped, True) if clipped < full else (full, False)
+
+
+def clipped_span(q_shape, args, bw: int) -> int:
+    """Key columns the widest column block needs, clipped to the image (zeros/mask)."""
+    W = q_shape[2]
+    return min(W, min(bw, W) + (args.kw - 1) * args.dw)
 
 
 def _e_pad(args) -> int:
@@ -636,6 +651,8 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None, REL_F32=rel_f32,
         BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d), CLIP=clip,
+        SPARE=clip and args.padding == "zeros" and rpb is None
+        and clipped_span(tuple(q.shape), args, bw) < bk,
         NS_PAD=_ns_pad(bm, bw, args.kh),
         SPLIT=q.dtype != torch.float32, INTERP=INTERPRETED,
         E_PAD=_e_pad(args),

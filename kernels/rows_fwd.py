@@ -1,33 +1,40 @@
 """Forward kernel family "rows": tensor-core row tiles that walk each k/v row once.
 
-What a program owns: one batch b, one head n and a query tile of ROWS image rows x
-BLOCK_W adjacent columns (a whole row when BLOCK_W >= W), flattened into BLOCK_M query
-pixels (m -> row m // BLOCK_W, column m % BLOCK_W; the tail past ROWS * BLOCK_W idles).
+What a program owns: one batch b, one head n and a query tile of ROWS = BLOCK_M / BLOCK_W
+image rows x BLOCK_W adjacent columns (BLOCK_W a power of two; next_pow2(W) is a whole
+row), flattened into BLOCK_M query pixels (m -> row m // BLOCK_W, column m % BLOCK_W).
 With dilation dh the rows are ROWS consecutive members of one dilation group
-(g, g + dh, ...), so their windows share rows exactly as at dh = 1.
+(g, g + dh, ...), so their windows share rows exactly as at dh = 1. Warps stack along M
+(one warp x 32 rows is the default up to d = 32: mma.sync, no warpgroup fences).
 
-What it loads: q once ([BLOCK_M, BLOCK_D]), then each k/v image row its windows cover
-(at most ROWS + kh - 1 of them) ONCE, columns [x0, x0 + BLOCK_K) of it, and reuses that
-row for every query row whose window holds it:
-    S = Q K^T                              tl.dot, [BLOCK_M, D] @ [D, BLOCK_K]
-    logits = S * scale*log2(e) + BIAS       BIAS: column rel term, -inf outside the window
-    + row term rt (q[:d/2] . rel_h[row], -inf for query rows the key row is not in)
-    online softmax in base 2 folded around rt; acc += P V   [BLOCK_M, BLOCK_K] @ [BLOCK_K, D]
-BIAS does not change from key row to key row (the column pattern of a query is the same
-in every window row), so per key row only a per-query row term is selected from a small
-[BLOCK_M, 16] table computed once by one tl.dot (q @ rel_h^T). With rpb the rpb values of
-the key row are gathered per key row (rpb is off in the standard suite).
+What it loads: q once ([BLOCK_M, BLOCK_D]), the rel tables once, then each k/v image row
+the tile's windows cover (ROWS + kh - 1 at most) ONCE, columns [x0, x0 + BLOCK_K) of it,
+and uses that row for every query row whose window holds it:
+    S  = Q K^T + Qrow E_u                  tl.dot x 2: [M, D] @ [D, BK], [M, 2NS] @ [2NS, BK]
+    logits = S * scale*log2(e) + BIAS       one FMA per element
+    online softmax in base 2; acc += P V   tl.dot, [M, BK] @ [BK, D]
+* BIAS [M, BK] (built once): the column rel term q[d/2:] . rel_w[c] of each query's
+  window taps (one tl.dot q @ rel_w^T, then tl.gather), -inf outside the window. It is
+  the same for every key row: a query's column pattern is the same in each window row.
+* Qrow [M, NS] (built once): the row term q[:d/2] . rel_h[row] of key row slot s for each
+  query (one tl.dot q @ rel_h^T, then tl.gather), -1e30 where the query's window does not
+  hold that key row. E_u is the one-hot [NS, BK] of the current slot, so the second dot
+  adds the row term and the window-row mask to the logits on the tensor cores. 16-bit
+  inputs: Qrow is a bf16 (hi, lo) pair per slot (float32-exact sum).
+* rpb (off in the standard suite): gathered per key row ([M, BK] loads, L1-resident).
 
-Zeros padding: out-of-image taps are zero keys and values whose logit is the rel/rpb
-part alone. They are never loaded: per query, their softmax mass is a log-sum-exp of
-column terms (out-of-image columns of an in-image row: one per query, or per window row
-with rpb) plus the row term, added to the running sum per key row; whole out-of-image
-rows are added once before the walk.
+Zeros padding: out-of-image taps are zero keys and values whose logit is the rel/rpb part
+alone; none is loaded. Out-of-image columns lie in the key tile as zero keys (masked
+loads, their bias kept) when the unclipped halo fits BLOCK_K; otherwise the tile is
+clipped to the image and their log2 mass per window row (a log-sum-exp of column terms)
+sits in a spare last column of the tile as a zero key with that bias (SPARE), or, with
+rpb or no spare column, is added per key row beside the tile (PICK). Whole out-of-image
+rows (tiles at the top or bottom) start the softmax state once, before the walk.
 
-Non-finite inputs: the fast walk masks by -inf additions only, so a NaN/inf k or v
-outside a query's window may reach its accumulator; then a slow pass recomputes the tile
-with explicit masks, zeroes non-finite v and marks the (query, channel) outputs whose
-window holds one as NaN (as the tiled kernel does).
+Non-finite inputs: the fast walk masks by -inf and -1e30 additions only, so a NaN/inf k
+or v outside a query's window may reach its accumulator; then a slow pass (a loop of 0
+or 1 trips) recomputes the tile with explicit masks and the row term picked per row,
+zeroes non-finite v and marks the (query, channel) outputs whose window holds one NaN.
 
 Saves lse = ln(sum exp(logit)) per query (float32) for the backward.
 """
@@ -53,7 +60,6 @@ from .common import (
 
 MAX_BLOCK_K = 128  # key columns per sub-tile (a score tile [BLOCK_M, BLOCK_K] in registers)
 MAX_BLOCK_D = 128  # padded head dim: acc [BLOCK_M, BLOCK_D] fp32 must stay in registers
-NEG_INF = float("-inf")
 
 
 @triton.jit

@@ -126,6 +126,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     # CPU; sasa_triton/cpu.py), any device and dtype, its own backward; not tuned
     Variant(CPU, Lazy("sasa_triton.cpu:forward"), Lazy("sasa_triton.cpu:backward"),
             _supports_all, _no_config, None, _keep, needs_triton=False),
+    # tensor-core row tiles: each k/v row loaded once per tile of query rows
+    kernel_variant("rows", f"{_KERNELS}.rows_fwd", forward=True),
     # tensor-core halo tiles, one (batch, head) per program
     kernel_variant("tiled", f"{_KERNELS}.tiled_fwd", forward=True),
     # all heads of a pixel block: d < 16 and tiny rows

@@ -22,6 +22,10 @@ Mapping per kernel (what the trip counts stand for):
   [window rows, a < KH [window columns, c < KW]].
 * `_tile2d_fwd_kernel`: NCHUNK x [window rows, a < KH] (the column-chunk loop is a
   tl.static_range, unrolled by the front end: one row loop per chunk).
+* `_rows_fwd_kernel`: [key rows walked, u_lo <= u < u_hi: the mean over the row blocks
+  of the in-image rows the tile's windows cover (<= BLOCK_M / BLOCK_W + KH - 1)],
+  [NaN slow pass: a loop of 0 trips (1 only when a non-finite value reached acc)
+  [key rows walked again]].
 * `_query_grads_kernel` (rows_bwd_query): [key rows: the union of the tile's windows,
   min(BLOCK_H, H) + (KH - 1) * dil_h (zeros; an upper bound for mask and shift)],
   [the non-finite slow pass, query blocks [ty < TY [tx < TX]]: 0 trips, it runs only
@@ -81,6 +85,19 @@ def _tile2d(c: dict) -> list[LoopSpec]:
             for cc in range(c["NCHUNK"])]
 
 
+def _rows(c: dict) -> list[LoopSpec]:
+    from sasa_triton.kernels.rows_fwd import key_rows_walked  # the launcher's own count
+
+    H, dh, rows, kh = c["H"], c["dil_h"], c["BLOCK_M"] // c["BLOCK_W"], c["KH"]
+    per_group = [key_rows_walked(-(-(H - g) // dh), rows, kh, c["PADDING"] == 2)
+                 for g in range(dh)]
+    blocks = dh * -(-(-(-H // dh)) // rows)  # programs along the rows, all groups
+    trips = round(sum(walked for walked, _ in per_group) / max(1, blocks))
+    slow_rows = LoopSpec("key rows walked again", trips, exp2=True)
+    return [LoopSpec("key rows walked u_lo<=u<u_hi", trips, exp2=True),
+            LoopSpec("NaN slow pass (0 trips: not taken)", 0, [slow_rows], exp2=True)]
+
+
 def _offsets(c: dict) -> list[LoopSpec]:  # TY, TX are runtime arguments: never unrolled
     return [LoopSpec("offset rows ty<TY", c["TY"], [LoopSpec("offset cols tx<TX", c["TX"])])]
 
@@ -122,6 +139,7 @@ LOOPS: dict[str, Callable[[dict], list[LoopSpec]]] = {
     "_tiled_fwd_kernel": _tiled,
     "_allheads_fwd_kernel": _allheads,
     "_tile2d_fwd_kernel": _tile2d,
+    "_rows_fwd_kernel": _rows,
     "_dq_kernel": _offsets,
     "_query_grads_kernel": _rows_bwd_query,
     "_reduce_tables_kernel": _reduce_tables,

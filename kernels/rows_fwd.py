@@ -1,0 +1,671 @@
+"""Forward kernel family "rows": tensor-core row tiles that walk each k/v row once.
+
+What a program owns: one batch b, one head n and a query tile of ROWS = BLOCK_M / BLOCK_W
+image rows x BLOCK_W adjacent columns (BLOCK_W a power of two; next_pow2(W) is a whole
+row), flattened into BLOCK_M query pixels (m -> row m // BLOCK_W, column m % BLOCK_W).
+With dilation dh the rows are ROWS consecutive members of one dilation group
+(g, g + dh, ...), so their windows share rows exactly as at dh = 1. Warps stack along M
+(one warp x 32 rows is the default up to d = 32: mma.sync, no warpgroup fences).
+
+What it loads: q once ([BLOCK_M, BLOCK_D]), the rel tables once, then each k/v image row
+the tile's windows cover (ROWS + kh - 1 at most) ONCE, columns [x0, x0 + BLOCK_K) of it,
+and uses that row for every query row whose window holds it:
+    S  = Q K^T + Qrow E_u                  tl.dot x 2: [M, D] @ [D, BK], [M, 2NS] @ [2NS, BK]
+    logits = S * scale*log2(e) + BIAS       one FMA per element
+    online softmax in base 2; acc += P V   tl.dot, [M, BK] @ [BK, D]
+* BIAS [M, BK] (built once): the column rel term q[d/2:] . rel_w[c] of each query's
+  window taps (one tl.dot q @ rel_w^T, then tl.gather), -inf outside the window. It is
+  the same for every key row: a query's column pattern is the same in each window row.
+* Qrow [M, NS] (built once): the row term q[:d/2] . rel_h[row] of key row slot s for each
+  query (one tl.dot q @ rel_h^T, then tl.gather), -1e30 where the query's window does not
+  hold that key row. E_u is the one-hot [NS, BK] of the current slot, so the second dot
+  adds the row term and the window-row mask to the logits on the tensor cores. 16-bit
+  inputs: Qrow is a bf16 (hi, lo) pair per slot (float32-exact sum).
+* rpb (off in the standard suite): gathered per key row ([M, BK] loads, L1-resident).
+
+Zeros padding: out-of-image taps are zero keys and values whose logit is the rel/rpb part
+alone; none is loaded. Out-of-image columns lie in the key tile as zero keys (masked
+loads, their bias kept) when the unclipped halo fits BLOCK_K; otherwise the tile is
+clipped to the image and their log2 mass per window row (a log-sum-exp of column terms)
+sits in a spare last column of the tile as a zero key with that bias (SPARE), or, with
+rpb or no spare column, is added per key row beside the tile (PICK). Whole out-of-image
+rows (tiles at the top or bottom) start the softmax state once, before the walk.
+
+Non-finite inputs: the fast walk masks by -inf and -1e30 additions only, so a NaN/inf k
+or v outside a query's window may reach its accumulator; then a slow pass (a loop of 0
+or 1 trips) recomputes the tile with explicit masks and the row term picked per row,
+zeroes non-finite v and marks the (query, channel) outputs whose window holds one NaN.
+
+Saves lse = ln(sum exp(logit)) per query (float32) for the backward.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    INTERPRETED,
+    LOG2E,
+    PADDING_CODES,
+    alloc_outputs,
+    bias_strides,
+    check_config,
+    head_block,
+    launch_options,
+    next_pow2,
+    row_offsets_fit_i32,
+    window_start,
+)
+
+MAX_BLOCK_K = 128  # key columns per sub-tile (a score tile [BLOCK_M, BLOCK_K] in registers)
+MAX_BLOCK_D = 128  # padded head dim: acc [BLOCK_M, BLOCK_D] fp32 must stay in registers
+
+
+@triton.jit
+def _rel_table(p_rel, srel_r, srel_d, o_d, d_lo, d_hi, rows,
+               BLOCK_D: tl.constexpr, E_PAD: tl.constexpr):
+    """[BLOCK_D, E_PAD] tile t[dd, e] = rel[e, dd - d_lo] for d_lo <= dd < d_hi, e < rows,
+    else 0: a dot operand that picks its half of q's channels."""
+    o_e = tl.arange(0, E_PAD)
+    m = ((o_d >= d_lo) & (o_d < d_hi))[:, None] & (o_e < rows)[None, :]
+    p = p_rel + o_e[None, :] * srel_r + (o_d - d_lo)[:, None] * srel_d
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _pick(b_tab, o_e, e):
+    """b_tab[m, e[m]] for each query m ([M, E] table, e out of range: -inf)."""
+    return tl.max(tl.where(o_e[None, :] == e[:, None], b_tab, float("-inf")), axis=1)
+
+
+@triton.jit
+def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, b_zo, o_e, t, st, ebase, m_q, m_win, p_k0,
+            o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH: tl.constexpr,
+            HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, VIRT: tl.constexpr,
+            PICK: tl.constexpr, SAFE: tl.constexpr, DOT_F32: tl.constexpr, NS_PAD: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """Key row u (group member, `slot` rows after the first one walked) against the query
+    tile: base-2 logits [M, BK] (-inf outside each query's column window), the row term
+    rt [M] (separate with PICK or SAFE; else inside the logits, by the second dot: -1e30
+    raw for queries whose window does not hold row u), in zeros mode with VIRT the log2
+    mass vz [M] of the out-of-image column taps of that window row (row term included),
+    and which queries' windows hold row u."""
+    b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)  # [BK, BD]
+    if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
+        b_k = b_k.to(tl.float32)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, BD] @ [BD, BK] -> [M, BK]
+    a = u - st  # window row of key row u, per query
+    m_live = (a >= 0) & (a < KH) & m_q
+    if PICK or SAFE:  # (SAFE: an inf in b_qrow would spread NaN over the row by the dot)
+        b_s = b_s * qk_scale + b_bias
+        if HAS_REL:
+            rt = _pick(b_rt, o_e, u + ebase)
+        else:
+            rt = tl.zeros_like(qk_scale + a.to(tl.float32))
+        rt = tl.where(m_live, rt, float("-inf"))
+    else:  # row term (raw units) of row u: column `slot` of b_qrow, by a one-hot dot
+        o_s = tl.arange(0, b_qrow.shape[1])
+        if b_qrow.shape[1] > NS_PAD:  # hi/lo pairs
+            o_s = o_s // 2
+        m_sel = tl.broadcast_to((o_s == slot)[:, None], (b_qrow.shape[1], BLOCK_K))
+        b_sel = tl.where(m_sel, 1.0, 0.0).to(b_qrow.dtype)  # [S, BK]
+        b_s = tl.dot(b_qrow, b_sel, b_s, input_precision="ieee")  # [M, S] @ [S, BK] + S
+        b_s = b_s * qk_scale + b_bias
+        rt = tl.zeros_like(qk_scale + a.to(tl.float32))
+    if HAS_RPB:  # rpb[n, (y - i)/dh + kh - 1, (x - j)/dw + kw - 1]
+        m_rpb = m_win & m_live[:, None]
+        b_rpb = tl.load(p_rpb + ((u - t + KH - 1) * srp_h)[:, None] + o_rpb_x, mask=m_rpb,
+                        other=0.0)
+        b_s += b_rpb.to(tl.float32) * LOG2E
+    if SAFE:  # NaN/inf in k outside the window must not reach this query
+        b_s = tl.where(m_win & m_live[:, None], b_s, float("-inf"))
+    vz = rt
+    if VIRT:
+        if HAS_RPB:
+            vz = rt + _pick(b_zo, o_e, a)
+        else:
+            vz = rt + b_zo
+    return b_s, rt, vz, m_live
+
+
+@triton.jit
+def _rows_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    H, W, HEADS, D, D_HALF, N_JB, N_TB,
+    sq_b, sq_h, sq_w, sq_n, sq_d,
+    sk_b, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_h, sv_w, sv_n, sv_d,
+    so_b, so_h, so_w, so_n, so_d,
+    sl_b, sl_h, sl_w, sl_n,
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
+    dil_h, dil_w, qk_scale,  # qk_scale = scale * log2(e)
+    KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
+    HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, REL_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, CLIP: tl.constexpr, SPARE: tl.constexpr, NS_PAD: tl.constexpr, SPLIT: tl.constexpr,
+    INTERP: tl.constexpr,
+    E_PAD: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr, OFF_I64: tl.constexpr,
+    KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    ZEROS: tl.constexpr = PADDING == 0
+    SHIFT: tl.constexpr = PADDING == 2
+    VIRT: tl.constexpr = ZEROS and CLIP  # out-of-image column taps outside the key tile
+    # their mass per window row: in the spare last column of the tile (SPARE: a zero key
+    # whose bias is that mass, the row term added by the dot like any column), else
+    # picked per key row beside the tile (PICK)
+    PICK: tl.constexpr = VIRT and not SPARE
+    ROWS: tl.constexpr = BLOCK_M // BLOCK_W
+    # head fastest: the heads of one tile run side by side (full cache sectors)
+    pid = tl.program_id(0)
+    n = pid % HEADS
+    rest = pid // HEADS
+    jb = rest % N_JB
+    rest = rest // N_JB
+    tb = rest % N_TB
+    rest = rest // N_TB
+    g = rest % dil_h  # dilation group of the rows: g, g + dil_h, ...
+    b = rest // dil_h
+    L = (H - g + dil_h - 1) // dil_h  # members of group g
+    t0 = tb * ROWS
+    j0 = jb * BLOCK_W
+
+    # the query tile, flattened: member t (row g + t*dil_h), column j
+    o_m = tl.arange(0, BLOCK_M)
+    t = t0 + o_m // BLOCK_W
+    j = j0 + o_m % BLOCK_W
+    m_q = (t < L) & (j < W)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    st, off_y = window_start(t, L, KH, 1, SHIFT)  # first window member, per query
+    start_x, off_x = window_start(j, W, KW, dil_w, SHIFT)
+    # rel_h row of key member u for query m: u + ebase (zeros/mask: u - st = a)
+    if SHIFT:
+        ebase = off_y + KH - 1 - st
+    else:
+        ebase = -st
+
+    # key columns [x0, x0 + BLOCK_K): the union of the tile's windows; clipped to the
+    # image (CLIP) when the unclipped halo would need a wider tile. Zeros mode, unclipped:
+    # out-of-image columns are in the tile as zero keys (masked loads) with their bias.
+    if SHIFT:
+        x0 = tl.min(tl.where(m_q, start_x, W), axis=0)
+    elif CLIP:
+        x0 = tl.maximum(j0 - (KW // 2) * dil_w, 0)
+    else:
+        x0 = j0 - (KW // 2) * dil_w
+    o_x = x0 + tl.arange(0, BLOCK_K)
+    m_x = (o_x >= 0) & (o_x < W)
+    if SPARE:  # the last column: a zero key for the out-of-image columns' mass
+        m_x = m_x & (tl.arange(0, BLOCK_K) < BLOCK_K - 1)
+    o_diff = o_x[None, :] - start_x[:, None]  # [M, BK]
+    o_diffc = tl.maximum(o_diff, 0)
+    o_tap = o_diffc // dil_w  # tap c of key column x for query m
+    m_win = (o_diff >= 0) & (o_diffc - o_tap * dil_w == 0) & (o_tap < KW) & m_q[:, None]
+    if CLIP or not ZEROS:
+        m_win = m_win & m_x[None, :]
+
+    if OFF_I64:  # some tensor has elements past 2**31: 64-bit offsets
+        b64 = b.to(tl.int64)
+        n64 = n.to(tl.int64)
+        i64 = (g + t * dil_h).to(tl.int64)
+        j64 = j.to(tl.int64)
+    else:
+        b64 = b
+        n64 = n
+        i64 = g + t * dil_h
+        j64 = j
+    p_q = (q_ptr + b64 * sq_b + n64 * sq_n + i64[:, None] * sq_h
+           + (j64 * sq_w)[:, None] + o_d[None, :] * sq_d)
+    b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [M, BD]
+    if DOT_F32:
+        b_q = b_q.to(tl.float32)
+    p_k0 = k_ptr + b64 * sk_b + n64 * sk_n
+    p_v0 = v_ptr + b64 * sv_b + n64 * sv_n
+    if ROW_I64:
+        o_xr = o_x.to(tl.int64)
+        o_dr = o_d.to(tl.int64)
+    else:
+        o_xr = o_x
+        o_dr = o_d
+    o_kx = o_xr[:, None] * sk_w + o_dr[None, :] * sk_d  # [BK, BD]
+    if KV_SAME_STRIDES:
+        o_vx = o_kx
+    else:
+        o_vx = o_xr[:, None] * sv_w + o_dr[None, :] * sv_d
+    if EVEN_D:
+        m_kv = m_x[:, None]
+    else:
+        m_kv = m_x[:, None] & m_d[None, :]
+
+    # key members walked: the union of the tile's window rows (in the image)
+    t_last = tl.minimum(t0 + ROWS, L) - 1
+    if SHIFT:
+        u_lo = tl.minimum(tl.maximum(t0 - KH // 2, 0), L - KH)
+        u_hi = tl.minimum(tl.maximum(t_last - KH // 2, 0), L - KH) + KH
+    else:
+        u_lo = tl.maximum(t0 - KH // 2, 0)
+        u_hi = tl.minimum(t_last + KH // 2 + 1, L)
+
+    # Relative terms, base 2, once per program: rel tables as dot operands.
+    o_e = tl.arange(0, E_PAD)
+    b_rt = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)  # row term per rel_h row
+    b_rtraw = b_rt
+    b_cf = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)  # column term per rel_w row
+    if HAS_REL:
+        if SHIFT:
+            n_rows_h = 2 * KH - 1
+            n_rows_w = 2 * KW - 1
+        else:
+            n_rows_h = KH
+            n_rows_w = KW
+        b_th = _rel_table(relh_ptr + n * srh_n, srh_r, srh_d, o_d, 0, D_HALF, n_rows_h,
+                          BLOCK_D, E_PAD)
+        b_tw = _rel_table(relw_ptr + n * srw_n, srw_r, srw_d, o_d, D_HALF, D, n_rows_w,
+                          BLOCK_D, E_PAD)
+        if REL_F32:  # float32 tables (or inputs): exact products on CUDA cores
+            b_qr = b_q.to(tl.float32)
+            b_th = b_th.to(tl.float32)
+            b_tw = b_tw.to(tl.float32)
+        else:
+            b_qr = b_q
+            b_th = b_th.to(b_q.dtype)
+            b_tw = b_tw.to(b_q.dtype)
+        b_rtraw = tl.dot(b_qr, b_th, input_precision="ieee")  # [M, BD] @ [BD, E]
+        b_rt = b_rtraw * qk_scale
+        b_cf = tl.dot(b_qr, b_tw, input_precision="ieee") * qk_scale  # [M, BD] @ [BD, E]
+
+    # Row term and liveness of each key row walked, raw units (before qk_scale): column
+    # s of b_qrow is for key member u_lo + s; -1e30 where the query's window misses it.
+    # 16-bit inputs: a bf16 hi/lo pair (columns 2s and 2s + 1) for a float32-exact sum.
+    o_s = tl.arange(0, NS_PAD)
+    u_s = u_lo + o_s
+    a_s = u_s[None, :] - st[:, None]  # [M, NS]
+    m_ls = (a_s >= 0) & (a_s < KH) & m_q[:, None]
+    b_g = tl.zeros([BLOCK_M, NS_PAD], dtype=tl.float32)
+    if HAS_REL:
+        o_g = tl.minimum(tl.maximum(u_s[None, :] + ebase[:, None], 0), E_PAD - 1)
+        b_g = tl.gather(b_rtraw, o_g, axis=1)
+    b_g = tl.where(m_ls, b_g, -1.0e30)
+    if SPLIT:  # columns 2s, 2s + 1: the pair of slot s
+        b_hi = b_g.to(tl.bfloat16)
+        b_lo = (b_g - b_hi.to(tl.float32)).to(tl.bfloat16)
+        b_qrow = tl.reshape(tl.join(b_hi, b_lo), (BLOCK_M, 2 * NS_PAD))
+        if INTERP:  # the interpreter's bf16 tl.dot is wrong: the bf16 values, in float32
+            b_qrow = b_qrow.to(tl.float32)
+    else:
+        b_qrow = b_g
+
+    # BIAS [M, BK]: column term of each window tap, -inf outside the window.
+    b_bias = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    if HAS_REL:
+        if SHIFT:
+            o_col = off_x[:, None] + o_tap + KW - 1
+        else:
+            o_col = o_tap
+        b_bias = tl.gather(b_cf, tl.minimum(o_col, E_PAD - 1), axis=1)
+    b_bias = tl.where(m_win, b_bias, float("-inf"))
+    # Zeros mode: log2 mass of a window row's out-of-image column taps (b_zo) and of all
+    # its taps (b_za), per query: [M] vectors from the column terms (zeros/mask: rel_w
+    # row c = tap c), or [M, E] tables over the window row a with rpb.
+    b_zo = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_zo_t = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+    b_za = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+    if ZEROS:
+        xe = start_x[:, None] + o_e[None, :] * dil_w  # column of tap e
+        m_tap = (o_e < KW)[None, :]
+        m_xout = ((xe < 0) | (xe >= W)) & m_tap
+        if HAS_RPB:  # column c of the rpb window, every window row a
+            tzo_m = tl.full([BLOCK_M, E_PAD], -1.0e30, tl.float32)
+            tzo_s = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+            tza_m = tl.full([BLOCK_M, E_PAD], -1.0e30, tl.float32)
+            tza_s = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+            for c in tl.static_range(KW):
+                b_cc = _pick(b_cf, o_e, c + 0 * off_x)
+                xc = start_x + c * dil_w
+                m_out = (xc < 0) | (xc >= W)
+                b_pc = tl.load(rpb_ptr + n * srp_n + (o_e - KH // 2 + KH - 1) * srp_h
+                               + (c - KW // 2 + KW - 1) * srp_w, mask=o_e < KH, other=0.0)
+                b_lg = b_cc[:, None] + b_pc.to(tl.float32)[None, :] * LOG2E  # [M, E]
+                b_lo = tl.where(m_out[:, None], b_lg, float("-inf"))
+                new = tl.maximum(tzo_m, b_lo)
+                tzo_s = tzo_s * tl.exp2(tzo_m - new) + tl.exp2(b_lo - new)
+                tzo_m = new
+                new = tl.maximum(tza_m, b_lg)
+                tza_s = tza_s * tl.exp2(tza_m - new) + tl.exp2(b_lg - new)
+                tza_m = new
+            b_zo_t = tzo_m + tl.log2(tzo_s)  # [M, E]: column a = window row a
+            b_za = tza_m + tl.log2(tza_s)
+        else:
+            if VIRT:
+                b_co = tl.where(m_xout, b_cf, float("-inf"))
+                zo_m = tl.maximum(tl.max(b_co, axis=1), -1.0e30)
+                b_zo = zo_m + tl.log2(tl.sum(tl.exp2(b_co - zo_m[:, None]), axis=1))
+    if SPARE:
+        m_spare = (tl.arange(0, BLOCK_K) == BLOCK_K - 1)[None, :] & m_q[:, None]
+        b_bias = tl.where(m_spare, b_zo[:, None], b_bias)
+    if HAS_RPB:
+        b_zot = b_zo_t
+    else:
+        b_zot = b_zo
+    p_rpb = rpb_ptr + n * srp_n
+    o_rpb_x = o_tap  # rpb column offsets (unused without rpb)
+    if HAS_RPB:
+        o_rpb_x = (off_x[:, None] + o_tap + KW - 1) * srp_w
+
+    # Zeros mode: whole out-of-image window rows hold zero keys only; their mass (row
+    # term + every column's term) starts the softmax state.
+    # Only tiles at the top or bottom of the image have such rows (a uniform branch).
+    b_m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if ZEROS:
+        if (t0 - KH // 2 < 0) | (t_last + KH // 2 >= L):
+            if not HAS_RPB:  # log2 mass of every tap of a window row
+                b_ca = tl.where(m_tap, b_cf, float("-inf"))
+                za_m = tl.max(b_ca, axis=1)
+                za = za_m + tl.log2(tl.sum(tl.exp2(b_ca - za_m[:, None]), axis=1))
+                b_za = za[:, None] + tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+            u_a = t[:, None] + o_e[None, :] - KH // 2  # member of window row a
+            m_rowout = ((u_a < 0) | (u_a >= L)) & (o_e < KH)[None, :] & m_q[:, None]
+            b_vo = tl.where(m_rowout, b_rt + b_za, float("-inf"))  # [M, E]
+            b_m = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
+            b_l = tl.sum(tl.exp2(b_vo - b_m[:, None]), axis=1)
+    b_m0 = b_m
+    b_l0 = b_l
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for u in range(u_lo, u_hi):
+        y64 = g + u * dil_h
+        if OFF_I64:
+            y64 = y64.to(tl.int64)
+        b_s, rt, vz, m_live = _logits(
+            u, b_q, b_bias, b_rt, b_qrow, u - u_lo, b_zot, o_e, t, st, ebase, m_q, m_win, p_k0,
+            o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT,
+            PICK, False, DOT_F32, NS_PAD, BLOCK_K)
+        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
+        if PICK:
+            b_m_new = tl.maximum(b_m_new, vz)
+        b_alpha = tl.exp2(b_m - b_m_new)
+        b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])  # [M, BK]; 0 where rt = -inf
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        if PICK:
+            b_l += tl.exp2(vz - b_m_new)
+        b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
+        b_pl = b_p.to(v_ptr.dtype.element_ty)
+        if DOT_F32:
+            b_pl = b_pl.to(tl.float32)
+            b_v = b_v.to(tl.float32)
+        # [M, BK] @ [BK, BD] -> [M, BD]
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
+        b_m = b_m_new
+
+    # Rare slow pass: a non-finite value reached acc or l (a NaN/inf k or v possibly
+    # outside the window, spread by the -inf additions or by 0 * NaN in P V): recompute
+    # with explicit window masks, non-finite v zeroed, and mark the (query, channel)
+    # outputs whose window holds one as NaN.
+    # A loop of 0 or 1 trips (not an if), so that static readers of the machine code
+    # count it as the rarely run code it is. Any non-finite element makes its row's sum
+    # non-finite.
+    m_bad = ~(tl.abs(b_l + tl.sum(b_acc, axis=1)) < float("inf")) & m_q
+    for _ in range(tl.max(tl.where(m_bad, 1, 0), axis=0)):
+        b_m = b_m0
+        b_l = b_l0
+        b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        b_bad = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for u in tl.range(u_lo, u_hi, num_stages=1):  # rare: no software pipeline
+            y64 = g + u * dil_h
+            if OFF_I64:
+                y64 = y64.to(tl.int64)
+            b_s, rt, vz, m_live = _logits(
+                u, b_q, b_bias, b_rt, b_qrow, u - u_lo, b_zot, o_e, t, st, ebase, m_q, m_win,
+                p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL,
+                HAS_RPB, VIRT, PICK, True, DOT_F32, NS_PAD, BLOCK_K)
+            b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
+            if VIRT:
+                b_m_new = tl.maximum(b_m_new, vz)
+            b_alpha = tl.exp2(b_m - b_m_new)
+            b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])
+            b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+            if VIRT:
+                b_l += tl.exp2(vz - b_m_new)
+            b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)
+            m_vok = tl.abs(b_v.to(tl.float32)) < float("inf")
+            b_v = tl.where(m_vok, b_v, tl.zeros_like(b_v))
+            # 0/1 indicators in fp16: exact counts from a tensor-core dot
+            b_win = tl.where(m_win & m_live[:, None], 1.0, 0.0).to(tl.float16)
+            b_vnan = tl.where(m_vok, 0.0, 1.0).to(tl.float16)
+            b_bad += tl.dot(b_win, b_vnan)  # [M, BK] @ [BK, BD] -> [M, BD]
+            b_pl = b_p.to(v_ptr.dtype.element_ty)
+            if DOT_F32:
+                b_pl = b_pl.to(tl.float32)
+                b_v = b_v.to(tl.float32)
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
+            b_m = b_m_new
+        b_acc = tl.where(b_bad > 0, float("nan"), b_acc)
+    b_o = b_acc * (1.0 / b_l)[:, None]
+
+    p_o = (o_ptr + b64 * so_b + n64 * so_n + (i64 * so_h + j64 * so_w)[:, None]
+           + o_d[None, :] * so_d)
+    tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
+    b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
+    p_l = lse_ptr + b64 * sl_b + n64 * sl_n + i64 * sl_h + j64 * sl_w
+    tl.store(p_l, b_lse, mask=m_q)
+
+
+# --- host side --------------------------------------------------------------------------
+
+def search_space() -> list[dict]:
+    """Tile shapes the tuner may try: BLOCK_M query pixels, BLOCK_W columns per row
+    (>= W: whole rows), warps stacked along M (16 rows of the MMA tile each)."""
+    return [
+        dict(BLOCK_M=bm, BLOCK_W=bw, num_warps=nw, num_stages=ns)
+        for bm in (32, 64, 128)
+        for bw in (8, 16, 32, 64, 128)
+        for nw in (1, 2, 4, 8)
+        for ns in (1, 2)
+    ]
+
+
+def tile_shape(q_shape, block_w: int) -> int:
+    """The query tile's column count: BLOCK_W, at most next_pow2(W) (a whole row)."""
+    return max(1, min(block_w, next_pow2(q_shape[2])))
+
+
+def key_tile(q_shape, args, block_w: int) -> tuple[int, bool]:
+    """(BLOCK_K, clipped): key columns per sub-tile, the union of the windows of BLOCK_W
+    adjacent queries (16 at least, for tl.dot). Zeros mode keeps the out-of-image columns
+    of that union in the tile (zero keys, no extra work) unless clipping them to the image
+    makes the tile narrower; mask mode always clips; shift windows lie inside."""
+    W = q_shape[2]
+    bw = min(tile_shape(q_shape, block_w), W)
+    if args.padding == "shift":
+        from .common import halo_span
+
+        return max(16, next_pow2(halo_span(W, args.kw, args.dw, "shift", bw))), True
+    span = bw + (args.kw - 1) * args.dw
+    clipped = max(16, next_pow2(min(W, span)))
+    if args.padding == "mask":
+        return clipped, True
+    full = max(16, next_pow2(span))
+    return (clipped, True) if clipped < full else (full, False)
+
+
+def clipped_span(q_shape, args, bw: int) -> int:
+    """Key columns the widest column block needs, clipped to the image (zeros/mask)."""
+    W = q_shape[2]
+    return min(W, min(bw, W) + (args.kw - 1) * args.dw)
+
+
+def _e_pad(args) -> int:
+    """Width of the rel/row tables: rel rows (kh or 2kh - 1 in shift mode), >= 16."""
+    rows = max(args.kh, args.kw) if args.padding != "shift" else 2 * max(args.kh, args.kw) - 1
+    return max(16, next_pow2(rows))
+
+
+def _ns_pad(bm: int, bw: int, kh: int) -> int:
+    """Key-row slots of the row-term table: the rows a tile's windows cover, >= 16."""
+    return max(16, next_pow2(bm // bw + kh - 1))
+
+
+def _per_thread(bm: int, bk: int, bd: int, e: int, ns: int, num_warps: int,
+                rpb: bool = False) -> float:
+    """Estimated live 32-bit tile values per thread: S/P and BIAS [M, BK], acc [M, D],
+    q [M, D] (16-bit: half), the row table [M, E], the row-term table [M, 2 NS] (16-bit);
+    with rpb its offsets [M, BK] and the zero taps' [M, E] tables. Fitted to ptxas for
+    sm_90 (Triton 3.9): at most 112 compiled without spills, 120 and above spilled."""
+    extra = bm * bk + 2 * bm * e if rpb else 0
+    return (2 * bm * bk + 1.5 * bm * bd + bm * e + bm * ns + extra) / (32 * num_warps)
+
+
+SPILL_LIMIT = 112
+
+
+def _fits(q_shape, args, cfg, strict: bool = True) -> bool:
+    """Whether a config fits: BLOCK_K <= MAX_BLOCK_K, warps <= 8-row slices, no spill
+    expected; strict also drops tiles with over twice the image's rows (idle queries)."""
+    B, H, W, heads, d = q_shape
+    bm, nw = cfg["BLOCK_M"], cfg.get("num_warps", 4)
+    bw = tile_shape(q_shape, cfg["BLOCK_W"])
+    bk, _ = key_tile(q_shape, args, bw)
+    rows = bm // bw if bw <= bm else 0
+    members = triton.cdiv(max(H, 1), args.dh)
+    if rows < 1 or (strict and rows > 1 and rows > 2 * members):
+        return False
+    per_thread = _per_thread(bm, bk, head_block(d), _e_pad(args), _ns_pad(bm, bw, args.kh), nw,
+                             args.rpb is not None)
+    return bk <= MAX_BLOCK_K and nw * 8 <= bm and per_thread <= SPILL_LIMIT
+
+
+def prune(configs, q_shape, args) -> list[dict]:
+    """Drops column blocks wider than needed (one per distinct clipped width), tiles whose
+    key rows exceed MAX_BLOCK_K, more warps than 8-row slices, and tiles that would
+    spill registers."""
+    B, H, W, heads, d = q_shape
+    kept, seen = [], set()
+    for cfg in configs:
+        key = (cfg["BLOCK_M"], tile_shape(q_shape, cfg["BLOCK_W"]), cfg.get("num_warps"),
+               cfg.get("num_stages"))
+        if key in seen or not _fits(q_shape, args, cfg):
+            continue
+        seen.add(key)
+        kept.append(cfg)
+    return kept
+
+
+def key_rows_walked(members: int, rows: int, kh: int, shift: bool) -> tuple[int, int]:
+    """(key rows walked in all, row blocks) for one dilation group of `members` rows cut
+    into blocks of `rows`: each block walks the in-image rows its windows cover."""
+    walked, blocks = 0, triton.cdiv(members, rows)
+    for tb in range(blocks):
+        t0, t1 = tb * rows, min(tb * rows + rows, members) - 1
+        if shift:
+            lo = min(max(t0 - kh // 2, 0), members - kh)
+            hi = min(max(t1 - kh // 2, 0), members - kh) + kh
+        else:
+            lo, hi = max(t0 - kh // 2, 0), min(t1 + kh // 2 + 1, members)
+        walked += hi - lo
+    return walked, blocks
+
+
+def _work(q_shape, args, bm: int, block_w: int) -> float:
+    """Score-tile elements a launch processes (key rows walked x BLOCK_M x BLOCK_K, plus
+    a per-program share for the rel tables and the column pattern): the default
+    config's cost estimate."""
+    B, H, W, heads, d = q_shape
+    bw = tile_shape(q_shape, block_w)
+    bk, _ = key_tile(q_shape, args, bw)
+    members = triton.cdiv(max(H, 1), args.dh)
+    walked, n_tb = key_rows_walked(members, bm // bw, args.kh, args.padding == "shift")
+    per_program = bm * (_e_pad(args) * 4 + head_block(d)) * 4
+    per_row = bm * (bk + 40)  # row reductions, the row term, loads and barriers
+    return triton.cdiv(W, bw) * (walked * per_row + n_tb * per_program)
+
+
+def _candidates(q_shape, args, strict: bool) -> list[dict]:
+    """Default-config candidates, most preferred shape first: one warp owning 32 query
+    rows (mma.sync: no warpgroup fences or one-hot staging per key row; the cost tool
+    reads it 1.3-2x cheaper than 4 warps at d <= 32), else 4 warps on 64 rows; 1 stage."""
+    shapes = ((32, 1), (64, 2), (64, 4), (128, 4), (128, 8), (64, 8))
+    return [cfg for cfg in (dict(BLOCK_M=bm, BLOCK_W=bw, num_warps=nw, num_stages=1)
+                            for bm, nw in shapes for bw in (8, 16, 32, 64, 128))
+            if _fits(q_shape, args, cfg, strict)]
+
+
+def default_config(q_shape, args) -> dict:
+    """Of the first tile shape (BLOCK_M, num_warps) with a fitting config, the BLOCK_W
+    with the least estimated work (`_work`); on images too small for any tile without
+    idle rows, the same among tiles with idle rows. Tuned tables override this."""
+    configs = _candidates(q_shape, args, True) or _candidates(q_shape, args, False)
+    first = [c for c in configs if (c["BLOCK_M"], c["num_warps"])
+             == (configs[0]["BLOCK_M"], configs[0]["num_warps"])]
+    return min(first, key=lambda c: _work(q_shape, args, c["BLOCK_M"], c["BLOCK_W"]))
+
+
+def supports(q_shape, dtype, args) -> bool:
+    B, H, W, heads, d = q_shape
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32) or not 1 <= d <= 256:
+        return False
+    if head_block(d) > MAX_BLOCK_D or _e_pad(args) > 32:
+        return False
+    return bool(_candidates(q_shape, args, False))
+
+
+def _offsets_fit_i32(tensors, halo: int) -> bool:
+    """Whether every element offset the kernel forms (halo columns, which may lie left of
+    or past the image, included) stays below 2**31 in every tensor: then all offset
+    arithmetic may be int32."""
+    for t in tensors:
+        reach = sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride()))
+        if t.dim() >= 3:
+            reach += halo * abs(t.stride(2))
+        if reach + 1 >= 2**31:
+            return False
+    return True
+
+
+def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
+    B, H, W, heads, d = q.shape
+    if not supports(tuple(q.shape), q.dtype, args):
+        raise ValueError(
+            f"rows forward does not support q {tuple(q.shape)} {q.dtype} with kernel "
+            f"({args.kh}, {args.kw}), dilation ({args.dh}, {args.dw}), padding {args.padding!r}"
+        )
+    config = default_config(tuple(q.shape), args) if config is None else config
+    check_config(config, ("BLOCK_M", "BLOCK_W"), "rows")
+    out, lse = alloc_outputs(q, _poison)
+    if out.numel() == 0:
+        return out, lse
+    bm = config["BLOCK_M"]
+    bw = tile_shape(tuple(q.shape), config["BLOCK_W"])
+    bk, clip = key_tile(tuple(q.shape), args, bw)
+    if bm % bw or bm < bw:
+        raise ValueError(f"rows config: BLOCK_M {bm} must be a multiple of the tile width {bw}")
+    rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
+    dummy = q  # never read when the flag is off
+    n_jb, n_tb = triton.cdiv(W, bw), triton.cdiv(triton.cdiv(H, args.dh), bm // bw)
+    grid = (B * args.dh * n_tb * n_jb * heads,)
+    rel_f32 = rel_h is not None and (q.dtype == torch.float32 or rel_h.dtype == torch.float32
+                                     or rel_w.dtype == torch.float32)
+    _rows_fwd_kernel[grid](
+        q, k, v, out, lse,
+        dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
+        dummy if rpb is None else rpb,
+        H, W, heads, d, d // 2, n_jb, n_tb,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
+        args.dh, args.dw, args.scale * LOG2E.value,
+        KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
+        HAS_REL=rel_h is not None, HAS_RPB=rpb is not None, REL_F32=rel_f32,
+        BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d), CLIP=clip,
+        SPARE=clip and args.padding == "zeros" and rpb is None
+        and clipped_span(tuple(q.shape), args, bw) < bk,
+        NS_PAD=_ns_pad(bm, bw, args.kh),
+        SPLIT=q.dtype != torch.float32, INTERP=INTERPRETED,
+        E_PAD=_e_pad(args),
+        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
+        ROW_I64=not row_offsets_fit_i32((q, k, v, out), W + bk, d),
+        OFF_I64=not _offsets_fit_i32((q, k, v, out, lse), bk),
+        KV_SAME_STRIDES=k.stride() == v.stride(), EVEN_D=d == head_block(d),
+        **launch_options(config),
+    )
+    return out, lse

@@ -95,8 +95,13 @@ def row_offsets_fit_i32(tensors, cols: int, d: int, heads: int = 1) -> bool:
     """Whether offsets inside one (batch, row) slice -- `cols` pixels (halo columns
     included, which may lie left of the image), `heads` heads and `d` channels -- stay
     below 2**31 for every (B, H, W, heads, d) tensor, so a kernel may keep them int32."""
-    for t in tensors:
-        s_w, s_n, s_d = (abs(x) for x in t.stride()[2:5])
+    return strides_fit_i32([t.stride() for t in tensors], cols, d, heads)
+
+
+def strides_fit_i32(strides, cols: int, d: int, heads: int = 1) -> bool:
+    """`row_offsets_fit_i32` from the tensors' strides (launch plans cache it by them)."""
+    for stride in strides:
+        s_w, s_n, s_d = (abs(x) for x in stride[2:5])
         if cols * s_w + heads * s_n + d * s_d >= 2**31:
             return False
     return True
@@ -128,8 +133,12 @@ def new_output(shape, dtype, device, poison: bool = False) -> torch.Tensor:
 
 def alloc_outputs(q: torch.Tensor, poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """out (contiguous, q's dtype) and lse (float32) for a forward launch."""
-    return (new_output(q.shape, q.dtype, q.device, poison),
-            new_output(q.shape[:4], torch.float32, q.device, poison))
+    if poison or POISON_OUTPUTS:
+        return (new_output(q.shape, q.dtype, q.device, True),
+                new_output(q.shape[:4], torch.float32, q.device, True))
+    # empty_like parses one tensor argument: half the host time of empty(shape, ...)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty(q.shape[:4], dtype=torch.float32, device=q.device))
 
 
 def launch_options(config: dict) -> dict:

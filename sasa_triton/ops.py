@@ -15,8 +15,14 @@ the table. Ops only run: `sasa_triton.dispatch.resolve` says which variant and c
 the variant's `forward` / `backward` (imported on first use, so importing this module
 imports no Triton) computes.
 The backward op has no autograd of its own: double backward is not supported.
-In eager mode with nothing to differentiate, `attend_op` calls the forward directly
-(the op dispatch costs tens of microseconds of host time).
+
+Plain eager calls skip the op dispatch (it costs about 100 us of host time per forward,
+most of it torch.library's argument handling): with nothing to differentiate
+`attend_op` calls the forward directly, otherwise `_EagerAttend`, an autograd Function
+around the same two bodies (same saved tensors, same backward). Everything that traces
+or intercepts ops -- torch.compile and torch.export, fake or subclass tensors, meta
+tensors, dispatch and function modes, functorch transforms, torch.jit tracing -- goes
+through the custom ops (`_plain_eager`).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import dispatch, variants
 from .types import AttendArgs
@@ -138,16 +145,73 @@ def custom_op_body(name: str) -> Optional[Callable]:
     return {"attend_fwd": _attend_fwd, "attend_bwd": _attend_bwd}.get(name)
 
 
+# Tensor types the eager path takes as they are (anything else may trace or intercept).
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _plain_eager(tensors) -> bool:
+    """No op interception: plain (or Parameter) tensors off the meta device and not
+    functorch wrappers, no dispatch or function mode, no functorch transform, no jit
+    tracing. The caller checks torch.compiler.is_compiling() first (Dynamo must not
+    trace these calls)."""
+    return (not torch._C._len_torch_dispatch_stack()
+            and not torch._C._is_torch_function_mode_enabled()
+            and torch._C._functorch.peek_interpreter_stack() is None
+            and torch._C._get_tracing_state() is None
+            and all(t is None or (type(t) in _PLAIN_TYPES and not _functorch_wrapped(t))
+                    for t in tensors)
+            and not tensors[0].is_meta)
+
+
+class _EagerAttend(torch.autograd.Function):
+    """The custom ops' autograd in plain eager mode, without their dispatch: forward
+    and backward run the op bodies `_attend_fwd` / `_attend_bwd` directly."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rel_h, rel_w, rpb, call: tuple) -> Tensor:
+        args, backend, fwd_config, bwd_config = call
+        kh, kw, dh, dw, padding, _, _, _, scale = args
+        out, lse = _attend_fwd(q, k, v, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale,
+                               backend, fwd_config, bwd_config)
+        ctx.save_for_backward(q, k, v, out, lse, rel_h, rel_w, rpb)
+        ctx.rest = (kh, kw, dh, dw, padding, scale, backend, bwd_config)
+        return out
+
+    @staticmethod
+    @once_differentiable  # like the backward op, which has no autograd
+    def backward(ctx, dout) -> tuple:
+        q, k, v, out, lse, rel_h, rel_w, rpb = ctx.saved_tensors
+        dq, dk, dv, drel_h, drel_w, drpb = _attend_bwd(q, k, v, out, lse, dout, rel_h, rel_w,
+                                                       rpb, *ctx.rest)
+        return (dq, dk, dv,
+                drel_h if rel_h is not None else None,
+                drel_w if rel_w is not None else None,
+                drpb if rpb is not None else None,
+                None)
+
+
+# autograd.Function.apply without its Python wrapper (2-3 us): that wrapper only binds
+# default arguments (none here) and unwraps functorch tensors (`_plain_eager` excludes them)
+_eager_apply = super(torch.autograd.Function, _EagerAttend).apply
+
+
 def attend_op(q, k, v, args: AttendArgs, backend: str, fwd_config: str = "",
               bwd_config: str = "") -> Tensor:
     """Runs `backend` through the custom op (differentiable, torch.compile-friendly);
-    the configs are JSON strings of the variants' config dicts ("" = their default)."""
+    the configs are JSON strings of the variants' config dicts ("" = their default).
+    Plain eager calls take the same bodies without the op dispatch (module docstring)."""
     kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
-    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, rel_h, rel_w, rpb))):
-        # eager, nothing to differentiate: skip the op dispatch (tens of microseconds)
-        forward, config = _impl(backend, 0, q, args, fwd_config)
-        return forward(q, k, v, args, config)[0]
+    if not torch.compiler.is_compiling():
+        tensors = (q, k, v, rel_h, rel_w, rpb)
+        if _plain_eager(tensors):
+            if not (torch.is_grad_enabled() and any(
+                    t is not None and t.requires_grad for t in tensors)):
+                # nothing to differentiate: the forward alone
+                forward, config = _impl(backend, 0, q, args, fwd_config)
+                return forward(q, k, v, args, config)[0]
+            return _eager_apply(q, k, v, rel_h, rel_w, rpb,
+                                (args, backend, fwd_config, bwd_config))
     out, _ = attend_fwd(q, k, v, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale,
                         backend, fwd_config, bwd_config)
     return out

@@ -62,13 +62,14 @@ def _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale) -> AttendArgs:
 
 # ---------------------------------------------------------------- the ops
 
-def _fresh(t: Tensor, inputs) -> Tensor:
+def _fresh(outputs, inputs) -> list:
     """Outputs are contiguous (as the fake impls say) and never a view of an input
     (a custom op may not alias): copy in the rare case one would be."""
-    storage = t.untyped_storage().data_ptr()
-    if any(storage == x.untyped_storage().data_ptr() for x in inputs if x is not None):
-        return t.clone(memory_format=torch.contiguous_format)
-    return t.contiguous()
+    taken = {x.untyped_storage().data_ptr() for x in inputs if x is not None}
+    return [None if t is None
+            else t.clone(memory_format=torch.contiguous_format)
+            if t.untyped_storage().data_ptr() in taken else t.contiguous()
+            for t in outputs]
 
 
 def _attend_fwd(
@@ -79,8 +80,8 @@ def _attend_fwd(
 ) -> tuple[Tensor, Tensor]:
     args = _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
     forward, config = _impl(backend, 0, q, args, fwd_config)
-    out, lse = forward(q, k, v, args, config)
-    return _fresh(out, (q, k, v)), _fresh(lse, (q, k, v))
+    out, lse = _fresh(forward(q, k, v, args, config), (q, k, v))
+    return out, lse
 
 
 attend_fwd = torch.library.custom_op("sasa_triton::attend_fwd", mutates_args=())(_attend_fwd)
@@ -102,9 +103,9 @@ def _attend_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     args = _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
     backward, parsed = _impl(backend, 1, q, args, config)
-    grads = backward(q, k, v, out, lse, dout, args, parsed)
-    inputs = (q, k, v, out, lse, dout, rel_h, rel_w, rpb)
-    return tuple(q.new_empty(0) if g is None else _fresh(g, inputs) for g in grads)
+    grads = _fresh(backward(q, k, v, out, lse, dout, args, parsed),
+                   (q, k, v, out, lse, dout, rel_h, rel_w, rpb))
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
 attend_bwd = torch.library.custom_op("sasa_triton::attend_bwd", mutates_args=())(_attend_bwd)

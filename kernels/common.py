@@ -112,13 +112,30 @@ def vector_width(tensors, block_d: int) -> int:
     every batch, row, column and head stride of the (B, H, W, heads, d) `tensors`, when d
     is contiguous in all of them (else 1): a kernel may then load that many channels of a
     head as one vector (tl.multiple_of hints on the pixel and head offsets)."""
-    if any(t.shape[4] > 1 and t.stride(4) != 1 for t in tensors):
+    vec = stride_vector_width([(t.shape[4], t.stride()) for t in tensors], block_d)
+    return pointer_vector_width(tensors, vec)
+
+
+def stride_vector_width(layouts, block_d: int) -> int:
+    """`vector_width`'s stride part, from (d, strides) of each tensor (launch plans cache
+    it): the largest power of two <= block_d dividing the first four strides."""
+    if any(d > 1 and stride[4] != 1 for d, stride in layouts):
         return 1
     vec = block_d
-    for t in tensors:
-        for n in (t.data_ptr() // t.element_size(), *t.stride()[:4]):
+    for _, stride in layouts:
+        for n in stride[:4]:
             while vec > 1 and n % vec:
                 vec //= 2
+    return vec
+
+
+def pointer_vector_width(tensors, vec: int) -> int:
+    """`vector_width`'s per-call part: `vec` halved until it divides every base address
+    (in elements)."""
+    for t in tensors:
+        n = t.data_ptr() // t.element_size()
+        while vec > 1 and n % vec:
+            vec //= 2
     return vec
 
 

@@ -118,6 +118,7 @@ def _steps(shape: Shape, dtype, device) -> tuple[dict[str, Callable], tuple[str,
     """The three directions' calls on one case's inputs, and the (forward, backward)
     implementation names "auto" resolves to."""
     import sasa_triton
+
     from .. import dispatch
     from ..args import check_attend_args
     from .impls import CaseInputs
@@ -293,7 +294,7 @@ def _summary(df, command: str) -> str:
 
 def main(args, command: str) -> tuple[Path, Path]:
     """`--suite host` of `python -m sasa_triton.report` (args: its parsed options)."""
-    from .runner import default_out_dir, Machine
+    from .runner import Machine, default_out_dir
 
     directions = {"fwd": ("fwd", "fwd_grad"), "fwdbwd": ("fwdbwd",),
                   "both": DIRECTIONS}[args.direction]

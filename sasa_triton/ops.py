@@ -156,13 +156,14 @@ def _plain_eager(tensors) -> bool:
     functorch wrappers, no dispatch or function mode, no functorch transform, no jit
     tracing. The caller checks torch.compiler.is_compiling() first (Dynamo must not
     trace these calls)."""
-    return (not torch._C._len_torch_dispatch_stack()
-            and not torch._C._is_torch_function_mode_enabled()
-            and torch._C._functorch.peek_interpreter_stack() is None
-            and torch._C._get_tracing_state() is None
-            and all(t is None or (type(t) in _PLAIN_TYPES and not _functorch_wrapped(t))
-                    for t in tensors)
-            and not tensors[0].is_meta)
+    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._get_tracing_state() is not None or tensors[0].is_meta):
+        return False
+    for t in tensors:  # a plain loop: half the time of all() over a generator
+        if t is not None and (type(t) not in _PLAIN_TYPES or _functorch_wrapped(t)):
+            return False
+    return True
 
 
 class _EagerAttend(torch.autograd.Function):

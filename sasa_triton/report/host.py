@@ -43,9 +43,9 @@ DIRECTIONS = ("fwd", "fwd_grad", "fwdbwd")
 CSV_NAME, SUMMARY_NAME = "host.csv", "host.md"
 COLUMNS = [
     "case", "B", "H", "W", "C", "heads", "d", "k", "dtype", "direction", "fwd_impl",
-    "bwd_impl", "launch", "host_us", "host_p20_us", "host_p80_us", "reps", "target_us",
-    "within_target", "gpu_us", "loop_us", "device", "device_type", "date", "torch",
-    "triton", "python",
+    "bwd_impl", "launch", "host_us", "host_p20_us", "host_p80_us", "reps", "floor_us",
+    "over_floor_us", "target_us", "within_target", "gpu_us", "loop_us", "device",
+    "device_type", "date", "torch", "triton", "python",
 ]
 
 
@@ -141,7 +141,40 @@ def _steps(shape: Shape, dtype, device) -> tuple[dict[str, Callable], tuple[str,
 
     args = check_attend_args(q, k, v, kernel, 1, "zeros", rel_h, rel_w, None, None)
     impls = (dispatch.choose(q, args, 0)[0], dispatch.choose(q, args, 1)[0])
-    return {"fwd": fwd, "fwd_grad": forward, "fwdbwd": fwdbwd}, impls
+    steps = {"fwd": fwd, "fwd_grad": forward, "fwdbwd": fwdbwd}
+    return steps, _null_steps(leaves, dout), impls
+
+
+class _Null(torch.autograd.Function):
+    """The floor: an autograd Function with attend's inputs that only allocates its
+    outputs (out, lse) and, backward, the gradients; no checks, dispatch or launch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rel_h, rel_w):
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty(q.shape[:4], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse, rel_h, rel_w)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, rel_h, rel_w = ctx.saved_tensors
+        return tuple(torch.empty_like(t) for t in (q, k, v, rel_h, rel_w))
+
+
+def _null_steps(leaves: list, dout: torch.Tensor) -> dict[str, Callable]:
+    """The three directions with `_Null` in place of attend (columns floor_us)."""
+    def forward():
+        return _Null.apply(*leaves)
+
+    def fwd():
+        with torch.no_grad():
+            return forward()
+
+    def fwdbwd():
+        return torch.autograd.grad(forward(), leaves, dout)
+
+    return {"fwd": fwd, "fwd_grad": forward, "fwdbwd": fwdbwd}
 
 
 def _quantiles(samples: list[float]) -> tuple[float, float, float]:
@@ -152,7 +185,8 @@ def _quantiles(samples: list[float]) -> tuple[float, float, float]:
 
 @contextlib.contextmanager
 def _no_gc() -> Iterator[None]:
-    gc.collect()
+    """The garbage collector off (its pauses are not the call's); the suite collects once
+    before it starts (a collection takes a quarter second with torch loaded)."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -214,15 +248,18 @@ def run_host_suite(dtype: Optional[str] = None, device: Optional[str] = None,
     log(f"sasa_triton.report host: {len(shapes)} cases x {len(directions)} directions on "
         f"{machine.name} ({dev.type}, {dtype}), launch {launch}")
     rows = []
+    gc.collect()
     threads = torch.get_num_threads()
     context = stub_launches() if stubbed else contextlib.nullcontext()
     try:
         torch.set_num_threads(1)  # host time: one thread, as a GPU run's host side
         with context:
             for shape in shapes:
-                steps, (fwd_impl, bwd_impl) = _steps(shape, DTYPES[dtype], dev)
+                steps, null, (fwd_impl, bwd_impl) = _steps(shape, DTYPES[dtype], dev)
                 for direction in directions:
                     timing = time_host(steps[direction], dev.type, reps)
+                    floor = time_host(null[direction], dev.type, reps)["host_us"]
+                    timing.update(floor_us=floor, over_floor_us=timing["host_us"] - floor)
                     target = TARGETS_US[direction]
                     rows.append(dict(
                         case=shape.name, B=shape.B, H=shape.H, W=shape.W, C=shape.C,
@@ -233,7 +270,7 @@ def run_host_suite(dtype: Optional[str] = None, device: Optional[str] = None,
                         within_target=timing["host_us"] <= target, device=machine.name,
                         device_type=dev.type, date=date, **machine.versions))
                     log(f"{shape.name} {direction}: host {timing['host_us']:.1f} us "
-                        f"(target {target:.0f})")
+                        f"(target {target:.0f}; torch floor {floor:.1f})")
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -270,13 +307,16 @@ def _summary(df, command: str) -> str:
              "* host_us: median wall time of one warm call (p20-p80), the device idle "
              "before it; targets: " + ", ".join(f"{d} <= {t:.0f} us"
                                                 for d, t in TARGETS_US.items()),
+             "* torch floor: the same step with an autograd Function that only allocates "
+             "(outputs; gradients backward): what torch itself costs on this machine; "
+             "over floor = host - floor, what sasa_triton adds",
              f"* data: [{CSV_NAME}]({CSV_NAME}); what is measured and how: docs/host.md", ""]
     if not cuda:
         lines += ["**CPU, launch stubbed**: the host path of a GPU call (checks, dispatch, "
                   "autograd, launchers, allocations, the backward's torch glue on CPU) "
                   "without Triton's own launch, which a GPU run adds.", ""]
-    header = ["case", "direction", "forward", "backward", "host us (p20-p80)", "target",
-              "within"]
+    header = ["case", "direction", "forward", "backward", "host us (p20-p80)",
+              "torch floor us", "over floor us", "target", "within"]
     if cuda:
         header += ["gpu us", "loop us"]
     table = []
@@ -284,7 +324,7 @@ def _summary(df, command: str) -> str:
         row = [r["case"], r["direction"], r["fwd_impl"],
                r["bwd_impl"] if isinstance(r["bwd_impl"], str) else "",
                f"{r['host_us']:.1f} ({r['host_p20_us']:.1f}-{r['host_p80_us']:.1f})",
-               r["target_us"], "yes" if r["within_target"] else "no"]
+               r["floor_us"], r["over_floor_us"], r["target_us"], "yes" if r["within_target"] else "no"]
         if cuda:
             row += [r["gpu_us"], r["loop_us"]]
         table.append(row)

@@ -341,7 +341,8 @@ class _Plan(NamedTuple):
     shape_args: tuple  # H, W, heads, d, d // 2, dh, dw, ty_n, tx_n, scale
     grad_strides: tuple  # of the fresh contiguous dq, dk, dv
     flags: dict  # constexprs and launch options of both kernels
-    rel_dims: tuple  # partial-sum axes of drel_h / drel_w (heads too for a shared table)
+    rel_h_dims: tuple  # partial-sum axes of drel_h (heads too for a shared table)
+    rel_w_dims: tuple  # the same for drel_w (the tables' layouts may differ)
     d_half: int
     tx_n: int
     tx_pad: int  # the dq kernel's TX_PAD
@@ -375,7 +376,8 @@ def _plan(q_shape, dtype, args: AttendArgs, config: Optional[dict]) -> _Plan:
         flags=dict(KH=kh, KW=kw, PADDING=PADDING_CODES[padding], HAS_REL=has_rel,
                    HAS_RPB=has_rpb, BLOCK_P=block_p, BLOCK_D=block_d,
                    **launch_options(config)),
-        rel_dims=(0, 1, 2) if has_rel and rel_h.dim() == 2 else (0, 1),
+        rel_h_dims=(0, 1, 2) if has_rel and rel_h.dim() == 2 else (0, 1),
+        rel_w_dims=(0, 1, 2) if has_rel and rel_w.dim() == 2 else (0, 1),
         d_half=d // 2, tx_n=tx_n, tx_pad=tx_pad,
         rpb_pad=None if shift else (kw // 2, kw // 2, kh // 2, kh // 2),
     )
@@ -445,8 +447,8 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
     scale = args.scale
     if rel_h is not None:  # fixed-order reductions over (batch, pixel block): deterministic
         d2 = plan.d_half
-        drel_h = part_h.sum(plan.rel_dims)[..., :d2].mul(scale).to(rel_h.dtype)
-        drel_w = part_w.sum(plan.rel_dims)[..., :plan.tx_n, d2:q.shape[4]].mul(scale).to(
+        drel_h = part_h.sum(plan.rel_h_dims)[..., :d2].mul(scale).to(rel_h.dtype)
+        drel_w = part_w.sum(plan.rel_w_dims)[..., :plan.tx_n, d2:q.shape[4]].mul(scale).to(
             rel_w.dtype)
     if rpb is not None:
         g_b = part_b.sum((0, 1))  # (heads, Ty, Tx)

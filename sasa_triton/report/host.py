@@ -44,7 +44,8 @@ CSV_NAME, SUMMARY_NAME = "host.csv", "host.md"
 COLUMNS = [
     "case", "B", "H", "W", "C", "heads", "d", "k", "dtype", "direction", "fwd_impl",
     "bwd_impl", "launch", "host_us", "host_p20_us", "host_p80_us", "reps", "floor_us",
-    "over_floor_us", "target_us", "within_target", "gpu_us", "loop_us", "device",
+    "over_floor_us", "target_us", "within_target", "launches", "bind_us", "gpu_us", "loop_us",
+    "device",
     "device_type", "date", "torch", "triton", "python",
 ]
 
@@ -59,9 +60,63 @@ def host_cases(device_type: str) -> list[Shape]:
 
 # --------------------------------------------------------------------- the CPU stub
 
+# While not None: the (kernel, args, kwargs) of every stubbed launch are appended here.
+_RECORDED: Optional[list] = None
+
+
 def _stub_run(self, *args, grid, warmup, **kwargs) -> None:
     """Stands in for JITFunction.run: the launch returns at once, launching nothing."""
+    if _RECORDED is not None:
+        _RECORDED.append((self, args, kwargs))
     return None
+
+
+def _launches(fn: Callable) -> list:
+    """The (kernel, args, kwargs) of the launches one call of fn makes (stubbed)."""
+    global _RECORDED
+    _RECORDED = []
+    try:
+        fn()
+        return _RECORDED
+    finally:
+        _RECORDED = None
+
+
+def time_binder(launches: list, reps: int = 200) -> float:
+    """Microseconds Triton's launch spends binding and specialising these launches'
+    arguments and computing their cache key (JITFunction.run's Python work before the
+    driver call; the driver launch is not included), with the sm_90 backend on this
+    CPU. NaN where it cannot be timed (the interpreter's kernels, another Triton)."""
+    try:
+        from triton import knobs
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import CUDABackend
+        from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
+    except ImportError:
+        return float("nan")
+    if not launches or not all(isinstance(fn, JITFunction) for fn, _, _ in launches):
+        return float("nan")
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    calls = []
+    for fn, args, kwargs in launches:
+        kwargs = dict(kwargs, debug=kwargs.get("debug", fn.debug) or knobs.runtime.debug,
+                      instrumentation_mode=knobs.compilation.instrumentation_mode)
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        calls.append((binder, args, kwargs, {}))
+
+    def bind_all():
+        for binder, args, kwargs, key_cache in calls:
+            _, specialization, options = binder(*args, **kwargs)
+            compute_cache_key(key_cache, specialization, options)
+
+    bind_all()
+    samples = []
+    with _no_gc():
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            bind_all()
+            samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e6
 
 
 def _kernel_classes() -> list:
@@ -260,6 +315,9 @@ def run_host_suite(dtype: Optional[str] = None, device: Optional[str] = None,
                     timing = time_host(steps[direction], dev.type, reps)
                     floor = time_host(null[direction], dev.type, reps)["host_us"]
                     timing.update(floor_us=floor, over_floor_us=timing["host_us"] - floor)
+                    if stubbed:
+                        launches = _launches(steps[direction])
+                        timing.update(launches=len(launches), bind_us=time_binder(launches))
                     target = TARGETS_US[direction]
                     rows.append(dict(
                         case=shape.name, B=shape.B, H=shape.H, W=shape.W, C=shape.C,

@@ -196,7 +196,16 @@ def test_cuda_graph_captures_a_sasa2d_training_step():
 
     torch.manual_seed(0)
     dev = "cuda"
-    layer = SASA2d(64, 64, kernel_size=7, heads=8, rpb=True).to(dev)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    # full fp32 projections: capture and eager may pick different cuDNN algorithms
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _capture_and_compare(SASA2d(64, 64, kernel_size=7, heads=8, rpb=True).to(dev), dev)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _capture_and_compare(layer, dev: str) -> None:
     reference = copy.deepcopy(layer)
     static_x = torch.randn(2, 64, 14, 14, device=dev, requires_grad=True)
     static_g = torch.randn(2, 64, 14, 14, device=dev)

@@ -27,13 +27,13 @@ from .common import (
     LOG2E,
     PADDING_CODES,
     alloc_outputs,
-    bias_strides,
     check_config,
     launch_options,
     next_pow2,
     pointer_vector_width,
     stride_vector_width,
     strides_fit_i32,
+    table_strides,
     to_f32,
     window_start,
 )
@@ -280,7 +280,6 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
         *scalars, *strides[0], *strides[1], *strides[2], *out_strides,
-        *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
-        *tail, **flags, VEC=pointer_vector_width((q, k, v, out), vec),
+        *table_strides(rel_h, rel_w, rpb), *tail, **flags, VEC=pointer_vector_width((q, k, v, out), vec),
     )
     return out, lse

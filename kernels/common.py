@@ -91,6 +91,19 @@ def bias_strides(t, heads_dim: bool = True) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def table_strides(rel_h, rel_w, rpb) -> tuple[int, ...]:
+    """`bias_strides` of rel_h, rel_w and rpb, in one 9-tuple (one call per launch)."""
+    out = ()
+    for t in (rel_h, rel_w, rpb):
+        if t is None:
+            out += (0, 0, 0)
+        elif t.dim() == 2:
+            out += (0, *t.stride())
+        else:
+            out += t.stride()
+    return out
+
+
 def row_offsets_fit_i32(tensors, cols: int, d: int, heads: int = 1) -> bool:
     """Whether offsets inside one (batch, row) slice -- `cols` pixels (halo columns
     included, which may lie left of the image), `heads` heads and `d` channels -- stay

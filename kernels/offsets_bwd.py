@@ -37,11 +37,11 @@ from . import common
 from .common import (
     LOG2E,
     PADDING_CODES,
-    bias_strides,
     check_config,
     launch_options,
     new_output,
     next_pow2,
+    table_strides,
     window_start,
 )
 from .launch_cache import args_key, config_key, contiguous_strides, plan_cache
@@ -422,7 +422,7 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
     relh_t = q if rel_h is None else rel_h
     relw_t = q if rel_w is None else rel_w
     rpb_t = q if rpb is None else rpb
-    table_strides = (*bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb))
+    tables = table_strides(rel_h, rel_w, rpb)
     s_q, s_k, s_v, s_do, s_l = q.stride(), k.stride(), v.stride(), dout.stride(), lse.stride()
     s_g, flags = plan.grad_strides, plan.flags
 
@@ -431,7 +431,7 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
         dq, delta, part_h, part_w, part_b,
         *plan.shape_args,
         *s_q, *s_k, *s_v, *out.stride(), *s_do, *s_l,
-        *table_strides, *s_g,
+        *tables, *s_g,
         TX_PAD=plan.tx_pad, **flags,
     )
     _dkv_kernel[plan.grid](
@@ -439,7 +439,7 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
         dk, dv,
         *plan.shape_args,
         *s_q, *s_k, *s_v, *s_do, *s_l,
-        *table_strides, *s_g, *s_g,
+        *tables, *s_g, *s_g,
         **flags,
     )
 

@@ -29,13 +29,13 @@ from .common import (
     LOG2E,
     PADDING_CODES,
     alloc_outputs,
-    bias_strides,
     check_config,
     halo_span,
     head_block,
     launch_options,
     next_pow2,
     strides_fit_i32,
+    table_strides,
     window_start,
 )
 from .launch_cache import args_key, config_key, contiguous_strides, plan_cache
@@ -364,7 +364,6 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
         *scalars, *strides[0], *strides[1], *strides[2], *out_strides,
-        *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
-        *tail, **flags,
+        *table_strides(rel_h, rel_w, rpb), *tail, **flags,
     )
     return out, lse

@@ -375,16 +375,14 @@ def _summary(df, command: str) -> str:
                   "without Triton's own launch, which a GPU run adds.", ""]
     header = ["case", "direction", "forward", "backward", "host us (p20-p80)",
               "torch floor us", "over floor us", "target", "within"]
-    if cuda:
-        header += ["gpu us", "loop us"]
+    header += ["gpu us", "loop us"] if cuda else ["Triton bind us (not in host)"]
     table = []
     for _, r in df.iterrows():
         row = [r["case"], r["direction"], r["fwd_impl"],
                r["bwd_impl"] if isinstance(r["bwd_impl"], str) else "",
                f"{r['host_us']:.1f} ({r['host_p20_us']:.1f}-{r['host_p80_us']:.1f})",
                r["floor_us"], r["over_floor_us"], r["target_us"], "yes" if r["within_target"] else "no"]
-        if cuda:
-            row += [r["gpu_us"], r["loop_us"]]
+        row += [r["gpu_us"], r["loop_us"]] if cuda else [r["bind_us"]]
         table.append(row)
     lines += [markdown_table(header, table), ""]
     return "\n".join(lines)

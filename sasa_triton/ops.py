@@ -72,6 +72,22 @@ def _fresh(outputs, inputs) -> list:
             for t in outputs]
 
 
+def _run_forward(q: Tensor, k: Tensor, v: Tensor, args: AttendArgs, backend: str,
+                 config: str) -> list:
+    """[out, lse] of `backend`'s forward: the body of the forward op and of the eager path."""
+    forward, parsed = _impl(backend, 0, q, args, config)
+    return _fresh(forward(q, k, v, args, parsed), (q, k, v))
+
+
+def _run_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+                  args: AttendArgs, backend: str, config: str) -> list:
+    """The six gradients (None for an absent table) of `backend`'s backward: the body of
+    the backward op and of the eager path."""
+    backward, parsed = _impl(backend, 1, q, args, config)
+    return _fresh(backward(q, k, v, out, lse, dout, args, parsed),
+                  (q, k, v, out, lse, dout, args.rel_h, args.rel_w, args.rpb))
+
+
 def _attend_fwd(
     q: Tensor, k: Tensor, v: Tensor,
     rel_h: Optional[Tensor], rel_w: Optional[Tensor], rpb: Optional[Tensor],
@@ -79,8 +95,7 @@ def _attend_fwd(
     backend: str, fwd_config: str, bwd_config: str,
 ) -> tuple[Tensor, Tensor]:
     args = _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
-    forward, config = _impl(backend, 0, q, args, fwd_config)
-    out, lse = _fresh(forward(q, k, v, args, config), (q, k, v))
+    out, lse = _run_forward(q, k, v, args, backend, fwd_config)
     return out, lse
 
 
@@ -102,9 +117,7 @@ def _attend_bwd(
     backend: str, config: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     args = _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
-    backward, parsed = _impl(backend, 1, q, args, config)
-    grads = _fresh(backward(q, k, v, out, lse, dout, args, parsed),
-                   (q, k, v, out, lse, dout, rel_h, rel_w, rpb))
+    grads = _run_backward(q, k, v, out, lse, dout, args, backend, config)
     return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
@@ -168,25 +181,26 @@ def _plain_eager(tensors) -> bool:
 
 class _EagerAttend(torch.autograd.Function):
     """The custom ops' autograd in plain eager mode, without their dispatch: forward
-    and backward run the op bodies `_attend_fwd` / `_attend_bwd` directly."""
+    and backward run the ops' bodies `_run_forward` / `_run_backward` directly."""
 
     @staticmethod
     def forward(ctx, q, k, v, rel_h, rel_w, rpb, call: tuple) -> Tensor:
         args, backend, fwd_config, bwd_config = call
-        kh, kw, dh, dw, padding, _, _, _, scale = args
-        out, lse = _attend_fwd(q, k, v, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale,
-                               backend, fwd_config, bwd_config)
+        out, lse = _run_forward(q, k, v, args, backend, fwd_config)
         ctx.save_for_backward(q, k, v, out, lse, rel_h, rel_w, rpb)
-        ctx.rest = (kh, kw, dh, dw, padding, scale, backend, bwd_config)
+        # the window and scale only: the tables come back through saved_tensors
+        ctx.rest = (*args[:5], args.scale, backend, bwd_config)
         return out
 
     @staticmethod
     @once_differentiable  # like the backward op, which has no autograd
     def backward(ctx, dout) -> tuple:
         q, k, v, out, lse, rel_h, rel_w, rpb = ctx.saved_tensors
-        dq, dk, dv, drel_h, drel_w, drpb = _attend_bwd(q, k, v, out, lse, dout, rel_h, rel_w,
-                                                       rpb, *ctx.rest)
-        return (dq, dk, dv,
+        kh, kw, dh, dw, padding, scale, backend, config = ctx.rest
+        args = AttendArgs(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
+        dq, dk, dv, drel_h, drel_w, drpb = _run_backward(q, k, v, out, lse, dout, args,
+                                                         backend, config)
+        return (dq, dk, dv,  # an absent table gets no gradient, whatever a variant returns
                 drel_h if rel_h is not None else None,
                 drel_w if rel_w is not None else None,
                 drpb if rpb is not None else None,

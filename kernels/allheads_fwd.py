@@ -27,15 +27,17 @@ from .common import (
     LOG2E,
     PADDING_CODES,
     alloc_outputs,
-    bias_strides,
     check_config,
     launch_options,
     next_pow2,
-    row_offsets_fit_i32,
+    pointer_vector_width,
+    stride_vector_width,
+    strides_fit_i32,
+    table_strides,
     to_f32,
-    vector_width,
     window_start,
 )
+from .launch_cache import args_key, config_key, contiguous_strides, plan_cache
 
 MAX_ROW = 1024  # next_pow2(heads) * next_pow2(d) held per pixel
 MAX_KW = 64
@@ -227,38 +229,57 @@ def supports(q_shape, dtype, args) -> bool:
             and _row(q_shape) <= MAX_ROW and args.kw <= MAX_KW)
 
 
-def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
-    B, H, W, heads, d = q.shape
-    if not supports(tuple(q.shape), q.dtype, args):
+def _plan(q_shape, dtype, strides, args, config) -> tuple:
+    """Everything a launch of this call key needs besides the tensors: (grid, scalar
+    arguments, strides of out and lse, trailing scalars, constexpr and launch keywords,
+    the vector width the strides allow). Raises for an unsupported call or a bad config."""
+    B, H, W, heads, d = q_shape
+    if not supports(q_shape, dtype, args):
         raise ValueError(
-            f"allheads forward does not support q {tuple(q.shape)} {q.dtype} (needs "
+            f"allheads forward does not support q {q_shape} {dtype} (needs "
             f"next_pow2(heads) * next_pow2(d) <= {MAX_ROW}, kw <= {MAX_KW})"
         )
-    config = default_config(tuple(q.shape), args) if config is None else config
+    config = default_config(q_shape, args) if config is None else config
     check_config(config, ("BLOCK_P",), "allheads")
+    bp = config["BLOCK_P"]
+    npix = B * H * W
+    out_strides = contiguous_strides(q_shape)
+    row_strides = (*strides, out_strides)  # q, k, v, out
+    flags = dict(
+        KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
+        HAS_REL=args.rel_h is not None, HAS_RPB=args.rpb is not None,
+        BLOCK_P=bp, BLOCK_N=next_pow2(heads), BLOCK_D=next_pow2(d),
+        BLOCK_KW=next_pow2(args.kw),
+        ROW_I64=not strides_fit_i32(row_strides, 1, d, heads),
+        KV_SAME_STRIDES=strides[1] == strides[2],
+        EVEN_ROW=heads == next_pow2(heads) and d == next_pow2(d),
+        **launch_options(config),
+    )
+    vec = stride_vector_width([(d, s) for s in row_strides], next_pow2(d))
+    return ((triton.cdiv(npix, bp),), (npix, H, W, heads, d, d // 2),
+            out_strides + contiguous_strides(q_shape[:4]),
+            (args.dh, args.dw, args.scale * LOG2E.value), flags, vec)
+
+
+_plans = plan_cache(_plan)
+
+
+def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
+    shape, strides = q.shape, (q.stride(), k.stride(), v.stride())
+    grid, scalars, out_strides, tail, flags, vec = _plans(
+        (shape, q.dtype, strides, args_key(args), config_key(config)),
+        tuple(shape), q.dtype, strides, args, config)
     out, lse = alloc_outputs(q, _poison)
     if out.numel() == 0:
         return out, lse
-    bp = config["BLOCK_P"]
-    npix = B * H * W
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     dummy = q  # never read when the flag is off
-    _allheads_fwd_kernel[(triton.cdiv(npix, bp),)](
+    _allheads_fwd_kernel[grid](
         q, k, v, out, lse,
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
-        npix, H, W, heads, d, d // 2,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
-        args.dh, args.dw, args.scale * LOG2E.value,
-        KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
-        HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
-        BLOCK_P=bp, BLOCK_N=next_pow2(heads), BLOCK_D=next_pow2(d),
-        BLOCK_KW=next_pow2(args.kw),
-        ROW_I64=not row_offsets_fit_i32((q, k, v, out), 1, d, heads),
-        KV_SAME_STRIDES=k.stride() == v.stride(),
-        EVEN_ROW=heads == next_pow2(heads) and d == next_pow2(d),
-        VEC=vector_width((q, k, v, out), next_pow2(d)), **launch_options(config),
+        *scalars, *strides[0], *strides[1], *strides[2], *out_strides,
+        *table_strides(rel_h, rel_w, rpb), *tail, **flags, VEC=pointer_vector_width((q, k, v, out), vec),
     )
     return out, lse

@@ -91,12 +91,30 @@ def bias_strides(t, heads_dim: bool = True) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def table_strides(rel_h, rel_w, rpb) -> tuple[int, ...]:
+    """`bias_strides` of rel_h, rel_w and rpb, in one 9-tuple (one call per launch)."""
+    out = ()
+    for t in (rel_h, rel_w, rpb):
+        if t is None:
+            out += (0, 0, 0)
+        elif t.dim() == 2:
+            out += (0, *t.stride())
+        else:
+            out += t.stride()
+    return out
+
+
 def row_offsets_fit_i32(tensors, cols: int, d: int, heads: int = 1) -> bool:
     """Whether offsets inside one (batch, row) slice -- `cols` pixels (halo columns
     included, which may lie left of the image), `heads` heads and `d` channels -- stay
     below 2**31 for every (B, H, W, heads, d) tensor, so a kernel may keep them int32."""
-    for t in tensors:
-        s_w, s_n, s_d = (abs(x) for x in t.stride()[2:5])
+    return strides_fit_i32([t.stride() for t in tensors], cols, d, heads)
+
+
+def strides_fit_i32(strides, cols: int, d: int, heads: int = 1) -> bool:
+    """`row_offsets_fit_i32` from the tensors' strides (launch plans cache it by them)."""
+    for stride in strides:
+        s_w, s_n, s_d = (abs(x) for x in stride[2:5])
         if cols * s_w + heads * s_n + d * s_d >= 2**31:
             return False
     return True
@@ -107,13 +125,30 @@ def vector_width(tensors, block_d: int) -> int:
     every batch, row, column and head stride of the (B, H, W, heads, d) `tensors`, when d
     is contiguous in all of them (else 1): a kernel may then load that many channels of a
     head as one vector (tl.multiple_of hints on the pixel and head offsets)."""
-    if any(t.shape[4] > 1 and t.stride(4) != 1 for t in tensors):
+    vec = stride_vector_width([(t.shape[4], t.stride()) for t in tensors], block_d)
+    return pointer_vector_width(tensors, vec)
+
+
+def stride_vector_width(layouts, block_d: int) -> int:
+    """`vector_width`'s stride part, from (d, strides) of each tensor (launch plans cache
+    it): the largest power of two <= block_d dividing the first four strides."""
+    if any(d > 1 and stride[4] != 1 for d, stride in layouts):
         return 1
     vec = block_d
-    for t in tensors:
-        for n in (t.data_ptr() // t.element_size(), *t.stride()[:4]):
+    for _, stride in layouts:
+        for n in stride[:4]:
             while vec > 1 and n % vec:
                 vec //= 2
+    return vec
+
+
+def pointer_vector_width(tensors, vec: int) -> int:
+    """`vector_width`'s per-call part: `vec` halved until it divides every base address
+    (in elements)."""
+    for t in tensors:
+        n = t.data_ptr() // t.element_size()
+        while vec > 1 and n % vec:
+            vec //= 2
     return vec
 
 
@@ -128,8 +163,12 @@ def new_output(shape, dtype, device, poison: bool = False) -> torch.Tensor:
 
 def alloc_outputs(q: torch.Tensor, poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """out (contiguous, q's dtype) and lse (float32) for a forward launch."""
-    return (new_output(q.shape, q.dtype, q.device, poison),
-            new_output(q.shape[:4], torch.float32, q.device, poison))
+    if poison or POISON_OUTPUTS:
+        return (new_output(q.shape, q.dtype, q.device, True),
+                new_output(q.shape[:4], torch.float32, q.device, True))
+    # empty_like parses one tensor argument: half the host time of empty(shape, ...)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty(q.shape[:4], dtype=torch.float32, device=q.device))
 
 
 def launch_options(config: dict) -> dict:

@@ -25,7 +25,7 @@ Costs and register counts: docs/PERF.md.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -33,16 +33,18 @@ import triton.language as tl
 
 from sasa_triton.types import AttendArgs
 
+from . import common
 from .common import (
     LOG2E,
     PADDING_CODES,
-    bias_strides,
     check_config,
     launch_options,
     new_output,
     next_pow2,
+    table_strides,
     window_start,
 )
+from .launch_cache import args_key, config_key, contiguous_strides, plan_cache
 
 MAX_GRID_Y = 65535  # CUDA limit on grid axis 1 (the batch axis here)
 
@@ -328,84 +330,129 @@ Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor],
               Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
+class _Plan(NamedTuple):
+    """What a backward launch of one call key needs besides the tensors."""
+
+    grid: tuple
+    delta_shape: tuple
+    part_h_shape: Optional[tuple]  # None: no rel tables
+    part_w_shape: Optional[tuple]
+    part_b_shape: Optional[tuple]  # None: no rpb
+    shape_args: tuple  # H, W, heads, d, d // 2, dh, dw, ty_n, tx_n, scale
+    grad_strides: tuple  # of the fresh contiguous dq, dk, dv
+    flags: dict  # constexprs and launch options of both kernels
+    rel_h_dims: tuple  # partial-sum axes of drel_h (heads too for a shared table)
+    rel_w_dims: tuple  # the same for drel_w (the tables' layouts may differ)
+    d_half: int
+    tx_n: int
+    tx_pad: int  # the dq kernel's TX_PAD
+    rpb_pad: Optional[tuple]  # F.pad widths placing drpb's reachable middle (zeros/mask)
+
+
+def _plan(q_shape, dtype, args: AttendArgs, config: Optional[dict]) -> _Plan:
+    """The launch plan of a call key; raises for an unsupported call or a bad config."""
+    B, H, W, heads, d = q_shape
+    kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
+    if not supports(q_shape, dtype, args):
+        raise ValueError(f"offsets backward does not support q of shape {q_shape} "
+                         f"and dtype {dtype}")
+    config = config or default_config(q_shape, args)
+    check_config(config, ("BLOCK_P",), "offsets")
+    block_p = config["BLOCK_P"]
+    shift = padding == "shift"
+    ty_n, tx_n = (2 * kh - 1, 2 * kw - 1) if shift else (kh, kw)
+    block_d = next_pow2(d)
+    tx_pad = next_pow2(tx_n)
+    has_rel, has_rpb = rel_h is not None, rpb is not None
+    n_blocks = triton.cdiv(H * W, block_p)
+    return _Plan(
+        grid=(n_blocks * heads, B),
+        delta_shape=(B, H, W, heads),
+        part_h_shape=(B, n_blocks, heads, ty_n, block_d) if has_rel else None,
+        part_w_shape=(B, n_blocks, heads, tx_pad, block_d) if has_rel else None,
+        part_b_shape=(B, n_blocks, heads, ty_n, tx_n) if has_rpb else None,
+        shape_args=(H, W, heads, d, d // 2, dh, dw, ty_n, tx_n, scale),
+        grad_strides=contiguous_strides(q_shape),
+        flags=dict(KH=kh, KW=kw, PADDING=PADDING_CODES[padding], HAS_REL=has_rel,
+                   HAS_RPB=has_rpb, BLOCK_P=block_p, BLOCK_D=block_d,
+                   **launch_options(config)),
+        rel_h_dims=(0, 1, 2) if has_rel and rel_h.dim() == 2 else (0, 1),
+        rel_w_dims=(0, 1, 2) if has_rel and rel_w.dim() == 2 else (0, 1),
+        d_half=d // 2, tx_n=tx_n, tx_pad=tx_pad,
+        rpb_pad=None if shift else (kw // 2, kw // 2, kh // 2, kh // 2),
+    )
+
+
+_plans = plan_cache(_plan)
+
+
 def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] = None,
              _poison: bool = False) -> Grads:
     """(dq, dk, dv, drel_h, drel_w, drpb): dq/dk/dv new contiguous tensors in q.dtype,
     the table gradients shaped and typed like args.rel_h / rel_w / rpb (None if absent).
     `_poison` fills the outputs and buffers with NaN first (tests: an element a kernel
     fails to write then shows)."""
-    B, H, W, heads, d = q.shape
-    kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
-    if not supports(q.shape, q.dtype, args):
-        raise ValueError(f"offsets backward does not support q of shape {tuple(q.shape)} "
-                         f"and dtype {q.dtype}")
-    config = config or default_config(q.shape, args)
-    check_config(config, ("BLOCK_P",), "offsets")
-    block_p = config["BLOCK_P"]
+    plan = _plans((q.shape, q.dtype, args_key(args), config_key(config)),
+                  tuple(q.shape), q.dtype, args, config)
+    rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     dev = q.device
-    shift = padding == "shift"
-    ty_n, tx_n = (2 * kh - 1, 2 * kw - 1) if shift else (kh, kw)
-    block_d = next_pow2(d)
-    tx_pad = next_pow2(tx_n)
-    has_rel, has_rpb = rel_h is not None, rpb is not None
-
-    dq, dk, dv = (new_output(q.shape, q.dtype, dev, _poison) for _ in range(3))
-    drel_h = drel_w = drpb = None
+    poison = _poison or common.POISON_OUTPUTS
+    if poison:
+        dq, dk, dv = (new_output(q.shape, q.dtype, dev, True) for _ in range(3))
+    else:  # empty_like: half the host time of empty(shape, ...)
+        dq, dk, dv = (torch.empty_like(q, memory_format=torch.contiguous_format)
+                      for _ in range(3))
     if q.numel() == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
-        if has_rel:
+        drel_h = drel_w = drpb = None
+        if rel_h is not None:
             drel_h, drel_w = torch.zeros_like(rel_h), torch.zeros_like(rel_w)
-        if has_rpb:
+        if rpb is not None:
             drpb = torch.zeros_like(rpb)
         return dq, dk, dv, drel_h, drel_w, drpb
 
-    n_blocks = triton.cdiv(H * W, block_p)
-    grid = (n_blocks * heads, B)
+    def buffer(shape) -> torch.Tensor:
+        return new_output(shape, torch.float32, dev, poison)
 
-    def buffer(*shape) -> torch.Tensor:
-        return new_output(shape, torch.float32, dev, _poison)
-
-    delta = buffer(B, H, W, heads)
-    part_h = buffer(B, n_blocks, heads, ty_n, block_d) if has_rel else delta
-    part_w = buffer(B, n_blocks, heads, tx_pad, block_d) if has_rel else delta
-    part_b = buffer(B, n_blocks, heads, ty_n, tx_n) if has_rpb else delta
+    delta = buffer(plan.delta_shape)
+    part_h = delta if plan.part_h_shape is None else buffer(plan.part_h_shape)
+    part_w = delta if plan.part_w_shape is None else buffer(plan.part_w_shape)
+    part_b = delta if plan.part_b_shape is None else buffer(plan.part_b_shape)
     # absent tables: any tensor stands in (the HAS_REL / HAS_RPB paths compile away)
-    relh_t, relw_t = (rel_h, rel_w) if has_rel else (q, q)
-    rpb_t = rpb if has_rpb else q
-    table_strides = (*bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb))
-    shape_args = (H, W, heads, d, d // 2, dh, dw, ty_n, tx_n, scale)
-    flags = dict(KH=kh, KW=kw, PADDING=PADDING_CODES[padding], HAS_REL=has_rel,
-                 HAS_RPB=has_rpb, BLOCK_P=block_p, BLOCK_D=block_d, **launch_options(config))
+    relh_t = q if rel_h is None else rel_h
+    relw_t = q if rel_w is None else rel_w
+    rpb_t = q if rpb is None else rpb
+    tables = table_strides(rel_h, rel_w, rpb)
+    s_q, s_k, s_v, s_do, s_l = q.stride(), k.stride(), v.stride(), dout.stride(), lse.stride()
+    s_g, flags = plan.grad_strides, plan.flags
 
-    _dq_kernel[grid](
+    _dq_kernel[plan.grid](
         q, k, v, out, dout, lse, relh_t, relw_t, rpb_t,
         dq, delta, part_h, part_w, part_b,
-        *shape_args,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
-        *table_strides, *dq.stride(),
-        TX_PAD=tx_pad, **flags,
+        *plan.shape_args,
+        *s_q, *s_k, *s_v, *out.stride(), *s_do, *s_l,
+        *tables, *s_g,
+        TX_PAD=plan.tx_pad, **flags,
     )
-    _dkv_kernel[grid](
+    _dkv_kernel[plan.grid](
         q, k, v, dout, lse, delta, relh_t, relw_t, rpb_t,
         dk, dv,
-        *shape_args,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
-        *table_strides, *dk.stride(), *dv.stride(),
+        *plan.shape_args,
+        *s_q, *s_k, *s_v, *s_do, *s_l,
+        *tables, *s_g, *s_g,
         **flags,
     )
 
-    if has_rel:  # fixed-order reductions over (batch, pixel block): deterministic
-        d2 = d // 2
-        g_h = part_h.sum((0, 1))[..., :d2] * scale  # (heads, Ty, d2)
-        g_w = part_w.sum((0, 1))[:, :tx_n, d2:d] * scale  # (heads, Tx, d - d2)
-        drel_h = (g_h.sum(0) if rel_h.dim() == 2 else g_h).to(rel_h.dtype)
-        drel_w = (g_w.sum(0) if rel_w.dim() == 2 else g_w).to(rel_w.dtype)
-    if has_rpb:
+    drel_h = drel_w = drpb = None
+    scale = args.scale
+    if rel_h is not None:  # fixed-order reductions over (batch, pixel block): deterministic
+        d2 = plan.d_half
+        drel_h = part_h.sum(plan.rel_h_dims)[..., :d2].mul(scale).to(rel_h.dtype)
+        drel_w = part_w.sum(plan.rel_w_dims)[..., :plan.tx_n, d2:q.shape[4]].mul(scale).to(
+            rel_w.dtype)
+    if rpb is not None:
         g_b = part_b.sum((0, 1))  # (heads, Ty, Tx)
-        if shift:
-            drpb = g_b.to(rpb.dtype)
-        else:  # only the middle kh x kw entries are reachable in zeros/mask mode
-            drpb = torch.zeros(rpb.shape, dtype=torch.float32, device=dev)
-            drpb[:, kh // 2:kh // 2 + kh, kw // 2:kw // 2 + kw] = g_b
-            drpb = drpb.to(rpb.dtype)
+        if plan.rpb_pad is not None:  # only the middle kh x kw entries are reachable
+            g_b = torch.nn.functional.pad(g_b, plan.rpb_pad)
+        drpb = g_b.to(rpb.dtype)
     return dq, dk, dv, drel_h, drel_w, drpb

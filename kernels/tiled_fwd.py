@@ -29,15 +29,16 @@ from .common import (
     LOG2E,
     PADDING_CODES,
     alloc_outputs,
-    bias_strides,
     check_config,
     halo_span,
     head_block,
     launch_options,
     next_pow2,
-    row_offsets_fit_i32,
+    strides_fit_i32,
+    table_strides,
     window_start,
 )
+from .launch_cache import args_key, config_key, contiguous_strides, plan_cache
 
 MAX_BLOCK_K = 256
 
@@ -313,38 +314,56 @@ def supports(q_shape, dtype, args) -> bool:
             and _block_k(q_shape, args, 16) <= MAX_BLOCK_K)
 
 
-def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
-    B, H, W, heads, d = q.shape
-    if not supports(tuple(q.shape), q.dtype, args):
+def _plan(q_shape, dtype, strides, args, config) -> tuple:
+    """Everything a launch of this call key needs besides the tensors: (grid, scalar
+    arguments, strides of out and lse, constexpr and launch keywords). Raises for an
+    unsupported call or a bad config."""
+    B, H, W, heads, d = q_shape
+    if not supports(q_shape, dtype, args):
         raise ValueError(
-            f"tiled forward does not support q {tuple(q.shape)} {q.dtype} with kernel "
+            f"tiled forward does not support q {q_shape} {dtype} with kernel "
             f"({args.kh}, {args.kw}), dilation ({args.dh}, {args.dw}), padding {args.padding!r}"
         )
-    config = default_config(tuple(q.shape), args) if config is None else config
+    config = default_config(q_shape, args) if config is None else config
     check_config(config, ("BLOCK_W", "BLOCK_H"), "tiled")
+    bw, bh = config["BLOCK_W"], config["BLOCK_H"]
+    bk = _block_k(q_shape, args, bw)
+    grid = (B * triton.cdiv(H, bh) * triton.cdiv(W, bw) * heads,)
+    out_strides = contiguous_strides(q_shape)
+    scalars = (H, W, heads, d, d // 2)
+    tail = (args.dh, args.dw, args.scale * LOG2E.value)
+    row_strides = (*strides, out_strides)  # q, k, v, out
+    flags = dict(
+        KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
+        HAS_REL=args.rel_h is not None, HAS_RPB=args.rpb is not None,
+        BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d),
+        DOT_F32=INTERPRETED and dtype == torch.bfloat16,
+        ROW_I64=not strides_fit_i32(row_strides, W + bk, d),
+        KV_SAME_STRIDES=strides[1] == strides[2], EVEN_D=d == head_block(d),
+        **launch_options(config),
+    )
+    return grid, scalars, out_strides + contiguous_strides(q_shape[:4]), tail, flags
+
+
+_plans = plan_cache(_plan)
+
+
+def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
+    shape, strides = q.shape, (q.stride(), k.stride(), v.stride())
+    grid, scalars, out_strides, tail, flags = _plans(
+        (shape, q.dtype, strides, args_key(args), config_key(config)),
+        tuple(shape), q.dtype, strides, args, config)
     out, lse = alloc_outputs(q, _poison)
     if out.numel() == 0:
         return out, lse
-    bw, bh = config["BLOCK_W"], config["BLOCK_H"]
-    bk = _block_k(tuple(q.shape), args, bw)
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     dummy = q  # never read when the flag is off
-    grid = (B * triton.cdiv(H, bh) * triton.cdiv(W, bw) * heads,)
     _tiled_fwd_kernel[grid](
         q, k, v, out, lse,
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
-        H, W, heads, d, d // 2,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
-        args.dh, args.dw, args.scale * LOG2E.value,
-        KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
-        HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
-        BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d),
-        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
-        ROW_I64=not row_offsets_fit_i32((q, k, v, out), W + bk, d),
-        KV_SAME_STRIDES=k.stride() == v.stride(), EVEN_D=d == head_block(d),
-        **launch_options(config),
+        *scalars, *strides[0], *strides[1], *strides[2], *out_strides,
+        *table_strides(rel_h, rel_w, rpb), *tail, **flags,
     )
     return out, lse

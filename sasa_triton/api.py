@@ -70,11 +70,17 @@ def _autocast(*tensors):
     custom op gets no autocast of its own; `torch.library.register_autocast` would fix
     one dtype per device, not follow the user's. The casts are differentiable."""
     q = tensors[0]
-    if not isinstance(q, torch.Tensor) or not _autocast_on(q.device.type):
+    if not _any_autocast() or not isinstance(q, torch.Tensor) or not _autocast_on(
+            q.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(q.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
                  and t.dtype != torch.float64 else t for t in tensors)
+
+
+# Whether autocast is on for any device type: one cheap call on the common path (private
+# torch API; without it, every call asks for q's device type).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -43,7 +43,7 @@ def _pair(value, name: str) -> tuple[int, int]:
 def _check_table(t, name: str, shape_2d: tuple, shape_3d: tuple, q: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tuple(t.shape) not in (shape_2d, shape_3d):
+    if t.shape != shape_2d and t.shape != shape_3d:
         raise ValueError(
             f"{name} must have shape {shape_2d} (shared by all heads) or {shape_3d} "
             f"(per head), got {tuple(t.shape)}"
@@ -60,6 +60,12 @@ def _check_bias_dtype_device(t: torch.Tensor, name: str, q: torch.Tensor) -> Non
 
 def check_window(kernel_size, dilation, padding) -> tuple[int, int, int, int]:
     """(kh, kw, dh, dw) of a valid window; raises naming the bad argument."""
+    if (type(kernel_size) is int and type(dilation) is int and type(padding) is str
+            and padding in _WINDOW_OK):
+        # the common call (plain ints, bool excluded by `type is`): one cached lookup
+        window = _WINDOW_OK[padding].get((kernel_size, dilation))
+        if window is not None:
+            return window
     kh, kw = _pair(kernel_size, "kernel_size")
     for kk in (kh, kw):
         if kk < 1 or kk % 2 == 0:
@@ -69,7 +75,13 @@ def check_window(kernel_size, dilation, padding) -> tuple[int, int, int, int]:
         raise ValueError(f"dilation must be >= 1, got {dilation!r}")
     if not isinstance(padding, str) or padding not in PADDINGS:
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    if type(kernel_size) is int and type(dilation) is int and len(_WINDOW_OK[padding]) < 256:
+        _WINDOW_OK[padding][kernel_size, dilation] = (kh, kw, dh, dw)
     return kh, kw, dh, dw
+
+
+# Windows of int kernel_size and dilation already checked, per padding mode.
+_WINDOW_OK: dict[str, dict] = {padding: {} for padding in PADDINGS}
 
 
 def check_attend_args(
@@ -82,18 +94,19 @@ def check_attend_args(
             raise ValueError(
                 f"{name} must be 5-D (B, H, W, heads, d), got {t.dim()}-D shape {tuple(t.shape)}"
             )
-    if q.dtype not in SUPPORTED_DTYPES:
+    dtype, shape, device = q.dtype, q.shape, q.device
+    if dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"q has dtype {q.dtype}; supported: float16, bfloat16, float32 (float64 for testing)"
+            f"q has dtype {dtype}; supported: float16, bfloat16, float32 (float64 for testing)"
         )
     for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    B, H, W, heads, d = q.shape
+        if t.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but q has {tuple(shape)}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    B, H, W, heads, d = shape
     if d > MAX_HEAD_DIM:
         raise ValueError(
             f"head dim d={d} (last dim of q) is larger than the kernels support (<= {MAX_HEAD_DIM})"
@@ -121,7 +134,7 @@ def check_attend_args(
         if not isinstance(rpb, torch.Tensor):
             raise TypeError(f"rpb must be a torch.Tensor, got {type(rpb).__name__}")
         want = (heads, 2 * kh - 1, 2 * kw - 1)
-        if tuple(rpb.shape) != want:
+        if rpb.shape != want:
             raise ValueError(f"rpb must have shape {want}, got {tuple(rpb.shape)}")
         _check_bias_dtype_device(rpb, "rpb", q)
 

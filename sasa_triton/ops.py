@@ -15,8 +15,14 @@ the table. Ops only run: `sasa_triton.dispatch.resolve` says which variant and c
 the variant's `forward` / `backward` (imported on first use, so importing this module
 imports no Triton) computes.
 The backward op has no autograd of its own: double backward is not supported.
-In eager mode with nothing to differentiate, `attend_op` calls the forward directly
-(the op dispatch costs tens of microseconds of host time).
+
+Plain eager calls skip the op dispatch (it costs about 100 us of host time per forward,
+most of it torch.library's argument handling): with nothing to differentiate
+`attend_op` calls the forward directly, otherwise `_EagerAttend`, an autograd Function
+around the same two bodies (same saved tensors, same backward). Everything that traces
+or intercepts ops -- torch.compile and torch.export, fake or subclass tensors, meta
+tensors, dispatch and function modes, functorch transforms, torch.jit tracing -- goes
+through the custom ops (`_plain_eager`).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import dispatch, variants
 from .types import AttendArgs
@@ -55,13 +62,30 @@ def _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale) -> AttendArgs:
 
 # ---------------------------------------------------------------- the ops
 
-def _fresh(t: Tensor, inputs) -> Tensor:
+def _fresh(outputs, inputs) -> list:
     """Outputs are contiguous (as the fake impls say) and never a view of an input
     (a custom op may not alias): copy in the rare case one would be."""
-    storage = t.untyped_storage().data_ptr()
-    if any(storage == x.untyped_storage().data_ptr() for x in inputs if x is not None):
-        return t.clone(memory_format=torch.contiguous_format)
-    return t.contiguous()
+    taken = {x.untyped_storage().data_ptr() for x in inputs if x is not None}
+    return [None if t is None
+            else t.clone(memory_format=torch.contiguous_format)
+            if t.untyped_storage().data_ptr() in taken else t.contiguous()
+            for t in outputs]
+
+
+def _run_forward(q: Tensor, k: Tensor, v: Tensor, args: AttendArgs, backend: str,
+                 config: str) -> list:
+    """[out, lse] of `backend`'s forward: the body of the forward op and of the eager path."""
+    forward, parsed = _impl(backend, 0, q, args, config)
+    return _fresh(forward(q, k, v, args, parsed), (q, k, v))
+
+
+def _run_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+                  args: AttendArgs, backend: str, config: str) -> list:
+    """The six gradients (None for an absent table) of `backend`'s backward: the body of
+    the backward op and of the eager path."""
+    backward, parsed = _impl(backend, 1, q, args, config)
+    return _fresh(backward(q, k, v, out, lse, dout, args, parsed),
+                  (q, k, v, out, lse, dout, args.rel_h, args.rel_w, args.rpb))
 
 
 def _attend_fwd(
@@ -71,9 +95,8 @@ def _attend_fwd(
     backend: str, fwd_config: str, bwd_config: str,
 ) -> tuple[Tensor, Tensor]:
     args = _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
-    forward, config = _impl(backend, 0, q, args, fwd_config)
-    out, lse = forward(q, k, v, args, config)
-    return _fresh(out, (q, k, v)), _fresh(lse, (q, k, v))
+    out, lse = _run_forward(q, k, v, args, backend, fwd_config)
+    return out, lse
 
 
 attend_fwd = torch.library.custom_op("sasa_triton::attend_fwd", mutates_args=())(_attend_fwd)
@@ -94,10 +117,8 @@ def _attend_bwd(
     backend: str, config: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     args = _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
-    backward, parsed = _impl(backend, 1, q, args, config)
-    grads = backward(q, k, v, out, lse, dout, args, parsed)
-    inputs = (q, k, v, out, lse, dout, rel_h, rel_w, rpb)
-    return tuple(q.new_empty(0) if g is None else _fresh(g, inputs) for g in grads)
+    grads = _run_backward(q, k, v, out, lse, dout, args, backend, config)
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
 
 
 attend_bwd = torch.library.custom_op("sasa_triton::attend_bwd", mutates_args=())(_attend_bwd)
@@ -138,16 +159,75 @@ def custom_op_body(name: str) -> Optional[Callable]:
     return {"attend_fwd": _attend_fwd, "attend_bwd": _attend_bwd}.get(name)
 
 
+# Tensor types the eager path takes as they are (anything else may trace or intercept).
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _plain_eager(tensors) -> bool:
+    """No op interception: plain (or Parameter) tensors off the meta device and not
+    functorch wrappers, no dispatch or function mode, no functorch transform, no jit
+    tracing. The caller checks torch.compiler.is_compiling() first (Dynamo must not
+    trace these calls)."""
+    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._get_tracing_state() is not None or tensors[0].is_meta):
+        return False
+    for t in tensors:  # a plain loop: half the time of all() over a generator
+        if t is not None and (type(t) not in _PLAIN_TYPES or _functorch_wrapped(t)):
+            return False
+    return True
+
+
+class _EagerAttend(torch.autograd.Function):
+    """The custom ops' autograd in plain eager mode, without their dispatch: forward
+    and backward run the ops' bodies `_run_forward` / `_run_backward` directly."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rel_h, rel_w, rpb, call: tuple) -> Tensor:
+        args, backend, fwd_config, bwd_config = call
+        out, lse = _run_forward(q, k, v, args, backend, fwd_config)
+        ctx.save_for_backward(q, k, v, out, lse, rel_h, rel_w, rpb)
+        # the window and scale only: the tables come back through saved_tensors
+        ctx.rest = (*args[:5], args.scale, backend, bwd_config)
+        return out
+
+    @staticmethod
+    @once_differentiable  # like the backward op, which has no autograd
+    def backward(ctx, dout) -> tuple:
+        q, k, v, out, lse, rel_h, rel_w, rpb = ctx.saved_tensors
+        kh, kw, dh, dw, padding, scale, backend, config = ctx.rest
+        args = AttendArgs(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
+        dq, dk, dv, drel_h, drel_w, drpb = _run_backward(q, k, v, out, lse, dout, args,
+                                                         backend, config)
+        return (dq, dk, dv,  # an absent table gets no gradient, whatever a variant returns
+                drel_h if rel_h is not None else None,
+                drel_w if rel_w is not None else None,
+                drpb if rpb is not None else None,
+                None)
+
+
+# autograd.Function.apply without its Python wrapper (2-3 us): that wrapper only binds
+# default arguments (none here) and unwraps functorch tensors (`_plain_eager` excludes them)
+_eager_apply = super(torch.autograd.Function, _EagerAttend).apply
+
+
 def attend_op(q, k, v, args: AttendArgs, backend: str, fwd_config: str = "",
               bwd_config: str = "") -> Tensor:
     """Runs `backend` through the custom op (differentiable, torch.compile-friendly);
-    the configs are JSON strings of the variants' config dicts ("" = their default)."""
+    the configs are JSON strings of the variants' config dicts ("" = their default).
+    Plain eager calls take the same bodies without the op dispatch (module docstring)."""
     kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
-    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, rel_h, rel_w, rpb))):
-        # eager, nothing to differentiate: skip the op dispatch (tens of microseconds)
-        forward, config = _impl(backend, 0, q, args, fwd_config)
-        return forward(q, k, v, args, config)[0]
+    if not torch.compiler.is_compiling():
+        tensors = (q, k, v, rel_h, rel_w, rpb)
+        if _plain_eager(tensors):
+            if not (torch.is_grad_enabled() and any(
+                    t is not None and t.requires_grad for t in tensors)):
+                # nothing to differentiate: the forward alone
+                forward, config = _impl(backend, 0, q, args, fwd_config)
+                return forward(q, k, v, args, config)[0]
+            return _eager_apply(q, k, v, rel_h, rel_w, rpb,
+                                (args, backend, fwd_config, bwd_config))
     out, _ = attend_fwd(q, k, v, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale,
                         backend, fwd_config, bwd_config)
     return out

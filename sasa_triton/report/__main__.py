@@ -15,8 +15,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         prog="python -m sasa_triton.report",
         description="Latency and peak memory of sasa_triton.attend next to the unfold SASA "
                     "port, FlexAttention and the cuDNN convolutions it replaces.")
-    p.add_argument("--suite", choices=sorted(SUITES),
-                   help="cases to run (default: resnet50 on a GPU, quick on CPU)")
+    p.add_argument("--suite", choices=sorted(SUITES) + ["host"],
+                   help="cases to run (default: resnet50 on a GPU, quick on CPU); 'host': "
+                        "the host time of one attend call (docs/host.md)")
     p.add_argument("--dtype", help="bf16 | fp16 | fp32 (default: bf16 on a GPU, fp32 on CPU)")
     p.add_argument("--direction", default="both", choices=["fwd", "fwdbwd", "both"])
     p.add_argument("--out", type=Path,
@@ -33,6 +34,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="fewest timed calls per measurement on CPU (default 3)")
     p.add_argument("--cpu-threads", type=int, default=1,
                    help="torch intra-op threads on CPU (default 1; 0 keeps torch's default)")
+    p.add_argument("--host-reps", type=int, default=500,
+                   help="--suite host: timed calls per case and direction (default 500)")
     p.add_argument("--list", action="store_true", help="print suites and implementations")
     return p.parse_args(argv)
 
@@ -53,6 +56,13 @@ def main(argv: Optional[list[str]] = None, extra_impls: tuple = ()) -> object:
             print(f"impl {impl.name} ({impl.family}): {impl.desc}")
         return None
 
+    command = "python -m sasa_triton.report " + shlex.join(argv if argv is not None
+                                                            else sys.argv[1:])
+    if args.suite == "host":
+        from . import host
+
+        return host.main(args, command.strip())
+
     from .output import write_outputs
 
     result = run_suite(suite=args.suite, dtype=args.dtype, direction=args.direction,
@@ -60,8 +70,6 @@ def main(argv: Optional[list[str]] = None, extra_impls: tuple = ()) -> object:
                        extra_impls=extra_impls, cpu_threads=args.cpu_threads or None,
                        min_reps=args.min_reps, cuda_graphs=args.cuda_graphs)
     out_dir = args.out or default_out_dir(result.machine)
-    command = "python -m sasa_triton.report " + shlex.join(argv if argv is not None
-                                                            else sys.argv[1:])
     outputs = write_outputs(result, out_dir, command.strip())
     failed = sum(r["status"] != "ok" for r in result.rows)
     print(f"wrote {outputs.csv} ({len(result.rows)} rows, {failed} not ok), "

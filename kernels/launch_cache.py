@@ -1,0 +1,71 @@
+"""Launch plans: the part of a host launcher's work that depends only on the call key.
+
+A launcher's per-call work splits in two. What follows from the call key -- shape,
+dtype, window, table flags, scale, config and the inputs' strides -- is computed once
+per key into a `plan` (supports check, config check, grid, scalar and constexpr
+arguments, strides of the outputs it allocates). What must be read on every call stays
+per call: the tensors themselves, the table strides, allocations and pointer alignment.
+A cached plan saves tens of microseconds of Python per launch (docs/host.md).
+
+Plans hold plain values only, never a kernel: launchers look their JITFunctions up at
+launch time, so the cost tool's recorder (sasa_triton/cost/record.py) still sees them.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+# Every plan cache, so that `clear_all` can drop them (tests; nothing in the library needs it).
+_CACHES: list[dict] = []
+MAX_PLANS = 4096  # per launcher; a full cache is emptied, not evicted entry by entry
+
+
+def plan_cache(make: Callable[..., Any]) -> Callable[..., Any]:
+    """`cached(key, *args)`: `make(*args)` the first time `key` is seen, the stored plan
+    afterwards. `make` may raise (an unsupported call): nothing is stored then."""
+    plans: dict = {}
+    _CACHES.append(plans)
+
+    def cached(key, *args) -> Any:
+        try:
+            plan = plans.get(key)
+        except TypeError:  # an unhashable key (a config with a list in it): no caching
+            return make(*args)
+        if plan is None:
+            plan = make(*args)
+            if len(plans) >= MAX_PLANS:
+                plans.clear()
+            plans[key] = plan
+        return plan
+
+    cached.plans = plans
+    cached.__doc__ = make.__doc__
+    cached.__name__ = getattr(make, "__name__", "plan")
+    return cached
+
+
+def args_key(args) -> tuple:
+    """The launch-relevant part of an AttendArgs: the window, the table layouts (2-D
+    shared / 3-D per-head, or absent) and the scale; never the tables' data."""
+    kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
+    return (kh, kw, dh, dw, padding, None if rel_h is None else rel_h.dim(),
+            None if rel_w is None else rel_w.dim(), rpb is not None, scale)
+
+
+def config_key(config) -> Any:
+    """A hashable stand-in for a config dict (None: the default config)."""
+    return None if config is None else tuple(config.items())
+
+
+def contiguous_strides(shape) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of `shape` (those of a fresh output)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def clear_all() -> None:
+    """Forget every plan."""
+    for plans in _CACHES:
+        plans.clear()

@@ -2,6 +2,7 @@
 autograd, and torch.compile(fullgraph=True) of modules that call it."""
 import dataclasses
 import importlib
+import json
 
 import pytest
 import torch
@@ -19,8 +20,8 @@ TABLES = ("rel_h", "rel_w", "rpb")
 
 @pytest.fixture
 def triton_bwd_test(monkeypatch):
-    """A temporary backend: reference forward + the offsets backward kernel."""
-    # a forced forward's backward is the default backward kernel ("offsets")
+    """A temporary backend: reference forward + the default backward kernel."""
+    # a forced forward's backward is the default backward kernel ("rowsbwd")
     variant = dataclasses.replace(variants.get("reference"), name="triton_bwd_test",
                                   backward=None, needs_triton=True)
     monkeypatch.setitem(variants.VARIANTS, "triton_bwd_test", variant)  # restored after
@@ -102,16 +103,18 @@ def test_kernel_backward_through_autograd(case, triton_bwd_test):
 def test_op_passes_the_backward_config(triton_bwd_test, monkeypatch):
     """The bwd_config JSON given to the op reaches the backward kernel as a dict."""
     seen = []
-    module = importlib.import_module("sasa_triton.kernels.offsets_bwd")
+    module = importlib.import_module("sasa_triton.kernels.rows_bwd")
     real = module.backward
     monkeypatch.setattr(module, "backward", lambda *a: seen.append(a[-1]) or real(*a))
     case = Case(B=1, H=4, W=5, heads=2, d=8, k=3, rel="shared")
     q, k, v, kw = make_inputs(case, torch.float32, device=DEVICE, requires_grad=True)
     args = sasa_triton.args.check_attend_args(q, k, v, 3, 1, "zeros", kw["rel_h"], kw["rel_w"],
                                               None, None)
-    out = ops.attend_op(q, k, v, args, triton_bwd_test, "", '{"BLOCK_P": 16, "num_warps": 2}')
+    config = module.default_config(tuple(q.shape), args)
+    config["K_num_warps"] = 2 if config.get("K_num_warps") != 2 else 1  # not the default
+    out = ops.attend_op(q, k, v, args, triton_bwd_test, "", json.dumps(config))
     out.sum().backward()
-    assert seen == [{"BLOCK_P": 16, "num_warps": 2}] and q.grad is not None
+    assert seen == [config] and q.grad is not None
 
 
 class TinySASA(torch.nn.Module):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import itertools
 from typing import Optional
 
+import torch
+
 from sasa_triton.types import AttendArgs
 
 from . import rows_bwd_key as key_kernel
@@ -23,6 +25,10 @@ from . import rows_bwd_query as query_kernel
 
 
 def supports(q_shape, dtype, args: AttendArgs) -> bool:
+    """Both kernels support the case; float32 only up to d = 64 (its dots run on CUDA
+    cores, and wider heads spill: "offsets" is the better kernel there)."""
+    if dtype == torch.float32 and q_shape[-1] > 64:
+        return False
     return (query_kernel.supports(q_shape, dtype, args)
             and key_kernel.supports(q_shape, dtype, args))
 

@@ -66,7 +66,8 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
     if not supports(tuple(q.shape), q.dtype, args):
         raise ValueError(f"rowsbwd backward does not support q of shape {tuple(q.shape)} "
                          f"and dtype {q.dtype} with these arguments")
-    config = default_config(tuple(q.shape), args) if config is None else config
+    if config == default_config(tuple(q.shape), args):
+        config = None  # the dispatcher's default: each kernel's own, dtype-aware default
     dq, delta, drel_h, drel_w, drpb = query_kernel.query_grads(
         q, k, v, out, lse, dout, args, config, _poison=_poison)
     dk, dv = key_kernel.key_grads(q, k, v, dout, lse, delta, args, config, _poison=_poison)

@@ -20,8 +20,8 @@ Mapping per kernel (what the trip counts stand for):
   [query rows, r < BLOCK_H] when BLOCK_H > 1.
 * `_allheads_fwd_kernel`: [rel column parts, c < KW (HAS_REL)],
   [window rows, a < KH [window columns, c < KW]].
-* `_tile2d_fwd_kernel`: NCHUNK x [window rows, a < KH] (the column-chunk loop is a
-  tl.static_range, unrolled by the front end: one row loop per chunk).
+* `_tile2d_fwd_kernel`: [window rows, a < KH] (the window columns are a tl.static_range,
+  unrolled by the front end).
 * `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode;
   runtime arguments: KH, KW are constexpr since issue 11 but bound no loop).
 """
@@ -64,9 +64,8 @@ def _allheads(c: dict) -> list[LoopSpec]:
 
 
 def _tile2d(c: dict) -> list[LoopSpec]:
-    # the chunk loop is a tl.static_range (always unrolled): one row loop per chunk
-    return [LoopSpec(f"window rows a<KH (column chunk {cc})", c["KH"], unrollable=True, exp2=True)
-            for cc in range(c["NCHUNK"])]
+    # the window columns are a tl.static_range (always unrolled)
+    return [LoopSpec("window rows a<KH", c["KH"], unrollable=True, exp2=True)]
 
 
 def _offsets(c: dict) -> list[LoopSpec]:  # TY, TX are runtime arguments: never unrolled

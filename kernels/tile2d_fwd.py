@@ -66,13 +66,38 @@ def _dot_chain(acc, a, b, N: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(p, m, TIES_ASCENDING: tl.constexpr):
+def _half_dot(a, b, UPPER: tl.constexpr):
+    """sum(a * b) over the lower or upper half of the last axis of the 5-D tiles a and b
+    (held by one thread, DS = 1) as one fused multiply-add chain: [1, G, N, PIX] -> [G, N, PIX]."""
+    N: tl.constexpr = a.shape[4] // 2
+    shape: tl.constexpr = [a.shape[0], a.shape[1], a.shape[2], a.shape[3], 2, N]
+    a_lo, a_hi = tl.split(tl.permute(tl.reshape(a, shape), (0, 1, 2, 3, 5, 4)))
+    b_lo, b_hi = tl.split(tl.permute(tl.reshape(b, shape), (0, 1, 2, 3, 5, 4)))
+    zero = tl.zeros([a.shape[0], a.shape[1], a.shape[2], a.shape[3]], dtype=tl.float32)
+    if UPPER:
+        return tl.sum(_dot_chain(zero, a_hi, b_hi, N), axis=0)
+    else:
+        return tl.sum(_dot_chain(zero, a_lo, b_lo, N), axis=0)
+
+
+@triton.jit
+def _load_tile(p, m, TIES_ASCENDING: tl.constexpr, SPLIT: tl.constexpr):
     """Masked load (0 elsewhere) of a [DS, G, N, DV] tile. The coalescer gives threads to
     the dims after the contiguous one in index order, ties broken downwards from Triton
-    3.8 on, upwards before: there the tile is loaded as [G, N, DS, DV], so that threads
-    go to pixel groups and heads and a thread keeps its vectors."""
-    if TIES_ASCENDING:
-        m = tl.broadcast_to(m, p.shape)
+    3.8 on, upwards before; the tile is loaded permuted so that threads go to heads and
+    pixel groups and a thread keeps its DS vectors, or with SPLIT to heads, vectors and
+    groups (a head's channels spread over DS lanes)."""
+    m = tl.broadcast_to(m, p.shape)
+    if SPLIT:
+        if TIES_ASCENDING:  # as [N, DS, G, DV]
+            b = tl.load(tl.permute(p, (2, 0, 1, 3)), mask=tl.permute(m, (2, 0, 1, 3)),
+                        other=0.0)
+            return tl.permute(b, (1, 2, 0, 3))
+        else:  # as [G, DS, N, DV]
+            b = tl.load(tl.permute(p, (1, 0, 2, 3)), mask=tl.permute(m, (1, 0, 2, 3)),
+                        other=0.0)
+            return tl.permute(b, (1, 0, 2, 3))
+    elif TIES_ASCENDING:  # as [G, N, DS, DV]
         b = tl.load(tl.permute(p, (1, 2, 0, 3)), mask=tl.permute(m, (1, 2, 0, 3)), other=0.0)
         return tl.permute(b, (2, 0, 1, 3))
     else:
@@ -129,7 +154,8 @@ def _unstack3(t, PIX: tl.constexpr):
 
 @triton.jit
 def _column(ptr, o_row, o_nd, m_row, m_nd, start_x, W, c: tl.constexpr, dil_w, s_w,
-            COL_STEP: tl.constexpr, CHECK_X: tl.constexpr, TIES_ASCENDING: tl.constexpr):
+            COL_STEP: tl.constexpr, CHECK_X: tl.constexpr, TIES_ASCENDING: tl.constexpr,
+            SPLIT: tl.constexpr):
     """float32 [DS, G, N, DV] tile of window column c of every group (0 outside the
     image). o_row: [G] offset of the group's row and first column."""
     if COL_STEP > 0:  # compile-time column step: an immediate in the load's address
@@ -141,7 +167,7 @@ def _column(ptr, o_row, o_nd, m_row, m_nd, start_x, W, c: tl.constexpr, dil_w, s
         xc = start_x + c * dil_w
         m = m & (xc >= 0) & (xc < W)
     b = _load_tile(ptr + o[None, :, None, None] + o_nd[:, None, :, :],
-                   m[None, :, None, None] & m_nd[:, None, :, :], TIES_ASCENDING)
+                   m[None, :, None, None] & m_nd[:, None, :, :], TIES_ASCENDING, SPLIT)
     return to_f32(b)
 
 
@@ -157,11 +183,13 @@ def _store_pixel(o_ptr, lse_ptr, b_o, b_lse, b, y, x, W, m_y, o_ond, m_nd, o_n, 
 
 
 @triton.jit
-def _load_q(q_ptr, b, y, x, W, m_y, o_qnd, m_nd, sq_b, sq_h, sq_w, VEC: tl.constexpr):
+def _load_q(q_ptr, b, y, x, W, m_y, o_qnd, m_nd, sq_b, sq_h, sq_w, VEC: tl.constexpr,
+            TIES_ASCENDING: tl.constexpr, SPLIT: tl.constexpr):
     o_qp = tl.multiple_of(b * sq_b + y.to(tl.int64) * sq_h + x.to(tl.int64) * sq_w, VEC)
     m_p = m_y & (x < W)
-    return tl.load(q_ptr + o_qp[None, :, None, None] + o_qnd[:, None, :, :],
-                   mask=m_p[None, :, None, None] & m_nd[:, None, :, :], other=0.0).to(tl.float32)
+    return _load_tile(q_ptr + o_qp[None, :, None, None] + o_qnd[:, None, :, :],
+                      m_p[None, :, None, None] & m_nd[:, None, :, :], TIES_ASCENDING,
+                      SPLIT).to(tl.float32)
 
 
 @triton.jit
@@ -181,15 +209,19 @@ def _tile2d_fwd_kernel(
     DS: tl.constexpr, DV: tl.constexpr,
     ROW_I64: tl.constexpr, KV_SAME_STRIDES: tl.constexpr, EVEN_ROW: tl.constexpr,
     VEC: tl.constexpr, COL_STEP: tl.constexpr, TIES_ASCENDING: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     # Channel c of a head sits at (c // DV, c % DV) of a [DS, ..., DV] tile: DV channels
     # are one vector load, the DS vectors of a head lie in the same thread.
     G: tl.constexpr = BLOCK_H * TW
     BLOCK_D: tl.constexpr = DS * DV
+    # rel halves split at compile time: one vector per head, d even and a power of two
+    HALVES: tl.constexpr = EVEN_ROW and DS == 1 and DV > 1
     pid = tl.program_id(0)
     b = (pid // TILES).to(tl.int64)
     t = pid % TILES
     o_g = tl.arange(0, G)
+    o_g0 = o_g * 0  # [G] zeros: a group-independent tile takes the groups' layout
     y = (t // TILES_W) * BLOCK_H + o_g // TW  # [G]
     x = (t % TILES_W) * (TW * PIX) + (o_g % TW) * PIX  # [G] the group's first pixel
     m_y = y < H
@@ -220,15 +252,19 @@ def _tile2d_fwd_kernel(
         o_vnd = tl.multiple_of(o_nr * sv_n, VEC)[None, :, None] + o_chr * sv_d
 
     # q of the group's PIX pixels, [DS, G, N, PIX, DV], logits come out in log2 units
-    q0 = _load_q(q_ptr, b, y, x, W, m_y, o_qnd, m_nd, sq_b, sq_h, sq_w, VEC)
+    q0 = _load_q(q_ptr, b, y, x, W, m_y, o_qnd, m_nd, sq_b, sq_h, sq_w, VEC,
+                     TIES_ASCENDING, SPLIT)
     q1 = q0
     q2 = q0
     q3 = q0
     if PIX > 1:
-        q1 = _load_q(q_ptr, b, y, x + 1, W, m_y, o_qnd, m_nd, sq_b, sq_h, sq_w, VEC)
+        q1 = _load_q(q_ptr, b, y, x + 1, W, m_y, o_qnd, m_nd, sq_b, sq_h, sq_w, VEC,
+                     TIES_ASCENDING, SPLIT)
     if PIX > 2:
-        q2 = _load_q(q_ptr, b, y, x + 2, W, m_y, o_qnd, m_nd, sq_b, sq_h, sq_w, VEC)
-        q3 = _load_q(q_ptr, b, y, x + 3, W, m_y, o_qnd, m_nd, sq_b, sq_h, sq_w, VEC)
+        q2 = _load_q(q_ptr, b, y, x + 2, W, m_y, o_qnd, m_nd, sq_b, sq_h, sq_w, VEC,
+                     TIES_ASCENDING, SPLIT)
+        q3 = _load_q(q_ptr, b, y, x + 3, W, m_y, o_qnd, m_nd, sq_b, sq_h, sq_w, VEC,
+                     TIES_ASCENDING, SPLIT)
     b_q = _stack(q0, q1, q2, q3, PIX) * qk_scale
     start_y, off_y = window_start(y, H, KH, dil_h, PADDING == 2)  # [G]
     start_x, off_x = window_start(x, W, KW, dil_w, PADDING == 2)  # of the first pixel
@@ -242,13 +278,17 @@ def _tile2d_fwd_kernel(
             o_rw_nd = o_n[None, :, None] * srw_n + (o_ch - d_half) * srw_d  # [DS, N, DV]
             if PADDING == 2:  # shift: the rel column follows the pixel's window (PIX = 1)
                 o_rx = (off_x + j + KW - 1) * srw_r  # [G]
-                b_rw = tl.load(relw_ptr + o_rx[None, :, None, None] + o_rw_nd[:, None, :, :],
-                               mask=m_y[None, :, None, None] & m_dw[:, None, :, :], other=0.0)
-            else:
-                b_rw = tl.load(relw_ptr + j * srw_r + o_rw_nd[:, None, :, :],
-                               mask=m_dw[:, None, :, :], other=0.0)  # [DS, 1, N, DV]
+                p_rw = relw_ptr + o_rx[None, :, None, None] + o_rw_nd[:, None, :, :]
+                m_rw = m_y[None, :, None, None] & m_dw[:, None, :, :]
+            else:  # the same for every group, loaded in the groups' layout
+                p_rw = relw_ptr + j * srw_r + o_rw_nd[:, None, :, :] + o_g0[None, :, None, None]
+                m_rw = m_dw[:, None, :, :]
+            b_rw = _load_tile(p_rw, m_rw, TIES_ASCENDING, SPLIT)  # [DS, G, N, DV]
             b_rw = tl.broadcast_to(b_rw.to(tl.float32)[:, :, :, None, :], b_q.shape)
-            seeds = seeds + (tl.sum(_dot_chain(b_zero, b_q, b_rw, DV), axis=0),)
+            if HALVES:  # only the upper channels meet rel_w
+                seeds = seeds + (_half_dot(b_q, b_rw, True),)
+            else:
+                seeds = seeds + (tl.sum(_dot_chain(b_zero, b_q, b_rw, DV), axis=0),)
         else:
             seeds = seeds + (tl.zeros([G, BLOCK_N, PIX], dtype=tl.float32),)
     if HAS_REL:
@@ -265,47 +305,31 @@ def _tile2d_fwd_kernel(
         yk = start_y + a * dil_h  # [G]
         m_row = m_y & (yk >= 0) & (yk < H)
         o_krow = o_kb + yk.to(tl.int64) * sk_h
-        # the row part of the rel term is the same for the whole window row: into the max
-        b_srow = tl.zeros([G, BLOCK_N, PIX], dtype=tl.float32)
-        if HAS_REL:
-            if PADDING == 2:
-                o_row = off_y + a + KH - 1
-                p_rh = relh_ptr + (o_row * srh_r)[None, :, None, None] + o_rh_nd[:, None, :, :]
-                m_rh = m_y[None, :, None, None] & m_dh[:, None, :, :]
-            else:
-                p_rh = relh_ptr + a * srh_r + o_rh_nd[:, None, :, :]
-                m_rh = m_dh[:, None, :, :]
-            b_rh = tl.load(p_rh, mask=m_rh, other=0.0).to(tl.float32)  # [DS, G|1, N, DV]
-            b_rh = tl.broadcast_to(b_rh[:, :, :, None, :], b_q.shape)
-            b_srow = tl.sum(_dot_chain(b_zero, b_q, b_rh, DV), axis=0)
-        if PADDING == 1:  # mask: a row outside the image drops out as a whole
-            b_srow = tl.where(((yk >= 0) & (yk < H))[:, None, None], b_srow, float("-inf"))
-
         # pass 1: the KW logits of each pixel, sharing the k columns
         k0 = _column(k_ptr, o_krow, o_knd, m_row, m_nd, start_x, W, 0, dil_w, sk_w,
-                     COL_STEP, PADDING != 2, TIES_ASCENDING)
+                     COL_STEP, PADDING != 2, TIES_ASCENDING, SPLIT)
         k1 = k0
         k2 = k0
         if PIX > 2:
             k1 = _column(k_ptr, o_krow, o_knd, m_row, m_nd, start_x, W, 1, dil_w, sk_w,
-                         COL_STEP, PADDING != 2, TIES_ASCENDING)
+                         COL_STEP, PADDING != 2, TIES_ASCENDING, SPLIT)
             k2 = _column(k_ptr, o_krow, o_knd, m_row, m_nd, start_x, W, 2, dil_w, sk_w,
-                         COL_STEP, PADDING != 2, TIES_ASCENDING)
+                         COL_STEP, PADDING != 2, TIES_ASCENDING, SPLIT)
         b_mx = tl.full([G, BLOCK_N, PIX], float("-inf"), dtype=tl.float32)
         logits = ()
         for j in tl.static_range(KW):
             if PIX == 1:
                 k0 = _column(k_ptr, o_krow, o_knd, m_row, m_nd, start_x, W, j, dil_w, sk_w,
-                             COL_STEP, PADDING != 2, TIES_ASCENDING)
+                             COL_STEP, PADDING != 2, TIES_ASCENDING, SPLIT)
                 b_k = _stack(k0, k0, k0, k0, PIX)
             elif PIX == 2:
                 kn = _column(k_ptr, o_krow, o_knd, m_row, m_nd, start_x, W, j + 1, dil_w, sk_w,
-                             COL_STEP, PADDING != 2, TIES_ASCENDING)
+                             COL_STEP, PADDING != 2, TIES_ASCENDING, SPLIT)
                 b_k = _stack(k0, kn, kn, kn, PIX)
                 k0 = kn
             else:
                 kn = _column(k_ptr, o_krow, o_knd, m_row, m_nd, start_x, W, j + 3, dil_w, sk_w,
-                             COL_STEP, PADDING != 2, TIES_ASCENDING)
+                             COL_STEP, PADDING != 2, TIES_ASCENDING, SPLIT)
                 b_k = _stack(k0, k1, k2, kn, PIX)
                 k0 = k1
                 k1 = k2
@@ -325,6 +349,26 @@ def _tile2d_fwd_kernel(
             b_mx = tl.maximum(b_mx, b_s)
             logits = logits + (b_s,)
 
+        # the row part of the rel term is the same for the whole window row: into the max
+        # (after the logits: fewer registers live while they are computed)
+        b_srow = tl.zeros([G, BLOCK_N, PIX], dtype=tl.float32)
+        if HAS_REL:
+            if PADDING == 2:
+                o_row = off_y + a + KH - 1
+                p_rh = relh_ptr + (o_row * srh_r)[None, :, None, None] + o_rh_nd[:, None, :, :]
+                m_rh = m_y[None, :, None, None] & m_dh[:, None, :, :]
+            else:
+                p_rh = relh_ptr + a * srh_r + o_rh_nd[:, None, :, :] + o_g0[None, :, None, None]
+                m_rh = m_dh[:, None, :, :]
+            b_rh = _load_tile(p_rh, m_rh, TIES_ASCENDING, SPLIT).to(tl.float32)  # [DS, G, N, DV]
+            b_rh = tl.broadcast_to(b_rh[:, :, :, None, :], b_q.shape)
+            if HALVES:  # only the lower channels meet rel_h
+                b_srow = _half_dot(b_q, b_rh, False)
+            else:
+                b_srow = tl.sum(_dot_chain(b_zero, b_q, b_rh, DV), axis=0)
+        if PADDING == 1:  # mask: a row outside the image drops out as a whole
+            b_srow = tl.where(((yk >= 0) & (yk < H))[:, None, None], b_srow, float("-inf"))
+
         b_m_new = tl.maximum(b_m, b_mx + b_srow)  # [G, N, PIX]
         b_alpha = tl.exp2(b_m - b_m_new)
         b_mrow = b_m_new - b_srow
@@ -338,27 +382,27 @@ def _tile2d_fwd_kernel(
         else:
             o_vrow = o_vb + yk.to(tl.int64) * sv_h
         v0 = _column(v_ptr, o_vrow, o_vnd, m_row, m_nd, start_x, W, 0, dil_w, sv_w,
-                     COL_STEP, PADDING != 2, TIES_ASCENDING)
+                     COL_STEP, PADDING != 2, TIES_ASCENDING, SPLIT)
         v1 = v0
         v2 = v0
         if PIX > 2:
             v1 = _column(v_ptr, o_vrow, o_vnd, m_row, m_nd, start_x, W, 1, dil_w, sv_w,
-                         COL_STEP, PADDING != 2, TIES_ASCENDING)
+                         COL_STEP, PADDING != 2, TIES_ASCENDING, SPLIT)
             v2 = _column(v_ptr, o_vrow, o_vnd, m_row, m_nd, start_x, W, 2, dil_w, sv_w,
-                         COL_STEP, PADDING != 2, TIES_ASCENDING)
+                         COL_STEP, PADDING != 2, TIES_ASCENDING, SPLIT)
         for j in tl.static_range(KW):
             if PIX == 1:
                 v0 = _column(v_ptr, o_vrow, o_vnd, m_row, m_nd, start_x, W, j, dil_w, sv_w,
-                             COL_STEP, PADDING != 2, TIES_ASCENDING)
+                             COL_STEP, PADDING != 2, TIES_ASCENDING, SPLIT)
                 b_v = _stack(v0, v0, v0, v0, PIX)
             elif PIX == 2:
                 vn = _column(v_ptr, o_vrow, o_vnd, m_row, m_nd, start_x, W, j + 1, dil_w, sv_w,
-                             COL_STEP, PADDING != 2, TIES_ASCENDING)
+                             COL_STEP, PADDING != 2, TIES_ASCENDING, SPLIT)
                 b_v = _stack(v0, vn, vn, vn, PIX)
                 v0 = vn
             else:
                 vn = _column(v_ptr, o_vrow, o_vnd, m_row, m_nd, start_x, W, j + 3, dil_w, sv_w,
-                             COL_STEP, PADDING != 2, TIES_ASCENDING)
+                             COL_STEP, PADDING != 2, TIES_ASCENDING, SPLIT)
                 b_v = _stack(v0, v1, v2, vn, PIX)
                 v0 = v1
                 v1 = v2
@@ -391,20 +435,23 @@ def _row(q_shape) -> int:
     return next_pow2(heads) * next_pow2(d)
 
 
+def lanes_per_head(d: int) -> int:
+    """Lanes sharing one head's channels: 16-byte vectors of a 16-bit dtype each (a head
+    of d > 8 spreads over next_pow2(d) / 8 lanes; float32 spreads further at launch)."""
+    return max(1, next_pow2(d) // 8)
+
+
 def pixels_per_thread(q_shape, args) -> int:
     """Horizontally adjacent pixels a thread serves: they share k/v columns only with a
-    centred window and column dilation 1 (not in shift mode); 4 while a head holds at most
-    8 channels, 2 at 16 (registers: q and the accumulator of each pixel)."""
+    centred window and column dilation 1 (not in shift mode)."""
     B, H, W, heads, d = q_shape
     if args.padding == "shift" or args.dw != 1 or W < 2:
         return 1
-    if next_pow2(d) > 16:
-        return 1
-    return 4 if next_pow2(d) <= 8 and W >= 4 else 2
+    return 4 if W >= 4 else 2
 
 
 def search_space() -> list[dict]:
-    """Tile shapes and launch settings the tuner may try (PIX None: pixels_per_thread)."""
+    """Tile shapes and launch settings the tuner may try."""
     return [
         dict(BLOCK_H=bh, BLOCK_W=bw, PIX=pix, num_warps=nw, num_stages=1)
         for bh in (1, 2, 4, 8, 16)
@@ -420,19 +467,17 @@ def _pix(cfg: dict, q_shape, args) -> int:
 
 
 def prune(configs, q_shape, args) -> list[dict]:
-    """Keeps configs whose PIX can share columns (1 otherwise) and fits the registers (PIX
-    * next_pow2(d) <= 32), BLOCK_W a multiple of PIX, one (pixel group, head) per thread
-    or up to 4, and tiles no larger than the image."""
+    """Keeps configs whose PIX pixels can share columns (PIX 1 otherwise), BLOCK_W a
+    multiple of PIX, 1 to 4 (pixel group, head lane) pairs per thread and tiles no larger
+    than the image."""
     B, H, W, heads, d = q_shape
     kept = []
     for cfg in configs:
         bh, bw, nw = cfg["BLOCK_H"], cfg["BLOCK_W"], cfg.get("num_warps", 4)
         pix = _pix(cfg, q_shape, args)
-        if pix > 1 and (args.padding == "shift" or args.dw != 1):
+        if (pix > 1 and (args.padding == "shift" or args.dw != 1)) or bw % pix:
             continue
-        if pix * next_pow2(d) > 32 or bw % pix:
-            continue
-        pairs = bh * (bw // pix) * next_pow2(heads) / (32 * nw)
+        pairs = bh * (bw // pix) * next_pow2(heads) * lanes_per_head(d) / (32 * nw)
         if bh > max(1, next_pow2(H)) or bw > max(4, next_pow2(W)) or not 1 <= pairs <= 4:
             continue
         kept.append(cfg)
@@ -440,14 +485,15 @@ def prune(configs, q_shape, args) -> list[dict]:
 
 
 def default_config(q_shape, args) -> dict:
-    """PIX = pixels_per_thread; two pixel groups per tile row (BLOCK_W = 2 * PIX, or 4
-    groups on images wider than 64) and about 128 (pixel group, head) pairs per program,
-    one per thread, at most the image tall."""
+    """PIX = pixels_per_thread; two pixel groups per tile row (BLOCK_W = 2 * PIX, twice
+    that on images wider than 64, at least 4) and about 128 (pixel group, head lane) pairs per
+    program, one per thread, at most the image tall."""
     B, H, W, heads, d = q_shape
     pix = pixels_per_thread(q_shape, args)
-    tw = 4 if W > 64 else 2
-    bh = max(1, min(128 // (next_pow2(heads) * tw), next_pow2(H)))
-    threads = bh * tw * next_pow2(heads)
+    tw = max(4 // pix, 4 if W > 64 else 2)
+    lanes = next_pow2(heads) * lanes_per_head(d)
+    bh = max(1, min(128 // (lanes * tw), next_pow2(H)))
+    threads = bh * tw * lanes
     return dict(BLOCK_H=bh, BLOCK_W=tw * pix, PIX=pix,
                 num_warps=max(1, min(8, threads // 32)), num_stages=1)
 
@@ -481,6 +527,11 @@ def forward(q, k, v, args, config=None, _poison=False):
     tiles = triton.cdiv(H, bh) * tiles_w
     vec = vector_width((q, k, v, out), next_pow2(d))
     dv = min(next_pow2(d), 16 // q.element_size(), vec)  # channels per vector load
+    ds = next_pow2(d) // dv
+    # whole 16-byte vectors: a head's vectors go to DS lanes; narrower ones stay in one
+    # thread, which then holds fewer pixels (registers: 32 channels x pixels at most)
+    split = ds > 1 and dv * q.element_size() == 16
+    pix = min(pix, max(1, 32 // (dv if split else next_pow2(d))))
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     dummy = q  # never read when the flag is off
     _tile2d_fwd_kernel[(B * tiles,)](
@@ -493,14 +544,13 @@ def forward(q, k, v, args, config=None, _poison=False):
         args.dh, args.dw, args.scale * LOG2E.value,
         KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
-        BLOCK_H=bh, TW=bw // pix, PIX=pix, BLOCK_N=next_pow2(heads),
-        DS=next_pow2(d) // dv, DV=dv,
+        BLOCK_H=bh, TW=bw // pix, PIX=pix, BLOCK_N=next_pow2(heads), DS=ds, DV=dv,
         ROW_I64=not row_offsets_fit_i32((q, k, v, out), 1, d, heads),
         KV_SAME_STRIDES=k.stride() == v.stride(),
         EVEN_ROW=heads == next_pow2(heads) and d == next_pow2(d),
         VEC=vec,
         COL_STEP=args.dw * k.stride(2) if k.stride() == v.stride() else 0,
-        TIES_ASCENDING=_TIES_ASCENDING,
+        TIES_ASCENDING=_TIES_ASCENDING, SPLIT=split,
         **launch_options(config),
     )
     return out, lse

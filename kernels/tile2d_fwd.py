@@ -161,7 +161,7 @@ def _column(ptr, o_row, o_nd, m_row, m_nd, start_x, W, c: tl.constexpr, dil_w, s
     if COL_STEP > 0:  # compile-time column step: an immediate in the load's address
         o = o_row + c * COL_STEP
     else:
-        o = o_row + (c * dil_w).to(tl.int64) * s_w
+        o = o_row + (tl.full([], c, tl.int64) * dil_w) * s_w  # dil_w, s_w may be int 1
     m = m_row
     if CHECK_X:
         xc = start_x + c * dil_w
@@ -441,13 +441,26 @@ def lanes_per_head(d: int) -> int:
     return max(1, next_pow2(d) // 8)
 
 
+def max_pixels(channels: int, kw: int, vectors: bool = True) -> int:
+    """Most pixels (4, 2, 1) a thread may hold with `channels` channels of a head each:
+    q and the accumulator (2 x channels), kw column rel parts and kw logits, the sliding
+    columns (channels), about 180 registers in all (s1: 4 pixels, 203 registers); scalar
+    loads need an address per channel: half that."""
+    budget = 180 if vectors else 90
+    for pix in (4, 2):
+        if pix * (3 * channels + 2 * kw + 2) <= budget:
+            return pix
+    return 1
+
+
 def pixels_per_thread(q_shape, args) -> int:
     """Horizontally adjacent pixels a thread serves: they share k/v columns only with a
-    centred window and column dilation 1 (not in shift mode)."""
+    centred window and column dilation 1 (not in shift mode); as many as registers allow
+    with the head's 16-byte vectors spread over lanes (max_pixels)."""
     B, H, W, heads, d = q_shape
     if args.padding == "shift" or args.dw != 1 or W < 2:
         return 1
-    return 4 if W >= 4 else 2
+    return min(4 if W >= 4 else 2, max_pixels(min(next_pow2(d), 8), args.kw))
 
 
 def search_space() -> list[dict]:
@@ -529,9 +542,10 @@ def forward(q, k, v, args, config=None, _poison=False):
     dv = min(next_pow2(d), 16 // q.element_size(), vec)  # channels per vector load
     ds = next_pow2(d) // dv
     # whole 16-byte vectors: a head's vectors go to DS lanes; narrower ones stay in one
-    # thread, which then holds fewer pixels (registers: 32 channels x pixels at most)
+    # thread, which then may hold fewer pixels
     split = ds > 1 and dv * q.element_size() == 16
-    pix = min(pix, max(1, 32 // (dv if split else next_pow2(d))))
+    pix = min(pix, max_pixels(dv if split else next_pow2(d), args.kw,
+                              dv * q.element_size() >= 8))
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     dummy = q  # never read when the flag is off
     _tile2d_fwd_kernel[(B * tiles,)](

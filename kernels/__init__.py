@@ -7,7 +7,7 @@ table in `sasa_triton.variants`; a variant module is imported only when it runs.
 common.py        geometry in-kernel (window_start), LOG2E, padding codes, host helpers
 tiled_fwd.py     forward "tiled": tensor-core halo tiles, one (batch, head) per program
 allheads_fwd.py  forward "allheads": all heads of a pixel block (d < 16, tiny rows)
-tile2d_fwd.py    forward "tile2d": CUDA cores, a 2-D pixel tile x all heads (d < 16)
+tile2d_fwd.py    forward "tile2d": CUDA cores, a 2-D pixel tile x all heads (d <= 32)
 offsets_bwd.py   backward "offsets": CUDA cores, window offsets in a loop
 
 A variant module has `search_space()`, `prune(configs, q_shape, args)`,

@@ -497,17 +497,27 @@ def prune(configs, q_shape, args) -> list[dict]:
     return kept
 
 
-def default_config(q_shape, args) -> dict:
+def default_config(q_shape, args, sms: int = 132) -> dict:
     """PIX = pixels_per_thread; two pixel groups per tile row (BLOCK_W = 2 * PIX, twice
-    that on images wider than 64, at least 4) and about 128 (pixel group, head lane) pairs per
-    program, one per thread, at most the image tall."""
+    that on images wider than 64, at least 4); BLOCK_H the power of two up to about 128
+    (pixel group, head lane) pairs per program, one per thread, that wastes the least on
+    the last wave of programs over `sms` SMs (an H100 has 132) and on rows past the image
+    (ties: the taller tile)."""
     B, H, W, heads, d = q_shape
     pix = pixels_per_thread(q_shape, args)
     tw = max(4 // pix, 4 if W > 64 else 2)
+    bw = tw * pix
     lanes = next_pow2(heads) * lanes_per_head(d)
-    bh = max(1, min(128 // (lanes * tw), next_pow2(H)))
+    tallest = max(1, min(128 // (lanes * tw), next_pow2(H)))
+    heights = [1 << i for i in range(tallest.bit_length()) if 1 << i <= tallest]
+
+    def rounds(bh: int) -> int:  # program waves x rows each program walks
+        programs = max(1, B) * -(-H // bh) * -(-W // bw)
+        return -(-programs // sms) * bh
+
+    bh = min(heights, key=lambda h: (rounds(h), -h))
     threads = bh * tw * lanes
-    return dict(BLOCK_H=bh, BLOCK_W=tw * pix, PIX=pix,
+    return dict(BLOCK_H=bh, BLOCK_W=bw, PIX=pix,
                 num_warps=max(1, min(8, threads // 32)), num_stages=1)
 
 

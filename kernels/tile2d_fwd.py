@@ -500,7 +500,8 @@ def prune(configs, q_shape, args) -> list[dict]:
 def default_config(q_shape, args, sms: int = 132) -> dict:
     """PIX = pixels_per_thread; two pixel groups per tile row (BLOCK_W = 2 * PIX, twice
     that on images wider than 64, at least 4); BLOCK_H the power of two up to about 128
-    (pixel group, head lane) pairs per program, one per thread, that wastes the least on
+    (pixel group, head lane) pairs per program, one per thread, at least a warp of them,
+    that wastes the least on
     the last wave of programs over `sms` SMs (an H100 has 132) and on rows past the image
     (ties: the taller tile)."""
     B, H, W, heads, d = q_shape
@@ -509,7 +510,8 @@ def default_config(q_shape, args, sms: int = 132) -> dict:
     bw = tw * pix
     lanes = next_pow2(heads) * lanes_per_head(d)
     tallest = max(1, min(128 // (lanes * tw), next_pow2(H)))
-    heights = [1 << i for i in range(tallest.bit_length()) if 1 << i <= tallest]
+    heights = [1 << i for i in range(tallest.bit_length())
+               if 1 << i <= tallest and (1 << i) * tw * lanes >= 32] or [tallest]  # a warp
 
     def rounds(bh: int) -> int:  # program waves x rows each program walks
         programs = max(1, B) * -(-H // bh) * -(-W // bw)

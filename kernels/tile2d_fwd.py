@@ -22,7 +22,8 @@ the row's max. It saves lse = ln(sum exp(logit)) per (pixel, head).
 
 Supported: every padding mode, dilation, any odd kh/kw (kw <= 15: the columns are
 unrolled), shared/per-head rel tables, rpb, fp16/bf16/fp32, head dims while
-next_pow2(heads) * next_pow2(d) <= 256 and d <= 32 (PIX = 1 above 16: registers). Any strides; 64-bit pixel offsets.
+next_pow2(heads) * next_pow2(d) <= 256 (e.g. 8 heads x d <= 32, one head x d <= 256).
+Any strides; 64-bit pixel offsets.
 """
 from __future__ import annotations
 
@@ -47,7 +48,6 @@ from .common import (
 # Triton before 3.8 orders a load's non-contiguous dims upwards (see _load_tile)
 _TIES_ASCENDING = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8)
 MAX_ROW = 256  # next_pow2(heads) * next_pow2(d) held per pixel
-MAX_D = 32  # d: a thread holds q and the accumulator of PIX pixels
 MAX_KW = 15  # window columns are unrolled
 
 
@@ -525,7 +525,7 @@ def default_config(q_shape, args, sms: int = 132) -> dict:
 
 def supports(q_shape, dtype, args) -> bool:
     B, H, W, heads, d = q_shape
-    return (dtype in (torch.float16, torch.bfloat16, torch.float32) and 1 <= d <= MAX_D
+    return (dtype in (torch.float16, torch.bfloat16, torch.float32) and 1 <= d <= 256
             and _row(q_shape) <= MAX_ROW and args.kw <= MAX_KW)
 
 
@@ -534,8 +534,8 @@ def forward(q, k, v, args, config=None, _poison=False):
     B, H, W, heads, d = q.shape
     if not supports(tuple(q.shape), q.dtype, args):
         raise ValueError(
-            f"tile2d forward does not support q {tuple(q.shape)} {q.dtype} (needs d <= "
-            f"{MAX_D}, next_pow2(heads) * next_pow2(d) <= {MAX_ROW}, kw <= {MAX_KW})"
+            f"tile2d forward does not support q {tuple(q.shape)} {q.dtype} (needs "
+            f"next_pow2(heads) * next_pow2(d) <= {MAX_ROW}, kw <= {MAX_KW})"
         )
     config = default_config(tuple(q.shape), args) if config is None else config
     check_config(config, ("BLOCK_H", "BLOCK_W"), "tile2d")

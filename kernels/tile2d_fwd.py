@@ -547,17 +547,19 @@ def forward(q, k, v, args, config=None, _poison=False):
     out, lse = alloc_outputs(q, _poison)
     if out.numel() == 0:
         return out, lse
-    bh, bw = config["BLOCK_H"], config["BLOCK_W"]
-    tiles_w = triton.cdiv(W, bw)
-    tiles = triton.cdiv(H, bh) * tiles_w
     vec = vector_width((q, k, v, out), next_pow2(d))
     dv = min(next_pow2(d), 16 // q.element_size(), vec)  # channels per vector load
     ds = next_pow2(d) // dv
     # whole 16-byte vectors: a head's vectors go to DS lanes; narrower ones stay in one
-    # thread, which then may hold fewer pixels
+    # thread, which then may hold fewer pixels (the tile narrows with them: the same
+    # threads, one pixel group each)
     split = ds > 1 and dv * q.element_size() == 16
+    tw = config["BLOCK_W"] // pix
     pix = min(pix, max_pixels(dv if split else next_pow2(d), args.kw,
                               dv * q.element_size() >= 8))
+    bh, bw = config["BLOCK_H"], tw * pix
+    tiles_w = triton.cdiv(W, bw)
+    tiles = triton.cdiv(H, bh) * tiles_w
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     dummy = q  # never read when the flag is off
     _tile2d_fwd_kernel[(B * tiles,)](
@@ -570,7 +572,7 @@ def forward(q, k, v, args, config=None, _poison=False):
         args.dh, args.dw, args.scale * LOG2E.value,
         KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
-        BLOCK_H=bh, TW=bw // pix, PIX=pix, BLOCK_N=next_pow2(heads), DS=ds, DV=dv,
+        BLOCK_H=bh, TW=tw, PIX=pix, BLOCK_N=next_pow2(heads), DS=ds, DV=dv,
         ROW_I64=not row_offsets_fit_i32((q, k, v, out), 1, d, heads),
         KV_SAME_STRIDES=k.stride() == v.stride(),
         EVEN_ROW=heads == next_pow2(heads) and d == next_pow2(d),

@@ -558,6 +558,14 @@ def forward(q, k, v, args, config=None, _poison=False):
     pix = min(pix, max_pixels(dv if split else next_pow2(d), args.kw,
                               dv * q.element_size() >= 8))
     bh, bw = config["BLOCK_H"], tw * pix
+    options = launch_options(config)
+    # configs plan lanes_per_head lanes (16-bit vectors); float32 takes more: more warps
+    # (at most 8), then shorter tiles, so that a thread keeps one (pixel group, head lane)
+    more = (ds if split else 1) // lanes_per_head(d)
+    if more > 1:
+        warps = options.get("num_warps", 4)
+        options["num_warps"] = min(8, warps * more)
+        bh = max(1, bh // (warps * more // options["num_warps"]))
     tiles_w = triton.cdiv(W, bw)
     tiles = triton.cdiv(H, bh) * tiles_w
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
@@ -579,6 +587,6 @@ def forward(q, k, v, args, config=None, _poison=False):
         VEC=vec,
         COL_STEP=args.dw * k.stride(2) if k.stride() == v.stride() else 0,
         TIES_ASCENDING=_TIES_ASCENDING, SPLIT=split,
-        **launch_options(config),
+        **options,
     )
     return out, lse

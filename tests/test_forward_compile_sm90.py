@@ -30,10 +30,12 @@ SPECS = [  # (variant, case, dtype, k layout, v layout)
                     rpb=True), torch.float16, "channels_last", "channels_last"),
     ("tile2d", Case(B=2, H=16, W=16, heads=2, d=16, k=11, rel="shared"), torch.bfloat16,
      "contiguous", "nchw_view"),
-    # a head over four lanes (d 32), the widest window holding 4 pixels (kw 9), the
-    # widest window (kw 15, 2 pixels per thread)
+    # a head over four lanes (d 32; float32 d 16: more lanes than the config planned), the
+    # widest window holding 4 pixels (kw 9), the widest window (kw 15, 2 pixels per thread)
     ("tile2d", Case(B=2, H=14, W=14, heads=8, d=32, k=7, rel="shared"), torch.bfloat16,
      "contiguous", "contiguous"),
+    ("tile2d", Case(B=2, H=16, W=16, heads=8, d=16, k=7, padding="mask", rel="shared"),
+     torch.float32, "contiguous", "contiguous"),
     ("tile2d", Case(B=2, H=16, W=16, heads=8, d=8, k=9, rel="per_head", rpb=True),
      torch.bfloat16, "contiguous", "contiguous"),
     ("tile2d", Case(B=2, H=16, W=20, heads=4, d=8, k=(5, 15), rel="shared", rpb=True),

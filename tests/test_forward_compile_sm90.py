@@ -5,7 +5,7 @@ A subprocess runs each launcher on CPU tensors with its kernel swapped for a rec
 compiles the recorded launch with Triton's compiler and ptxas, specialised as a GPU
 launch would be (see aot_sm90.py): the suite's s1/s2 shapes and feature combinations that
 change the kernel (every padding mode, dilation, rel shared/per head, rpb, fp16/bf16/fp32,
-d not a power of two, several column chunks, k and v with different strides). No launch
+d not a power of two, d 32, wide windows, k and v with different strides). No launch
 may spill more than a few words: ptxas sometimes parks one or two outside the window
 loop to stay at an occupancy step (Triton 3.8: a predicate word at 80 registers; 3.9:
 12 bytes at 128 registers for fp16 d = 12), where a layout that does not fit spills
@@ -30,6 +30,16 @@ SPECS = [  # (variant, case, dtype, k layout, v layout)
                     rpb=True), torch.float16, "channels_last", "channels_last"),
     ("tile2d", Case(B=2, H=16, W=16, heads=2, d=16, k=11, rel="shared"), torch.bfloat16,
      "contiguous", "nchw_view"),
+    # a head over four lanes (d 32; float32 d 16: more lanes than the config planned), the
+    # widest window holding 4 pixels (kw 9), the widest window (kw 15, 2 pixels per thread)
+    ("tile2d", Case(B=2, H=14, W=14, heads=8, d=32, k=7, rel="shared"), torch.bfloat16,
+     "contiguous", "contiguous"),
+    ("tile2d", Case(B=2, H=16, W=16, heads=8, d=16, k=7, padding="mask", rel="shared"),
+     torch.float32, "contiguous", "contiguous"),
+    ("tile2d", Case(B=2, H=16, W=16, heads=8, d=8, k=9, rel="per_head", rpb=True),
+     torch.bfloat16, "contiguous", "contiguous"),
+    ("tile2d", Case(B=2, H=16, W=20, heads=4, d=8, k=(5, 15), rel="shared", rpb=True),
+     torch.float16, "contiguous", "contiguous"),
 ]
 _KERNELS = {"allheads": "_allheads_fwd_kernel", "tile2d": "_tile2d_fwd_kernel"}
 

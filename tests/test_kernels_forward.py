@@ -130,7 +130,7 @@ def test_k_and_v_with_different_strides(variant):
 
 
 def test_tile2d_permuted_loads_of_older_tritons(monkeypatch):
-    """Before Triton 3.8 tile2d loads its k/v tiles through a permutation (_load_kv); the
+    """Before Triton 3.8 tile2d loads its k/v tiles through a permutation (_load_tile); the
     interpreter runs that path here too."""
     from sasa_triton.kernels import tile2d_fwd
 

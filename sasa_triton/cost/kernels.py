@@ -20,8 +20,8 @@ Mapping per kernel (what the trip counts stand for):
   [query rows, r < BLOCK_H] when BLOCK_H > 1.
 * `_allheads_fwd_kernel`: [rel column parts, c < KW (HAS_REL)],
   [window rows, a < KH [window columns, c < KW]].
-* `_tile2d_fwd_kernel`: NCHUNK x [window rows, a < KH] (the column-chunk loop is a
-  tl.static_range, unrolled by the front end: one row loop per chunk).
+* `_tile2d_fwd_kernel`: [window rows, a < KH] (the window columns are a tl.static_range,
+  unrolled by the front end).
 * `_rows_fwd_kernel`: [key rows walked, u_lo <= u < u_hi: the mean over the row blocks
   of the in-image rows the tile's windows cover (<= BLOCK_M / BLOCK_W + KH - 1)],
   [NaN slow pass: a loop of 0 trips (1 only when a non-finite value reached acc)
@@ -80,9 +80,8 @@ def _allheads(c: dict) -> list[LoopSpec]:
 
 
 def _tile2d(c: dict) -> list[LoopSpec]:
-    # the chunk loop is a tl.static_range (always unrolled): one row loop per chunk
-    return [LoopSpec(f"window rows a<KH (column chunk {cc})", c["KH"], unrollable=True, exp2=True)
-            for cc in range(c["NCHUNK"])]
+    # the window columns are a tl.static_range (always unrolled)
+    return [LoopSpec("window rows a<KH", c["KH"], unrollable=True, exp2=True)]
 
 
 def _rows(c: dict) -> list[LoopSpec]:

@@ -7,7 +7,6 @@ table in `sasa_triton.variants`; a variant module is imported only when it runs.
 common.py        geometry in-kernel (window_start), LOG2E, padding codes, host helpers
 rows_fwd.py      forward "rows": tensor-core row tiles, each k/v row loaded once per tile
 tiled_fwd.py     forward "tiled": tensor-core halo tiles, one (batch, head) per program
-allheads_fwd.py  forward "allheads": all heads of a pixel block (d < 16, tiny rows)
 tile2d_fwd.py    forward "tile2d": CUDA cores, a 2-D pixel tile x all heads (d <= 32)
 rows_bwd.py      backward "rowsbwd": rows_bwd_query.py (dq, delta, table gradients) then
                  rows_bwd_key.py (dk, dv), tensor-core row tiles

@@ -12,15 +12,15 @@ Dispatch only chooses; the names it returns were checked by `attend` and are run
 * a forced backend -> its forward with the given config; its backward is its own
   `backward` when it has one, else `default_backward` (with the given config, if any).
 
-Forward heuristic (docs/PERF.md's calibration on an H100, and the sm_90 machine code):
-head dims below 16 go to "tile2d" (CUDA cores, a 2-D pixel tile with all heads; tensor-core
-tiles would pad d to 16 and waste most of each MMA), then "allheads" (rows too wide for
-tile2d; all heads of a pixel form one coalesced row); rows of at most 32 values (heads x
-d) go to "allheads", where a one-head tile reads sector fragments; everything else goes
-to "tiled" (tensor cores win from d = 16 on). A variant that does not support the shape
-is skipped.
-Backward: the first kernel variant with a backward that supports the case, with its
-default config.
+Forward heuristic, read from `python -m sasa_triton.cost` over the "all" suite (predicted
+sm_90 times; docs/PERF.md) until a GPU's tuned table replaces it: head dims below 16 and
+small windows (kh * kw <= SMALL_WINDOW) go to "tile2d" (CUDA cores, a 2-D pixel tile with
+all heads; tensor-core tiles would pad d to 16), everything else to "rows" (tensor-core
+row tiles); "tiled" is the fallback for what neither supports (d > 128 with more heads
+than tile2d holds, windows wider than both allow). A variant that does not support the
+shape is skipped.
+Backward: the first kernel variant with a backward that supports the case ("rowsbwd",
+then "offsets"), with its default config.
 """
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ from .types import AttendArgs
 from .variants import CPU, REFERENCE, call_key, triton_usable
 
 _CACHE: dict = {}
+# Windows of at most this many taps (k <= 5) go to tile2d whatever the head dim: the
+# row tiles' per-key-row overhead is not repaid by so few window rows (cost tool).
+SMALL_WINDOW = 25
 _DIRECTIONS = variants.DIRECTIONS  # direction index 0 / 1 -> "fwd" / "bwd"
 
 
@@ -78,12 +81,10 @@ def _choose(q, args: AttendArgs, direction: int) -> tuple[str, Optional[dict]]:
 def heuristic_forward(shape: tuple, dtype, args: AttendArgs) -> tuple[str, Optional[dict]]:
     """The forward heuristic of the module docstring (no tuned table, any device)."""
     _, _, _, heads, d = shape
-    if d < 16:
-        prefer = ("tile2d", "allheads", "tiled")
-    elif heads * d <= 32:
-        prefer = ("allheads", "tiled")
+    if d < 16 or args.kh * args.kw <= SMALL_WINDOW:
+        prefer = ("tile2d", "rows", "tiled")
     else:
-        prefer = ("tiled", "allheads")
+        prefer = ("rows", "tile2d", "tiled")
     for name in prefer:
         variant = variants.VARIANTS.get(name)
         if variant is not None and variant.supports(shape, dtype, args):

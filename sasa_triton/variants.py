@@ -130,8 +130,6 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     kernel_variant("rows", f"{_KERNELS}.rows_fwd", forward=True),
     # tensor-core halo tiles, one (batch, head) per program
     kernel_variant("tiled", f"{_KERNELS}.tiled_fwd", forward=True),
-    # all heads of a pixel block: d < 16 and tiny rows
-    kernel_variant("allheads", f"{_KERNELS}.allheads_fwd", forward=True),
     # CUDA cores, a 2-D pixel tile x all heads: d <= 16
     kernel_variant("tile2d", f"{_KERNELS}.tile2d_fwd", forward=True),
     # the backward on tensor cores: a query-owned kernel (dq, delta, table gradients) and a

@@ -2,7 +2,7 @@
 the SASS instruction count of each loop (from a backward branch's target to the branch).
 
     python tests/sass_reading.py tile2d s1      # variant, suite case (bf16, k = 7, zeros,
-    python tests/sass_reading.py allheads s2    # shared rel tables, the default config)
+    python tests/sass_reading.py tile2d s2      # shared rel tables, the default config)
 
 The launcher runs on CPU tensors with its kernel swapped for a recorder; the recorded
 launch is compiled as a GPU launch would be (aot_sm90.py) and disassembled with the

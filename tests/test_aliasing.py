@@ -14,7 +14,7 @@ from sasa_triton.variants import triton_usable
 
 from oracle import oracle_attend
 
-BACKENDS = ["reference"] + (["tiled", "allheads"] if triton_usable("cpu") else [])
+BACKENDS = ["reference"] + (["tiled", "tile2d", "rows"] if triton_usable("cpu") else [])
 B, H, W, N, D, K = 1, 4, 5, 2, 4, 3
 SHAPE = (B, H, W, N, D)
 

@@ -152,7 +152,7 @@ def test_compact_case_syntax():
 
 def test_table_round_trip_and_lookup():
     entries = {str(a_key()): an_entry("tiled", {"BLOCK_H": 8, "num_warps": 4}),
-               str(a_key(d=8)): an_entry("allheads", {"BLOCK": 64})}
+               str(a_key(d=8)): an_entry("tile2d", {"BLOCK": 64})}
     table.record(user_table(), GPU, entries)
     assert user_table().name == "fake-gpu-80gb-hbm3.json"
     data = json.loads(user_table().read_text())
@@ -162,7 +162,7 @@ def test_table_round_trip_and_lookup():
     assert lookup_mod.lookup(a_key(), gpu=GPU) == ("tiled", {"BLOCK_H": 8, "num_warps": 4})
     got = lookup_mod.lookup(a_key(d=8), gpu=GPU)
     got[1]["BLOCK"] = 0  # callers get a copy: the cache is not corrupted
-    assert lookup_mod.lookup(a_key(d=8), gpu=GPU) == ("allheads", {"BLOCK": 64})
+    assert lookup_mod.lookup(a_key(d=8), gpu=GPU) == ("tile2d", {"BLOCK": 64})
     assert lookup_mod.lookup(a_key(d=32), gpu=GPU) is None
     assert lookup_mod.lookup(a_key(), gpu="Other GPU") is None
     if not torch.cuda.is_available():

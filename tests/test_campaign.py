@@ -155,7 +155,7 @@ def test_bench_table_and_packing_limits(tmp_path):
     csv = tmp_path / "results.csv"
     csv.write_text("case,impl,direction,status,median_us,ratio_to_floor,host_us\n"
                    "s1,attend,fwd,ok,100,5,20\ns1,attend:tiled,fwd,ok,90,4.5,20\n"
-                   "s1,attend:allheads,fwd,error: x,,,\n")
+                   "s1,attend:tile2d,fwd,error: x,,,\n")
     text = bench_table.table(csv)
     assert "| s1 | fwd | ok | 100 | 5 |" in text and "tiled 90 us" in text
     (tmp_path / "big.log").write_bytes(b"x" * (3 * 2**20))

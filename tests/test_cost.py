@@ -97,14 +97,13 @@ def test_loop_table_matches_by_nesting():
     m = kernels.match_loops("_tiled_fwd_kernel", tiled, [0, 0], [True, True])
     assert [x.name for x in m.loops] == ["window rows a<KH", "NaN slow pass (not taken)"]
     assert not m.note
-    # allheads, k = 5: both column loops unrolled, the window-row loop is left
-    heads = dict(HAS_REL=True, KW=5, KH=3)
-    m = kernels.match_loops("_allheads_fwd_kernel", heads, [0], [True])
-    assert [(x.name, x.iterations) for x in m.loops] == [("window rows a<KH", 3)]
-    m = kernels.match_loops("_allheads_fwd_kernel", heads, [0, 1], [True, True])
-    assert [x.iterations for x in m.loops] == [3, 15] and not m.note
-    m = kernels.match_loops("_allheads_fwd_kernel", heads, [0], [False])  # only the rel loop
-    assert [(x.name, x.iterations) for x in m.loops] == [("rel column parts c<KW", 5)]
+    # two query rows per program (mask mode): nested loops, the rel loop unrolled or not
+    rows2 = dict(HAS_REL=True, KW=5, KH=3, BLOCK_H=2, PADDING=1)
+    m = kernels.match_loops("_tiled_fwd_kernel", rows2, [0, 1, 1, 1], [True, False, True, True])
+    assert [x.iterations for x in m.loops] == [2, 10, 6, 0] and not m.note
+    m = kernels.match_loops("_tiled_fwd_kernel", rows2, [0, 1, 1], [True, True, True])
+    assert [(x.name, x.iterations) for x in m.loops] == [
+        ("query rows r<BLOCK_H", 2), ("window rows a<KH", 6), ("NaN slow pass (not taken)", 0)]
     m = kernels.match_loops("_dq_kernel", dict(TY=5, TX=3), [0, 1])
     assert [x.iterations for x in m.loops] == [5, 15]
     m = kernels.match_loops("_dq_kernel", dict(TY=5, TX=3), [0, 1, 2])

@@ -1,5 +1,5 @@
-"""The CUDA-core forward kernels ("allheads", "tile2d") compiled for an H100 (sm_90) as
-their launchers launch them, without a GPU.
+"""The CUDA-core forward kernel "tile2d" compiled for an H100 (sm_90) as its launcher
+launches it, without a GPU.
 
 A subprocess runs each launcher on CPU tensors with its kernel swapped for a recorder and
 compiles the recorded launch with Triton's compiler and ptxas, specialised as a GPU
@@ -18,8 +18,6 @@ import torch
 from cases import Case, make_inputs
 
 SPECS = [  # (variant, case, dtype, k layout, v layout)
-    ("allheads", Case(B=2, H=16, W=16, heads=8, d=8, k=7, rel="shared"), torch.bfloat16,
-     "contiguous", "contiguous"),
     ("tile2d", Case(B=2, H=16, W=16, heads=8, d=8, k=7, rel="shared"), torch.bfloat16,
      "contiguous", "contiguous"),
     ("tile2d", Case(B=2, H=16, W=16, heads=8, d=16, k=7, rel="shared"), torch.bfloat16,
@@ -41,7 +39,7 @@ SPECS = [  # (variant, case, dtype, k layout, v layout)
     ("tile2d", Case(B=2, H=16, W=20, heads=4, d=8, k=(5, 15), rel="shared", rpb=True),
      torch.float16, "contiguous", "contiguous"),
 ]
-_KERNELS = {"allheads": "_allheads_fwd_kernel", "tile2d": "_tile2d_fwd_kernel"}
+_KERNELS = {"tile2d": "_tile2d_fwd_kernel"}
 
 
 def _compile_all() -> None:

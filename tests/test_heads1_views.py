@@ -19,7 +19,7 @@ from sasa_triton.variants import triton_usable
 
 from oracle import oracle_attend
 
-BACKENDS = ["reference"] + (["tiled", "allheads"] if triton_usable("cpu") else [])
+BACKENDS = ["reference"] + (["tiled", "tile2d", "rows"] if triton_usable("cpu") else [])
 
 
 def _projection(B, C, H, W, dtype, seed=0):

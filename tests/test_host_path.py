@@ -151,7 +151,7 @@ def test_sync_guard_catches_a_sync():
         t.max().item()
 
 
-@pytest.mark.parametrize("backend", ["tiled", "allheads", "tile2d"])
+@pytest.mark.parametrize("backend", ["tiled", "tile2d", "rows"])
 def test_forward_backward_reads_no_tensor_data_on_the_host(backend):
     """Warm (caches filled, as before a CUDA-graph capture), a forward + backward of a
     Triton forward and the default backward kernel reads no tensor data on the host."""

@@ -105,8 +105,6 @@ def test_dtypes_and_layouts(variant, dtype, layout):
 @pytest.mark.parametrize("variant,config", [
     ("tiled", dict(BLOCK_W=32, BLOCK_H=1, num_warps=4, num_stages=1)),
     ("tiled", dict(BLOCK_W=16, BLOCK_H=4, num_warps=2, num_stages=2)),
-    ("allheads", dict(BLOCK_P=8, num_warps=1, num_stages=1)),
-    ("allheads", dict(BLOCK_P=64, num_warps=4, num_stages=2)),
 ], ids=str)
 def test_non_default_configs(variant, config):
     case = Case(B=2, H=5, W=9, heads=2, d=8, k=3, padding="mask", rel="shared", rpb=True)
@@ -228,8 +226,8 @@ def test_forced_variants_train_through_the_backward_kernel(variant):
 
 def test_forced_variant_that_cannot_run_raises():
     q = torch.randn(1, 1, 1, 8, 256, device=DEVICE)  # 8 heads x 256 channels per pixel
-    with pytest.raises(ValueError, match="allheads"):
-        sasa_triton.attend(q, q, q, 3, backend="allheads")
+    with pytest.raises(ValueError, match="tile2d"):
+        sasa_triton.attend(q, q, q, 3, backend="tile2d")
 
 
 def test_dispatch_heuristic():
@@ -239,12 +237,13 @@ def test_dispatch_heuristic():
         return heuristic_forward(tuple(q.shape), dtype, args)
 
     assert choice(8, 8)[0] == "tile2d"  # s1: d = 8
-    assert choice(64, 8)[0] == "allheads"  # a row too wide for tile2d
-    assert choice(1, 32)[0] == "allheads"  # a 32-value row
-    assert choice(8, 16)[0] == "tiled"  # s2
-    assert choice(8, 64)[0] == "tiled"  # s4
-    assert choice(1, 128)[0] == "tiled"
-    assert choice(16, 256)[0] == "tiled"  # too wide a row for allheads
+    assert choice(8, 16, k=5)[0] == "tile2d"  # small windows: k5 of the suite
+    assert choice(64, 8)[0] == "rows"  # a row too wide for tile2d
+    assert choice(1, 32)[0] == "rows"
+    assert choice(8, 16)[0] == "rows"  # s2
+    assert choice(8, 64)[0] == "rows"  # s4
+    assert choice(1, 128)[0] == "rows"
+    assert choice(16, 256)[0] == "tiled"  # d > 128 and a row too wide for tile2d
     name, config = choice(4, 16)
     mod = variant_module(name)
     q = torch.empty(2, 8, 8, 4, 16, dtype=torch.bfloat16, device=DEVICE)
@@ -293,12 +292,6 @@ AOT_SPECS = [  # (kernel, dtype, constexprs)
     ("tiled", "fp32", dict(KH=5, KW=3, PADDING=2, HAS_REL=True, HAS_RPB=True, BLOCK_H=1,
                            BLOCK_W=32, BLOCK_K=64, BLOCK_D=32, DOT_F32=False, ROW_I64=True,
                            KV_SAME_STRIDES=False, EVEN_D=False)),
-    ("allheads", "bf16", dict(KH=7, KW=7, PADDING=0, HAS_REL=True, HAS_RPB=False, BLOCK_P=32,
-                              BLOCK_N=8, BLOCK_D=8, BLOCK_KW=8, ROW_I64=False,
-                              KV_SAME_STRIDES=True, EVEN_ROW=True, VEC=8)),
-    ("allheads", "fp16", dict(KH=3, KW=5, PADDING=1, HAS_REL=False, HAS_RPB=True, BLOCK_P=16,
-                              BLOCK_N=1, BLOCK_D=1, BLOCK_KW=8, ROW_I64=True,
-                              KV_SAME_STRIDES=False, EVEN_ROW=False, VEC=1)),
 ]
 
 
@@ -307,9 +300,9 @@ def _aot_compile_all() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from sasa_triton.kernels import allheads_fwd, tiled_fwd
+    from sasa_triton.kernels import tiled_fwd
 
-    kernels = {"tiled": tiled_fwd._tiled_fwd_kernel, "allheads": allheads_fwd._allheads_fwd_kernel}
+    kernels = {"tiled": tiled_fwd._tiled_fwd_kernel}
     for name, dtype, constexprs in AOT_SPECS:
         fn = kernels[name]
         sig, attrs = {}, {}

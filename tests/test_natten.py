@@ -110,7 +110,7 @@ def test_na2d_runs_the_triton_kernels():
     qkv = torch.randn(B, H, W, 3, N, D, generator=g).requires_grad_()
     rpb = (torch.randn(N, 5, 9, generator=g) * 0.5).requires_grad_()
     q, k, v = qkv.unbind(3)
-    for backend in ("tiled", "allheads"):
+    for backend in ("tiled", "tile2d", "rows"):
         out = natten.na2d(q, k, v, kernel, dil, rpb=rpb, backend=backend)
         want = oracle_attend(q, k, v, kernel, dil, "shift", rpb=rpb)
         torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)

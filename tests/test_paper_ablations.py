@@ -177,7 +177,7 @@ def test_stem_spatial_values_switch_shapes_and_parameters():
     assert "spatial_values=False" in repr(off.attention)
 
 
-@pytest.mark.parametrize("backend", ["tiled", "allheads"])
+@pytest.mark.parametrize("backend", ["rows", "tile2d"])
 @pytest.mark.parametrize("kwargs", [dict(logits="position"), dict(position="absolute", abs_size=5)],
                          ids=["qr", "absolute"])
 def test_knobs_run_on_the_kernels(monkeypatch, backend, kwargs):

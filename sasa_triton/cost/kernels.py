@@ -18,8 +18,6 @@ Mapping per kernel (what the trip counts stand for):
   [window rows, a_lo <= a < a_hi: KH (zeros/shift; an upper bound in mask mode)],
   [NaN slow pass: 0 trips, it runs only when a non-finite value reached acc]; all inside
   [query rows, r < BLOCK_H] when BLOCK_H > 1.
-* `_allheads_fwd_kernel`: [rel column parts, c < KW (HAS_REL)],
-  [window rows, a < KH [window columns, c < KW]].
 * `_tile2d_fwd_kernel`: [window rows, a < KH] (the window columns are a tl.static_range,
   unrolled by the front end).
 * `_rows_fwd_kernel`: [key rows walked, u_lo <= u < u_hi: the mean over the row blocks
@@ -68,15 +66,6 @@ def _tiled(c: dict) -> list[LoopSpec]:
     if c["BLOCK_H"] > 1:
         return [LoopSpec("query rows r<BLOCK_H", c["BLOCK_H"], body, unrollable=True)]
     return body
-
-
-def _allheads(c: dict) -> list[LoopSpec]:
-    loops = []
-    if c["HAS_REL"]:
-        loops.append(LoopSpec("rel column parts c<KW", c["KW"], unrollable=True, exp2=False))
-    cols = LoopSpec("window cols c<KW", c["KW"], unrollable=True, exp2=True)
-    loops.append(LoopSpec("window rows a<KH", c["KH"], [cols], unrollable=True, exp2=True))
-    return loops
 
 
 def _tile2d(c: dict) -> list[LoopSpec]:
@@ -136,7 +125,6 @@ def _key_bwd(c: dict) -> list[LoopSpec]:
 # kernel function name -> loops from the launch arguments (by parameter name)
 LOOPS: dict[str, Callable[[dict], list[LoopSpec]]] = {
     "_tiled_fwd_kernel": _tiled,
-    "_allheads_fwd_kernel": _allheads,
     "_tile2d_fwd_kernel": _tile2d,
     "_rows_fwd_kernel": _rows,
     "_dq_kernel": _offsets,

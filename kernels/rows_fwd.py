@@ -501,9 +501,10 @@ def _e_pad(args) -> int:
     return max(16, next_pow2(rows))
 
 
-def _ns_pad(bm: int, bw: int, kh: int) -> int:
-    """Key-row slots of the row-term table: the rows a tile's windows cover, >= 16."""
-    return max(16, next_pow2(bm // bw + kh - 1))
+def _ns_pad(bm: int, bw: int, kh: int, members: int) -> int:
+    """Key-row slots of the row-term table: the in-image rows a tile's windows cover
+    (at most the dilation group's length), >= 16."""
+    return max(16, next_pow2(min(bm // bw + kh - 1, members)))
 
 
 def _per_thread(bm: int, bk: int, bd: int, e: int, ns: int, num_warps: int,
@@ -530,8 +531,8 @@ def _fits(q_shape, args, cfg, strict: bool = True) -> bool:
     members = triton.cdiv(max(H, 1), args.dh)
     if rows < 1 or (strict and rows > 1 and rows > 2 * members):
         return False
-    per_thread = _per_thread(bm, bk, head_block(d), _e_pad(args), _ns_pad(bm, bw, args.kh), nw,
-                             args.rpb is not None)
+    ns = _ns_pad(bm, bw, args.kh, members)
+    per_thread = _per_thread(bm, bk, head_block(d), _e_pad(args), ns, nw, args.rpb is not None)
     return bk <= MAX_BLOCK_K and nw * 8 <= bm and per_thread <= SPILL_LIMIT
 
 
@@ -659,7 +660,7 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d), CLIP=clip,
         SPARE=clip and args.padding == "zeros" and rpb is None
         and clipped_span(tuple(q.shape), args, bw) < bk,
-        NS_PAD=_ns_pad(bm, bw, args.kh),
+        NS_PAD=_ns_pad(bm, bw, args.kh, triton.cdiv(H, args.dh)),
         SPLIT=q.dtype != torch.float32, INTERP=INTERPRETED,
         E_PAD=_e_pad(args),
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,

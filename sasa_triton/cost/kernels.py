@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import Callable, Optional
 
 
@@ -77,9 +78,9 @@ def _rows(c: dict) -> list[LoopSpec]:
     from sasa_triton.kernels.rows_fwd import key_rows_walked  # the launcher's own count
 
     H, dh, rows, kh = c["H"], c["dil_h"], c["BLOCK_M"] // c["BLOCK_W"], c["KH"]
-    per_group = [key_rows_walked(-(-(H - g) // dh), rows, kh, c["PADDING"] == 2)
+    per_group = [key_rows_walked(math.ceil((H - g) / dh), rows, kh, c["PADDING"] == 2)
                  for g in range(dh)]
-    blocks = dh * -(-(-(-H // dh)) // rows)  # programs along the rows, all groups
+    blocks = dh * math.ceil(math.ceil(H / dh) / rows)  # programs along the rows, all groups
     trips = round(sum(walked for walked, _ in per_group) / max(1, blocks))
     slow_rows = LoopSpec("key rows walked again", trips, exp2=True)
     return [LoopSpec("key rows walked u_lo<=u<u_hi", trips, exp2=True),

@@ -48,12 +48,28 @@ def _split(config: dict, prefix: str) -> dict:
     return {k: v for k, v in config.items() if k.startswith(prefix)}
 
 
+# Each kernel's half keeps at most this many settings per shape (its default and an even
+# spread of the rest), so a pairing space stays tunable (8 x 8), not 1,500 pairs.
+HALF_LIMIT = 8
+
+
+def _spread(halves: list[dict], default: dict, limit: int) -> list[dict]:
+    rest = [h for h in halves if h != default]
+    step = max(1, len(rest) / max(1, limit - 1))
+    picked = [rest[int(i * step)] for i in range(min(limit - 1, len(rest)))]
+    return ([default] if default in halves else []) + picked
+
+
 def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
-    """The pairings whose halves both survive their kernel's own pruning."""
-    def kept(module, prefix):
-        halves = {tuple(sorted(_split(c, prefix).items())) for c in configs}
-        return {tuple(sorted(h.items()))
-                for h in module.prune([dict(t) for t in halves], q_shape, args)}
+    """The pairings whose halves both survive their kernel's own pruning, each half cut
+    to HALF_LIMIT settings (the two kernels' times add up, so the best pair is the pair of
+    the best halves: tuning the halves' spreads jointly finds it)."""
+    def kept(module, prefix) -> set:
+        halves = [dict(t) for t in dict.fromkeys(
+            tuple(sorted(_split(c, prefix).items())) for c in configs)]
+        good = module.prune(halves, q_shape, args)
+        default = module.default_config(q_shape, args)
+        return {tuple(sorted(h.items())) for h in _spread(good, default, HALF_LIMIT)}
 
     good_q, good_k = kept(query_kernel, "Q_"), kept(key_kernel, "K_")
     return [c for c in configs if tuple(sorted(_split(c, "Q_").items())) in good_q

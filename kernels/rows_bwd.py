@@ -26,8 +26,9 @@ from . import rows_bwd_query as query_kernel
 
 def supports(q_shape, dtype, args: AttendArgs) -> bool:
     """Both kernels support the case; float32 only up to d = 64 (its dots run on CUDA
-    cores, and wider heads spill: "offsets" is the better kernel there)."""
-    if dtype == torch.float32 and q_shape[-1] > 64:
+    cores, and wider heads spill: "offsets" is the better kernel there) and only from
+    Triton 3.8 on (key_kernel.FP32_COMPILES)."""
+    if dtype == torch.float32 and (q_shape[-1] > 64 or not key_kernel.FP32_COMPILES):
         return False
     return (query_kernel.supports(q_shape, dtype, args)
             and key_kernel.supports(q_shape, dtype, args))

@@ -439,6 +439,13 @@ def default_config(q_shape, args: AttendArgs) -> dict:
     return {"K_BLOCK_M": bm, "K_BLOCK_N": bn, "K_num_warps": nw, "K_num_stages": 1}
 
 
+# Triton before 3.8 fails to compile the float32 kernel for sm_90 (its layout-conversion
+# pass: "operand #0 does not dominate this use", seen with Triton 3.6 on the fp32 spec of
+# tests/test_rows_bwd_key_sm90.py); rows_bwd.supports then sends float32 to the "offsets"
+# backward (the interpreter runs this kernel's float32 path on any version).
+FP32_COMPILES = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 8)
+
+
 def supports(q_shape, dtype, args: AttendArgs) -> bool:
     """fp16/bf16/fp32, d = 1..256, every padding, kernel size, dilation and table, as long
     as a segment of the image width plus its halo fits a 256-column query sub-tile."""

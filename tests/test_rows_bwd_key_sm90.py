@@ -33,6 +33,15 @@ FEATURES = [
 ]
 
 
+def _specs() -> list:
+    """SUITE + FEATURES, less the float32 spec where the kernel refuses float32 (Triton
+    before 3.8: its compiler fails on that path; the dispatcher runs "offsets" there)."""
+    from sasa_triton.kernels import rows_bwd_key
+
+    return SUITE + [s for s in FEATURES
+                    if s[1] != torch.float32 or rows_bwd_key.FP32_COMPILES]
+
+
 def _compile_all() -> None:
     from sasa_triton.args import check_attend_args
     from sasa_triton.cost.sass import read_cubin
@@ -40,7 +49,7 @@ def _compile_all() -> None:
 
     from aot_sm90 import compile_launch, record_launches
 
-    for spec_id, (case, dtype, layout) in enumerate(SUITE + FEATURES):
+    for spec_id, (case, dtype, layout) in enumerate(_specs()):
         q, k, v, kw = make_inputs(case, dtype, layout)
         args = check_attend_args(q, k, v, case.k, kw["dilation"], kw["padding"],
                                  kw.get("rel_h"), kw.get("rel_w"), kw.get("rpb"), kw["scale"])
@@ -64,7 +73,7 @@ def test_key_kernel_compiles_for_sm90_without_spills_in_its_loop():
     proc = run_in_subprocess(__file__, "--aot-compile")
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("compiled")]
-    assert len(lines) == len(SUITE) + len(FEATURES), proc.stdout[-4000:]
+    assert len(lines) == len(_specs()), proc.stdout[-4000:]
     assert all("'regs'" in ln for ln in lines), "no ptxas usage:\n" + "\n".join(lines)
     for ln in lines[:len(SUITE)]:
         assert int(re.search(r"loop_local=(\d+)", ln).group(1)) == 0, (

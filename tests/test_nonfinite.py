@@ -112,10 +112,18 @@ def test_nonfinite_forward_stays_in_its_windows(impl):
 
 @pytest.mark.parametrize("impl", BACKWARDS)
 def test_nonfinite_gradients_stay_in_their_windows(impl):
-    partial = 0
-    for seed in _seeds(10 + BACKWARDS.index(impl)):
+    partial = ran = 0
+    first = _seeds(10 + BACKWARDS.index(impl))[0]
+    # the first CASES_PER_IMPL seeds the implementation supports (all of the first ones,
+    # except e.g. rowsbwd's float32 before Triton 3.8, which the dispatcher skips too)
+    for seed in range(first, first + 10 * CASES_PER_IMPL):
+        if ran == CASES_PER_IMPL:
+            break
         c = nonfinite_case(seed)
         t, args = c["t"], _args(c)
+        if not variant_module(impl).supports(tuple(t["q"].shape), t["q"].dtype, args):
+            continue
+        ran += 1
         leaves = {n: x.double().requires_grad_() for n, x in t.items()}
         want, want_lse = _oracle(c, leaves)
         dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed),
@@ -135,4 +143,5 @@ def test_nonfinite_gradients_stay_in_their_windows(impl):
             assert problem is None, f"{impl}: {c['desc']}: {problem}"
         dq = want_grads["q"]
         partial += 0 < int((~dq.isfinite()).sum()) < dq.numel()
+    assert ran >= CASES_PER_IMPL, f"{impl} supports too few of the cases ({ran})"
     assert partial >= CASES_PER_IMPL // 3, "too few cases with a partial non-finite pattern"

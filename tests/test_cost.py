@@ -216,7 +216,8 @@ def test_instruction_watch(tmp_path):
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     current = json.loads((tmp_path / "watch.json").read_text())["launches"]
-    assert len(current) == 5, current  # s1, s2, s3 forward; s2 backward (2 launches)
+    # s1, s2, s3 forward; s2 backward (rowsbwd: query kernel, table reduction, key kernel)
+    assert len(current) == 6, current
     assert all(v["warp_instructions"] > 0 for v in current.values())
     # the outputs a run writes, labelled as predictions
     text = (out / "predicted.md").read_text()

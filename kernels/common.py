@@ -48,6 +48,18 @@ def window_start(i, size, K: tl.constexpr, dil, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def unravel_program(pid, HEADS, N_COL, N_ROW):
+    """(head, column block, row block, rest) of a program id laid out head fastest, then
+    column blocks, then row blocks (rest: the batch, or what a kernel splits further):
+    the programs of a tile's heads run side by side and share its cache sectors."""
+    n = pid % HEADS
+    t = pid // HEADS
+    col = t % N_COL
+    t = t // N_COL
+    return n, col, t % N_ROW, t // N_ROW
+
+
+@triton.jit
 def to_f32(x):
     """float32 of a loaded tile; bf16 by moving its bits into the high half: one integer
     op per value (a shift, or a mask for the upper value of a packed pair)."""

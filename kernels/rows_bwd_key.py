@@ -49,6 +49,7 @@ from .common import (
     new_output,
     next_pow2,
     row_offsets_fit_i32,
+    unravel_program,
     window_start,
 )
 
@@ -105,14 +106,7 @@ def _key_bwd_kernel(
 ):
     SHIFT: tl.constexpr = PADDING == 2
     # head fastest: the heads of one key tile run side by side (full cache sectors)
-    pid = tl.program_id(0)
-    n = pid % HEADS
-    t = pid // HEADS
-    seg = t % N_SEG
-    t = t // N_SEG
-    n_rb = tl.cdiv(H, ROWS)
-    rb = t % n_rb
-    b = t // n_rb
+    n, seg, rb, b = unravel_program(tl.program_id(0), HEADS, N_SEG, tl.cdiv(H, ROWS))
     y0 = rb * ROWS
     x0 = seg * COLS
 

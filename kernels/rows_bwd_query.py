@@ -59,6 +59,7 @@ from .common import (
     new_output,
     next_pow2,
     row_offsets_fit_i32,
+    unravel_program,
     window_start,
 )
 from .offsets_bwd import _key_of_query
@@ -183,14 +184,7 @@ def _program(
     SHIFT: tl.constexpr = PADDING == 2
     M: tl.constexpr = BLOCK_H * BLOCK_W
     # head fastest: the heads of one tile run side by side (full cache sectors)
-    n = pid % HEADS
-    t = pid // HEADS
-    n_jb = tl.cdiv(W, BLOCK_W)
-    jb = t % n_jb
-    t = t // n_jb
-    n_ib = tl.cdiv(H, BLOCK_H)
-    ib = t % n_ib
-    b = t // n_ib
+    n, jb, ib, b = unravel_program(pid, HEADS, tl.cdiv(W, BLOCK_W), tl.cdiv(H, BLOCK_H))
 
     o_m = tl.arange(0, M)
     o_i = ib * BLOCK_H + o_m // BLOCK_W  # query rows
@@ -361,14 +355,8 @@ def _safe_program(
     every product of a dead (query, tap) pair is left out, so a NaN / inf input reaches
     only the results whose windows hold it. Runs only for programs whose fast pass met a
     non-finite result; SUB queries at a time, so it adds few registers to the kernel."""
-    n = pid % HEADS
-    t = pid // HEADS
-    n_jb = tl.cdiv(W, BLOCK_W)
-    jb = t % n_jb
-    t = t // n_jb
-    n_ib = tl.cdiv(H, BLOCK_H)
-    ib = t % n_ib
-    b = (t // n_ib).to(tl.int64)
+    n, jb, ib, b = unravel_program(pid, HEADS, tl.cdiv(W, BLOCK_W), tl.cdiv(H, BLOCK_H))
+    b = b.to(tl.int64)
     n64 = n.to(tl.int64)
     prog = pid.to(tl.int64)
     n_prog = tl.num_programs(0).to(tl.int64)  # partials: [row, slot, column]

@@ -55,6 +55,7 @@ from .common import (
     launch_options,
     next_pow2,
     row_offsets_fit_i32,
+    unravel_program,
     window_start,
 )
 
@@ -157,13 +158,7 @@ def _rows_fwd_kernel(
     PICK: tl.constexpr = VIRT and not SPARE
     ROWS: tl.constexpr = BLOCK_M // BLOCK_W
     # head fastest: the heads of one tile run side by side (full cache sectors)
-    pid = tl.program_id(0)
-    n = pid % HEADS
-    rest = pid // HEADS
-    jb = rest % N_JB
-    rest = rest // N_JB
-    tb = rest % N_TB
-    rest = rest // N_TB
+    n, jb, tb, rest = unravel_program(tl.program_id(0), HEADS, N_JB, N_TB)
     g = rest % dil_h  # dilation group of the rows: g, g + dil_h, ...
     b = rest // dil_h
     L = (H - g + dil_h - 1) // dil_h  # members of group g

@@ -36,6 +36,7 @@ from .common import (
     next_pow2,
     strides_fit_i32,
     table_strides,
+    unravel_program,
     window_start,
 )
 from .launch_cache import args_key, config_key, contiguous_strides, plan_cache
@@ -93,15 +94,8 @@ def _tiled_fwd_kernel(
     ROW_I64: tl.constexpr, KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     # head fastest: the heads of one row segment run side by side (full cache sectors)
-    pid = tl.program_id(0)
-    n = pid % HEADS
-    t = pid // HEADS
-    n_jb = tl.cdiv(W, BLOCK_W)
-    jb = t % n_jb
-    t = t // n_jb
-    n_ib = tl.cdiv(H, BLOCK_H)
-    ib = t % n_ib
-    b = t // n_ib
+    n, jb, ib, b = unravel_program(tl.program_id(0), HEADS, tl.cdiv(W, BLOCK_W),
+                                   tl.cdiv(H, BLOCK_H))
 
     o_j = jb * BLOCK_W + tl.arange(0, BLOCK_W)  # query columns
     m_j = o_j < W

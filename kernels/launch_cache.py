@@ -12,6 +12,7 @@ launch time, so the cost tool's recorder (sasa_triton/cost/record.py) still sees
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 # Every plan cache, so that `clear_all` can drop them (tests; nothing in the library needs it).
@@ -69,3 +70,38 @@ def clear_all() -> None:
     """Forget every plan."""
     for plans in _CACHES:
         plans.clear()
+
+
+_MISSING = object()
+
+
+def per_call_key(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn(q_shape, ..., args, ...)` (a variant's supports / default_config and the like:
+    a pure function of the call key) computed once per key: AttendArgs arguments are keyed
+    by `args_key`, shapes as tuples, everything else as it is. A dict result comes back as
+    a fresh copy (callers may change it)."""
+    from sasa_triton.types import AttendArgs
+
+    results: dict = {}
+    _CACHES.append(results)
+
+    def key_of(x) -> Any:
+        if isinstance(x, AttendArgs):
+            return args_key(x)
+        return tuple(x) if isinstance(x, list) else x
+
+    @functools.wraps(fn)
+    def cached(*a, **kw) -> Any:
+        key = (tuple(key_of(x) for x in a), tuple((k, key_of(v)) for k, v in kw.items()))
+        try:
+            hit = results.get(key, _MISSING)
+        except TypeError:  # something unhashable: no caching
+            return fn(*a, **kw)
+        if hit is _MISSING:
+            hit = fn(*a, **kw)
+            if len(results) >= MAX_PLANS:
+                results.clear()
+            results[key] = hit
+        return dict(hit) if isinstance(hit, dict) else hit
+
+    return cached

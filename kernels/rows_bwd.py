@@ -22,8 +22,10 @@ from sasa_triton.types import AttendArgs
 
 from . import rows_bwd_key as key_kernel
 from . import rows_bwd_query as query_kernel
+from .launch_cache import per_call_key
 
 
+@per_call_key
 def supports(q_shape, dtype, args: AttendArgs) -> bool:
     """Both kernels support the case; float32 only up to d = 64 (its dots run on CUDA
     cores, and wider heads spill: "offsets" is the better kernel there) and only from
@@ -34,6 +36,7 @@ def supports(q_shape, dtype, args: AttendArgs) -> bool:
             and key_kernel.supports(q_shape, dtype, args))
 
 
+@per_call_key
 def default_config(q_shape, args: AttendArgs) -> dict:
     return {**query_kernel.default_config(q_shape, args),
             **key_kernel.default_config(q_shape, args)}

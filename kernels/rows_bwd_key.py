@@ -52,6 +52,7 @@ from .common import (
     unravel_program,
     window_start,
 )
+from .launch_cache import per_call_key
 
 
 @triton.jit
@@ -411,6 +412,7 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
     return kept or [default_config(q_shape, args)]
 
 
+@per_call_key
 def default_config(q_shape, args: AttendArgs) -> dict:
     """The narrowest query sub-tile (16, 32, ... 256) that holds the whole row or a
     segment of min(half its width, 16) keys plus the halo: a query row meets only kw
@@ -440,6 +442,7 @@ def default_config(q_shape, args: AttendArgs) -> dict:
 FP32_COMPILES = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 8)
 
 
+@per_call_key
 def supports(q_shape, dtype, args: AttendArgs) -> bool:
     """fp16/bf16/fp32, d = 1..256, every padding, kernel size, dilation and table, as long
     as a segment of the image width plus its halo fits a 256-column query sub-tile."""

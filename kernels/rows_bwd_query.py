@@ -62,6 +62,7 @@ from .common import (
     unravel_program,
     window_start,
 )
+from .launch_cache import per_call_key
 from .offsets_bwd import _key_of_query
 
 MAX_BLOCK_K = 256
@@ -650,6 +651,7 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
     return kept or [default_config(q_shape, args)]
 
 
+@per_call_key
 def default_config(q_shape, args: AttendArgs, dtype=torch.bfloat16) -> dict:
     """A tile of M = 64 query pixels (fewer on tiny images) shaped to the window: among
     the row-segment x rows shapes, the one computing the fewest score elements per pixel
@@ -685,6 +687,7 @@ def default_config(q_shape, args: AttendArgs, dtype=torch.bfloat16) -> dict:
     return cfg
 
 
+@per_call_key
 def supports(q_shape, dtype, args: AttendArgs) -> bool:
     """fp16/bf16/fp32, d = 1..MAX_D, every padding and table, halos up to MAX_BLOCK_K
     columns for the narrowest tile (k <= 13 at dilation <= 16 on wide images). Larger d

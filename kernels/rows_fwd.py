@@ -58,6 +58,7 @@ from .common import (
     unravel_program,
     window_start,
 )
+from .launch_cache import per_call_key
 
 MAX_BLOCK_K = 128  # key columns per sub-tile (a score tile [BLOCK_M, BLOCK_K] in registers)
 MAX_BLOCK_D = 128  # padded head dim: acc [BLOCK_M, BLOCK_D] fp32 must stay in registers
@@ -586,6 +587,7 @@ def _candidates(q_shape, args, strict: bool) -> list[dict]:
             if _fits(q_shape, args, cfg, strict)]
 
 
+@per_call_key
 def default_config(q_shape, args) -> dict:
     """Of the first tile shape (BLOCK_M, num_warps) with a fitting config, the BLOCK_W
     with the least estimated work (`_work`); on images too small for any tile without
@@ -596,6 +598,7 @@ def default_config(q_shape, args) -> dict:
     return min(first, key=lambda c: _work(q_shape, args, c["BLOCK_M"], c["BLOCK_W"]))
 
 
+@per_call_key
 def supports(q_shape, dtype, args) -> bool:
     B, H, W, heads, d = q_shape
     if dtype not in (torch.float16, torch.bfloat16, torch.float32) or not 1 <= d <= 256:

@@ -44,6 +44,7 @@ from .common import (
     vector_width,
     window_start,
 )
+from .launch_cache import per_call_key
 
 # Triton before 3.8 orders a load's non-contiguous dims upwards (see _load_tile)
 _TIES_ASCENDING = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8)
@@ -497,6 +498,7 @@ def prune(configs, q_shape, args) -> list[dict]:
     return kept
 
 
+@per_call_key
 def default_config(q_shape, args, sms: int = 132) -> dict:
     """PIX = pixels_per_thread; two pixel groups per tile row (BLOCK_W = 2 * PIX, twice
     that on images wider than 64, at least 4); BLOCK_H the power of two up to about 128
@@ -523,6 +525,7 @@ def default_config(q_shape, args, sms: int = 132) -> dict:
                 num_warps=max(1, min(8, threads // 32)), num_stages=1)
 
 
+@per_call_key
 def supports(q_shape, dtype, args) -> bool:
     B, H, W, heads, d = q_shape
     return (dtype in (torch.float16, torch.bfloat16, torch.float32) and 1 <= d <= 256

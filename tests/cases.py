@@ -95,6 +95,35 @@ def assert_close(actual, expected, dtype, what=""):
                                msg=lambda m: f"{what}: {m}")
 
 
+def check_forward(module, case: Case, dtype=torch.float32, layout="contiguous", config=None,
+                  device="cpu", seed=0, v_layout=None, label=""):
+    """Runs a forward kernel module (its `supports` must accept the case) on the case's
+    inputs with NaN-poisoned outputs and checks out and lse against the float64 oracle;
+    `v_layout` takes v from a second input set in another layout."""
+    from sasa_triton.args import check_attend_args
+
+    from oracle import oracle_attend
+
+    q, k, v, kw = make_inputs(case, dtype, layout, device, seed=seed)
+    if v_layout is not None:
+        v = make_inputs(case, dtype, v_layout, device, seed=seed + 1)[2]
+    args = check_attend_args(q, k, v, case.k, kw["dilation"], kw["padding"], kw.get("rel_h"),
+                             kw.get("rel_w"), kw.get("rpb"), kw["scale"])
+    what = f"{label or module.__name__} {case.id} {dtype} {layout} {config}"
+    assert module.supports(tuple(q.shape), dtype, args), what
+    out, lse = module.forward(q, k, v, args, config, _poison=True)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous(), what
+    assert lse.shape == q.shape[:-1] and lse.dtype == torch.float32 and lse.is_contiguous()
+    cpu = {n: (t.cpu() if torch.is_tensor(t) else t) for n, t in kw.items()}
+    want, want_lse = oracle_attend(q.cpu(), k.cpu(), v.cpu(), case.k, return_lse=True, **cpu)
+    assert_close(out.cpu(), want, dtype, f"out {what}")
+    # lse of low-precision inputs: logits are exact products of the rounded inputs,
+    # summed in float32, so the float32 tolerance with an atol for the logit size fits
+    atol = 2e-5 if dtype == torch.float32 else 5e-3
+    torch.testing.assert_close(lse.cpu().double(), want_lse, atol=atol, rtol=2e-5,
+                               msg=lambda m: f"lse {what}: {m}")
+
+
 # The reference's coverage matrix: every padding, dilation 1 and 2, square and not,
 # odd image sizes (H != W, image smaller than the window), shared and per-head rel, rpb.
 REFERENCE_CASES = [

@@ -16,7 +16,7 @@ from sasa_triton.dispatch import choose, heuristic_forward
 from sasa_triton.variants import get as variant_module
 from sasa_triton.variants import triton_usable, with_direction
 
-from cases import Case, assert_close, make_inputs
+from cases import Case, assert_close, check_forward, make_inputs
 from oracle import oracle_attend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,21 +62,7 @@ def _args(q, k, v, case, kw):
 
 
 def _check_variant(variant, case, dtype=torch.float32, layout="contiguous", config=None):
-    q, k, v, kw = make_inputs(case, dtype, layout, DEVICE)
-    args = _args(q, k, v, case, kw)
-    mod = variant_module(variant)
-    assert mod.supports(tuple(q.shape), dtype, args)
-    out, lse = mod.forward(q, k, v, args, config, _poison=True)
-    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
-    assert lse.shape == q.shape[:-1] and lse.dtype == torch.float32 and lse.is_contiguous()
-    want, want_lse = oracle_attend(q.cpu(), k.cpu(), v.cpu(), case.k, return_lse=True,
-                                   **_on_cpu(kw))
-    assert_close(out.cpu(), want, dtype, f"{variant} out {case.id}")
-    # lse of low-precision inputs: logits are exact products of the rounded inputs,
-    # summed in float32, so the float32 tolerance with an atol for the logit size fits
-    atol = 2e-5 if dtype == torch.float32 else 5e-3
-    torch.testing.assert_close(lse.cpu().double(), want_lse, atol=atol, rtol=2e-5,
-                               msg=lambda m: f"{variant} lse {case.id}: {m}")
+    check_forward(variant_module(variant), case, dtype, layout, config, DEVICE, label=variant)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

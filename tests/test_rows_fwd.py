@@ -19,8 +19,7 @@ from sasa_triton.args import check_attend_args
 from sasa_triton.kernels import rows_fwd
 from sasa_triton.variants import triton_usable
 
-from cases import Case, assert_close, make_inputs
-from oracle import oracle_attend
+from cases import Case, check_forward, make_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not triton_usable(torch.device(DEVICE).type),
@@ -58,17 +57,7 @@ def _random_case(seed: int) -> tuple:
 
 
 def _run(case, dtype=torch.float32, layout="contiguous", config=None, seed=0):
-    q, k, v, kw = make_inputs(case, dtype, layout, DEVICE, seed=seed)
-    args = check_attend_args(q, k, v, case.k, kw["dilation"], kw["padding"], kw.get("rel_h"),
-                             kw.get("rel_w"), kw.get("rpb"), kw["scale"])
-    assert rows_fwd.supports(tuple(q.shape), dtype, args)
-    out, lse = rows_fwd.forward(q, k, v, args, config, _poison=True)
-    cpu = {n: (t.cpu() if torch.is_tensor(t) else t) for n, t in kw.items()}
-    want, want_lse = oracle_attend(q.cpu(), k.cpu(), v.cpu(), case.k, return_lse=True, **cpu)
-    assert_close(out.cpu(), want, dtype, f"rows out {case.id} {config}")
-    atol = 2e-5 if dtype == torch.float32 else 5e-3
-    torch.testing.assert_close(lse.cpu().double(), want_lse, atol=atol, rtol=2e-5,
-                               msg=lambda m: f"rows lse {case.id} {config}: {m}")
+    check_forward(rows_fwd, case, dtype, layout, config, DEVICE, seed=seed, label="rows")
 
 
 @pytest.mark.parametrize("seed", range(16))

@@ -15,8 +15,7 @@ from sasa_triton.args import check_attend_args
 from sasa_triton.kernels import tile2d_fwd
 from sasa_triton.variants import triton_usable
 
-from cases import Case, assert_close, make_inputs
-from oracle import oracle_attend
+from cases import Case, check_forward, make_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not triton_usable(torch.device(DEVICE).type),
@@ -25,19 +24,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _check(case, dtype, layout="contiguous", config=None, v_layout=None):
-    q, k, v, kw = make_inputs(case, dtype, layout, DEVICE)
-    if v_layout is not None:
-        v = make_inputs(case, dtype, v_layout, DEVICE, seed=1)[2]
-    args = check_attend_args(q, k, v, case.k, kw["dilation"], kw["padding"], kw.get("rel_h"),
-                             kw.get("rel_w"), kw.get("rpb"), kw["scale"])
-    assert tile2d_fwd.supports(tuple(q.shape), dtype, args)
-    out, lse = tile2d_fwd.forward(q, k, v, args, config, _poison=True)
-    cpu = {n: (t.cpu() if torch.is_tensor(t) else t) for n, t in kw.items()}
-    want, want_lse = oracle_attend(q.cpu(), k.cpu(), v.cpu(), case.k, return_lse=True, **cpu)
-    assert_close(out.cpu(), want, dtype, f"tile2d out {case.id} {dtype} {layout}")
-    atol = 2e-5 if dtype == torch.float32 else 5e-3
-    torch.testing.assert_close(lse.cpu().double(), want_lse, atol=atol, rtol=2e-5,
-                               msg=lambda m: f"tile2d lse {case.id}: {m}")
+    check_forward(tile2d_fwd, case, dtype, layout, config, DEVICE, v_layout=v_layout,
+                  label="tile2d")
 
 
 def _random_case(seed: int):

@@ -50,6 +50,7 @@ from .common import (
     next_pow2,
     row_offsets_fit_i32,
     unravel_program,
+    vector_width,
     window_start,
 )
 from .launch_cache import per_call_key
@@ -87,7 +88,7 @@ def _row_is_live(i, y0, rows, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr):
 def _key_bwd_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, relh_ptr, relw_ptr, rpb_ptr,
     dk_ptr, dv_ptr,
-    H, W, HEADS, D, D_HALF, ROWS, COLS, N_SEG, HALO_H, HALO_W,
+    H, W, HEADS, ROWS, COLS, N_SEG, HALO_H, HALO_W,
     sq_b, sq_h, sq_w, sq_n, sq_d,
     sk_b, sk_h, sk_w, sk_n, sk_d,
     sv_b, sv_h, sv_w, sv_n, sv_d,
@@ -98,14 +99,16 @@ def _key_bwd_kernel(
     sdk_b, sdk_h, sdk_w, sdk_n, sdk_d,
     sdv_b, sdv_h, sdv_w, sdv_n, sdv_d,
     dil_h, dil_w, scale, qk_scale,  # qk_scale = scale * log2(e)
+    D: tl.constexpr,  # head dim: constexpr, so the channel masks keep 16-byte accesses
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, TP: tl.constexpr,  # rel_h / rel_w rows, padded sum
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROWS_P: tl.constexpr, MASK_IN_DOTS: tl.constexpr, DOT_F32: tl.constexpr,
-    ROW_I64: tl.constexpr,
+    ROW_I64: tl.constexpr, VEC: tl.constexpr,
 ):
     SHIFT: tl.constexpr = PADDING == 2
+    D_HALF: tl.constexpr = D // 2
     # head fastest: the heads of one key tile run side by side (full cache sectors)
     n, seg, rb, b = unravel_program(tl.program_id(0), HEADS, N_SEG, tl.cdiv(H, ROWS))
     y0 = rb * ROWS
@@ -124,9 +127,12 @@ def _key_bwd_kernel(
     n64 = n.to(tl.int64)
     y64 = y.to(tl.int64)
     x64 = x.to(tl.int64)
-    p_k = k_ptr + b64 * sk_b + n64 * sk_n + (y64 * sk_h + x64 * sk_w)[:, None] + o_d[None, :] * sk_d
+    # VEC: every pixel and head offset is a multiple of VEC elements, d contiguous
+    o_km = tl.multiple_of(b64 * sk_b + n64 * sk_n + y64 * sk_h + x64 * sk_w, VEC)  # [M]
+    p_k = k_ptr + o_km[:, None] + o_d[None, :] * sk_d
     b_k = tl.load(p_k, mask=m_kd, other=0.0)  # [M, D]
-    p_v = v_ptr + b64 * sv_b + n64 * sv_n + (y64 * sv_h + x64 * sv_w)[:, None] + o_d[None, :] * sv_d
+    o_vm = tl.multiple_of(b64 * sv_b + n64 * sv_n + y64 * sv_h + x64 * sv_w, VEC)
+    p_v = v_ptr + o_vm[:, None] + o_d[None, :] * sv_d
     b_v = tl.load(p_v, mask=m_kd, other=0.0)  # [M, D]
     if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
         b_k = b_k.to(tl.float32)
@@ -176,10 +182,10 @@ def _key_bwd_kernel(
         o_jr = o_j
         o_dr = o_d
     m_jd = m_j[:, None] & m_d[None, :]
-    o_qjd = o_jr[:, None] * sq_w + o_dr[None, :] * sq_d  # [N, D]
-    o_dojd = o_jr[:, None] * sdo_w + o_dr[None, :] * sdo_d
-    p_q0 = q_ptr + b64 * sq_b + n64 * sq_n
-    p_do0 = do_ptr + b64 * sdo_b + n64 * sdo_n
+    o_qjd = tl.multiple_of(o_jr * sq_w, VEC)[:, None] + o_dr[None, :] * sq_d  # [N, D]
+    o_dojd = tl.multiple_of(o_jr * sdo_w, VEC)[:, None] + o_dr[None, :] * sdo_d
+    o_q0 = b64 * sq_b + n64 * sq_n
+    o_do0 = b64 * sdo_b + n64 * sdo_n
     p_l0 = lse_ptr + b64 * sl_b + n64 * sl_n
     p_dl0 = delta_ptr + b64 * sdl_b + n64 * sdl_n
 
@@ -208,8 +214,10 @@ def _key_bwd_kernel(
     for i in range(i_lo, i_hi):
         if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
             i64 = i_lo.to(tl.int64) + (i - i_lo)  # (the interpreter iterates Python ints)
-            b_q = tl.load(p_q0 + i64 * sq_h + o_qjd, mask=m_jd, other=0.0)  # [N, D]
-            b_do = tl.load(p_do0 + i64 * sdo_h + o_dojd, mask=m_jd, other=0.0)  # [N, D]
+            p_q = q_ptr + tl.multiple_of(o_q0 + i64 * sq_h, VEC)
+            b_q = tl.load(p_q + o_qjd, mask=m_jd, other=0.0)  # [N, D]
+            p_do = do_ptr + tl.multiple_of(o_do0 + i64 * sdo_h, VEC)
+            b_do = tl.load(p_do + o_dojd, mask=m_jd, other=0.0)  # [N, D]
             b_lse = tl.load(p_l0 + i64 * sl_h + o_jr * sl_w, mask=m_j, other=0.0)  # [N]
             b_delta = tl.load(p_dl0 + i64 * sdl_h + o_jr * sdl_w, mask=m_j, other=0.0)
             if DOT_F32:
@@ -260,16 +268,18 @@ def _key_bwd_kernel(
     # zeroed (rel terms' infinities carried as counts), and set the (key, channel)
     # gradients that a non-finite value reaches through a pair of some window to NaN,
     # counted with 0/1 indicator dots in fp16.
-    m_fin = (tl.abs(acc_dk) < float("inf")) & (tl.abs(acc_dv) < float("inf"))
-    if tl.max(tl.max(tl.where(m_fin, 0, 1), axis=1), axis=0) > 0:
+    # x * 0 is NaN exactly when x is not finite; the sum keeps a NaN
+    if tl.sum(tl.sum(acc_dk * 0.0 + acc_dv * 0.0, axis=1), axis=0) != 0.0:
         acc_dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         acc_dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         b_acol16 = b_acol.to(tl.float16)
         for i in range(i_lo, i_hi):
             if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
                 i64 = i_lo.to(tl.int64) + (i - i_lo)
-                b_q = tl.load(p_q0 + i64 * sq_h + o_qjd, mask=m_jd, other=0.0)
-                b_do = tl.load(p_do0 + i64 * sdo_h + o_dojd, mask=m_jd, other=0.0)
+                p_q = q_ptr + tl.multiple_of(o_q0 + i64 * sq_h, VEC)
+                b_q = tl.load(p_q + o_qjd, mask=m_jd, other=0.0)
+                p_do = do_ptr + tl.multiple_of(o_do0 + i64 * sdo_h, VEC)
+                b_do = tl.load(p_do + o_dojd, mask=m_jd, other=0.0)
                 b_lse = tl.load(p_l0 + i64 * sl_h + o_jr * sl_w, mask=m_j, other=0.0)
                 b_delta = tl.load(p_dl0 + i64 * sdl_h + o_jr * sdl_w, mask=m_j, other=0.0)
                 if DOT_F32:
@@ -330,11 +340,11 @@ def _key_bwd_kernel(
                 b_bad += tl.sum(tl.where(m_sbad, 1.0, 0.0), axis=1)[:, None]
                 acc_dk += tl.where(b_bad > 0, float("nan"), 0.0)
 
-    p_dk = (dk_ptr + b64 * sdk_b + n64 * sdk_n + (y64 * sdk_h + x64 * sdk_w)[:, None]
-            + o_d[None, :] * sdk_d)
+    o_dkm = tl.multiple_of(b64 * sdk_b + n64 * sdk_n + y64 * sdk_h + x64 * sdk_w, VEC)
+    p_dk = dk_ptr + o_dkm[:, None] + o_d[None, :] * sdk_d
     tl.store(p_dk, (acc_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)
-    p_dv = (dv_ptr + b64 * sdv_b + n64 * sdv_n + (y64 * sdv_h + x64 * sdv_w)[:, None]
-            + o_d[None, :] * sdv_d)
+    o_dvm = tl.multiple_of(b64 * sdv_b + n64 * sdv_n + y64 * sdv_h + x64 * sdv_w, VEC)
+    p_dv = dv_ptr + o_dvm[:, None] + o_d[None, :] * sdv_d
     tl.store(p_dv, acc_dv.to(dv_ptr.dtype.element_ty), mask=m_kd)
 
 
@@ -496,12 +506,12 @@ def key_grads(q, k, v, dout, lse, delta, args: AttendArgs, config: Optional[dict
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
         dk, dv,
-        H, W, heads, d, d // 2, rows, cols, n_seg, halo_h, halo_w,
+        H, W, heads, rows, cols, n_seg, halo_h, halo_w,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *delta.stride(),
         *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
         *dk.stride(), *dv.stride(),
         dh, dw, scale, scale * LOG2E.value,
-        KH=kh, KW=kw, PADDING=PADDING_CODES[padding],
+        D=d, KH=kh, KW=kw, PADDING=PADDING_CODES[padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
         TH=th, TW=tw, TP=max(16, next_pow2(th + tw)),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_block(d), ROWS_P=max(16, next_pow2(rows)),
@@ -511,6 +521,7 @@ def key_grads(q, k, v, dout, lse, delta, args: AttendArgs, config: Optional[dict
                       and scale >= 1e-20),
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
         ROW_I64=not row_offsets_fit_i32((q, dout), W + bn, d),
+        VEC=vector_width((q, k, v, dout, dk, dv), head_block(d)),
         **launch,
     )
     return dk, dv

@@ -56,6 +56,16 @@ from .common import (
 from .launch_cache import per_call_key
 
 
+# p // COLS == (p * ceil(2^20 / COLS)) >> 20 for 0 <= p, COLS <= 256 (checked exhaustively
+# by tests/test_rows_bwd_key.py): the slot -> (row, column) split without an integer division
+_MAGIC_SHIFT: tl.constexpr = tl.constexpr(20)
+
+
+def cols_magic(cols: int) -> int:
+    """The multiplier of `_MAGIC_SHIFT`'s division by `cols` (1 <= cols <= 256)."""
+    return -(-(1 << 20) // cols)
+
+
 @triton.jit
 def _row_taps(y, i, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr):
     """For query row i (scalar) and key rows y ([M]): whether y is in i's window, the
@@ -85,6 +95,19 @@ def _row_is_live(i, y0, rows, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _col_taps(x, m_key, o_j, m_j, W, KW: tl.constexpr, dil_w, SHIFT: tl.constexpr):
+    """For key columns x ([M]) and query columns o_j ([N]): whether each pair is in the
+    query's window ([M, N]) and the rpb column of that tap (0 outside). Only the masked
+    paths need them: the fast path with the mask in the rel dots never builds them."""
+    start_x, off_x = window_start(o_j, W, KW, dil_w, SHIFT)  # [N]
+    dx = x[:, None] - start_x[None, :]  # [M, N]
+    dxc = tl.maximum(dx, 0)
+    o_c = dxc // dil_w
+    m_col = (dx >= 0) & (dxc - o_c * dil_w == 0) & (o_c < KW) & m_j[None, :] & m_key[:, None]
+    return m_col, tl.where(m_col, off_x[None, :] + o_c + KW - 1, 0)
+
+
+@triton.jit
 def _lse_delta(lse_ptr, delta_ptr, o_l, o_dl, o_jl, o_jdl, m_j):
     """lse and delta of a query row's BLOCK_N columns (o_l, o_dl: the row's offsets; o_jl,
     o_jdl: the columns'): one [N, 2] load through a pointer tensor over both tensors, split
@@ -98,7 +121,7 @@ def _lse_delta(lse_ptr, delta_ptr, o_l, o_dl, o_jl, o_jdl, m_j):
 def _key_bwd_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, relh_ptr, relw_ptr, rpb_ptr,
     dk_ptr, dv_ptr,
-    H, W, HEADS, ROWS, COLS, N_SEG, HALO_H, HALO_W,
+    H, W, HEADS, ROWS, COLS, COLS_MAGIC, N_SEG, HALO_H, HALO_W,
     sq_b, sq_h, sq_w, sq_n, sq_d,
     sk_b, sk_h, sk_w, sk_n, sk_d,
     sv_b, sv_h, sv_w, sv_n, sv_d,
@@ -126,8 +149,9 @@ def _key_bwd_kernel(
 
     # key pixels of the tile, flattened: slot p -> (y0 + p // COLS, x0 + p % COLS)
     o_m = tl.arange(0, BLOCK_M)
-    y = y0 + o_m // COLS
-    x = x0 + o_m % COLS
+    o_mr = (o_m * COLS_MAGIC) >> _MAGIC_SHIFT  # o_m // COLS without a division
+    y = y0 + o_mr
+    x = x0 + o_m - o_mr * COLS
     m_key = (o_m < ROWS * COLS) & (y < H) & (x < W)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
@@ -154,11 +178,8 @@ def _key_bwd_kernel(
     o_j = j0 + tl.arange(0, BLOCK_N)
     m_j = o_j < W
     start_x, off_x = window_start(o_j, W, KW, dil_w, SHIFT)  # [N]
-    dx = x[:, None] - start_x[None, :]  # [M, N]
-    dxc = tl.maximum(dx, 0)
-    o_c = dxc // dil_w
-    m_col = (dx >= 0) & (dxc - o_c * dil_w == 0) & (o_c < KW) & m_j[None, :] & m_key[:, None]
-    o_rpbc = tl.where(m_col, off_x[None, :] + o_c + KW - 1, 0)  # rpb column (every mode)
+    if HAS_RPB or not MASK_IN_DOTS:
+        m_col, o_rpbc = _col_taps(x, m_key, o_j, m_j, W, KW, dil_w, SHIFT)  # [M, N]
     # Column part of the rel bias: key columns of the tile lie in [j0, j0 + BLOCK_N) too,
     # so T[col tap(x, j), j] = A_col @ Band, A_col [M, N] the one-hot of each key's column
     # (fixed per program) and Band [N, N] (key column u, query column j) gathered from
@@ -170,7 +191,7 @@ def _key_bwd_kernel(
     # Row part likewise: A_row [M, RP] one-hot of each key's row in the tile (fixed per
     # program) @ Brow [RP, N] = T[rel row of tile row r for query row i, j] per query row.
     o_r = tl.arange(0, ROWS_P)
-    b_arow = tl.where((o_m // COLS)[:, None] == o_r[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty)
+    b_arow = tl.where(o_mr[:, None] == o_r[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty)
     if DOT_F32:
         b_arow = b_arow.to(tl.float32)
     du = o_u[:, None] - start_x[None, :]  # [N, N]
@@ -236,7 +257,6 @@ def _key_bwd_kernel(
                 b_q = b_q.to(tl.float32)
                 b_do = b_do.to(tl.float32)
             m_row, o_unused, o_rpbr = _row_taps(y, i, H, KH, dil_h, SHIFT)  # [M]
-            m_win = m_col & m_row[:, None]  # [M, N]
 
             b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N] -> [M, N]
             if HAS_REL:
@@ -255,11 +275,12 @@ def _key_bwd_kernel(
             b_s = b_s * qk_scale - (b_lse * LOG2E)[None, :]
             if HAS_RPB:
                 p_rpb = p_rpb0 + o_rpbr[:, None] * srp_h + o_rpbc * srp_w
+                m_win = m_col & m_row[:, None]  # [M, N]
                 b_s += tl.load(p_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
             if MASK_IN_DOTS:
                 b_p = tl.exp2(b_s)  # P^T [M, N]
             else:
-                b_p = tl.where(m_win, tl.exp2(b_s), 0.0)
+                b_p = tl.where(m_col & m_row[:, None], tl.exp2(b_s), 0.0)
 
             b_pl = b_p.to(do_ptr.dtype.element_ty)
             if DOT_F32:
@@ -285,6 +306,8 @@ def _key_bwd_kernel(
         acc_dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         acc_dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         b_acol16 = b_acol.to(tl.float16)
+        # recomputed here: the fast path with the mask in the rel dots has no m_col
+        m_col, o_rpbc = _col_taps(x, m_key, o_j, m_j, W, KW, dil_w, SHIFT)
         for i in range(i_lo, i_hi):
             if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
                 i64 = i_lo.to(tl.int64) + (i - i_lo)
@@ -518,7 +541,7 @@ def key_grads(q, k, v, dout, lse, delta, args: AttendArgs, config: Optional[dict
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
         dk, dv,
-        H, W, heads, rows, cols, n_seg, halo_h, halo_w,
+        H, W, heads, rows, cols, cols_magic(cols), n_seg, halo_h, halo_w,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *delta.stride(),
         *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
         *dk.stride(), *dv.stride(),

@@ -217,3 +217,10 @@ def test_bad_config_and_unsupported_inputs():
     empty = torch.zeros(0, 4, 5, 1, 8)
     dk, dv = rows_bwd_key.key_grads(empty, empty, empty, empty, lse[:0], lse[:0], args)
     assert dk.shape == empty.shape and dv.shape == empty.shape
+
+
+def test_cols_magic_divides_exactly():
+    """The kernel splits key slots into (row, column) by a multiply and shift."""
+    for cols in range(1, 257):
+        magic = rows_bwd_key.cols_magic(cols)
+        assert all((p * magic) >> 20 == p // cols for p in range(257)), cols

@@ -306,8 +306,13 @@ def _key_bwd_kernel(
         acc_dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         acc_dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         b_acol16 = b_acol.to(tl.float16)
-        # recomputed here: the fast path with the mask in the rel dots has no m_col
-        m_col, o_rpbc = _col_taps(x, m_key, o_j, m_j, W, KW, dil_w, SHIFT)
+        # the column window mask as a 0/1 count dot (exact): A_col @ [Band in window]; the
+        # fast path with the mask in the rel dots has no m_col (padding key slots are
+        # never stored)
+        b_band01 = tl.where(m_band & m_j[None, :], 1.0, 0.0).to(tl.float16)  # [N, N]
+        m_col = tl.dot(b_acol16, b_band01) > 0.5  # [M, N]
+        if HAS_RPB:
+            m_unused, o_rpbc = _col_taps(x, m_key, o_j, m_j, W, KW, dil_w, SHIFT)
         for i in range(i_lo, i_hi):
             if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
                 i64 = i_lo.to(tl.int64) + (i - i_lo)

@@ -198,14 +198,22 @@ def _key_bwd_kernel(
     duc = tl.maximum(du, 0)
     o_cu = duc // dil_w
     m_band = (du >= 0) & (duc - o_cu * dil_w == 0) & (o_cu < KW)
+    # RelT row of each Band entry; pairs outside the window read T's last row, TMASK
+    TMASK: tl.constexpr = TP - 1
     if SHIFT:
-        o_band = tl.where(m_band, off_x[None, :] + o_cu + KW - 1, 0) + TH  # RelT row
+        o_band = tl.where(m_band, off_x[None, :] + o_cu + KW - 1 + TH, TMASK)
     else:
-        o_band = tl.where(m_band, o_cu, 0) + TH
-    # MASK_IN_DOTS: the window mask rides in the rel dots as a large negative bias on
-    # Band / Brow (exp2 then gives exactly 0; padding slots and columns see zero q, dout
-    # and keys, so they add nothing), instead of a select on every score element
-    b_bandmask = tl.where(m_band, 0.0, -1.0e30)  # [N, N]
+        o_band = tl.where(m_band, o_cu + TH, TMASK)
+    # MASK_IN_DOTS: the window mask rides in the rel dots: T's row TMASK (RelT has zeros
+    # there) starts as -1e30 in the T dot's accumulator, so Band and Brow carry the mask
+    # (exp2 then gives exactly 0; padding slots and columns see zero q, dout and keys, so
+    # they add nothing), instead of a select on every score element or an add per entry
+    o_tm = tl.arange(0, TP)
+    if MASK_IN_DOTS:
+        b_tacc = tl.where(o_tm == TMASK, -1.0e30, 0.0)[:, None] + tl.zeros([TP, BLOCK_N],
+                                                                            tl.float32)
+    else:
+        b_tacc = tl.zeros([TP, BLOCK_N], tl.float32)
     if ROW_I64:
         o_jr = o_j.to(tl.int64)
         o_dr = o_d.to(tl.int64)
@@ -260,16 +268,13 @@ def _key_bwd_kernel(
 
             b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N] -> [M, N]
             if HAS_REL:
-                b_t = tl.dot(b_relt, tl.trans(b_q), input_precision="ieee")  # [TP, D] @ [D, N]
+                # [TP, D] @ [D, N], rounded to q's dtype before the gathers (half the bytes)
+                b_t = tl.dot(b_relt, tl.trans(b_q), b_tacc, input_precision="ieee")
+                b_t = b_t.to(b_relt.dtype)
                 b_band = tl.gather(b_t, o_band, 0)  # [N, N]
                 m_rr, o_rr, o_unused = _row_taps(y0 + o_r, i, H, KH, dil_h, SHIFT)  # [RP]
-                o_rr = tl.broadcast_to(o_rr[:, None], (ROWS_P, BLOCK_N))
+                o_rr = tl.broadcast_to(tl.where(m_rr, o_rr, TMASK)[:, None], (ROWS_P, BLOCK_N))
                 b_brow = tl.gather(b_t, o_rr, 0)  # [RP, N]
-                if MASK_IN_DOTS:
-                    b_band += b_bandmask
-                    b_brow += tl.where(m_rr, 0.0, -1.0e30)[:, None]
-                b_band = b_band.to(b_relt.dtype)
-                b_brow = b_brow.to(b_relt.dtype)
                 b_s = tl.dot(b_acol, b_band, b_s, input_precision="ieee")  # [M, N] @ [N, N]
                 b_s = tl.dot(b_arow, b_brow, b_s, input_precision="ieee")  # [M, RP] @ [RP, N]
             b_s = b_s * qk_scale - (b_lse * LOG2E)[None, :]
@@ -553,7 +558,7 @@ def key_grads(q, k, v, dout, lse, delta, args: AttendArgs, config: Optional[dict
         dh, dw, scale, scale * LOG2E.value,
         D=d, KH=kh, KW=kw, PADDING=PADDING_CODES[padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
-        TH=th, TW=tw, TP=max(16, next_pow2(th + tw)),
+        TH=th, TW=tw, TP=max(16, next_pow2(th + tw + 1)),  # + the mask row
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_block(d), ROWS_P=max(16, next_pow2(rows)),
         # fp16 cannot hold the -1e30 mask bias, a tiny or negative scale would undo it;
         # rpb needs the mask for its loads anyway

@@ -138,7 +138,7 @@ def _key_bwd_kernel(
     TH: tl.constexpr, TW: tl.constexpr, TP: tl.constexpr,  # rel_h / rel_w rows, padded sum
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROWS_P: tl.constexpr, MASK_IN_DOTS: tl.constexpr, DOT_F32: tl.constexpr,
-    ROW_I64: tl.constexpr, VEC: tl.constexpr,
+    ROW_I64: tl.constexpr, VEC: tl.constexpr, KV_I32: tl.constexpr,
 ):
     SHIFT: tl.constexpr = PADDING == 2
     D_HALF: tl.constexpr = D // 2
@@ -159,13 +159,23 @@ def _key_bwd_kernel(
 
     b64 = b.to(tl.int64)
     n64 = n.to(tl.int64)
-    y64 = y.to(tl.int64)
-    x64 = x.to(tl.int64)
+    if KV_I32:  # k, v, dk, dv share their row / column strides, offsets fit in int32
+        o_kp = y * sk_h + x * sk_w  # [M]: one int32 vector instead of four int64 ones
+        o_vp = o_kp
+        o_dkp = o_kp
+        o_dvp = o_kp
+    else:
+        y64 = y.to(tl.int64)
+        x64 = x.to(tl.int64)
+        o_kp = y64 * sk_h + x64 * sk_w
+        o_vp = y64 * sv_h + x64 * sv_w
+        o_dkp = y64 * sdk_h + x64 * sdk_w
+        o_dvp = y64 * sdv_h + x64 * sdv_w
     # VEC: every pixel and head offset is a multiple of VEC elements, d contiguous
-    o_km = tl.multiple_of(b64 * sk_b + n64 * sk_n + y64 * sk_h + x64 * sk_w, VEC)  # [M]
+    o_km = tl.multiple_of(b64 * sk_b + n64 * sk_n + o_kp, VEC)  # [M]
     p_k = k_ptr + o_km[:, None] + o_d[None, :] * sk_d
     b_k = tl.load(p_k, mask=m_kd, other=0.0)  # [M, D]
-    o_vm = tl.multiple_of(b64 * sv_b + n64 * sv_n + y64 * sv_h + x64 * sv_w, VEC)
+    o_vm = tl.multiple_of(b64 * sv_b + n64 * sv_n + o_vp, VEC)
     p_v = v_ptr + o_vm[:, None] + o_d[None, :] * sv_d
     b_v = tl.load(p_v, mask=m_kd, other=0.0)  # [M, D]
     if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
@@ -385,10 +395,10 @@ def _key_bwd_kernel(
                 b_bad += tl.sum(tl.where(m_sbad, 1.0, 0.0), axis=1)[:, None]
                 acc_dk += tl.where(b_bad > 0, float("nan"), 0.0)
 
-    o_dkm = tl.multiple_of(b64 * sdk_b + n64 * sdk_n + y64 * sdk_h + x64 * sdk_w, VEC)
+    o_dkm = tl.multiple_of(b64 * sdk_b + n64 * sdk_n + o_dkp, VEC)
     p_dk = dk_ptr + o_dkm[:, None] + o_d[None, :] * sdk_d
     tl.store(p_dk, (acc_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)
-    o_dvm = tl.multiple_of(b64 * sdv_b + n64 * sdv_n + y64 * sdv_h + x64 * sdv_w, VEC)
+    o_dvm = tl.multiple_of(b64 * sdv_b + n64 * sdv_n + o_dvp, VEC)
     p_dv = dv_ptr + o_dvm[:, None] + o_d[None, :] * sdv_d
     tl.store(p_dv, acc_dv.to(dv_ptr.dtype.element_ty), mask=m_kd)
 
@@ -490,6 +500,14 @@ def default_config(q_shape, args: AttendArgs) -> dict:
     return {"K_BLOCK_M": bm, "K_BLOCK_N": bn, "K_num_warps": nw, "K_num_stages": 1}
 
 
+def pixel_offsets_shared(tensors, H: int, W: int) -> bool:
+    """Whether the (B, H, W, heads, d) `tensors` share their row and column strides and
+    every pixel offset within a batch fits in int32 (one offset vector serves them all)."""
+    s_h, s_w = tensors[0].stride()[1:3]
+    return (all(t.stride()[1:3] == (s_h, s_w) for t in tensors)
+            and (H - 1) * abs(s_h) + (W - 1) * abs(s_w) < 2**31)
+
+
 # Triton before 3.8 fails to compile the float32 kernel for sm_90 (its layout-conversion
 # pass: "operand #0 does not dominate this use", seen with Triton 3.6 on the fp32 spec of
 # tests/test_rows_bwd_key_sm90.py); rows_bwd.supports then sends float32 to the "offsets"
@@ -567,6 +585,7 @@ def key_grads(q, k, v, dout, lse, delta, args: AttendArgs, config: Optional[dict
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
         ROW_I64=not row_offsets_fit_i32((q, dout), W + bn, d),
         VEC=vector_width((q, k, v, dout, dk, dv), head_block(d)),
+        KV_I32=pixel_offsets_shared((k, v, dk, dv), H, W),
         **launch,
     )
     return dk, dv

@@ -224,3 +224,11 @@ def test_cols_magic_divides_exactly():
     for cols in range(1, 257):
         magic = rows_bwd_key.cols_magic(cols)
         assert all((p * magic) >> 20 == p // cols for p in range(257)), cols
+
+
+def test_pixel_offsets_shared():
+    """One int32 pixel-offset vector serves k, v, dk, dv only when their row and column
+    strides agree (strided layouts take the per-tensor int64 offsets)."""
+    t = torch.zeros(1, 4, 5, 2, 8)
+    assert rows_bwd_key.pixel_offsets_shared((t, t.clone()), 4, 5)
+    assert not rows_bwd_key.pixel_offsets_shared((t, t.transpose(1, 2)), 4, 5)

@@ -1,0 +1,208 @@
+"""Backward family "tile2dbwd": a CUDA-core backward for small head dims, composed.
+
+Built like the tile2d forward (kernels/tile2d_fwd.py): a program owns a 2-D tile of
+pixels with all heads, a thread a (pixel, head) row with d in registers, window rows in
+a runtime loop and columns unrolled, so it touches exactly the window (the tensor-core
+"rowsbwd" computes ~4.6x the window's score elements, whatever d is). Three launches:
+
+1. `tile2d_bwd_query._tile2d_bwd_query_kernel` (query-owned): dq, the (lse * log2(e),
+   delta) pairs, per-program partials of the table gradients;
+2. `rows_bwd_query._reduce_tables_kernel`: those partials summed in a fixed order (only
+   with rel / rpb tables);
+3. `tile2d_bwd_key._tile2d_bwd_key_kernel` (key-owned): dk, dv over the inverse window.
+
+No atomics: gradients are bit-identical run to run. A config is one flat dict: the query
+kernel's keys start with "Q_", the key kernel's with "K_". Zeros and mask padding only
+(shift moves windows at the borders: `supports` says no and the next backward runs it).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import torch
+import triton
+
+from sasa_triton.types import AttendArgs
+
+from .common import LOG2E, bias_strides, new_output, next_pow2
+from .launch_cache import per_call_key
+
+MAX_ROW = 256  # next_pow2(heads) * next_pow2(d) per pixel
+MAX_KW = 15  # window columns are unrolled
+MAX_HEADS = 65535  # axis 1 of the table reduction's grid
+_SIZES = (1, 2, 4, 8, 16)
+_WARPS = (1, 2, 4, 8)
+KEYS = ("Q_BLOCK_H", "Q_BLOCK_W", "Q_num_warps", "K_BLOCK_H", "K_BLOCK_W", "K_num_warps")
+
+
+def _lanes(q_shape, dtype=torch.bfloat16) -> int:
+    """Lanes holding one (pixel, head) row: one per 16 bytes of channels."""
+    size = 4 if dtype == torch.float32 else 2
+    return max(1, next_pow2(q_shape[4]) * size // 16)
+
+
+@per_call_key
+def supports(q_shape, dtype, args: AttendArgs) -> bool:
+    B, H, W, heads, d = q_shape
+    return (dtype in (torch.float16, torch.bfloat16, torch.float32) and 1 <= d
+            and next_pow2(heads) * next_pow2(d) <= MAX_ROW and heads <= MAX_HEADS
+            and args.kw <= MAX_KW and args.padding != "shift")
+
+
+def search_space() -> list[dict]:
+    """Tile shapes and warps of each kernel (Q_ / K_ keys)."""
+    halves = [(bh, bw, nw) for bh in _SIZES for bw in _SIZES for nw in _WARPS
+              if 4 <= bh * bw <= 128]
+    return [{"Q_BLOCK_H": a[0], "Q_BLOCK_W": a[1], "Q_num_warps": a[2],
+             "K_BLOCK_H": b[0], "K_BLOCK_W": b[1], "K_num_warps": b[2]}
+            for a, b in itertools.product(halves, halves) if a == b]
+
+
+def _slots_per_thread(q_shape, bh: int, bw: int, warps: int) -> float:
+    return bh * bw * next_pow2(q_shape[3]) * _lanes(q_shape) / (32 * warps)
+
+
+def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
+    """Tiles no larger than the image, 1 to 4 (pixel, head lane) slots per thread."""
+    B, H, W, heads, d = q_shape
+    kept = []
+    for cfg in configs:
+        ok = True
+        for pre in ("Q_", "K_"):
+            bh, bw, nw = cfg[pre + "BLOCK_H"], cfg[pre + "BLOCK_W"], cfg[pre + "num_warps"]
+            if (bh > max(1, next_pow2(H)) or bw > max(1, next_pow2(W))
+                    or not 1 <= _slots_per_thread(q_shape, bh, bw, nw) <= 4):
+                ok = False
+        if ok:
+            kept.append(cfg)
+    return kept or [default_config(q_shape, args)]
+
+
+@per_call_key
+def default_config(q_shape, args: AttendArgs) -> dict:
+    """8-pixel-wide tiles (4 on narrow images) of about 256 (pixel, head lane) slots, 2
+    per thread over 4 warps (fewer warps on tiny images)."""
+    B, H, W, heads, d = q_shape
+    bw = 8 if W > 4 else 4
+    per_pixel = next_pow2(heads) * _lanes(q_shape)
+    bh = max(1, min(16, 256 // (per_pixel * bw), next_pow2(H)))
+    while bh * bw < 4:
+        bh *= 2
+    warps = 4
+    while warps > 1 and _slots_per_thread(q_shape, bh, bw, warps) < 2:
+        warps //= 2
+    cfg = {"BLOCK_H": bh, "BLOCK_W": bw, "num_warps": warps}
+    return {pre + key: val for pre in ("Q_", "K_") for key, val in cfg.items()}
+
+
+def _check(config) -> None:
+    if not isinstance(config, dict) or any(k not in config for k in KEYS):
+        raise ValueError(f"tile2dbwd config must be a dict with keys {list(KEYS)}, "
+                         f"got {config!r}")
+    for pre in ("Q_", "K_"):
+        bh, bw = config[pre + "BLOCK_H"], config[pre + "BLOCK_W"]
+        if bh < 1 or bw < 1 or bh & (bh - 1) or bw & (bw - 1):
+            raise ValueError(f"tile2dbwd config {config!r}: {pre}BLOCK_H and {pre}BLOCK_W "
+                             "must be powers of two")
+
+
+def _image_offsets_fit_i32(tensors, args: AttendArgs) -> bool:
+    """Offsets inside one image, the window's reach past its border included, stay below
+    2**31 for every (B, H, W, heads, d) tensor: kernels then keep them int32."""
+    for t in tensors:
+        _, H, W, heads, d = t.shape
+        s_h, s_w, s_n, s_d = (abs(s) for s in t.stride()[1:])
+        reach = ((H + args.kh * args.dh) * s_h + (W + args.kw * args.dw) * s_w
+                 + heads * s_n + d * s_d)
+        if reach >= 2**31:
+            return False
+    return True
+
+
+def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] = None,
+             _poison: bool = False):
+    """(dq, dk, dv, drel_h, drel_w, drpb); see the module docstring."""
+    from . import rows_bwd_query, tile2d_bwd_key, tile2d_bwd_query
+
+    B, H, W, heads, d = q.shape
+    kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
+    if not supports(tuple(q.shape), q.dtype, args):
+        raise ValueError(f"tile2dbwd backward does not support q of shape {tuple(q.shape)} "
+                         f"and dtype {q.dtype} with padding {padding!r}")
+    config = default_config(tuple(q.shape), args) if config is None else config
+    _check(config)
+    dev = q.device
+    has_rel, has_rpb = rel_h is not None, rpb is not None
+    dq = new_output(q.shape, q.dtype, dev, _poison)
+    dk = new_output(q.shape, q.dtype, dev, _poison)
+    dv = new_output(q.shape, q.dtype, dev, _poison)
+    drel_h = new_output(rel_h.shape, rel_h.dtype, dev, _poison) if has_rel else None
+    drel_w = new_output(rel_w.shape, rel_w.dtype, dev, _poison) if has_rel else None
+    drpb = new_output(rpb.shape, rpb.dtype, dev, _poison) if has_rpb else None
+    if q.numel() == 0:
+        for g in (dq, dk, dv, drel_h, drel_w, drpb):
+            if g is not None:
+                g.zero_()
+        return dq, dk, dv, drel_h, drel_w, drpb
+
+    block_n, block_d = next_pow2(heads), next_pow2(d)
+    i64 = not _image_offsets_fit_i32((q, k, v, out, dout, dq, dk, dv), args)
+    d_half = d // 2
+    common = dict(KH=kh, KW=kw, HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_N=block_n,
+                  BLOCK_D=block_d, IMG_I64=i64)
+    dummy = q  # never read when the flag is off
+    tables = (rel_h if has_rel else dummy, rel_w if has_rel else dummy,
+              rpb if has_rpb else dummy)
+    table_strides = (*bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb))
+
+    # 1. query kernel
+    qbh, qbw = config["Q_BLOCK_H"], config["Q_BLOCK_W"]
+    q_tiles_w = triton.cdiv(W, qbw)
+    q_tiles = triton.cdiv(H, qbh) * q_tiles_w
+    n_prog = B * q_tiles
+    n_slots = n_prog * heads
+    aux = new_output((B, H, W, heads, 2), torch.float32, dev, _poison)
+
+    def buffer(*shape) -> torch.Tensor:
+        return new_output(shape, torch.float32, dev, _poison)
+
+    part_h = buffer(kh, n_slots, d_half) if has_rel else aux
+    part_w = buffer(kw, n_slots, d - d_half) if has_rel else aux
+    part_b = buffer(kh, n_slots, kw) if has_rpb else aux
+    tile2d_bwd_query._tile2d_bwd_query_kernel[(n_prog,)](
+        q, k, v, out, dout, lse, *tables, dq, aux, part_h, part_w, part_b,
+        H, W, heads, d, d_half, q_tiles_w, q_tiles, n_slots,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
+        *table_strides, *dq.stride(),
+        dh, dw, scale * LOG2E.value, scale,
+        MASK=padding == "mask", BLOCK_H=qbh, BLOCK_W=qbw, num_warps=config["Q_num_warps"],
+        num_stages=1, **common,
+    )
+    # 2. table reduction (rows_bwd_query's, same partial layout)
+    if has_rel or has_rpb:
+        rows = kh + kw + (2 * kh - 1 if has_rpb else 0)
+        block_c = next_pow2(max(d - d_half, 2 * kw - 1 if has_rpb else 1))
+        rows_bwd_query._reduce_tables_kernel[(rows, heads)](
+            part_h, part_w, part_b,
+            drel_h if has_rel else aux, drel_w if has_rel else aux, drpb if has_rpb else aux,
+            n_prog, heads, d_half, d - d_half, kh, kw,
+            *bias_strides(drel_h), *bias_strides(drel_w), *bias_strides(drpb),
+            TY=kh, TX=kw, SHIFT=False,
+            RELH_SHARED=has_rel and rel_h.dim() == 2, RELW_SHARED=has_rel and rel_w.dim() == 2,
+            HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_R=max(16, 4096 // block_c),
+            BLOCK_C=block_c, num_warps=4,
+        )
+    # 3. key kernel
+    kbh, kbw = config["K_BLOCK_H"], config["K_BLOCK_W"]
+    k_tiles_w = triton.cdiv(W, kbw)
+    k_tiles = triton.cdiv(H, kbh) * k_tiles_w
+    tile2d_bwd_key._tile2d_bwd_key_kernel[(B * k_tiles,)](
+        q, k, v, dout, aux, *tables, dk, dv,
+        H, W, heads, d, d_half, k_tiles_w, k_tiles,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *table_strides,
+        *dk.stride(), *dv.stride(),
+        dh, dw, scale * LOG2E.value, scale,
+        BLOCK_H=kbh, BLOCK_W=kbw, num_warps=config["K_num_warps"], num_stages=1, **common,
+    )
+    return dq, dk, dv, drel_h, drel_w, drpb

@@ -25,7 +25,8 @@ import triton
 
 from sasa_triton.types import AttendArgs
 
-from .common import LOG2E, bias_strides, new_output, next_pow2
+from . import rows_bwd_query, tile2d_bwd_key, tile2d_bwd_query
+from .common import LOG2E, bias_strides, new_output, next_pow2, vector_width
 from .launch_cache import per_call_key
 
 MAX_ROW = 256  # next_pow2(heads) * next_pow2(d) per pixel
@@ -109,10 +110,12 @@ def _check(config) -> None:
 
 def _image_offsets_fit_i32(tensors, args: AttendArgs) -> bool:
     """Offsets inside one image, the window's reach past its border included, stay below
-    2**31 for every (B, H, W, heads, d) tensor: kernels then keep them int32."""
-    for t in tensors:
-        _, H, W, heads, d = t.shape
-        s_h, s_w, s_n, s_d = (abs(s) for s in t.stride()[1:])
+    2**31 for every (B, H, W, heads, d) tensor and the (lse2, delta) buffer: kernels then
+    keep them int32."""
+    _, H, W, heads, d = tensors[0].shape
+    aux = (W * heads * 2, heads * 2, 2, 1)
+    for strides in [t.stride()[1:] for t in tensors] + [aux]:
+        s_h, s_w, s_n, s_d = (abs(s) for s in strides)
         reach = ((H + args.kh * args.dh) * s_h + (W + args.kw * args.dw) * s_w
                  + heads * s_n + d * s_d)
         if reach >= 2**31:
@@ -123,8 +126,6 @@ def _image_offsets_fit_i32(tensors, args: AttendArgs) -> bool:
 def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] = None,
              _poison: bool = False):
     """(dq, dk, dv, drel_h, drel_w, drpb); see the module docstring."""
-    from . import rows_bwd_query, tile2d_bwd_key, tile2d_bwd_query
-
     B, H, W, heads, d = q.shape
     kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
     if not supports(tuple(q.shape), q.dtype, args):
@@ -149,8 +150,9 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
     block_n, block_d = next_pow2(heads), next_pow2(d)
     i64 = not _image_offsets_fit_i32((q, k, v, out, dout, dq, dk, dv), args)
     d_half = d // 2
-    common = dict(KH=kh, KW=kw, HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_N=block_n,
-                  BLOCK_D=block_d, IMG_I64=i64)
+    vec = vector_width((q, k, v, out, dout, dq, dk, dv), block_d)
+    common = dict(D=d, D_HALF=d_half, KH=kh, KW=kw, HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_N=block_n,
+                  BLOCK_D=block_d, IMG_I64=i64, VEC=vec)
     dummy = q  # never read when the flag is off
     tables = (rel_h if has_rel else dummy, rel_w if has_rel else dummy,
               rpb if has_rpb else dummy)
@@ -172,7 +174,7 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
     part_b = buffer(kh, n_slots, kw) if has_rpb else aux
     tile2d_bwd_query._tile2d_bwd_query_kernel[(n_prog,)](
         q, k, v, out, dout, lse, *tables, dq, aux, part_h, part_w, part_b,
-        H, W, heads, d, d_half, q_tiles_w, q_tiles, n_slots,
+        H, W, heads, q_tiles_w, q_tiles, n_slots,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
         *table_strides, *dq.stride(),
         dh, dw, scale * LOG2E.value, scale,
@@ -199,10 +201,13 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
     k_tiles = triton.cdiv(H, kbh) * k_tiles_w
     tile2d_bwd_key._tile2d_bwd_key_kernel[(B * k_tiles,)](
         q, k, v, dout, aux, *tables, dk, dv,
-        H, W, heads, d, d_half, k_tiles_w, k_tiles,
+        H, W, heads, k_tiles_w, k_tiles,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *table_strides,
         *dk.stride(), *dv.stride(),
         dh, dw, scale * LOG2E.value, scale,
-        BLOCK_H=kbh, BLOCK_W=kbw, num_warps=config["K_num_warps"], num_stages=1, **common,
+        BLOCK_H=kbh, BLOCK_W=kbw, num_warps=config["K_num_warps"], num_stages=1,
+        # a head's channels in one thread's 16-byte vector: its halves split in registers
+        HALVES=has_rel and d == block_d and d > 1 and vec == d and d * q.element_size() <= 16,
+        **common,
     )
     return dq, dk, dv, drel_h, drel_w, drpb

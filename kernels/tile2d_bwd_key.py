@@ -22,13 +22,13 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E
-from .tile2d_bwd_query import _load_rows
+from .tile2d_bwd_query import _halves, _load_rows
 
 
 @triton.jit
 def _tile2d_bwd_key_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, aux_ptr, relh_ptr, relw_ptr, rpb_ptr, dk_ptr, dv_ptr,
-    H, W, HEADS, D, D_HALF, TILES_W, TILES,
+    H, W, HEADS, TILES_W, TILES,
     sq_b, sq_h, sq_w, sq_n, sq_d,
     sk_b, sk_h, sk_w, sk_n, sk_d,
     sv_b, sv_h, sv_w, sv_n, sv_d,
@@ -37,10 +37,11 @@ def _tile2d_bwd_key_kernel(
     sdk_b, sdk_h, sdk_w, sdk_n, sdk_d,
     sdv_b, sdv_h, sdv_w, sdv_n, sdv_d,
     dil_h, dil_w, qk_scale, scale,  # qk_scale = scale * log2(e)
+    D: tl.constexpr, D_HALF: tl.constexpr,  # constexpr: channel masks stay per vector
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, IMG_I64: tl.constexpr,
+    BLOCK_D: tl.constexpr, IMG_I64: tl.constexpr, VEC: tl.constexpr, HALVES: tl.constexpr,
 ):
     P: tl.constexpr = BLOCK_H * BLOCK_W
     pid = tl.program_id(0)
@@ -64,21 +65,33 @@ def _tile2d_bwd_key_kernel(
         o_nr = o_n
 
     b_k = _load_rows(k_ptr + b * sk_b, yi * sk_h + xi * sk_w,
-                     o_nr[:, None] * sk_n + o_d[None, :] * sk_d, m_p, m_nd)
+                     tl.multiple_of(o_nr * sk_n, VEC)[:, None] + o_d[None, :] * sk_d, m_p, m_nd, VEC)
     b_v = _load_rows(v_ptr + b * sv_b, yi * sv_h + xi * sv_w,
-                     o_nr[:, None] * sv_n + o_d[None, :] * sv_d, m_p, m_nd)
+                     tl.multiple_of(o_nr * sv_n, VEC)[:, None] + o_d[None, :] * sv_d, m_p, m_nd, VEC)
     m_dh = m_nd & (o_d < D_HALF)[None, :]
     m_dw = m_nd & (o_d >= D_HALF)[None, :]
     o_rh = o_n[:, None] * srh_n + o_d[None, :] * srh_d
     o_rw = o_n[:, None] * srw_n + (o_d[None, :] - D_HALF) * srw_d
+    # HALVES (the launcher's flag: d a power of two > 1 held by one thread): the halves
+    # split in registers, per tap the logit is q[:d/2] . (k[:d/2] + rel_h[a]) +
+    # q[d/2:] . (k[d/2:] + rel_w[c]), the first effective half made once per window row,
+    # the KW second ones once per program (no per-tap adds)
+    o_p0 = (o_p * 0)[:, None, None]  # a table row loaded in the [P, N, D] tiles' layout
     col_ok = ()
     rws = ()
+    if HALVES:
+        k_lo, k_hi = _halves(b_k)
     for c in tl.static_range(KW):
         xq = x - (c - KW // 2) * dil_w
         col_ok = col_ok + ((xq >= 0) & (xq < W),)
-        if HAS_REL:  # rel_w[c] in the upper channels, [N, D]
-            rws = rws + (tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw, other=0.0)
-                         .to(tl.float32),)
+        if HAS_REL:  # rel_w[c] in the upper channels
+            b_rw = tl.load(relw_ptr + c * srw_r + o_p0 + o_rw[None, :, :], mask=m_dw[None, :, :],
+                           other=0.0).to(tl.float32)
+            if HALVES:
+                rw_lo, rw_hi = _halves(b_rw)
+                rws = rws + (k_hi + rw_hi,)
+            else:
+                rws = rws + (b_rw,)
         else:
             rws = rws + (0.0,)
 
@@ -86,9 +99,10 @@ def _tile2d_bwd_key_kernel(
     p_do0 = do_ptr + b * sdo_b
     o_qp = yi * sq_h + xi * sq_w  # [P] the key's own position
     o_dop = yi * sdo_h + xi * sdo_w
-    o_qnd = o_nr[:, None] * sq_n + o_d[None, :] * sq_d
-    o_dond = o_nr[:, None] * sdo_n + o_d[None, :] * sdo_d
-    o_auxp = (b * H + y) * W + x  # [P] int64, pixel index of the aux buffer
+    o_qnd = tl.multiple_of(o_nr * sq_n, VEC)[:, None] + o_d[None, :] * sq_d
+    o_dond = tl.multiple_of(o_nr * sdo_n, VEC)[:, None] + o_d[None, :] * sdo_d
+    p_aux0 = aux_ptr + b * H * W * HEADS * 2
+    o_auxp = ((yi * W + xi) * HEADS)[:, None] * 2 + (o_n * 2)[None, :]  # [P, N]
     b_dk = tl.zeros([P, BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([P, BLOCK_N, BLOCK_D], dtype=tl.float32)
     for a in range(KH):
@@ -96,21 +110,29 @@ def _tile2d_bwd_key_kernel(
         yq = y - dy
         m_row = m_p & (yq >= 0) & (yq < H)
         if HAS_REL:
-            b_rh = tl.load(relh_ptr + a * srh_r + o_rh, mask=m_dh, other=0.0).to(tl.float32)
-            b_krow = b_k + b_rh[None, :, :]
+            b_rh = tl.load(relh_ptr + a * srh_r + o_p0 + o_rh[None, :, :], mask=m_dh[None, :, :],
+                           other=0.0).to(tl.float32)
+            if HALVES:
+                rh_lo, rh_hi = _halves(b_rh)
+                b_krow = k_lo + rh_lo
+            else:
+                b_krow = b_k + b_rh
         else:
             b_krow = b_k
         for c in tl.static_range(KW):
             dx = (c - KW // 2) * dil_w
             m_q = m_row & col_ok[c]
-            b_q = _load_rows(p_q0, o_qp - (dy * sq_h + dx * sq_w), o_qnd, m_q, m_nd)
-            b_do = _load_rows(p_do0, o_dop - (dy * sdo_h + dx * sdo_w), o_dond, m_q, m_nd)
-            o_aux = (o_auxp - (dy * W + dx))[:, None] * HEADS + o_n[None, :]  # [P, N]
-            b_aux = tl.load(aux_ptr + o_aux[:, :, None] * 2 + tl.arange(0, 2)[None, None, :],
+            b_q = _load_rows(p_q0, o_qp - (dy * sq_h + dx * sq_w), o_qnd, m_q, m_nd, VEC)
+            b_do = _load_rows(p_do0, o_dop - (dy * sdo_h + dx * sdo_w), o_dond, m_q, m_nd, VEC)
+            o_aux = o_auxp - (dy * W + dx) * (HEADS * 2)  # [P, N]
+            b_aux = tl.load(p_aux0 + o_aux[:, :, None] + tl.arange(0, 2)[None, None, :],
                             mask=(m_q[:, None] & m_n[None, :])[:, :, None], other=0.0)
             b_lse2, b_delta = tl.split(b_aux)  # [P, N] each
-            if HAS_REL:
-                b_s = tl.sum(b_q * (b_krow + rws[c][None, :, :]), axis=2)
+            if HALVES:
+                q_lo, q_hi = _halves(b_q)
+                b_s = tl.sum(q_lo * b_krow, axis=2) + tl.sum(q_hi * rws[c], axis=2)
+            elif HAS_REL:
+                b_s = tl.sum(b_q * (b_krow + rws[c]), axis=2)
             else:
                 b_s = tl.sum(b_q * b_krow, axis=2)
             b_s = b_s * qk_scale - b_lse2
@@ -123,9 +145,9 @@ def _tile2d_bwd_key_kernel(
             b_dp = tl.sum(b_do * b_v, axis=2)
             b_dk += (b_p * (b_dp - b_delta))[:, :, None] * b_q
     m_out = m_p[:, None, None] & m_nd[None, :, :]
-    tl.store(dk_ptr + b * sdk_b + (yi * sdk_h + xi * sdk_w)[:, None, None]
-             + (o_nr[:, None] * sdk_n + o_d[None, :] * sdk_d)[None, :, :],
+    tl.store(dk_ptr + b * sdk_b + tl.multiple_of(yi * sdk_h + xi * sdk_w, VEC)[:, None, None]
+             + (tl.multiple_of(o_nr * sdk_n, VEC)[:, None] + o_d[None, :] * sdk_d)[None, :, :],
              (b_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_out)
-    tl.store(dv_ptr + b * sdv_b + (yi * sdv_h + xi * sdv_w)[:, None, None]
-             + (o_nr[:, None] * sdv_n + o_d[None, :] * sdv_d)[None, :, :],
+    tl.store(dv_ptr + b * sdv_b + tl.multiple_of(yi * sdv_h + xi * sdv_w, VEC)[:, None, None]
+             + (tl.multiple_of(o_nr * sdv_n, VEC)[:, None] + o_d[None, :] * sdv_d)[None, :, :],
              b_dv.to(dv_ptr.dtype.element_ty), mask=m_out)

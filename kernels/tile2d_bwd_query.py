@@ -38,18 +38,27 @@ from .common import LOG2E, to_f32
 
 
 @triton.jit
-def _load_rows(ptr, o_pix, o_nd, m_pix, m_nd):
-    """float32 [P, N, D] tile: the (head, channel) rows of pixels at offsets o_pix [P]."""
+def _load_rows(ptr, o_pix, o_nd, m_pix, m_nd, VEC: tl.constexpr):
+    """float32 [P, N, D] tile: the (head, channel) rows of pixels at offsets o_pix [P]
+    (multiples of VEC elements, as o_nd's head offsets: VEC channels per vector load)."""
+    o_pix = tl.multiple_of(o_pix, VEC)
     b = tl.load(ptr + o_pix[:, None, None] + o_nd[None, :, :],
                 mask=m_pix[:, None, None] & m_nd[None, :, :], other=0.0)
     return to_f32(b)
 
 
 @triton.jit
+def _halves(t):
+    """The lower and upper channel halves of a [P, N, D] tile (registers only)."""
+    shape: tl.constexpr = [t.shape[0], t.shape[1], 2, t.shape[2] // 2]
+    return tl.split(tl.permute(tl.reshape(t, shape), (0, 1, 3, 2)))
+
+
+@triton.jit
 def _tile2d_bwd_query_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
     dq_ptr, aux_ptr, parth_ptr, partw_ptr, partb_ptr,
-    H, W, HEADS, D, D_HALF, TILES_W, TILES, N_SLOTS,
+    H, W, HEADS, TILES_W, TILES, N_SLOTS,
     sq_b, sq_h, sq_w, sq_n, sq_d,
     sk_b, sk_h, sk_w, sk_n, sk_d,
     sv_b, sv_h, sv_w, sv_n, sv_d,
@@ -59,10 +68,11 @@ def _tile2d_bwd_query_kernel(
     srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
     sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
     dil_h, dil_w, qk_scale, scale,  # qk_scale = scale * log2(e)
+    D: tl.constexpr, D_HALF: tl.constexpr,  # constexpr: channel masks stay per vector
     KH: tl.constexpr, KW: tl.constexpr, MASK: tl.constexpr,  # MASK: mask padding, else zeros
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, IMG_I64: tl.constexpr,
+    BLOCK_D: tl.constexpr, IMG_I64: tl.constexpr, VEC: tl.constexpr,
 ):
     P: tl.constexpr = BLOCK_H * BLOCK_W
     pid = tl.program_id(0)
@@ -85,12 +95,12 @@ def _tile2d_bwd_query_kernel(
         xi = x
         o_nr = o_n
 
-    def_nd_q = o_nr[:, None] * sq_n + o_d[None, :] * sq_d
-    b_q = _load_rows(q_ptr + b * sq_b, yi * sq_h + xi * sq_w, def_nd_q, m_p, m_nd)
+    o_qnd = tl.multiple_of(o_nr * sq_n, VEC)[:, None] + o_d[None, :] * sq_d
+    b_q = _load_rows(q_ptr + b * sq_b, yi * sq_h + xi * sq_w, o_qnd, m_p, m_nd, VEC)
     b_o = _load_rows(o_ptr + b * so_b, yi * so_h + xi * so_w,
-                     o_nr[:, None] * so_n + o_d[None, :] * so_d, m_p, m_nd)
+                     tl.multiple_of(o_nr * so_n, VEC)[:, None] + o_d[None, :] * so_d, m_p, m_nd, VEC)
     b_do = _load_rows(do_ptr + b * sdo_b, yi * sdo_h + xi * sdo_w,
-                      o_nr[:, None] * sdo_n + o_d[None, :] * sdo_d, m_p, m_nd)
+                      tl.multiple_of(o_nr * sdo_n, VEC)[:, None] + o_d[None, :] * sdo_d, m_p, m_nd, VEC)
     m_pn = m_p[:, None] & m_n[None, :]  # [P, N]
     b_lse2 = tl.load(lse_ptr + b * sl_b + (yi * sl_h + xi * sl_w)[:, None]
                      + (o_nr * sl_n)[None, :], mask=m_pn, other=0.0) * LOG2E
@@ -122,8 +132,8 @@ def _tile2d_bwd_query_kernel(
     p_v0 = v_ptr + b * sv_b
     o_kp = yi * sk_h + xi * sk_w  # [P] the pixel's own position
     o_vp = yi * sv_h + xi * sv_w
-    o_knd = o_nr[:, None] * sk_n + o_d[None, :] * sk_d  # [N, D]
-    o_vnd = o_nr[:, None] * sv_n + o_d[None, :] * sv_d
+    o_knd = tl.multiple_of(o_nr * sk_n, VEC)[:, None] + o_d[None, :] * sk_d  # [N, D]
+    o_vnd = tl.multiple_of(o_nr * sv_n, VEC)[:, None] + o_d[None, :] * sv_d
     b_acc = tl.zeros([P, BLOCK_N, BLOCK_D], dtype=tl.float32)  # dq / scale
     gcols = ()
     for c in tl.static_range(KW):
@@ -143,8 +153,8 @@ def _tile2d_bwd_query_kernel(
         for c in tl.static_range(KW):
             dx = (c - KW // 2) * dil_w
             m_tap = m_row & col_ok[c]
-            b_k = _load_rows(p_k0, o_kp + (dy * sk_h + dx * sk_w), o_knd, m_tap, m_nd)
-            b_v = _load_rows(p_v0, o_vp + (dy * sv_h + dx * sv_w), o_vnd, m_tap, m_nd)
+            b_k = _load_rows(p_k0, o_kp + (dy * sk_h + dx * sk_w), o_knd, m_tap, m_nd, VEC)
+            b_v = _load_rows(p_v0, o_vp + (dy * sv_h + dx * sv_w), o_vnd, m_tap, m_nd, VEC)
             b_s = tl.sum(b_qs * b_k, axis=2) + seeds[c] + b_srow  # [P, N]
             if HAS_RPB:
                 b_rpb = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
@@ -192,6 +202,6 @@ def _tile2d_bwd_query_kernel(
             tl.store(partw_ptr + (c * N_SLOTS + slot)[:, None] * (D - D_HALF)
                      + (o_d[None, :] - D_HALF), b_part, mask=m_dw)
     b_dq = b_acc * scale
-    tl.store(dq_ptr + b * sdq_b + (yi * sdq_h + xi * sdq_w)[:, None, None]
-             + (o_nr[:, None] * sdq_n + o_d[None, :] * sdq_d)[None, :, :],
+    tl.store(dq_ptr + b * sdq_b + tl.multiple_of(yi * sdq_h + xi * sdq_w, VEC)[:, None, None]
+             + (tl.multiple_of(o_nr * sdq_n, VEC)[:, None] + o_d[None, :] * sdq_d)[None, :, :],
              b_dq.to(dq_ptr.dtype.element_ty), mask=m_p[:, None, None] & m_nd[None, :, :])

@@ -34,7 +34,8 @@ MAX_KW = 15  # window columns are unrolled
 MAX_HEADS = 65535  # axis 1 of the table reduction's grid
 _SIZES = (1, 2, 4, 8, 16)
 _WARPS = (1, 2, 4, 8)
-KEYS = ("Q_BLOCK_H", "Q_BLOCK_W", "Q_num_warps", "K_BLOCK_H", "K_BLOCK_W", "K_num_warps")
+KEYS = ("Q_BLOCK_H", "Q_BLOCK_W", "Q_PIX", "Q_num_warps",
+        "K_BLOCK_H", "K_BLOCK_W", "K_PIX", "K_num_warps")
 
 
 def _lanes(q_shape, dtype=torch.bfloat16) -> int:
@@ -52,28 +53,31 @@ def supports(q_shape, dtype, args: AttendArgs) -> bool:
 
 
 def search_space() -> list[dict]:
-    """Tile shapes and warps of each kernel (Q_ / K_ keys)."""
-    halves = [(bh, bw, nw) for bh in _SIZES for bw in _SIZES for nw in _WARPS
-              if 4 <= bh * bw <= 128]
-    return [{"Q_BLOCK_H": a[0], "Q_BLOCK_W": a[1], "Q_num_warps": a[2],
-             "K_BLOCK_H": b[0], "K_BLOCK_W": b[1], "K_num_warps": b[2]}
-            for a, b in itertools.product(halves, halves) if a == b]
+    """Tile shapes, pixels per thread and warps; both kernels take the same setting."""
+    return [{f"{pre}{key}": val for pre in ("Q_", "K_")
+             for key, val in (("BLOCK_H", bh), ("BLOCK_W", bw), ("PIX", pix), ("num_warps", nw))}
+            for bh in _SIZES for bw in _SIZES for pix in (1, 2) for nw in _WARPS
+            if 4 <= bh * bw <= 128 and bw % pix == 0]
 
 
-def _slots_per_thread(q_shape, bh: int, bw: int, warps: int) -> float:
-    return bh * bw * next_pow2(q_shape[3]) * _lanes(q_shape) / (32 * warps)
+def _slots_per_thread(q_shape, bh: int, bw: int, warps: int, pix: int = 1) -> float:
+    """(pixel group, head lane) slots per thread."""
+    return bh * bw // pix * next_pow2(q_shape[3]) * _lanes(q_shape) / (32 * warps)
 
 
 def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
-    """Tiles no larger than the image, 1 to 4 (pixel, head lane) slots per thread."""
+    """Tiles no larger than the image, 1 or 2 (pixel group, head lane) slots per thread,
+    PIX 2 only with column dilation 1."""
     B, H, W, heads, d = q_shape
     kept = []
     for cfg in configs:
         ok = True
         for pre in ("Q_", "K_"):
             bh, bw, nw = cfg[pre + "BLOCK_H"], cfg[pre + "BLOCK_W"], cfg[pre + "num_warps"]
-            if (bh > max(1, next_pow2(H)) or bw > max(1, next_pow2(W))
-                    or not 1 <= _slots_per_thread(q_shape, bh, bw, nw) <= 4):
+            pix = cfg[pre + "PIX"]
+            if (bh > max(1, next_pow2(H)) or bw > max(2, next_pow2(W))
+                    or (pix > 1 and args.dw != 1)
+                    or not 1 <= _slots_per_thread(q_shape, bh, bw, nw, pix) <= 2):
                 ok = False
         if ok:
             kept.append(cfg)
@@ -82,31 +86,37 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
 
 @per_call_key
 def default_config(q_shape, args: AttendArgs) -> dict:
-    """8-pixel-wide tiles (4 on narrow images) of about 128 (pixel, head lane) slots, one
-    per thread over 4 warps (fewer warps on tiny images). Two slots per thread issue
-    fewer instructions (s1: 586 against 618 us predicted) but spill (254 registers)."""
+    """Two horizontally adjacent pixels per thread (PIX = 2: they share KW + 1 of their
+    2 KW window columns' loads; 1 with column dilation or on one-column images), tiles of
+    PIX * 4 pixels per row and about 128 (pixel pair, head lane) slots, one per thread
+    over 4 warps (fewer warps on tiny images). Two slots per thread issue fewer
+    instructions but spill (s1 at PIX = 1: 254 registers)."""
     B, H, W, heads, d = q_shape
-    bw = 8 if W > 4 else 4
-    per_pixel = next_pow2(heads) * _lanes(q_shape)
-    bh = max(1, min(16, 128 // (per_pixel * bw), next_pow2(H)))
+    pix = 2 if args.dw == 1 and W > 1 else 1
+    bw = 4 * pix if W > 4 else max(pix, min(4, next_pow2(W)))
+    per_group = next_pow2(heads) * _lanes(q_shape)
+    bh = max(1, min(16, 128 // (per_group * (bw // pix)), next_pow2(H)))
     while bh * bw < 4:
         bh *= 2
     warps = 4
-    while warps > 1 and _slots_per_thread(q_shape, bh, bw, warps) < 1:
+    while warps > 1 and _slots_per_thread(q_shape, bh, bw, warps, pix) < 1:
         warps //= 2
-    cfg = {"BLOCK_H": bh, "BLOCK_W": bw, "num_warps": warps}
+    cfg = {"BLOCK_H": bh, "BLOCK_W": bw, "PIX": pix, "num_warps": warps}
     return {pre + key: val for pre in ("Q_", "K_") for key, val in cfg.items()}
 
 
-def _check(config) -> None:
+def _check(config, dw: int) -> None:
     if not isinstance(config, dict) or any(k not in config for k in KEYS):
         raise ValueError(f"tile2dbwd config must be a dict with keys {list(KEYS)}, "
                          f"got {config!r}")
     for pre in ("Q_", "K_"):
-        bh, bw = config[pre + "BLOCK_H"], config[pre + "BLOCK_W"]
+        bh, bw, pix = config[pre + "BLOCK_H"], config[pre + "BLOCK_W"], config[pre + "PIX"]
         if bh < 1 or bw < 1 or bh & (bh - 1) or bw & (bw - 1):
             raise ValueError(f"tile2dbwd config {config!r}: {pre}BLOCK_H and {pre}BLOCK_W "
                              "must be powers of two")
+        if pix not in (1, 2) or bw % pix or (pix > 1 and dw != 1):
+            raise ValueError(f"tile2dbwd config {config!r}: {pre}PIX must be 1 or 2 dividing "
+                             f"{pre}BLOCK_W, and 1 with column dilation")
 
 
 def _image_offsets_fit_i32(tensors, args: AttendArgs) -> bool:
@@ -133,7 +143,7 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
         raise ValueError(f"tile2dbwd backward does not support q of shape {tuple(q.shape)} "
                          f"and dtype {q.dtype} with padding {padding!r}")
     config = default_config(tuple(q.shape), args) if config is None else config
-    _check(config)
+    _check(config, dw)
     dev = q.device
     has_rel, has_rpb = rel_h is not None, rpb is not None
     dq = new_output(q.shape, q.dtype, dev, _poison)
@@ -179,7 +189,8 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
         *table_strides, *dq.stride(),
         dh, dw, scale * LOG2E.value, scale,
-        MASK=padding == "mask", BLOCK_H=qbh, BLOCK_W=qbw, num_warps=config["Q_num_warps"],
+        MASK=padding == "mask", BLOCK_H=qbh, TW=qbw // config["Q_PIX"], PIX=config["Q_PIX"],
+        num_warps=config["Q_num_warps"],
         num_stages=1, **common,
     )
     # 2. table reduction (rows_bwd_query's, same partial layout)
@@ -206,7 +217,8 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *table_strides,
         *dk.stride(), *dv.stride(),
         dh, dw, scale * LOG2E.value, scale,
-        BLOCK_H=kbh, BLOCK_W=kbw, num_warps=config["K_num_warps"], num_stages=1,
+        BLOCK_H=kbh, TW=kbw // config["K_PIX"], PIX=config["K_PIX"],
+        num_warps=config["K_num_warps"], num_stages=1,
         # a head's channels in one thread's 16-byte vector: its halves split in registers
         HALVES=has_rel and d == block_d and d > 1 and vec == d and d * q.element_size() <= 16,
         **common,

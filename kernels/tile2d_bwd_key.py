@@ -26,6 +26,55 @@ from .tile2d_bwd_query import _halves, _load_rows
 
 
 @triton.jit
+def _key_tap(b_q, b_do, b_lse2, b_delta, b_kf, b_khi, b_v, rpb_term, m_q, b_dk, b_dv,
+             qk_scale, HALVES: tl.constexpr, HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr):
+    """One (key pixel column, query) pair: (dk / scale, dv) accumulators. With HALVES
+    b_kf is the key's effective lower half and b_khi its upper one for this tap, else
+    b_kf is the full effective key."""
+    if HALVES:
+        q_lo, q_hi = _halves(b_q)
+        b_s = tl.sum(q_lo * b_kf, axis=2) + tl.sum(q_hi * b_khi, axis=2)
+    elif HAS_REL:
+        b_s = tl.sum(b_q * (b_kf + b_khi), axis=2)
+    else:
+        b_s = tl.sum(b_q * b_kf, axis=2)
+    b_s = b_s * qk_scale - b_lse2
+    if HAS_RPB:
+        b_s += rpb_term
+    b_p = tl.where(m_q[:, None], tl.exp2(b_s), 0.0)  # [G, N]
+    b_dv += b_p[:, :, None] * b_do
+    b_ds = b_p * (tl.sum(b_do * b_v, axis=2) - b_delta)
+    return b_dk + b_ds[:, :, None] * b_q, b_dv
+
+
+@triton.jit
+def _key_columns(b_k, b_rws, HALVES: tl.constexpr, HAS_REL: tl.constexpr,
+                 KW: tl.constexpr):
+    """(lower half or whole k, per tap c: k[d/2:] + rel_w[c] (HALVES) or rel_w[c])."""
+    if HALVES:
+        k_lo, k_hi = _halves(b_k)
+        out = ()
+        for c in tl.static_range(KW):
+            rw_lo, rw_hi = _halves(b_rws[c])
+            out = out + (k_hi + rw_hi,)
+        return k_lo, out
+    else:
+        return b_k, b_rws
+
+
+@triton.jit
+def _store_rows(ptr, b_t, yi, x, m_p, o_nd, m_nd, s_h, s_w, IMG_I64: tl.constexpr,
+                VEC: tl.constexpr):
+    if IMG_I64:
+        xi = x.to(tl.int64)
+    else:
+        xi = x
+    o = tl.multiple_of(yi * s_h + xi * s_w, VEC)
+    tl.store(ptr + o[:, None, None] + o_nd[None, :, :], b_t.to(ptr.dtype.element_ty),
+             mask=m_p[:, None, None] & m_nd[None, :, :])
+
+
+@triton.jit
 def _tile2d_bwd_key_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, aux_ptr, relh_ptr, relw_ptr, rpb_ptr, dk_ptr, dv_ptr,
     H, W, HEADS, TILES_W, TILES,
@@ -40,17 +89,27 @@ def _tile2d_bwd_key_kernel(
     D: tl.constexpr, D_HALF: tl.constexpr,  # constexpr: channel masks stay per vector
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr, TW: tl.constexpr, PIX: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, IMG_I64: tl.constexpr, VEC: tl.constexpr, HALVES: tl.constexpr,
 ):
-    P: tl.constexpr = BLOCK_H * BLOCK_W
+    # G groups of PIX horizontally adjacent key pixels (PIX = 2: column dilation 1); key
+    # pixel j meets query column u (image column x + (u - KW // 2) * dil_w) at its tap
+    # c = j + KW - 1 - u: per window row a group loads KW + PIX - 1 query columns.
+    # HALVES (the launcher's flag: d a power of two > 1 held by one thread): the halves
+    # split in registers, the logit is q[:d/2] . (k[:d/2] + rel_h[a]) + q[d/2:] .
+    # (k[d/2:] + rel_w[c]), the first half made once per window row, the KW second ones
+    # once per program (no per-tap adds)
+    G: tl.constexpr = BLOCK_H * TW
+    NCOL: tl.constexpr = KW + PIX - 1
     pid = tl.program_id(0)
     b = (pid // TILES).to(tl.int64)
     t = pid % TILES
-    o_p = tl.arange(0, P)
-    y = (t // TILES_W) * BLOCK_H + o_p // BLOCK_W  # [P] key pixels
-    x = (t % TILES_W) * BLOCK_W + o_p % BLOCK_W
-    m_p = (y < H) & (x < W)
+    o_g = tl.arange(0, G)
+    y = (t // TILES_W) * BLOCK_H + o_g // TW  # [G] key pixels
+    x = (t % TILES_W) * (TW * PIX) + (o_g % TW) * PIX  # [G] the group's first pixel
+    m_y = y < H
+    m_p0 = m_y & (x < W)
+    m_p1 = m_y & (x + 1 < W)
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     m_n = o_n < HEADS
@@ -64,90 +123,103 @@ def _tile2d_bwd_key_kernel(
         xi = x
         o_nr = o_n
 
-    b_k = _load_rows(k_ptr + b * sk_b, yi * sk_h + xi * sk_w,
-                     tl.multiple_of(o_nr * sk_n, VEC)[:, None] + o_d[None, :] * sk_d, m_p, m_nd, VEC)
-    b_v = _load_rows(v_ptr + b * sv_b, yi * sv_h + xi * sv_w,
-                     tl.multiple_of(o_nr * sv_n, VEC)[:, None] + o_d[None, :] * sv_d, m_p, m_nd, VEC)
+    o_knd = tl.multiple_of(o_nr * sk_n, VEC)[:, None] + o_d[None, :] * sk_d
+    o_vnd = tl.multiple_of(o_nr * sv_n, VEC)[:, None] + o_d[None, :] * sv_d
+    p_k0 = k_ptr + b * sk_b
+    p_v0 = v_ptr + b * sv_b
+    k0 = _load_rows(p_k0, yi * sk_h + xi * sk_w, o_knd, m_p0, m_nd, VEC)
+    v0 = _load_rows(p_v0, yi * sv_h + xi * sv_w, o_vnd, m_p0, m_nd, VEC)
+    k1 = k0
+    v1 = v0
+    if PIX > 1:
+        k1 = _load_rows(p_k0, yi * sk_h + (xi + 1) * sk_w, o_knd, m_p1, m_nd, VEC)
+        v1 = _load_rows(p_v0, yi * sv_h + (xi + 1) * sv_w, o_vnd, m_p1, m_nd, VEC)
     m_dh = m_nd & (o_d < D_HALF)[None, :]
     m_dw = m_nd & (o_d >= D_HALF)[None, :]
-    o_rh = o_n[:, None] * srh_n + o_d[None, :] * srh_d
-    o_rw = o_n[:, None] * srw_n + (o_d[None, :] - D_HALF) * srw_d
-    # HALVES (the launcher's flag: d a power of two > 1 held by one thread): the halves
-    # split in registers, per tap the logit is q[:d/2] . (k[:d/2] + rel_h[a]) +
-    # q[d/2:] . (k[d/2:] + rel_w[c]), the first effective half made once per window row,
-    # the KW second ones once per program (no per-tap adds)
-    o_p0 = (o_p * 0)[:, None, None]  # a table row loaded in the [P, N, D] tiles' layout
-    col_ok = ()
+    o_g0 = (o_g * 0)[:, None, None]  # a table row loaded in the [G, N, D] tiles' layout
+    o_rh = o_g0 + (o_n[:, None] * srh_n + o_d[None, :] * srh_d)[None, :, :]
+    o_rw = o_g0 + (o_n[:, None] * srw_n + (o_d[None, :] - D_HALF) * srw_d)[None, :, :]
     rws = ()
-    if HALVES:
-        k_lo, k_hi = _halves(b_k)
     for c in tl.static_range(KW):
-        xq = x - (c - KW // 2) * dil_w
-        col_ok = col_ok + ((xq >= 0) & (xq < W),)
         if HAS_REL:  # rel_w[c] in the upper channels
-            b_rw = tl.load(relw_ptr + c * srw_r + o_p0 + o_rw[None, :, :], mask=m_dw[None, :, :],
-                           other=0.0).to(tl.float32)
-            if HALVES:
-                rw_lo, rw_hi = _halves(b_rw)
-                rws = rws + (k_hi + rw_hi,)
-            else:
-                rws = rws + (b_rw,)
+            rws = rws + (tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :],
+                                 other=0.0).to(tl.float32),)
         else:
             rws = rws + (0.0,)
+    kb0, kc0 = _key_columns(k0, rws, HALVES, HAS_REL, KW)
+    kb1, kc1 = kb0, kc0
+    if PIX > 1:
+        kb1, kc1 = _key_columns(k1, rws, HALVES, HAS_REL, KW)
+    col_ok = ()
+    for u in tl.static_range(NCOL):
+        xq = x + (u - KW // 2) * dil_w
+        col_ok = col_ok + ((xq >= 0) & (xq < W),)
 
     p_q0 = q_ptr + b * sq_b
     p_do0 = do_ptr + b * sdo_b
-    o_qp = yi * sq_h + xi * sq_w  # [P] the key's own position
+    o_qp = yi * sq_h + xi * sq_w  # [G] the group's first pixel
     o_dop = yi * sdo_h + xi * sdo_w
     o_qnd = tl.multiple_of(o_nr * sq_n, VEC)[:, None] + o_d[None, :] * sq_d
     o_dond = tl.multiple_of(o_nr * sdo_n, VEC)[:, None] + o_d[None, :] * sdo_d
     p_aux0 = aux_ptr + b * H * W * HEADS * 2
-    o_auxp = ((yi * W + xi) * HEADS)[:, None] * 2 + (o_n * 2)[None, :]  # [P, N]
-    b_dk = tl.zeros([P, BLOCK_N, BLOCK_D], dtype=tl.float32)
-    b_dv = tl.zeros([P, BLOCK_N, BLOCK_D], dtype=tl.float32)
+    o_auxp = ((yi * W + xi) * HEADS)[:, None] * 2 + (o_n * 2)[None, :]  # [G, N]
+    dk0 = tl.zeros([G, BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv0 = dk0
+    dk1 = dk0
+    dv1 = dk0
     for a in range(KH):
         dy = (a - KH // 2) * dil_h
         yq = y - dy
-        m_row = m_p & (yq >= 0) & (yq < H)
+        m_row = m_y & (yq >= 0) & (yq < H)
+        kr0 = kb0
+        kr1 = kb1
         if HAS_REL:
-            b_rh = tl.load(relh_ptr + a * srh_r + o_p0 + o_rh[None, :, :], mask=m_dh[None, :, :],
+            b_rh = tl.load(relh_ptr + a * srh_r + o_rh, mask=m_dh[None, :, :],
                            other=0.0).to(tl.float32)
             if HALVES:
                 rh_lo, rh_hi = _halves(b_rh)
-                b_krow = k_lo + rh_lo
+                kr0 = kb0 + rh_lo
+                if PIX > 1:
+                    kr1 = kb1 + rh_lo
             else:
-                b_krow = b_k + b_rh
-        else:
-            b_krow = b_k
-        for c in tl.static_range(KW):
-            dx = (c - KW // 2) * dil_w
-            m_q = m_row & col_ok[c]
-            b_q = _load_rows(p_q0, o_qp - (dy * sq_h + dx * sq_w), o_qnd, m_q, m_nd, VEC)
-            b_do = _load_rows(p_do0, o_dop - (dy * sdo_h + dx * sdo_w), o_dond, m_q, m_nd, VEC)
-            o_aux = o_auxp - (dy * W + dx) * (HEADS * 2)  # [P, N]
+                kr0 = kb0 + b_rh
+                if PIX > 1:
+                    kr1 = kb1 + b_rh
+        for u in tl.static_range(NCOL):
+            dx = (u - KW // 2) * dil_w
+            m_q = m_row & col_ok[u]
+            b_q = _load_rows(p_q0, o_qp + (dx * sq_w - dy * sq_h), o_qnd, m_q, m_nd, VEC)
+            b_do = _load_rows(p_do0, o_dop + (dx * sdo_w - dy * sdo_h), o_dond, m_q, m_nd, VEC)
+            o_aux = o_auxp + (dx - dy * W) * (HEADS * 2)  # [G, N]
             b_aux = tl.load(p_aux0 + o_aux[:, :, None] + tl.arange(0, 2)[None, None, :],
                             mask=(m_q[:, None] & m_n[None, :])[:, :, None], other=0.0)
-            b_lse2, b_delta = tl.split(b_aux)  # [P, N] each
-            if HALVES:
-                q_lo, q_hi = _halves(b_q)
-                b_s = tl.sum(q_lo * b_krow, axis=2) + tl.sum(q_hi * rws[c], axis=2)
-            elif HAS_REL:
-                b_s = tl.sum(b_q * (b_krow + rws[c]), axis=2)
-            else:
-                b_s = tl.sum(b_q * b_krow, axis=2)
-            b_s = b_s * qk_scale - b_lse2
-            if HAS_RPB:
-                b_rpb = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
-                                + (c + KW // 2) * srp_w, mask=m_n, other=0.0)
-                b_s += (b_rpb.to(tl.float32) * LOG2E)[None, :]
-            b_p = tl.where(m_q[:, None], tl.exp2(b_s), 0.0)  # [P, N]
-            b_dv += b_p[:, :, None] * b_do
-            b_dp = tl.sum(b_do * b_v, axis=2)
-            b_dk += (b_p * (b_dp - b_delta))[:, :, None] * b_q
-    m_out = m_p[:, None, None] & m_nd[None, :, :]
-    tl.store(dk_ptr + b * sdk_b + tl.multiple_of(yi * sdk_h + xi * sdk_w, VEC)[:, None, None]
-             + (tl.multiple_of(o_nr * sdk_n, VEC)[:, None] + o_d[None, :] * sdk_d)[None, :, :],
-             (b_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_out)
-    tl.store(dv_ptr + b * sdv_b + tl.multiple_of(yi * sdv_h + xi * sdv_w, VEC)[:, None, None]
-             + (tl.multiple_of(o_nr * sdv_n, VEC)[:, None] + o_d[None, :] * sdv_d)[None, :, :],
-             b_dv.to(dv_ptr.dtype.element_ty), mask=m_out)
+            b_lse2, b_delta = tl.split(b_aux)  # [G, N] each
+            if u < KW:  # key pixel 0, tap c = KW - 1 - u
+                rpb_term = tl.zeros([BLOCK_N], dtype=tl.float32)
+                if HAS_RPB:
+                    rpb_term = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
+                                       + ((KW - 1 - u) + KW // 2) * srp_w, mask=m_n,
+                                       other=0.0).to(tl.float32) * LOG2E
+                dk0, dv0 = _key_tap(b_q, b_do, b_lse2, b_delta, kr0, kc0[KW - 1 - u], v0,
+                                    rpb_term[None, :], m_q, dk0, dv0, qk_scale, HALVES,
+                                    HAS_REL, HAS_RPB)
+            if PIX > 1:
+                if u >= 1:  # key pixel 1, tap c = KW - u
+                    rpb_term = tl.zeros([BLOCK_N], dtype=tl.float32)
+                    if HAS_RPB:
+                        rpb_term = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
+                                           + ((KW - u) + KW // 2) * srp_w, mask=m_n,
+                                           other=0.0).to(tl.float32) * LOG2E
+                    dk1, dv1 = _key_tap(b_q, b_do, b_lse2, b_delta, kr1, kc1[KW - u], v1,
+                                        rpb_term[None, :], m_q, dk1, dv1, qk_scale, HALVES,
+                                        HAS_REL, HAS_RPB)
+    o_dknd = tl.multiple_of(o_nr * sdk_n, VEC)[:, None] + o_d[None, :] * sdk_d
+    o_dvnd = tl.multiple_of(o_nr * sdv_n, VEC)[:, None] + o_d[None, :] * sdv_d
+    p_dk0 = dk_ptr + b * sdk_b
+    p_dv0 = dv_ptr + b * sdv_b
+    _store_rows(p_dk0, dk0 * scale, yi, x, m_p0, o_dknd, m_nd, sdk_h, sdk_w, IMG_I64, VEC)
+    _store_rows(p_dv0, dv0, yi, x, m_p0, o_dvnd, m_nd, sdv_h, sdv_w, IMG_I64, VEC)
+    if PIX > 1:
+        _store_rows(p_dk0, dk1 * scale, yi, x + 1, m_p1, o_dknd, m_nd, sdk_h, sdk_w, IMG_I64,
+                    VEC)
+        _store_rows(p_dv0, dv1, yi, x + 1, m_p1, o_dvnd, m_nd, sdv_h, sdv_w, IMG_I64, VEC)

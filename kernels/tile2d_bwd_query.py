@@ -55,6 +55,54 @@ def _halves(t):
 
 
 @triton.jit
+def _pixel_inputs(q_ptr, o_ptr, do_ptr, lse_ptr, aux_ptr, b, y, yi, x, m_y, H, W, HEADS,
+                  o_qnd, o_ond, o_dond, o_n, m_n, m_nd, sq_h, sq_w, so_h, so_w, sdo_h, sdo_w,
+                  sl_h, sl_w, sl_n, qk_scale, IMG_I64: tl.constexpr, VEC: tl.constexpr):
+    """(q * scale * log2(e), dout, lse * log2(e), delta, pixel mask) of pixel column x of
+    every group ([G] y, x); stores the (lse2, delta) pairs for the key kernel."""
+    m_p = m_y & (x < W)
+    if IMG_I64:
+        xi = x.to(tl.int64)
+    else:
+        xi = x
+    b_qs = _load_rows(q_ptr, yi * sq_h + xi * sq_w, o_qnd, m_p, m_nd, VEC) * qk_scale
+    b_o = _load_rows(o_ptr, yi * so_h + xi * so_w, o_ond, m_p, m_nd, VEC)
+    b_do = _load_rows(do_ptr, yi * sdo_h + xi * sdo_w, o_dond, m_p, m_nd, VEC)
+    m_pn = m_p[:, None] & m_n[None, :]  # [G, N]
+    b_lse2 = tl.load(lse_ptr + (yi * sl_h + xi * sl_w)[:, None] + (o_n * sl_n)[None, :],
+                     mask=m_pn, other=0.0) * LOG2E
+    b_delta = tl.sum(b_do * b_o, axis=2)  # [G, N]
+    # aux: contiguous (B, H, W, HEADS, 2) float32, (lse2, delta) side by side
+    p_aux = aux_ptr + (((b * H + y) * W + x) * HEADS)[:, None] * 2 + (o_n * 2)[None, :]
+    tl.store(p_aux, b_lse2, mask=m_pn)
+    tl.store(p_aux + 1, b_delta, mask=m_pn)
+    return b_qs, b_do, b_lse2, b_delta, m_p
+
+
+@triton.jit
+def _tap(b_k, b_v, b_qs, b_do, b_delta, b_seed, m_tap, b_acc, MASK: tl.constexpr):
+    """One window tap of one pixel column: (dq accumulator, ds [G, N])."""
+    b_p = tl.exp2(tl.sum(b_qs * b_k, axis=2) + b_seed)
+    if MASK:  # taps outside the image drop out
+        b_p = tl.where(m_tap[:, None], b_p, 0.0)
+    b_ds = b_p * (tl.sum(b_do * b_v, axis=2) - b_delta)
+    return b_acc + b_ds[:, :, None] * b_k, b_ds
+
+
+@triton.jit
+def _store_dq(dq_ptr, b_acc, scale, yi, x, m_p, o_dqnd, m_nd, sdq_h, sdq_w,
+              IMG_I64: tl.constexpr, VEC: tl.constexpr):
+    if IMG_I64:
+        xi = x.to(tl.int64)
+    else:
+        xi = x
+    o = tl.multiple_of(yi * sdq_h + xi * sdq_w, VEC)
+    tl.store(dq_ptr + o[:, None, None] + o_dqnd[None, :, :],
+             (b_acc * scale).to(dq_ptr.dtype.element_ty),
+             mask=m_p[:, None, None] & m_nd[None, :, :])
+
+
+@triton.jit
 def _tile2d_bwd_query_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
     dq_ptr, aux_ptr, parth_ptr, partw_ptr, partb_ptr,
@@ -71,17 +119,21 @@ def _tile2d_bwd_query_kernel(
     D: tl.constexpr, D_HALF: tl.constexpr,  # constexpr: channel masks stay per vector
     KH: tl.constexpr, KW: tl.constexpr, MASK: tl.constexpr,  # MASK: mask padding, else zeros
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr, TW: tl.constexpr, PIX: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, IMG_I64: tl.constexpr, VEC: tl.constexpr,
 ):
-    P: tl.constexpr = BLOCK_H * BLOCK_W
+    # G pixel groups of PIX horizontally adjacent pixels (PIX = 2: column dilation 1);
+    # pixel j of a group meets window column u = j + c at its tap c, so per window row
+    # the group loads KW + PIX - 1 k / v columns, each serving up to PIX pixels
+    G: tl.constexpr = BLOCK_H * TW
+    NCOL: tl.constexpr = KW + PIX - 1
     pid = tl.program_id(0)
     b = (pid // TILES).to(tl.int64)
     t = pid % TILES
-    o_p = tl.arange(0, P)
-    y = (t // TILES_W) * BLOCK_H + o_p // BLOCK_W  # [P]
-    x = (t % TILES_W) * BLOCK_W + o_p % BLOCK_W
-    m_p = (y < H) & (x < W)
+    o_g = tl.arange(0, G)
+    y = (t // TILES_W) * BLOCK_H + o_g // TW  # [G]
+    x = (t % TILES_W) * (TW * PIX) + (o_g % TW) * PIX  # [G] the group's first pixel
+    m_y = y < H
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     m_n = o_n < HEADS
@@ -94,114 +146,170 @@ def _tile2d_bwd_query_kernel(
         yi = y
         xi = x
         o_nr = o_n
-
     o_qnd = tl.multiple_of(o_nr * sq_n, VEC)[:, None] + o_d[None, :] * sq_d
-    b_q = _load_rows(q_ptr + b * sq_b, yi * sq_h + xi * sq_w, o_qnd, m_p, m_nd, VEC)
-    b_o = _load_rows(o_ptr + b * so_b, yi * so_h + xi * so_w,
-                     tl.multiple_of(o_nr * so_n, VEC)[:, None] + o_d[None, :] * so_d, m_p, m_nd, VEC)
-    b_do = _load_rows(do_ptr + b * sdo_b, yi * sdo_h + xi * sdo_w,
-                      tl.multiple_of(o_nr * sdo_n, VEC)[:, None] + o_d[None, :] * sdo_d, m_p, m_nd, VEC)
-    m_pn = m_p[:, None] & m_n[None, :]  # [P, N]
-    b_lse2 = tl.load(lse_ptr + b * sl_b + (yi * sl_h + xi * sl_w)[:, None]
-                     + (o_nr * sl_n)[None, :], mask=m_pn, other=0.0) * LOG2E
-    b_delta = tl.sum(b_do * b_o, axis=2)  # [P, N]
-    # aux: contiguous (B, H, W, HEADS, 2) float32, (lse2, delta) side by side
-    o_aux = ((b * H + y) * W + x) * HEADS  # [P] int64
-    p_aux = aux_ptr + (o_aux[:, None] + o_n[None, :]) * 2
-    tl.store(p_aux, b_lse2, mask=m_pn)
-    tl.store(p_aux + 1, b_delta, mask=m_pn)
+    o_ond = tl.multiple_of(o_nr * so_n, VEC)[:, None] + o_d[None, :] * so_d
+    o_dond = tl.multiple_of(o_nr * sdo_n, VEC)[:, None] + o_d[None, :] * sdo_d
+    p_q0 = q_ptr + b * sq_b
+    p_o0 = o_ptr + b * so_b
+    p_do0 = do_ptr + b * sdo_b
+    p_l0 = lse_ptr + b * sl_b
+    qs0, do0, lse0, delta0, m_p0 = _pixel_inputs(
+        p_q0, p_o0, p_do0, p_l0, aux_ptr, b, y, yi, x, m_y, H, W, HEADS, o_qnd, o_ond,
+        o_dond, o_n, m_n, m_nd, sq_h, sq_w, so_h, so_w, sdo_h, sdo_w, sl_h, sl_w, sl_n,
+        qk_scale, IMG_I64, VEC)
+    qs1, do1, lse1, delta1, m_p1 = qs0, do0, lse0, delta0, m_p0
+    if PIX > 1:
+        qs1, do1, lse1, delta1, m_p1 = _pixel_inputs(
+            p_q0, p_o0, p_do0, p_l0, aux_ptr, b, y, yi, x + 1, m_y, H, W, HEADS, o_qnd,
+            o_ond, o_dond, o_n, m_n, m_nd, sq_h, sq_w, so_h, so_w, sdo_h, sdo_w, sl_h,
+            sl_w, sl_n, qk_scale, IMG_I64, VEC)
 
-    b_qs = b_q * qk_scale  # logits in log2 units
     m_dh = m_nd & (o_d < D_HALF)[None, :]  # [N, D]: channels meeting rel_h
     m_dw = m_nd & (o_d >= D_HALF)[None, :]  # channels meeting rel_w
-    o_rh = o_n[:, None] * srh_n + o_d[None, :] * srh_d
-    o_rw = o_n[:, None] * srw_n + (o_d[None, :] - D_HALF) * srw_d
-    # per window column c: the column rel part of the logits and whether the tap is inside
-    seeds = ()
-    col_ok = ()
+    o_g0 = (o_g * 0)[:, None, None]  # a table row loaded in the [G, N, D] tiles' layout
+    o_rh = o_g0 + (o_n[:, None] * srh_n + o_d[None, :] * srh_d)[None, :, :]
+    o_rw = o_g0 + (o_n[:, None] * srw_n + (o_d[None, :] - D_HALF) * srw_d)[None, :, :]
+    # per tap c and pixel: the column rel part of the logit less lse2 (the chain's seed)
+    seeds0 = ()
+    seeds1 = ()
+    zero_gn = tl.zeros([G, BLOCK_N], dtype=tl.float32)
     for c in tl.static_range(KW):
-        xk = x + (c - KW // 2) * dil_w
-        col_ok = col_ok + ((xk >= 0) & (xk < W),)
         if HAS_REL:
-            b_rw = tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw, other=0.0).to(tl.float32)
-            seeds = seeds + (tl.sum(b_qs * b_rw[None, :, :], axis=2) - b_lse2,)
+            b_rw = tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :],
+                           other=0.0).to(tl.float32)
+            seeds0 = seeds0 + (tl.sum(qs0 * b_rw, axis=2) - lse0,)
+            if PIX > 1:
+                seeds1 = seeds1 + (tl.sum(qs1 * b_rw, axis=2) - lse1,)
         else:
-            seeds = seeds + (-b_lse2,)
+            seeds0 = seeds0 + (-lse0,)
+            seeds1 = seeds1 + (-lse1,)
+    if PIX == 1:
+        seeds1 = seeds0
+    # whether window column u (image column x + (u - KW // 2) * dil_w) is inside
+    col_ok = ()
+    for u in tl.static_range(NCOL):
+        xk = x + (u - KW // 2) * dil_w
+        col_ok = col_ok + ((xk >= 0) & (xk < W),)
 
     p_k0 = k_ptr + b * sk_b
     p_v0 = v_ptr + b * sv_b
-    o_kp = yi * sk_h + xi * sk_w  # [P] the pixel's own position
+    o_kp = yi * sk_h + xi * sk_w  # [G] the group's first pixel
     o_vp = yi * sv_h + xi * sv_w
     o_knd = tl.multiple_of(o_nr * sk_n, VEC)[:, None] + o_d[None, :] * sk_d  # [N, D]
     o_vnd = tl.multiple_of(o_nr * sv_n, VEC)[:, None] + o_d[None, :] * sv_d
-    b_acc = tl.zeros([P, BLOCK_N, BLOCK_D], dtype=tl.float32)  # dq / scale
-    gcols = ()
+    acc0 = tl.zeros([G, BLOCK_N, BLOCK_D], dtype=tl.float32)  # dq / scale
+    acc1 = acc0
+    g0 = ()  # G_col per tap, per pixel
     for c in tl.static_range(KW):
-        gcols = gcols + (tl.zeros([P, BLOCK_N], dtype=tl.float32),)
+        g0 = g0 + (zero_gn,)
+    g1 = g0
     slot = pid.to(tl.int64) * HEADS + o_n  # [N]: partial slot of (program, head)
     for a in range(KH):
         dy = (a - KH // 2) * dil_h
         yk = y + dy
-        m_row = m_p & (yk >= 0) & (yk < H)
+        m_row = m_y & (yk >= 0) & (yk < H)
+        srow0 = zero_gn
+        srow1 = zero_gn
         if HAS_REL:
-            b_rh = tl.load(relh_ptr + a * srh_r + o_rh, mask=m_dh, other=0.0).to(tl.float32)
-            b_srow = tl.sum(b_qs * b_rh[None, :, :], axis=2)  # [P, N]
-        else:
-            b_srow = tl.zeros([P, BLOCK_N], dtype=tl.float32)
-        grow = tl.zeros([P, BLOCK_N], dtype=tl.float32)
-        new_gcols = ()
-        for c in tl.static_range(KW):
-            dx = (c - KW // 2) * dil_w
-            m_tap = m_row & col_ok[c]
-            b_k = _load_rows(p_k0, o_kp + (dy * sk_h + dx * sk_w), o_knd, m_tap, m_nd, VEC)
-            b_v = _load_rows(p_v0, o_vp + (dy * sv_h + dx * sv_w), o_vnd, m_tap, m_nd, VEC)
-            b_s = tl.sum(b_qs * b_k, axis=2) + seeds[c] + b_srow  # [P, N]
-            if HAS_RPB:
-                b_rpb = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
-                                + (c + KW // 2) * srp_w, mask=m_n, other=0.0)
-                b_s += (b_rpb.to(tl.float32) * LOG2E)[None, :]
-            b_p = tl.exp2(b_s)
-            if MASK:  # taps outside the image drop out
-                b_p = tl.where(m_tap[:, None], b_p, 0.0)
-            b_dp = tl.sum(b_do * b_v, axis=2)
-            b_ds = b_p * (b_dp - b_delta)  # [P, N]
-            b_acc += b_ds[:, :, None] * b_k
-            if HAS_REL:
-                grow += b_ds
-                new_gcols = new_gcols + (gcols[c] + b_ds,)
-            if HAS_RPB:
+            b_rh = tl.load(relh_ptr + a * srh_r + o_rh, mask=m_dh[None, :, :],
+                           other=0.0).to(tl.float32)
+            srow0 = tl.sum(qs0 * b_rh, axis=2)  # [G, N]
+            if PIX > 1:
+                srow1 = tl.sum(qs1 * b_rh, axis=2)
+        grow0 = zero_gn
+        grow1 = zero_gn
+        ng0 = ()
+        ng1 = ()
+        pend = zero_gn  # rpb: pixel 0's ds at the tap pixel 1 meets next
+        for u in tl.static_range(NCOL):
+            o_col = dy * sk_h + (u - KW // 2) * dil_w * sk_w
+            m_col = m_row & col_ok[u]
+            b_k = _load_rows(p_k0, o_kp + o_col, o_knd, m_col, m_nd, VEC)
+            b_v = _load_rows(p_v0, o_vp + (dy * sv_h + (u - KW // 2) * dil_w * sv_w), o_vnd,
+                             m_col, m_nd, VEC)
+            if PIX > 1:
+                if u >= 1:  # pixel 1, tap c = u - 1
+                    seed = seeds1[u - 1] + srow1
+                    if HAS_RPB:
+                        b_rpb = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
+                                        + ((u - 1) + KW // 2) * srp_w, mask=m_n, other=0.0)
+                        seed += (b_rpb.to(tl.float32) * LOG2E)[None, :]
+                    m_tap = m_col & m_p1
+                    acc1, ds1 = _tap(b_k, b_v, qs1, do1, delta1, seed, m_tap, acc1, MASK)
+                    if HAS_REL:
+                        grow1 += ds1
+                        ng1 = ng1 + (g1[u - 1] + ds1,)
+                    if HAS_RPB:  # zeros padding: taps outside the image count
+                        ds1 = tl.where((m_tap if MASK else m_p1)[:, None], ds1, 0.0)
+                        tl.store(partb_ptr + (a * N_SLOTS + slot) * KW + (u - 1),
+                                 tl.sum(pend + ds1, axis=0), mask=m_n)
+            if u < KW:  # pixel 0, tap c = u
+                seed = seeds0[u] + srow0
+                if HAS_RPB:
+                    b_rpb = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
+                                    + (u + KW // 2) * srp_w, mask=m_n, other=0.0)
+                    seed += (b_rpb.to(tl.float32) * LOG2E)[None, :]
+                m_tap = m_col & m_p0
+                acc0, ds0 = _tap(b_k, b_v, qs0, do0, delta0, seed, m_tap, acc0, MASK)
+                if HAS_REL:
+                    grow0 += ds0
+                    ng0 = ng0 + (g0[u] + ds0,)
+                if HAS_RPB:
+                    ds0 = tl.where((m_tap if MASK else m_p0)[:, None], ds0, 0.0)
+                    if PIX > 1:
+                        pend = ds0
+                    else:
+                        tl.store(partb_ptr + (a * N_SLOTS + slot) * KW + u,
+                                 tl.sum(ds0, axis=0), mask=m_n)
+        if HAS_REL:
+            g0 = ng0
+            # rel_h row a: dq += G_row rel_h[a]; partial sum over pixels of G_row q[:d/2]
+            # (a row outside the image meets neither, with mask padding: selected away)
+            prod0 = grow0[:, :, None] * b_rh
+            part = grow0[:, :, None] * qs0
+            if MASK:
+                m_r = (m_row & m_p0)[:, None, None]
+                prod0 = tl.where(m_r, prod0, 0.0)
+                part = tl.where(m_r, part, 0.0)
+            acc0 += prod0
+            if PIX > 1:
+                g1 = ng1
+                prod1 = grow1[:, :, None] * b_rh
+                part1 = grow1[:, :, None] * qs1
                 if MASK:
-                    b_ds = tl.where(m_tap[:, None], b_ds, 0.0)
-                else:
-                    b_ds = tl.where(m_p[:, None], b_ds, 0.0)
-                tl.store(partb_ptr + (a * N_SLOTS + slot) * KW + c, tl.sum(b_ds, axis=0),
-                         mask=m_n)
-        if HAS_REL:
-            gcols = new_gcols
-            b_prod = grow[:, :, None] * b_rh[None, :, :]
-            b_part = grow[:, :, None] * b_q
-            if MASK:  # a row outside the image meets neither rel_h[a] nor its q
-                m_r = m_row[:, None, None]
-                b_prod = tl.where(m_r, b_prod, 0.0)
-                b_part = tl.where(m_r, b_part, 0.0)
-            b_acc += b_prod
-            b_part = tl.sum(b_part, axis=0) * scale  # [N, D]
+                    m_r = (m_row & m_p1)[:, None, None]
+                    prod1 = tl.where(m_r, prod1, 0.0)
+                    part1 = tl.where(m_r, part1, 0.0)
+                acc1 += prod1
+                part += part1
+            part = tl.sum(part, axis=0) * 0.6931471805599453  # q * scale: qs / log2(e)  # [N, D]
             tl.store(parth_ptr + (a * N_SLOTS + slot)[:, None] * D_HALF + o_d[None, :],
-                     b_part, mask=m_dh)
+                     part, mask=m_dh)
     if HAS_REL:
         for c in tl.static_range(KW):
-            b_rw = tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw, other=0.0).to(tl.float32)
-            b_prod = gcols[c][:, :, None] * b_rw[None, :, :]
-            b_part = gcols[c][:, :, None] * b_q
-            if MASK:
-                m_c = (m_p & col_ok[c])[:, None, None]
-                b_prod = tl.where(m_c, b_prod, 0.0)
-                b_part = tl.where(m_c, b_part, 0.0)
-            b_acc += b_prod
-            b_part = tl.sum(b_part, axis=0) * scale
+            b_rw = tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :],
+                           other=0.0).to(tl.float32)
+            prod0 = g0[c][:, :, None] * b_rw
+            part = g0[c][:, :, None] * qs0
+            if MASK:  # pixel j meets rel_w[c] at window column u = j + c
+                m_c = (m_p0 & col_ok[c])[:, None, None]
+                prod0 = tl.where(m_c, prod0, 0.0)
+                part = tl.where(m_c, part, 0.0)
+            acc0 += prod0
+            if PIX > 1:
+                prod1 = g1[c][:, :, None] * b_rw
+                part1 = g1[c][:, :, None] * qs1
+                if MASK:
+                    m_c = (m_p1 & col_ok[c + 1])[:, None, None]
+                    prod1 = tl.where(m_c, prod1, 0.0)
+                    part1 = tl.where(m_c, part1, 0.0)
+                acc1 += prod1
+                part += part1
+            part = tl.sum(part, axis=0) * 0.6931471805599453  # q * scale: qs / log2(e)
             tl.store(partw_ptr + (c * N_SLOTS + slot)[:, None] * (D - D_HALF)
-                     + (o_d[None, :] - D_HALF), b_part, mask=m_dw)
-    b_dq = b_acc * scale
-    tl.store(dq_ptr + b * sdq_b + tl.multiple_of(yi * sdq_h + xi * sdq_w, VEC)[:, None, None]
-             + (tl.multiple_of(o_nr * sdq_n, VEC)[:, None] + o_d[None, :] * sdq_d)[None, :, :],
-             b_dq.to(dq_ptr.dtype.element_ty), mask=m_p[:, None, None] & m_nd[None, :, :])
+                     + (o_d[None, :] - D_HALF), part, mask=m_dw)
+    o_dqnd = tl.multiple_of(o_nr * sdq_n, VEC)[:, None] + o_d[None, :] * sdq_d
+    p_dq0 = dq_ptr + b * sdq_b
+    _store_dq(p_dq0, acc0, scale, yi, x, m_p0, o_dqnd, m_nd, sdq_h, sdq_w, IMG_I64, VEC)
+    if PIX > 1:
+        _store_dq(p_dq0, acc1, scale, yi, x + 1, m_p1, o_dqnd, m_nd, sdq_h, sdq_w, IMG_I64, VEC)

@@ -189,7 +189,7 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
         *table_strides, *dq.stride(),
         dh, dw, scale * LOG2E.value, scale,
-        MASK=padding == "mask", BLOCK_H=qbh, TW=qbw // config["Q_PIX"], PIX=config["Q_PIX"],
+        MASK=padding == "mask", K_COL=dw * k.stride(2), V_COL=dw * v.stride(2), BLOCK_H=qbh, TW=qbw // config["Q_PIX"], PIX=config["Q_PIX"],
         num_warps=config["Q_num_warps"],
         num_stages=1, **common,
     )
@@ -217,6 +217,7 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *table_strides,
         *dk.stride(), *dv.stride(),
         dh, dw, scale * LOG2E.value, scale,
+        Q_COL=dw * q.stride(2), DO_COL=dw * dout.stride(2), AUX_COL=dw * heads * 2,
         BLOCK_H=kbh, TW=kbw // config["K_PIX"], PIX=config["K_PIX"],
         num_warps=config["K_num_warps"], num_stages=1,
         # a head's channels in one thread's 16-byte vector: its halves split in registers

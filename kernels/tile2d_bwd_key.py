@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import LOG2E
+from .common import LOG2E, to_f32
 from .tile2d_bwd_query import _halves, _load_rows
 
 
@@ -91,6 +91,7 @@ def _tile2d_bwd_key_kernel(
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, TW: tl.constexpr, PIX: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, IMG_I64: tl.constexpr, VEC: tl.constexpr, HALVES: tl.constexpr,
+    Q_COL: tl.constexpr, DO_COL: tl.constexpr, AUX_COL: tl.constexpr,  # window column steps
 ):
     # G groups of PIX horizontally adjacent key pixels (PIX = 2: column dilation 1); key
     # pixel j meets query column u (image column x + (u - KW // 2) * dil_w) at its tap
@@ -185,13 +186,17 @@ def _tile2d_bwd_key_kernel(
                 kr0 = kb0 + b_rh
                 if PIX > 1:
                     kr1 = kb1 + b_rh
+        # the row's pointers once; the window columns step by compile-time immediates
+        p_qr = p_q0 + tl.multiple_of(o_qp - dy * sq_h, VEC)[:, None, None] + o_qnd[None, :, :]
+        p_dor = (p_do0 + tl.multiple_of(o_dop - dy * sdo_h, VEC)[:, None, None]
+                 + o_dond[None, :, :])
+        p_ar = p_aux0 + (o_auxp - dy * W * (HEADS * 2))[:, :, None] + tl.arange(0, 2)[None, None, :]
         for u in tl.static_range(NCOL):
-            dx = (u - KW // 2) * dil_w
             m_q = m_row & col_ok[u]
-            b_q = _load_rows(p_q0, o_qp + (dx * sq_w - dy * sq_h), o_qnd, m_q, m_nd, VEC)
-            b_do = _load_rows(p_do0, o_dop + (dx * sdo_w - dy * sdo_h), o_dond, m_q, m_nd, VEC)
-            o_aux = o_auxp + (dx - dy * W) * (HEADS * 2)  # [G, N]
-            b_aux = tl.load(p_aux0 + o_aux[:, :, None] + tl.arange(0, 2)[None, None, :],
+            m_qnd = m_q[:, None, None] & m_nd[None, :, :]
+            b_q = to_f32(tl.load(p_qr + (u - KW // 2) * Q_COL, mask=m_qnd, other=0.0))
+            b_do = to_f32(tl.load(p_dor + (u - KW // 2) * DO_COL, mask=m_qnd, other=0.0))
+            b_aux = tl.load(p_ar + (u - KW // 2) * AUX_COL,
                             mask=(m_q[:, None] & m_n[None, :])[:, :, None], other=0.0)
             b_lse2, b_delta = tl.split(b_aux)  # [G, N] each
             if u < KW:  # key pixel 0, tap c = KW - 1 - u

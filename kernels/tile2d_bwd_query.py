@@ -121,6 +121,7 @@ def _tile2d_bwd_query_kernel(
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, TW: tl.constexpr, PIX: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, IMG_I64: tl.constexpr, VEC: tl.constexpr,
+    K_COL: tl.constexpr, V_COL: tl.constexpr,  # window column steps (elements)
 ):
     # G pixel groups of PIX horizontally adjacent pixels (PIX = 2: column dilation 1);
     # pixel j of a group meets window column u = j + c at its tap c, so per window row
@@ -221,12 +222,14 @@ def _tile2d_bwd_query_kernel(
         ng0 = ()
         ng1 = ()
         pend = zero_gn  # rpb: pixel 0's ds at the tap pixel 1 meets next
+        # the row's pointers once; the window columns step by compile-time immediates
+        p_kr = p_k0 + tl.multiple_of(o_kp + dy * sk_h, VEC)[:, None, None] + o_knd[None, :, :]
+        p_vr = p_v0 + tl.multiple_of(o_vp + dy * sv_h, VEC)[:, None, None] + o_vnd[None, :, :]
         for u in tl.static_range(NCOL):
-            o_col = dy * sk_h + (u - KW // 2) * dil_w * sk_w
             m_col = m_row & col_ok[u]
-            b_k = _load_rows(p_k0, o_kp + o_col, o_knd, m_col, m_nd, VEC)
-            b_v = _load_rows(p_v0, o_vp + (dy * sv_h + (u - KW // 2) * dil_w * sv_w), o_vnd,
-                             m_col, m_nd, VEC)
+            m_knd = m_col[:, None, None] & m_nd[None, :, :]
+            b_k = to_f32(tl.load(p_kr + (u - KW // 2) * K_COL, mask=m_knd, other=0.0))
+            b_v = to_f32(tl.load(p_vr + (u - KW // 2) * V_COL, mask=m_knd, other=0.0))
             if PIX > 1:
                 if u >= 1:  # pixel 1, tap c = u - 1
                     seed = seeds1[u - 1] + srow1

@@ -220,8 +220,6 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
         Q_COL=dw * q.stride(2), DO_COL=dw * dout.stride(2), AUX_COL=dw * heads * 2,
         BLOCK_H=kbh, TW=kbw // config["K_PIX"], PIX=config["K_PIX"],
         num_warps=config["K_num_warps"], num_stages=1,
-        # a head's channels in one thread's 16-byte vector: its halves split in registers
-        HALVES=has_rel and d == block_d and d > 1 and vec == d and d * q.element_size() <= 16,
         **common,
     )
     return dq, dk, dv, drel_h, drel_w, drpb

@@ -22,22 +22,18 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E, to_f32
-from .tile2d_bwd_query import _halves, _load_rows
+from .tile2d_bwd_query import _load_rows
 
 
 @triton.jit
-def _key_tap(b_q, b_do, b_lse2, b_delta, b_kf, b_khi, b_v, rpb_term, m_q, b_dk, b_dv,
-             qk_scale, HALVES: tl.constexpr, HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr):
-    """One (key pixel column, query) pair: (dk / scale, dv) accumulators. With HALVES
-    b_kf is the key's effective lower half and b_khi its upper one for this tap, else
-    b_kf is the full effective key."""
-    if HALVES:
-        q_lo, q_hi = _halves(b_q)
-        b_s = tl.sum(q_lo * b_kf, axis=2) + tl.sum(q_hi * b_khi, axis=2)
-    elif HAS_REL:
-        b_s = tl.sum(b_q * (b_kf + b_khi), axis=2)
+def _key_tap(b_q, b_do, b_lse2, b_delta, b_kr, b_rw, b_v, rpb_term, m_q, b_dk, b_dv,
+             qk_scale, HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr):
+    """One (key pixel column, query) pair: (dk / scale, dv) accumulators. b_kr is the
+    key plus rel_h[a] (lower channels), b_rw rel_w[c] (upper channels)."""
+    if HAS_REL:
+        b_s = tl.sum(b_q * (b_kr + b_rw), axis=2)
     else:
-        b_s = tl.sum(b_q * b_kf, axis=2)
+        b_s = tl.sum(b_q * b_kr, axis=2)
     b_s = b_s * qk_scale - b_lse2
     if HAS_RPB:
         b_s += rpb_term
@@ -45,21 +41,6 @@ def _key_tap(b_q, b_do, b_lse2, b_delta, b_kf, b_khi, b_v, rpb_term, m_q, b_dk, 
     b_dv += b_p[:, :, None] * b_do
     b_ds = b_p * (tl.sum(b_do * b_v, axis=2) - b_delta)
     return b_dk + b_ds[:, :, None] * b_q, b_dv
-
-
-@triton.jit
-def _key_columns(b_k, b_rws, HALVES: tl.constexpr, HAS_REL: tl.constexpr,
-                 KW: tl.constexpr):
-    """(lower half or whole k, per tap c: k[d/2:] + rel_w[c] (HALVES) or rel_w[c])."""
-    if HALVES:
-        k_lo, k_hi = _halves(b_k)
-        out = ()
-        for c in tl.static_range(KW):
-            rw_lo, rw_hi = _halves(b_rws[c])
-            out = out + (k_hi + rw_hi,)
-        return k_lo, out
-    else:
-        return b_k, b_rws
 
 
 @triton.jit
@@ -90,16 +71,15 @@ def _tile2d_bwd_key_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, TW: tl.constexpr, PIX: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, IMG_I64: tl.constexpr, VEC: tl.constexpr, HALVES: tl.constexpr,
+    BLOCK_D: tl.constexpr, IMG_I64: tl.constexpr, VEC: tl.constexpr,
     Q_COL: tl.constexpr, DO_COL: tl.constexpr, AUX_COL: tl.constexpr,  # window column steps
 ):
     # G groups of PIX horizontally adjacent key pixels (PIX = 2: column dilation 1); key
     # pixel j meets query column u (image column x + (u - KW // 2) * dil_w) at its tap
     # c = j + KW - 1 - u: per window row a group loads KW + PIX - 1 query columns.
-    # HALVES (the launcher's flag: d a power of two > 1 held by one thread): the halves
-    # split in registers, the logit is q[:d/2] . (k[:d/2] + rel_h[a]) + q[d/2:] .
-    # (k[d/2:] + rel_w[c]), the first half made once per window row, the KW second ones
-    # once per program (no per-tap adds)
+    # The rel rows enter as the key's effective k: k + rel_h[a] once per window row,
+    # + rel_w[c] per tap (splitting the channel halves in registers instead saves those
+    # adds but takes 255 registers and spills at s1: no faster, the loop is L2-bound)
     G: tl.constexpr = BLOCK_H * TW
     NCOL: tl.constexpr = KW + PIX - 1
     pid = tl.program_id(0)
@@ -147,10 +127,6 @@ def _tile2d_bwd_key_kernel(
                                  other=0.0).to(tl.float32),)
         else:
             rws = rws + (0.0,)
-    kb0, kc0 = _key_columns(k0, rws, HALVES, HAS_REL, KW)
-    kb1, kc1 = kb0, kc0
-    if PIX > 1:
-        kb1, kc1 = _key_columns(k1, rws, HALVES, HAS_REL, KW)
     col_ok = ()
     for u in tl.static_range(NCOL):
         xq = x + (u - KW // 2) * dil_w
@@ -172,20 +148,14 @@ def _tile2d_bwd_key_kernel(
         dy = (a - KH // 2) * dil_h
         yq = y - dy
         m_row = m_y & (yq >= 0) & (yq < H)
-        kr0 = kb0
-        kr1 = kb1
+        kr0 = k0
+        kr1 = k1
         if HAS_REL:
             b_rh = tl.load(relh_ptr + a * srh_r + o_rh, mask=m_dh[None, :, :],
                            other=0.0).to(tl.float32)
-            if HALVES:
-                rh_lo, rh_hi = _halves(b_rh)
-                kr0 = kb0 + rh_lo
-                if PIX > 1:
-                    kr1 = kb1 + rh_lo
-            else:
-                kr0 = kb0 + b_rh
-                if PIX > 1:
-                    kr1 = kb1 + b_rh
+            kr0 = k0 + b_rh
+            if PIX > 1:
+                kr1 = k1 + b_rh
         # the row's pointers once; the window columns step by compile-time immediates
         p_qr = p_q0 + tl.multiple_of(o_qp - dy * sq_h, VEC)[:, None, None] + o_qnd[None, :, :]
         p_dor = (p_do0 + tl.multiple_of(o_dop - dy * sdo_h, VEC)[:, None, None]
@@ -205,9 +175,9 @@ def _tile2d_bwd_key_kernel(
                     rpb_term = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
                                        + ((KW - 1 - u) + KW // 2) * srp_w, mask=m_n,
                                        other=0.0).to(tl.float32) * LOG2E
-                dk0, dv0 = _key_tap(b_q, b_do, b_lse2, b_delta, kr0, kc0[KW - 1 - u], v0,
-                                    rpb_term[None, :], m_q, dk0, dv0, qk_scale, HALVES,
-                                    HAS_REL, HAS_RPB)
+                dk0, dv0 = _key_tap(b_q, b_do, b_lse2, b_delta, kr0, rws[KW - 1 - u], v0,
+                                    rpb_term[None, :], m_q, dk0, dv0, qk_scale, HAS_REL,
+                                    HAS_RPB)
             if PIX > 1:
                 if u >= 1:  # key pixel 1, tap c = KW - u
                     rpb_term = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -215,8 +185,8 @@ def _tile2d_bwd_key_kernel(
                         rpb_term = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
                                            + ((KW - u) + KW // 2) * srp_w, mask=m_n,
                                            other=0.0).to(tl.float32) * LOG2E
-                    dk1, dv1 = _key_tap(b_q, b_do, b_lse2, b_delta, kr1, kc1[KW - u], v1,
-                                        rpb_term[None, :], m_q, dk1, dv1, qk_scale, HALVES,
+                    dk1, dv1 = _key_tap(b_q, b_do, b_lse2, b_delta, kr1, rws[KW - u], v1,
+                                        rpb_term[None, :], m_q, dk1, dv1, qk_scale,
                                         HAS_REL, HAS_RPB)
     o_dknd = tl.multiple_of(o_nr * sdk_n, VEC)[:, None] + o_d[None, :] * sdk_d
     o_dvnd = tl.multiple_of(o_nr * sdv_n, VEC)[:, None] + o_d[None, :] * sdv_d

@@ -48,13 +48,6 @@ def _load_rows(ptr, o_pix, o_nd, m_pix, m_nd, VEC: tl.constexpr):
 
 
 @triton.jit
-def _halves(t):
-    """The lower and upper channel halves of a [P, N, D] tile (registers only)."""
-    shape: tl.constexpr = [t.shape[0], t.shape[1], 2, t.shape[2] // 2]
-    return tl.split(tl.permute(tl.reshape(t, shape), (0, 1, 3, 2)))
-
-
-@triton.jit
 def _pixel_inputs(q_ptr, o_ptr, do_ptr, lse_ptr, aux_ptr, b, y, yi, x, m_y, H, W, HEADS,
                   o_qnd, o_ond, o_dond, o_n, m_n, m_nd, sq_h, sq_w, so_h, so_w, sdo_h, sdo_w,
                   sl_h, sl_w, sl_n, qk_scale, IMG_I64: tl.constexpr, VEC: tl.constexpr):

@@ -52,12 +52,17 @@ def supports(q_shape, dtype, args: AttendArgs) -> bool:
             and args.kw <= MAX_KW and args.padding != "shift")
 
 
+def _config(bh: int, tw: int, warps: int, q_pix: int, k_pix: int) -> dict:
+    """Both kernels on the same tile of BLOCK_H x tw pixel groups and warps; PIX pixels
+    per group in each (BLOCK_W = tw * PIX)."""
+    return {"Q_BLOCK_H": bh, "Q_BLOCK_W": tw * q_pix, "Q_PIX": q_pix, "Q_num_warps": warps,
+            "K_BLOCK_H": bh, "K_BLOCK_W": tw * k_pix, "K_PIX": k_pix, "K_num_warps": warps}
+
+
 def search_space() -> list[dict]:
-    """Tile shapes, pixels per thread and warps; both kernels take the same setting."""
-    return [{f"{pre}{key}": val for pre in ("Q_", "K_")
-             for key, val in (("BLOCK_H", bh), ("BLOCK_W", bw), ("PIX", pix), ("num_warps", nw))}
-            for bh in _SIZES for bw in _SIZES for pix in (1, 2) for nw in _WARPS
-            if 4 <= bh * bw <= 128 and bw % pix == 0]
+    """Group tiles, warps and each kernel's pixels per group (1 or 2)."""
+    return [_config(bh, tw, nw, qp, kp) for bh in _SIZES for tw in _SIZES for nw in _WARPS
+            for qp in (1, 2) for kp in (1, 2) if 4 <= bh * tw * max(qp, kp) <= 128]
 
 
 def _slots_per_thread(q_shape, bh: int, bw: int, warps: int, pix: int = 1) -> float:
@@ -66,8 +71,8 @@ def _slots_per_thread(q_shape, bh: int, bw: int, warps: int, pix: int = 1) -> fl
 
 
 def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
-    """Tiles no larger than the image, 1 or 2 (pixel group, head lane) slots per thread,
-    PIX 2 only with column dilation 1."""
+    """Tiles no larger than the image, 1 or 2 (pixel group, head lane) slots per thread
+    (fewer with one warp: tiny images), PIX 2 only with column dilation 1."""
     B, H, W, heads, d = q_shape
     kept = []
     for cfg in configs:
@@ -77,7 +82,8 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
             pix = cfg[pre + "PIX"]
             if (bh > max(1, next_pow2(H)) or bw > max(2, next_pow2(W))
                     or (pix > 1 and args.dw != 1)
-                    or not 1 <= _slots_per_thread(q_shape, bh, bw, nw, pix) <= 2):
+                    or not (nw == 1 or _slots_per_thread(q_shape, bh, bw, nw, pix) >= 1)
+                    or _slots_per_thread(q_shape, bh, bw, nw, pix) > 2):
                 ok = False
         if ok:
             kept.append(cfg)
@@ -87,22 +93,23 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
 @per_call_key
 def default_config(q_shape, args: AttendArgs) -> dict:
     """Two horizontally adjacent pixels per thread (PIX = 2: they share KW + 1 of their
-    2 KW window columns' loads; 1 with column dilation or on one-column images), tiles of
-    PIX * 4 pixels per row and about 128 (pixel pair, head lane) slots, one per thread
-    over 4 warps (fewer warps on tiny images). Two slots per thread issue fewer
-    instructions but spill (s1 at PIX = 1: 254 registers)."""
+    2 KW window columns' loads; 1 with column dilation or on one-column images), tiles
+    of 4 groups per row (fewer on narrow images) and about 128 (pixel group, head lane)
+    slots, one per thread over 4 warps (fewer warps on tiny images). The key kernel keeps
+    PIX = 1 where a head spans several lanes (d = 16 in 16-bit, d > 4 in fp32): pairs
+    take 255 registers and spill there (s2: 24 bytes). Two slots per thread issue fewer
+    instructions but spill too (s1: 254 registers)."""
     B, H, W, heads, d = q_shape
     pix = 2 if args.dw == 1 and W > 1 else 1
-    bw = 4 * pix if W > 4 else max(pix, min(4, next_pow2(W)))
+    tw = 4 if W > 4 else max(1, min(4, next_pow2(W)) // pix)
     per_group = next_pow2(heads) * _lanes(q_shape)
-    bh = max(1, min(16, 128 // (per_group * (bw // pix)), next_pow2(H)))
-    while bh * bw < 4:
+    bh = max(1, min(16, 128 // (per_group * tw), next_pow2(H)))
+    while bh * tw * pix < 4:
         bh *= 2
     warps = 4
-    while warps > 1 and _slots_per_thread(q_shape, bh, bw, warps, pix) < 1:
+    while warps > 1 and _slots_per_thread(q_shape, bh, tw, warps) < 1:
         warps //= 2
-    cfg = {"BLOCK_H": bh, "BLOCK_W": bw, "PIX": pix, "num_warps": warps}
-    return {pre + key: val for pre in ("Q_", "K_") for key, val in cfg.items()}
+    return _config(bh, tw, warps, pix, pix if _lanes(q_shape) == 1 else 1)
 
 
 def _check(config, dw: int) -> None:

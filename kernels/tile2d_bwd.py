@@ -1,9 +1,10 @@
 """Backward family "tile2dbwd": a CUDA-core backward for small head dims, composed.
 
 Built like the tile2d forward (kernels/tile2d_fwd.py): a program owns a 2-D tile of
-pixels with all heads, a thread a (pixel, head) row with d in registers, window rows in
-a runtime loop and columns unrolled, so it touches exactly the window (the tensor-core
-"rowsbwd" computes ~4.6x the window's score elements, whatever d is). Three launches:
+pixels with all heads, a thread the (pixel, head) rows of a pair of adjacent pixels with
+d in registers (the pair shares its window columns' loads), window rows in a runtime
+loop and columns unrolled, so it touches exactly the window (the tensor-core "rowsbwd"
+computes ~4.6x the window's score elements, whatever d is). Three launches:
 
 1. `tile2d_bwd_query._tile2d_bwd_query_kernel` (query-owned): dq, the (lse * log2(e),
    delta) pairs, per-program partials of the table gradients;
@@ -14,6 +15,7 @@ a runtime loop and columns unrolled, so it touches exactly the window (the tenso
 No atomics: gradients are bit-identical run to run. A config is one flat dict: the query
 kernel's keys start with "Q_", the key kernel's with "K_". Zeros and mask padding only
 (shift moves windows at the borders: `supports` says no and the next backward runs it).
+Design notes and predicted costs: docs/tile2d_bwd.md.
 """
 from __future__ import annotations
 

@@ -1,12 +1,14 @@
 """Backward kernel 2 of the "tile2dbwd" family (CUDA cores, key-owned): dk and dv.
 
 What a program owns: a BLOCK_H x BLOCK_W tile of key pixels of one image with all its
-heads, as [P, N, D] tiles like the query kernel (kernels/tile2d_bwd_query.py). It loads
-their k and v once and walks the inverse neighbourhood: with zeros / mask padding the
-queries whose windows hold key (y, x) at tap (a, c) are (y - (a - kh//2) dh,
-x - (c - kw//2) dw), rows in a runtime loop, columns unrolled. Per tap it loads that
-query's q, dout and the (lse * log2(e), delta) pair the query kernel wrote (one 8-byte
-load), and computes
+heads, as G groups of PIX horizontally adjacent pixels held as [G, N, D] tiles like the
+query kernel (kernels/tile2d_bwd_query.py). It loads their k and v once and walks the
+inverse neighbourhood: with zeros / mask padding the queries whose windows hold key
+(y, x) at tap (a, c) are (y - (a - kh//2) dh, x - (c - kw//2) dw), rows in a runtime
+loop, columns unrolled; per window row a group loads the KW + PIX - 1 query columns
+its pixels meet (key pixel j meets column u at tap c = j + KW - 1 - u), each column's
+q, dout and (lse * log2(e), delta) pair (written by the query kernel; one 8-byte load)
+once. Per (key pixel, tap):
 
     s   = q . (k + [rel_h[a], rel_w[c]]) * scale * log2(e) (+ rpb) - lse2
     p   = exp2(s)   (0 for a query outside the image)

@@ -1,13 +1,17 @@
 """Backward kernel 1 of the "tile2dbwd" family (CUDA cores, query-owned): dq, the
-(lse, delta) pairs for kernel 2, and per-program partials of the table gradients.
+(lse * log2(e), delta) pairs for kernel 2, and per-program partials of the table gradients.
 
 What a program owns: a BLOCK_H x BLOCK_W tile of query pixels of one image with all its
-heads (BLOCK_N = next_pow2(heads)), as [P, N, D] tiles (P = BLOCK_H * BLOCK_W pixels,
-D = next_pow2(d) channels; a (pixel, head) row is one vector load, held by one thread or
-a few lanes). It loads q, out, dout and lse once, writes aux = (lse * log2(e), delta =
-rowsum(dout * out)) per (pixel, head) for the key kernel, and walks the window: rows in
-a runtime loop, columns unrolled (tl.static_range). Per tap, with that tap's k and v
-loaded for every pixel (masked, 0 outside the image):
+heads (BLOCK_N = next_pow2(heads)), as G = BLOCK_H * TW groups of PIX horizontally
+adjacent pixels (PIX = 1 or 2, BLOCK_W = TW * PIX). A thread holds one (group, head)
+row of each pixel: [G, N, D] tiles, D = next_pow2(d) channels, one vector load per
+(pixel, head) held by one thread (16-bit d <= 8) or a few lanes. It loads q, out, dout
+and lse once, writes aux = (lse * log2(e), delta = rowsum(dout * out)) per (pixel, head)
+for the key kernel, and walks the window: rows in a runtime loop, columns unrolled
+(tl.static_range). Per window row it loads the KW + PIX - 1 k / v columns its groups'
+windows cover, each once (pixel j meets column u at tap c = u - j: a pixel pair loads
+KW + 1 columns instead of 2 KW), from per-row pointers stepped by compile-time column
+immediates. Per (pixel, tap):
 
     s  = q.k * scale * log2(e) + column bias[c] + row bias (+ rpb)     (log2 units)
     p  = exp2(s - lse2)            dp = dout . v            ds = p * (dp - delta)
@@ -25,9 +29,10 @@ per head, in the [row, slot, column] layout of rows_bwd_query._reduce_tables_ker
 Non-finite values stay in their windows: every product is per (pixel, tap), and in mask
 mode the products with taps outside the image are selected away (not multiplied by 0).
 
-Supported: zeros and mask padding (shift: `supports` says no), dilation, odd kh / kw
-(kw <= 15: the columns are unrolled), shared / per-head rel tables, rpb, fp16 / bf16 /
-fp32, next_pow2(heads) * next_pow2(d) <= 256. Any strides; 64-bit offsets where needed.
+Supported: zeros and mask padding (shift: `supports` says no), dilation (PIX = 1 with
+column dilation), odd kh / kw (kw <= 15: the columns are unrolled), shared / per-head
+rel tables, rpb, fp16 / bf16 / fp32, next_pow2(heads) * next_pow2(d) <= 256. Any
+strides; 64-bit offsets where an image's offsets pass 2**31 (IMG_I64).
 """
 from __future__ import annotations
 

@@ -171,7 +171,9 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
     i64 = not _image_offsets_fit_i32((q, k, v, out, dout, dq, dk, dv), args)
     d_half = d // 2
     vec = vector_width((q, k, v, out, dout, dq, dk, dv), block_d)
-    common = dict(D=d, D_HALF=d_half, KH=kh, KW=kw, HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_N=block_n,
+    # a head's channels in one thread (one vector of at most 16 bytes): chained dots
+    chain = vec == block_d and block_d * q.element_size() <= 16
+    common = dict(D=d, D_HALF=d_half, CHAIN=chain, KH=kh, KW=kw, HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_N=block_n,
                   BLOCK_D=block_d, IMG_I64=i64, VEC=vec)
     dummy = q  # never read when the flag is off
     tables = (rel_h if has_rel else dummy, rel_w if has_rel else dummy,

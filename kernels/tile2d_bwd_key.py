@@ -24,24 +24,25 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E, to_f32
-from .tile2d_bwd_query import _load_rows
+from .tile2d_bwd_query import _dot, _load_rows
 
 
 @triton.jit
 def _key_tap(b_q, b_do, b_lse2, b_delta, b_kr, b_rw, b_v, rpb_term, m_q, b_dk, b_dv,
-             qk_scale, HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr):
+             qk_scale, HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, CHAIN: tl.constexpr):
     """One (key pixel column, query) pair: (dk / scale, dv) accumulators. b_kr is the
     key plus rel_h[a] (lower channels), b_rw rel_w[c] (upper channels)."""
+    zero = tl.zeros(b_lse2.shape, dtype=tl.float32)
     if HAS_REL:
-        b_s = tl.sum(b_q * (b_kr + b_rw), axis=2)
+        b_s = _dot(zero, b_q, b_kr + b_rw, CHAIN)
     else:
-        b_s = tl.sum(b_q * b_kr, axis=2)
+        b_s = _dot(zero, b_q, b_kr, CHAIN)
     b_s = b_s * qk_scale - b_lse2
     if HAS_RPB:
         b_s += rpb_term
     b_p = tl.where(m_q[:, None], tl.exp2(b_s), 0.0)  # [G, N]
     b_dv += b_p[:, :, None] * b_do
-    b_ds = b_p * (tl.sum(b_do * b_v, axis=2) - b_delta)
+    b_ds = b_p * _dot(-b_delta, b_do, b_v, CHAIN)
     return b_dk + b_ds[:, :, None] * b_q, b_dv
 
 
@@ -75,6 +76,7 @@ def _tile2d_bwd_key_kernel(
     BLOCK_H: tl.constexpr, TW: tl.constexpr, PIX: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, IMG_I64: tl.constexpr, VEC: tl.constexpr,
     Q_COL: tl.constexpr, DO_COL: tl.constexpr, AUX_COL: tl.constexpr,  # window column steps
+    CHAIN: tl.constexpr,  # a head's channels in one thread: dots as multiply-add chains
 ):
     # G groups of PIX horizontally adjacent key pixels (PIX = 2: column dilation 1); key
     # pixel j meets query column u (image column x + (u - KW // 2) * dil_w) at its tap
@@ -179,7 +181,7 @@ def _tile2d_bwd_key_kernel(
                                        other=0.0).to(tl.float32) * LOG2E
                 dk0, dv0 = _key_tap(b_q, b_do, b_lse2, b_delta, kr0, rws[KW - 1 - u], v0,
                                     rpb_term[None, :], m_q, dk0, dv0, qk_scale, HAS_REL,
-                                    HAS_RPB)
+                                    HAS_RPB, CHAIN)
             if PIX > 1:
                 if u >= 1:  # key pixel 1, tap c = KW - u
                     rpb_term = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -189,7 +191,7 @@ def _tile2d_bwd_key_kernel(
                                            other=0.0).to(tl.float32) * LOG2E
                     dk1, dv1 = _key_tap(b_q, b_do, b_lse2, b_delta, kr1, rws[KW - u], v1,
                                         rpb_term[None, :], m_q, dk1, dv1, qk_scale,
-                                        HAS_REL, HAS_RPB)
+                                        HAS_REL, HAS_RPB, CHAIN)
     o_dknd = tl.multiple_of(o_nr * sdk_n, VEC)[:, None] + o_d[None, :] * sdk_d
     o_dvnd = tl.multiple_of(o_nr * sdv_n, VEC)[:, None] + o_d[None, :] * sdv_d
     p_dk0 = dk_ptr + b * sdk_b

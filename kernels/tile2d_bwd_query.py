@@ -53,6 +53,29 @@ def _load_rows(ptr, o_pix, o_nd, m_pix, m_nd, VEC: tl.constexpr):
 
 
 @triton.jit
+def _dot_chain(acc, a, b, N: tl.constexpr):
+    """acc + sum(a * b) over the last axis (N values in one thread) of [G, N, D] tiles as
+    one chain of fused multiply-adds: halves split off in registers, no tree."""
+    if N == 1:
+        return acc + tl.sum(a * b, axis=2)
+    else:
+        shape: tl.constexpr = [a.shape[0], a.shape[1], N // 2, 2]
+        a_e, a_o = tl.split(tl.reshape(a, shape))
+        b_e, b_o = tl.split(tl.reshape(b, shape))
+        return _dot_chain(_dot_chain(acc, a_e, b_e, N // 2), a_o, b_o, N // 2)
+
+
+@triton.jit
+def _dot(acc, a, b, CHAIN: tl.constexpr):
+    """acc + sum(a * b, axis=2): a multiply-add chain when a head's channels lie in one
+    thread (CHAIN, the launcher's flag), else a (cross-lane) tree."""
+    if CHAIN:
+        return _dot_chain(acc, a, b, a.shape[2])
+    else:
+        return acc + tl.sum(a * b, axis=2)
+
+
+@triton.jit
 def _pixel_inputs(q_ptr, o_ptr, do_ptr, lse_ptr, aux_ptr, b, y, yi, x, m_y, H, W, HEADS,
                   o_qnd, o_ond, o_dond, o_n, m_n, m_nd, sq_h, sq_w, so_h, so_w, sdo_h, sdo_w,
                   sl_h, sl_w, sl_n, qk_scale, IMG_I64: tl.constexpr, VEC: tl.constexpr):
@@ -78,12 +101,13 @@ def _pixel_inputs(q_ptr, o_ptr, do_ptr, lse_ptr, aux_ptr, b, y, yi, x, m_y, H, W
 
 
 @triton.jit
-def _tap(b_k, b_v, b_qs, b_do, b_delta, b_seed, m_tap, b_acc, MASK: tl.constexpr):
+def _tap(b_k, b_v, b_qs, b_do, b_delta, b_seed, m_tap, b_acc, MASK: tl.constexpr,
+         CHAIN: tl.constexpr):
     """One window tap of one pixel column: (dq accumulator, ds [G, N])."""
-    b_p = tl.exp2(tl.sum(b_qs * b_k, axis=2) + b_seed)
+    b_p = tl.exp2(_dot(b_seed, b_qs, b_k, CHAIN))
     if MASK:  # taps outside the image drop out
         b_p = tl.where(m_tap[:, None], b_p, 0.0)
-    b_ds = b_p * (tl.sum(b_do * b_v, axis=2) - b_delta)
+    b_ds = b_p * _dot(-b_delta, b_do, b_v, CHAIN)
     return b_acc + b_ds[:, :, None] * b_k, b_ds
 
 
@@ -120,6 +144,7 @@ def _tile2d_bwd_query_kernel(
     BLOCK_H: tl.constexpr, TW: tl.constexpr, PIX: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, IMG_I64: tl.constexpr, VEC: tl.constexpr,
     K_COL: tl.constexpr, V_COL: tl.constexpr,  # window column steps (elements)
+    CHAIN: tl.constexpr,  # a head's channels in one thread: dots as multiply-add chains
 ):
     # G pixel groups of PIX horizontally adjacent pixels (PIX = 2: column dilation 1);
     # pixel j of a group meets window column u = j + c at its tap c, so per window row
@@ -176,9 +201,9 @@ def _tile2d_bwd_query_kernel(
         if HAS_REL:
             b_rw = tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :],
                            other=0.0).to(tl.float32)
-            seeds0 = seeds0 + (tl.sum(qs0 * b_rw, axis=2) - lse0,)
+            seeds0 = seeds0 + (_dot(-lse0, qs0, b_rw, CHAIN),)
             if PIX > 1:
-                seeds1 = seeds1 + (tl.sum(qs1 * b_rw, axis=2) - lse1,)
+                seeds1 = seeds1 + (_dot(-lse1, qs1, b_rw, CHAIN),)
         else:
             seeds0 = seeds0 + (-lse0,)
             seeds1 = seeds1 + (-lse1,)
@@ -212,9 +237,9 @@ def _tile2d_bwd_query_kernel(
         if HAS_REL:
             b_rh = tl.load(relh_ptr + a * srh_r + o_rh, mask=m_dh[None, :, :],
                            other=0.0).to(tl.float32)
-            srow0 = tl.sum(qs0 * b_rh, axis=2)  # [G, N]
+            srow0 = _dot(zero_gn, qs0, b_rh, CHAIN)  # [G, N]
             if PIX > 1:
-                srow1 = tl.sum(qs1 * b_rh, axis=2)
+                srow1 = _dot(zero_gn, qs1, b_rh, CHAIN)
         grow0 = zero_gn
         grow1 = zero_gn
         ng0 = ()
@@ -236,7 +261,8 @@ def _tile2d_bwd_query_kernel(
                                         + ((u - 1) + KW // 2) * srp_w, mask=m_n, other=0.0)
                         seed += (b_rpb.to(tl.float32) * LOG2E)[None, :]
                     m_tap = m_col & m_p1
-                    acc1, ds1 = _tap(b_k, b_v, qs1, do1, delta1, seed, m_tap, acc1, MASK)
+                    acc1, ds1 = _tap(b_k, b_v, qs1, do1, delta1, seed, m_tap, acc1, MASK,
+                                     CHAIN)
                     if HAS_REL:
                         grow1 += ds1
                         ng1 = ng1 + (g1[u - 1] + ds1,)
@@ -251,7 +277,8 @@ def _tile2d_bwd_query_kernel(
                                     + (u + KW // 2) * srp_w, mask=m_n, other=0.0)
                     seed += (b_rpb.to(tl.float32) * LOG2E)[None, :]
                 m_tap = m_col & m_p0
-                acc0, ds0 = _tap(b_k, b_v, qs0, do0, delta0, seed, m_tap, acc0, MASK)
+                acc0, ds0 = _tap(b_k, b_v, qs0, do0, delta0, seed, m_tap, acc0, MASK,
+                                 CHAIN)
                 if HAS_REL:
                     grow0 += ds0
                     ng0 = ng0 + (g0[u] + ds0,)

@@ -72,9 +72,13 @@ def _slots_per_thread(q_shape, bh: int, bw: int, warps: int, pix: int = 1) -> fl
     return bh * bw // pix * next_pow2(q_shape[3]) * _lanes(q_shape) / (32 * warps)
 
 
+PRUNE_LIMIT = 8  # configs kept per shape: the default and an even spread of the rest
+
+
 def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
-    """Tiles no larger than the image, 1 or 2 (pixel group, head lane) slots per thread
-    (fewer with one warp: tiny images), PIX 2 only with column dilation 1."""
+    """Tiles no larger than the image, 1 or 2 (pixel group, head lane) slots per thread,
+    PIX 2 only with column dilation 1; the default and an even spread of the rest, at
+    most PRUNE_LIMIT (each is a compile on the GPU, and a slow interpreter run in tests)."""
     B, H, W, heads, d = q_shape
     kept = []
     for cfg in configs:
@@ -84,12 +88,15 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
             pix = cfg[pre + "PIX"]
             if (bh > max(1, next_pow2(H)) or bw > max(2, next_pow2(W))
                     or (pix > 1 and args.dw != 1)
-                    or not (nw == 1 or _slots_per_thread(q_shape, bh, bw, nw, pix) >= 1)
-                    or _slots_per_thread(q_shape, bh, bw, nw, pix) > 2):
+                    or not 1 <= _slots_per_thread(q_shape, bh, bw, nw, pix) <= 2):
                 ok = False
         if ok:
             kept.append(cfg)
-    return kept or [default_config(q_shape, args)]
+    default = default_config(q_shape, args)
+    rest = [c for c in kept if c != default]
+    step = max(1, len(rest) / (PRUNE_LIMIT - 1))
+    spread = [rest[int(i * step)] for i in range(min(PRUNE_LIMIT - 1, len(rest)))]
+    return [default] + spread
 
 
 @per_call_key

@@ -19,7 +19,6 @@ Design notes and predicted costs: docs/tile2d_bwd.md.
 """
 from __future__ import annotations
 
-import itertools
 from typing import Optional
 
 import torch
@@ -180,8 +179,8 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
     vec = vector_width((q, k, v, out, dout, dq, dk, dv), block_d)
     # a head's channels in one thread (one vector of at most 16 bytes): chained dots
     chain = vec == block_d and block_d * q.element_size() <= 16
-    common = dict(D=d, D_HALF=d_half, CHAIN=chain, KH=kh, KW=kw, HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_N=block_n,
-                  BLOCK_D=block_d, IMG_I64=i64, VEC=vec)
+    common = dict(D=d, D_HALF=d_half, CHAIN=chain, KH=kh, KW=kw, HAS_REL=has_rel,
+                  HAS_RPB=has_rpb, BLOCK_N=block_n, BLOCK_D=block_d, IMG_I64=i64, VEC=vec)
     dummy = q  # never read when the flag is off
     tables = (rel_h if has_rel else dummy, rel_w if has_rel else dummy,
               rpb if has_rpb else dummy)
@@ -207,7 +206,8 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
         *table_strides, *dq.stride(),
         dh, dw, scale * LOG2E.value, scale,
-        MASK=padding == "mask", K_COL=dw * k.stride(2), V_COL=dw * v.stride(2), BLOCK_H=qbh, TW=qbw // config["Q_PIX"], PIX=config["Q_PIX"],
+        MASK=padding == "mask", K_COL=dw * k.stride(2), V_COL=dw * v.stride(2),
+        BLOCK_H=qbh, TW=qbw // config["Q_PIX"], PIX=config["Q_PIX"],
         num_warps=config["Q_num_warps"],
         num_stages=1, **common,
     )

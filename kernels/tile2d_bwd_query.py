@@ -224,7 +224,7 @@ def _tile2d_bwd_query_kernel(
     acc0 = tl.zeros([G, BLOCK_N, BLOCK_D], dtype=tl.float32)  # dq / scale
     acc1 = acc0
     g0 = ()  # G_col per tap, per pixel
-    for c in tl.static_range(KW):
+    for _c in tl.static_range(KW):
         g0 = g0 + (zero_gn,)
     g1 = g0
     slot = pid.to(tl.int64) * HEADS + o_n  # [N]: partial slot of (program, head)

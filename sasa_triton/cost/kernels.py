@@ -36,6 +36,8 @@ Mapping per kernel (what the trip counts stand for):
   row blocks; rows that dilation skips count as full trips: an upper bound), then
   [non-finite slow pass over the same rows: 0 trips, it runs only when a non-finite
   value reached the accumulators].
+* `_tile2d_bwd_query_kernel`, `_tile2d_bwd_key_kernel` (tile2d_bwd_query / _key):
+  [window rows, a < KH] (columns are a tl.static_range, unrolled by the front end).
 * `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode;
   runtime arguments: KH, KW are constexpr since issue 11 but bound no loop).
 """
@@ -70,6 +72,11 @@ def _tiled(c: dict) -> list[LoopSpec]:
 
 
 def _tile2d(c: dict) -> list[LoopSpec]:
+    # the window columns are a tl.static_range (always unrolled)
+    return [LoopSpec("window rows a<KH", c["KH"], unrollable=True, exp2=True)]
+
+
+def _tile2d_bwd(c: dict) -> list[LoopSpec]:
     # the window columns are a tl.static_range (always unrolled)
     return [LoopSpec("window rows a<KH", c["KH"], unrollable=True, exp2=True)]
 
@@ -133,6 +140,8 @@ LOOPS: dict[str, Callable[[dict], list[LoopSpec]]] = {
     "_reduce_tables_kernel": _reduce_tables,
     "_dkv_kernel": _offsets,
     "_key_bwd_kernel": _key_bwd,
+    "_tile2d_bwd_query_kernel": _tile2d_bwd,
+    "_tile2d_bwd_key_kernel": _tile2d_bwd,
 }
 
 

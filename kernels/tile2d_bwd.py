@@ -1,0 +1,243 @@
+"""Backward family "tile2dbwd": a CUDA-core backward for small head dims, composed.
+
+Built like the tile2d forward (kernels/tile2d_fwd.py): a program owns a 2-D tile of
+pixels with all heads, a thread the (pixel, head) rows of a pair of adjacent pixels with
+d in registers (the pair shares its window columns' loads), window rows in a runtime
+loop and columns unrolled, so it touches exactly the window (the tensor-core "rowsbwd"
+computes ~4.6x the window's score elements, whatever d is). Three launches:
+
+1. `tile2d_bwd_query._tile2d_bwd_query_kernel` (query-owned): dq, the (lse * log2(e),
+   delta) pairs, per-program partials of the table gradients;
+2. `rows_bwd_query._reduce_tables_kernel`: those partials summed in a fixed order (only
+   with rel / rpb tables);
+3. `tile2d_bwd_key._tile2d_bwd_key_kernel` (key-owned): dk, dv over the inverse window.
+
+No atomics: gradients are bit-identical run to run. A config is one flat dict: the query
+kernel's keys start with "Q_", the key kernel's with "K_". Zeros and mask padding only
+(shift moves windows at the borders: `supports` says no and the next backward runs it).
+Design notes and predicted costs: docs/tile2d_bwd.md.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from sasa_triton.types import AttendArgs
+
+from . import rows_bwd_query, tile2d_bwd_key, tile2d_bwd_query
+from .common import LOG2E, bias_strides, new_output, next_pow2, vector_width
+from .launch_cache import per_call_key
+
+MAX_ROW = 256  # next_pow2(heads) * next_pow2(d) per pixel
+MAX_KW = 15  # window columns are unrolled
+MAX_HEADS = 65535  # axis 1 of the table reduction's grid
+_SIZES = (1, 2, 4, 8, 16)
+_WARPS = (1, 2, 4, 8)
+KEYS = ("Q_BLOCK_H", "Q_BLOCK_W", "Q_PIX", "Q_num_warps",
+        "K_BLOCK_H", "K_BLOCK_W", "K_PIX", "K_num_warps")
+
+
+def _lanes(q_shape, dtype=torch.bfloat16) -> int:
+    """Lanes holding one (pixel, head) row: one per 16 bytes of channels."""
+    size = 4 if dtype == torch.float32 else 2
+    return max(1, next_pow2(q_shape[4]) * size // 16)
+
+
+@per_call_key
+def supports(q_shape, dtype, args: AttendArgs) -> bool:
+    B, H, W, heads, d = q_shape
+    return (dtype in (torch.float16, torch.bfloat16, torch.float32) and 1 <= d
+            and next_pow2(heads) * next_pow2(d) <= MAX_ROW and heads <= MAX_HEADS
+            and args.kw <= MAX_KW and args.padding != "shift")
+
+
+def _config(bh: int, tw: int, warps: int, q_pix: int, k_pix: int) -> dict:
+    """Both kernels on the same tile of BLOCK_H x tw pixel groups and warps; PIX pixels
+    per group in each (BLOCK_W = tw * PIX)."""
+    return {"Q_BLOCK_H": bh, "Q_BLOCK_W": tw * q_pix, "Q_PIX": q_pix, "Q_num_warps": warps,
+            "K_BLOCK_H": bh, "K_BLOCK_W": tw * k_pix, "K_PIX": k_pix, "K_num_warps": warps}
+
+
+def search_space() -> list[dict]:
+    """Group tiles, warps and each kernel's pixels per group (1 or 2)."""
+    return [_config(bh, tw, nw, qp, kp) for bh in _SIZES for tw in _SIZES for nw in _WARPS
+            for qp in (1, 2) for kp in (1, 2) if 4 <= bh * tw * max(qp, kp) <= 128]
+
+
+def _slots_per_thread(q_shape, bh: int, bw: int, warps: int, pix: int = 1) -> float:
+    """(pixel group, head lane) slots per thread."""
+    return bh * bw // pix * next_pow2(q_shape[3]) * _lanes(q_shape) / (32 * warps)
+
+
+PRUNE_LIMIT = 8  # configs kept per shape: the default and an even spread of the rest
+
+
+def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
+    """Tiles no larger than the image, 1 or 2 (pixel group, head lane) slots per thread,
+    PIX 2 only with column dilation 1; the default and an even spread of the rest, at
+    most PRUNE_LIMIT (each is a compile on the GPU, and a slow interpreter run in tests)."""
+    B, H, W, heads, d = q_shape
+    kept = []
+    for cfg in configs:
+        ok = True
+        for pre in ("Q_", "K_"):
+            bh, bw, nw = cfg[pre + "BLOCK_H"], cfg[pre + "BLOCK_W"], cfg[pre + "num_warps"]
+            pix = cfg[pre + "PIX"]
+            if (bh > max(1, next_pow2(H)) or bw > max(2, next_pow2(W))
+                    or (pix > 1 and args.dw != 1)
+                    or not 1 <= _slots_per_thread(q_shape, bh, bw, nw, pix) <= 2):
+                ok = False
+        if ok:
+            kept.append(cfg)
+    default = default_config(q_shape, args)
+    rest = [c for c in kept if c != default]
+    step = max(1, len(rest) / (PRUNE_LIMIT - 1))
+    spread = [rest[int(i * step)] for i in range(min(PRUNE_LIMIT - 1, len(rest)))]
+    return [default] + spread
+
+
+@per_call_key
+def default_config(q_shape, args: AttendArgs) -> dict:
+    """Two horizontally adjacent pixels per thread (PIX = 2: they share KW + 1 of their
+    2 KW window columns' loads; 1 with column dilation or on one-column images), tiles
+    of 4 groups per row (fewer on narrow images) and about 128 (pixel group, head lane)
+    slots, one per thread over 4 warps (fewer warps on tiny images). The key kernel keeps
+    PIX = 1 where a head spans several lanes (d = 16 in 16-bit, d > 4 in fp32): pairs
+    take 255 registers and spill there (s2: 24 bytes). Two slots per thread issue fewer
+    instructions but spill too (s1: 254 registers)."""
+    B, H, W, heads, d = q_shape
+    pix = 2 if args.dw == 1 and W > 1 else 1
+    tw = 4 if W > 4 else max(1, min(4, next_pow2(W)) // pix)
+    per_group = next_pow2(heads) * _lanes(q_shape)
+    bh = max(1, min(16, 128 // (per_group * tw), next_pow2(H)))
+    while bh * tw * pix < 4:
+        bh *= 2
+    warps = 4
+    while warps > 1 and _slots_per_thread(q_shape, bh, tw, warps) < 1:
+        warps //= 2
+    return _config(bh, tw, warps, pix, pix if _lanes(q_shape) == 1 else 1)
+
+
+def _check(config, dw: int) -> None:
+    if not isinstance(config, dict) or any(k not in config for k in KEYS):
+        raise ValueError(f"tile2dbwd config must be a dict with keys {list(KEYS)}, "
+                         f"got {config!r}")
+    for pre in ("Q_", "K_"):
+        bh, bw, pix = config[pre + "BLOCK_H"], config[pre + "BLOCK_W"], config[pre + "PIX"]
+        if bh < 1 or bw < 1 or bh & (bh - 1) or bw & (bw - 1):
+            raise ValueError(f"tile2dbwd config {config!r}: {pre}BLOCK_H and {pre}BLOCK_W "
+                             "must be powers of two")
+        if pix not in (1, 2) or bw % pix or (pix > 1 and dw != 1):
+            raise ValueError(f"tile2dbwd config {config!r}: {pre}PIX must be 1 or 2 dividing "
+                             f"{pre}BLOCK_W, and 1 with column dilation")
+
+
+def _image_offsets_fit_i32(tensors, args: AttendArgs) -> bool:
+    """Offsets inside one image, the window's reach past its border included, stay below
+    2**31 for every (B, H, W, heads, d) tensor and the (lse2, delta) buffer: kernels then
+    keep them int32."""
+    _, H, W, heads, d = tensors[0].shape
+    aux = (W * heads * 2, heads * 2, 2, 1)
+    for strides in [t.stride()[1:] for t in tensors] + [aux]:
+        s_h, s_w, s_n, s_d = (abs(s) for s in strides)
+        reach = ((H + args.kh * args.dh) * s_h + (W + args.kw * args.dw) * s_w
+                 + heads * s_n + d * s_d)
+        if reach >= 2**31:
+            return False
+    return True
+
+
+def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] = None,
+             _poison: bool = False):
+    """(dq, dk, dv, drel_h, drel_w, drpb); see the module docstring."""
+    B, H, W, heads, d = q.shape
+    kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
+    if not supports(tuple(q.shape), q.dtype, args):
+        raise ValueError(f"tile2dbwd backward does not support q of shape {tuple(q.shape)} "
+                         f"and dtype {q.dtype} with padding {padding!r}")
+    config = default_config(tuple(q.shape), args) if config is None else config
+    _check(config, dw)
+    dev = q.device
+    has_rel, has_rpb = rel_h is not None, rpb is not None
+    dq = new_output(q.shape, q.dtype, dev, _poison)
+    dk = new_output(q.shape, q.dtype, dev, _poison)
+    dv = new_output(q.shape, q.dtype, dev, _poison)
+    drel_h = new_output(rel_h.shape, rel_h.dtype, dev, _poison) if has_rel else None
+    drel_w = new_output(rel_w.shape, rel_w.dtype, dev, _poison) if has_rel else None
+    drpb = new_output(rpb.shape, rpb.dtype, dev, _poison) if has_rpb else None
+    if q.numel() == 0:
+        for g in (dq, dk, dv, drel_h, drel_w, drpb):
+            if g is not None:
+                g.zero_()
+        return dq, dk, dv, drel_h, drel_w, drpb
+
+    block_n, block_d = next_pow2(heads), next_pow2(d)
+    i64 = not _image_offsets_fit_i32((q, k, v, out, dout, dq, dk, dv), args)
+    d_half = d // 2
+    vec = vector_width((q, k, v, out, dout, dq, dk, dv), block_d)
+    # a head's channels in one thread (one vector of at most 16 bytes): chained dots
+    chain = vec == block_d and block_d * q.element_size() <= 16
+    common = dict(D=d, D_HALF=d_half, CHAIN=chain, KH=kh, KW=kw, HAS_REL=has_rel,
+                  HAS_RPB=has_rpb, BLOCK_N=block_n, BLOCK_D=block_d, IMG_I64=i64, VEC=vec)
+    dummy = q  # never read when the flag is off
+    tables = (rel_h if has_rel else dummy, rel_w if has_rel else dummy,
+              rpb if has_rpb else dummy)
+    table_strides = (*bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb))
+
+    # 1. query kernel
+    qbh, qbw = config["Q_BLOCK_H"], config["Q_BLOCK_W"]
+    q_tiles_w = triton.cdiv(W, qbw)
+    q_tiles = triton.cdiv(H, qbh) * q_tiles_w
+    n_prog = B * q_tiles
+    n_slots = n_prog * heads
+    aux = new_output((B, H, W, heads, 2), torch.float32, dev, _poison)
+
+    def buffer(*shape) -> torch.Tensor:
+        return new_output(shape, torch.float32, dev, _poison)
+
+    part_h = buffer(kh, n_slots, d_half) if has_rel else aux
+    part_w = buffer(kw, n_slots, d - d_half) if has_rel else aux
+    part_b = buffer(kh, n_slots, kw) if has_rpb else aux
+    tile2d_bwd_query._tile2d_bwd_query_kernel[(n_prog,)](
+        q, k, v, out, dout, lse, *tables, dq, aux, part_h, part_w, part_b,
+        H, W, heads, q_tiles_w, q_tiles, n_slots,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
+        *table_strides, *dq.stride(),
+        dh, dw, scale * LOG2E.value, scale,
+        MASK=padding == "mask", K_COL=dw * k.stride(2), V_COL=dw * v.stride(2),
+        BLOCK_H=qbh, TW=qbw // config["Q_PIX"], PIX=config["Q_PIX"],
+        num_warps=config["Q_num_warps"],
+        num_stages=1, **common,
+    )
+    # 2. table reduction (rows_bwd_query's, same partial layout)
+    if has_rel or has_rpb:
+        rows = kh + kw + (2 * kh - 1 if has_rpb else 0)
+        block_c = next_pow2(max(d - d_half, 2 * kw - 1 if has_rpb else 1))
+        rows_bwd_query._reduce_tables_kernel[(rows, heads)](
+            part_h, part_w, part_b,
+            drel_h if has_rel else aux, drel_w if has_rel else aux, drpb if has_rpb else aux,
+            n_prog, heads, d_half, d - d_half, kh, kw,
+            *bias_strides(drel_h), *bias_strides(drel_w), *bias_strides(drpb),
+            TY=kh, TX=kw, SHIFT=False,
+            RELH_SHARED=has_rel and rel_h.dim() == 2, RELW_SHARED=has_rel and rel_w.dim() == 2,
+            HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_R=max(16, 4096 // block_c),
+            BLOCK_C=block_c, num_warps=4,
+        )
+    # 3. key kernel
+    kbh, kbw = config["K_BLOCK_H"], config["K_BLOCK_W"]
+    k_tiles_w = triton.cdiv(W, kbw)
+    k_tiles = triton.cdiv(H, kbh) * k_tiles_w
+    tile2d_bwd_key._tile2d_bwd_key_kernel[(B * k_tiles,)](
+        q, k, v, dout, aux, *tables, dk, dv,
+        H, W, heads, k_tiles_w, k_tiles,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *table_strides,
+        *dk.stride(), *dv.stride(),
+        dh, dw, scale * LOG2E.value, scale,
+        Q_COL=dw * q.stride(2), DO_COL=dw * dout.stride(2), AUX_COL=dw * heads * 2,
+        BLOCK_H=kbh, TW=kbw // config["K_PIX"], PIX=config["K_PIX"],
+        num_warps=config["K_num_warps"], num_stages=1,
+        **common,
+    )
+    return dq, dk, dv, drel_h, drel_w, drpb

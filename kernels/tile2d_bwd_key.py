@@ -1,0 +1,204 @@
+"""Backward kernel 2 of the "tile2dbwd" family (CUDA cores, key-owned): dk and dv.
+
+What a program owns: a BLOCK_H x BLOCK_W tile of key pixels of one image with all its
+heads, as G groups of PIX horizontally adjacent pixels held as [G, N, D] tiles like the
+query kernel (kernels/tile2d_bwd_query.py). It loads their k and v once and walks the
+inverse neighbourhood: with zeros / mask padding the queries whose windows hold key
+(y, x) at tap (a, c) are (y - (a - kh//2) dh, x - (c - kw//2) dw), rows in a runtime
+loop, columns unrolled; per window row a group loads the KW + PIX - 1 query columns
+its pixels meet (key pixel j meets column u at tap c = j + KW - 1 - u), each column's
+q, dout and (lse * log2(e), delta) pair (written by the query kernel; one 8-byte load)
+once. Per (key pixel, tap):
+
+    s   = q . (k + [rel_h[a], rel_w[c]]) * scale * log2(e) (+ rpb) - lse2
+    p   = exp2(s)   (0 for a query outside the image)
+    dv += p * dout        dp = dout . v        dk += p * (dp - delta) * q
+
+(times scale at the end). The rel rows enter as the key's "effective" k: k + rel_h[a]
+once per window row, + rel_w[c] per tap. Keys outside the image (zeros padding) have no
+gradient; every dk / dv element is written by one program (no atomics).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import LOG2E, to_f32
+from .tile2d_bwd_query import _dot, _load_rows
+
+
+@triton.jit
+def _key_tap(b_q, b_do, b_lse2, b_delta, b_kr, b_rw, b_v, rpb_term, m_q, b_dk, b_dv,
+             qk_scale, HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, CHAIN: tl.constexpr):
+    """One (key pixel column, query) pair: (dk / scale, dv) accumulators. b_kr is the
+    key plus rel_h[a] (lower channels), b_rw rel_w[c] (upper channels)."""
+    zero = tl.zeros(b_lse2.shape, dtype=tl.float32)
+    if HAS_REL:
+        b_s = _dot(zero, b_q, b_kr + b_rw, CHAIN)
+    else:
+        b_s = _dot(zero, b_q, b_kr, CHAIN)
+    b_s = b_s * qk_scale - b_lse2
+    if HAS_RPB:
+        b_s += rpb_term
+    b_p = tl.where(m_q[:, None], tl.exp2(b_s), 0.0)  # [G, N]
+    b_dv += b_p[:, :, None] * b_do
+    b_ds = b_p * _dot(-b_delta, b_do, b_v, CHAIN)
+    return b_dk + b_ds[:, :, None] * b_q, b_dv
+
+
+@triton.jit
+def _store_rows(ptr, b_t, yi, x, m_p, o_nd, m_nd, s_h, s_w, IMG_I64: tl.constexpr,
+                VEC: tl.constexpr):
+    if IMG_I64:
+        xi = x.to(tl.int64)
+    else:
+        xi = x
+    o = tl.multiple_of(yi * s_h + xi * s_w, VEC)
+    tl.store(ptr + o[:, None, None] + o_nd[None, :, :], b_t.to(ptr.dtype.element_ty),
+             mask=m_p[:, None, None] & m_nd[None, :, :])
+
+
+@triton.jit
+def _tile2d_bwd_key_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, aux_ptr, relh_ptr, relw_ptr, rpb_ptr, dk_ptr, dv_ptr,
+    H, W, HEADS, TILES_W, TILES,
+    sq_b, sq_h, sq_w, sq_n, sq_d,
+    sk_b, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_h, sv_w, sv_n, sv_d,
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
+    sdk_b, sdk_h, sdk_w, sdk_n, sdk_d,
+    sdv_b, sdv_h, sdv_w, sdv_n, sdv_d,
+    dil_h, dil_w, qk_scale, scale,  # qk_scale = scale * log2(e)
+    D: tl.constexpr, D_HALF: tl.constexpr,  # constexpr: channel masks stay per vector
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
+    BLOCK_H: tl.constexpr, TW: tl.constexpr, PIX: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, IMG_I64: tl.constexpr, VEC: tl.constexpr,
+    Q_COL: tl.constexpr, DO_COL: tl.constexpr, AUX_COL: tl.constexpr,  # window column steps
+    CHAIN: tl.constexpr,  # a head's channels in one thread: dots as multiply-add chains
+):
+    # G groups of PIX horizontally adjacent key pixels (PIX = 2: column dilation 1); key
+    # pixel j meets query column u (image column x + (u - KW // 2) * dil_w) at its tap
+    # c = j + KW - 1 - u: per window row a group loads KW + PIX - 1 query columns.
+    # The rel rows enter as the key's effective k: k + rel_h[a] once per window row,
+    # + rel_w[c] per tap (splitting the channel halves in registers instead saves those
+    # adds but takes 255 registers and spills at s1: no faster, the loop is L2-bound)
+    G: tl.constexpr = BLOCK_H * TW
+    NCOL: tl.constexpr = KW + PIX - 1
+    pid = tl.program_id(0)
+    b = (pid // TILES).to(tl.int64)
+    t = pid % TILES
+    o_g = tl.arange(0, G)
+    y = (t // TILES_W) * BLOCK_H + o_g // TW  # [G] key pixels
+    x = (t % TILES_W) * (TW * PIX) + (o_g % TW) * PIX  # [G] the group's first pixel
+    m_y = y < H
+    m_p0 = m_y & (x < W)
+    m_p1 = m_y & (x + 1 < W)
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_n = o_n < HEADS
+    m_nd = m_n[:, None] & (o_d < D)[None, :]  # [N, D]
+    if IMG_I64:
+        yi = y.to(tl.int64)
+        xi = x.to(tl.int64)
+        o_nr = o_n.to(tl.int64)
+    else:
+        yi = y
+        xi = x
+        o_nr = o_n
+
+    o_knd = tl.multiple_of(o_nr * sk_n, VEC)[:, None] + o_d[None, :] * sk_d
+    o_vnd = tl.multiple_of(o_nr * sv_n, VEC)[:, None] + o_d[None, :] * sv_d
+    p_k0 = k_ptr + b * sk_b
+    p_v0 = v_ptr + b * sv_b
+    k0 = _load_rows(p_k0, yi * sk_h + xi * sk_w, o_knd, m_p0, m_nd, VEC)
+    v0 = _load_rows(p_v0, yi * sv_h + xi * sv_w, o_vnd, m_p0, m_nd, VEC)
+    k1 = k0
+    v1 = v0
+    if PIX > 1:
+        k1 = _load_rows(p_k0, yi * sk_h + (xi + 1) * sk_w, o_knd, m_p1, m_nd, VEC)
+        v1 = _load_rows(p_v0, yi * sv_h + (xi + 1) * sv_w, o_vnd, m_p1, m_nd, VEC)
+    m_dh = m_nd & (o_d < D_HALF)[None, :]
+    m_dw = m_nd & (o_d >= D_HALF)[None, :]
+    o_g0 = (o_g * 0)[:, None, None]  # a table row loaded in the [G, N, D] tiles' layout
+    o_rh = o_g0 + (o_n[:, None] * srh_n + o_d[None, :] * srh_d)[None, :, :]
+    o_rw = o_g0 + (o_n[:, None] * srw_n + (o_d[None, :] - D_HALF) * srw_d)[None, :, :]
+    rws = ()
+    for c in tl.static_range(KW):
+        if HAS_REL:  # rel_w[c] in the upper channels
+            rws = rws + (tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :],
+                                 other=0.0).to(tl.float32),)
+        else:
+            rws = rws + (0.0,)
+    col_ok = ()
+    for u in tl.static_range(NCOL):
+        xq = x + (u - KW // 2) * dil_w
+        col_ok = col_ok + ((xq >= 0) & (xq < W),)
+
+    p_q0 = q_ptr + b * sq_b
+    p_do0 = do_ptr + b * sdo_b
+    o_qp = yi * sq_h + xi * sq_w  # [G] the group's first pixel
+    o_dop = yi * sdo_h + xi * sdo_w
+    o_qnd = tl.multiple_of(o_nr * sq_n, VEC)[:, None] + o_d[None, :] * sq_d
+    o_dond = tl.multiple_of(o_nr * sdo_n, VEC)[:, None] + o_d[None, :] * sdo_d
+    p_aux0 = aux_ptr + b * H * W * HEADS * 2
+    o_auxp = ((yi * W + xi) * HEADS)[:, None] * 2 + (o_n * 2)[None, :]  # [G, N]
+    dk0 = tl.zeros([G, BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv0 = dk0
+    dk1 = dk0
+    dv1 = dk0
+    for a in range(KH):
+        dy = (a - KH // 2) * dil_h
+        yq = y - dy
+        m_row = m_y & (yq >= 0) & (yq < H)
+        kr0 = k0
+        kr1 = k1
+        if HAS_REL:
+            b_rh = tl.load(relh_ptr + a * srh_r + o_rh, mask=m_dh[None, :, :],
+                           other=0.0).to(tl.float32)
+            kr0 = k0 + b_rh
+            if PIX > 1:
+                kr1 = k1 + b_rh
+        # the row's pointers once; the window columns step by compile-time immediates
+        p_qr = p_q0 + tl.multiple_of(o_qp - dy * sq_h, VEC)[:, None, None] + o_qnd[None, :, :]
+        p_dor = (p_do0 + tl.multiple_of(o_dop - dy * sdo_h, VEC)[:, None, None]
+                 + o_dond[None, :, :])
+        p_ar = p_aux0 + (o_auxp - dy * W * (HEADS * 2))[:, :, None] + tl.arange(0, 2)[None, None, :]
+        for u in tl.static_range(NCOL):
+            m_q = m_row & col_ok[u]
+            m_qnd = m_q[:, None, None] & m_nd[None, :, :]
+            b_q = to_f32(tl.load(p_qr + (u - KW // 2) * Q_COL, mask=m_qnd, other=0.0))
+            b_do = to_f32(tl.load(p_dor + (u - KW // 2) * DO_COL, mask=m_qnd, other=0.0))
+            b_aux = tl.load(p_ar + (u - KW // 2) * AUX_COL,
+                            mask=(m_q[:, None] & m_n[None, :])[:, :, None], other=0.0)
+            b_lse2, b_delta = tl.split(b_aux)  # [G, N] each
+            if u < KW:  # key pixel 0, tap c = KW - 1 - u
+                rpb_term = tl.zeros([BLOCK_N], dtype=tl.float32)
+                if HAS_RPB:
+                    rpb_term = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
+                                       + ((KW - 1 - u) + KW // 2) * srp_w, mask=m_n,
+                                       other=0.0).to(tl.float32) * LOG2E
+                dk0, dv0 = _key_tap(b_q, b_do, b_lse2, b_delta, kr0, rws[KW - 1 - u], v0,
+                                    rpb_term[None, :], m_q, dk0, dv0, qk_scale, HAS_REL,
+                                    HAS_RPB, CHAIN)
+            if PIX > 1:
+                if u >= 1:  # key pixel 1, tap c = KW - u
+                    rpb_term = tl.zeros([BLOCK_N], dtype=tl.float32)
+                    if HAS_RPB:
+                        rpb_term = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
+                                           + ((KW - u) + KW // 2) * srp_w, mask=m_n,
+                                           other=0.0).to(tl.float32) * LOG2E
+                    dk1, dv1 = _key_tap(b_q, b_do, b_lse2, b_delta, kr1, rws[KW - u], v1,
+                                        rpb_term[None, :], m_q, dk1, dv1, qk_scale,
+                                        HAS_REL, HAS_RPB, CHAIN)
+    o_dknd = tl.multiple_of(o_nr * sdk_n, VEC)[:, None] + o_d[None, :] * sdk_d
+    o_dvnd = tl.multiple_of(o_nr * sdv_n, VEC)[:, None] + o_d[None, :] * sdv_d
+    p_dk0 = dk_ptr + b * sdk_b
+    p_dv0 = dv_ptr + b * sdv_b
+    _store_rows(p_dk0, dk0 * scale, yi, x, m_p0, o_dknd, m_nd, sdk_h, sdk_w, IMG_I64, VEC)
+    _store_rows(p_dv0, dv0, yi, x, m_p0, o_dvnd, m_nd, sdv_h, sdv_w, IMG_I64, VEC)
+    if PIX > 1:
+        _store_rows(p_dk0, dk1 * scale, yi, x + 1, m_p1, o_dknd, m_nd, sdk_h, sdk_w, IMG_I64,
+                    VEC)
+        _store_rows(p_dv0, dv1, yi, x + 1, m_p1, o_dvnd, m_nd, sdv_h, sdv_w, IMG_I64, VEC)

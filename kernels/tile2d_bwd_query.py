@@ -1,0 +1,343 @@
+"""Backward kernel 1 of the "tile2dbwd" family (CUDA cores, query-owned): dq, the
+(lse * log2(e), delta) pairs for kernel 2, and per-program partials of the table gradients.
+
+What a program owns: a BLOCK_H x BLOCK_W tile of query pixels of one image with all its
+heads (BLOCK_N = next_pow2(heads)), as G = BLOCK_H * TW groups of PIX horizontally
+adjacent pixels (PIX = 1 or 2, BLOCK_W = TW * PIX). A thread holds one (group, head)
+row of each pixel: [G, N, D] tiles, D = next_pow2(d) channels, one vector load per
+(pixel, head) held by one thread (16-bit d <= 8) or a few lanes. It loads q, out, dout
+and lse once, writes aux = (lse * log2(e), delta = rowsum(dout * out)) per (pixel, head)
+for the key kernel, and walks the window: rows in a runtime loop, columns unrolled
+(tl.static_range). Per window row it loads the KW + PIX - 1 k / v columns its groups'
+windows cover, each once (pixel j meets column u at tap c = u - j: a pixel pair loads
+KW + 1 columns instead of 2 KW), from per-row pointers stepped by compile-time column
+immediates. Per (pixel, tap):
+
+    s  = q.k * scale * log2(e) + column bias[c] + row bias (+ rpb)     (log2 units)
+    p  = exp2(s - lse2)            dp = dout . v            ds = p * (dp - delta)
+    dq += ds * k
+
+The rel bias is split: the column part q[d/2:] . rel_w[c] once per program and column,
+the row part q[:d/2] . rel_h[a] once per window row. The rel part of dq and the table
+gradients need G_row[a] (window-row sums of ds) and G_col[c] (window-column sums):
+    dq += G_row[a] rel_h[a] + sum_c G_col[c] rel_w[c]   (times scale at the end)
+and per program the partials sum_pixels(G_row[a] q[:d/2]) * scale (rel_h row a),
+sum_pixels(G_col[c] q[d/2:]) * scale (rel_w row c) and sum_pixels(ds) (rpb tap (a, c)),
+per head, in the [row, slot, column] layout of rows_bwd_query._reduce_tables_kernel
+(slot = program * HEADS + head), which sums them in a fixed order: no atomics.
+
+Non-finite values stay in their windows: every product is per (pixel, tap), and in mask
+mode the products with taps outside the image are selected away (not multiplied by 0).
+
+Supported: zeros and mask padding (shift: `supports` says no), dilation (PIX = 1 with
+column dilation), odd kh / kw (kw <= 15: the columns are unrolled), shared / per-head
+rel tables, rpb, fp16 / bf16 / fp32, next_pow2(heads) * next_pow2(d) <= 256. Any
+strides; 64-bit offsets where an image's offsets pass 2**31 (IMG_I64).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import LOG2E, to_f32
+
+
+@triton.jit
+def _load_rows(ptr, o_pix, o_nd, m_pix, m_nd, VEC: tl.constexpr):
+    """float32 [P, N, D] tile: the (head, channel) rows of pixels at offsets o_pix [P]
+    (multiples of VEC elements, as o_nd's head offsets: VEC channels per vector load)."""
+    o_pix = tl.multiple_of(o_pix, VEC)
+    b = tl.load(ptr + o_pix[:, None, None] + o_nd[None, :, :],
+                mask=m_pix[:, None, None] & m_nd[None, :, :], other=0.0)
+    return to_f32(b)
+
+
+@triton.jit
+def _dot_chain(acc, a, b, N: tl.constexpr):
+    """acc + sum(a * b) over the last axis (N values in one thread) of [G, N, D] tiles as
+    one chain of fused multiply-adds: halves split off in registers, no tree."""
+    if N == 1:
+        return acc + tl.sum(a * b, axis=2)
+    else:
+        shape: tl.constexpr = [a.shape[0], a.shape[1], N // 2, 2]
+        a_e, a_o = tl.split(tl.reshape(a, shape))
+        b_e, b_o = tl.split(tl.reshape(b, shape))
+        return _dot_chain(_dot_chain(acc, a_e, b_e, N // 2), a_o, b_o, N // 2)
+
+
+@triton.jit
+def _dot(acc, a, b, CHAIN: tl.constexpr):
+    """acc + sum(a * b, axis=2): a multiply-add chain when a head's channels lie in one
+    thread (CHAIN, the launcher's flag), else a (cross-lane) tree."""
+    if CHAIN:
+        return _dot_chain(acc, a, b, a.shape[2])
+    else:
+        return acc + tl.sum(a * b, axis=2)
+
+
+@triton.jit
+def _pixel_inputs(q_ptr, o_ptr, do_ptr, lse_ptr, aux_ptr, b, y, yi, x, m_y, H, W, HEADS,
+                  o_qnd, o_ond, o_dond, o_n, m_n, m_nd, sq_h, sq_w, so_h, so_w, sdo_h, sdo_w,
+                  sl_h, sl_w, sl_n, qk_scale, IMG_I64: tl.constexpr, VEC: tl.constexpr):
+    """(q * scale * log2(e), dout, lse * log2(e), delta, pixel mask) of pixel column x of
+    every group ([G] y, x); stores the (lse2, delta) pairs for the key kernel."""
+    m_p = m_y & (x < W)
+    if IMG_I64:
+        xi = x.to(tl.int64)
+    else:
+        xi = x
+    b_qs = _load_rows(q_ptr, yi * sq_h + xi * sq_w, o_qnd, m_p, m_nd, VEC) * qk_scale
+    b_o = _load_rows(o_ptr, yi * so_h + xi * so_w, o_ond, m_p, m_nd, VEC)
+    b_do = _load_rows(do_ptr, yi * sdo_h + xi * sdo_w, o_dond, m_p, m_nd, VEC)
+    m_pn = m_p[:, None] & m_n[None, :]  # [G, N]
+    b_lse2 = tl.load(lse_ptr + (yi * sl_h + xi * sl_w)[:, None] + (o_n * sl_n)[None, :],
+                     mask=m_pn, other=0.0) * LOG2E
+    b_delta = tl.sum(b_do * b_o, axis=2)  # [G, N]
+    # aux: contiguous (B, H, W, HEADS, 2) float32, (lse2, delta) side by side
+    p_aux = aux_ptr + (((b * H + y) * W + x) * HEADS)[:, None] * 2 + (o_n * 2)[None, :]
+    tl.store(p_aux, b_lse2, mask=m_pn)
+    tl.store(p_aux + 1, b_delta, mask=m_pn)
+    return b_qs, b_do, b_lse2, b_delta, m_p
+
+
+@triton.jit
+def _tap(b_k, b_v, b_qs, b_do, b_delta, b_seed, m_tap, b_acc, MASK: tl.constexpr,
+         CHAIN: tl.constexpr):
+    """One window tap of one pixel column: (dq accumulator, ds [G, N])."""
+    b_p = tl.exp2(_dot(b_seed, b_qs, b_k, CHAIN))
+    if MASK:  # taps outside the image drop out
+        b_p = tl.where(m_tap[:, None], b_p, 0.0)
+    b_ds = b_p * _dot(-b_delta, b_do, b_v, CHAIN)
+    return b_acc + b_ds[:, :, None] * b_k, b_ds
+
+
+@triton.jit
+def _store_dq(dq_ptr, b_acc, scale, yi, x, m_p, o_dqnd, m_nd, sdq_h, sdq_w,
+              IMG_I64: tl.constexpr, VEC: tl.constexpr):
+    if IMG_I64:
+        xi = x.to(tl.int64)
+    else:
+        xi = x
+    o = tl.multiple_of(yi * sdq_h + xi * sdq_w, VEC)
+    tl.store(dq_ptr + o[:, None, None] + o_dqnd[None, :, :],
+             (b_acc * scale).to(dq_ptr.dtype.element_ty),
+             mask=m_p[:, None, None] & m_nd[None, :, :])
+
+
+@triton.jit
+def _tile2d_bwd_query_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    dq_ptr, aux_ptr, parth_ptr, partw_ptr, partb_ptr,
+    H, W, HEADS, TILES_W, TILES, N_SLOTS,
+    sq_b, sq_h, sq_w, sq_n, sq_d,
+    sk_b, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_h, sv_w, sv_n, sv_d,
+    so_b, so_h, so_w, so_n, so_d,
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
+    sl_b, sl_h, sl_w, sl_n,
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
+    sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
+    dil_h, dil_w, qk_scale, scale,  # qk_scale = scale * log2(e)
+    D: tl.constexpr, D_HALF: tl.constexpr,  # constexpr: channel masks stay per vector
+    KH: tl.constexpr, KW: tl.constexpr, MASK: tl.constexpr,  # MASK: mask padding, else zeros
+    HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
+    BLOCK_H: tl.constexpr, TW: tl.constexpr, PIX: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, IMG_I64: tl.constexpr, VEC: tl.constexpr,
+    K_COL: tl.constexpr, V_COL: tl.constexpr,  # window column steps (elements)
+    CHAIN: tl.constexpr,  # a head's channels in one thread: dots as multiply-add chains
+):
+    # G pixel groups of PIX horizontally adjacent pixels (PIX = 2: column dilation 1);
+    # pixel j of a group meets window column u = j + c at its tap c, so per window row
+    # the group loads KW + PIX - 1 k / v columns, each serving up to PIX pixels
+    G: tl.constexpr = BLOCK_H * TW
+    NCOL: tl.constexpr = KW + PIX - 1
+    pid = tl.program_id(0)
+    b = (pid // TILES).to(tl.int64)
+    t = pid % TILES
+    o_g = tl.arange(0, G)
+    y = (t // TILES_W) * BLOCK_H + o_g // TW  # [G]
+    x = (t % TILES_W) * (TW * PIX) + (o_g % TW) * PIX  # [G] the group's first pixel
+    m_y = y < H
+    o_n = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_D)
+    m_n = o_n < HEADS
+    m_nd = m_n[:, None] & (o_d < D)[None, :]  # [N, D]
+    if IMG_I64:  # offsets inside one image can pass 2**31
+        yi = y.to(tl.int64)
+        xi = x.to(tl.int64)
+        o_nr = o_n.to(tl.int64)
+    else:
+        yi = y
+        xi = x
+        o_nr = o_n
+    o_qnd = tl.multiple_of(o_nr * sq_n, VEC)[:, None] + o_d[None, :] * sq_d
+    o_ond = tl.multiple_of(o_nr * so_n, VEC)[:, None] + o_d[None, :] * so_d
+    o_dond = tl.multiple_of(o_nr * sdo_n, VEC)[:, None] + o_d[None, :] * sdo_d
+    p_q0 = q_ptr + b * sq_b
+    p_o0 = o_ptr + b * so_b
+    p_do0 = do_ptr + b * sdo_b
+    p_l0 = lse_ptr + b * sl_b
+    qs0, do0, lse0, delta0, m_p0 = _pixel_inputs(
+        p_q0, p_o0, p_do0, p_l0, aux_ptr, b, y, yi, x, m_y, H, W, HEADS, o_qnd, o_ond,
+        o_dond, o_n, m_n, m_nd, sq_h, sq_w, so_h, so_w, sdo_h, sdo_w, sl_h, sl_w, sl_n,
+        qk_scale, IMG_I64, VEC)
+    qs1, do1, lse1, delta1, m_p1 = qs0, do0, lse0, delta0, m_p0
+    if PIX > 1:
+        qs1, do1, lse1, delta1, m_p1 = _pixel_inputs(
+            p_q0, p_o0, p_do0, p_l0, aux_ptr, b, y, yi, x + 1, m_y, H, W, HEADS, o_qnd,
+            o_ond, o_dond, o_n, m_n, m_nd, sq_h, sq_w, so_h, so_w, sdo_h, sdo_w, sl_h,
+            sl_w, sl_n, qk_scale, IMG_I64, VEC)
+
+    m_dh = m_nd & (o_d < D_HALF)[None, :]  # [N, D]: channels meeting rel_h
+    m_dw = m_nd & (o_d >= D_HALF)[None, :]  # channels meeting rel_w
+    o_g0 = (o_g * 0)[:, None, None]  # a table row loaded in the [G, N, D] tiles' layout
+    o_rh = o_g0 + (o_n[:, None] * srh_n + o_d[None, :] * srh_d)[None, :, :]
+    o_rw = o_g0 + (o_n[:, None] * srw_n + (o_d[None, :] - D_HALF) * srw_d)[None, :, :]
+    # per tap c and pixel: the column rel part of the logit less lse2 (the chain's seed)
+    seeds0 = ()
+    seeds1 = ()
+    zero_gn = tl.zeros([G, BLOCK_N], dtype=tl.float32)
+    for c in tl.static_range(KW):
+        if HAS_REL:
+            b_rw = tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :],
+                           other=0.0).to(tl.float32)
+            seeds0 = seeds0 + (_dot(-lse0, qs0, b_rw, CHAIN),)
+            if PIX > 1:
+                seeds1 = seeds1 + (_dot(-lse1, qs1, b_rw, CHAIN),)
+        else:
+            seeds0 = seeds0 + (-lse0,)
+            seeds1 = seeds1 + (-lse1,)
+    if PIX == 1:
+        seeds1 = seeds0
+    # whether window column u (image column x + (u - KW // 2) * dil_w) is inside
+    col_ok = ()
+    for u in tl.static_range(NCOL):
+        xk = x + (u - KW // 2) * dil_w
+        col_ok = col_ok + ((xk >= 0) & (xk < W),)
+
+    p_k0 = k_ptr + b * sk_b
+    p_v0 = v_ptr + b * sv_b
+    o_kp = yi * sk_h + xi * sk_w  # [G] the group's first pixel
+    o_vp = yi * sv_h + xi * sv_w
+    o_knd = tl.multiple_of(o_nr * sk_n, VEC)[:, None] + o_d[None, :] * sk_d  # [N, D]
+    o_vnd = tl.multiple_of(o_nr * sv_n, VEC)[:, None] + o_d[None, :] * sv_d
+    acc0 = tl.zeros([G, BLOCK_N, BLOCK_D], dtype=tl.float32)  # dq / scale
+    acc1 = acc0
+    g0 = ()  # G_col per tap, per pixel
+    for _c in tl.static_range(KW):
+        g0 = g0 + (zero_gn,)
+    g1 = g0
+    slot = pid.to(tl.int64) * HEADS + o_n  # [N]: partial slot of (program, head)
+    for a in range(KH):
+        dy = (a - KH // 2) * dil_h
+        yk = y + dy
+        m_row = m_y & (yk >= 0) & (yk < H)
+        srow0 = zero_gn
+        srow1 = zero_gn
+        if HAS_REL:
+            b_rh = tl.load(relh_ptr + a * srh_r + o_rh, mask=m_dh[None, :, :],
+                           other=0.0).to(tl.float32)
+            srow0 = _dot(zero_gn, qs0, b_rh, CHAIN)  # [G, N]
+            if PIX > 1:
+                srow1 = _dot(zero_gn, qs1, b_rh, CHAIN)
+        grow0 = zero_gn
+        grow1 = zero_gn
+        ng0 = ()
+        ng1 = ()
+        pend = zero_gn  # rpb: pixel 0's ds at the tap pixel 1 meets next
+        # the row's pointers once; the window columns step by compile-time immediates
+        p_kr = p_k0 + tl.multiple_of(o_kp + dy * sk_h, VEC)[:, None, None] + o_knd[None, :, :]
+        p_vr = p_v0 + tl.multiple_of(o_vp + dy * sv_h, VEC)[:, None, None] + o_vnd[None, :, :]
+        for u in tl.static_range(NCOL):
+            m_col = m_row & col_ok[u]
+            m_knd = m_col[:, None, None] & m_nd[None, :, :]
+            b_k = to_f32(tl.load(p_kr + (u - KW // 2) * K_COL, mask=m_knd, other=0.0))
+            b_v = to_f32(tl.load(p_vr + (u - KW // 2) * V_COL, mask=m_knd, other=0.0))
+            if PIX > 1:
+                if u >= 1:  # pixel 1, tap c = u - 1
+                    seed = seeds1[u - 1] + srow1
+                    if HAS_RPB:
+                        b_rpb = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
+                                        + ((u - 1) + KW // 2) * srp_w, mask=m_n, other=0.0)
+                        seed += (b_rpb.to(tl.float32) * LOG2E)[None, :]
+                    m_tap = m_col & m_p1
+                    acc1, ds1 = _tap(b_k, b_v, qs1, do1, delta1, seed, m_tap, acc1, MASK,
+                                     CHAIN)
+                    if HAS_REL:
+                        grow1 += ds1
+                        ng1 = ng1 + (g1[u - 1] + ds1,)
+                    if HAS_RPB:  # zeros padding: taps outside the image count
+                        ds1 = tl.where((m_tap if MASK else m_p1)[:, None], ds1, 0.0)
+                        tl.store(partb_ptr + (a * N_SLOTS + slot) * KW + (u - 1),
+                                 tl.sum(pend + ds1, axis=0), mask=m_n)
+            if u < KW:  # pixel 0, tap c = u
+                seed = seeds0[u] + srow0
+                if HAS_RPB:
+                    b_rpb = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
+                                    + (u + KW // 2) * srp_w, mask=m_n, other=0.0)
+                    seed += (b_rpb.to(tl.float32) * LOG2E)[None, :]
+                m_tap = m_col & m_p0
+                acc0, ds0 = _tap(b_k, b_v, qs0, do0, delta0, seed, m_tap, acc0, MASK,
+                                 CHAIN)
+                if HAS_REL:
+                    grow0 += ds0
+                    ng0 = ng0 + (g0[u] + ds0,)
+                if HAS_RPB:
+                    ds0 = tl.where((m_tap if MASK else m_p0)[:, None], ds0, 0.0)
+                    if PIX > 1:
+                        pend = ds0
+                    else:
+                        tl.store(partb_ptr + (a * N_SLOTS + slot) * KW + u,
+                                 tl.sum(ds0, axis=0), mask=m_n)
+        if HAS_REL:
+            g0 = ng0
+            # rel_h row a: dq += G_row rel_h[a]; partial sum over pixels of G_row q[:d/2]
+            # (a row outside the image meets neither, with mask padding: selected away)
+            prod0 = grow0[:, :, None] * b_rh
+            part = grow0[:, :, None] * qs0
+            if MASK:
+                m_r = (m_row & m_p0)[:, None, None]
+                prod0 = tl.where(m_r, prod0, 0.0)
+                part = tl.where(m_r, part, 0.0)
+            acc0 += prod0
+            if PIX > 1:
+                g1 = ng1
+                prod1 = grow1[:, :, None] * b_rh
+                part1 = grow1[:, :, None] * qs1
+                if MASK:
+                    m_r = (m_row & m_p1)[:, None, None]
+                    prod1 = tl.where(m_r, prod1, 0.0)
+                    part1 = tl.where(m_r, part1, 0.0)
+                acc1 += prod1
+                part += part1
+            part = tl.sum(part, axis=0) * 0.6931471805599453  # q * scale: qs / log2(e)  # [N, D]
+            tl.store(parth_ptr + (a * N_SLOTS + slot)[:, None] * D_HALF + o_d[None, :],
+                     part, mask=m_dh)
+    if HAS_REL:
+        for c in tl.static_range(KW):
+            b_rw = tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :],
+                           other=0.0).to(tl.float32)
+            prod0 = g0[c][:, :, None] * b_rw
+            part = g0[c][:, :, None] * qs0
+            if MASK:  # pixel j meets rel_w[c] at window column u = j + c
+                m_c = (m_p0 & col_ok[c])[:, None, None]
+                prod0 = tl.where(m_c, prod0, 0.0)
+                part = tl.where(m_c, part, 0.0)
+            acc0 += prod0
+            if PIX > 1:
+                prod1 = g1[c][:, :, None] * b_rw
+                part1 = g1[c][:, :, None] * qs1
+                if MASK:
+                    m_c = (m_p1 & col_ok[c + 1])[:, None, None]
+                    prod1 = tl.where(m_c, prod1, 0.0)
+                    part1 = tl.where(m_c, part1, 0.0)
+                acc1 += prod1
+                part += part1
+            part = tl.sum(part, axis=0) * 0.6931471805599453  # q * scale: qs / log2(e)
+            tl.store(partw_ptr + (c * N_SLOTS + slot)[:, None] * (D - D_HALF)
+                     + (o_d[None, :] - D_HALF), part, mask=m_dw)
+    o_dqnd = tl.multiple_of(o_nr * sdq_n, VEC)[:, None] + o_d[None, :] * sdq_d
+    p_dq0 = dq_ptr + b * sdq_b
+    _store_dq(p_dq0, acc0, scale, yi, x, m_p0, o_dqnd, m_nd, sdq_h, sdq_w, IMG_I64, VEC)
+    if PIX > 1:
+        _store_dq(p_dq0, acc1, scale, yi, x + 1, m_p1, o_dqnd, m_nd, sdq_h, sdq_w, IMG_I64, VEC)

@@ -19,8 +19,9 @@ all heads; tensor-core tiles would pad d to 16), everything else to "rows" (tens
 row tiles); "tiled" is the fallback for what neither supports (d > 128 with more heads
 than tile2d holds, windows wider than both allow). A variant that does not support the
 shape is skipped.
-Backward: the first kernel variant with a backward that supports the case ("rowsbwd",
-then "offsets"), with its default config.
+Backward, read from the same tool: head dims below 16 and small windows go to
+"tile2dbwd" (CUDA cores, like tile2d), everything else to "rowsbwd" (tensor cores);
+"offsets" covers what neither supports (shift padding at small d, d > 128, ...).
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ _CACHE: dict = {}
 # Windows of at most this many taps (k <= 5) go to tile2d whatever the head dim: the
 # row tiles' per-key-row overhead is not repaid by so few window rows (cost tool).
 SMALL_WINDOW = 25
+# The backward's counterpart: at d >= 16 tile2dbwd wins only for k = 3 (cost tool).
+SMALL_BACKWARD_WINDOW = 9
 _DIRECTIONS = variants.DIRECTIONS  # direction index 0 / 1 -> "fwd" / "bwd"
 
 
@@ -92,19 +95,30 @@ def heuristic_forward(shape: tuple, dtype, args: AttendArgs) -> tuple[str, Optio
     return REFERENCE, None
 
 
+def heuristic_backward(shape: tuple, dtype, args: AttendArgs) -> tuple[str, Optional[dict]]:
+    """The backward heuristic of the module docstring (no tuned table, any device)."""
+    d = shape[-1]
+    if d < 16 or args.kh * args.kw <= SMALL_BACKWARD_WINDOW:
+        prefer = ("tile2dbwd", "rowsbwd")
+    else:
+        prefer = ("rowsbwd", "tile2dbwd")
+    for name in prefer:
+        variant = variants.VARIANTS.get(name)
+        if variant is not None and variant.supports(shape, dtype, args):
+            return name, variant.default_config(shape, args)
+    for variant in variants.with_direction("bwd"):  # whatever else covers the case
+        if variant.needs_triton and variant.supports(shape, dtype, args):
+            return variant.name, variant.default_config(shape, args)
+    return REFERENCE, None
+
+
 def default_backward(q: torch.Tensor, args: AttendArgs) -> tuple[str, Optional[dict]]:
-    """The first kernel variant with a backward that supports the case (default config),
-    else the reference; also the backward of a forced forward-only variant. Cached."""
+    """`heuristic_backward`'s choice (default config), else the reference; also the
+    backward of a forced forward-only variant. Cached."""
     key = ("bwd-default", *call_key(q, args))
     hit = _CACHE.get(key)
     if hit is None:
-        hit = REFERENCE, None
-        shape = tuple(q.shape)
-        for variant in variants.with_direction("bwd"):
-            if variant.needs_triton and variant.supports(shape, q.dtype, args):
-                hit = variant.name, variant.default_config(shape, args)
-                break
-        _CACHE[key] = hit
+        hit = _CACHE[key] = heuristic_backward(tuple(q.shape), q.dtype, args)
     return hit
 
 

@@ -133,11 +133,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     # CUDA cores, a 2-D pixel tile x all heads: d <= 16
     kernel_variant("tile2d", f"{_KERNELS}.tile2d_fwd", forward=True),
     # the backward on tensor cores: a query-owned kernel (dq, delta, table gradients) and a
-    # key-owned one (dk, dv), row tiles; before "offsets", so it is the default backward
+    # key-owned one (dk, dv), row tiles
     kernel_variant("rowsbwd", f"{_KERNELS}.rows_bwd", backward=True),
-    # the backward on CUDA cores, window offsets in a loop: covers what "rowsbwd" does not
-    kernel_variant("offsets", f"{_KERNELS}.offsets_bwd", backward=True),
+    # the backward on CUDA cores in tile2d's style (pixel pairs, d in registers): small d
     kernel_variant("tile2dbwd", f"{_KERNELS}.tile2d_bwd", backward=True),
+    # the backward on CUDA cores, window offsets in a loop: covers what the others do not
+    kernel_variant("offsets", f"{_KERNELS}.offsets_bwd", backward=True),
 )}
 
 

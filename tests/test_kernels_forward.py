@@ -12,7 +12,7 @@ import torch
 
 import sasa_triton
 from sasa_triton.args import check_attend_args
-from sasa_triton.dispatch import choose, heuristic_forward
+from sasa_triton.dispatch import choose, heuristic_backward, heuristic_forward
 from sasa_triton.variants import get as variant_module
 from sasa_triton.variants import triton_usable, with_direction
 
@@ -241,6 +241,20 @@ def test_dispatch_heuristic():
     q = torch.empty(2, 8, 8, 4, 16, dtype=torch.bfloat16, device=DEVICE)
     assert config == mod.default_config(tuple(q.shape), check_attend_args(
         q, q, q, 7, 1, "zeros", None, None, None, None))
+
+
+def test_backward_heuristic():
+    def choice(heads, d, k=7, padding="zeros", dtype=torch.bfloat16):
+        q = torch.empty(2, 8, 8, heads, d, dtype=dtype, device=DEVICE)
+        args = check_attend_args(q, q, q, k, 1, padding, None, None, None, None)
+        return heuristic_backward(tuple(q.shape), dtype, args)[0]
+
+    assert choice(8, 8) == "tile2dbwd"  # s1: d = 8
+    assert choice(8, 16, k=3) == "tile2dbwd"  # the smallest windows
+    assert choice(8, 16) == "rowsbwd"  # s2
+    assert choice(8, 64) == "rowsbwd"  # s4
+    assert choice(8, 8, padding="shift") == "rowsbwd"  # tile2dbwd has no shift mode
+    assert choice(2, 256) == "offsets"  # d > 128
 
 
 def test_auto_dispatch_is_cached_and_picks_the_cpu_path_off_cuda():

@@ -13,11 +13,22 @@ launch time, so the cost tool's recorder (sasa_triton/cost/record.py) still sees
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Optional
 
 # Every plan cache, so that `clear_all` can drop them (tests; nothing in the library needs it).
 _CACHES: list[dict] = []
 MAX_PLANS = 4096  # per launcher; a full cache is emptied, not evicted entry by entry
+
+
+class LaunchPlan(NamedTuple):
+    """One kernel launch of a call key: `kernel[grid](*tensors, *head, *per-call values,
+    *tail, **flags)`. `grid` None: nothing to launch (an empty call). A kernel argument
+    added or removed is a one-line change in the launcher's `_plan`."""
+    grid: Optional[tuple]
+    head: tuple  # runtime arguments after the tensors (sizes, strides, ...)
+    tail: tuple  # runtime arguments after the per-call ones (dilation, scale, ...)
+    flags: dict  # constexpr arguments and launch options (num_warps, num_stages)
+    layouts: tuple = ()  # (shape, strides) of what the launcher allocates (empty_strided)
 
 
 def plan_cache(make: Callable[..., Any]) -> Callable[..., Any]:

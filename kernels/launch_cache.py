@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple, Optional
 # Every plan cache, so that `clear_all` can drop them (tests; nothing in the library needs it).
 _CACHES: list[dict] = []
 MAX_PLANS = 4096  # per launcher; a full cache is emptied, not evicted entry by entry
+_MISSING = object()
 
 
 class LaunchPlan(NamedTuple):
@@ -39,10 +40,10 @@ def plan_cache(make: Callable[..., Any]) -> Callable[..., Any]:
 
     def cached(key, *args) -> Any:
         try:
-            plan = plans.get(key)
+            plan = plans.get(key, _MISSING)
         except TypeError:  # an unhashable key (a config with a list in it): no caching
             return make(*args)
-        if plan is None:
+        if plan is _MISSING:
             plan = make(*args)
             if len(plans) >= MAX_PLANS:
                 plans.clear()
@@ -81,9 +82,6 @@ def clear_all() -> None:
     """Forget every plan."""
     for plans in _CACHES:
         plans.clear()
-
-
-_MISSING = object()
 
 
 def per_call_key(fn: Callable[..., Any]) -> Callable[..., Any]:

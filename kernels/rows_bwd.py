@@ -22,7 +22,7 @@ from sasa_triton.types import AttendArgs
 
 from . import rows_bwd_key as key_kernel
 from . import rows_bwd_query as query_kernel
-from .launch_cache import per_call_key
+from .launch_cache import args_key, config_key, per_call_key, plan_cache
 
 
 @per_call_key
@@ -80,14 +80,24 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
             and tuple(sorted(_split(c, "K_").items())) in good_k]
 
 
+def _is_default(q_shape, dtype, args: AttendArgs, config: Optional[dict]) -> bool:
+    """Whether `config` is the dispatcher's default (or None): both kernels then take
+    their own, dtype-aware default. Raises for an unsupported call."""
+    if not supports(q_shape, dtype, args):
+        raise ValueError(f"rowsbwd backward does not support q of shape {q_shape} "
+                         f"and dtype {dtype} with these arguments")
+    return config is None or config == default_config(q_shape, args)
+
+
+_defaults = plan_cache(_is_default)
+
+
 def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] = None,
              _poison: bool = False):
     """(dq, dk, dv, drel_h, drel_w, drpb); see the module docstring."""
-    if not supports(tuple(q.shape), q.dtype, args):
-        raise ValueError(f"rowsbwd backward does not support q of shape {tuple(q.shape)} "
-                         f"and dtype {q.dtype} with these arguments")
-    if config == default_config(tuple(q.shape), args):
-        config = None  # the dispatcher's default: each kernel's own, dtype-aware default
+    if _defaults((q.shape, q.dtype, args_key(args), config_key(config)),
+                 tuple(q.shape), q.dtype, args, config):
+        config = None
     dq, delta, drel_h, drel_w, drpb = query_kernel.query_grads(
         q, k, v, out, lse, dout, args, config, _poison=_poison)
     dk, dv = key_kernel.key_grads(q, k, v, dout, lse, delta, args, config, _poison=_poison)

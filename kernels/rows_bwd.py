@@ -80,25 +80,35 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
             and tuple(sorted(_split(c, "K_").items())) in good_k]
 
 
-def _is_default(q_shape, dtype, args: AttendArgs, config: Optional[dict]) -> bool:
-    """Whether `config` is the dispatcher's default (or None): both kernels then take
-    their own, dtype-aware default. Raises for an unsupported call."""
+def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool,
+          config: Optional[dict]) -> tuple:
+    """The two kernels' launch plans for one call key (q, k, v, out, dout and lse
+    strides); raises for an unsupported call or a bad config."""
     if not supports(q_shape, dtype, args):
         raise ValueError(f"rowsbwd backward does not support q of shape {q_shape} "
                          f"and dtype {dtype} with these arguments")
-    return config is None or config == default_config(q_shape, args)
+    if config == default_config(q_shape, args):
+        config = None  # the dispatcher's default: each kernel's own, dtype-aware default
+    queries = query_kernel._plan(q_shape, dtype, strides, args, table_half, config)
+    delta_strides = queries.delta_layout[1]
+    keys = key_kernel._plan(q_shape, dtype, (*strides[:3], strides[4], strides[5],
+                                             delta_strides), args, config)
+    return queries, keys
 
 
-_defaults = plan_cache(_is_default)
+_plans = plan_cache(_plan)
 
 
 def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] = None,
              _poison: bool = False):
-    """(dq, dk, dv, drel_h, drel_w, drpb); see the module docstring."""
-    if _defaults((q.shape, q.dtype, args_key(args), config_key(config)),
-                 tuple(q.shape), q.dtype, args, config):
-        config = None
-    dq, delta, drel_h, drel_w, drpb = query_kernel.query_grads(
-        q, k, v, out, lse, dout, args, config, _poison=_poison)
-    dk, dv = key_kernel.key_grads(q, k, v, dout, lse, delta, args, config, _poison=_poison)
+    """(dq, dk, dv, drel_h, drel_w, drpb); see the module docstring. One plan lookup per
+    call covers both kernels' launches."""
+    strides = (q.stride(), k.stride(), v.stride(), out.stride(), dout.stride(), lse.stride())
+    table_half = query_kernel.plan_table_half(q, args)
+    queries, keys = _plans(
+        (q.shape, q.dtype, strides, args_key(args), table_half, config_key(config)),
+        tuple(q.shape), q.dtype, strides, args, table_half, config)
+    dq, delta, drel_h, drel_w, drpb = query_kernel.launch(
+        queries, q, k, v, out, lse, dout, args, _poison)
+    dk, dv = key_kernel.launch(keys, q, k, v, dout, lse, delta, args, _poison)
     return dq, dk, dv, drel_h, drel_w, drpb

@@ -516,6 +516,12 @@ def key_grads(q, k, v, dout, lse, delta, args: AttendArgs, config: Optional[dict
     strides = (q.stride(), k.stride(), v.stride(), dout.stride(), lse.stride(), delta.stride())
     plan = _plans((q.shape, q.dtype, strides, args_key(args), config_key(config)),
                   tuple(q.shape), q.dtype, strides, args, config)
+    return launch(plan, q, k, v, dout, lse, delta, args, _poison)
+
+
+def launch(plan: LaunchPlan, q, k, v, dout, lse, delta, args: AttendArgs,
+           _poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`key_grads` with its plan (`_plan` of the call's key) made already."""
     dk, dv = new_output_like(q, _poison), new_output_like(q, _poison)
     if plan.grid is None:
         return dk.zero_(), dv.zero_()

@@ -48,6 +48,7 @@ import triton.language as tl
 
 from sasa_triton.types import AttendArgs
 
+from . import common
 from .common import (
     INTERPRETED,
     LOG2E,
@@ -822,17 +823,32 @@ def query_grads(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict
     launches: the query kernel and the table reduction (none without tables). `config`
     reads only its Q_ keys; `_poison` NaN-fills outputs and buffers first (tests).
     One float32 allocation holds delta and the per-program table partials."""
-    rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
-    has_rel, has_rpb = rel_h is not None, rpb is not None
-    table_half = has_rel and rel_h.dtype == q.dtype == rel_w.dtype
     strides = (q.stride(), k.stride(), v.stride(), out.stride(), dout.stride(), lse.stride())
+    table_half = plan_table_half(q, args)
     plan = _plans((q.shape, q.dtype, strides, args_key(args), table_half, config_key(config)),
                   tuple(q.shape), q.dtype, strides, args, table_half, config)
+    return launch(plan, q, k, v, out, lse, dout, args, _poison)
+
+
+def plan_table_half(q, args: AttendArgs) -> bool:
+    """The part of a plan's key that the tables' dtypes decide (TABLE_HALF)."""
+    return args.rel_h is not None and args.rel_h.dtype == q.dtype == args.rel_w.dtype
+
+
+def launch(plan: _Plan, q, k, v, out, lse, dout, args: AttendArgs,
+           _poison: bool = False) -> QueryGrads:
+    """`query_grads` with its plan (`_plan` of the call's key) made already."""
+    rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
+    has_rel, has_rpb = rel_h is not None, rpb is not None
     dq = new_output_like(q, _poison)
     drel_h = new_output_like(rel_h, _poison) if has_rel else None
     drel_w = new_output_like(rel_w, _poison) if has_rel else None
     drpb = new_output_like(rpb, _poison) if has_rpb else None
-    buffer = new_output((sum(plan.sizes),), torch.float32, q.device, _poison)
+    if _poison or common.POISON_OUTPUTS:
+        buffer = new_output((sum(plan.sizes),), torch.float32, q.device, True)
+    else:
+        buffer = torch.empty_strided((sum(plan.sizes),), (1,), dtype=torch.float32,
+                                     device=q.device)
     delta = buffer.as_strided(*plan.delta_layout)
     if plan.grads.grid is None:
         dq.zero_(), delta.zero_()

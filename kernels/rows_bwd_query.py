@@ -827,7 +827,8 @@ def query_grads(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict
     table_half = plan_table_half(q, args)
     plan = _plans((q.shape, q.dtype, strides, args_key(args), table_half, config_key(config)),
                   tuple(q.shape), q.dtype, strides, args, table_half, config)
-    return launch(plan, q, k, v, out, lse, dout, args, _poison)
+    dq, delta, drel_h, drel_w, drpb = launch(plan, q, k, v, out, lse, dout, args, _poison)
+    return dq, delta.as_strided(*plan.delta_layout), drel_h, drel_w, drpb
 
 
 def plan_table_half(q, args: AttendArgs) -> bool:
@@ -837,7 +838,8 @@ def plan_table_half(q, args: AttendArgs) -> bool:
 
 def launch(plan: _Plan, q, k, v, out, lse, dout, args: AttendArgs,
            _poison: bool = False) -> QueryGrads:
-    """`query_grads` with its plan (`_plan` of the call's key) made already."""
+    """`query_grads` with its plan (`_plan` of the call's key) made already, but delta
+    flat (the first B*H*W*heads floats of the buffer; its strides: plan.delta_layout)."""
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     has_rel, has_rpb = rel_h is not None, rpb is not None
     dq = new_output_like(q, _poison)
@@ -849,16 +851,16 @@ def launch(plan: _Plan, q, k, v, out, lse, dout, args: AttendArgs,
     else:
         buffer = torch.empty_strided((sum(plan.sizes),), (1,), dtype=torch.float32,
                                      device=q.device)
-    delta = buffer.as_strided(*plan.delta_layout)
     if plan.grads.grid is None:
-        dq.zero_(), delta.zero_()
+        dq.zero_(), buffer.zero_()
         for g in (drel_h, drel_w, drpb):
             if g is not None:
                 g.zero_()
-        return dq, delta, drel_h, drel_w, drpb
-    part_h = part_w = part_b = delta  # never read when the flag is off
+        return dq, buffer, drel_h, drel_w, drpb
+    delta = part_h = part_w = part_b = buffer  # the partials: never read when the flag is off
     if has_rel or has_rpb:
         parts = buffer.split_with_sizes(plan.sizes)  # delta, [part_h, part_w], [part_b]
+        delta = parts[0]
         if has_rel:
             part_h, part_w = parts[1], parts[2]
         if has_rpb:

@@ -23,13 +23,35 @@ _MISSING = object()
 
 class LaunchPlan(NamedTuple):
     """One kernel launch of a call key: `kernel[grid](*tensors, *head, *per-call values,
-    *tail, **flags)`. `grid` None: nothing to launch (an empty call). A kernel argument
-    added or removed is a one-line change in the launcher's `_plan`."""
+    *tail, **options)`. `grid` None: nothing to launch (an empty call). Made by
+    `launch_plan`: a kernel argument added or removed is a one-line change there."""
     grid: Optional[tuple]
     head: tuple  # runtime arguments after the tensors (sizes, strides, ...)
-    tail: tuple  # runtime arguments after the per-call ones (dilation, scale, ...)
-    flags: dict  # constexpr arguments and launch options (num_warps, num_stages)
+    tail: tuple  # the runtime arguments after the per-call ones, then every constexpr
+    flags: dict  # the constexpr arguments by name (what `tail` ends with; for reading)
+    options: dict  # launch keywords (num_warps, num_stages)
     layouts: tuple = ()  # (shape, strides) of what the launcher allocates (empty_strided)
+
+
+NO_LAUNCH = LaunchPlan(None, (), (), {}, {})
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def launch_plan(params, grid: tuple, head: tuple, tail: tuple, flags: dict,
+                layouts: tuple = ()) -> LaunchPlan:
+    """A LaunchPlan for a kernel with parameter names `params` (its `arg_names`): the
+    constexpr values of `flags` go positionally, in the kernel's order, after `tail`
+    (keyword arguments cost a launch about 0.1 us each, copied at every layer of
+    `kernel[grid](...)`); `flags`' num_warps / num_stages stay keywords. Raises if the
+    constexprs named are not exactly the kernel's last parameters."""
+    options = {k: flags[k] for k in LAUNCH_OPTIONS if k in flags}
+    constexprs = {k: v for k, v in flags.items() if k not in options}
+    trailing = tuple(params[len(params) - len(constexprs):])
+    if set(trailing) != set(constexprs):
+        raise TypeError(f"launch plan: constexpr arguments {sorted(constexprs)} are not the "
+                        f"kernel's last parameters {list(trailing)}")
+    return LaunchPlan(grid, tuple(head), (*tail, *(constexprs[n] for n in trailing)),
+                      constexprs, options, layouts)
 
 
 def plan_cache(make: Callable[..., Any]) -> Callable[..., Any]:

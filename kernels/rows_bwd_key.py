@@ -52,7 +52,16 @@ from .common import (
     unravel_program,
     window_start,
 )
-from .launch_cache import LaunchPlan, args_key, config_key, contiguous_strides, per_call_key, plan_cache
+from .launch_cache import (
+    NO_LAUNCH,
+    LaunchPlan,
+    args_key,
+    config_key,
+    contiguous_strides,
+    launch_plan,
+    per_call_key,
+    plan_cache,
+)
 
 
 @triton.jit
@@ -475,7 +484,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict]) -> 
         raise ValueError(f"rows key backward config {config!r} does not fit q of shape "
                          f"{q_shape} with kernel ({kh}, {kw})")
     if B * H * W * heads * d == 0:
-        return LaunchPlan(None, (), (), {})
+        return NO_LAUNCH
     rows, cols, n_seg, qrows = tile
     th, tw = (2 * kh - 1, 2 * kw - 1) if padding == "shift" else (kh, kw)
     halo_h, halo_w = _halos(args)
@@ -483,7 +492,8 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict]) -> 
     if dtype == torch.float32:  # fp32 dots run on CUDA cores: 2-4x the registers
         launch["num_warps"] = min(8, max(4, 2 * launch.get("num_warps", 4)))
     grad_strides = contiguous_strides(q_shape)  # dk and dv
-    return LaunchPlan(
+    return launch_plan(
+        _PARAMS,
         grid=(B * triton.cdiv(H, rows) * n_seg * heads,),
         head=(H, W, heads, d, d // 2, rows, cols, n_seg, halo_h, halo_w,
               *(x for st in strides for x in st)),  # q, k, v, dout, lse, delta
@@ -505,6 +515,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict]) -> 
 
 
 _plans = plan_cache(_plan)
+_PARAMS = _key_bwd_kernel.arg_names  # read at import: a recorder may stand in later
 
 
 def key_grads(q, k, v, dout, lse, delta, args: AttendArgs, config: Optional[dict] = None,
@@ -532,6 +543,6 @@ def launch(plan: LaunchPlan, q, k, v, dout, lse, delta, args: AttendArgs,
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
         dk, dv,
-        *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.flags,
+        *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )
     return dk, dv

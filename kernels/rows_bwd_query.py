@@ -65,10 +65,12 @@ from .common import (
     window_start,
 )
 from .launch_cache import (
+    NO_LAUNCH,
     LaunchPlan,
     args_key,
     config_key,
     contiguous_strides,
+    launch_plan,
     per_call_key,
     plan_cache,
 )
@@ -748,7 +750,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
     _check(config, q_shape, args)
     delta_layout = (q_shape[:4], contiguous_strides(q_shape[:4]))
     if B * H * W * heads * d == 0:
-        return _Plan(LaunchPlan(None, (), (), {}), None, [0], delta_layout)
+        return _Plan(NO_LAUNCH, None, [0], delta_layout)
     has_rel, has_rpb = rel_h is not None, rpb is not None
     bw, bh = config["Q_BLOCK_W"], config["Q_BLOCK_H"]
     bk = _block_k(q_shape, args, bw)
@@ -761,7 +763,8 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
     dq_strides = contiguous_strides(q_shape)
     # tensor-core table products for half inputs (the interpreter's dot mishandles bf16)
     half = dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRETED)
-    grads = LaunchPlan(
+    grads = launch_plan(
+        _QUERY_PARAMS,
         grid=(n_prog,),
         head=(H, W, heads, d, d_half, scale * LOG2E.value, scale,
               *(x for st in strides for x in st)),  # q, k, v, out, dout, lse
@@ -788,7 +791,8 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
         for shape in table_shapes:
             st = (0, 0, 0) if shape is None else contiguous_strides(shape)
             grad_strides += (0, *st) if len(st) == 2 else st
-        reduce = LaunchPlan(
+        reduce = launch_plan(
+            _REDUCE_PARAMS,
             grid=(rows, heads),
             head=(n_tiles, heads, d_half, d - d_half, kh, kw, *grad_strides),
             tail=(),
@@ -809,6 +813,8 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
 
 
 _plans = plan_cache(_plan)
+# read at import: a recorder may stand in for the kernels later
+_QUERY_PARAMS, _REDUCE_PARAMS = _query_grads_kernel.arg_names, _reduce_tables_kernel.arg_names
 
 
 QueryGrads = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
@@ -871,7 +877,7 @@ def launch(plan: _Plan, q, k, v, out, lse, dout, args: AttendArgs,
         q, k, v, out, dout, lse,
         rel_h if has_rel else dummy, rel_w if has_rel else dummy, rpb if has_rpb else dummy,
         dq, delta, part_h, part_w, part_b,
-        *grads.head, *table_strides(rel_h, rel_w, rpb), *grads.tail, **grads.flags,
+        *grads.head, *table_strides(rel_h, rel_w, rpb), *grads.tail, **grads.options,
     )
     reduce = plan.reduce
     if reduce is not None:
@@ -879,6 +885,6 @@ def launch(plan: _Plan, q, k, v, out, lse, dout, args: AttendArgs,
             part_h, part_w, part_b,
             drel_h if has_rel else delta, drel_w if has_rel else delta,
             drpb if has_rpb else delta,
-            *reduce.head, **reduce.flags,
+            *reduce.head, *reduce.tail, **reduce.options,
         )
     return dq, delta, drel_h, drel_w, drpb

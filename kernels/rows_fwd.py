@@ -59,10 +59,12 @@ from .common import (
     window_start,
 )
 from .launch_cache import (
+    NO_LAUNCH,
     LaunchPlan,
     args_key,
     config_key,
     contiguous_strides,
+    launch_plan,
     per_call_key,
     plan_cache,
 )
@@ -640,7 +642,7 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
     config = default_config(q_shape, args) if config is None else config
     check_config(config, ("BLOCK_M", "BLOCK_W"), "rows")
     if B * H * W * heads * d == 0:
-        return LaunchPlan(None, (), (), {}, ((q_shape[:4], contiguous_strides(q_shape[:4])),))
+        return NO_LAUNCH._replace(layouts=((q_shape[:4], contiguous_strides(q_shape[:4])),))
     bm = config["BLOCK_M"]
     bw = tile_shape(q_shape, config["BLOCK_W"])
     bk, clip = key_tile(q_shape, args, bw)
@@ -648,7 +650,8 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
         raise ValueError(f"rows config: BLOCK_M {bm} must be a multiple of the tile width {bw}")
     n_jb, n_tb = triton.cdiv(W, bw), triton.cdiv(triton.cdiv(H, args.dh), bm // bw)
     out_strides, lse_strides = contiguous_strides(q_shape), contiguous_strides(q_shape[:4])
-    return LaunchPlan(
+    return launch_plan(
+        _PARAMS,
         grid=(B * args.dh * n_tb * n_jb * heads,),
         head=(H, W, heads, d, d // 2, n_jb, n_tb, *strides[0], *strides[1], *strides[2],
               *out_strides, *lse_strides),
@@ -675,6 +678,7 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
 
 
 _plans = plan_cache(_plan)
+_PARAMS = _rows_fwd_kernel.arg_names  # read at import: a recorder may stand in later
 
 
 def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -693,6 +697,6 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         q, k, v, out, lse,
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
-        *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.flags,
+        *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )
     return out, lse

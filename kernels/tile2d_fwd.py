@@ -45,10 +45,12 @@ from .common import (
     window_start,
 )
 from .launch_cache import (
+    NO_LAUNCH,
     LaunchPlan,
     args_key,
     config_key,
     contiguous_strides,
+    launch_plan,
     per_call_key,
     plan_cache,
 )
@@ -557,7 +559,7 @@ def _plan(q_shape, dtype, esize: int, strides, args, align: int, config) -> Laun
         raise ValueError(f"tile2d config {config!r}: PIX must be 1, 2 or 4 dividing BLOCK_W, "
                          "and 1 in shift mode or with column dilation")
     if B * H * W * heads * d == 0:
-        return LaunchPlan(None, (), (), {})
+        return NO_LAUNCH
     out_strides, lse_strides = contiguous_strides(q_shape), contiguous_strides(q_shape[:4])
     vec = min(align, stride_vector_width([(d, st) for st in (*strides, out_strides)],
                                          next_pow2(d)))
@@ -581,7 +583,8 @@ def _plan(q_shape, dtype, esize: int, strides, args, align: int, config) -> Laun
     tiles_w = triton.cdiv(W, tw * pix)
     tiles = triton.cdiv(H, bh) * tiles_w
     kv_same = strides[1] == strides[2]
-    return LaunchPlan(
+    return launch_plan(
+        _PARAMS,
         grid=(B * tiles,),
         head=(H, W, heads, d, d // 2, tiles_w, tiles, *strides[0], *strides[1], *strides[2],
               *out_strides, *lse_strides),
@@ -593,13 +596,15 @@ def _plan(q_shape, dtype, esize: int, strides, args, align: int, config) -> Laun
             ROW_I64=not strides_fit_i32((*strides, out_strides), 1, d, heads),
             KV_SAME_STRIDES=kv_same,
             EVEN_ROW=heads == next_pow2(heads) and d == next_pow2(d),
-            VEC=vec, COL_STEP=args.dw * strides[1][2] if kv_same else 0, SPLIT=split,
+            VEC=vec, COL_STEP=args.dw * strides[1][2] if kv_same else 0,
+            TIES_ASCENDING=_TIES_ASCENDING, SPLIT=split,
             **options,
         ),
     )
 
 
 _plans = plan_cache(_plan)
+_PARAMS = _tile2d_fwd_kernel.arg_names  # read at import: a recorder may stand in later
 
 
 def forward(q, k, v, args, config=None, _poison=False):
@@ -608,7 +613,8 @@ def forward(q, k, v, args, config=None, _poison=False):
     shape, esize, strides = q.shape, q.element_size(), (q.stride(), k.stride(), v.stride())
     offsets = (q.data_ptr() | k.data_ptr() | v.data_ptr() | out.data_ptr()) // esize
     align = min(offsets & -offsets, 256) if offsets else 256  # the lowest set bit
-    plan = _plans((shape, q.dtype, strides, args_key(args), align, config_key(config)),
+    plan = _plans((shape, q.dtype, strides, args_key(args), align, config_key(config),
+                   _TIES_ASCENDING),  # a test flips it
                   tuple(shape), q.dtype, esize, strides, args, align, config)
     if plan.grid is None:
         return out, lse
@@ -618,7 +624,6 @@ def forward(q, k, v, args, config=None, _poison=False):
         q, k, v, out, lse,
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
-        *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail,
-        TIES_ASCENDING=_TIES_ASCENDING, **plan.flags,  # per call: a test flips it
+        *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )
     return out, lse

@@ -112,10 +112,10 @@ def test_tile2d_vector_width_follows_the_pointers():
     widths = []
     with host.stub_launches():
         for query in (q, shifted, q):
-            (launch,) = host._launches(lambda: tile2d_fwd.forward(query, k, v, args))
-            out = launch[1][3]
-            assert launch[2]["VEC"] == vector_width((query, k, v, out), 16)
-            widths.append(launch[2]["VEC"])
+            ((fn, values, options),) = host._launches(lambda: tile2d_fwd.forward(query, k, v, args))
+            named = dict(zip(fn.arg_names, values), **options)
+            assert named["VEC"] == vector_width((query, k, v, named["o_ptr"]), 16)
+            widths.append(named["VEC"])
     assert widths[1] < widths[0] == widths[2]
 
 

@@ -112,7 +112,8 @@ def test_tile2d_vector_width_follows_the_pointers():
     widths = []
     with host.stub_launches():
         for query in (q, shifted, q):
-            ((fn, values, options),) = host._launches(lambda: tile2d_fwd.forward(query, k, v, args))
+            ((fn, values, options),) = host._launches(
+                lambda query=query: tile2d_fwd.forward(query, k, v, args))
             named = dict(zip(fn.arg_names, values), **options)
             assert named["VEC"] == vector_width((query, k, v, named["o_ptr"]), 16)
             widths.append(named["VEC"])

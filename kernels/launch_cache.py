@@ -1,11 +1,14 @@
 """Launch plans: the part of a host launcher's work that depends only on the call key.
 
 A launcher's per-call work splits in two. What follows from the call key -- shape,
-dtype, window, table flags, scale, config and the inputs' strides -- is computed once
-per key into a `plan` (supports check, config check, grid, scalar and constexpr
-arguments, strides of the outputs it allocates). What must be read on every call stays
-per call: the tensors themselves, the table strides, allocations and pointer alignment.
-A cached plan saves tens of microseconds of Python per launch (docs/host.md).
+dtype, window, table flags, scale, config, the inputs' strides (and where a launch
+depends on it, their pointer alignment) -- is computed once per key into a `plan`
+(supports check, config check, grid, scalar and constexpr arguments, strides and
+layouts of the outputs it allocates): a `LaunchPlan` made by `launch_plan`. What must
+be read on every call stays per call: the tensors themselves, the table strides and the
+allocations. A cached plan saves tens of microseconds of Python per launch
+(docs/host.md); tests/test_launch_plans.py checks that cached plans launch what fresh
+ones would.
 
 Plans hold plain values only, never a kernel: launchers look their JITFunctions up at
 launch time, so the cost tool's recorder (sasa_triton/cost/record.py) still sees them.

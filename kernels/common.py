@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -154,6 +155,15 @@ def stride_vector_width(layouts, block_d: int) -> int:
     return vec
 
 
+def pointer_alignment(tensors, cap: int = 256) -> int:
+    """The largest power of two (at most `cap`) dividing every tensor's base address in
+    elements: the per-call part of a vector width (launch plans key on it)."""
+    offsets = 0
+    for t in tensors:
+        offsets |= t.data_ptr() // t.element_size()
+    return min(offsets & -offsets, cap) if offsets else cap
+
+
 def pointer_vector_width(tensors, vec: int) -> int:
     """`vector_width`'s per-call part: `vec` halved until it divides every base address
     (in elements)."""
@@ -173,14 +183,28 @@ def new_output(shape, dtype, device, poison: bool = False) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def alloc_outputs(q: torch.Tensor, poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (contiguous, q's dtype) and lse (float32) for a forward launch."""
+def new_output_like(t: torch.Tensor, poison: bool = False) -> torch.Tensor:
+    """`new_output(t.shape, t.dtype, t.device, poison)` in a quarter of the host time."""
+    if poison or POISON_OUTPUTS:
+        return torch.full_like(t, float("nan"), memory_format=torch.contiguous_format)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def alloc_outputs(q: torch.Tensor, poison: bool = False,
+                  lse_layout: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (contiguous, q's dtype) and lse (float32, contiguous: `lse_layout`, its (shape,
+    strides) from a launch plan, saves computing them) for a forward launch."""
     if poison or POISON_OUTPUTS:
         return (new_output(q.shape, q.dtype, q.device, True),
                 new_output(q.shape[:4], torch.float32, q.device, True))
-    # empty_like parses one tensor argument: half the host time of empty(shape, ...)
+    if lse_layout is None:
+        B, H, W, heads, _ = q.shape
+        row = max(W, 1) * max(heads, 1)
+        lse_layout = (q.shape[:4], (max(H, 1) * row, row, max(heads, 1), 1))
+    # empty_like and empty_strided: half the host time of empty(shape, ...), whose
+    # overloads torch tries one by one
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty(q.shape[:4], dtype=torch.float32, device=q.device))
+            torch.empty_strided(*lse_layout, dtype=torch.float32, device=q.device))
 
 
 def launch_options(config: dict) -> dict:

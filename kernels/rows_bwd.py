@@ -22,7 +22,8 @@ from sasa_triton.types import AttendArgs
 
 from . import rows_bwd_key as key_kernel
 from . import rows_bwd_query as query_kernel
-from .launch_cache import per_call_key
+from .common import pointer_alignment
+from .launch_cache import args_key, config_key, per_call_key, plan_cache
 
 
 @per_call_key
@@ -80,15 +81,37 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
             and tuple(sorted(_split(c, "K_").items())) in good_k]
 
 
+def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool,
+          config: Optional[dict], align: int) -> tuple:
+    """The two kernels' launch plans for one call key (q, k, v, out, dout and lse
+    strides; `align`: common.pointer_alignment of q, k, v and dout); raises for an
+    unsupported call or a bad config."""
+    if not supports(q_shape, dtype, args):
+        raise ValueError(f"rowsbwd backward does not support q of shape {q_shape} "
+                         f"and dtype {dtype} with these arguments")
+    if config == default_config(q_shape, args):
+        config = None  # the dispatcher's default: each kernel's own, dtype-aware default
+    queries = query_kernel._plan(q_shape, dtype, strides, args, table_half, config)
+    delta_strides = queries.delta_layout[1]
+    keys = key_kernel._plan(q_shape, dtype, (*strides[:3], strides[4], strides[5],
+                                             delta_strides), args, config, align)
+    return queries, keys
+
+
+_plans = plan_cache(_plan)
+
+
 def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] = None,
              _poison: bool = False):
-    """(dq, dk, dv, drel_h, drel_w, drpb); see the module docstring."""
-    if not supports(tuple(q.shape), q.dtype, args):
-        raise ValueError(f"rowsbwd backward does not support q of shape {tuple(q.shape)} "
-                         f"and dtype {q.dtype} with these arguments")
-    if config == default_config(tuple(q.shape), args):
-        config = None  # the dispatcher's default: each kernel's own, dtype-aware default
-    dq, delta, drel_h, drel_w, drpb = query_kernel.query_grads(
-        q, k, v, out, lse, dout, args, config, _poison=_poison)
-    dk, dv = key_kernel.key_grads(q, k, v, dout, lse, delta, args, config, _poison=_poison)
+    """(dq, dk, dv, drel_h, drel_w, drpb); see the module docstring. One plan lookup per
+    call covers both kernels' launches."""
+    strides = (q.stride(), k.stride(), v.stride(), out.stride(), dout.stride(), lse.stride())
+    table_half = query_kernel.plan_table_half(q, args)
+    align = pointer_alignment((q, k, v, dout))
+    queries, keys = _plans(
+        (q.shape, q.dtype, strides, args_key(args), table_half, config_key(config), align),
+        tuple(q.shape), q.dtype, strides, args, table_half, config, align)
+    dq, delta, drel_h, drel_w, drpb = query_kernel.launch(
+        queries, q, k, v, out, lse, dout, args, _poison)
+    dk, dv = key_kernel.launch(keys, q, k, v, dout, lse, delta, args, _poison)
     return dq, dk, dv, drel_h, drel_w, drpb

@@ -44,17 +44,26 @@ from .common import (
     INTERPRETED,
     LOG2E,
     PADDING_CODES,
-    bias_strides,
     head_block,
-    new_output,
+    new_output_like,
     next_pow2,
-    row_offsets_fit_i32,
+    pointer_alignment,
+    stride_vector_width,
+    strides_fit_i32,
+    table_strides,
     unravel_program,
-    vector_width,
     window_start,
 )
-from .launch_cache import per_call_key
-
+from .launch_cache import (
+    NO_LAUNCH,
+    LaunchPlan,
+    args_key,
+    config_key,
+    contiguous_strides,
+    launch_plan,
+    per_call_key,
+    plan_cache,
+)
 
 # p // COLS == (p * ceil(2^20 / COLS)) >> 20 for 0 <= p, COLS <= 256 (checked exhaustively
 # by tests/test_rows_bwd_key.py): the slot -> (row, column) split without an integer division
@@ -500,11 +509,12 @@ def default_config(q_shape, args: AttendArgs) -> dict:
     return {"K_BLOCK_M": bm, "K_BLOCK_N": bn, "K_num_warps": nw, "K_num_stages": 1}
 
 
-def pixel_offsets_shared(tensors, H: int, W: int) -> bool:
-    """Whether the (B, H, W, heads, d) `tensors` share their row and column strides and
-    every pixel offset within a batch fits in int32 (one offset vector serves them all)."""
-    s_h, s_w = tensors[0].stride()[1:3]
-    return (all(t.stride()[1:3] == (s_h, s_w) for t in tensors)
+def pixel_offsets_shared(strides, H: int, W: int) -> bool:
+    """Whether (B, H, W, heads, d) tensors of these `strides` share their row and column
+    strides and every pixel offset within a batch fits in int32 (one offset vector
+    serves them all)."""
+    s_h, s_w = strides[0][1:3]
+    return (all(tuple(st[1:3]) == (s_h, s_w) for st in strides)
             and (H - 1) * abs(s_h) + (W - 1) * abs(s_w) < 2**31)
 
 
@@ -528,64 +538,91 @@ def supports(q_shape, dtype, args: AttendArgs) -> bool:
 
 # ---------------------------------------------------------------- launcher
 
+def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
+          align: int) -> LaunchPlan:
+    """Everything a launch of this call key needs besides the tensors and the table
+    strides (`align`: common.pointer_alignment of q, k, v and dout); raises for an
+    unsupported call or a bad config."""
+    B, H, W, heads, d = q_shape
+    kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
+    if not supports(q_shape, dtype, args):
+        raise ValueError(f"rows key backward does not support q of shape {q_shape}, "
+                         f"dtype {dtype}, kernel ({kh}, {kw}), dilation ({dh}, {dw}), "
+                         f"padding {padding!r}")
+    if config is None:
+        config = default_config(q_shape, args)
+    if not isinstance(config, dict) or any(key not in config for key in KEYS[:2]):
+        raise ValueError(f"rows key backward config must be a dict with keys "
+                         f"{list(KEYS[:2])}, got {config!r}")
+    bm, bn = config["K_BLOCK_M"], config["K_BLOCK_N"]
+    tile = _tile(q_shape, args, bm, bn)
+    if tile is None:
+        raise ValueError(f"rows key backward config {config!r} does not fit q of shape "
+                         f"{q_shape} with kernel ({kh}, {kw})")
+    if B * H * W * heads * d == 0:
+        return NO_LAUNCH
+    rows, cols, n_seg, qrows = tile
+    th, tw = (2 * kh - 1, 2 * kw - 1) if padding == "shift" else (kh, kw)
+    halo_h, halo_w = _halos(args)
+    launch = {key[2:]: config[key] for key in ("K_num_warps", "K_num_stages") if key in config}
+    if dtype == torch.float32:  # fp32 dots run on CUDA cores: 2-4x the registers
+        launch["num_warps"] = min(8, max(4, 2 * launch.get("num_warps", 4)))
+    grad_strides = contiguous_strides(q_shape)  # dk and dv
+    return launch_plan(
+        _PARAMS,
+        grid=(B * triton.cdiv(H, rows) * n_seg * heads,),
+        head=(H, W, heads, rows, cols, cols_magic(cols), n_seg, halo_h, halo_w,
+              *(x for st in strides for x in st)),  # q, k, v, dout, lse, delta
+        tail=(*grad_strides, *grad_strides, dh, dw, scale, scale * LOG2E.value),
+        flags=dict(
+            KH=kh, KW=kw, PADDING=PADDING_CODES[padding],
+            HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
+            D=d, TH=th, TW=tw, TP=max(16, next_pow2(th + tw + 1)),  # + the mask row
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_block(d), ROWS_P=max(16, next_pow2(rows)),
+            # fp16 cannot hold the -1e30 mask bias, a tiny or negative scale would undo
+            # it; rpb needs the mask for its loads anyway
+            MASK_IN_DOTS=(rel_h is not None and rpb is None and dtype != torch.float16
+                          and scale >= 1e-20),
+            DOT_F32=INTERPRETED and dtype == torch.bfloat16,
+            ROW_I64=not strides_fit_i32((strides[0], strides[3]), W + bn, d),
+            VEC=min(align, stride_vector_width(
+                [(d, st) for st in (*strides[:4], grad_strides)], head_block(d))),
+            KV_I32=pixel_offsets_shared((strides[1], strides[2], grad_strides), H, W),
+            **launch,
+        ),
+    )
+
+
+_plans = plan_cache(_plan)
+_PARAMS = _key_bwd_kernel.arg_names  # read at import: a recorder may stand in later
+
+
 def key_grads(q, k, v, dout, lse, delta, args: AttendArgs, config: Optional[dict] = None,
               _poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(dk, dv): new contiguous tensors in q.dtype. lse: float32 (B, H, W, heads) natural
     log-sum-exp of each query's logits; delta: float32 (B, H, W, heads) = rowsum(dout *
     out). `config`: the shared flat dict (reads its K_ keys), None for the default.
     `_poison` fills the outputs with NaN first (an unwritten element then shows)."""
-    B, H, W, heads, d = q.shape
-    if not supports(tuple(q.shape), q.dtype, args):
-        raise ValueError(f"rows key backward does not support q of shape {tuple(q.shape)}, "
-                         f"dtype {q.dtype}, kernel ({args.kh}, {args.kw}), dilation "
-                         f"({args.dh}, {args.dw}), padding {args.padding!r}")
-    if config is None:
-        config = default_config(tuple(q.shape), args)
-    if not isinstance(config, dict) or any(key not in config for key in KEYS[:2]):
-        raise ValueError(f"rows key backward config must be a dict with keys "
-                         f"{list(KEYS[:2])}, got {config!r}")
-    bm, bn = config["K_BLOCK_M"], config["K_BLOCK_N"]
-    tile = _tile(tuple(q.shape), args, bm, bn)
-    if tile is None:
-        raise ValueError(f"rows key backward config {config!r} does not fit q of shape "
-                         f"{tuple(q.shape)} with kernel ({args.kh}, {args.kw})")
-    rows, cols, n_seg, qrows = tile
-    dk = new_output(q.shape, q.dtype, q.device, _poison)
-    dv = new_output(q.shape, q.dtype, q.device, _poison)
-    if q.numel() == 0:
-        return dk.zero_(), dv.zero_()
+    strides = (q.stride(), k.stride(), v.stride(), dout.stride(), lse.stride(), delta.stride())
+    align = pointer_alignment((q, k, v, dout))
+    plan = _plans((q.shape, q.dtype, strides, args_key(args), config_key(config), align),
+                  tuple(q.shape), q.dtype, strides, args, config, align)
+    return launch(plan, q, k, v, dout, lse, delta, args, _poison)
 
-    kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
-    shift = padding == "shift"
-    th, tw = (2 * kh - 1, 2 * kw - 1) if shift else (kh, kw)
-    halo_h, halo_w = _halos(args)
-    launch = {key[2:]: config[key] for key in ("K_num_warps", "K_num_stages") if key in config}
-    if q.dtype == torch.float32:  # fp32 dots run on CUDA cores: 2-4x the registers
-        launch["num_warps"] = min(8, max(4, 2 * launch.get("num_warps", 4)))
-    grid = (B * triton.cdiv(H, rows) * n_seg * heads,)
+
+def launch(plan: LaunchPlan, q, k, v, dout, lse, delta, args: AttendArgs,
+           _poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`key_grads` with its plan (`_plan` of the call's key) made already."""
+    dk, dv = new_output_like(q, _poison), new_output_like(q, _poison)
+    if plan.grid is None:
+        return dk.zero_(), dv.zero_()
+    rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     dummy = q  # never read when the flag is off
-    _key_bwd_kernel[grid](
+    _key_bwd_kernel[plan.grid](
         q, k, v, dout, lse, delta,
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
         dk, dv,
-        H, W, heads, rows, cols, cols_magic(cols), n_seg, halo_h, halo_w,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *delta.stride(),
-        *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
-        *dk.stride(), *dv.stride(),
-        dh, dw, scale, scale * LOG2E.value,
-        D=d, KH=kh, KW=kw, PADDING=PADDING_CODES[padding],
-        HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
-        TH=th, TW=tw, TP=max(16, next_pow2(th + tw + 1)),  # + the mask row
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_block(d), ROWS_P=max(16, next_pow2(rows)),
-        # fp16 cannot hold the -1e30 mask bias, a tiny or negative scale would undo it;
-        # rpb needs the mask for its loads anyway
-        MASK_IN_DOTS=(rel_h is not None and rpb is None and q.dtype != torch.float16
-                      and scale >= 1e-20),
-        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
-        ROW_I64=not row_offsets_fit_i32((q, dout), W + bn, d),
-        VEC=vector_width((q, k, v, dout, dk, dv), head_block(d)),
-        KV_I32=pixel_offsets_shared((k, v, dk, dv), H, W),
-        **launch,
+        *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )
     return dk, dv

@@ -40,7 +40,7 @@ d = 1..128 (larger d spills: `supports` says no). Any strides; 64-bit base offse
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -48,21 +48,32 @@ import triton.language as tl
 
 from sasa_triton.types import AttendArgs
 
+from . import common
 from .common import (
     INTERPRETED,
     LOG2E,
     PADDING_CODES,
-    bias_strides,
     halo_span,
     head_block,
     launch_options,
     new_output,
+    new_output_like,
     next_pow2,
-    row_offsets_fit_i32,
+    strides_fit_i32,
+    table_strides,
     unravel_program,
     window_start,
 )
-from .launch_cache import per_call_key
+from .launch_cache import (
+    NO_LAUNCH,
+    LaunchPlan,
+    args_key,
+    config_key,
+    contiguous_strides,
+    launch_plan,
+    per_call_key,
+    plan_cache,
+)
 from .offsets_bwd import _key_of_query
 
 MAX_BLOCK_K = 256
@@ -719,6 +730,93 @@ def _launch_options(config: dict) -> dict:
     return launch_options({k[len(PREFIX):]: v for k, v in config.items() if k.startswith(PREFIX)})
 
 
+class _Plan(NamedTuple):
+    grads: LaunchPlan  # the query kernel
+    reduce: Optional[LaunchPlan]  # the table reduction (None without tables)
+    sizes: list  # float32 elements of delta, part_h, part_w, part_b in the one buffer
+    delta_layout: tuple  # (shape, strides) of delta (contiguous), at the buffer's start
+
+
+def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -> _Plan:
+    """Everything the launches of this call key need besides the tensors and the input
+    table strides; raises for an unsupported call or a bad config."""
+    B, H, W, heads, d = q_shape
+    kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
+    if not supports(q_shape, dtype, args):
+        raise ValueError(
+            f"rows_bwd_query does not support q {q_shape} {dtype} with kernel "
+            f"({kh}, {kw}), dilation ({dh}, {dw}), padding {padding!r}")
+    config = default_config(q_shape, args, dtype) if config is None else config
+    _check(config, q_shape, args)
+    delta_layout = (q_shape[:4], contiguous_strides(q_shape[:4]))
+    if B * H * W * heads * d == 0:
+        return _Plan(NO_LAUNCH, None, [0], delta_layout)
+    has_rel, has_rpb = rel_h is not None, rpb is not None
+    bw, bh = config["Q_BLOCK_W"], config["Q_BLOCK_H"]
+    bk = _block_k(q_shape, args, bw)
+    ty_n, tx_n = _tables(args)
+    n_tiles = B * triton.cdiv(H, bh) * triton.cdiv(W, bw)
+    n_prog = n_tiles * heads
+    if n_prog > MAX_GRID:
+        raise ValueError(f"rows_bwd_query: q {q_shape} needs more than {MAX_GRID} programs")
+    d_half = d // 2
+    dq_strides = contiguous_strides(q_shape)
+    # tensor-core table products for half inputs (the interpreter's dot mishandles bf16)
+    half = dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRETED)
+    grads = launch_plan(
+        _QUERY_PARAMS,
+        grid=(n_prog,),
+        head=(H, W, heads, d, d_half, scale * LOG2E.value, scale,
+              *(x for st in strides for x in st)),  # q, k, v, out, dout, lse
+        tail=dq_strides,
+        flags=dict(
+            KH=kh, KW=kw, PADDING=PADDING_CODES[padding], dil_h=dh, dil_w=dw, TY=ty_n,
+            TX=tx_n, TY_PAD=max(16, next_pow2(ty_n)), TX_PAD=max(16, next_pow2(tx_n)),
+            HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk,
+            BLOCK_D=head_block(d), DOT_F32=INTERPRETED and dtype == torch.bfloat16,
+            ROW_I64=not strides_fit_i32((*strides[:5], dq_strides), W + bk, d),
+            HALF=half, TABLE_HALF=half and has_rel and table_half,
+            **_launch_options(config),
+        ),
+    )
+    reduce = None
+    if has_rel or has_rpb:
+        rows = ty_n + tx_n + (2 * kh - 1 if has_rpb else 0)
+        block_c = next_pow2(max(d - d_half, 2 * kw - 1 if has_rpb else 1))  # no padding
+        table_shapes = [  # the gradients: contiguous, shaped like the tables
+            (t.dim() == 3 and (heads,) or ()) + rest if t is not None else None
+            for t, rest in ((rel_h, (ty_n, d_half)), (rel_w, (tx_n, d - d_half)),
+                            (rpb, (2 * kh - 1, 2 * kw - 1)))]
+        grad_strides = ()
+        for shape in table_shapes:
+            st = (0, 0, 0) if shape is None else contiguous_strides(shape)
+            grad_strides += (0, *st) if len(st) == 2 else st
+        reduce = launch_plan(
+            _REDUCE_PARAMS,
+            grid=(rows, heads),
+            head=(n_tiles, heads, d_half, d - d_half, kh, kw, *grad_strides),
+            tail=(),
+            flags=dict(
+                TY=ty_n, TX=tx_n, SHIFT=padding == "shift",
+                RELH_SHARED=has_rel and rel_h.dim() == 2,
+                RELW_SHARED=has_rel and rel_w.dim() == 2,
+                HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_R=max(16, 4096 // block_c),
+                BLOCK_C=block_c, num_warps=4,
+            ),
+        )
+    sizes = [B * H * W * heads]
+    if has_rel:
+        sizes += [ty_n * n_prog * d_half, tx_n * n_prog * (d - d_half)]
+    if has_rpb:
+        sizes.append(ty_n * n_prog * tx_n)
+    return _Plan(grads, reduce, sizes, delta_layout)
+
+
+_plans = plan_cache(_plan)
+# read at import: a recorder may stand in for the kernels later
+_QUERY_PARAMS, _REDUCE_PARAMS = _query_grads_kernel.arg_names, _reduce_tables_kernel.arg_names
+
+
 QueryGrads = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor],
                    Optional[torch.Tensor]]
 
@@ -729,74 +827,64 @@ def query_grads(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict
     float32 contiguous (B, H, W, heads) = rowsum(float32(dout) * float32(out)), the table
     gradients shaped and typed like args.rel_h / rel_w / rpb (None if absent). Two
     launches: the query kernel and the table reduction (none without tables). `config`
-    reads only its Q_ keys; `_poison` NaN-fills outputs and buffers first (tests)."""
-    B, H, W, heads, d = q.shape
-    kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
-    if not supports(tuple(q.shape), q.dtype, args):
-        raise ValueError(
-            f"rows_bwd_query does not support q {tuple(q.shape)} {q.dtype} with kernel "
-            f"({kh}, {kw}), dilation ({dh}, {dw}), padding {padding!r}")
-    config = default_config(tuple(q.shape), args, q.dtype) if config is None else config
-    _check(config, tuple(q.shape), args)
-    dev = q.device
+    reads only its Q_ keys; `_poison` NaN-fills outputs and buffers first (tests).
+    One float32 allocation holds delta and the per-program table partials."""
+    strides = (q.stride(), k.stride(), v.stride(), out.stride(), dout.stride(), lse.stride())
+    table_half = plan_table_half(q, args)
+    plan = _plans((q.shape, q.dtype, strides, args_key(args), table_half, config_key(config)),
+                  tuple(q.shape), q.dtype, strides, args, table_half, config)
+    dq, delta, drel_h, drel_w, drpb = launch(plan, q, k, v, out, lse, dout, args, _poison)
+    return dq, delta.as_strided(*plan.delta_layout), drel_h, drel_w, drpb
+
+
+def plan_table_half(q, args: AttendArgs) -> bool:
+    """The part of a plan's key that the tables' dtypes decide (TABLE_HALF)."""
+    return args.rel_h is not None and args.rel_h.dtype == q.dtype == args.rel_w.dtype
+
+
+def launch(plan: _Plan, q, k, v, out, lse, dout, args: AttendArgs,
+           _poison: bool = False) -> QueryGrads:
+    """`query_grads` with its plan (`_plan` of the call's key) made already, but delta
+    flat (the first B*H*W*heads floats of the buffer; its strides: plan.delta_layout)."""
+    rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     has_rel, has_rpb = rel_h is not None, rpb is not None
-    dq = new_output(q.shape, q.dtype, dev, _poison)
-    delta = new_output(q.shape[:4], torch.float32, dev, _poison)
-    drel_h = new_output(rel_h.shape, rel_h.dtype, dev, _poison) if has_rel else None
-    drel_w = new_output(rel_w.shape, rel_w.dtype, dev, _poison) if has_rel else None
-    drpb = new_output(rpb.shape, rpb.dtype, dev, _poison) if has_rpb else None
-    if q.numel() == 0:
-        dq.zero_(), delta.zero_()
+    dq = new_output_like(q, _poison)
+    drel_h = new_output_like(rel_h, _poison) if has_rel else None
+    drel_w = new_output_like(rel_w, _poison) if has_rel else None
+    drpb = new_output_like(rpb, _poison) if has_rpb else None
+    if _poison or common.POISON_OUTPUTS:
+        buffer = new_output((sum(plan.sizes),), torch.float32, q.device, True)
+    else:
+        buffer = torch.empty_strided((sum(plan.sizes),), (1,), dtype=torch.float32,
+                                     device=q.device)
+    if plan.grads.grid is None:
+        dq.zero_(), buffer.zero_()
         for g in (drel_h, drel_w, drpb):
             if g is not None:
                 g.zero_()
-        return dq, delta, drel_h, drel_w, drpb
-
-    bw, bh = config["Q_BLOCK_W"], config["Q_BLOCK_H"]
-    bk = _block_k(tuple(q.shape), args, bw)
-    ty_n, tx_n = _tables(args)
-    n_tiles = B * triton.cdiv(H, bh) * triton.cdiv(W, bw)
-    n_prog = n_tiles * heads
-    if n_prog > MAX_GRID:
-        raise ValueError(f"rows_bwd_query: q {tuple(q.shape)} needs more than {MAX_GRID} programs")
-    d_half = d // 2
-
-    def buffer(*shape) -> torch.Tensor:
-        return new_output(shape, torch.float32, dev, _poison)
-
-    part_h = buffer(ty_n, n_prog, d_half) if has_rel else delta
-    part_w = buffer(tx_n, n_prog, d - d_half) if has_rel else delta
-    part_b = buffer(ty_n, n_prog, tx_n) if has_rpb else delta
+        return dq, buffer, drel_h, drel_w, drpb
+    delta = part_h = part_w = part_b = buffer  # the partials: never read when the flag is off
+    if has_rel or has_rpb:
+        parts = buffer.split_with_sizes(plan.sizes)  # delta, [part_h, part_w], [part_b]
+        delta = parts[0]
+        if has_rel:
+            part_h, part_w = parts[1], parts[2]
+        if has_rpb:
+            part_b = parts[-1]
     dummy = q  # never read when the flag is off
-    # tensor-core table products for half inputs (the interpreter's dot mishandles bf16)
-    half = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and not INTERPRETED)
-    _query_grads_kernel[(n_prog,)](
+    grads = plan.grads
+    _query_grads_kernel[grads.grid](
         q, k, v, out, dout, lse,
         rel_h if has_rel else dummy, rel_w if has_rel else dummy, rpb if has_rpb else dummy,
         dq, delta, part_h, part_w, part_b,
-        H, W, heads, d, d_half, scale * LOG2E.value, scale,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
-        *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb), *dq.stride(),
-        KH=kh, KW=kw, PADDING=PADDING_CODES[padding], dil_h=dh, dil_w=dw, TY=ty_n, TX=tx_n,
-        TY_PAD=max(16, next_pow2(ty_n)), TX_PAD=max(16, next_pow2(tx_n)),
-        HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk,
-        BLOCK_D=head_block(d), DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
-        ROW_I64=not row_offsets_fit_i32((q, k, v, out, dout, dq), W + bk, d),
-        HALF=half, TABLE_HALF=half and has_rel and rel_h.dtype == q.dtype == rel_w.dtype,
-        **_launch_options(config),
+        *grads.head, *table_strides(rel_h, rel_w, rpb), *grads.tail, **grads.options,
     )
-    if has_rel or has_rpb:
-        rows = ty_n + tx_n + (2 * kh - 1 if has_rpb else 0)
-        block_c = next_pow2(max(d - d_half, 2 * kw - 1 if has_rpb else 1))  # no padding
-        _reduce_tables_kernel[(rows, heads)](
+    reduce = plan.reduce
+    if reduce is not None:
+        _reduce_tables_kernel[reduce.grid](
             part_h, part_w, part_b,
             drel_h if has_rel else delta, drel_w if has_rel else delta,
             drpb if has_rpb else delta,
-            n_tiles, heads, d_half, d - d_half, kh, kw,
-            *bias_strides(drel_h), *bias_strides(drel_w), *bias_strides(drpb),
-            TY=ty_n, TX=tx_n, SHIFT=padding == "shift",
-            RELH_SHARED=has_rel and rel_h.dim() == 2, RELW_SHARED=has_rel and rel_w.dim() == 2,
-            HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_R=max(16, 4096 // block_c), BLOCK_C=block_c,
-            num_warps=4,
+            *reduce.head, *reduce.tail, **reduce.options,
         )
     return dq, delta, drel_h, drel_w, drpb

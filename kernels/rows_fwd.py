@@ -49,16 +49,25 @@ from .common import (
     LOG2E,
     PADDING_CODES,
     alloc_outputs,
-    bias_strides,
     check_config,
     head_block,
     launch_options,
     next_pow2,
-    row_offsets_fit_i32,
+    strides_fit_i32,
+    table_strides,
     unravel_program,
     window_start,
 )
-from .launch_cache import per_call_key
+from .launch_cache import (
+    NO_LAUNCH,
+    LaunchPlan,
+    args_key,
+    config_key,
+    contiguous_strides,
+    launch_plan,
+    per_call_key,
+    plan_cache,
+)
 
 MAX_BLOCK_K = 128  # key columns per sub-tile (a score tile [BLOCK_M, BLOCK_K] in registers)
 MAX_BLOCK_D = 128  # padded head dim: acc [BLOCK_M, BLOCK_D] fp32 must stay in registers
@@ -608,63 +617,86 @@ def supports(q_shape, dtype, args) -> bool:
     return bool(_candidates(q_shape, args, False))
 
 
-def _offsets_fit_i32(tensors, halo: int) -> bool:
+def _offsets_fit_i32(layouts, halo: int) -> bool:
     """Whether every element offset the kernel forms (halo columns, which may lie left of
-    or past the image, included) stays below 2**31 in every tensor: then all offset
-    arithmetic may be int32."""
-    for t in tensors:
-        reach = sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride()))
-        if t.dim() >= 3:
-            reach += halo * abs(t.stride(2))
+    or past the image, included) stays below 2**31 in every tensor, given as (shape,
+    strides): then all offset arithmetic may be int32."""
+    for shape, strides in layouts:
+        reach = sum((size - 1) * abs(st) for size, st in zip(shape, strides))
+        if len(shape) >= 3:
+            reach += halo * abs(strides[2])
         if reach + 1 >= 2**31:
             return False
     return True
 
 
-def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
-    B, H, W, heads, d = q.shape
-    if not supports(tuple(q.shape), q.dtype, args):
+def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
+    """Everything a launch of this call key needs besides the tensors and the table
+    strides; raises for an unsupported call or a bad config."""
+    B, H, W, heads, d = q_shape
+    if not supports(q_shape, dtype, args):
         raise ValueError(
-            f"rows forward does not support q {tuple(q.shape)} {q.dtype} with kernel "
+            f"rows forward does not support q {q_shape} {dtype} with kernel "
             f"({args.kh}, {args.kw}), dilation ({args.dh}, {args.dw}), padding {args.padding!r}"
         )
-    config = default_config(tuple(q.shape), args) if config is None else config
+    config = default_config(q_shape, args) if config is None else config
     check_config(config, ("BLOCK_M", "BLOCK_W"), "rows")
-    out, lse = alloc_outputs(q, _poison)
-    if out.numel() == 0:
-        return out, lse
+    if B * H * W * heads * d == 0:
+        return NO_LAUNCH._replace(layouts=((q_shape[:4], contiguous_strides(q_shape[:4])),))
     bm = config["BLOCK_M"]
-    bw = tile_shape(tuple(q.shape), config["BLOCK_W"])
-    bk, clip = key_tile(tuple(q.shape), args, bw)
+    bw = tile_shape(q_shape, config["BLOCK_W"])
+    bk, clip = key_tile(q_shape, args, bw)
     if bm % bw or bm < bw:
         raise ValueError(f"rows config: BLOCK_M {bm} must be a multiple of the tile width {bw}")
-    rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
-    dummy = q  # never read when the flag is off
     n_jb, n_tb = triton.cdiv(W, bw), triton.cdiv(triton.cdiv(H, args.dh), bm // bw)
-    grid = (B * args.dh * n_tb * n_jb * heads,)
+    out_strides, lse_strides = contiguous_strides(q_shape), contiguous_strides(q_shape[:4])
+    return launch_plan(
+        _PARAMS,
+        grid=(B * args.dh * n_tb * n_jb * heads,),
+        head=(H, W, heads, d, d // 2, n_jb, n_tb, *strides[0], *strides[1], *strides[2],
+              *out_strides, *lse_strides),
+        tail=(args.dh, args.dw, args.scale * LOG2E.value),
+        flags=dict(
+            KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
+            HAS_REL=args.rel_h is not None, HAS_RPB=args.rpb is not None, REL_F32=rel_f32,
+            BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d), CLIP=clip,
+            SPARE=clip and args.padding == "zeros" and args.rpb is None
+            and clipped_span(q_shape, args, bw) < bk,
+            NS_PAD=_ns_pad(bm, bw, args.kh, triton.cdiv(H, args.dh)),
+            SPLIT=dtype != torch.float32, INTERP=INTERPRETED,
+            E_PAD=_e_pad(args),
+            DOT_F32=INTERPRETED and dtype == torch.bfloat16,
+            ROW_I64=not strides_fit_i32((*strides, out_strides), W + bk, d),
+            OFF_I64=not _offsets_fit_i32(
+                [(q_shape, st) for st in (*strides, out_strides)]
+                + [(q_shape[:4], lse_strides)], bk),
+            KV_SAME_STRIDES=strides[1] == strides[2], EVEN_D=d == head_block(d),
+            **launch_options(config),
+        ),
+        layouts=((q_shape[:4], lse_strides),),
+    )
+
+
+_plans = plan_cache(_plan)
+_PARAMS = _rows_fwd_kernel.arg_names  # read at import: a recorder may stand in later
+
+
+def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
+    rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     rel_f32 = rel_h is not None and (q.dtype == torch.float32 or rel_h.dtype == torch.float32
                                      or rel_w.dtype == torch.float32)
-    _rows_fwd_kernel[grid](
+    shape, strides = q.shape, (q.stride(), k.stride(), v.stride())
+    plan = _plans((shape, q.dtype, strides, args_key(args), rel_f32, config_key(config)),
+                  tuple(shape), q.dtype, strides, args, rel_f32, config)
+    out, lse = alloc_outputs(q, _poison, plan.layouts[0])
+    if plan.grid is None:
+        return out, lse
+    dummy = q  # never read when the flag is off
+    _rows_fwd_kernel[plan.grid](
         q, k, v, out, lse,
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
-        H, W, heads, d, d // 2, n_jb, n_tb,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
-        args.dh, args.dw, args.scale * LOG2E.value,
-        KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
-        HAS_REL=rel_h is not None, HAS_RPB=rpb is not None, REL_F32=rel_f32,
-        BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d), CLIP=clip,
-        SPARE=clip and args.padding == "zeros" and rpb is None
-        and clipped_span(tuple(q.shape), args, bw) < bk,
-        NS_PAD=_ns_pad(bm, bw, args.kh, triton.cdiv(H, args.dh)),
-        SPLIT=q.dtype != torch.float32, INTERP=INTERPRETED,
-        E_PAD=_e_pad(args),
-        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
-        ROW_I64=not row_offsets_fit_i32((q, k, v, out), W + bk, d),
-        OFF_I64=not _offsets_fit_i32((q, k, v, out, lse), bk),
-        KV_SAME_STRIDES=k.stride() == v.stride(), EVEN_D=d == head_block(d),
-        **launch_options(config),
+        *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )
     return out, lse

@@ -35,16 +35,25 @@ from .common import (
     LOG2E,
     PADDING_CODES,
     alloc_outputs,
-    bias_strides,
     check_config,
     launch_options,
     next_pow2,
-    row_offsets_fit_i32,
+    stride_vector_width,
+    strides_fit_i32,
+    table_strides,
     to_f32,
-    vector_width,
     window_start,
 )
-from .launch_cache import per_call_key
+from .launch_cache import (
+    NO_LAUNCH,
+    LaunchPlan,
+    args_key,
+    config_key,
+    contiguous_strides,
+    launch_plan,
+    per_call_key,
+    plan_cache,
+)
 
 # Triton before 3.8 orders a load's non-contiguous dims upwards (see _load_tile)
 _TIES_ASCENDING = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 8)
@@ -532,35 +541,37 @@ def supports(q_shape, dtype, args) -> bool:
             and _row(q_shape) <= MAX_ROW and args.kw <= MAX_KW)
 
 
-def forward(q, k, v, args, config=None, _poison=False):
-    """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
-    B, H, W, heads, d = q.shape
-    if not supports(tuple(q.shape), q.dtype, args):
+def _plan(q_shape, dtype, esize: int, strides, args, align: int, config) -> LaunchPlan:
+    """Everything a launch of this call key needs besides the tensors and the table
+    strides (`align`: the largest power of two dividing the element offsets of q, k, v
+    and out); raises for an unsupported call or a bad config."""
+    B, H, W, heads, d = q_shape
+    if not supports(q_shape, dtype, args):
         raise ValueError(
-            f"tile2d forward does not support q {tuple(q.shape)} {q.dtype} (needs "
+            f"tile2d forward does not support q {q_shape} {dtype} (needs "
             f"next_pow2(heads) * next_pow2(d) <= {MAX_ROW}, kw <= {MAX_KW})"
         )
-    config = default_config(tuple(q.shape), args) if config is None else config
+    config = default_config(q_shape, args) if config is None else config
     check_config(config, ("BLOCK_H", "BLOCK_W"), "tile2d")
-    pix = _pix(config, tuple(q.shape), args)
+    pix = _pix(config, q_shape, args)
     if pix not in (1, 2, 4) or config["BLOCK_W"] % pix or (
             pix > 1 and (args.padding == "shift" or args.dw != 1)):
         raise ValueError(f"tile2d config {config!r}: PIX must be 1, 2 or 4 dividing BLOCK_W, "
                          "and 1 in shift mode or with column dilation")
-    out, lse = alloc_outputs(q, _poison)
-    if out.numel() == 0:
-        return out, lse
-    vec = vector_width((q, k, v, out), next_pow2(d))
-    dv = min(next_pow2(d), 16 // q.element_size(), vec)  # channels per vector load
+    if B * H * W * heads * d == 0:
+        return NO_LAUNCH
+    out_strides, lse_strides = contiguous_strides(q_shape), contiguous_strides(q_shape[:4])
+    vec = min(align, stride_vector_width([(d, st) for st in (*strides, out_strides)],
+                                         next_pow2(d)))
+    dv = min(next_pow2(d), 16 // esize, vec)  # channels per vector load
     ds = next_pow2(d) // dv
     # whole 16-byte vectors: a head's vectors go to DS lanes; narrower ones stay in one
     # thread, which then may hold fewer pixels (the tile narrows with them: the same
     # threads, one pixel group each)
-    split = ds > 1 and dv * q.element_size() == 16
+    split = ds > 1 and dv * esize == 16
     tw = config["BLOCK_W"] // pix
-    pix = min(pix, max_pixels(dv if split else next_pow2(d), args.kw,
-                              dv * q.element_size() >= 8))
-    bh, bw = config["BLOCK_H"], tw * pix
+    pix = min(pix, max_pixels(dv if split else next_pow2(d), args.kw, dv * esize >= 8))
+    bh = config["BLOCK_H"]
     options = launch_options(config)
     # configs plan lanes_per_head lanes (16-bit vectors); float32 takes more: more warps
     # (at most 8), then shorter tiles, so that a thread keeps one (pixel group, head lane)
@@ -569,27 +580,50 @@ def forward(q, k, v, args, config=None, _poison=False):
         warps = options.get("num_warps", 4)
         options["num_warps"] = min(8, warps * more)
         bh = max(1, bh // (warps * more // options["num_warps"]))
-    tiles_w = triton.cdiv(W, bw)
+    tiles_w = triton.cdiv(W, tw * pix)
     tiles = triton.cdiv(H, bh) * tiles_w
+    kv_same = strides[1] == strides[2]
+    return launch_plan(
+        _PARAMS,
+        grid=(B * tiles,),
+        head=(H, W, heads, d, d // 2, tiles_w, tiles, *strides[0], *strides[1], *strides[2],
+              *out_strides, *lse_strides),
+        tail=(args.dh, args.dw, args.scale * LOG2E.value),
+        flags=dict(
+            KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
+            HAS_REL=args.rel_h is not None, HAS_RPB=args.rpb is not None,
+            BLOCK_H=bh, TW=tw, PIX=pix, BLOCK_N=next_pow2(heads), DS=ds, DV=dv,
+            ROW_I64=not strides_fit_i32((*strides, out_strides), 1, d, heads),
+            KV_SAME_STRIDES=kv_same,
+            EVEN_ROW=heads == next_pow2(heads) and d == next_pow2(d),
+            VEC=vec, COL_STEP=args.dw * strides[1][2] if kv_same else 0,
+            TIES_ASCENDING=_TIES_ASCENDING, SPLIT=split,
+            **options,
+        ),
+    )
+
+
+_plans = plan_cache(_plan)
+_PARAMS = _tile2d_fwd_kernel.arg_names  # read at import: a recorder may stand in later
+
+
+def forward(q, k, v, args, config=None, _poison=False):
+    """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
+    out, lse = alloc_outputs(q, _poison)
+    shape, esize, strides = q.shape, q.element_size(), (q.stride(), k.stride(), v.stride())
+    offsets = (q.data_ptr() | k.data_ptr() | v.data_ptr() | out.data_ptr()) // esize
+    align = min(offsets & -offsets, 256) if offsets else 256  # the lowest set bit
+    plan = _plans((shape, q.dtype, strides, args_key(args), align, config_key(config),
+                   _TIES_ASCENDING),  # a test flips it
+                  tuple(shape), q.dtype, esize, strides, args, align, config)
+    if plan.grid is None:
+        return out, lse
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     dummy = q  # never read when the flag is off
-    _tile2d_fwd_kernel[(B * tiles,)](
+    _tile2d_fwd_kernel[plan.grid](
         q, k, v, out, lse,
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
-        H, W, heads, d, d // 2, tiles_w, tiles,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
-        args.dh, args.dw, args.scale * LOG2E.value,
-        KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
-        HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
-        BLOCK_H=bh, TW=tw, PIX=pix, BLOCK_N=next_pow2(heads), DS=ds, DV=dv,
-        ROW_I64=not row_offsets_fit_i32((q, k, v, out), 1, d, heads),
-        KV_SAME_STRIDES=k.stride() == v.stride(),
-        EVEN_ROW=heads == next_pow2(heads) and d == next_pow2(d),
-        VEC=vec,
-        COL_STEP=args.dw * k.stride(2) if k.stride() == v.stride() else 0,
-        TIES_ASCENDING=_TIES_ASCENDING, SPLIT=split,
-        **options,
+        *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )
     return out, lse

@@ -39,10 +39,16 @@ from .types import AttendArgs
 
 
 def _impl(backend: str, direction: int, q: Tensor, args: AttendArgs,
-          config_text: str) -> tuple[Callable, Optional[dict]]:
-    """(function, config) that run `direction` (0 forward, 1 backward) of `backend`."""
+          config_text: str) -> tuple[Callable, Optional[dict], bool]:
+    """(function, config, fresh) that run `direction` (0 forward, 1 backward) of
+    `backend`; fresh: a Triton launcher, whose outputs are its own new contiguous
+    allocations or views of them (`_fresh` need not look at storages)."""
     name, config = dispatch.resolve(backend, direction, q, args, _config(config_text))
-    return variants.VARIANTS[name].function(variants.DIRECTIONS[direction]), config
+    variant = variants.VARIANTS[name]
+    return variant.function(_DIRECTION_NAMES[direction]), config, variant.needs_triton
+
+
+_DIRECTION_NAMES = variants.DIRECTIONS
 
 
 @functools.lru_cache(maxsize=256)
@@ -62,9 +68,13 @@ def _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale) -> AttendArgs:
 
 # ---------------------------------------------------------------- the ops
 
-def _fresh(outputs, inputs) -> list:
+def _fresh(outputs, inputs, allocated: bool = False) -> list:
     """Outputs are contiguous (as the fake impls say) and never a view of an input
-    (a custom op may not alias): copy in the rare case one would be."""
+    (a custom op may not alias): copy in the rare case one would be. `allocated`: the
+    launcher allocated every output itself (a Triton variant: tests/test_launch_plans.py
+    checks it), only contiguity is left to check."""
+    if allocated:
+        return [t if t is None or t.is_contiguous() else t.contiguous() for t in outputs]
     taken = {x.untyped_storage().data_ptr() for x in inputs if x is not None}
     return [None if t is None
             else t.clone(memory_format=torch.contiguous_format)
@@ -75,17 +85,17 @@ def _fresh(outputs, inputs) -> list:
 def _run_forward(q: Tensor, k: Tensor, v: Tensor, args: AttendArgs, backend: str,
                  config: str) -> list:
     """[out, lse] of `backend`'s forward: the body of the forward op and of the eager path."""
-    forward, parsed = _impl(backend, 0, q, args, config)
-    return _fresh(forward(q, k, v, args, parsed), (q, k, v))
+    forward, parsed, allocated = _impl(backend, 0, q, args, config)
+    return _fresh(forward(q, k, v, args, parsed), (q, k, v), allocated)
 
 
 def _run_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
                   args: AttendArgs, backend: str, config: str) -> list:
     """The six gradients (None for an absent table) of `backend`'s backward: the body of
     the backward op and of the eager path."""
-    backward, parsed = _impl(backend, 1, q, args, config)
+    backward, parsed, allocated = _impl(backend, 1, q, args, config)
     return _fresh(backward(q, k, v, out, lse, dout, args, parsed),
-                  (q, k, v, out, lse, dout, args.rel_h, args.rel_w, args.rpb))
+                  (q, k, v, out, lse, dout, args.rel_h, args.rel_w, args.rpb), allocated)
 
 
 def _attend_fwd(
@@ -193,18 +203,28 @@ class _EagerAttend(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable  # like the backward op, which has no autograd
     def backward(ctx, dout) -> tuple:
-        q, k, v, out, lse, rel_h, rel_w, rpb = ctx.saved_tensors
-        kh, kw, dh, dw, padding, scale, backend, config = ctx.rest
-        args = AttendArgs(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
-        dq, dk, dv, drel_h, drel_w, drpb = _run_backward(q, k, v, out, lse, dout, args,
-                                                         backend, config)
-        return (dq, dk, dv,  # an absent table gets no gradient, whatever a variant returns
-                drel_h if rel_h is not None else None,
-                drel_w if rel_w is not None else None,
-                drpb if rpb is not None else None,
-                None)
+        if torch.is_grad_enabled():  # create_graph: refuse double backward, as the op does
+            return _once_differentiable_backward(ctx, dout)
+        return _eager_backward(ctx, dout)  # the engine runs backward under no_grad
+
+
+def _eager_backward(ctx, dout) -> tuple:
+    """`_EagerAttend.backward`'s body (grad mode off)."""
+    q, k, v, out, lse, rel_h, rel_w, rpb = ctx.saved_tensors
+    kh, kw, dh, dw, padding, scale, backend, config = ctx.rest
+    args = AttendArgs(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
+    dq, dk, dv, drel_h, drel_w, drpb = _run_backward(q, k, v, out, lse, dout, args,
+                                                     backend, config)
+    return (dq, dk, dv,  # an absent table gets no gradient, whatever a variant returns
+            drel_h if rel_h is not None else None,
+            drel_w if rel_w is not None else None,
+            drpb if rpb is not None else None,
+            None)
+
+
+# once_differentiable costs ~3 us per backward; only create_graph=True needs it
+_once_differentiable_backward = once_differentiable(_eager_backward)
 
 
 # autograd.Function.apply without its Python wrapper (2-3 us): that wrapper only binds
@@ -221,13 +241,14 @@ def attend_op(q, k, v, args: AttendArgs, backend: str, fwd_config: str = "",
     if not torch.compiler.is_compiling():
         tensors = (q, k, v, rel_h, rel_w, rpb)
         if _plain_eager(tensors):
-            if not (torch.is_grad_enabled() and any(
-                    t is not None and t.requires_grad for t in tensors)):
-                # nothing to differentiate: the forward alone
-                forward, config = _impl(backend, 0, q, args, fwd_config)
-                return forward(q, k, v, args, config)[0]
-            return _eager_apply(q, k, v, rel_h, rel_w, rpb,
-                                (args, backend, fwd_config, bwd_config))
+            if torch.is_grad_enabled():
+                for t in tensors:  # a plain loop: half the time of any() over a generator
+                    if t is not None and t.requires_grad:
+                        return _eager_apply(q, k, v, rel_h, rel_w, rpb,
+                                            (args, backend, fwd_config, bwd_config))
+            # nothing to differentiate: the forward alone
+            forward, config, _ = _impl(backend, 0, q, args, fwd_config)
+            return forward(q, k, v, args, config)[0]
     out, _ = attend_fwd(q, k, v, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale,
                         backend, fwd_config, bwd_config)
     return out

@@ -73,7 +73,8 @@ def main(variant: str, case: str, k: int = 7) -> None:
         mod.forward(q, q, q, args)
     (call,) = recorders[name].calls
     compiled, usage = compile_launch(recorders[name].fn, *call)
-    meta = {n: v for n, v in call[1].items() if n.isupper() or n.startswith("num_")}
+    named = dict(zip(recorders[name].fn.arg_names, call[0]), **call[1])
+    meta = {n: v for n, v in named.items() if n.isupper() or n.startswith("num_")}
     print(f"{variant} {case} k={k}: {meta}")
     print(f"  ptxas: {usage}")
     for start, end, count in loops(sass(compiled.asm["cubin"])):

@@ -230,5 +230,5 @@ def test_pixel_offsets_shared():
     """One int32 pixel-offset vector serves k, v, dk, dv only when their row and column
     strides agree (strided layouts take the per-tensor int64 offsets)."""
     t = torch.zeros(1, 4, 5, 2, 8)
-    assert rows_bwd_key.pixel_offsets_shared((t, t.clone()), 4, 5)
-    assert not rows_bwd_key.pixel_offsets_shared((t, t.transpose(1, 2)), 4, 5)
+    assert rows_bwd_key.pixel_offsets_shared((t.stride(), t.clone().stride()), 4, 5)
+    assert not rows_bwd_key.pixel_offsets_shared((t.stride(), t.transpose(1, 2).stride()), 4, 5)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sasa_triton.args import check_attend_args
-from sasa_triton.kernels import rows_fwd
+from sasa_triton.kernels import launch_cache, rows_fwd
 from sasa_triton.variants import triton_usable
 
 from cases import Case, check_forward, make_inputs
@@ -99,10 +99,14 @@ def test_zero_taps_with_rpb_and_per_head_rel(rpb):
 
 def test_64bit_offsets(monkeypatch):
     """The int64 offset path (taken for tensors past 2**31 elements) on a small case."""
-    monkeypatch.setattr(rows_fwd, "_offsets_fit_i32", lambda tensors, halo: False)
-    monkeypatch.setattr(rows_fwd, "row_offsets_fit_i32", lambda *a, **k: False)
+    monkeypatch.setattr(rows_fwd, "_offsets_fit_i32", lambda layouts, halo: False)
+    monkeypatch.setattr(rows_fwd, "strides_fit_i32", lambda *a, **k: False)
+    launch_cache.clear_all()  # launch plans decide the offset width once per call key
     case = Case(B=2, H=7, W=9, heads=2, d=16, k=3, dilation=(2, 1), rel="shared", rpb=True)
     _run(case, torch.float16, "nchw_view", dict(BLOCK_M=32, BLOCK_W=8, num_warps=1))
+    plans = rows_fwd._plans.plans.values()
+    assert plans and all(p.flags["ROW_I64"] and p.flags["OFF_I64"] for p in plans)
+    launch_cache.clear_all()  # no int64 plan outlives the patch
 
 
 def test_supports_and_configs():

@@ -1,0 +1,184 @@
+"""Launch plans (kernels/launch_cache.py): a plan made once per call key must launch
+exactly what a fresh plan for the call would, whatever calls came before it (the key
+holds everything the plan depends on: strides, table dtypes, pointer alignment, ...).
+Kernels are stubbed (sasa_triton.report.host.stub_launches): only the launchers run."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sasa_triton import ops, variants
+from sasa_triton.args import check_attend_args
+from sasa_triton.kernels import launch_cache, rows_bwd, rows_fwd, tile2d_fwd, tiled_fwd
+from sasa_triton.kernels.common import vector_width
+from sasa_triton.report import host
+
+from cases import Case, make_inputs
+
+
+def _describe(x):
+    """A launch argument as a comparable value (a tensor by its layout: allocations
+    differ from call to call)."""
+    if isinstance(x, torch.Tensor):
+        return ("tensor", tuple(x.shape), x.stride(), x.dtype)
+    return x
+
+
+def _record(call) -> list:
+    return [(fn.__name__, [_describe(a) for a in args], kwargs)
+            for fn, args, kwargs in host._launches(call)]
+
+
+def _perturbed(rng, backward: bool, q, k, v, kw) -> tuple:
+    """The same call but for one property a plan depends on (dout_strides: the
+    backward's output gradient with channels not contiguous)."""
+    kw = dict(kw)
+    what = rng.choice(["q_offset", "k_strides", "rel_f32", "no_rpb", "scale"]
+                      + ["dout_strides"] * (5 if backward else 0))
+    if what == "dout_strides":
+        kw["dout_strides"] = True
+    elif what == "q_offset":  # q one element past an aligned address: narrower vectors
+        q = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view(q.shape).copy_(q)
+    elif what == "k_strides":  # channels not contiguous
+        k = k.transpose(3, 4).contiguous().transpose(3, 4)
+    elif what == "rel_f32" and "rel_w" in kw and kw["rel_w"].dtype != torch.float32:
+        kw["rel_w"] = kw["rel_w"].float()
+    elif what == "no_rpb":
+        kw.pop("rpb", None)
+    else:
+        kw["scale"] = 0.25
+    return q, k, v, kw
+
+
+def _random_calls(seed: int, n: int) -> list:
+    """Pairs of calls of the plan-cached launchers that differ in one property only (the
+    second may hit the first one's plan if the key missed it)."""
+    rng = random.Random(seed)
+    calls = []
+    for _ in range(n):
+        dtype = rng.choice([torch.float16, torch.bfloat16, torch.float32])
+        case = Case(B=1, H=rng.choice([5, 8]), W=rng.choice([10, 13]), heads=2,
+                    d=rng.choice([8, 16]), k=rng.choice([3, (3, 5)]),
+                    dilation=rng.choice([1, (1, 2)]),
+                    padding=rng.choice(["zeros", "mask", "shift"]),
+                    rel=rng.choice([None, "shared", "per_head"]), rpb=rng.random() < 0.5)
+        module = rng.choice([rows_fwd, tile2d_fwd, tiled_fwd, rows_bwd])
+        base = make_inputs(case, dtype, rng.choice(["contiguous", "channels_last"]))
+        for q, k, v, kw in (base, _perturbed(rng, module is rows_bwd, *base)):
+            args = check_attend_args(q, k, v, case.k, case.dilation, case.padding,
+                                     kw.get("rel_h"), kw.get("rel_w"), kw.get("rpb"),
+                                     kw.get("scale"))
+            if module.supports(tuple(q.shape), q.dtype, args):
+                calls.append((module, q, k, v, args, kw.get("dout_strides", False)))
+    return calls
+
+
+def _launch_all(module, q, k, v, args, dout_strides):
+    def call():
+        if module is rows_bwd:
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+            lse = torch.empty(q.shape[:4])
+            dout = torch.empty_like(out)
+            if dout_strides:
+                dout = dout.transpose(3, 4).contiguous().transpose(3, 4)
+            rows_bwd.backward(q, k, v, out, lse, dout, args)
+        else:
+            module.forward(q, k, v, args)
+    return call
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cached_plans_launch_what_fresh_plans_launch(seed):
+    calls = _random_calls(seed, 24)
+    with host.stub_launches():
+        launch_cache.clear_all()
+        shared = [_record(_launch_all(*c)) for c in calls]  # plans accumulate
+        for c, got in zip(calls, shared):
+            launch_cache.clear_all()
+            assert got == _record(_launch_all(*c))  # a fresh plan for this call alone
+    launch_cache.clear_all()
+
+
+def test_tile2d_vector_width_follows_the_pointers():
+    """The pointer alignment is part of tile2d's key: the same shape and strides at a
+    shifted base address get a narrower vector width, back at an aligned one the wider."""
+    case = Case(B=1, H=4, W=8, heads=2, d=16, k=3)
+    q, k, v, _ = make_inputs(case, torch.bfloat16)
+    args = check_attend_args(q, k, v, 3, 1, "zeros", None, None, None, None)
+    shifted = torch.empty(q.numel() + 2, dtype=q.dtype)[2:].view(q.shape)
+    widths = []
+    with host.stub_launches():
+        for query in (q, shifted, q):
+            ((fn, values, options),) = host._launches(
+                lambda query=query: tile2d_fwd.forward(query, k, v, args))
+            named = dict(zip(fn.arg_names, values), **options)
+            assert named["VEC"] == vector_width((query, k, v, named["o_ptr"]), 16)
+            widths.append(named["VEC"])
+    assert widths[1] < widths[0] == widths[2]
+
+
+def test_bad_configs_raise_on_every_call():
+    """A plan that raises is not stored: the second call with a bad config raises too."""
+    q, k, v, _ = make_inputs(Case(B=1, H=4, W=40, heads=2, d=16, k=3), torch.bfloat16)
+    args = check_attend_args(q, k, v, 3, 1, "zeros", None, None, None, None)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="BLOCK_M"):
+            rows_fwd.forward(q, k, v, args, dict(BLOCK_M=16, BLOCK_W=32, num_warps=1))
+        with pytest.raises(ValueError, match="PIX"):
+            tile2d_fwd.forward(q, k, v, args, dict(BLOCK_H=2, BLOCK_W=6, PIX=4))
+
+
+class _Allocations(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("empty", "empty_like", "empty_strided"):
+            self.dtypes.append(out.dtype)
+        return out
+
+
+def test_rowsbwd_allocates_one_float32_buffer():
+    """dq, dk, dv and the three table gradients, plus one float32 buffer for delta and
+    every table partial."""
+    case = Case(B=1, H=5, W=6, heads=2, d=16, k=3, rel="per_head", rpb=True)
+    q, k, v, kw = make_inputs(case, torch.bfloat16)
+    args = check_attend_args(q, k, v, 3, 1, "zeros", kw["rel_h"], kw["rel_w"], kw["rpb"], None)
+    lse = torch.empty(q.shape[:4])
+    with host.stub_launches(), _Allocations() as seen:
+        grads = rows_bwd.backward(q, k, v, q, lse, q, args)
+    assert all(g is not None for g in grads)
+    assert sorted(map(str, seen.dtypes)) == sorted(["torch.float32"] + ["torch.bfloat16"] * 6)
+
+
+def _storages(tensors) -> set:
+    return {t.untyped_storage().data_ptr() for t in tensors if t is not None}
+
+
+@pytest.mark.parametrize("name", [v.name for v in variants.VARIANTS.values() if v.needs_triton])
+def test_triton_launchers_allocate_every_output(name):
+    """What lets ops._fresh skip its storage check for Triton variants: no output of
+    their forward or backward shares storage with an input."""
+    variant = variants.VARIANTS[name]
+    case = Case(B=1, H=5, W=6, heads=2, d=16, k=3, rel="shared", rpb=True)
+    q, k, v, kw = make_inputs(case, torch.bfloat16)
+    args = check_attend_args(q, k, v, 3, 1, "zeros", kw["rel_h"], kw["rel_w"], kw["rpb"], None)
+    if not variant.supports(tuple(q.shape), q.dtype, args):
+        pytest.skip(f"{name} does not support the case")
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:4])
+    with host.stub_launches():
+        if variant.forward is not None:
+            outputs = variant.forward(q, k, v, args)
+            assert not _storages(outputs) & _storages((q, k, v))
+            out, lse = outputs
+        if variant.backward is not None:
+            inputs = (q, k, v, out, lse, k, *args[5:8])
+            grads = variant.backward(q, k, v, out, lse, k, args)
+            assert not _storages(grads) & _storages(inputs)
+            fresh = ops._fresh(grads, inputs, allocated=True)
+            assert all(g is None or g.is_contiguous() for g in fresh)

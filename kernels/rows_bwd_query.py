@@ -123,19 +123,23 @@ def _grads_pass(
             o_tyq = off_y + o_a + KH - 1
         else:
             o_tyq = o_a
-        m_win = m_col & m_row[:, None]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, D] @ [D, BK] -> [M, BK]
-        b_s = b_s * qk_scale - b_lse2[:, None]
+        # The row part of the logit (row bias - lse, or -inf where key row y is outside the
+        # query's window) added to the column part (column bias, -inf outside the window
+        # columns): P = exp2(S * qk_scale + bias) is exactly 0 outside each window, no select.
+        b_rowterm = -b_lse2
         if HAS_REL:
             m_ty = o_ty[None, :] == o_tyq[:, None]  # [M, TY_PAD]
-            b_rowbias = tl.sum(tl.where(m_ty, b_bh, 0.0), axis=1)  # [M], in-thread: no gather
-            b_s += b_colbias + b_rowbias[:, None]
+            b_rowterm += tl.sum(tl.where(m_ty, b_bh, 0.0), axis=1)  # [M], in-thread: no gather
+        b_rowterm = tl.where(m_row, b_rowterm, float("-inf"))
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, D] @ [D, BK] -> [M, BK]
+        b_s = b_s * qk_scale + (b_colbias + b_rowterm[:, None])
         if HAS_RPB:
+            m_win = m_col & m_row[:, None]
             o_rpb = (off_y + o_a + KH - 1)[:, None] * srp_h + (off_x[:, None] + o_tap + KW - 1) * srp_w
             b_s += tl.load(p_rpb + o_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
         b_p = tl.exp2(b_s)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [M, D] @ [D, BK]
-        b_ds = tl.where(m_win, b_p * (b_dp - b_delta[:, None]), 0.0)  # [M, BK]
+        b_ds = b_p * (b_dp - b_delta[:, None])  # [M, BK]; 0 outside the windows (finite dP)
         b_acc += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision="ieee")  # [M, BK] @ [BK, D]
         if HAS_REL:
             b_gacc += b_ds
@@ -297,6 +301,7 @@ def _program(
             b_bh = tl.dot(b_qf, tl.trans(b_relh), input_precision="ieee") * qk_scale
             b_bw = tl.dot(b_qf, tl.trans(b_relw), input_precision="ieee") * qk_scale
         b_colbias = tl.gather(b_bw, o_txc, axis=1)  # [M, BK]: Bw at each column's tap
+    b_colbias = tl.where(m_col, b_colbias, float("-inf"))  # the window's columns only
 
     p_k0 = k_ptr + b64 * sk_b + n64 * sk_n
     p_v0 = v_ptr + b64 * sv_b + n64 * sv_n

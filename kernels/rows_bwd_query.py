@@ -10,9 +10,9 @@ and walks the key rows that its queries' windows cover (their union; each key ro
 loaded once and serves every query row whose window holds it). Per key row y, with the
 row's k/v halo of BLOCK_K columns:
     S  = Q K^T                     tl.dot [M, D] @ [D, BK]
-    S  = S*scale*log2(e) + column bias + row bias (+ rpb);  P = exp2(S - lse*log2(e))
+    S  = S*scale*log2(e) + (column term + row term) (+ rpb);  P = exp2(S)
     dP = dO V^T                    tl.dot [M, D] @ [D, BK]
-    dS = P * (dP - delta), 0 outside each query's window
+    dS = P * (dP - delta)
     dq += dS K                     tl.dot [M, BK] @ [BK, D]
 The rel bias comes from two small products made once per program, Bh = Q rel_h^T and
 Bw = Q rel_w^T; the column bias tile (the column tap of a halo column depends only on
@@ -27,8 +27,14 @@ whole 2k-1 table. The partials go to per-program buffers that `_reduce_tables_ke
 sums in a fixed order (one more launch), scaling, summing over heads for 2-D tables and
 casting to the table dtype.
 
+The window rides in the two terms, with no select per score element: the column term
+(column bias, made once) is -inf at halo columns outside the query's window, the row term
+(row bias - lse*log2(e), one value per query and key row) is -inf where the key row is
+outside it, so P is exactly 0 there and so is dS (for a finite dP).
+
 Non-finite inputs: a NaN / inf outside some query's window reaches that query's results
-only through a 0 * NaN inside a product (dS K, G rel, G^T Q, the rpb one-hot product).
+through S or dP (k, v: -inf + inf, 0 * inf) or a 0 * NaN inside a product (dS K, G rel,
+G^T Q, the rpb one-hot product).
 A program whose results come out non-finite stores nothing but delta and is redone by
 `_safe_program`: the same results one window offset at a time on CUDA cores, every dead
 (query, tap) product left out (the offsets backward's arithmetic), so NaN / inf reach

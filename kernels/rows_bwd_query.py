@@ -101,7 +101,7 @@ def _grads_pass(
     TY: tl.constexpr, TY_PAD: tl.constexpr, TX_PAD: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, HALF: tl.constexpr,
-    TABLE_HALF: tl.constexpr,
+    TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
 ):
     """The key-row walk and the table products of one program: (dq / scale [M, D],
     drel_h part [TY_PAD, D], drel_w part [TX_PAD, D], drpb part [TY_PAD, TX_PAD]).
@@ -112,11 +112,15 @@ def _grads_pass(
     b_prpb = tl.zeros([TY_PAD, TX_PAD], dtype=tl.float32)  # drpb partial
     for r in range(0, y_hi + 1 - y_lo):  # key rows: the union of the queries' windows
         y = y_lo + r
-        y64 = y.to(tl.int64)
         o_yv = y + tl.zeros([BLOCK_K], dtype=tl.int32)  # row check as a vector (interpreter)
         m_kv = m_kv_x & ((o_yv >= 0) & (o_yv < H))[:, None]
-        b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)  # [BK, BD]
-        b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
+        if KV_I32:  # offsets inside one (batch, head) image fit int32: one IMAD per row
+            b_k = tl.load(p_k0 + (y * sk_h + o_kx), mask=m_kv, other=0.0)  # [BK, BD]
+            b_v = tl.load(p_v0 + (y * sv_h + o_vx), mask=m_kv, other=0.0)  # [BK, BD]
+        else:
+            y64 = y.to(tl.int64)
+            b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)
+            b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)
         if DOT_F32:
             b_k = b_k.to(tl.float32)
             b_v = b_v.to(tl.float32)
@@ -188,7 +192,7 @@ def _program(
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
-    HALF: tl.constexpr, TABLE_HALF: tl.constexpr,
+    HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
 ):
     """One program of _query_grads_kernel: loads, the pass, stores. Returns 1 (storing
     only delta) when a result came out non-finite, else 0."""
@@ -317,7 +321,7 @@ def _program(
         start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
         p_k0, p_v0, o_kx, o_vx, m_kv_x, sk_h, sv_h, p_rpb, srp_h, srp_w, qk_scale, scale,
         KH, KW, SHIFT, dil_h, TY, TY_PAD, TX_PAD, HAS_REL, HAS_RPB, M, BLOCK_K, BLOCK_D,
-        DOT_F32, HALF, TABLE_HALF)
+        DOT_F32, HALF, TABLE_HALF, KV_I32)
     # A non-finite result may come from a NaN / inf input outside some query's window
     # that a 0 * NaN inside a product spread over the tile (a k row in dS K, a table row
     # in G rel, a q in G^T Q, a tap in the rpb sums): then nothing is stored here and the
@@ -482,7 +486,7 @@ def _query_grads_kernel(
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
-    HALF: tl.constexpr, TABLE_HALF: tl.constexpr,
+    HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bad = _program(
@@ -497,7 +501,7 @@ def _query_grads_kernel(
         srp_n, srp_h, srp_w, sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
         KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD,
         TX_PAD, HAS_REL, HAS_RPB, BLOCK_H, BLOCK_W, BLOCK_K, BLOCK_D, DOT_F32,
-        ROW_I64, HALF, TABLE_HALF)
+        ROW_I64, HALF, TABLE_HALF, KV_I32)
     if bad > 0:  # rare: redo this program's results tap by tap (see _safe_program)
         _safe_program(
             pid, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
@@ -591,6 +595,17 @@ _HEIGHTS = (1, 2, 4, 8)
 _WARPS = (1, 2, 4, 8)
 _STAGES = (1, 2)
 MAX_PER_THREAD = 160  # estimated live values per thread (_per_thread) that fit unspilled
+
+
+def kv_offsets_fit_i32(k: torch.Tensor, v: torch.Tensor, rows: int, cols: int) -> bool:
+    """Whether k / v offsets inside one (batch, head) image -- `rows` rows and `cols`
+    columns either way from the origin (halo rows and columns included), every channel --
+    stay below 2**31, so the key-row walk may compute them in int32."""
+    for t in (k, v):
+        s_h, s_w, s_d = (abs(x) for x in (t.stride(1), t.stride(2), t.stride(4)))
+        if rows * s_h + cols * s_w + t.shape[4] * s_d >= 2**31:
+            return False
+    return True
 
 
 def _cfg(config: dict, key: str, default=None):
@@ -793,6 +808,7 @@ def query_grads(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict
         HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk,
         BLOCK_D=head_block(d), DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
         ROW_I64=not row_offsets_fit_i32((q, k, v, out, dout, dq), W + bk, d),
+        KV_I32=kv_offsets_fit_i32(k, v, H + kh * dh, W + bk),
         HALF=half, TABLE_HALF=half and has_rel and rel_h.dtype == q.dtype == rel_w.dtype,
         **_launch_options(config),
     )

@@ -122,6 +122,23 @@ def test_query_grads_half_inputs_fp32_tables():
     _check(case, got, want, torch.bfloat16)
 
 
+def test_query_grads_int64_key_row_offsets(monkeypatch):
+    """The key-row walk's int64 path (k / v images past 2**31 elements), forced on a small
+    case, matches the oracle like the int32 one."""
+    monkeypatch.setattr(mod, "kv_offsets_fit_i32", lambda *args: False)
+    got, want = _run(CASES[1])
+    _check(CASES[1], got, want, torch.float32)
+
+
+def test_kv_offsets_fit_i32():
+    small = torch.empty_strided((1, 56, 56, 8, 16), (56 * 56 * 128, 56 * 128, 128, 16, 1),
+                                device="meta")
+    huge = torch.empty_strided((1, 4, 4, 1, 8), (2**33, 2**29, 8, 8, 1), device="meta")
+    assert mod.kv_offsets_fit_i32(small, small, 56 + 7, 56 + 16)
+    assert not mod.kv_offsets_fit_i32(small, huge, 4 + 7, 4 + 16)
+    assert not mod.kv_offsets_fit_i32(huge, small, 4 + 7, 4 + 16)
+
+
 def test_query_grads_deterministic():
     """Two runs give bit-identical dq, delta and table gradients (no atomics)."""
     case = Case(B=2, H=6, W=5, heads=2, d=8, k=3, padding="shift", rel="shared", rpb=True)

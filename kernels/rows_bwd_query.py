@@ -138,7 +138,8 @@ def _grads_pass(
         # columns): P = exp2(S * qk_scale + bias) is exactly 0 outside each window, no select.
         b_rowterm = -b_lse2
         if HAS_REL:
-            m_ty = o_ty[None, :] == o_tyq[:, None]  # [M, TY_PAD]
+            # (o_ty < TY: columns past the table are never selected; the compiler drops them)
+            m_ty = (o_ty[None, :] == o_tyq[:, None]) & (o_ty < TY)[None, :]  # [M, TY_PAD]
             b_rowterm += tl.sum(tl.where(m_ty, b_bh, 0.0), axis=1)  # [M], in-thread: no gather
         b_rowterm = tl.where(m_row, b_rowterm, float("-inf"))
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, D] @ [D, BK] -> [M, BK]

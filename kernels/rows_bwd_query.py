@@ -690,8 +690,11 @@ def default_config(q_shape, args: AttendArgs, dtype=torch.bfloat16) -> dict:
     B, H, W, heads, d = q_shape
     best = None
     m_cap = 64 if head_block(d) <= 64 else 16  # [M, D] tiles
+    warps = 4
     if dtype == torch.float32:  # "ieee" dots hold fp32 operands: half the tile
         m_cap = max(16, m_cap // 2)
+    elif 8 < d <= 16:  # 4 x 8 tiles on 2 warps (mma.sync): 10 key rows per 4 query rows
+        m_cap, warps = 32, 2  # (d <= 8 spills there: ptxas holds 2 warps to 128 registers)
     m_target = max(16, min(m_cap, next_pow2(H) * next_pow2(W)))
     for bw in _WIDTHS:
         for bh in _HEIGHTS:
@@ -699,7 +702,7 @@ def default_config(q_shape, args: AttendArgs, dtype=torch.bfloat16) -> dict:
                 continue
             if _block_k(q_shape, args, bw) > MAX_BLOCK_K:
                 continue
-            cfg = {"Q_BLOCK_W": bw, "Q_BLOCK_H": bh, "Q_num_warps": 4, "Q_num_stages": 1}
+            cfg = {"Q_BLOCK_W": bw, "Q_BLOCK_H": bh, "Q_num_warps": warps, "Q_num_stages": 1}
             key = (_work(q_shape, args, cfg), -bw)
             if best is None or key < best[0]:
                 best = (key, cfg)

@@ -4,7 +4,9 @@ table gradients, deterministic (no atomics).
 What a program owns: a tile of M = BLOCK_H x BLOCK_W query pixels (BLOCK_H image rows,
 each a row segment of BLOCK_W columns) of one batch b and one head n; M = 64 on the suite
 shapes (8 x 8 for k = 7: 14 key rows of a 16-column halo, the fewest score elements per
-pixel; whole 56-pixel rows would need 7 rows of 64 columns, 2.3x more). It loads their
+pixel for one wgmma row block; whole 56-pixel rows would need 7 rows of 64 columns, 2.3x
+more), M = 32 on 2 warps for 8 < d <= 16 (4 x 8: 10 key rows per 4 query rows, a third
+fewer score elements per pixel; mma.sync). It loads their
 q, out, dout and lse once, writes delta = rowsum(dout * out) for kernel 2 (rows_bwd_key),
 and walks the key rows that its queries' windows cover (their union; each key row is
 loaded once and serves every query row whose window holds it). Per key row y, with the
@@ -684,7 +686,10 @@ def default_config(q_shape, args: AttendArgs, dtype=torch.bfloat16) -> dict:
     the row-segment x rows shapes, the one computing the fewest score elements per pixel
     (for k = 7 an 8 x 8 tile: 14 key rows of a 16-column halo, against 7 rows of 64
     columns for a whole 56-pixel row); M = 16 for d > 64, half as large for fp32. 4 warps (one
-    warpgroup: M = 64 is one wgmma row block), more only while a thread would hold over
+    warpgroup: M = 64 is one wgmma row block); for bf16/fp16 with 8 < d <= 16, M = 32 on 2
+    warps (4 x 8 for k = 7: 10 key rows per 4 query rows against 14 per 8; PREDICTED s2
+    query kernel 119 -> 80 us; at d <= 8 ptxas spills there, and for d >= 32 the mma.sync
+    loop costs more than the rows saved), more only while a thread would hold over
     MAX_PER_THREAD values (fp32 counts triple: query_grads passes q's dtype); one stage (the cost
     tool reads fewer instructions than with 2; a GPU tuner may still prefer 2)."""
     B, H, W, heads, d = q_shape

@@ -5,8 +5,8 @@ What a program owns: a tile of M = BLOCK_H x BLOCK_W query pixels (BLOCK_H image
 each a row segment of BLOCK_W columns) of one batch b and one head n; M = 64 on the suite
 shapes (8 x 8 for k = 7: 14 key rows of a 16-column halo, the fewest score elements per
 pixel for one wgmma row block; whole 56-pixel rows would need 7 rows of 64 columns, 2.3x
-more), M = 32 on 2 warps for 8 < d <= 16 (4 x 8: 10 key rows per 4 query rows, a third
-fewer score elements per pixel; mma.sync). It loads their
+more), M = 32 on one warp for d <= 16 without shift or rpb (4 x 8: 10 key rows per 4
+query rows, 29% fewer score elements per pixel; mma.sync). It loads their
 q, out, dout and lse once, writes delta = rowsum(dout * out) for kernel 2 (rows_bwd_key),
 and walks the key rows that its queries' windows cover (their union; each key row is
 loaded once and serves every query row whose window holds it). Per key row y, with the
@@ -686,10 +686,11 @@ def default_config(q_shape, args: AttendArgs, dtype=torch.bfloat16) -> dict:
     the row-segment x rows shapes, the one computing the fewest score elements per pixel
     (for k = 7 an 8 x 8 tile: 14 key rows of a 16-column halo, against 7 rows of 64
     columns for a whole 56-pixel row); M = 16 for d > 64, half as large for fp32. 4 warps (one
-    warpgroup: M = 64 is one wgmma row block); for bf16/fp16 with 8 < d <= 16, M = 32 on 2
-    warps (4 x 8 for k = 7: 10 key rows per 4 query rows against 14 per 8; PREDICTED s2
-    query kernel 119 -> 80 us; at d <= 8 ptxas spills there, and for d >= 32 the mma.sync
-    loop costs more than the rows saved), more only while a thread would hold over
+    warpgroup: M = 64 is one wgmma row block); for bf16/fp16 with d <= 16, M = 32 on one
+    warp (4 x 8 for k = 7: 10 key rows per 4 query rows against 14 per 8; PREDICTED query
+    kernel s1 417 -> 357 us, s2 119 -> 73; 2 warps read more instructions and spill at
+    d = 8; for d >= 32 the mma.sync loop costs more than the rows saved; not with shift
+    or rpb, whose extra tiles spill one warp), more only while a thread would hold over
     MAX_PER_THREAD values (fp32 counts triple: query_grads passes q's dtype); one stage (the cost
     tool reads fewer instructions than with 2; a GPU tuner may still prefer 2)."""
     B, H, W, heads, d = q_shape
@@ -698,8 +699,8 @@ def default_config(q_shape, args: AttendArgs, dtype=torch.bfloat16) -> dict:
     warps = 4
     if dtype == torch.float32:  # "ieee" dots hold fp32 operands: half the tile
         m_cap = max(16, m_cap // 2)
-    elif 8 < d <= 16:  # 4 x 8 tiles on 2 warps (mma.sync): 10 key rows per 4 query rows
-        m_cap, warps = 32, 2  # (d <= 8 spills there: ptxas holds 2 warps to 128 registers)
+    elif d <= 16 and args.padding != "shift" and args.rpb is None:
+        m_cap, warps = 32, 1  # 4 x 8 tiles on one warp (mma.sync): 10 key rows per 4 rows
     m_target = max(16, min(m_cap, next_pow2(H) * next_pow2(W)))
     for bw in _WIDTHS:
         for bh in _HEIGHTS:

@@ -110,13 +110,12 @@ def test_query_grads_half(case, dtype):
 
 
 def test_query_grads_half_default_tile_d16():
-    """bf16 with 8 < d <= 16: the default 32-query tile (2 warps on a GPU), image rows and
-    columns not multiples of it."""
-    case = Case(B=1, H=9, W=10, heads=2, d=16, k=5, rel="shared", rpb=True)
-    q = torch.zeros(1, 9, 10, 2, 16)
-    args = check_attend_args(q, q, q, 5, 1, "zeros", None, None, None, None)
-    default = mod.default_config(tuple(q.shape), args, torch.bfloat16)
-    assert default["Q_BLOCK_H"] * default["Q_BLOCK_W"] == 32 and default["Q_num_warps"] == 2
+    """bf16 with d <= 16 (no shift, no rpb): the default 32-query tile (one warp on a
+    GPU), image rows and columns not multiples of it."""
+    case = Case(B=1, H=9, W=10, heads=2, d=16, k=5, padding="mask", rel="per_head")
+    q, k, v, kw = make_inputs(case, torch.bfloat16, "contiguous", DEVICE)
+    default = mod.default_config(tuple(q.shape), _args(q, k, v, case, kw), torch.bfloat16)
+    assert default["Q_BLOCK_H"] * default["Q_BLOCK_W"] == 32 and default["Q_num_warps"] == 1
     got, want = _run(case, torch.bfloat16)
     _check(case, got, want, torch.bfloat16)
 
@@ -170,7 +169,7 @@ def test_configs_and_supports():
     args = check_attend_args(q, q, q, 7, 1, "zeros", None, None, None, None)
     default = mod.default_config(tuple(q.shape), args)
     assert all(key.startswith("Q_") for key in default)
-    assert default["Q_BLOCK_W"] * default["Q_BLOCK_H"] >= 64
+    assert default["Q_BLOCK_W"] * default["Q_BLOCK_H"] >= 32
     kept = mod.prune(mod.search_space(), tuple(q.shape), args)
     assert kept and all(c in mod.search_space() for c in kept)
     assert mod.supports(tuple(q.shape), torch.bfloat16, args)
@@ -240,5 +239,5 @@ def test_default_config_is_kept_by_prune(shape, dtype):
     assert default in mod.search_space()
     assert default in mod.prune(mod.search_space(), shape, args)
     if shape[4] <= 64 and dtype != torch.float32 and shape[1] * shape[2] >= 64:
-        m = 32 if 8 < shape[4] <= 16 else 64  # 4 x 8 tiles on 2 warps for 8 < d <= 16
+        m = 32 if shape[4] <= 16 else 64  # 4 x 8 tiles on one warp for d <= 16
         assert default["Q_BLOCK_W"] * default["Q_BLOCK_H"] == m

@@ -4,15 +4,17 @@ table gradients, deterministic (no atomics).
 What a program owns: a tile of M = BLOCK_H x BLOCK_W query pixels (BLOCK_H image rows,
 each a row segment of BLOCK_W columns) of one batch b and one head n; M = 64 on the suite
 shapes (8 x 8 for k = 7: 14 key rows of a 16-column halo, the fewest score elements per
-pixel; whole 56-pixel rows would need 7 rows of 64 columns, 2.3x more). It loads their
+pixel for one wgmma row block; whole 56-pixel rows would need 7 rows of 64 columns, 2.3x
+more), M = 32 on one warp for d <= 16 without shift or rpb (4 x 8: 10 key rows per 4
+query rows, 29% fewer score elements per pixel; mma.sync). It loads their
 q, out, dout and lse once, writes delta = rowsum(dout * out) for kernel 2 (rows_bwd_key),
 and walks the key rows that its queries' windows cover (their union; each key row is
 loaded once and serves every query row whose window holds it). Per key row y, with the
 row's k/v halo of BLOCK_K columns:
     S  = Q K^T                     tl.dot [M, D] @ [D, BK]
-    S  = S*scale*log2(e) + column bias + row bias (+ rpb);  P = exp2(S - lse*log2(e))
+    S  = S*scale*log2(e) + (column term + row term) (+ rpb);  P = exp2(S)
     dP = dO V^T                    tl.dot [M, D] @ [D, BK]
-    dS = P * (dP - delta), 0 outside each query's window
+    dS = P * (dP - delta)
     dq += dS K                     tl.dot [M, BK] @ [BK, D]
 The rel bias comes from two small products made once per program, Bh = Q rel_h^T and
 Bw = Q rel_w^T; the column bias tile (the column tap of a halo column depends only on
@@ -27,8 +29,14 @@ whole 2k-1 table. The partials go to per-program buffers that `_reduce_tables_ke
 sums in a fixed order (one more launch), scaling, summing over heads for 2-D tables and
 casting to the table dtype.
 
+The window rides in the two terms, with no select per score element: the column term
+(column bias, made once) is -inf at halo columns outside the query's window, the row term
+(row bias - lse*log2(e), one value per query and key row) is -inf where the key row is
+outside it, so P is exactly 0 there and so is dS (for a finite dP).
+
 Non-finite inputs: a NaN / inf outside some query's window reaches that query's results
-only through a 0 * NaN inside a product (dS K, G rel, G^T Q, the rpb one-hot product).
+through S or dP (k, v: -inf + inf, 0 * inf) or a 0 * NaN inside a product (dS K, G rel,
+G^T Q, the rpb one-hot product).
 A program whose results come out non-finite stores nothing but delta and is redone by
 `_safe_program`: the same results one window offset at a time on CUDA cores, every dead
 (query, tap) product left out (the offsets backward's arithmetic), so NaN / inf reach
@@ -106,7 +114,7 @@ def _grads_pass(
     TY: tl.constexpr, TY_PAD: tl.constexpr, TX_PAD: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, HALF: tl.constexpr,
-    TABLE_HALF: tl.constexpr,
+    TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
 ):
     """The key-row walk and the table products of one program: (dq / scale [M, D],
     drel_h part [TY_PAD, D], drel_w part [TX_PAD, D], drpb part [TY_PAD, TX_PAD]).
@@ -117,11 +125,15 @@ def _grads_pass(
     b_prpb = tl.zeros([TY_PAD, TX_PAD], dtype=tl.float32)  # drpb partial
     for r in range(0, y_hi + 1 - y_lo):  # key rows: the union of the queries' windows
         y = y_lo + r
-        y64 = y.to(tl.int64)
         o_yv = y + tl.zeros([BLOCK_K], dtype=tl.int32)  # row check as a vector (interpreter)
         m_kv = m_kv_x & ((o_yv >= 0) & (o_yv < H))[:, None]
-        b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)  # [BK, BD]
-        b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
+        if KV_I32:  # offsets inside one (batch, head) image fit int32: one IMAD per row
+            b_k = tl.load(p_k0 + (y * sk_h + o_kx), mask=m_kv, other=0.0)  # [BK, BD]
+            b_v = tl.load(p_v0 + (y * sv_h + o_vx), mask=m_kv, other=0.0)  # [BK, BD]
+        else:
+            y64 = y.to(tl.int64)
+            b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)
+            b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)
         if DOT_F32:
             b_k = b_k.to(tl.float32)
             b_v = b_v.to(tl.float32)
@@ -134,19 +146,24 @@ def _grads_pass(
             o_tyq = off_y + o_a + KH - 1
         else:
             o_tyq = o_a
-        m_win = m_col & m_row[:, None]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, D] @ [D, BK] -> [M, BK]
-        b_s = b_s * qk_scale - b_lse2[:, None]
+        # The row part of the logit (row bias - lse, or -inf where key row y is outside the
+        # query's window) added to the column part (column bias, -inf outside the window
+        # columns): P = exp2(S * qk_scale + bias) is exactly 0 outside each window, no select.
+        b_rowterm = -b_lse2
         if HAS_REL:
-            m_ty = o_ty[None, :] == o_tyq[:, None]  # [M, TY_PAD]
-            b_rowbias = tl.sum(tl.where(m_ty, b_bh, 0.0), axis=1)  # [M], in-thread: no gather
-            b_s += b_colbias + b_rowbias[:, None]
+            # (o_ty < TY: columns past the table are never selected; the compiler drops them)
+            m_ty = (o_ty[None, :] == o_tyq[:, None]) & (o_ty < TY)[None, :]  # [M, TY_PAD]
+            b_rowterm += tl.sum(tl.where(m_ty, b_bh, 0.0), axis=1)  # [M], in-thread: no gather
+        b_rowterm = tl.where(m_row, b_rowterm, float("-inf"))
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, D] @ [D, BK] -> [M, BK]
+        b_s = b_s * qk_scale + (b_colbias + b_rowterm[:, None])
         if HAS_RPB:
+            m_win = m_col & m_row[:, None]
             o_rpb = (off_y + o_a + KH - 1)[:, None] * srp_h + (off_x[:, None] + o_tap + KW - 1) * srp_w
             b_s += tl.load(p_rpb + o_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
         b_p = tl.exp2(b_s)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [M, D] @ [D, BK]
-        b_ds = tl.where(m_win, b_p * (b_dp - b_delta[:, None]), 0.0)  # [M, BK]
+        b_ds = b_p * (b_dp - b_delta[:, None])  # [M, BK]; 0 outside the windows (finite dP)
         b_acc += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision="ieee")  # [M, BK] @ [BK, D]
         if HAS_REL:
             b_gacc += b_ds
@@ -189,7 +206,7 @@ def _program(
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
-    HALF: tl.constexpr, TABLE_HALF: tl.constexpr,
+    HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
 ):
     """One program of _query_grads_kernel: loads, the pass, stores. Returns 1 (storing
     only delta) when a result came out non-finite, else 0."""
@@ -308,6 +325,7 @@ def _program(
             b_bh = tl.dot(b_qf, tl.trans(b_relh), input_precision="ieee") * qk_scale
             b_bw = tl.dot(b_qf, tl.trans(b_relw), input_precision="ieee") * qk_scale
         b_colbias = tl.gather(b_bw, o_txc, axis=1)  # [M, BK]: Bw at each column's tap
+    b_colbias = tl.where(m_col, b_colbias, float("-inf"))  # the window's columns only
 
     p_k0 = k_ptr + b64 * sk_b + n64 * sk_n
     p_v0 = v_ptr + b64 * sv_b + n64 * sv_n
@@ -317,7 +335,7 @@ def _program(
         start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
         p_k0, p_v0, o_kx, o_vx, m_kv_x, sk_h, sv_h, p_rpb, srp_h, srp_w, qk_scale, scale,
         KH, KW, SHIFT, dil_h, TY, TY_PAD, TX_PAD, HAS_REL, HAS_RPB, M, BLOCK_K, BLOCK_D,
-        DOT_F32, HALF, TABLE_HALF)
+        DOT_F32, HALF, TABLE_HALF, KV_I32)
     # A non-finite result may come from a NaN / inf input outside some query's window
     # that a 0 * NaN inside a product spread over the tile (a k row in dS K, a table row
     # in G rel, a q in G^T Q, a tap in the rpb sums): then nothing is stored here and the
@@ -482,7 +500,7 @@ def _query_grads_kernel(
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
-    HALF: tl.constexpr, TABLE_HALF: tl.constexpr,
+    HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bad = _program(
@@ -497,7 +515,7 @@ def _query_grads_kernel(
         srp_n, srp_h, srp_w, sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
         KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD,
         TX_PAD, HAS_REL, HAS_RPB, BLOCK_H, BLOCK_W, BLOCK_K, BLOCK_D, DOT_F32,
-        ROW_I64, HALF, TABLE_HALF)
+        ROW_I64, HALF, TABLE_HALF, KV_I32)
     if bad > 0:  # rare: redo this program's results tap by tap (see _safe_program)
         _safe_program(
             pid, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
@@ -593,6 +611,18 @@ _STAGES = (1, 2)
 MAX_PER_THREAD = 160  # estimated live values per thread (_per_thread) that fit unspilled
 
 
+def kv_offsets_fit_i32(strides, d: int, rows: int, cols: int) -> bool:
+    """Whether offsets inside one (batch, head) image of (B, H, W, heads, d) tensors with
+    these `strides` (k's and v's) -- `rows` rows and `cols` columns either way from the
+    origin (halo rows and columns included), every channel -- stay below 2**31, so the
+    key-row walk may compute them in int32."""
+    for st in strides:
+        s_h, s_w, s_d = (abs(x) for x in (st[1], st[2], st[4]))
+        if rows * s_h + cols * s_w + d * s_d >= 2**31:
+            return False
+    return True
+
+
 def _cfg(config: dict, key: str, default=None):
     return config.get(PREFIX + key, default)
 
@@ -668,14 +698,21 @@ def default_config(q_shape, args: AttendArgs, dtype=torch.bfloat16) -> dict:
     the row-segment x rows shapes, the one computing the fewest score elements per pixel
     (for k = 7 an 8 x 8 tile: 14 key rows of a 16-column halo, against 7 rows of 64
     columns for a whole 56-pixel row); M = 16 for d > 64, half as large for fp32. 4 warps (one
-    warpgroup: M = 64 is one wgmma row block), more only while a thread would hold over
+    warpgroup: M = 64 is one wgmma row block); for bf16/fp16 with d <= 16, M = 32 on one
+    warp (4 x 8 for k = 7: 10 key rows per 4 query rows against 14 per 8; PREDICTED query
+    kernel s1 417 -> 357 us, s2 119 -> 73; 2 warps read more instructions and spill at
+    d = 8; for d >= 32 the mma.sync loop costs more than the rows saved; not with shift
+    or rpb, whose extra tiles spill one warp), more only while a thread would hold over
     MAX_PER_THREAD values (fp32 counts triple: query_grads passes q's dtype); one stage (the cost
     tool reads fewer instructions than with 2; a GPU tuner may still prefer 2)."""
     B, H, W, heads, d = q_shape
     best = None
     m_cap = 64 if head_block(d) <= 64 else 16  # [M, D] tiles
+    warps = 4
     if dtype == torch.float32:  # "ieee" dots hold fp32 operands: half the tile
         m_cap = max(16, m_cap // 2)
+    elif d <= 16 and args.padding != "shift" and args.rpb is None:
+        m_cap, warps = 32, 1  # 4 x 8 tiles on one warp (mma.sync): 10 key rows per 4 rows
     m_target = max(16, min(m_cap, next_pow2(H) * next_pow2(W)))
     for bw in _WIDTHS:
         for bh in _HEIGHTS:
@@ -683,7 +720,7 @@ def default_config(q_shape, args: AttendArgs, dtype=torch.bfloat16) -> dict:
                 continue
             if _block_k(q_shape, args, bw) > MAX_BLOCK_K:
                 continue
-            cfg = {"Q_BLOCK_W": bw, "Q_BLOCK_H": bh, "Q_num_warps": 4, "Q_num_stages": 1}
+            cfg = {"Q_BLOCK_W": bw, "Q_BLOCK_H": bh, "Q_num_warps": warps, "Q_num_stages": 1}
             key = (_work(q_shape, args, cfg), -bw)
             if best is None or key < best[0]:
                 best = (key, cfg)
@@ -776,6 +813,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
             BLOCK_D=head_block(d), DOT_F32=INTERPRETED and dtype == torch.bfloat16,
             ROW_I64=not strides_fit_i32((*strides[:5], dq_strides), W + bk, d),
             HALF=half, TABLE_HALF=half and has_rel and table_half,
+            KV_I32=kv_offsets_fit_i32(strides[1:3], d, H + kh * dh, W + bk),
             **_launch_options(config),
         ),
     )

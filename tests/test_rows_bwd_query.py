@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sasa_triton.args import check_attend_args
+from sasa_triton.kernels import launch_cache
 from sasa_triton.kernels import rows_bwd_query as mod
 
 from cases import TOLERANCES, Case, make_inputs
@@ -109,6 +110,17 @@ def test_query_grads_half(case, dtype):
     _check(case, got, want, dtype)
 
 
+def test_query_grads_half_default_tile_d16():
+    """bf16 with d <= 16 (no shift, no rpb): the default 32-query tile (one warp on a
+    GPU), image rows and columns not multiples of it."""
+    case = Case(B=1, H=9, W=10, heads=2, d=16, k=5, padding="mask", rel="per_head")
+    q, k, v, kw = make_inputs(case, torch.bfloat16, "contiguous", DEVICE)
+    default = mod.default_config(tuple(q.shape), _args(q, k, v, case, kw), torch.bfloat16)
+    assert default["Q_BLOCK_H"] * default["Q_BLOCK_W"] == 32 and default["Q_num_warps"] == 1
+    got, want = _run(case, torch.bfloat16)
+    _check(case, got, want, torch.bfloat16)
+
+
 @pytest.mark.parametrize("layout", ["nchw_view", "channels_last"])
 def test_query_grads_strided(layout):
     case = CASES[2]
@@ -120,6 +132,27 @@ def test_query_grads_half_inputs_fp32_tables():
     case = CASES[4]
     got, want = _run(case, torch.bfloat16, "channels_last", tables_fp32=True)
     _check(case, got, want, torch.bfloat16)
+
+
+def test_query_grads_int64_key_row_offsets(monkeypatch):
+    """The key-row walk's int64 path (k / v images past 2**31 elements), forced on a small
+    case, matches the oracle like the int32 one."""
+    monkeypatch.setattr(mod, "kv_offsets_fit_i32", lambda *args: False)
+    launch_cache.clear_all()  # launch plans decide the offset width once per call key
+    try:
+        got, want = _run(CASES[1])
+    finally:
+        launch_cache.clear_all()  # no int64 plan outlives the patch
+    _check(CASES[1], got, want, torch.float32)
+
+
+def test_kv_offsets_fit_i32():
+    small = torch.empty_strided((1, 56, 56, 8, 16), (56 * 56 * 128, 56 * 128, 128, 16, 1),
+                                device="meta")
+    huge = torch.empty_strided((1, 4, 4, 1, 8), (2**33, 2**29, 8, 8, 1), device="meta")
+    assert mod.kv_offsets_fit_i32((small.stride(), small.stride()), 16, 56 + 7, 56 + 16)
+    assert not mod.kv_offsets_fit_i32((small.stride(), huge.stride()), 8, 4 + 7, 4 + 16)
+    assert not mod.kv_offsets_fit_i32((huge.stride(), small.stride()), 8, 4 + 7, 4 + 16)
 
 
 def test_query_grads_deterministic():
@@ -141,7 +174,7 @@ def test_configs_and_supports():
     args = check_attend_args(q, q, q, 7, 1, "zeros", None, None, None, None)
     default = mod.default_config(tuple(q.shape), args)
     assert all(key.startswith("Q_") for key in default)
-    assert default["Q_BLOCK_W"] * default["Q_BLOCK_H"] >= 64
+    assert default["Q_BLOCK_W"] * default["Q_BLOCK_H"] >= 32
     kept = mod.prune(mod.search_space(), tuple(q.shape), args)
     assert kept and all(c in mod.search_space() for c in kept)
     assert mod.supports(tuple(q.shape), torch.bfloat16, args)
@@ -211,4 +244,5 @@ def test_default_config_is_kept_by_prune(shape, dtype):
     assert default in mod.search_space()
     assert default in mod.prune(mod.search_space(), shape, args)
     if shape[4] <= 64 and dtype != torch.float32 and shape[1] * shape[2] >= 64:
-        assert default["Q_BLOCK_W"] * default["Q_BLOCK_H"] == 64
+        m = 32 if shape[4] <= 16 else 64  # 4 x 8 tiles on one warp for d <= 16
+        assert default["Q_BLOCK_W"] * default["Q_BLOCK_H"] == m

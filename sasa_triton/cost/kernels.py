@@ -100,11 +100,15 @@ def _offsets(c: dict) -> list[LoopSpec]:  # TY, TX are runtime arguments: never 
 
 def _rows_bwd_query(c: dict) -> list[LoopSpec]:
     rows = min(c["BLOCK_H"], c["H"]) + (c["KH"] - 1) * c["dil_h"]
+    # At 1-2 warps ptxas may lay the slow pass out as two more top-level loops around its
+    # query-block loop (not taken either); absent ("unrolled") at 4 warps.
     return [LoopSpec("key rows (window union)", rows, exp2=True),
+            LoopSpec("slow pass: split-off loop (not taken)", 0, unrollable=True),
             LoopSpec("slow pass: query blocks (not taken)", 0, [
                 LoopSpec("slow pass: offset rows ty<TY", c["TY"],
                          [LoopSpec("slow pass: offset cols tx<TX", c["TX"], exp2=True)],
-                         exp2=True)], exp2=True)]
+                         exp2=True)], exp2=True),
+            LoopSpec("slow pass: split-off loop (not taken)", 0, unrollable=True)]
 
 
 def _reduce_tables(c: dict) -> list[LoopSpec]:

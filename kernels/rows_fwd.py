@@ -86,21 +86,29 @@ def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, b_zo, o_e, t, st, ebase, m_q, m_
             o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH: tl.constexpr,
             HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, VIRT: tl.constexpr,
             PICK: tl.constexpr, SAFE: tl.constexpr, DOT_F32: tl.constexpr, NS_PAD: tl.constexpr,
-            BLOCK_K: tl.constexpr):
+            BLOCK_K: tl.constexpr, RAW: tl.constexpr):
     """Key row u (group member, `slot` rows after the first one walked) against the query
     tile: base-2 logits [M, BK] (-inf outside each query's column window), the row term
     rt [M] (separate with PICK or SAFE; else inside the logits, by the second dot: -1e30
     raw for queries whose window does not hold row u), in zeros mode with VIRT the log2
     mass vz [M] of the out-of-image column taps of that window row (row term included),
-    and which queries' windows hold row u."""
+    and which queries' windows hold row u. RAW (the fast walk only): the logits stay in raw
+    units (before qk_scale) with the raw column bias as the first dot's accumulator; the
+    caller scales them inside the exp2's FMA."""
     b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)  # [BK, BD]
     if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
         b_k = b_k.to(tl.float32)
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, BD] @ [BD, BK] -> [M, BK]
+    if RAW:  # the raw column bias (-inf outside the window) as the accumulator: no FMA
+        b_s = tl.dot(b_q, tl.trans(b_k), b_bias, input_precision="ieee")
+    else:  # [M, BD] @ [BD, BK] -> [M, BK]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
     a = u - st  # window row of key row u, per query
     m_live = (a >= 0) & (a < KH) & m_q
     if PICK or SAFE:  # (SAFE: an inf in b_qrow would spread NaN over the row by the dot)
-        b_s = b_s * qk_scale + b_bias
+        if RAW:
+            b_s = b_s * qk_scale
+        else:
+            b_s = b_s * qk_scale + b_bias
         if HAS_REL:
             rt = _pick(b_rt, o_e, u + ebase)
         else:
@@ -113,7 +121,8 @@ def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, b_zo, o_e, t, st, ebase, m_q, m_
         m_sel = tl.broadcast_to((o_s == slot)[:, None], (b_qrow.shape[1], BLOCK_K))
         b_sel = tl.where(m_sel, 1.0, 0.0).to(b_qrow.dtype)  # [S, BK]
         b_s = tl.dot(b_qrow, b_sel, b_s, input_precision="ieee")  # [M, S] @ [S, BK] + S
-        b_s = b_s * qk_scale + b_bias
+        if not RAW:
+            b_s = b_s * qk_scale + b_bias
         rt = tl.zeros_like(qk_scale + a.to(tl.float32))
     if HAS_RPB:  # rpb[n, (y - i)/dh + kh - 1, (x - j)/dw + kw - 1]
         m_rpb = m_win & m_live[:, None]
@@ -148,7 +157,7 @@ def _rows_fwd_kernel(
     BLOCK_D: tl.constexpr, CLIP: tl.constexpr, SPARE: tl.constexpr, NS_PAD: tl.constexpr, SPLIT: tl.constexpr,
     INTERP: tl.constexpr,
     E_PAD: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr, OFF_I64: tl.constexpr,
-    KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr,
+    KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr, RAW: tl.constexpr,
 ):
     ZEROS: tl.constexpr = PADDING == 0
     SHIFT: tl.constexpr = PADDING == 2
@@ -248,6 +257,7 @@ def _rows_fwd_kernel(
     b_rt = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)  # row term per rel_h row
     b_rtraw = b_rt
     b_cf = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)  # column term per rel_w row
+    b_cfraw = b_cf
     if HAS_REL:
         if SHIFT:
             n_rows_h = 2 * KH - 1
@@ -269,7 +279,8 @@ def _rows_fwd_kernel(
             b_tw = b_tw.to(b_q.dtype)
         b_rtraw = tl.dot(b_qr, b_th, input_precision="ieee")  # [M, BD] @ [BD, E]
         b_rt = b_rtraw * qk_scale
-        b_cf = tl.dot(b_qr, b_tw, input_precision="ieee") * qk_scale  # [M, BD] @ [BD, E]
+        b_cfraw = tl.dot(b_qr, b_tw, input_precision="ieee")  # [M, BD] @ [BD, E]
+        b_cf = b_cfraw * qk_scale
 
     # Row term and liveness of each key row walked, raw units (before qk_scale): column
     # s of b_qrow is for key member u_lo + s; -1e30 where the query's window misses it.
@@ -292,14 +303,18 @@ def _rows_fwd_kernel(
     else:
         b_qrow = b_g
 
-    # BIAS [M, BK]: column term of each window tap, -inf outside the window.
+    # BIAS [M, BK]: column term of each window tap, -inf outside the window (RAW: in raw
+    # units, before qk_scale).
     b_bias = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     if HAS_REL:
         if SHIFT:
             o_col = off_x[:, None] + o_tap + KW - 1
         else:
             o_col = o_tap
-        b_bias = tl.gather(b_cf, tl.minimum(o_col, E_PAD - 1), axis=1)
+        if RAW:
+            b_bias = tl.gather(b_cfraw, tl.minimum(o_col, E_PAD - 1), axis=1)
+        else:
+            b_bias = tl.gather(b_cf, tl.minimum(o_col, E_PAD - 1), axis=1)
     b_bias = tl.where(m_win, b_bias, float("-inf"))
     # Zeros mode: log2 mass of a window row's out-of-image column taps (b_zo) and of all
     # its taps (b_za), per query: [M] vectors from the column terms (zeros/mask: rel_w
@@ -339,7 +354,10 @@ def _rows_fwd_kernel(
                 b_zo = zo_m + tl.log2(tl.sum(tl.exp2(b_co - zo_m[:, None]), axis=1))
     if SPARE:
         m_spare = (tl.arange(0, BLOCK_K) == BLOCK_K - 1)[None, :] & m_q[:, None]
-        b_bias = tl.where(m_spare, b_zo[:, None], b_bias)
+        if RAW:
+            b_bias = tl.where(m_spare, (b_zo * (1.0 / qk_scale))[:, None], b_bias)
+        else:
+            b_bias = tl.where(m_spare, b_zo[:, None], b_bias)
     if HAS_RPB:
         b_zot = b_zo_t
     else:
@@ -376,12 +394,17 @@ def _rows_fwd_kernel(
         b_s, rt, vz, m_live = _logits(
             u, b_q, b_bias, b_rt, b_qrow, u - u_lo, b_zot, o_e, t, st, ebase, m_q, m_win, p_k0,
             o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT,
-            PICK, False, DOT_F32, NS_PAD, BLOCK_K)
-        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
-        if PICK:
-            b_m_new = tl.maximum(b_m_new, vz)
-        b_alpha = tl.exp2(b_m - b_m_new)
-        b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])  # [M, BK]; 0 where rt = -inf
+            PICK, False, DOT_F32, NS_PAD, BLOCK_K, RAW)
+        if RAW:  # raw logits: scaled by the exp2's FMA (qk_scale > 0)
+            b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) * qk_scale)
+            b_alpha = tl.exp2(b_m - b_m_new)
+            b_p = tl.exp2(b_s * qk_scale - b_m_new[:, None])
+        else:
+            b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
+            if PICK:
+                b_m_new = tl.maximum(b_m_new, vz)
+            b_alpha = tl.exp2(b_m - b_m_new)
+            b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])  # [M, BK]; 0 where rt = -inf
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
         if PICK:
             b_l += tl.exp2(vz - b_m_new)
@@ -414,7 +437,7 @@ def _rows_fwd_kernel(
             b_s, rt, vz, m_live = _logits(
                 u, b_q, b_bias, b_rt, b_qrow, u - u_lo, b_zot, o_e, t, st, ebase, m_q, m_win,
                 p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL,
-                HAS_RPB, VIRT, PICK, True, DOT_F32, NS_PAD, BLOCK_K)
+                HAS_RPB, VIRT, PICK, True, DOT_F32, NS_PAD, BLOCK_K, RAW)
             b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
             if VIRT:
                 b_m_new = tl.maximum(b_m_new, vz)
@@ -608,6 +631,13 @@ def supports(q_shape, dtype, args) -> bool:
     return bool(_candidates(q_shape, args, False))
 
 
+def raw_logits(args, pick: bool) -> bool:
+    """Whether the fast walk keeps its logits in raw units (the column bias as the dot's
+    accumulator, qk_scale applied by the exp2's FMA): needs 1e-30 < scale < 1e30 (the
+    max commutes with the scaling), no rpb and no per-row zero-tap mass (PICK)."""
+    return args.rpb is None and not pick and 1e-30 < args.scale < 1e30
+
+
 def _offsets_fit_i32(tensors, halo: int) -> bool:
     """Whether every element offset the kernel forms (halo columns, which may lie left of
     or past the image, included) stays below 2**31 in every tensor: then all offset
@@ -643,6 +673,9 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
     dummy = q  # never read when the flag is off
     n_jb, n_tb = triton.cdiv(W, bw), triton.cdiv(triton.cdiv(H, args.dh), bm // bw)
     grid = (B * args.dh * n_tb * n_jb * heads,)
+    spare = (clip and args.padding == "zeros" and rpb is None
+             and clipped_span(tuple(q.shape), args, bw) < bk)
+    pick = clip and args.padding == "zeros" and not spare
     rel_f32 = rel_h is not None and (q.dtype == torch.float32 or rel_h.dtype == torch.float32
                                      or rel_w.dtype == torch.float32)
     _rows_fwd_kernel[grid](
@@ -656,8 +689,7 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None, REL_F32=rel_f32,
         BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d), CLIP=clip,
-        SPARE=clip and args.padding == "zeros" and rpb is None
-        and clipped_span(tuple(q.shape), args, bw) < bk,
+        SPARE=spare,
         NS_PAD=_ns_pad(bm, bw, args.kh, triton.cdiv(H, args.dh)),
         SPLIT=q.dtype != torch.float32, INTERP=INTERPRETED,
         E_PAD=_e_pad(args),
@@ -665,6 +697,7 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         ROW_I64=not row_offsets_fit_i32((q, k, v, out), W + bk, d),
         OFF_I64=not _offsets_fit_i32((q, k, v, out, lse), bk),
         KV_SAME_STRIDES=k.stride() == v.stride(), EVEN_D=d == head_block(d),
+        RAW=raw_logits(args, pick),
         **launch_options(config),
     )
     return out, lse

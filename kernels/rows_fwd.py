@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .common import (
     INTERPRETED,
@@ -374,16 +375,21 @@ def _rows_fwd_kernel(
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     if ZEROS:
         if (t0 - KH // 2 < 0) | (t_last + KH // 2 >= L):
-            if not HAS_RPB:  # log2 mass of every tap of a window row
-                b_ca = tl.where(m_tap, b_cf, float("-inf"))
-                za_m = tl.max(b_ca, axis=1)
-                za = za_m + tl.log2(tl.sum(tl.exp2(b_ca - za_m[:, None]), axis=1))
-                b_za = za[:, None] + tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
             u_a = t[:, None] + o_e[None, :] - KH // 2  # member of window row a
             m_rowout = ((u_a < 0) | (u_a >= L)) & (o_e < KH)[None, :] & m_q[:, None]
-            b_vo = tl.where(m_rowout, b_rt + b_za, float("-inf"))  # [M, E]
-            b_m = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
-            b_l = tl.sum(tl.exp2(b_vo - b_m[:, None]), axis=1)
+            if HAS_RPB:
+                b_vo = tl.where(m_rowout, b_rt + b_za, float("-inf"))  # [M, E]
+                b_m = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
+                b_l = tl.sum(tl.exp2(b_vo - b_m[:, None]), axis=1)
+            else:  # mass = (sum over rows of 2^row term) x (sum over taps of 2^column
+                # term): two max-shifted sums, no log2
+                b_ca = tl.where(m_tap, b_cf, float("-inf"))
+                za_m = tl.max(b_ca, axis=1)
+                b_vo = tl.where(m_rowout, b_rt, float("-inf"))  # [M, E]
+                b_rm = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
+                b_m = b_rm + za_m
+                b_l = (tl.sum(tl.exp2(b_vo - b_rm[:, None]), axis=1)
+                       * tl.sum(tl.exp2(b_ca - za_m[:, None]), axis=1))
     b_m0 = b_m
     b_l0 = b_l
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -465,7 +471,10 @@ def _rows_fwd_kernel(
     p_o = (o_ptr + b64 * so_b + n64 * so_n + (i64 * so_h + j64 * so_w)[:, None]
            + o_d[None, :] * so_d)
     tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
-    b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
+    if INTERP:  # (the interpreter has no libdevice)
+        b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
+    else:  # lg2.approx (rel. error ~1e-7; b_l >= 1): not libdevice's polynomial log2
+        b_lse = (b_m + libdevice.fast_log2f(b_l)) * 0.6931471805599453
     p_l = lse_ptr + b64 * sl_b + n64 * sl_n + i64 * sl_h + j64 * sl_w
     tl.store(p_l, b_lse, mask=m_q)
 

@@ -393,6 +393,9 @@ def _rows_fwd_kernel(
     b_m0 = b_m
     b_l0 = b_l
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # The softmax sums of the fast walk per score-tile element (no row reduction per key
+    # row; one after the walk); the start mass sits in column 0. (PICK: per query.)
+    b_lt = tl.where((tl.arange(0, BLOCK_K) == 0)[None, :], b_l[:, None], 0.0)
     for u in range(u_lo, u_hi):
         y64 = g + u * dil_h
         if OFF_I64:
@@ -411,9 +414,10 @@ def _rows_fwd_kernel(
                 b_m_new = tl.maximum(b_m_new, vz)
             b_alpha = tl.exp2(b_m - b_m_new)
             b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])  # [M, BK]; 0 where rt = -inf
-        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
         if PICK:
-            b_l += tl.exp2(vz - b_m_new)
+            b_l = b_l * b_alpha + tl.sum(b_p, axis=1) + tl.exp2(vz - b_m_new)
+        else:
+            b_lt = b_lt * b_alpha[:, None] + b_p
         b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
         b_pl = b_p.to(v_ptr.dtype.element_ty)
         if DOT_F32:
@@ -422,6 +426,8 @@ def _rows_fwd_kernel(
         # [M, BK] @ [BK, BD] -> [M, BD]
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
         b_m = b_m_new
+    if not PICK:
+        b_l = tl.sum(b_lt, axis=1)
 
     # Rare slow pass: a non-finite value reached acc or l (a NaN/inf k or v possibly
     # outside the window, spread by the -inf additions or by 0 * NaN in P V): recompute

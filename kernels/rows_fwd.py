@@ -40,6 +40,7 @@ Saves lse = ln(sum exp(logit)) per query (float32) for the backward.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -83,7 +84,8 @@ def _pick(b_tab, o_e, e):
 
 
 @triton.jit
-def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, b_zo, o_e, t, st, ebase, m_q, m_win, p_k0,
+def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, p_sel, o_sel, b_zo, o_e, t, st, ebase, m_q,
+            m_win, p_k0,
             o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH: tl.constexpr,
             HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, VIRT: tl.constexpr,
             PICK: tl.constexpr, SAFE: tl.constexpr, DOT_F32: tl.constexpr, NS_PAD: tl.constexpr,
@@ -116,12 +118,10 @@ def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, b_zo, o_e, t, st, ebase, m_q, m_
             rt = tl.zeros_like(qk_scale + a.to(tl.float32))
         rt = tl.where(m_live, rt, float("-inf"))
     else:  # row term (raw units) of row u: column `slot` of b_qrow, by a one-hot dot
-        o_s = tl.arange(0, b_qrow.shape[1])
-        if b_qrow.shape[1] > NS_PAD:  # hi/lo pairs
-            o_s = o_s // 2
-        m_sel = tl.broadcast_to((o_s == slot)[:, None], (b_qrow.shape[1], BLOCK_K))
-        b_sel = tl.where(m_sel, 1.0, 0.0).to(b_qrow.dtype)  # [S, BK]
-        b_s = tl.dot(b_qrow, b_sel, b_s, input_precision="ieee")  # [M, S] @ [S, BK] + S
+        # the one-hot of slot `slot` per key column, [BK, S]: row `slot` of a constant
+        # table (every column reads the same row: vector loads and stores, no selects)
+        b_sel = tl.load(p_sel + slot * b_qrow.shape[1] + o_sel).to(b_qrow.dtype)
+        b_s = tl.dot(b_qrow, tl.trans(b_sel), b_s, input_precision="ieee")  # [M, S] @ [S, BK]
         if not RAW:
             b_s = b_s * qk_scale + b_bias
         rt = tl.zeros_like(qk_scale + a.to(tl.float32))
@@ -143,7 +143,7 @@ def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, b_zo, o_e, t, st, ebase, m_q, m_
 
 @triton.jit
 def _rows_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr, sel_ptr,
     H, W, HEADS, D, D_HALF, N_JB, N_TB,
     sq_b, sq_h, sq_w, sq_n, sq_d,
     sk_b, sk_h, sk_w, sk_n, sk_d,
@@ -303,6 +303,9 @@ def _rows_fwd_kernel(
             b_qrow = b_qrow.to(tl.float32)
     else:
         b_qrow = b_g
+    # offsets of the one-hot rows (sel_ptr: [NS_PAD, S] table, row s = slot s of b_qrow's
+    # columns), the same row for each key column
+    o_sel = (tl.arange(0, BLOCK_K) * 0)[:, None] + tl.arange(0, b_qrow.shape[1])[None, :]
 
     # BIAS [M, BK]: column term of each window tap, -inf outside the window (RAW: in raw
     # units, before qk_scale).
@@ -401,7 +404,8 @@ def _rows_fwd_kernel(
         if OFF_I64:
             y64 = y64.to(tl.int64)
         b_s, rt, vz, m_live = _logits(
-            u, b_q, b_bias, b_rt, b_qrow, u - u_lo, b_zot, o_e, t, st, ebase, m_q, m_win, p_k0,
+            u, b_q, b_bias, b_rt, b_qrow, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st, ebase,
+            m_q, m_win, p_k0,
             o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT,
             PICK, False, DOT_F32, NS_PAD, BLOCK_K, RAW)
         if RAW:  # raw logits: scaled by the exp2's FMA (qk_scale > 0)
@@ -447,7 +451,8 @@ def _rows_fwd_kernel(
             if OFF_I64:
                 y64 = y64.to(tl.int64)
             b_s, rt, vz, m_live = _logits(
-                u, b_q, b_bias, b_rt, b_qrow, u - u_lo, b_zot, o_e, t, st, ebase, m_q, m_win,
+                u, b_q, b_bias, b_rt, b_qrow, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st,
+                ebase, m_q, m_win,
                 p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL,
                 HAS_RPB, VIRT, PICK, True, DOT_F32, NS_PAD, BLOCK_K, RAW)
             b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
@@ -646,6 +651,26 @@ def supports(q_shape, dtype, args) -> bool:
     return bool(_candidates(q_shape, args, False))
 
 
+_ONE_HOT: dict = {}
+
+
+def one_hot_rows(device, ns_pad: int, split: bool) -> torch.Tensor:
+    """The row-term one-hots as a [NS_PAD, S] table (cached per device): row s is 1 at
+    the columns of slot s of b_qrow (its bf16 hi/lo pair with split, else column s)."""
+    key = (str(device), ns_pad, split)
+    table = _ONE_HOT.get(key)
+    if table is None:  # built on the host (no device kernels), copied once
+        per = 2 if split else 1
+        rows = np.arange(ns_pad * per)[None, :] // per == np.arange(ns_pad)[:, None]
+        if split:  # bfloat16 1.0 is 0x3f80: the bits, viewed (numpy has no bfloat16)
+            table = torch.from_numpy(rows.astype(np.int16) * 0x3F80).view(torch.bfloat16)
+        else:
+            table = torch.from_numpy(rows.astype(np.float32))
+        table = table.to(device)
+        _ONE_HOT[key] = table
+    return table
+
+
 def raw_logits(args, pick: bool) -> bool:
     """Whether the fast walk keeps its logits in raw units (the column bias as the dot's
     accumulator, qk_scale applied by the exp2's FMA): needs 1e-30 < scale < 1e30 (the
@@ -688,6 +713,8 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
     dummy = q  # never read when the flag is off
     n_jb, n_tb = triton.cdiv(W, bw), triton.cdiv(triton.cdiv(H, args.dh), bm // bw)
     grid = (B * args.dh * n_tb * n_jb * heads,)
+    ns_pad = _ns_pad(bm, bw, args.kh, triton.cdiv(H, args.dh))
+    split = q.dtype != torch.float32
     spare = (clip and args.padding == "zeros" and rpb is None
              and clipped_span(tuple(q.shape), args, bw) < bk)
     pick = clip and args.padding == "zeros" and not spare
@@ -696,7 +723,7 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
     _rows_fwd_kernel[grid](
         q, k, v, out, lse,
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
-        dummy if rpb is None else rpb,
+        dummy if rpb is None else rpb, one_hot_rows(q.device, ns_pad, split),
         H, W, heads, d, d // 2, n_jb, n_tb,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
@@ -705,8 +732,7 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None, REL_F32=rel_f32,
         BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d), CLIP=clip,
         SPARE=spare,
-        NS_PAD=_ns_pad(bm, bw, args.kh, triton.cdiv(H, args.dh)),
-        SPLIT=q.dtype != torch.float32, INTERP=INTERPRETED,
+        NS_PAD=ns_pad, SPLIT=split, INTERP=INTERPRETED,
         E_PAD=_e_pad(args),
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
         ROW_I64=not row_offsets_fit_i32((q, k, v, out), W + bk, d),

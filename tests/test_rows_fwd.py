@@ -97,6 +97,15 @@ def test_zero_taps_with_rpb_and_per_head_rel(rpb):
         _run(case, torch.bfloat16, config=config)
 
 
+@pytest.mark.parametrize("scale", [-0.6, 0.0, 0.7])
+def test_raw_and_scaled_walks(scale):
+    """The fast walk keeps raw logits (RAW) only for a positive scale, where the row max
+    commutes with the scaling; a negative or zero scale takes the scaled walk."""
+    case = Case(B=1, H=9, W=11, heads=2, d=16, k=5, rel="shared", scale=scale)
+    assert rows_fwd.raw_logits(_args_of(case), False) == (scale > 0)
+    _run(case, torch.bfloat16, config=dict(BLOCK_M=32, BLOCK_W=8, num_warps=1, num_stages=1))
+
+
 def test_64bit_offsets(monkeypatch):
     """The int64 offset path (taken for tensors past 2**31 elements) on a small case."""
     monkeypatch.setattr(rows_fwd, "_offsets_fit_i32", lambda tensors, halo: False)

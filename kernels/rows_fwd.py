@@ -159,6 +159,7 @@ def _rows_fwd_kernel(
     INTERP: tl.constexpr,
     E_PAD: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr, OFF_I64: tl.constexpr,
     KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr, RAW: tl.constexpr,
+    Q_SIGN: tl.constexpr,
 ):
     ZEROS: tl.constexpr = PADDING == 0
     SHIFT: tl.constexpr = PADDING == 2
@@ -224,6 +225,13 @@ def _rows_fwd_kernel(
     p_q = (q_ptr + b64 * sq_b + n64 * sq_n + i64[:, None] * sq_h
            + (j64 * sq_w)[:, None] + o_d[None, :] * sq_d)
     b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [M, BD]
+    # scale * q . (k + r) with qk_scale = |scale| * log2(e): q negated for a negative
+    # scale, zeroed for scale 0 (qk_scale = log2(e) then), so that qk_scale > 0 and the
+    # -1e30 row-term marker stays the most negative logit
+    if Q_SIGN < 0:  # through float32 (exact): the interpreter negates bfloat16 wrongly
+        b_q = (0.0 - b_q.to(tl.float32)).to(b_q.dtype)
+    elif Q_SIGN == 0:
+        b_q = tl.zeros_like(b_q)
     if DOT_F32:
         b_q = b_q.to(tl.float32)
     p_k0 = k_ptr + b64 * sk_b + n64 * sk_n
@@ -673,9 +681,10 @@ def one_hot_rows(device, ns_pad: int, split: bool) -> torch.Tensor:
 
 def raw_logits(args, pick: bool) -> bool:
     """Whether the fast walk keeps its logits in raw units (the column bias as the dot's
-    accumulator, qk_scale applied by the exp2's FMA): needs 1e-30 < scale < 1e30 (the
-    max commutes with the scaling), no rpb and no per-row zero-tap mass (PICK)."""
-    return args.rpb is None and not pick and 1e-30 < args.scale < 1e30
+    accumulator, qk_scale = |scale| log2(e) applied by the exp2's FMA, q negated for a
+    negative scale): needs 1e-30 < |scale| < 1e30, no rpb and no per-row zero-tap mass
+    (PICK)."""
+    return args.rpb is None and not pick and 1e-30 < abs(args.scale) < 1e30
 
 
 def _offsets_fit_i32(tensors, halo: int) -> bool:
@@ -727,7 +736,7 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         H, W, heads, d, d // 2, n_jb, n_tb,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         *bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb),
-        args.dh, args.dw, args.scale * LOG2E.value,
+        args.dh, args.dw, (abs(args.scale) if args.scale != 0 else 1.0) * LOG2E.value,
         KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
         HAS_REL=rel_h is not None, HAS_RPB=rpb is not None, REL_F32=rel_f32,
         BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d), CLIP=clip,
@@ -738,7 +747,7 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         ROW_I64=not row_offsets_fit_i32((q, k, v, out), W + bk, d),
         OFF_I64=not _offsets_fit_i32((q, k, v, out, lse), bk),
         KV_SAME_STRIDES=k.stride() == v.stride(), EVEN_D=d == head_block(d),
-        RAW=raw_logits(args, pick),
+        RAW=raw_logits(args, pick), Q_SIGN=(args.scale > 0) - (args.scale < 0),
         **launch_options(config),
     )
     return out, lse

@@ -10,17 +10,23 @@ With dilation dh the rows are ROWS consecutive members of one dilation group
 What it loads: q once ([BLOCK_M, BLOCK_D]), the rel tables once, then each k/v image row
 the tile's windows cover (ROWS + kh - 1 at most) ONCE, columns [x0, x0 + BLOCK_K) of it,
 and uses that row for every query row whose window holds it:
-    S  = Q K^T + Qrow E_u                  tl.dot x 2: [M, D] @ [D, BK], [M, 2NS] @ [2NS, BK]
-    logits = S * scale*log2(e) + BIAS       one FMA per element
-    online softmax in base 2; acc += P V   tl.dot, [M, BK] @ [BK, D]
+    S = BIAS + Q K^T + Qrow E_u            tl.dot x 2 (BIAS the first one's accumulator):
+                                           [M, D] @ [D, BK], [M, 2NS] @ [2NS, BK]
+    online softmax in base 2 on S * scale*log2(e) (the scale inside the exp2's FMA);
+    acc += P V                             tl.dot, [M, BK] @ [BK, D]
+  (raw logits, "RAW": a nonzero scale and no rpb or PICK; q is negated for a negative
+  scale and zeroed for scale 0, so the scale applied is positive. Otherwise the logits
+  are scaled first and BIAS added in base-2 units.) The softmax sums stay per score-tile
+  element during the walk (one row reduction after it).
 * BIAS [M, BK] (built once): the column rel term q[d/2:] . rel_w[c] of each query's
   window taps (one tl.dot q @ rel_w^T, then tl.gather), -inf outside the window. It is
   the same for every key row: a query's column pattern is the same in each window row.
 * Qrow [M, NS] (built once): the row term q[:d/2] . rel_h[row] of key row slot s for each
   query (one tl.dot q @ rel_h^T, then tl.gather), -1e30 where the query's window does not
-  hold that key row. E_u is the one-hot [NS, BK] of the current slot, so the second dot
-  adds the row term and the window-row mask to the logits on the tensor cores. 16-bit
-  inputs: Qrow is a bf16 (hi, lo) pair per slot (float32-exact sum).
+  hold that key row. E_u is the one-hot [NS, BK] of the current slot (read from a small
+  constant table, `one_hot_rows`), so the second dot adds the row term and the
+  window-row mask to the logits on the tensor cores. 16-bit inputs: Qrow is a bf16
+  (hi, lo) pair per slot (float32-exact sum).
 * rpb (off in the standard suite): gathered per key row ([M, BK] loads, L1-resident).
 
 Zeros padding: out-of-image taps are zero keys and values whose logit is the rel/rpb part
@@ -29,7 +35,8 @@ loads, their bias kept) when the unclipped halo fits BLOCK_K; otherwise the tile
 clipped to the image and their log2 mass per window row (a log-sum-exp of column terms)
 sits in a spare last column of the tile as a zero key with that bias (SPARE), or, with
 rpb or no spare column, is added per key row beside the tile (PICK). Whole out-of-image
-rows (tiles at the top or bottom) start the softmax state once, before the walk.
+rows (tiles at the top or bottom) start the softmax state once, before the walk (their
+mass: the sum over those rows of 2^row term times the sum over taps of 2^column term).
 
 Non-finite inputs: the fast walk masks by -inf and -1e30 additions only, so a NaN/inf k
 or v outside a query's window may reach its accumulator; then a slow pass (a loop of 0
@@ -75,6 +82,16 @@ def _rel_table(p_rel, srel_r, srel_d, o_d, d_lo, d_hi, rows,
     m = ((o_d >= d_lo) & (o_d < d_hi))[:, None] & (o_e < rows)[None, :]
     p = p_rel + o_e[None, :] * srel_r + (o_d - d_lo)[:, None] * srel_d
     return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _log2(x, INTERP: tl.constexpr):
+    """log2 of positive x by lg2.approx (abs. error ~2^-22), not libdevice's polynomial
+    (the interpreter has no libdevice: tl.log2 there)."""
+    if INTERP:
+        return tl.log2(x)
+    else:
+        return libdevice.fast_log2f(x)
 
 
 @triton.jit
@@ -363,7 +380,7 @@ def _rows_fwd_kernel(
             if VIRT:
                 b_co = tl.where(m_xout, b_cf, float("-inf"))
                 zo_m = tl.maximum(tl.max(b_co, axis=1), -1.0e30)
-                b_zo = zo_m + tl.log2(tl.sum(tl.exp2(b_co - zo_m[:, None]), axis=1))
+                b_zo = zo_m + _log2(tl.sum(tl.exp2(b_co - zo_m[:, None]), axis=1), INTERP)
     if SPARE:
         m_spare = (tl.arange(0, BLOCK_K) == BLOCK_K - 1)[None, :] & m_q[:, None]
         if RAW:
@@ -490,10 +507,7 @@ def _rows_fwd_kernel(
     p_o = (o_ptr + b64 * so_b + n64 * so_n + (i64 * so_h + j64 * so_w)[:, None]
            + o_d[None, :] * so_d)
     tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
-    if INTERP:  # (the interpreter has no libdevice)
-        b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
-    else:  # lg2.approx (rel. error ~1e-7; b_l >= 1): not libdevice's polynomial log2
-        b_lse = (b_m + libdevice.fast_log2f(b_l)) * 0.6931471805599453
+    b_lse = (b_m + _log2(b_l, INTERP)) * 0.6931471805599453
     p_l = lse_ptr + b64 * sl_b + n64 * sl_n + i64 * sl_h + j64 * sl_w
     tl.store(p_l, b_lse, mask=m_q)
 

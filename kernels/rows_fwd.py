@@ -95,6 +95,16 @@ def _log2(x, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _rcp(x, INTERP: tl.constexpr):
+    """1 / x by div.approx (2 ulp; the softmax sums are far from 2^126), not the
+    denormal-safe division (the interpreter: 1 / x)."""
+    if INTERP:
+        return 1.0 / x
+    else:
+        return libdevice.fast_dividef(tl.full(x.shape, 1.0, tl.float32), x)
+
+
+@triton.jit
 def _pick(b_tab, o_e, e):
     """b_tab[m, e[m]] for each query m ([M, E] table, e out of range: -inf)."""
     return tl.max(tl.where(o_e[None, :] == e[:, None], b_tab, float("-inf")), axis=1)
@@ -502,7 +512,7 @@ def _rows_fwd_kernel(
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
             b_m = b_m_new
         b_acc = tl.where(b_bad > 0, float("nan"), b_acc)
-    b_o = b_acc * (1.0 / b_l)[:, None]
+    b_o = b_acc * _rcp(b_l, INTERP)[:, None]
 
     p_o = (o_ptr + b64 * so_b + n64 * so_n + (i64 * so_h + j64 * so_w)[:, None]
            + o_d[None, :] * so_d)

@@ -10,17 +10,23 @@ With dilation dh the rows are ROWS consecutive members of one dilation group
 What it loads: q once ([BLOCK_M, BLOCK_D]), the rel tables once, then each k/v image row
 the tile's windows cover (ROWS + kh - 1 at most) ONCE, columns [x0, x0 + BLOCK_K) of it,
 and uses that row for every query row whose window holds it:
-    S  = Q K^T + Qrow E_u                  tl.dot x 2: [M, D] @ [D, BK], [M, 2NS] @ [2NS, BK]
-    logits = S * scale*log2(e) + BIAS       one FMA per element
-    online softmax in base 2; acc += P V   tl.dot, [M, BK] @ [BK, D]
+    S = BIAS + Q K^T + Qrow E_u            tl.dot x 2 (BIAS the first one's accumulator):
+                                           [M, D] @ [D, BK], [M, 2NS] @ [2NS, BK]
+    online softmax in base 2 on S * scale*log2(e) (the scale inside the exp2's FMA);
+    acc += P V                             tl.dot, [M, BK] @ [BK, D]
+  (raw logits, "RAW": a nonzero scale and no rpb or PICK; q is negated for a negative
+  scale and zeroed for scale 0, so the scale applied is positive. Otherwise the logits
+  are scaled first and BIAS added in base-2 units.) The softmax sums stay per score-tile
+  element during the walk (one row reduction after it).
 * BIAS [M, BK] (built once): the column rel term q[d/2:] . rel_w[c] of each query's
   window taps (one tl.dot q @ rel_w^T, then tl.gather), -inf outside the window. It is
   the same for every key row: a query's column pattern is the same in each window row.
 * Qrow [M, NS] (built once): the row term q[:d/2] . rel_h[row] of key row slot s for each
   query (one tl.dot q @ rel_h^T, then tl.gather), -1e30 where the query's window does not
-  hold that key row. E_u is the one-hot [NS, BK] of the current slot, so the second dot
-  adds the row term and the window-row mask to the logits on the tensor cores. 16-bit
-  inputs: Qrow is a bf16 (hi, lo) pair per slot (float32-exact sum).
+  hold that key row. E_u is the one-hot [NS, BK] of the current slot (read from a small
+  constant table, `one_hot_rows`), so the second dot adds the row term and the
+  window-row mask to the logits on the tensor cores. 16-bit inputs: Qrow is a bf16
+  (hi, lo) pair per slot (float32-exact sum).
 * rpb (off in the standard suite): gathered per key row ([M, BK] loads, L1-resident).
 
 Zeros padding: out-of-image taps are zero keys and values whose logit is the rel/rpb part
@@ -29,7 +35,8 @@ loads, their bias kept) when the unclipped halo fits BLOCK_K; otherwise the tile
 clipped to the image and their log2 mass per window row (a log-sum-exp of column terms)
 sits in a spare last column of the tile as a zero key with that bias (SPARE), or, with
 rpb or no spare column, is added per key row beside the tile (PICK). Whole out-of-image
-rows (tiles at the top or bottom) start the softmax state once, before the walk.
+rows (tiles at the top or bottom) start the softmax state once, before the walk (their
+mass: the sum over those rows of 2^row term times the sum over taps of 2^column term).
 
 Non-finite inputs: the fast walk masks by -inf and -1e30 additions only, so a NaN/inf k
 or v outside a query's window may reach its accumulator; then a slow pass (a loop of 0
@@ -40,9 +47,11 @@ Saves lse = ln(sum exp(logit)) per query (float32) for the backward.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .common import (
     INTERPRETED,
@@ -85,44 +94,72 @@ def _rel_table(p_rel, srel_r, srel_d, o_d, d_lo, d_hi, rows,
 
 
 @triton.jit
+def _log2(x, INTERP: tl.constexpr):
+    """log2 of positive x by lg2.approx (abs. error ~2^-22), not libdevice's polynomial
+    (the interpreter has no libdevice: tl.log2 there)."""
+    if INTERP:
+        return tl.log2(x)
+    else:
+        return libdevice.fast_log2f(x)
+
+
+@triton.jit
+def _rcp(x, INTERP: tl.constexpr):
+    """1 / x by div.approx (2 ulp; the softmax sums are far from 2^126), not the
+    denormal-safe division (the interpreter: 1 / x)."""
+    if INTERP:
+        return 1.0 / x
+    else:
+        return libdevice.fast_dividef(tl.full(x.shape, 1.0, tl.float32), x)
+
+
+@triton.jit
 def _pick(b_tab, o_e, e):
     """b_tab[m, e[m]] for each query m ([M, E] table, e out of range: -inf)."""
     return tl.max(tl.where(o_e[None, :] == e[:, None], b_tab, float("-inf")), axis=1)
 
 
 @triton.jit
-def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, b_zo, o_e, t, st, ebase, m_q, m_win, p_k0,
+def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, p_sel, o_sel, b_zo, o_e, t, st, ebase, m_q,
+            m_win, p_k0,
             o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH: tl.constexpr,
             HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, VIRT: tl.constexpr,
             PICK: tl.constexpr, SAFE: tl.constexpr, DOT_F32: tl.constexpr, NS_PAD: tl.constexpr,
-            BLOCK_K: tl.constexpr):
+            BLOCK_K: tl.constexpr, RAW: tl.constexpr):
     """Key row u (group member, `slot` rows after the first one walked) against the query
     tile: base-2 logits [M, BK] (-inf outside each query's column window), the row term
     rt [M] (separate with PICK or SAFE; else inside the logits, by the second dot: -1e30
     raw for queries whose window does not hold row u), in zeros mode with VIRT the log2
     mass vz [M] of the out-of-image column taps of that window row (row term included),
-    and which queries' windows hold row u."""
+    and which queries' windows hold row u. RAW (the fast walk only): the logits stay in raw
+    units (before qk_scale) with the raw column bias as the first dot's accumulator; the
+    caller scales them inside the exp2's FMA."""
     b_k = tl.load(p_k0 + y64 * sk_h + o_kx, mask=m_kv, other=0.0)  # [BK, BD]
     if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
         b_k = b_k.to(tl.float32)
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, BD] @ [BD, BK] -> [M, BK]
+    if RAW:  # the raw column bias (-inf outside the window) as the accumulator: no FMA
+        b_s = tl.dot(b_q, tl.trans(b_k), b_bias, input_precision="ieee")
+    else:  # [M, BD] @ [BD, BK] -> [M, BK]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
     a = u - st  # window row of key row u, per query
     m_live = (a >= 0) & (a < KH) & m_q
     if PICK or SAFE:  # (SAFE: an inf in b_qrow would spread NaN over the row by the dot)
-        b_s = b_s * qk_scale + b_bias
+        if RAW:
+            b_s = b_s * qk_scale
+        else:
+            b_s = b_s * qk_scale + b_bias
         if HAS_REL:
             rt = _pick(b_rt, o_e, u + ebase)
         else:
             rt = tl.zeros_like(qk_scale + a.to(tl.float32))
         rt = tl.where(m_live, rt, float("-inf"))
     else:  # row term (raw units) of row u: column `slot` of b_qrow, by a one-hot dot
-        o_s = tl.arange(0, b_qrow.shape[1])
-        if b_qrow.shape[1] > NS_PAD:  # hi/lo pairs
-            o_s = o_s // 2
-        m_sel = tl.broadcast_to((o_s == slot)[:, None], (b_qrow.shape[1], BLOCK_K))
-        b_sel = tl.where(m_sel, 1.0, 0.0).to(b_qrow.dtype)  # [S, BK]
-        b_s = tl.dot(b_qrow, b_sel, b_s, input_precision="ieee")  # [M, S] @ [S, BK] + S
-        b_s = b_s * qk_scale + b_bias
+        # the one-hot of slot `slot` per key column, [BK, S]: row `slot` of a constant
+        # table (every column reads the same row: vector loads and stores, no selects)
+        b_sel = tl.load(p_sel + slot * b_qrow.shape[1] + o_sel).to(b_qrow.dtype)
+        b_s = tl.dot(b_qrow, tl.trans(b_sel), b_s, input_precision="ieee")  # [M, S] @ [S, BK]
+        if not RAW:
+            b_s = b_s * qk_scale + b_bias
         rt = tl.zeros_like(qk_scale + a.to(tl.float32))
     if HAS_RPB:  # rpb[n, (y - i)/dh + kh - 1, (x - j)/dw + kw - 1]
         m_rpb = m_win & m_live[:, None]
@@ -142,7 +179,7 @@ def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, b_zo, o_e, t, st, ebase, m_q, m_
 
 @triton.jit
 def _rows_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr, sel_ptr,
     H, W, HEADS, D, D_HALF, N_JB, N_TB,
     sq_b, sq_h, sq_w, sq_n, sq_d,
     sk_b, sk_h, sk_w, sk_n, sk_d,
@@ -157,7 +194,8 @@ def _rows_fwd_kernel(
     BLOCK_D: tl.constexpr, CLIP: tl.constexpr, SPARE: tl.constexpr, NS_PAD: tl.constexpr, SPLIT: tl.constexpr,
     INTERP: tl.constexpr,
     E_PAD: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr, OFF_I64: tl.constexpr,
-    KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr,
+    KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr, RAW: tl.constexpr,
+    Q_SIGN: tl.constexpr,
 ):
     ZEROS: tl.constexpr = PADDING == 0
     SHIFT: tl.constexpr = PADDING == 2
@@ -223,6 +261,13 @@ def _rows_fwd_kernel(
     p_q = (q_ptr + b64 * sq_b + n64 * sq_n + i64[:, None] * sq_h
            + (j64 * sq_w)[:, None] + o_d[None, :] * sq_d)
     b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [M, BD]
+    # scale * q . (k + r) with qk_scale = |scale| * log2(e): q negated for a negative
+    # scale, zeroed for scale 0 (qk_scale = log2(e) then), so that qk_scale > 0 and the
+    # -1e30 row-term marker stays the most negative logit
+    if Q_SIGN < 0:  # through float32 (exact): the interpreter negates bfloat16 wrongly
+        b_q = (0.0 - b_q.to(tl.float32)).to(b_q.dtype)
+    elif Q_SIGN == 0:
+        b_q = tl.zeros_like(b_q)
     if DOT_F32:
         b_q = b_q.to(tl.float32)
     p_k0 = k_ptr + b64 * sk_b + n64 * sk_n
@@ -257,6 +302,7 @@ def _rows_fwd_kernel(
     b_rt = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)  # row term per rel_h row
     b_rtraw = b_rt
     b_cf = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)  # column term per rel_w row
+    b_cfraw = b_cf
     if HAS_REL:
         if SHIFT:
             n_rows_h = 2 * KH - 1
@@ -278,7 +324,8 @@ def _rows_fwd_kernel(
             b_tw = b_tw.to(b_q.dtype)
         b_rtraw = tl.dot(b_qr, b_th, input_precision="ieee")  # [M, BD] @ [BD, E]
         b_rt = b_rtraw * qk_scale
-        b_cf = tl.dot(b_qr, b_tw, input_precision="ieee") * qk_scale  # [M, BD] @ [BD, E]
+        b_cfraw = tl.dot(b_qr, b_tw, input_precision="ieee")  # [M, BD] @ [BD, E]
+        b_cf = b_cfraw * qk_scale
 
     # Row term and liveness of each key row walked, raw units (before qk_scale): column
     # s of b_qrow is for key member u_lo + s; -1e30 where the query's window misses it.
@@ -300,15 +347,22 @@ def _rows_fwd_kernel(
             b_qrow = b_qrow.to(tl.float32)
     else:
         b_qrow = b_g
+    # offsets of the one-hot rows (sel_ptr: [NS_PAD, S] table, row s = slot s of b_qrow's
+    # columns), the same row for each key column
+    o_sel = (tl.arange(0, BLOCK_K) * 0)[:, None] + tl.arange(0, b_qrow.shape[1])[None, :]
 
-    # BIAS [M, BK]: column term of each window tap, -inf outside the window.
+    # BIAS [M, BK]: column term of each window tap, -inf outside the window (RAW: in raw
+    # units, before qk_scale).
     b_bias = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     if HAS_REL:
         if SHIFT:
             o_col = off_x[:, None] + o_tap + KW - 1
         else:
             o_col = o_tap
-        b_bias = tl.gather(b_cf, tl.minimum(o_col, E_PAD - 1), axis=1)
+        if RAW:
+            b_bias = tl.gather(b_cfraw, tl.minimum(o_col, E_PAD - 1), axis=1)
+        else:
+            b_bias = tl.gather(b_cf, tl.minimum(o_col, E_PAD - 1), axis=1)
     b_bias = tl.where(m_win, b_bias, float("-inf"))
     # Zeros mode: log2 mass of a window row's out-of-image column taps (b_zo) and of all
     # its taps (b_za), per query: [M] vectors from the column terms (zeros/mask: rel_w
@@ -345,10 +399,13 @@ def _rows_fwd_kernel(
             if VIRT:
                 b_co = tl.where(m_xout, b_cf, float("-inf"))
                 zo_m = tl.maximum(tl.max(b_co, axis=1), -1.0e30)
-                b_zo = zo_m + tl.log2(tl.sum(tl.exp2(b_co - zo_m[:, None]), axis=1))
+                b_zo = zo_m + _log2(tl.sum(tl.exp2(b_co - zo_m[:, None]), axis=1), INTERP)
     if SPARE:
         m_spare = (tl.arange(0, BLOCK_K) == BLOCK_K - 1)[None, :] & m_q[:, None]
-        b_bias = tl.where(m_spare, b_zo[:, None], b_bias)
+        if RAW:
+            b_bias = tl.where(m_spare, (b_zo * (1.0 / qk_scale))[:, None], b_bias)
+        else:
+            b_bias = tl.where(m_spare, b_zo[:, None], b_bias)
     if HAS_RPB:
         b_zot = b_zo_t
     else:
@@ -365,35 +422,50 @@ def _rows_fwd_kernel(
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     if ZEROS:
         if (t0 - KH // 2 < 0) | (t_last + KH // 2 >= L):
-            if not HAS_RPB:  # log2 mass of every tap of a window row
-                b_ca = tl.where(m_tap, b_cf, float("-inf"))
-                za_m = tl.max(b_ca, axis=1)
-                za = za_m + tl.log2(tl.sum(tl.exp2(b_ca - za_m[:, None]), axis=1))
-                b_za = za[:, None] + tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
             u_a = t[:, None] + o_e[None, :] - KH // 2  # member of window row a
             m_rowout = ((u_a < 0) | (u_a >= L)) & (o_e < KH)[None, :] & m_q[:, None]
-            b_vo = tl.where(m_rowout, b_rt + b_za, float("-inf"))  # [M, E]
-            b_m = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
-            b_l = tl.sum(tl.exp2(b_vo - b_m[:, None]), axis=1)
+            if HAS_RPB:
+                b_vo = tl.where(m_rowout, b_rt + b_za, float("-inf"))  # [M, E]
+                b_m = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
+                b_l = tl.sum(tl.exp2(b_vo - b_m[:, None]), axis=1)
+            else:  # mass = (sum over rows of 2^row term) x (sum over taps of 2^column
+                # term): two max-shifted sums, no log2
+                b_ca = tl.where(m_tap, b_cf, float("-inf"))
+                za_m = tl.max(b_ca, axis=1)
+                b_vo = tl.where(m_rowout, b_rt, float("-inf"))  # [M, E]
+                b_rm = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
+                b_m = b_rm + za_m
+                b_l = (tl.sum(tl.exp2(b_vo - b_rm[:, None]), axis=1)
+                       * tl.sum(tl.exp2(b_ca - za_m[:, None]), axis=1))
     b_m0 = b_m
     b_l0 = b_l
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # The softmax sums of the fast walk per score-tile element (no row reduction per key
+    # row; one after the walk); the start mass sits in column 0. (PICK: per query.)
+    b_lt = tl.where((tl.arange(0, BLOCK_K) == 0)[None, :], b_l[:, None], 0.0)
     for u in range(u_lo, u_hi):
         y64 = g + u * dil_h
         if OFF_I64:
             y64 = y64.to(tl.int64)
         b_s, rt, vz, m_live = _logits(
-            u, b_q, b_bias, b_rt, b_qrow, u - u_lo, b_zot, o_e, t, st, ebase, m_q, m_win, p_k0,
+            u, b_q, b_bias, b_rt, b_qrow, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st, ebase,
+            m_q, m_win, p_k0,
             o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT,
-            PICK, False, DOT_F32, NS_PAD, BLOCK_K)
-        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
+            PICK, False, DOT_F32, NS_PAD, BLOCK_K, RAW)
+        if RAW:  # raw logits: scaled by the exp2's FMA (qk_scale > 0)
+            b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) * qk_scale)
+            b_alpha = tl.exp2(b_m - b_m_new)
+            b_p = tl.exp2(b_s * qk_scale - b_m_new[:, None])
+        else:
+            b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
+            if PICK:
+                b_m_new = tl.maximum(b_m_new, vz)
+            b_alpha = tl.exp2(b_m - b_m_new)
+            b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])  # [M, BK]; 0 where rt = -inf
         if PICK:
-            b_m_new = tl.maximum(b_m_new, vz)
-        b_alpha = tl.exp2(b_m - b_m_new)
-        b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])  # [M, BK]; 0 where rt = -inf
-        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        if PICK:
-            b_l += tl.exp2(vz - b_m_new)
+            b_l = b_l * b_alpha + tl.sum(b_p, axis=1) + tl.exp2(vz - b_m_new)
+        else:
+            b_lt = b_lt * b_alpha[:, None] + b_p
         b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
         b_pl = b_p.to(v_ptr.dtype.element_ty)
         if DOT_F32:
@@ -402,6 +474,8 @@ def _rows_fwd_kernel(
         # [M, BK] @ [BK, BD] -> [M, BD]
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
         b_m = b_m_new
+    if not PICK:
+        b_l = tl.sum(b_lt, axis=1)
 
     # Rare slow pass: a non-finite value reached acc or l (a NaN/inf k or v possibly
     # outside the window, spread by the -inf additions or by 0 * NaN in P V): recompute
@@ -421,9 +495,10 @@ def _rows_fwd_kernel(
             if OFF_I64:
                 y64 = y64.to(tl.int64)
             b_s, rt, vz, m_live = _logits(
-                u, b_q, b_bias, b_rt, b_qrow, u - u_lo, b_zot, o_e, t, st, ebase, m_q, m_win,
+                u, b_q, b_bias, b_rt, b_qrow, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st,
+                ebase, m_q, m_win,
                 p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL,
-                HAS_RPB, VIRT, PICK, True, DOT_F32, NS_PAD, BLOCK_K)
+                HAS_RPB, VIRT, PICK, True, DOT_F32, NS_PAD, BLOCK_K, RAW)
             b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
             if VIRT:
                 b_m_new = tl.maximum(b_m_new, vz)
@@ -446,12 +521,12 @@ def _rows_fwd_kernel(
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
             b_m = b_m_new
         b_acc = tl.where(b_bad > 0, float("nan"), b_acc)
-    b_o = b_acc * (1.0 / b_l)[:, None]
+    b_o = b_acc * _rcp(b_l, INTERP)[:, None]
 
     p_o = (o_ptr + b64 * so_b + n64 * so_n + (i64 * so_h + j64 * so_w)[:, None]
            + o_d[None, :] * so_d)
     tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
-    b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
+    b_lse = (b_m + _log2(b_l, INTERP)) * 0.6931471805599453
     p_l = lse_ptr + b64 * sl_b + n64 * sl_n + i64 * sl_h + j64 * sl_w
     tl.store(p_l, b_lse, mask=m_q)
 
@@ -617,6 +692,34 @@ def supports(q_shape, dtype, args) -> bool:
     return bool(_candidates(q_shape, args, False))
 
 
+_ONE_HOT: dict = {}
+
+
+def one_hot_rows(device, ns_pad: int, split: bool) -> torch.Tensor:
+    """The row-term one-hots as a [NS_PAD, S] table (cached per device): row s is 1 at
+    the columns of slot s of b_qrow (its bf16 hi/lo pair with split, else column s)."""
+    key = (str(device), ns_pad, split)
+    table = _ONE_HOT.get(key)
+    if table is None:  # built on the host (no device kernels), copied once
+        per = 2 if split else 1
+        rows = np.arange(ns_pad * per)[None, :] // per == np.arange(ns_pad)[:, None]
+        if split:  # bfloat16 1.0 is 0x3f80: the bits, viewed (numpy has no bfloat16)
+            table = torch.from_numpy(rows.astype(np.int16) * 0x3F80).view(torch.bfloat16)
+        else:
+            table = torch.from_numpy(rows.astype(np.float32))
+        table = table.to(device)
+        _ONE_HOT[key] = table
+    return table
+
+
+def raw_logits(args, pick: bool) -> bool:
+    """Whether the fast walk keeps its logits in raw units (the column bias as the dot's
+    accumulator, qk_scale = |scale| log2(e) applied by the exp2's FMA, q negated for a
+    negative scale): needs 1e-30 < |scale| < 1e30, no rpb and no per-row zero-tap mass
+    (PICK)."""
+    return args.rpb is None and not pick and 1e-30 < abs(args.scale) < 1e30
+
+
 def _offsets_fit_i32(layouts, halo: int) -> bool:
     """Whether every element offset the kernel forms (halo columns, which may lie left of
     or past the image, included) stays below 2**31 in every tensor, given as (shape,
@@ -650,18 +753,20 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
         raise ValueError(f"rows config: BLOCK_M {bm} must be a multiple of the tile width {bw}")
     n_jb, n_tb = triton.cdiv(W, bw), triton.cdiv(triton.cdiv(H, args.dh), bm // bw)
     out_strides, lse_strides = contiguous_strides(q_shape), contiguous_strides(q_shape[:4])
+    spare = (clip and args.padding == "zeros" and args.rpb is None
+             and clipped_span(q_shape, args, bw) < bk)
+    pick = clip and args.padding == "zeros" and not spare
     return launch_plan(
         _PARAMS,
         grid=(B * args.dh * n_tb * n_jb * heads,),
         head=(H, W, heads, d, d // 2, n_jb, n_tb, *strides[0], *strides[1], *strides[2],
               *out_strides, *lse_strides),
-        tail=(args.dh, args.dw, args.scale * LOG2E.value),
+        tail=(args.dh, args.dw, (abs(args.scale) if args.scale != 0 else 1.0) * LOG2E.value),
         flags=dict(
             KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
             HAS_REL=args.rel_h is not None, HAS_RPB=args.rpb is not None, REL_F32=rel_f32,
             BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d), CLIP=clip,
-            SPARE=clip and args.padding == "zeros" and args.rpb is None
-            and clipped_span(q_shape, args, bw) < bk,
+            SPARE=spare,
             NS_PAD=_ns_pad(bm, bw, args.kh, triton.cdiv(H, args.dh)),
             SPLIT=dtype != torch.float32, INTERP=INTERPRETED,
             E_PAD=_e_pad(args),
@@ -671,6 +776,7 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
                 [(q_shape, st) for st in (*strides, out_strides)]
                 + [(q_shape[:4], lse_strides)], bk),
             KV_SAME_STRIDES=strides[1] == strides[2], EVEN_D=d == head_block(d),
+            RAW=raw_logits(args, pick), Q_SIGN=(args.scale > 0) - (args.scale < 0),
             **launch_options(config),
         ),
         layouts=((q_shape[:4], lse_strides),),
@@ -697,6 +803,7 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         q, k, v, out, lse,
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
+        one_hot_rows(q.device, plan.flags["NS_PAD"], plan.flags["SPLIT"]),
         *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )
     return out, lse

@@ -97,6 +97,16 @@ def test_zero_taps_with_rpb_and_per_head_rel(rpb):
         _run(case, torch.bfloat16, config=config)
 
 
+@pytest.mark.parametrize("scale,rpb", [(-0.6, False), (0.0, False), (-0.6, True), (0.0, True)])
+def test_negative_and_zero_scale(scale, rpb):
+    """A negative scale negates q (qk_scale = |scale| log2(e) > 0, so the -1e30 row-term
+    marker stays the lowest logit); scale 0 zeroes q. Raw logits (RAW) for every nonzero
+    scale without rpb, the scaled walk otherwise."""
+    case = Case(B=1, H=9, W=11, heads=1, d=16, k=5, rel="shared", rpb=rpb, scale=scale)
+    assert rows_fwd.raw_logits(_args_of(case), False) == (scale != 0 and not rpb)
+    _run(case, torch.bfloat16, config=dict(BLOCK_M=32, BLOCK_W=8, num_warps=1, num_stages=1))
+
+
 def test_64bit_offsets(monkeypatch):
     """The int64 offset path (taken for tensors past 2**31 elements) on a small case."""
     monkeypatch.setattr(rows_fwd, "_offsets_fit_i32", lambda layouts, halo: False)

@@ -19,7 +19,7 @@ Design notes and predicted costs: docs/tile2d_bwd.md.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -27,8 +27,26 @@ import triton
 from sasa_triton.types import AttendArgs
 
 from . import rows_bwd_query, tile2d_bwd_key, tile2d_bwd_query
-from .common import LOG2E, bias_strides, new_output, next_pow2, vector_width
-from .launch_cache import per_call_key
+from .common import (
+    LOG2E,
+    POISON_OUTPUTS,
+    new_output,
+    new_output_like,
+    next_pow2,
+    pointer_alignment,
+    stride_vector_width,
+    table_strides,
+)
+from .launch_cache import (
+    NO_LAUNCH,
+    LaunchPlan,
+    args_key,
+    config_key,
+    contiguous_strides,
+    launch_plan,
+    per_call_key,
+    plan_cache,
+)
 
 MAX_ROW = 256  # next_pow2(heads) * next_pow2(d) per pixel
 MAX_KW = 15  # window columns are unrolled
@@ -134,14 +152,14 @@ def _check(config, dw: int) -> None:
                              f"{pre}BLOCK_W, and 1 with column dilation")
 
 
-def _image_offsets_fit_i32(tensors, args: AttendArgs) -> bool:
+def _image_strides_fit_i32(q_shape, strides, args: AttendArgs) -> bool:
     """Offsets inside one image, the window's reach past its border included, stay below
-    2**31 for every (B, H, W, heads, d) tensor and the (lse2, delta) buffer: kernels then
-    keep them int32."""
-    _, H, W, heads, d = tensors[0].shape
+    2**31 for every (B, H, W, heads, d) tensor of `strides` and the (lse2, delta) buffer:
+    kernels then keep them int32."""
+    _, H, W, heads, d = q_shape
     aux = (W * heads * 2, heads * 2, 2, 1)
-    for strides in [t.stride()[1:] for t in tensors] + [aux]:
-        s_h, s_w, s_n, s_d = (abs(s) for s in strides)
+    for st in (*(s[1:] for s in strides), aux):
+        s_h, s_w, s_n, s_d = (abs(s) for s in st)
         reach = ((H + args.kh * args.dh) * s_h + (W + args.kw * args.dw) * s_w
                  + heads * s_n + d * s_d)
         if reach >= 2**31:
@@ -149,42 +167,42 @@ def _image_offsets_fit_i32(tensors, args: AttendArgs) -> bool:
     return True
 
 
-def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] = None,
-             _poison: bool = False):
-    """(dq, dk, dv, drel_h, drel_w, drpb); see the module docstring."""
-    B, H, W, heads, d = q.shape
-    kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
-    if not supports(tuple(q.shape), q.dtype, args):
-        raise ValueError(f"tile2dbwd backward does not support q of shape {tuple(q.shape)} "
-                         f"and dtype {q.dtype} with padding {padding!r}")
-    config = default_config(tuple(q.shape), args) if config is None else config
-    _check(config, dw)
-    dev = q.device
-    has_rel, has_rpb = rel_h is not None, rpb is not None
-    dq = new_output(q.shape, q.dtype, dev, _poison)
-    dk = new_output(q.shape, q.dtype, dev, _poison)
-    dv = new_output(q.shape, q.dtype, dev, _poison)
-    drel_h = new_output(rel_h.shape, rel_h.dtype, dev, _poison) if has_rel else None
-    drel_w = new_output(rel_w.shape, rel_w.dtype, dev, _poison) if has_rel else None
-    drpb = new_output(rpb.shape, rpb.dtype, dev, _poison) if has_rpb else None
-    if q.numel() == 0:
-        for g in (dq, dk, dv, drel_h, drel_w, drpb):
-            if g is not None:
-                g.zero_()
-        return dq, dk, dv, drel_h, drel_w, drpb
+class _Plan(NamedTuple):
+    query: LaunchPlan  # the query kernel (NO_LAUNCH: an empty call)
+    reduce: Optional[LaunchPlan]  # the table reduction (None without tables)
+    key: LaunchPlan  # the key kernel
+    sizes: list  # float32 elements of aux, part_h, part_w, part_b in the one buffer
+    # (each rounded up to 16 bytes)
 
+
+def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
+          align: int) -> _Plan:
+    """The three launches of one call key (q, k, v, out, dout and lse strides; `align`:
+    common.pointer_alignment of q, k, v, out, dout, dq, dk and dv); raises for an
+    unsupported call or a bad config."""
+    B, H, W, heads, d = q_shape
+    kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
+    if not supports(q_shape, dtype, args):
+        raise ValueError(f"tile2dbwd backward does not support q of shape {q_shape} "
+                         f"and dtype {dtype} with padding {padding!r}")
+    config = default_config(q_shape, args) if config is None else config
+    _check(config, dw)
+    if B * H * W * heads * d == 0:
+        return _Plan(NO_LAUNCH, None, NO_LAUNCH, [0])
+    has_rel, has_rpb = rel_h is not None, rpb is not None
     block_n, block_d = next_pow2(heads), next_pow2(d)
-    i64 = not _image_offsets_fit_i32((q, k, v, out, dout, dq, dk, dv), args)
+    grad_strides = contiguous_strides(q_shape)  # dq, dk, dv
+    sq, sk, sv, so, sdo, sl = strides
+    i64 = not _image_strides_fit_i32(q_shape, (sq, sk, sv, so, sdo) + (grad_strides,) * 3,
+                                     args)
     d_half = d // 2
-    vec = vector_width((q, k, v, out, dout, dq, dk, dv), block_d)
+    vec = min(align, stride_vector_width([(d, st) for st in (sq, sk, sv, so, sdo)]
+                                         + [(d, grad_strides)] * 3, block_d))
     # a head's channels in one thread (one vector of at most 16 bytes): chained dots
-    chain = vec == block_d and block_d * q.element_size() <= 16
-    common = dict(D=d, D_HALF=d_half, CHAIN=chain, KH=kh, KW=kw, HAS_REL=has_rel,
-                  HAS_RPB=has_rpb, BLOCK_N=block_n, BLOCK_D=block_d, IMG_I64=i64, VEC=vec)
-    dummy = q  # never read when the flag is off
-    tables = (rel_h if has_rel else dummy, rel_w if has_rel else dummy,
-              rpb if has_rpb else dummy)
-    table_strides = (*bias_strides(rel_h), *bias_strides(rel_w), *bias_strides(rpb))
+    chain = vec == block_d and block_d * dtype.itemsize <= 16
+    common = dict(D=d, D_HALF=d_half, KH=kh, KW=kw, HAS_REL=has_rel, HAS_RPB=has_rpb,
+                  BLOCK_N=block_n, BLOCK_D=block_d, IMG_I64=i64, VEC=vec, CHAIN=chain)
+    qk_scale = scale * LOG2E.value
 
     # 1. query kernel
     qbh, qbw = config["Q_BLOCK_H"], config["Q_BLOCK_W"]
@@ -192,52 +210,129 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
     q_tiles = triton.cdiv(H, qbh) * q_tiles_w
     n_prog = B * q_tiles
     n_slots = n_prog * heads
-    aux = new_output((B, H, W, heads, 2), torch.float32, dev, _poison)
-
-    def buffer(*shape) -> torch.Tensor:
-        return new_output(shape, torch.float32, dev, _poison)
-
-    part_h = buffer(kh, n_slots, d_half) if has_rel else aux
-    part_w = buffer(kw, n_slots, d - d_half) if has_rel else aux
-    part_b = buffer(kh, n_slots, kw) if has_rpb else aux
-    tile2d_bwd_query._tile2d_bwd_query_kernel[(n_prog,)](
-        q, k, v, out, dout, lse, *tables, dq, aux, part_h, part_w, part_b,
-        H, W, heads, q_tiles_w, q_tiles, n_slots,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *lse.stride(),
-        *table_strides, *dq.stride(),
-        dh, dw, scale * LOG2E.value, scale,
-        MASK=padding == "mask", K_COL=dw * k.stride(2), V_COL=dw * v.stride(2),
-        BLOCK_H=qbh, TW=qbw // config["Q_PIX"], PIX=config["Q_PIX"],
-        num_warps=config["Q_num_warps"],
-        num_stages=1, **common,
+    query = launch_plan(
+        _QUERY_PARAMS,
+        grid=(n_prog,),
+        head=(H, W, heads, q_tiles_w, q_tiles, n_slots, *sq, *sk, *sv, *so, *sdo, *sl),
+        tail=(*grad_strides, dh, dw, qk_scale, scale),
+        flags=dict(
+            MASK=padding == "mask", K_COL=dw * sk[2], V_COL=dw * sv[2],
+            BLOCK_H=qbh, TW=qbw // config["Q_PIX"], PIX=config["Q_PIX"],
+            num_warps=config["Q_num_warps"], num_stages=1, **common,
+        ),
     )
     # 2. table reduction (rows_bwd_query's, same partial layout)
+    reduce = None
     if has_rel or has_rpb:
         rows = kh + kw + (2 * kh - 1 if has_rpb else 0)
         block_c = next_pow2(max(d - d_half, 2 * kw - 1 if has_rpb else 1))
-        rows_bwd_query._reduce_tables_kernel[(rows, heads)](
-            part_h, part_w, part_b,
-            drel_h if has_rel else aux, drel_w if has_rel else aux, drpb if has_rpb else aux,
-            n_prog, heads, d_half, d - d_half, kh, kw,
-            *bias_strides(drel_h), *bias_strides(drel_w), *bias_strides(drpb),
-            TY=kh, TX=kw, SHIFT=False,
-            RELH_SHARED=has_rel and rel_h.dim() == 2, RELW_SHARED=has_rel and rel_w.dim() == 2,
-            HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_R=max(16, 4096 // block_c),
-            BLOCK_C=block_c, num_warps=4,
+        table_shapes = [  # the gradients: contiguous, shaped like the tables
+            None if t is None else (t.dim() == 3 and (heads,) or ()) + rest
+            for t, rest in ((rel_h, (kh, d_half)), (rel_w, (kw, d - d_half)),
+                            (rpb, (2 * kh - 1, 2 * kw - 1)))]
+        grad_table_strides = ()
+        for shape in table_shapes:
+            st = (0, 0, 0) if shape is None else contiguous_strides(shape)
+            grad_table_strides += (0, *st) if len(st) == 2 else st
+        reduce = launch_plan(
+            _REDUCE_PARAMS,
+            grid=(rows, heads),
+            head=(n_prog, heads, d_half, d - d_half, kh, kw, *grad_table_strides),
+            tail=(),
+            flags=dict(
+                TY=kh, TX=kw, SHIFT=False,
+                RELH_SHARED=has_rel and rel_h.dim() == 2,
+                RELW_SHARED=has_rel and rel_w.dim() == 2,
+                HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_R=max(16, 4096 // block_c),
+                BLOCK_C=block_c, num_warps=4,
+            ),
         )
     # 3. key kernel
     kbh, kbw = config["K_BLOCK_H"], config["K_BLOCK_W"]
     k_tiles_w = triton.cdiv(W, kbw)
     k_tiles = triton.cdiv(H, kbh) * k_tiles_w
-    tile2d_bwd_key._tile2d_bwd_key_kernel[(B * k_tiles,)](
+    key = launch_plan(
+        _KEY_PARAMS,
+        grid=(B * k_tiles,),
+        head=(H, W, heads, k_tiles_w, k_tiles, *sq, *sk, *sv, *sdo),
+        tail=(*grad_strides, *grad_strides, dh, dw, qk_scale, scale),
+        flags=dict(
+            Q_COL=dw * sq[2], DO_COL=dw * sdo[2], AUX_COL=dw * heads * 2,
+            BLOCK_H=kbh, TW=kbw // config["K_PIX"], PIX=config["K_PIX"],
+            num_warps=config["K_num_warps"], num_stages=1, **common,
+        ),
+    )
+    sizes = [B * H * W * heads * 2]
+    if has_rel:
+        sizes += [kh * n_slots * d_half, kw * n_slots * (d - d_half)]
+    if has_rpb:
+        sizes.append(kh * n_slots * kw)
+    # each part starts 16 bytes aligned, as a separate allocation would (Triton
+    # specializes pointers on it)
+    return _Plan(query, reduce, key, [-(-n // 4) * 4 for n in sizes])
+
+
+_plans = plan_cache(_plan)
+# read at import: a recorder may stand in for the kernels later
+_QUERY_PARAMS = tile2d_bwd_query._tile2d_bwd_query_kernel.arg_names
+_REDUCE_PARAMS = rows_bwd_query._REDUCE_PARAMS
+_KEY_PARAMS = tile2d_bwd_key._tile2d_bwd_key_kernel.arg_names
+
+
+def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] = None,
+             _poison: bool = False):
+    """(dq, dk, dv, drel_h, drel_w, drpb); see the module docstring. One plan lookup per
+    call covers the three launches; one float32 buffer holds the (lse2, delta) pairs and
+    the table partials."""
+    rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
+    dq = new_output_like(q, _poison)
+    dk = new_output_like(q, _poison)
+    dv = new_output_like(q, _poison)
+    strides = (q.stride(), k.stride(), v.stride(), out.stride(), dout.stride(), lse.stride())
+    align = pointer_alignment((q, k, v, out, dout, dq, dk, dv))
+    plan = _plans((q.shape, q.dtype, strides, args_key(args), config_key(config), align),
+                  tuple(q.shape), q.dtype, strides, args, config, align)
+    has_rel, has_rpb = rel_h is not None, rpb is not None
+    drel_h = new_output_like(rel_h, _poison) if has_rel else None
+    drel_w = new_output_like(rel_w, _poison) if has_rel else None
+    drpb = new_output_like(rpb, _poison) if has_rpb else None
+    if plan.query.grid is None:
+        for g in (dq, dk, dv, drel_h, drel_w, drpb):
+            if g is not None:
+                g.zero_()
+        return dq, dk, dv, drel_h, drel_w, drpb
+    if _poison or POISON_OUTPUTS:
+        buffer = new_output((sum(plan.sizes),), torch.float32, q.device, True)
+    else:
+        buffer = torch.empty_strided((sum(plan.sizes),), (1,), dtype=torch.float32,
+                                     device=q.device)
+    aux = part_h = part_w = part_b = buffer  # the partials: never read when the flag is off
+    if has_rel or has_rpb:
+        parts = buffer.split_with_sizes(plan.sizes)  # aux, [part_h, part_w], [part_b]
+        aux = parts[0]
+        if has_rel:
+            part_h, part_w = parts[1], parts[2]
+        if has_rpb:
+            part_b = parts[-1]
+    dummy = q  # never read when the flag is off
+    tables = (rel_h if has_rel else dummy, rel_w if has_rel else dummy,
+              rpb if has_rpb else dummy)
+    strides_of_tables = table_strides(rel_h, rel_w, rpb)
+    p = plan.query
+    tile2d_bwd_query._tile2d_bwd_query_kernel[p.grid](
+        q, k, v, out, dout, lse, *tables, dq, aux, part_h, part_w, part_b,
+        *p.head, *strides_of_tables, *p.tail, **p.options,
+    )
+    p = plan.reduce
+    if p is not None:
+        rows_bwd_query._reduce_tables_kernel[p.grid](
+            part_h, part_w, part_b,
+            drel_h if has_rel else aux, drel_w if has_rel else aux, drpb if has_rpb else aux,
+            *p.head, *p.tail, **p.options,
+        )
+    p = plan.key
+    tile2d_bwd_key._tile2d_bwd_key_kernel[p.grid](
         q, k, v, dout, aux, *tables, dk, dv,
-        H, W, heads, k_tiles_w, k_tiles,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *table_strides,
-        *dk.stride(), *dv.stride(),
-        dh, dw, scale * LOG2E.value, scale,
-        Q_COL=dw * q.stride(2), DO_COL=dw * dout.stride(2), AUX_COL=dw * heads * 2,
-        BLOCK_H=kbh, TW=kbw // config["K_PIX"], PIX=config["K_PIX"],
-        num_warps=config["K_num_warps"], num_stages=1,
-        **common,
+        *p.head, *strides_of_tables, *p.tail, **p.options,
     )
     return dq, dk, dv, drel_h, drel_w, drpb

@@ -12,11 +12,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sasa_triton import ops, variants
 from sasa_triton.args import check_attend_args
-from sasa_triton.kernels import launch_cache, rows_bwd, rows_fwd, tile2d_fwd, tiled_fwd
+from sasa_triton.kernels import (
+    launch_cache,
+    rows_bwd,
+    rows_fwd,
+    tile2d_bwd,
+    tile2d_fwd,
+    tiled_fwd,
+)
 from sasa_triton.kernels.common import vector_width
 from sasa_triton.report import host
 
 from cases import Case, make_inputs
+
+BACKWARDS = (rows_bwd, tile2d_bwd)
 
 
 def _describe(x):
@@ -53,9 +62,10 @@ def _perturbed(rng, backward: bool, q, k, v, kw) -> tuple:
     return q, k, v, kw
 
 
-def _random_calls(seed: int, n: int) -> list:
-    """Pairs of calls of the plan-cached launchers that differ in one property only (the
-    second may hit the first one's plan if the key missed it)."""
+def _random_calls(seed: int, n: int,
+                  modules=(rows_fwd, tile2d_fwd, tiled_fwd, rows_bwd)) -> list:
+    """Pairs of calls of the plan-cached launchers `modules` that differ in one property
+    only (the second may hit the first one's plan if the key missed it)."""
     rng = random.Random(seed)
     calls = []
     for _ in range(n):
@@ -65,9 +75,9 @@ def _random_calls(seed: int, n: int) -> list:
                     dilation=rng.choice([1, (1, 2)]),
                     padding=rng.choice(["zeros", "mask", "shift"]),
                     rel=rng.choice([None, "shared", "per_head"]), rpb=rng.random() < 0.5)
-        module = rng.choice([rows_fwd, tile2d_fwd, tiled_fwd, rows_bwd])
+        module = rng.choice(list(modules))
         base = make_inputs(case, dtype, rng.choice(["contiguous", "channels_last"]))
-        for q, k, v, kw in (base, _perturbed(rng, module is rows_bwd, *base)):
+        for q, k, v, kw in (base, _perturbed(rng, module in BACKWARDS, *base)):
             args = check_attend_args(q, k, v, case.k, case.dilation, case.padding,
                                      kw.get("rel_h"), kw.get("rel_w"), kw.get("rpb"),
                                      kw.get("scale"))
@@ -78,13 +88,13 @@ def _random_calls(seed: int, n: int) -> list:
 
 def _launch_all(module, q, k, v, args, dout_strides):
     def call():
-        if module is rows_bwd:
+        if module in BACKWARDS:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
             lse = torch.empty(q.shape[:4])
             dout = torch.empty_like(out)
             if dout_strides:
                 dout = dout.transpose(3, 4).contiguous().transpose(3, 4)
-            rows_bwd.backward(q, k, v, out, lse, dout, args)
+            module.backward(q, k, v, out, lse, dout, args)
         else:
             module.forward(q, k, v, args)
     return call
@@ -92,7 +102,17 @@ def _launch_all(module, q, k, v, args, dout_strides):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cached_plans_launch_what_fresh_plans_launch(seed):
-    calls = _random_calls(seed, 24)
+    _check_cached_plans(_random_calls(seed, 24))
+
+
+def test_cached_tile2dbwd_plans_launch_what_fresh_plans_launch():
+    """The same for the tile2dbwd backward's three launches (one plan per call)."""
+    calls = _random_calls(8, 16, (tile2d_bwd,))  # a seed with a shifted q among them
+    assert len(calls) >= 16  # zeros and mask padding: most calls are supported
+    _check_cached_plans(calls)
+
+
+def _check_cached_plans(calls) -> None:
     with host.stub_launches():
         launch_cache.clear_all()
         shared = [_record(_launch_all(*c)) for c in calls]  # plans accumulate
@@ -120,6 +140,28 @@ def test_tile2d_vector_width_follows_the_pointers():
     assert widths[1] < widths[0] == widths[2]
 
 
+def test_tile2dbwd_vector_width_follows_the_pointers():
+    """Likewise for both tile2dbwd kernels, whose width also follows out, dout and the
+    gradients it allocates."""
+    case = Case(B=1, H=4, W=8, heads=2, d=8, k=3)
+    q, k, v, _ = make_inputs(case, torch.bfloat16)
+    args = check_attend_args(q, k, v, 3, 1, "zeros", None, None, None, None)
+    out, lse, dout = torch.empty_like(q), torch.empty(q.shape[:4]), torch.empty_like(q)
+    shifted = torch.empty(q.numel() + 2, dtype=q.dtype)[2:].view(q.shape)
+    widths = []
+    with host.stub_launches():
+        for query in (q, shifted, q):
+            launches = host._launches(
+                lambda query=query: tile2d_bwd.backward(query, k, v, out, lse, dout, args))
+            assert len(launches) == 2  # no tables: no reduction
+            for fn, values, options in launches:
+                named = dict(zip(fn.arg_names, values), **options)
+                grads = [named[n] for n in ("dq_ptr", "dk_ptr", "dv_ptr") if n in named]
+                assert named["VEC"] == vector_width((query, k, v, out, dout, *grads), 8)
+                widths.append(named["VEC"])
+    assert widths[2] < widths[0] == widths[4] and widths[2] == widths[3]
+
+
 def test_bad_configs_raise_on_every_call():
     """A plan that raises is not stored: the second call with a bad config raises too."""
     q, k, v, _ = make_inputs(Case(B=1, H=4, W=40, heads=2, d=16, k=3), torch.bfloat16)
@@ -143,15 +185,16 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-def test_rowsbwd_allocates_one_float32_buffer():
-    """dq, dk, dv and the three table gradients, plus one float32 buffer for delta and
-    every table partial."""
+@pytest.mark.parametrize("module", BACKWARDS, ids=["rowsbwd", "tile2dbwd"])
+def test_backward_allocates_one_float32_buffer(module):
+    """dq, dk, dv and the three table gradients, plus one float32 buffer for delta (lse2
+    and delta pairs in tile2dbwd) and every table partial."""
     case = Case(B=1, H=5, W=6, heads=2, d=16, k=3, rel="per_head", rpb=True)
     q, k, v, kw = make_inputs(case, torch.bfloat16)
     args = check_attend_args(q, k, v, 3, 1, "zeros", kw["rel_h"], kw["rel_w"], kw["rpb"], None)
     lse = torch.empty(q.shape[:4])
     with host.stub_launches(), _Allocations() as seen:
-        grads = rows_bwd.backward(q, k, v, q, lse, q, args)
+        grads = module.backward(q, k, v, q, lse, q, args)
     assert all(g is not None for g in grads)
     assert sorted(map(str, seen.dtypes)) == sorted(["torch.float32"] + ["torch.bfloat16"] * 6)
 

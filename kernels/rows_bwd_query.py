@@ -817,37 +817,48 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
             **_launch_options(config),
         ),
     )
-    reduce = None
-    if has_rel or has_rpb:
-        rows = ty_n + tx_n + (2 * kh - 1 if has_rpb else 0)
-        block_c = next_pow2(max(d - d_half, 2 * kw - 1 if has_rpb else 1))  # no padding
-        table_shapes = [  # the gradients: contiguous, shaped like the tables
-            (t.dim() == 3 and (heads,) or ()) + rest if t is not None else None
-            for t, rest in ((rel_h, (ty_n, d_half)), (rel_w, (tx_n, d - d_half)),
-                            (rpb, (2 * kh - 1, 2 * kw - 1)))]
-        grad_strides = ()
-        for shape in table_shapes:
-            st = (0, 0, 0) if shape is None else contiguous_strides(shape)
-            grad_strides += (0, *st) if len(st) == 2 else st
-        reduce = launch_plan(
-            _REDUCE_PARAMS,
-            grid=(rows, heads),
-            head=(n_tiles, heads, d_half, d - d_half, kh, kw, *grad_strides),
-            tail=(),
-            flags=dict(
-                TY=ty_n, TX=tx_n, SHIFT=padding == "shift",
-                RELH_SHARED=has_rel and rel_h.dim() == 2,
-                RELW_SHARED=has_rel and rel_w.dim() == 2,
-                HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_R=max(16, 4096 // block_c),
-                BLOCK_C=block_c, num_warps=4,
-            ),
-        )
+    reduce = reduce_plan(args, heads, d, n_tiles, ty_n, tx_n)
     sizes = [B * H * W * heads]
     if has_rel:
         sizes += [ty_n * n_prog * d_half, tx_n * n_prog * (d - d_half)]
     if has_rpb:
         sizes.append(ty_n * n_prog * tx_n)
     return _Plan(grads, reduce, sizes, delta_layout)
+
+
+def reduce_plan(args: AttendArgs, heads: int, d: int, n_tiles: int, ty_n: int,
+                tx_n: int) -> Optional[LaunchPlan]:
+    """The launch plan of `_reduce_tables_kernel` summing `n_tiles` programs' partials of
+    rel_h (ty_n rows), rel_w (tx_n rows) and rpb into gradients shaped like the tables
+    (None without tables); the CUDA-core backward (tile2d_bwd.py) shares it."""
+    kh, kw, rel_h, rel_w, rpb = args.kh, args.kw, args.rel_h, args.rel_w, args.rpb
+    has_rel, has_rpb = rel_h is not None, rpb is not None
+    if not (has_rel or has_rpb):
+        return None
+    d_half = d // 2
+    rows = ty_n + tx_n + (2 * kh - 1 if has_rpb else 0)
+    block_c = next_pow2(max(d - d_half, 2 * kw - 1 if has_rpb else 1))  # no padding
+    table_shapes = [  # the gradients: contiguous, shaped like the tables
+        (t.dim() == 3 and (heads,) or ()) + rest if t is not None else None
+        for t, rest in ((rel_h, (ty_n, d_half)), (rel_w, (tx_n, d - d_half)),
+                        (rpb, (2 * kh - 1, 2 * kw - 1)))]
+    grad_strides = ()
+    for shape in table_shapes:
+        st = (0, 0, 0) if shape is None else contiguous_strides(shape)
+        grad_strides += (0, *st) if len(st) == 2 else st
+    return launch_plan(
+        _REDUCE_PARAMS,
+        grid=(rows, heads),
+        head=(n_tiles, heads, d_half, d - d_half, kh, kw, *grad_strides),
+        tail=(),
+        flags=dict(
+            TY=ty_n, TX=tx_n, SHIFT=args.padding == "shift",
+            RELH_SHARED=has_rel and rel_h.dim() == 2,
+            RELW_SHARED=has_rel and rel_w.dim() == 2,
+            HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_R=max(16, 4096 // block_c),
+            BLOCK_C=block_c, num_warps=4,
+        ),
+    )
 
 
 _plans = plan_cache(_plan)

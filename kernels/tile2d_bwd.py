@@ -222,31 +222,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
         ),
     )
     # 2. table reduction (rows_bwd_query's, same partial layout)
-    reduce = None
-    if has_rel or has_rpb:
-        rows = kh + kw + (2 * kh - 1 if has_rpb else 0)
-        block_c = next_pow2(max(d - d_half, 2 * kw - 1 if has_rpb else 1))
-        table_shapes = [  # the gradients: contiguous, shaped like the tables
-            None if t is None else (t.dim() == 3 and (heads,) or ()) + rest
-            for t, rest in ((rel_h, (kh, d_half)), (rel_w, (kw, d - d_half)),
-                            (rpb, (2 * kh - 1, 2 * kw - 1)))]
-        grad_table_strides = ()
-        for shape in table_shapes:
-            st = (0, 0, 0) if shape is None else contiguous_strides(shape)
-            grad_table_strides += (0, *st) if len(st) == 2 else st
-        reduce = launch_plan(
-            _REDUCE_PARAMS,
-            grid=(rows, heads),
-            head=(n_prog, heads, d_half, d - d_half, kh, kw, *grad_table_strides),
-            tail=(),
-            flags=dict(
-                TY=kh, TX=kw, SHIFT=False,
-                RELH_SHARED=has_rel and rel_h.dim() == 2,
-                RELW_SHARED=has_rel and rel_w.dim() == 2,
-                HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_R=max(16, 4096 // block_c),
-                BLOCK_C=block_c, num_warps=4,
-            ),
-        )
+    reduce = rows_bwd_query.reduce_plan(args, heads, d, n_prog, kh, kw)  # no shift mode here
     # 3. key kernel
     kbh, kbw = config["K_BLOCK_H"], config["K_BLOCK_W"]
     k_tiles_w = triton.cdiv(W, kbw)
@@ -275,7 +251,6 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
 _plans = plan_cache(_plan)
 # read at import: a recorder may stand in for the kernels later
 _QUERY_PARAMS = tile2d_bwd_query._tile2d_bwd_query_kernel.arg_names
-_REDUCE_PARAMS = rows_bwd_query._REDUCE_PARAMS
 _KEY_PARAMS = tile2d_bwd_key._tile2d_bwd_key_kernel.arg_names
 
 

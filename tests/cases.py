@@ -144,3 +144,17 @@ REFERENCE_CASES = [
     Case(d=5, heads=3, k=3, rel="shared", rpb=True),  # odd d: rel_h gets 2, rel_w 3
     Case(H=11, W=10, k=7, padding="shift", dilation=1, rel="shared"),
 ]
+
+
+def oracle_grads(q, k, v, kw, kernel_size, dout):
+    """The float64 oracle's (out, lse, {name: gradient}) for q, k, v and the tables `kw`
+    holds (rel_h, rel_w, rpb), by autograd, for a backward kernel's tests."""
+    from oracle import oracle_attend
+
+    names = [n for n in ("rel_h", "rel_w", "rpb") if kw.get(n) is not None]
+    tensors = (q, k, v, *[kw[n] for n in names])
+    leaves = [t.detach().cpu().double().requires_grad_() for t in tensors]
+    extra = dict(kw, **dict(zip(names, leaves[3:])))
+    out, lse = oracle_attend(*leaves[:3], kernel_size, return_lse=True, **extra)
+    grads = torch.autograd.grad(out, leaves, dout.cpu().double())
+    return out.detach(), lse.detach(), dict(zip(["q", "k", "v", *names], grads))

@@ -1,7 +1,6 @@
 """`attend` through the custom ops: gradcheck, opcheck, backward kernels wired into
 autograd, and torch.compile(fullgraph=True) of modules that call it."""
 import dataclasses
-import importlib
 import json
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 
 import sasa_triton
 import sasa_triton.args
+import sasa_triton.dispatch
 from sasa_triton import ops, variants
 
 from cases import REFERENCE_CASES, Case, assert_close, make_inputs
@@ -21,7 +21,7 @@ TABLES = ("rel_h", "rel_w", "rpb")
 @pytest.fixture
 def triton_bwd_test(monkeypatch):
     """A temporary backend: reference forward + the default backward kernel."""
-    # a forced forward's backward is the default backward kernel ("rowsbwd")
+    # a forced forward's backward is the default backward kernel (dispatch.heuristic_backward)
     variant = dataclasses.replace(variants.get("reference"), name="triton_bwd_test",
                                   backward=None, needs_triton=True)
     monkeypatch.setitem(variants.VARIANTS, "triton_bwd_test", variant)  # restored after
@@ -103,13 +103,14 @@ def test_kernel_backward_through_autograd(case, triton_bwd_test):
 def test_op_passes_the_backward_config(triton_bwd_test, monkeypatch):
     """The bwd_config JSON given to the op reaches the backward kernel as a dict."""
     seen = []
-    module = importlib.import_module("sasa_triton.kernels.rows_bwd")
-    real = module.backward
-    monkeypatch.setattr(module, "backward", lambda *a: seen.append(a[-1]) or real(*a))
     case = Case(B=1, H=4, W=5, heads=2, d=8, k=3, rel="shared")
     q, k, v, kw = make_inputs(case, torch.float32, device=DEVICE, requires_grad=True)
     args = sasa_triton.args.check_attend_args(q, k, v, 3, 1, "zeros", kw["rel_h"], kw["rel_w"],
                                               None, None)
+    name, _ = sasa_triton.dispatch.default_backward(q, args)  # what the op's backward runs
+    module = variants.get(name).backward.module()
+    real = module.backward
+    monkeypatch.setattr(module, "backward", lambda *a: seen.append(a[-1]) or real(*a))
     config = module.default_config(tuple(q.shape), args)
     config["K_num_warps"] = 2 if config.get("K_num_warps") != 2 else 1  # not the default
     out = ops.attend_op(q, k, v, args, triton_bwd_test, "", json.dumps(config))

@@ -14,8 +14,7 @@ import torch
 from sasa_triton.args import check_attend_args
 from sasa_triton.kernels import rows_bwd_key
 
-from cases import TOLERANCES, Case, make_inputs
-from oracle import oracle_attend
+from cases import TOLERANCES, Case, make_inputs, oracle_grads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -31,13 +30,8 @@ def _inputs(case, dtype, layout, seed=0):
 
 def _oracle(q, k, v, kw, case, dout):
     """(out, lse, dk, dv) in float64."""
-    leaves = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
-    tables = {n: (kw[n].detach().cpu().double() if kw.get(n) is not None else None)
-              for n in ("rel_h", "rel_w", "rpb")}
-    out, lse = oracle_attend(*leaves, case.k, dilation=kw["dilation"], padding=kw["padding"],
-                             scale=kw["scale"], return_lse=True, **tables)
-    dk, dv = torch.autograd.grad(out, leaves[1:], dout.cpu().double())
-    return out.detach(), lse.detach(), dk, dv
+    out, lse, grads = oracle_grads(q, k, v, kw, case.k, dout)
+    return out, lse, grads["k"], grads["v"]
 
 
 def run_case(case, dtype=torch.float32, layout="contiguous", config=None, seed=0):

@@ -10,7 +10,7 @@ from sasa_triton.args import check_attend_args
 from sasa_triton.kernels import launch_cache
 from sasa_triton.kernels import rows_bwd_query as mod
 
-from cases import TOLERANCES, Case, make_inputs
+from cases import TOLERANCES, Case, make_inputs, oracle_grads
 from oracle import oracle_attend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -45,15 +45,9 @@ def _args(q, k, v, case, kw):
 
 def _reference(q, k, v, kw, case, dout):
     """float64 (out, lse, {name: grad}) of the oracle for dq and the tables."""
-    names = [n for n in TABLES if kw.get(n) is not None]
-    tensors = (q, k, v, *[kw[n] for n in names])
-    leaves = [t.detach().cpu().double().requires_grad_() for t in tensors]
-    extra = dict(kw, **dict(zip(names, leaves[3:])))
-    out, lse = oracle_attend(*leaves[:3], case.k, return_lse=True, **extra)
-    grads = torch.autograd.grad(out, leaves, dout.cpu().double())
-    want = dict(zip(["q", "k", "v", *names], grads))
+    out, lse, want = oracle_grads(q, k, v, kw, case.k, dout)
     del want["k"], want["v"]
-    return out.detach(), lse.detach(), want
+    return out, lse, want
 
 
 def _run(case, dtype=torch.float32, layout="contiguous", config=None, tables_fp32=False):

@@ -16,8 +16,7 @@ import torch
 from sasa_triton.args import check_attend_args
 from sasa_triton.kernels import tile2d_bwd
 
-from cases import TOLERANCES, Case, make_inputs
-from oracle import oracle_attend
+from cases import TOLERANCES, Case, make_inputs, oracle_grads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TABLES = ("rel_h", "rel_w", "rpb")
@@ -32,21 +31,10 @@ def _inputs(case, dtype, layout, seed=0):
     return q, k, v, kw, args, dout
 
 
-def _oracle(q, k, v, kw, case, dout):
-    """(out, lse, {name: grad}) in float64."""
-    names = [n for n in TABLES if kw.get(n) is not None]
-    tensors = (q, k, v, *[kw[n] for n in names])
-    leaves = [t.detach().cpu().double().requires_grad_() for t in tensors]
-    extra = dict(kw, **dict(zip(names, leaves[3:])))
-    out, lse = oracle_attend(*leaves[:3], case.k, return_lse=True, **extra)
-    grads = torch.autograd.grad(out, leaves, dout.cpu().double())
-    return out.detach(), lse.detach(), dict(zip(["q", "k", "v", *names], grads))
-
-
 def run_case(case, dtype=torch.float32, layout="contiguous", config=None, seed=0):
     q, k, v, kw, args, dout = _inputs(case, dtype, layout, seed)
     assert tile2d_bwd.supports(tuple(q.shape), dtype, args)
-    out, lse, want = _oracle(q, k, v, kw, case, dout)
+    out, lse, want = oracle_grads(q, k, v, kw, case.k, dout)
     grads = tile2d_bwd.backward(q, k, v, out.to(dtype).to(DEVICE), lse.float().to(DEVICE),
                                 dout, args, config, _poison=True)
     got = dict(zip(["q", "k", "v", *TABLES], grads))

@@ -139,7 +139,7 @@ def vector_width(tensors, block_d: int) -> int:
     is contiguous in all of them (else 1): a kernel may then load that many channels of a
     head as one vector (tl.multiple_of hints on the pixel and head offsets)."""
     vec = stride_vector_width([(t.shape[4], t.stride()) for t in tensors], block_d)
-    return pointer_vector_width(tensors, vec)
+    return min(vec, pointer_alignment(tensors))
 
 
 def stride_vector_width(layouts, block_d: int) -> int:
@@ -157,21 +157,11 @@ def stride_vector_width(layouts, block_d: int) -> int:
 
 def pointer_alignment(tensors, cap: int = 256) -> int:
     """The largest power of two (at most `cap`) dividing every tensor's base address in
-    elements: the per-call part of a vector width (launch plans key on it)."""
+    elements: `vector_width`'s per-call part (launch plans key on it)."""
     offsets = 0
     for t in tensors:
         offsets |= t.data_ptr() // t.element_size()
     return min(offsets & -offsets, cap) if offsets else cap
-
-
-def pointer_vector_width(tensors, vec: int) -> int:
-    """`vector_width`'s per-call part: `vec` halved until it divides every base address
-    (in elements)."""
-    for t in tensors:
-        n = t.data_ptr() // t.element_size()
-        while vec > 1 and n % vec:
-            vec //= 2
-    return vec
 
 
 def new_output(shape, dtype, device, poison: bool = False) -> torch.Tensor:

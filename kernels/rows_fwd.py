@@ -698,7 +698,7 @@ _ONE_HOT: dict = {}
 def one_hot_rows(device, ns_pad: int, split: bool) -> torch.Tensor:
     """The row-term one-hots as a [NS_PAD, S] table (cached per device): row s is 1 at
     the columns of slot s of b_qrow (its bf16 hi/lo pair with split, else column s)."""
-    key = (str(device), ns_pad, split)
+    key = (device, ns_pad, split)
     table = _ONE_HOT.get(key)
     if table is None:  # built on the host (no device kernels), copied once
         per = 2 if split else 1

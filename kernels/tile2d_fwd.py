@@ -38,6 +38,7 @@ from .common import (
     check_config,
     launch_options,
     next_pow2,
+    pointer_alignment,
     stride_vector_width,
     strides_fit_i32,
     table_strides,
@@ -611,8 +612,7 @@ def forward(q, k, v, args, config=None, _poison=False):
     """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
     out, lse = alloc_outputs(q, _poison)
     shape, esize, strides = q.shape, q.element_size(), (q.stride(), k.stride(), v.stride())
-    offsets = (q.data_ptr() | k.data_ptr() | v.data_ptr() | out.data_ptr()) // esize
-    align = min(offsets & -offsets, 256) if offsets else 256  # the lowest set bit
+    align = pointer_alignment((q, k, v, out))
     plan = _plans((shape, q.dtype, strides, args_key(args), align, config_key(config),
                    _TIES_ASCENDING),  # a test flips it
                   tuple(shape), q.dtype, esize, strides, args, align, config)

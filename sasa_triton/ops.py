@@ -45,10 +45,7 @@ def _impl(backend: str, direction: int, q: Tensor, args: AttendArgs,
     allocations or views of them (`_fresh` need not look at storages)."""
     name, config = dispatch.resolve(backend, direction, q, args, _config(config_text))
     variant = variants.VARIANTS[name]
-    return variant.function(_DIRECTION_NAMES[direction]), config, variant.needs_triton
-
-
-_DIRECTION_NAMES = variants.DIRECTIONS
+    return variant.function(variants.DIRECTIONS[direction]), config, variant.needs_triton
 
 
 @functools.lru_cache(maxsize=256)

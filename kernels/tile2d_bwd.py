@@ -79,9 +79,10 @@ def _config(bh: int, tw: int, warps: int, q_pix: int, k_pix: int) -> dict:
 
 
 def search_space() -> list[dict]:
-    """Group tiles, warps and each kernel's pixels per group (1 or 2)."""
+    """Group tiles, warps and each kernel's pixels per group (query 1 or 2, key 1, 2
+    or 4)."""
     return [_config(bh, tw, nw, qp, kp) for bh in _SIZES for tw in _SIZES for nw in _WARPS
-            for qp in (1, 2) for kp in (1, 2) if 4 <= bh * tw * max(qp, kp) <= 128]
+            for qp in (1, 2) for kp in (1, 2, 4) if 4 <= bh * tw * max(qp, kp) <= 128]
 
 
 def _slots_per_thread(q_shape, bh: int, bw: int, warps: int, pix: int = 1) -> float:
@@ -94,7 +95,7 @@ PRUNE_LIMIT = 8  # configs kept per shape: the default and an even spread of the
 
 def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
     """Tiles no larger than the image, 1 or 2 (pixel group, head lane) slots per thread,
-    PIX 2 only with column dilation 1; the default and an even spread of the rest, at
+    PIX > 1 only with column dilation 1; the default and an even spread of the rest, at
     most PRUNE_LIMIT (each is a compile on the GPU, and a slow interpreter run in tests)."""
     B, H, W, heads, d = q_shape
     kept = []
@@ -118,13 +119,15 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
 
 @per_call_key
 def default_config(q_shape, args: AttendArgs) -> dict:
-    """Two horizontally adjacent pixels per thread (PIX = 2: they share KW + 1 of their
-    2 KW window columns' loads; 1 with column dilation or on one-column images), tiles
-    of 4 groups per row (fewer on narrow images) and about 128 (pixel group, head lane)
-    slots, one per thread over 4 warps (fewer warps on tiny images). The key kernel keeps
-    PIX = 1 where a head spans several lanes (d = 16 in 16-bit, d > 4 in fp32): pairs
-    take 255 registers and spill there (s2: 24 bytes). Two slots per thread issue fewer
-    instructions but spill too (s1: 254 registers)."""
+    """Two horizontally adjacent pixels per thread in the query kernel, four in the key
+    kernel (PIX: they share KW + PIX - 1 of their PIX * KW window columns' loads; 1 with
+    column dilation or on one-column images), tiles of 4 groups per row in the query
+    kernel and the same tile width in the key kernel (fewer on narrow images), about
+    128 (pixel group, head lane) slots, one per thread over 4 warps (fewer warps on tiny
+    images). The key kernel keeps PIX = 1 where a head spans several lanes (d = 16 in
+    16-bit, d > 4 in fp32): pairs take 255 registers and spill there (s2: 24 bytes).
+    The query kernel keeps pairs: two slots per thread issue fewer instructions but
+    spill (s1: 254 registers)."""
     B, H, W, heads, d = q_shape
     pix = 2 if args.dw == 1 and W > 1 else 1
     tw = 4 if W > 4 else max(1, min(4, next_pow2(W)) // pix)
@@ -135,7 +138,11 @@ def default_config(q_shape, args: AttendArgs) -> dict:
     warps = 4
     while warps > 1 and _slots_per_thread(q_shape, bh, tw, warps) < 1:
         warps //= 2
-    return _config(bh, tw, warps, pix, pix if _lanes(q_shape) == 1 else 1)
+    config = _config(bh, tw, warps, pix, pix if _lanes(q_shape) == 1 else 1)
+    if pix == 2 and tw == 4 and _lanes(q_shape) == 1 and 2 * bh <= max(1, next_pow2(H)):
+        # key kernel: 4 pixels per group, half the groups per row, twice the rows
+        config.update(K_BLOCK_H=2 * bh, K_BLOCK_W=8, K_PIX=4)
+    return config
 
 
 def _check(config, dw: int) -> None:
@@ -147,9 +154,10 @@ def _check(config, dw: int) -> None:
         if bh < 1 or bw < 1 or bh & (bh - 1) or bw & (bw - 1):
             raise ValueError(f"tile2dbwd config {config!r}: {pre}BLOCK_H and {pre}BLOCK_W "
                              "must be powers of two")
-        if pix not in (1, 2) or bw % pix or (pix > 1 and dw != 1):
-            raise ValueError(f"tile2dbwd config {config!r}: {pre}PIX must be 1 or 2 dividing "
-                             f"{pre}BLOCK_W, and 1 with column dilation")
+        pixes = (1, 2) if pre == "Q_" else (1, 2, 4)
+        if pix not in pixes or bw % pix or (pix > 1 and dw != 1):
+            raise ValueError(f"tile2dbwd config {config!r}: {pre}PIX must be one of {pixes} "
+                             f"dividing {pre}BLOCK_W, and 1 with column dilation")
 
 
 def _image_strides_fit_i32(q_shape, strides, args: AttendArgs) -> bool:

@@ -24,22 +24,26 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E, to_f32
-from .tile2d_bwd_query import _dot, _load_rows
+from .tile2d_bwd_query import _dot, _halves, _load_rows
 
 
 @triton.jit
-def _key_tap(b_q, b_do, b_lse2, b_delta, b_kr, b_rw, b_v, rpb_term, m_q, b_dk, b_dv,
-             qk_scale, HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, CHAIN: tl.constexpr):
-    """One (key pixel column, query) pair: (dk / scale, dv) accumulators. b_kr is the
-    key plus rel_h[a] (lower channels), b_rw rel_w[c] (upper channels)."""
-    zero = tl.zeros(b_lse2.shape, dtype=tl.float32)
+def _key_tap(b_q, b_q_hi, b_do, b_seed, b_delta, b_k, b_rw, b_v, m_q, b_dk, b_dv, qk_scale,
+             HAS_REL: tl.constexpr, HALF: tl.constexpr, CHAIN: tl.constexpr):
+    """One (key pixel, query) pair: (dk / scale, dv) accumulators. b_seed: the query's
+    -lse2 (+ rpb), with HALF plus its rel_h part. b_k: k * scale * log2(e), except with
+    rel and not HALF: k + rel_h[a]. b_rw: rel_w[c], its upper channel half in the
+    tables' dtype (HALF) or all channels in float32 (zeros below d / 2)."""
     if HAS_REL:
-        b_s = _dot(zero, b_q, b_kr + b_rw, CHAIN)
+        if HALF:
+            zero = tl.zeros(b_seed.shape, dtype=tl.float32)
+            b_rel = _dot(zero, b_q_hi, b_rw.to(tl.float32), CHAIN)
+            b_s = _dot(b_seed + b_rel * qk_scale, b_q, b_k, CHAIN)
+        else:
+            zero = tl.zeros(b_seed.shape, dtype=tl.float32)
+            b_s = _dot(zero, b_q, b_k + b_rw, CHAIN) * qk_scale + b_seed
     else:
-        b_s = _dot(zero, b_q, b_kr, CHAIN)
-    b_s = b_s * qk_scale - b_lse2
-    if HAS_RPB:
-        b_s += rpb_term
+        b_s = _dot(b_seed, b_q, b_k, CHAIN)
     b_p = tl.where(m_q[:, None], tl.exp2(b_s), 0.0)  # [G, N]
     b_dv += b_p[:, :, None] * b_do
     b_ds = b_p * _dot(-b_delta, b_do, b_v, CHAIN)
@@ -78,14 +82,16 @@ def _tile2d_bwd_key_kernel(
     Q_COL: tl.constexpr, DO_COL: tl.constexpr, AUX_COL: tl.constexpr,  # window column steps
     CHAIN: tl.constexpr,  # a head's channels in one thread: dots as multiply-add chains
 ):
-    # G groups of PIX horizontally adjacent key pixels (PIX = 2: column dilation 1); key
-    # pixel j meets query column u (image column x + (u - KW // 2) * dil_w) at its tap
-    # c = j + KW - 1 - u: per window row a group loads KW + PIX - 1 query columns.
-    # The rel rows enter as the key's effective k: k + rel_h[a] once per window row,
-    # + rel_w[c] per tap (splitting the channel halves in registers instead saves those
-    # adds but takes 255 registers and spills at s1: no faster, the loop is L2-bound)
+    # G groups of PIX horizontally adjacent key pixels (PIX = 2 or 4: column dilation 1);
+    # key pixel j meets query column u (image column x + (u - KW // 2) * dil_w) at its
+    # tap c = j + KW - 1 - u: per window row a group loads KW + PIX - 1 query columns.
+    # The logit is q . k + q[:d/2] . rel_h[a] + q[d/2:] . rel_w[c] with k and the rel
+    # rows scaled by scale * log2(e) once: the rel_h part once per query column (all
+    # its key pixels share it), the rel_w part per tap over the upper channel half only
+    # (HALF: a head's channels in one thread, split into halves in registers)
     G: tl.constexpr = BLOCK_H * TW
     NCOL: tl.constexpr = KW + PIX - 1
+    HALF: tl.constexpr = CHAIN & (BLOCK_D == 2 * D_HALF)
     pid = tl.program_id(0)
     b = (pid // TILES).to(tl.int64)
     t = pid % TILES
@@ -93,8 +99,6 @@ def _tile2d_bwd_key_kernel(
     y = (t // TILES_W) * BLOCK_H + o_g // TW  # [G] key pixels
     x = (t % TILES_W) * (TW * PIX) + (o_g % TW) * PIX  # [G] the group's first pixel
     m_y = y < H
-    m_p0 = m_y & (x < W)
-    m_p1 = m_y & (x + 1 < W)
     o_n = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_D)
     m_n = o_n < HEADS
@@ -112,23 +116,31 @@ def _tile2d_bwd_key_kernel(
     o_vnd = tl.multiple_of(o_nr * sv_n, VEC)[:, None] + o_d[None, :] * sv_d
     p_k0 = k_ptr + b * sk_b
     p_v0 = v_ptr + b * sv_b
-    k0 = _load_rows(p_k0, yi * sk_h + xi * sk_w, o_knd, m_p0, m_nd, VEC)
-    v0 = _load_rows(p_v0, yi * sv_h + xi * sv_w, o_vnd, m_p0, m_nd, VEC)
-    k1 = k0
-    v1 = v0
-    if PIX > 1:
-        k1 = _load_rows(p_k0, yi * sk_h + (xi + 1) * sk_w, o_knd, m_p1, m_nd, VEC)
-        v1 = _load_rows(p_v0, yi * sv_h + (xi + 1) * sv_w, o_vnd, m_p1, m_nd, VEC)
+    ks = ()  # per key pixel j of the group: k * scale * log2(e), v, pixel mask
+    vs = ()
+    m_ps = ()
+    for j in tl.static_range(PIX):
+        m_p = m_y & (x + j < W)
+        b_k = _load_rows(p_k0, yi * sk_h + (xi + j) * sk_w, o_knd, m_p, m_nd, VEC)
+        if HALF or not HAS_REL:
+            b_k = b_k * qk_scale
+        ks = ks + (b_k,)
+        vs = vs + (_load_rows(p_v0, yi * sv_h + (xi + j) * sv_w, o_vnd, m_p, m_nd, VEC),)
+        m_ps = m_ps + (m_p,)
     m_dh = m_nd & (o_d < D_HALF)[None, :]
     m_dw = m_nd & (o_d >= D_HALF)[None, :]
     o_g0 = (o_g * 0)[:, None, None]  # a table row loaded in the [G, N, D] tiles' layout
     o_rh = o_g0 + (o_n[:, None] * srh_n + o_d[None, :] * srh_d)[None, :, :]
     o_rw = o_g0 + (o_n[:, None] * srw_n + (o_d[None, :] - D_HALF) * srw_d)[None, :, :]
-    rws = ()
+    rws = ()  # rel_w[c]: the upper half as stored (HALF: fewer registers), else float32
     for c in tl.static_range(KW):
-        if HAS_REL:  # rel_w[c] in the upper channels
-            rws = rws + (tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :],
-                                 other=0.0).to(tl.float32),)
+        if HAS_REL:
+            b_rw = tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :], other=0.0)
+            if HALF:
+                _lo, b_rw = _halves(b_rw)
+            else:
+                b_rw = b_rw.to(tl.float32)
+            rws = rws + (b_rw,)
         else:
             rws = rws + (0.0,)
     col_ok = ()
@@ -144,22 +156,26 @@ def _tile2d_bwd_key_kernel(
     o_dond = tl.multiple_of(o_nr * sdo_n, VEC)[:, None] + o_d[None, :] * sdo_d
     p_aux0 = aux_ptr + b * H * W * HEADS * 2
     o_auxp = ((yi * W + xi) * HEADS)[:, None] * 2 + (o_n * 2)[None, :]  # [G, N]
-    dk0 = tl.zeros([G, BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv0 = dk0
-    dk1 = dk0
-    dv1 = dk0
+    zero = tl.zeros([G, BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dks = ()
+    dvs = ()
+    for j in tl.static_range(PIX):
+        dks = dks + (zero,)
+        dvs = dvs + (zero,)
     for a in range(KH):
         dy = (a - KH // 2) * dil_h
         yq = y - dy
         m_row = m_y & (yq >= 0) & (yq < H)
-        kr0 = k0
-        kr1 = k1
-        if HAS_REL:
+        krs = ks
+        if HAS_REL:  # rel_h[a]: lower half * scale * log2(e) (HALF), else in k's lower half
             b_rh = tl.load(relh_ptr + a * srh_r + o_rh, mask=m_dh[None, :, :],
                            other=0.0).to(tl.float32)
-            kr0 = k0 + b_rh
-            if PIX > 1:
-                kr1 = k1 + b_rh
+            if HALF:
+                b_rh, _hi = _halves(b_rh * qk_scale)
+            else:
+                krs = ()
+                for j in tl.static_range(PIX):
+                    krs = krs + (ks[j] + b_rh,)
         # the row's pointers once; the window columns step by compile-time immediates
         p_qr = p_q0 + tl.multiple_of(o_qp - dy * sq_h, VEC)[:, None, None] + o_qnd[None, :, :]
         p_dor = (p_do0 + tl.multiple_of(o_dop - dy * sdo_h, VEC)[:, None, None]
@@ -173,32 +189,37 @@ def _tile2d_bwd_key_kernel(
             b_aux = tl.load(p_ar + (u - KW // 2) * AUX_COL,
                             mask=(m_q[:, None] & m_n[None, :])[:, :, None], other=0.0)
             b_lse2, b_delta = tl.split(b_aux)  # [G, N] each
-            if u < KW:  # key pixel 0, tap c = KW - 1 - u
-                rpb_term = tl.zeros([BLOCK_N], dtype=tl.float32)
-                if HAS_RPB:
-                    rpb_term = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
-                                       + ((KW - 1 - u) + KW // 2) * srp_w, mask=m_n,
-                                       other=0.0).to(tl.float32) * LOG2E
-                dk0, dv0 = _key_tap(b_q, b_do, b_lse2, b_delta, kr0, rws[KW - 1 - u], v0,
-                                    rpb_term[None, :], m_q, dk0, dv0, qk_scale, HAS_REL,
-                                    HAS_RPB, CHAIN)
-            if PIX > 1:
-                if u >= 1:  # key pixel 1, tap c = KW - u
-                    rpb_term = tl.zeros([BLOCK_N], dtype=tl.float32)
-                    if HAS_RPB:
-                        rpb_term = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
-                                           + ((KW - u) + KW // 2) * srp_w, mask=m_n,
-                                           other=0.0).to(tl.float32) * LOG2E
-                    dk1, dv1 = _key_tap(b_q, b_do, b_lse2, b_delta, kr1, rws[KW - u], v1,
-                                        rpb_term[None, :], m_q, dk1, dv1, qk_scale,
-                                        HAS_REL, HAS_RPB, CHAIN)
+            b_q_hi = b_q
+            b_seed = -b_lse2  # the query column's logit parts shared by its key pixels
+            if HAS_REL:
+                if HALF:
+                    b_q_lo, b_q_hi = _halves(b_q)
+                    b_seed = _dot(b_seed, b_q_lo, b_rh, CHAIN)
+            ndks = ()
+            ndvs = ()
+            for j in tl.static_range(PIX):
+                b_dk = dks[j]
+                b_dv = dvs[j]
+                if j + KW - 1 - u >= 0:  # key pixel j's tap c = j + KW - 1 - u
+                    if j + KW - 1 - u < KW:
+                        seed = b_seed
+                        if HAS_RPB:
+                            seed += (tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
+                                             + (j + KW - 1 - u + KW // 2) * srp_w, mask=m_n,
+                                             other=0.0).to(tl.float32) * LOG2E)[None, :]
+                        b_dk, b_dv = _key_tap(b_q, b_q_hi, b_do, seed, b_delta, krs[j],
+                                              rws[j + KW - 1 - u], vs[j], m_q, b_dk, b_dv,
+                                              qk_scale, HAS_REL, HALF, CHAIN)
+                ndks = ndks + (b_dk,)
+                ndvs = ndvs + (b_dv,)
+            dks = ndks
+            dvs = ndvs
     o_dknd = tl.multiple_of(o_nr * sdk_n, VEC)[:, None] + o_d[None, :] * sdk_d
     o_dvnd = tl.multiple_of(o_nr * sdv_n, VEC)[:, None] + o_d[None, :] * sdv_d
     p_dk0 = dk_ptr + b * sdk_b
     p_dv0 = dv_ptr + b * sdv_b
-    _store_rows(p_dk0, dk0 * scale, yi, x, m_p0, o_dknd, m_nd, sdk_h, sdk_w, IMG_I64, VEC)
-    _store_rows(p_dv0, dv0, yi, x, m_p0, o_dvnd, m_nd, sdv_h, sdv_w, IMG_I64, VEC)
-    if PIX > 1:
-        _store_rows(p_dk0, dk1 * scale, yi, x + 1, m_p1, o_dknd, m_nd, sdk_h, sdk_w, IMG_I64,
+    for j in tl.static_range(PIX):
+        _store_rows(p_dk0, dks[j] * scale, yi, x + j, m_ps[j], o_dknd, m_nd, sdk_h, sdk_w,
+                    IMG_I64, VEC)
+        _store_rows(p_dv0, dvs[j], yi, x + j, m_ps[j], o_dvnd, m_nd, sdv_h, sdv_w, IMG_I64,
                     VEC)
-        _store_rows(p_dv0, dv1, yi, x + 1, m_p1, o_dvnd, m_nd, sdv_h, sdv_w, IMG_I64, VEC)

@@ -76,6 +76,14 @@ def _dot(acc, a, b, CHAIN: tl.constexpr):
 
 
 @triton.jit
+def _halves(t):
+    """(lower, upper) channel halves of a [G, N, D] tile whose D channels lie in one
+    thread: a reshape and split in registers, no data movement."""
+    shape: tl.constexpr = [t.shape[0], t.shape[1], 2, t.shape[2] // 2]
+    return tl.split(tl.permute(tl.reshape(t, shape), (0, 1, 3, 2)))
+
+
+@triton.jit
 def _pixel_inputs(q_ptr, o_ptr, do_ptr, lse_ptr, aux_ptr, b, y, yi, x, m_y, H, W, HEADS,
                   o_qnd, o_ond, o_dond, o_n, m_n, m_nd, sq_h, sq_w, so_h, so_w, sdo_h, sdo_w,
                   sl_h, sl_w, sl_n, qk_scale, IMG_I64: tl.constexpr, VEC: tl.constexpr):

@@ -84,6 +84,38 @@ def _halves(t):
 
 
 @triton.jit
+def _lower(t, HALF: tl.constexpr):
+    """The lower channel half of t (HALF), else t (its upper half zero or unused)."""
+    if HALF:
+        lo, _hi = _halves(t)
+        return lo
+    else:
+        return t
+
+
+@triton.jit
+def _upper(t, HALF: tl.constexpr):
+    """The upper channel half of t (HALF), else t (its lower half zero or unused)."""
+    if HALF:
+        _lo, hi = _halves(t)
+        return hi
+    else:
+        return t
+
+
+@triton.jit
+def _store_part(ptr, row, part, o_d, m_n, m_d, WIDTH: tl.constexpr, SHIFT: tl.constexpr,
+                HALF: tl.constexpr):
+    """One table partial [N, channels] at rows `row` [N] of a (rows, WIDTH) buffer: a
+    half tile (HALF) or a full one whose channels SHIFT..SHIFT + WIDTH are stored."""
+    if HALF:
+        o_h = tl.arange(0, WIDTH)
+        tl.store(ptr + row[:, None] * WIDTH + o_h[None, :], part, mask=m_n[:, None])
+    else:
+        tl.store(ptr + row[:, None] * WIDTH + (o_d[None, :] - SHIFT), part, mask=m_d)
+
+
+@triton.jit
 def _pixel_inputs(q_ptr, o_ptr, do_ptr, lse_ptr, aux_ptr, b, y, yi, x, m_y, H, W, HEADS,
                   o_qnd, o_ond, o_dond, o_n, m_n, m_nd, sq_h, sq_w, so_h, so_w, sdo_h, sdo_w,
                   sl_h, sl_w, sl_n, qk_scale, IMG_I64: tl.constexpr, VEC: tl.constexpr):
@@ -159,6 +191,9 @@ def _tile2d_bwd_query_kernel(
     # the group loads KW + PIX - 1 k / v columns, each serving up to PIX pixels
     G: tl.constexpr = BLOCK_H * TW
     NCOL: tl.constexpr = KW + PIX - 1
+    # a head's channels in one thread, split evenly by the rel tables: the rel dots and
+    # table partials on channel halves (fewer multiply-adds, half the partial reductions)
+    HALF: tl.constexpr = CHAIN & (BLOCK_D == 2 * D_HALF)
     pid = tl.program_id(0)
     b = (pid // TILES).to(tl.int64)
     t = pid % TILES
@@ -209,9 +244,10 @@ def _tile2d_bwd_query_kernel(
         if HAS_REL:
             b_rw = tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :],
                            other=0.0).to(tl.float32)
-            seeds0 = seeds0 + (_dot(-lse0, qs0, b_rw, CHAIN),)
+            seeds0 = seeds0 + (_dot(-lse0, _upper(qs0, HALF), _upper(b_rw, HALF), CHAIN),)
             if PIX > 1:
-                seeds1 = seeds1 + (_dot(-lse1, qs1, b_rw, CHAIN),)
+                seeds1 = seeds1 + (_dot(-lse1, _upper(qs1, HALF), _upper(b_rw, HALF),
+                                        CHAIN),)
         else:
             seeds0 = seeds0 + (-lse0,)
             seeds1 = seeds1 + (-lse1,)
@@ -245,9 +281,9 @@ def _tile2d_bwd_query_kernel(
         if HAS_REL:
             b_rh = tl.load(relh_ptr + a * srh_r + o_rh, mask=m_dh[None, :, :],
                            other=0.0).to(tl.float32)
-            srow0 = _dot(zero_gn, qs0, b_rh, CHAIN)  # [G, N]
+            srow0 = _dot(zero_gn, _lower(qs0, HALF), _lower(b_rh, HALF), CHAIN)  # [G, N]
             if PIX > 1:
-                srow1 = _dot(zero_gn, qs1, b_rh, CHAIN)
+                srow1 = _dot(zero_gn, _lower(qs1, HALF), _lower(b_rh, HALF), CHAIN)
         grow0 = zero_gn
         grow1 = zero_gn
         ng0 = ()
@@ -302,7 +338,7 @@ def _tile2d_bwd_query_kernel(
             # rel_h row a: dq += G_row rel_h[a]; partial sum over pixels of G_row q[:d/2]
             # (a row outside the image meets neither, with mask padding: selected away)
             prod0 = grow0[:, :, None] * b_rh
-            part = grow0[:, :, None] * qs0
+            part = grow0[:, :, None] * _lower(qs0, HALF)
             if MASK:
                 m_r = (m_row & m_p0)[:, None, None]
                 prod0 = tl.where(m_r, prod0, 0.0)
@@ -311,7 +347,7 @@ def _tile2d_bwd_query_kernel(
             if PIX > 1:
                 g1 = ng1
                 prod1 = grow1[:, :, None] * b_rh
-                part1 = grow1[:, :, None] * qs1
+                part1 = grow1[:, :, None] * _lower(qs1, HALF)
                 if MASK:
                     m_r = (m_row & m_p1)[:, None, None]
                     prod1 = tl.where(m_r, prod1, 0.0)
@@ -319,14 +355,13 @@ def _tile2d_bwd_query_kernel(
                 acc1 += prod1
                 part += part1
             part = tl.sum(part, axis=0) * 0.6931471805599453  # q * scale: qs / log2(e)  # [N, D]
-            tl.store(parth_ptr + (a * N_SLOTS + slot)[:, None] * D_HALF + o_d[None, :],
-                     part, mask=m_dh)
+            _store_part(parth_ptr, a * N_SLOTS + slot, part, o_d, m_n, m_dh, D_HALF, 0, HALF)
     if HAS_REL:
         for c in tl.static_range(KW):
             b_rw = tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :],
                            other=0.0).to(tl.float32)
             prod0 = g0[c][:, :, None] * b_rw
-            part = g0[c][:, :, None] * qs0
+            part = g0[c][:, :, None] * _upper(qs0, HALF)
             if MASK:  # pixel j meets rel_w[c] at window column u = j + c
                 m_c = (m_p0 & col_ok[c])[:, None, None]
                 prod0 = tl.where(m_c, prod0, 0.0)
@@ -334,7 +369,7 @@ def _tile2d_bwd_query_kernel(
             acc0 += prod0
             if PIX > 1:
                 prod1 = g1[c][:, :, None] * b_rw
-                part1 = g1[c][:, :, None] * qs1
+                part1 = g1[c][:, :, None] * _upper(qs1, HALF)
                 if MASK:
                     m_c = (m_p1 & col_ok[c + 1])[:, None, None]
                     prod1 = tl.where(m_c, prod1, 0.0)
@@ -342,8 +377,8 @@ def _tile2d_bwd_query_kernel(
                 acc1 += prod1
                 part += part1
             part = tl.sum(part, axis=0) * 0.6931471805599453  # q * scale: qs / log2(e)
-            tl.store(partw_ptr + (c * N_SLOTS + slot)[:, None] * (D - D_HALF)
-                     + (o_d[None, :] - D_HALF), part, mask=m_dw)
+            _store_part(partw_ptr, c * N_SLOTS + slot, part, o_d, m_n, m_dw, D - D_HALF,
+                        D_HALF, HALF)
     o_dqnd = tl.multiple_of(o_nr * sdq_n, VEC)[:, None] + o_d[None, :] * sdq_d
     p_dq0 = dq_ptr + b * sdq_b
     _store_dq(p_dq0, acc0, scale, yi, x, m_p0, o_dqnd, m_nd, sdq_h, sdq_w, IMG_I64, VEC)

@@ -138,7 +138,11 @@ def default_config(q_shape, args: AttendArgs) -> dict:
     warps = 4
     while warps > 1 and _slots_per_thread(q_shape, bh, tw, warps) < 1:
         warps //= 2
-    return _config(bh, tw, warps, pix, pix if _lanes(q_shape) == 1 else 1)
+    config = _config(bh, tw, warps, pix, pix if _lanes(q_shape) == 1 else 1)
+    if pix == 2 and tw == 4 and _lanes(q_shape) == 1 and 2 * bh <= max(1, next_pow2(H)):
+        # key kernel: 4 pixels per group, half the groups per row, twice the rows
+        config.update(K_BLOCK_H=2 * bh, K_BLOCK_W=8, K_PIX=4)
+    return config
 
 
 def _check(config, dw: int) -> None:

@@ -51,13 +51,14 @@ def _key_tap(b_q, b_q_hi, b_do, b_seed, b_delta, b_k, b_rw, b_v, m_q, b_dk, b_dv
 
 
 @triton.jit
-def _store_rows(ptr, b_t, yi, x, m_p, o_nd, m_nd, s_h, s_w, IMG_I64: tl.constexpr,
-                VEC: tl.constexpr):
+def _store_rows(ptr, b_t, yi, x, J: tl.constexpr, m_p, o_nd, m_nd, s_h, s_w,
+                IMG_I64: tl.constexpr, VEC: tl.constexpr):
+    """Stores pixel J of the groups starting at image columns x [G]."""
     if IMG_I64:
         xi = x.to(tl.int64)
     else:
         xi = x
-    o = tl.multiple_of(yi * s_h + xi * s_w, VEC)
+    o = tl.multiple_of(yi * s_h + xi * s_w + J * s_w, VEC)
     tl.store(ptr + o[:, None, None] + o_nd[None, :, :], b_t.to(ptr.dtype.element_ty),
              mask=m_p[:, None, None] & m_nd[None, :, :])
 
@@ -116,9 +117,8 @@ def _tile2d_bwd_key_kernel(
     o_vnd = tl.multiple_of(o_nr * sv_n, VEC)[:, None] + o_d[None, :] * sv_d
     p_k0 = k_ptr + b * sk_b
     p_v0 = v_ptr + b * sv_b
-    ks = ()  # per key pixel j of the group: k * scale * log2(e), v, pixel mask
+    ks = ()  # per key pixel j of the group: k (* scale * log2(e)), v
     vs = ()
-    m_ps = ()
     for j in tl.static_range(PIX):
         m_p = m_y & (x + j < W)
         b_k = _load_rows(p_k0, yi * sk_h + (xi + j) * sk_w, o_knd, m_p, m_nd, VEC)
@@ -126,7 +126,6 @@ def _tile2d_bwd_key_kernel(
             b_k = b_k * qk_scale
         ks = ks + (b_k,)
         vs = vs + (_load_rows(p_v0, yi * sv_h + (xi + j) * sv_w, o_vnd, m_p, m_nd, VEC),)
-        m_ps = m_ps + (m_p,)
     m_dh = m_nd & (o_d < D_HALF)[None, :]
     m_dw = m_nd & (o_d >= D_HALF)[None, :]
     o_g0 = (o_g * 0)[:, None, None]  # a table row loaded in the [G, N, D] tiles' layout
@@ -218,8 +217,9 @@ def _tile2d_bwd_key_kernel(
     o_dvnd = tl.multiple_of(o_nr * sdv_n, VEC)[:, None] + o_d[None, :] * sdv_d
     p_dk0 = dk_ptr + b * sdk_b
     p_dv0 = dv_ptr + b * sdv_b
-    for j in tl.static_range(PIX):
-        _store_rows(p_dk0, dks[j] * scale, yi, x + j, m_ps[j], o_dknd, m_nd, sdk_h, sdk_w,
+    for j in tl.static_range(PIX):  # pixel j's column and mask derived from x afresh:
+        # kept from the start, the PIX columns would outlive the loop (spills at PIX 4)
+        m_p = m_y & (x < W - j)
+        _store_rows(p_dk0, dks[j] * scale, yi, x, j, m_p, o_dknd, m_nd, sdk_h, sdk_w,
                     IMG_I64, VEC)
-        _store_rows(p_dv0, dvs[j], yi, x + j, m_ps[j], o_dvnd, m_nd, sdv_h, sdv_w, IMG_I64,
-                    VEC)
+        _store_rows(p_dv0, dvs[j], yi, x, j, m_p, o_dvnd, m_nd, sdv_h, sdv_w, IMG_I64, VEC)

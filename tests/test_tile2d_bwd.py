@@ -4,9 +4,10 @@ dq, dk, dv and the rel / rpb table gradients from the composed launches (query k
 table reduction, key kernel), out and lse from the oracle. Seeded random cases through
 Triton's interpreter (zeros and mask padding, dilation, non-square odd k, shared /
 per-head rel, rpb, fp16 / bf16 / fp32, odd d, strided layouts, several tiles per
-image), pixel pairs (PIX = 2) and single pixels in either kernel, repeat calls
-bit-identical, NaN / inf kept inside their windows, and the config helpers. The generic
-backward tests (test_kernels_backward.py) run it too, as a registered variant.
+image), pixel pairs (PIX = 2) and single pixels in either kernel, key pixel quads
+(K_PIX = 4), repeat calls bit-identical, NaN / inf kept inside their windows, and the
+config helpers. The generic backward tests (test_kernels_backward.py) run it too, as a
+registered variant.
 """
 import random
 
@@ -92,6 +93,18 @@ def test_many_tiles(pix, padding):
               "K_BLOCK_H": 4, "K_BLOCK_W": 2, "K_PIX": pix[1], "K_num_warps": 2}
     run_case(Case(B=1, H=5, W=7, heads=2, d=8, k=(3, 5), padding=padding, rel="shared",
                   rpb=True), config=config)
+
+
+@pytest.mark.parametrize("dtype, padding", [(torch.bfloat16, "zeros"),
+                                            (torch.float32, "mask")], ids=["bf16", "fp32"])
+def test_key_pixel_quads(dtype, padding):
+    """Four key pixels per group (K_PIX = 4, a tunable config): a quad's last pixels
+    outside an odd-width image, halos across tiles; bf16 d = 8 takes the channel-half
+    rel path (a head's channels in one thread), fp32 the full-channel one."""
+    config = {"Q_BLOCK_H": 2, "Q_BLOCK_W": 4, "Q_PIX": 2, "Q_num_warps": 1,
+              "K_BLOCK_H": 2, "K_BLOCK_W": 8, "K_PIX": 4, "K_num_warps": 1}
+    run_case(Case(B=1, H=5, W=7, heads=2, d=8, k=(3, 5), padding=padding, rel="shared",
+                  rpb=True), dtype, config=config)
 
 
 def _random_case(seed: int) -> tuple:
@@ -180,6 +193,12 @@ def test_configs_and_supports():
     assert not tile2d_bwd.supports(shape, torch.bfloat16, shift)
     with pytest.raises(ValueError, match="Q_BLOCK_H"):
         tile2d_bwd.backward(q, q, q, q, q[..., 0], q, args, {"BLOCK_H": 4})
+    quads = dict(default, K_BLOCK_W=8, K_PIX=4)
+    with pytest.raises(ValueError, match="Q_PIX"):
+        tile2d_bwd.backward(q, q, q, q, q[..., 0], q, args, dict(quads, Q_PIX=4))
+    dilated = check_attend_args(q, q, q, 7, (1, 2), "zeros", None, None, None, None)
+    with pytest.raises(ValueError, match="K_PIX"):
+        tile2d_bwd.backward(q, q, q, q, q[..., 0], q, dilated, quads)
     with pytest.raises(ValueError, match="does not support"):
         tile2d_bwd.backward(q, q, q, q, q[..., 0], q, shift)
 

@@ -119,15 +119,15 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
 
 @per_call_key
 def default_config(q_shape, args: AttendArgs) -> dict:
-    """Two horizontally adjacent pixels per thread in the query kernel, four in the key
-    kernel (PIX: they share KW + PIX - 1 of their PIX * KW window columns' loads; 1 with
-    column dilation or on one-column images), tiles of 4 groups per row in the query
-    kernel and the same tile width in the key kernel (fewer on narrow images), about
-    128 (pixel group, head lane) slots, one per thread over 4 warps (fewer warps on tiny
-    images). The key kernel keeps PIX = 1 where a head spans several lanes (d = 16 in
-    16-bit, d > 4 in fp32): pairs take 255 registers and spill there (s2: 24 bytes).
-    The query kernel keeps pairs: two slots per thread issue fewer instructions but
-    spill (s1: 254 registers)."""
+    """Two horizontally adjacent pixels per thread (PIX = 2: they share KW + 1 of their
+    2 KW window columns' loads; 1 with column dilation or on one-column images), tiles
+    of 4 groups per row (fewer on narrow images) and about 128 (pixel group, head lane)
+    slots, one per thread over 4 warps (fewer warps on tiny images). The key kernel keeps
+    PIX = 1 where a head spans several lanes (d = 16 in 16-bit, d > 4 in fp32): pairs
+    take 255 registers and spill there (s2: 24 bytes). Two slots per thread issue fewer
+    instructions but spill too (s1: 254 registers); so do key pixel quads (K_PIX = 4,
+    a tunable config: s1 255 registers, 16 bytes spilled, 43864 warp instructions per
+    program of 64 pixels against 25504 per 32 in pairs)."""
     B, H, W, heads, d = q_shape
     pix = 2 if args.dw == 1 and W > 1 else 1
     tw = 4 if W > 4 else max(1, min(4, next_pow2(W)) // pix)
@@ -138,11 +138,7 @@ def default_config(q_shape, args: AttendArgs) -> dict:
     warps = 4
     while warps > 1 and _slots_per_thread(q_shape, bh, tw, warps) < 1:
         warps //= 2
-    config = _config(bh, tw, warps, pix, pix if _lanes(q_shape) == 1 else 1)
-    if pix == 2 and tw == 4 and _lanes(q_shape) == 1 and 2 * bh <= max(1, next_pow2(H)):
-        # key kernel: 4 pixels per group, half the groups per row, twice the rows
-        config.update(K_BLOCK_H=2 * bh, K_BLOCK_W=8, K_PIX=4)
-    return config
+    return _config(bh, tw, warps, pix, pix if _lanes(q_shape) == 1 else 1)
 
 
 def _check(config, dw: int) -> None:

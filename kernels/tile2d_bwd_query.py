@@ -25,6 +25,9 @@ and per program the partials sum_pixels(G_row[a] q[:d/2]) * scale (rel_h row a),
 sum_pixels(G_col[c] q[d/2:]) * scale (rel_w row c) and sum_pixels(ds) (rpb tap (a, c)),
 per head, in the [row, slot, column] layout of rows_bwd_query._reduce_tables_kernel
 (slot = program * HEADS + head), which sums them in a fixed order: no atomics.
+Where a head's channels lie in one thread and the tables split them evenly (HALF), the
+rel dots and the partials work on channel halves split off in registers: d / 2
+multiply-adds per rel dot and half tiles in the cross-thread partial sums.
 
 Non-finite values stay in their windows: every product is per (pixel, tap), and in mask
 mode the products with taps outside the image are selected away (not multiplied by 0).
@@ -354,7 +357,7 @@ def _tile2d_bwd_query_kernel(
                     part1 = tl.where(m_r, part1, 0.0)
                 acc1 += prod1
                 part += part1
-            part = tl.sum(part, axis=0) * 0.6931471805599453  # q * scale: qs / log2(e)  # [N, D]
+            part = tl.sum(part, axis=0) * 0.6931471805599453  # q * scale: qs / log2(e)
             _store_part(parth_ptr, a * N_SLOTS + slot, part, o_d, m_n, m_dh, D_HALF, 0, HALF)
     if HAS_REL:
         for c in tl.static_range(KW):

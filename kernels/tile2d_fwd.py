@@ -205,15 +205,13 @@ def _load_q(q_ptr, b, y, x, W, m_y, o_qnd, m_nd, sq_b, sq_h, sq_w, VEC: tl.const
 
 @triton.jit
 def _tile2d_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
-    H, W, HEADS, D, D_HALF, TILES_W, TILES,
-    sq_b, sq_h, sq_w, sq_n, sq_d,
-    sk_b, sk_h, sk_w, sk_n, sk_d,
-    sv_b, sv_h, sv_w, sv_n, sv_d,
-    so_b, so_h, so_w, so_n, so_d,
-    sl_b, sl_h, sl_w, sl_n,
-    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
-    dil_h, dil_w, qk_scale,  # qk_scale = scale * log2(e)
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,  # absent tables: None
+    # tuples: Triton binds a tuple's ints for a third of the host time of as many arguments
+    sizes,  # (H, W, HEADS, D, D_HALF, TILES_W, TILES)
+    sq, sk, sv,  # (batch, row, column, head, channel) strides; sv None if KV_SAME_STRIDES
+    s_tab,  # (head, row, channel) strides of rel_h and rel_w, (head, row, column) of rpb
+    dil,  # (dil_h, dil_w)
+    qk_scale,  # scale * log2(e)
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, TW: tl.constexpr, PIX: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -224,6 +222,15 @@ def _tile2d_fwd_kernel(
 ):
     # Channel c of a head sits at (c // DV, c % DV) of a [DS, ..., DV] tile: DV channels
     # are one vector load, the DS vectors of a head lie in the same thread.
+    H, W, HEADS, D, D_HALF, TILES_W, TILES = sizes
+    sq_b, sq_h, sq_w, sq_n, sq_d = sq
+    sk_b, sk_h, sk_w, sk_n, sk_d = sk
+    if KV_SAME_STRIDES:
+        sv_b, sv_h, sv_w, sv_n, sv_d = sk
+    else:
+        sv_b, sv_h, sv_w, sv_n, sv_d = sv
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w = s_tab
+    dil_h, dil_w = dil
     G: tl.constexpr = BLOCK_H * TW
     BLOCK_D: tl.constexpr = DS * DV
     # rel halves split at compile time: one vector per head, d even and a power of two
@@ -424,19 +431,26 @@ def _tile2d_fwd_kernel(
 
     b_o = b_acc * (1.0 / b_l)[None, :, :, :, None]
     b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
-    o_ond = tl.multiple_of(o_nr * so_n, VEC)[None, :, None] + o_chr * so_d
+    # out and lse are the launcher's fresh contiguous tensors: their strides follow from
+    # the shape (constants with EVEN_ROW), 64-bit from the pixel stride up
+    so_w = n_heads * d_all
+    so_h = tl.cast(W, tl.int64) * so_w  # tl.cast: H or W may be the constant 1
+    so_b = tl.cast(H, tl.int64) * so_h
+    sl_h = tl.cast(W, tl.int64) * n_heads
+    sl_b = tl.cast(H, tl.int64) * sl_h
+    o_ond = tl.multiple_of(o_nr * d_all, VEC)[None, :, None] + o_chr
     o0, o1, o2, o3 = _unstack(b_o, PIX)
     l0, l1, l2, l3 = _unstack3(b_lse, PIX)
     _store_pixel(o_ptr, lse_ptr, o0, l0, b, y, x, W, m_y, o_ond, m_nd, o_n, HEADS,
-                 so_b, so_h, so_w, sl_b, sl_h, sl_w, sl_n, VEC)
+                 so_b, so_h, so_w, sl_b, sl_h, n_heads, 1, VEC)
     if PIX > 1:
         _store_pixel(o_ptr, lse_ptr, o1, l1, b, y, x + 1, W, m_y, o_ond, m_nd, o_n, HEADS,
-                     so_b, so_h, so_w, sl_b, sl_h, sl_w, sl_n, VEC)
+                     so_b, so_h, so_w, sl_b, sl_h, n_heads, 1, VEC)
     if PIX > 2:
         _store_pixel(o_ptr, lse_ptr, o2, l2, b, y, x + 2, W, m_y, o_ond, m_nd, o_n, HEADS,
-                     so_b, so_h, so_w, sl_b, sl_h, sl_w, sl_n, VEC)
+                     so_b, so_h, so_w, sl_b, sl_h, n_heads, 1, VEC)
         _store_pixel(o_ptr, lse_ptr, o3, l3, b, y, x + 3, W, m_y, o_ond, m_nd, o_n, HEADS,
-                     so_b, so_h, so_w, sl_b, sl_h, sl_w, sl_n, VEC)
+                     so_b, so_h, so_w, sl_b, sl_h, n_heads, 1, VEC)
 
 
 # --- host side --------------------------------------------------------------------------
@@ -561,7 +575,7 @@ def _plan(q_shape, dtype, esize: int, strides, args, align: int, config) -> Laun
                          "and 1 in shift mode or with column dilation")
     if B * H * W * heads * d == 0:
         return NO_LAUNCH
-    out_strides, lse_strides = contiguous_strides(q_shape), contiguous_strides(q_shape[:4])
+    out_strides = contiguous_strides(q_shape)  # the kernel derives out's and lse's strides
     vec = min(align, stride_vector_width([(d, st) for st in (*strides, out_strides)],
                                          next_pow2(d)))
     dv = min(next_pow2(d), 16 // esize, vec)  # channels per vector load
@@ -587,9 +601,9 @@ def _plan(q_shape, dtype, esize: int, strides, args, align: int, config) -> Laun
     return launch_plan(
         _PARAMS,
         grid=(B * tiles,),
-        head=(H, W, heads, d, d // 2, tiles_w, tiles, *strides[0], *strides[1], *strides[2],
-              *out_strides, *lse_strides),
-        tail=(args.dh, args.dw, args.scale * LOG2E.value),
+        head=((H, W, heads, d, d // 2, tiles_w, tiles), *strides[:2],
+              None if kv_same else strides[2]),
+        tail=((args.dh, args.dw), args.scale * LOG2E.value),
         flags=dict(
             KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
             HAS_REL=args.rel_h is not None, HAS_RPB=args.rpb is not None,
@@ -619,11 +633,8 @@ def forward(q, k, v, args, config=None, _poison=False):
     if plan.grid is None:
         return out, lse
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
-    dummy = q  # never read when the flag is off
     _tile2d_fwd_kernel[plan.grid](
-        q, k, v, out, lse,
-        dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
-        dummy if rpb is None else rpb,
-        *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
+        q, k, v, out, lse, rel_h, rel_w, rpb,  # None when absent (never read then)
+        *plan.head, table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )
     return out, lse

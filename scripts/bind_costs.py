@@ -9,7 +9,9 @@ kernel. This script times exactly that part (the same work as `bind_us` of
 1. per kind: kernels with one pointer and 64 more arguments of one kind, minus the
    one-pointer kernel, divided by 64;
 2. per launch: every launch of a forward + backward of the host suite's cases (the
-   heuristic's kernels), its arguments counted by kind, and its binder time.
+   heuristic's kernels), its arguments counted by kind, its binder time, and the binder
+   time of a stand-in kernel taking the same launch packed as tile2d's forward packs
+   its own (`packed`): what that change would save the other kernels.
 
 Usage: python scripts/bind_costs.py [--reps 3000] [--cases s1-b1,s2-b1]
 """
@@ -135,8 +137,70 @@ def per_launch(case_names: list[str], reps: int) -> list[dict]:
                         ints_in_tuples += len(value)
                 rows.append(dict(case=shape.name, kernel=fn.__name__, arguments=len(args),
                                  **counts, ints_in_tuples=ints_in_tuples,
-                                 bind_us=_binder_time(fn, args, kwargs, reps)))
+                                 bind_us=_binder_time(fn, args, kwargs, reps),
+                                 packed_us=what_if(fn, args, kwargs, reps)))
     return rows
+
+
+# Strides of what each launcher allocates itself (contiguous: the kernel could derive
+# them from the sizes, as tile2d's forward does for out and lse).
+DERIVABLE = {
+    "_rows_fwd_kernel": ("so", "sl"),
+    "_query_grads_kernel": ("sdq",),
+    "_reduce_tables_kernel": ("sdh", "sdw", "sdb"),
+    "_key_bwd_kernel": ("sdk", "sdv", "sdl"),
+    "_tile2d_bwd_query_kernel": ("sdq",),
+    "_tile2d_bwd_key_kernel": ("sdk", "sdv"),
+}
+
+
+def packed(fn, args) -> tuple[list[str], list]:
+    """(parameter names, values) of the same launch as tile2d's forward passes its
+    arguments: the leading sizes as one tuple, each tensor's strides as one tuple (those in
+    DERIVABLE dropped; v's None where they equal k's), the dilations as one tuple,
+    the table strides as one tuple, an absent table's pointer None (its HAS_ flag off)."""
+    flags = {p.name: v for p, v in zip(fn.params, args) if p.is_constexpr}
+    absent = set()
+    if not flags.get("HAS_REL", True):
+        absent |= {"relh_ptr", "relw_ptr"}
+    if not flags.get("HAS_RPB", True):
+        absent.add("rpb_ptr")
+    drop = DERIVABLE.get(fn.__name__, ())
+    names, values, groups = [], [], {}
+    for param, value in zip(fn.params, args):
+        name = param.name
+        is_int = not param.is_constexpr and isinstance(value, int)
+        group = name.split("_")[0] if is_int and name.startswith("s") and "_" in name else None
+        if group in ("srh", "srw", "srp"):
+            group = "s_tab"
+        elif is_int and name.startswith("dil_"):
+            group = "dil"
+        elif is_int and group is None and not any(g not in ("sizes", "dil") for g in groups):
+            group = "sizes"  # the plain ints before the first stride
+        if group is None:
+            names.append(name)
+            values.append(None if name in absent else value)
+        elif group not in drop:
+            if group not in groups:
+                groups[group] = []
+                names.append(group)
+                values.append(groups[group])
+            groups[group].append(value)
+    values = [tuple(v) if isinstance(v, list) else v for v in values]
+    if "sk" in groups and groups["sk"] == groups.get("sv"):  # KV_SAME_STRIDES
+        values[names.index("sv")] = None
+    return names, values
+
+
+def what_if(fn, args, kwargs, reps: int) -> float:
+    """Binder microseconds of a stand-in kernel taking `packed(fn, args)` (constexprs
+    kept as they are)."""
+    names, values = packed(fn, args)
+    constexprs = {p.name for p in fn.params if p.is_constexpr}
+    params = ", ".join(f"{n}: tl.constexpr" if n in constexprs else n for n in names)
+    with tempfile.TemporaryDirectory() as tmp:
+        stand_in = _kernel(Path(tmp), f"packed_{fn.__name__}", params)
+        return _binder_time(stand_in, tuple(values), kwargs, reps)
 
 
 def main(argv=None) -> None:
@@ -154,12 +218,12 @@ def main(argv=None) -> None:
     rows = per_launch(opts.cases.split(","), opts.reps)
     kinds = ["pointer", "None", "int", "float", "tuple", "constexpr"]
     print("\n| case | kernel | arguments | " + " | ".join(kinds)
-          + " | ints in tuples | bind us |")
-    print("|---" * (len(kinds) + 5) + "|")
+          + " | ints in tuples | bind us | packed like tile2d's forward: bind us |")
+    print("|---" * (len(kinds) + 6) + "|")
     for r in rows:
         print(f"| {r['case']} | {r['kernel']} | {r['arguments']} | "
               + " | ".join(str(r.get(k, 0)) for k in kinds)
-              + f" | {r['ints_in_tuples']} | {r['bind_us']:.1f} |")
+              + f" | {r['ints_in_tuples']} | {r['bind_us']:.1f} | {r['packed_us']:.1f} |")
 
 
 if __name__ == "__main__":

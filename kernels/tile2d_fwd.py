@@ -23,7 +23,8 @@ the row's max. It saves lse = ln(sum exp(logit)) per (pixel, head).
 Supported: every padding mode, dilation, any odd kh/kw (kw <= 15: the columns are
 unrolled), shared/per-head rel tables, rpb, fp16/bf16/fp32, head dims while
 next_pow2(heads) * next_pow2(d) <= 256 (e.g. 8 heads x d <= 32, one head x d <= 256).
-Any strides; 64-bit pixel offsets.
+Any strides of q, k, v (out and lse are the launcher's contiguous allocations: the kernel
+derives their strides); 64-bit pixel offsets.
 """
 from __future__ import annotations
 
@@ -206,7 +207,7 @@ def _load_q(q_ptr, b, y, x, W, m_y, o_qnd, m_nd, sq_b, sq_h, sq_w, VEC: tl.const
 @triton.jit
 def _tile2d_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,  # absent tables: None
-    # tuples: Triton binds a tuple's ints for a third of the host time of as many arguments
+    # tuples: Triton binds ints in a tuple in half the host time of as many arguments
     sizes,  # (H, W, HEADS, D, D_HALF, TILES_W, TILES)
     sq, sk, sv,  # (batch, row, column, head, channel) strides; sv None if KV_SAME_STRIDES
     s_tab,  # (head, row, channel) strides of rel_h and rel_w, (head, row, column) of rpb

@@ -35,9 +35,10 @@ import triton.language as tl
 from .common import (
     LOG2E,
     PADDING_CODES,
-    alloc_outputs,
     check_config,
     launch_options,
+    new_lse,
+    new_output_like,
     next_pow2,
     pointer_alignment,
     stride_vector_width,
@@ -574,8 +575,9 @@ def _plan(q_shape, dtype, esize: int, strides, args, align: int, config) -> Laun
             pix > 1 and (args.padding == "shift" or args.dw != 1)):
         raise ValueError(f"tile2d config {config!r}: PIX must be 1, 2 or 4 dividing BLOCK_W, "
                          "and 1 in shift mode or with column dilation")
+    lse_layout = (q_shape[:4], contiguous_strides(q_shape[:4]))
     if B * H * W * heads * d == 0:
-        return NO_LAUNCH
+        return NO_LAUNCH._replace(layouts=(lse_layout,))
     out_strides = contiguous_strides(q_shape)  # the kernel derives out's and lse's strides
     vec = min(align, stride_vector_width([(d, st) for st in (*strides, out_strides)],
                                          next_pow2(d)))
@@ -616,6 +618,7 @@ def _plan(q_shape, dtype, esize: int, strides, args, align: int, config) -> Laun
             TIES_ASCENDING=_TIES_ASCENDING, SPLIT=split,
             **options,
         ),
+        layouts=(lse_layout,),
     )
 
 
@@ -625,12 +628,13 @@ _PARAMS = _tile2d_fwd_kernel.arg_names  # read at import: a recorder may stand i
 
 def forward(q, k, v, args, config=None, _poison=False):
     """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
-    out, lse = alloc_outputs(q, _poison)
+    out = new_output_like(q, _poison)  # first: its address is part of the key
     shape, esize, strides = q.shape, q.element_size(), (q.stride(), k.stride(), v.stride())
     align = pointer_alignment((q, k, v, out))
     plan = _plans((shape, q.dtype, strides, args_key(args), align, config_key(config),
                    _TIES_ASCENDING),  # a test flips it
                   tuple(shape), q.dtype, esize, strides, args, align, config)
+    lse = new_lse(plan.layouts[0], q.device, _poison)
     if plan.grid is None:
         return out, lse
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb

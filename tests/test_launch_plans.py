@@ -153,7 +153,8 @@ def test_tile2d_forward_passes_its_strides_packed():
         for value in (v, strided_v):
             args = check_attend_args(q, k, value, 3, 1, "zeros", kw["rel_h"], kw["rel_w"],
                                      None, None)
-            ((fn, values, _),) = host._launches(lambda: tile2d_fwd.forward(q, k, value, args))
+            ((fn, values, _),) = host._launches(
+                lambda value=value, args=args: tile2d_fwd.forward(q, k, value, args))
             named = dict(zip(fn.arg_names, values))
             assert fn.arg_names.index("KH") <= 16  # runtime arguments, then constexprs
             assert named["sq"] == q.stride() and named["sk"] == k.stride()

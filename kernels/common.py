@@ -180,6 +180,14 @@ def new_output_like(t: torch.Tensor, poison: bool = False) -> torch.Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
+def new_lse(layout: tuple, device, poison: bool = False) -> torch.Tensor:
+    """A float32 lse of `layout` ((shape, strides) from a launch plan): `empty_strided`
+    from ready tuples costs half what `torch.empty(shape, ...)` does."""
+    if poison or POISON_OUTPUTS:
+        return new_output(layout[0], torch.float32, device, True)
+    return torch.empty_strided(*layout, dtype=torch.float32, device=device)
+
+
 def alloc_outputs(q: torch.Tensor, poison: bool = False,
                   lse_layout: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """out (contiguous, q's dtype) and lse (float32, contiguous: `lse_layout`, its (shape,

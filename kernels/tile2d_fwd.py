@@ -23,7 +23,8 @@ the row's max. It saves lse = ln(sum exp(logit)) per (pixel, head).
 Supported: every padding mode, dilation, any odd kh/kw (kw <= 15: the columns are
 unrolled), shared/per-head rel tables, rpb, fp16/bf16/fp32, head dims while
 next_pow2(heads) * next_pow2(d) <= 256 (e.g. 8 heads x d <= 32, one head x d <= 256).
-Any strides; 64-bit pixel offsets.
+Any strides of q, k, v (out and lse are the launcher's contiguous allocations: the kernel
+derives their strides); 64-bit pixel offsets.
 """
 from __future__ import annotations
 
@@ -34,9 +35,10 @@ import triton.language as tl
 from .common import (
     LOG2E,
     PADDING_CODES,
-    alloc_outputs,
     check_config,
     launch_options,
+    new_lse,
+    new_output_like,
     next_pow2,
     pointer_alignment,
     stride_vector_width,
@@ -205,15 +207,13 @@ def _load_q(q_ptr, b, y, x, W, m_y, o_qnd, m_nd, sq_b, sq_h, sq_w, VEC: tl.const
 
 @triton.jit
 def _tile2d_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
-    H, W, HEADS, D, D_HALF, TILES_W, TILES,
-    sq_b, sq_h, sq_w, sq_n, sq_d,
-    sk_b, sk_h, sk_w, sk_n, sk_d,
-    sv_b, sv_h, sv_w, sv_n, sv_d,
-    so_b, so_h, so_w, so_n, so_d,
-    sl_b, sl_h, sl_w, sl_n,
-    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
-    dil_h, dil_w, qk_scale,  # qk_scale = scale * log2(e)
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,  # absent tables: None
+    # tuples: Triton binds ints in a tuple in half the host time of as many arguments
+    sizes,  # (H, W, HEADS, D, D_HALF, TILES_W, TILES)
+    sq, sk, sv,  # (batch, row, column, head, channel) strides; sv None if KV_SAME_STRIDES
+    s_tab,  # (head, row, channel) strides of rel_h and rel_w, (head, row, column) of rpb
+    dil,  # (dil_h, dil_w)
+    qk_scale,  # scale * log2(e)
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_H: tl.constexpr, TW: tl.constexpr, PIX: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -224,6 +224,15 @@ def _tile2d_fwd_kernel(
 ):
     # Channel c of a head sits at (c // DV, c % DV) of a [DS, ..., DV] tile: DV channels
     # are one vector load, the DS vectors of a head lie in the same thread.
+    H, W, HEADS, D, D_HALF, TILES_W, TILES = sizes
+    sq_b, sq_h, sq_w, sq_n, sq_d = sq
+    sk_b, sk_h, sk_w, sk_n, sk_d = sk
+    if KV_SAME_STRIDES:
+        sv_b, sv_h, sv_w, sv_n, sv_d = sk
+    else:
+        sv_b, sv_h, sv_w, sv_n, sv_d = sv
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w = s_tab
+    dil_h, dil_w = dil
     G: tl.constexpr = BLOCK_H * TW
     BLOCK_D: tl.constexpr = DS * DV
     # rel halves split at compile time: one vector per head, d even and a power of two
@@ -424,19 +433,26 @@ def _tile2d_fwd_kernel(
 
     b_o = b_acc * (1.0 / b_l)[None, :, :, :, None]
     b_lse = (b_m + tl.log2(b_l)) * 0.6931471805599453
-    o_ond = tl.multiple_of(o_nr * so_n, VEC)[None, :, None] + o_chr * so_d
+    # out and lse are the launcher's fresh contiguous tensors: their strides follow from
+    # the shape (constants with EVEN_ROW), 64-bit from the pixel stride up
+    so_w = n_heads * d_all
+    so_h = tl.cast(W, tl.int64) * so_w  # tl.cast: H or W may be the constant 1
+    so_b = tl.cast(H, tl.int64) * so_h
+    sl_h = tl.cast(W, tl.int64) * n_heads
+    sl_b = tl.cast(H, tl.int64) * sl_h
+    o_ond = tl.multiple_of(o_nr * d_all, VEC)[None, :, None] + o_chr
     o0, o1, o2, o3 = _unstack(b_o, PIX)
     l0, l1, l2, l3 = _unstack3(b_lse, PIX)
     _store_pixel(o_ptr, lse_ptr, o0, l0, b, y, x, W, m_y, o_ond, m_nd, o_n, HEADS,
-                 so_b, so_h, so_w, sl_b, sl_h, sl_w, sl_n, VEC)
+                 so_b, so_h, so_w, sl_b, sl_h, n_heads, 1, VEC)
     if PIX > 1:
         _store_pixel(o_ptr, lse_ptr, o1, l1, b, y, x + 1, W, m_y, o_ond, m_nd, o_n, HEADS,
-                     so_b, so_h, so_w, sl_b, sl_h, sl_w, sl_n, VEC)
+                     so_b, so_h, so_w, sl_b, sl_h, n_heads, 1, VEC)
     if PIX > 2:
         _store_pixel(o_ptr, lse_ptr, o2, l2, b, y, x + 2, W, m_y, o_ond, m_nd, o_n, HEADS,
-                     so_b, so_h, so_w, sl_b, sl_h, sl_w, sl_n, VEC)
+                     so_b, so_h, so_w, sl_b, sl_h, n_heads, 1, VEC)
         _store_pixel(o_ptr, lse_ptr, o3, l3, b, y, x + 3, W, m_y, o_ond, m_nd, o_n, HEADS,
-                     so_b, so_h, so_w, sl_b, sl_h, sl_w, sl_n, VEC)
+                     so_b, so_h, so_w, sl_b, sl_h, n_heads, 1, VEC)
 
 
 # --- host side --------------------------------------------------------------------------
@@ -559,9 +575,10 @@ def _plan(q_shape, dtype, esize: int, strides, args, align: int, config) -> Laun
             pix > 1 and (args.padding == "shift" or args.dw != 1)):
         raise ValueError(f"tile2d config {config!r}: PIX must be 1, 2 or 4 dividing BLOCK_W, "
                          "and 1 in shift mode or with column dilation")
+    lse_layout = (q_shape[:4], contiguous_strides(q_shape[:4]))
     if B * H * W * heads * d == 0:
-        return NO_LAUNCH
-    out_strides, lse_strides = contiguous_strides(q_shape), contiguous_strides(q_shape[:4])
+        return NO_LAUNCH._replace(layouts=(lse_layout,))
+    out_strides = contiguous_strides(q_shape)  # the kernel derives out's and lse's strides
     vec = min(align, stride_vector_width([(d, st) for st in (*strides, out_strides)],
                                          next_pow2(d)))
     dv = min(next_pow2(d), 16 // esize, vec)  # channels per vector load
@@ -587,9 +604,9 @@ def _plan(q_shape, dtype, esize: int, strides, args, align: int, config) -> Laun
     return launch_plan(
         _PARAMS,
         grid=(B * tiles,),
-        head=(H, W, heads, d, d // 2, tiles_w, tiles, *strides[0], *strides[1], *strides[2],
-              *out_strides, *lse_strides),
-        tail=(args.dh, args.dw, args.scale * LOG2E.value),
+        head=((H, W, heads, d, d // 2, tiles_w, tiles), *strides[:2],
+              None if kv_same else strides[2]),
+        tail=((args.dh, args.dw), args.scale * LOG2E.value),
         flags=dict(
             KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
             HAS_REL=args.rel_h is not None, HAS_RPB=args.rpb is not None,
@@ -601,6 +618,7 @@ def _plan(q_shape, dtype, esize: int, strides, args, align: int, config) -> Laun
             TIES_ASCENDING=_TIES_ASCENDING, SPLIT=split,
             **options,
         ),
+        layouts=(lse_layout,),
     )
 
 
@@ -610,20 +628,18 @@ _PARAMS = _tile2d_fwd_kernel.arg_names  # read at import: a recorder may stand i
 
 def forward(q, k, v, args, config=None, _poison=False):
     """(out, lse) of the forward; see kernels/__init__ and SASA's SPEC.md."""
-    out, lse = alloc_outputs(q, _poison)
+    out = new_output_like(q, _poison)  # first: its address is part of the key
     shape, esize, strides = q.shape, q.element_size(), (q.stride(), k.stride(), v.stride())
     align = pointer_alignment((q, k, v, out))
     plan = _plans((shape, q.dtype, strides, args_key(args), align, config_key(config),
                    _TIES_ASCENDING),  # a test flips it
                   tuple(shape), q.dtype, esize, strides, args, align, config)
+    lse = new_lse(plan.layouts[0], q.device, _poison)
     if plan.grid is None:
         return out, lse
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
-    dummy = q  # never read when the flag is off
     _tile2d_fwd_kernel[plan.grid](
-        q, k, v, out, lse,
-        dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
-        dummy if rpb is None else rpb,
-        *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
+        q, k, v, out, lse, rel_h, rel_w, rpb,  # None when absent (never read then)
+        *plan.head, table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )
     return out, lse

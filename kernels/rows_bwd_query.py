@@ -530,76 +530,125 @@ def _query_grads_kernel(
 
 
 @triton.jit
-def _sum_slots(p_row, count, step, C, o_c, m_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """[BLOCK_C] sums over `count` slots (stride `step` slots of C floats, from p_row) of
-    columns o_c (m_c: valid), in a fixed order: BLOCK_R slots per step, then a tree."""
-    o_r = tl.arange(0, BLOCK_R)
-    o_rc = o_r[:, None] * (step * C) + o_c[None, :]  # int32 inside one block of slots
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for e0 in range(0, count, BLOCK_R):
-        p_blk = p_row + e0 * (step * C)
-        acc += tl.load(p_blk + o_rc, mask=((e0 + o_r) < count)[:, None] & m_c[None, :],
-                       other=0.0)
+def _sum_slots(p_part, count, GC: tl.constexpr, P: tl.constexpr, R: tl.constexpr,
+               EVEN: tl.constexpr, LOOP: tl.constexpr, n_pos):
+    """[P] sums of the P consecutive floats at p_part (the first n_pos of them valid) over
+    `count` slot groups GC floats apart, in a fixed order: R groups per step (a mask-free
+    loop, then one masked step for the rest; without LOOP, count <= R: that step only),
+    then a tree over the R rows."""
+    o_r = tl.arange(0, R)
+    o_p = tl.arange(0, P)
+    o_rp = o_r[:, None] * GC + o_p[None, :]  # int32: R * GC < 2**31 (reduce_plan)
+    m_p = o_p < n_pos
+    acc = tl.zeros([R, P], dtype=tl.float32)
+    rest = count
+    if LOOP:
+        n_full = count // R
+        for _ in range(0, n_full):
+            if EVEN:
+                acc += tl.load(p_part + o_rp)
+            else:
+                acc += tl.load(p_part + o_rp, mask=m_p[None, :], other=0.0)
+            p_part += R * GC
+        rest = count - n_full * R
+    if rest > 0:
+        acc += tl.load(p_part + o_rp, mask=(o_r < rest)[:, None] & m_p[None, :], other=0.0)
     return tl.sum(acc, axis=0)
 
 
 @triton.jit
 def _reduce_tables_kernel(
     parth_ptr, partw_ptr, partb_ptr, dh_ptr, dw_ptr, db_ptr,
-    n_prog_tiles, HEADS, D_HALF, D_W, KH, KW,
+    n_prog_tiles,
     sdh_n, sdh_r, sdh_d, sdw_n, sdw_r, sdw_d, sdb_n, sdb_h, sdb_w,
-    TY: tl.constexpr, TX: tl.constexpr, SHIFT: tl.constexpr,
-    RELH_SHARED: tl.constexpr, RELW_SHARED: tl.constexpr, HAS_REL: tl.constexpr,
-    HAS_RPB: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HEADS: tl.constexpr, D_HALF: tl.constexpr, D_W: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
+    SHIFT: tl.constexpr, HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
+    GC_H: tl.constexpr, GC_W: tl.constexpr, GC_B: tl.constexpr,  # floats per slot group
+    CH_H: tl.constexpr, CH_W: tl.constexpr, CH_B: tl.constexpr,  # chunks per row
+    SLOTS_H: tl.constexpr, SLOTS_W: tl.constexpr,  # slot groups per tile: HEADS if shared
+    P_REL: tl.constexpr, R_REL: tl.constexpr, P_RPB: tl.constexpr, R_RPB: tl.constexpr,
+    LOOP_REL: tl.constexpr, LOOP_RPB: tl.constexpr,  # a walk longer than one step
+    BORDER_R: tl.constexpr, BORDER_C: tl.constexpr,  # next_pow2(2KH - 1), (2KW - 1)
 ):
-    """One program per (output row, head): rel_h rows [0, TY), then rel_w rows [0, TX),
-    then the rpb rows [0, 2*KH - 1). It sums that row over every query-kernel program (of
-    its head, or of all heads for a shared table, by the head-0 program) in a fixed order,
-    scaled already, and stores it in the table's dtype. Partial buffers hold [row, slot,
-    column], the slot being the query kernel's pid = (tile, head): a row's slots are
-    contiguous (every HEADS-th for a per-head table)."""
-    r = tl.program_id(0)
-    n = tl.program_id(1)
+    """One program per (table row, chunk of P consecutive positions of a slot group): it
+    sums those positions over every query-kernel program in a fixed order (scaled
+    already) and stores them in the table's dtype. Partial buffers hold [row, slot,
+    column], the slot being the query kernel's pid = tile * HEADS + head, so a row is
+    a run of slot groups: one slot (C floats) for a shared table, HEADS slots (HEADS * C
+    floats, position = head * C + column) for a per-head table or rpb. Programs, in
+    order: rel_h rows x chunks, rel_w rows x chunks, rpb rows x chunks, then (zeros /
+    mask with rpb) one program per head storing the zeros of rpb's border (only its
+    middle KH x KW is reachable)."""
+    pid = tl.program_id(0)
     n_slots = n_prog_tiles.to(tl.int64) * HEADS
-    o_c = tl.arange(0, BLOCK_C)
-    if r < TY + TX:  # rel_h row r, or rel_w row r - TY
+    U_H: tl.constexpr = TY * CH_H  # programs of each table (CH_ 0 without it)
+    U_W: tl.constexpr = TX * CH_W
+    U_B: tl.constexpr = TY * CH_B
+    o_p = tl.arange(0, P_REL)
+    if pid < U_H + U_W:
         if HAS_REL:
-            if r < TY:
-                p_row = parth_ptr + r * n_slots * D_HALF
-                n_c = D_HALF
-                shared = RELH_SHARED
-                p_out = dh_ptr + n * sdh_n + r * sdh_r + o_c * sdh_d
+            if (GC_H == GC_W) and (SLOTS_H == SLOTS_W):  # d even, same sharing: one walk
+                count = n_prog_tiles * SLOTS_H
+                if pid < U_H:
+                    row = pid // CH_H
+                    chunk = pid % CH_H
+                    p_part = parth_ptr + row * n_slots * D_HALF + chunk * P_REL
+                else:
+                    row = (pid - U_H) // CH_W
+                    chunk = (pid - U_H) % CH_W
+                    p_part = partw_ptr + row * n_slots * D_W + chunk * P_REL
+                tot = _sum_slots(p_part, count, GC_H, P_REL, R_REL, GC_H % P_REL == 0,
+                                 LOOP_REL, GC_H - chunk * P_REL)
             else:
-                p_row = partw_ptr + (r - TY) * n_slots * D_W
-                n_c = D_W
-                shared = RELW_SHARED
-                p_out = dw_ptr + n * sdw_n + (r - TY) * sdw_r + o_c * sdw_d
-            if shared:
-                if n == 0:
-                    tot = _sum_slots(p_row, n_prog_tiles * HEADS, 1, n_c, o_c, o_c < n_c,
-                                     BLOCK_R, BLOCK_C)
-                    tl.store(p_out, tot.to(p_out.dtype.element_ty), mask=o_c < n_c)
+                if pid < U_H:
+                    row = pid // CH_H
+                    chunk = pid % CH_H
+                    tot = _sum_slots(parth_ptr + row * n_slots * D_HALF + chunk * P_REL,
+                                     n_prog_tiles * SLOTS_H, GC_H,
+                                     P_REL, R_REL, GC_H % P_REL == 0, LOOP_REL, GC_H - chunk * P_REL)
+                else:
+                    row = (pid - U_H) // CH_W
+                    chunk = (pid - U_H) % CH_W
+                    tot = _sum_slots(partw_ptr + row * n_slots * D_W + chunk * P_REL,
+                                     n_prog_tiles * SLOTS_W, GC_W,
+                                     P_REL, R_REL, GC_W % P_REL == 0, LOOP_REL, GC_W - chunk * P_REL)
+            o_pos = chunk * P_REL + o_p  # position in the slot group: head * C + column
+            if pid < U_H:
+                tl.store(dh_ptr + (o_pos // D_HALF) * sdh_n + row * sdh_r
+                         + (o_pos % D_HALF) * sdh_d,
+                         tot.to(dh_ptr.dtype.element_ty), mask=o_pos < GC_H)
             else:
-                tot = _sum_slots(p_row + n * n_c, n_prog_tiles, HEADS, n_c, o_c, o_c < n_c,
-                                 BLOCK_R, BLOCK_C)
-                tl.store(p_out, tot.to(p_out.dtype.element_ty), mask=o_c < n_c)
-    else:  # rpb row rr of (2KH-1, 2KW-1); zeros/mask reach only the middle KH x KW
+                tl.store(dw_ptr + (o_pos // D_W) * sdw_n + row * sdw_r + (o_pos % D_W) * sdw_d,
+                         tot.to(dw_ptr.dtype.element_ty), mask=o_pos < GC_W)
+    elif pid < U_H + U_W + U_B:  # rpb partial row tr, columns tx
         if HAS_RPB:
-            rr = r - TY - TX
+            u = pid - U_H - U_W
+            tr = u // CH_B
+            chunk = u % CH_B
+            tot = _sum_slots(partb_ptr + tr * n_slots * TX + chunk * P_RPB, n_prog_tiles, GC_B,
+                             P_RPB, R_RPB, GC_B % P_RPB == 0, LOOP_RPB, GC_B - chunk * P_RPB)
+            o_pos = chunk * P_RPB + tl.arange(0, P_RPB)
             if SHIFT:
-                tr = rr
-                o_tc = o_c
-            else:
-                tr = rr - KH // 2
-                o_tc = o_c - KW // 2
-            m_c = (o_tc >= 0) & (o_tc < TX)
-            tot = tl.zeros([BLOCK_C], dtype=tl.float32)
-            if (tr >= 0) & (tr < TY):
-                tot = _sum_slots(partb_ptr + (tr * n_slots + n) * TX, n_prog_tiles, HEADS, TX,
-                                 o_tc, m_c, BLOCK_R, BLOCK_C)
-            tl.store(db_ptr + n * sdb_n + rr * sdb_h + o_c * sdb_w,
-                     tot.to(db_ptr.dtype.element_ty), mask=o_c < 2 * KW - 1)
+                rr = tr
+                o_c = o_pos % TX
+            else:  # zeros / mask: tap (tr, tx) is rpb[KH//2 + tr, KW//2 + tx]
+                rr = tr + KH // 2
+                o_c = o_pos % TX + KW // 2
+            tl.store(db_ptr + (o_pos // TX) * sdb_n + rr * sdb_h + o_c * sdb_w,
+                     tot.to(db_ptr.dtype.element_ty), mask=o_pos < GC_B)
+    else:  # zeros / mask with rpb: head n's border of zeros
+        if HAS_RPB:
+            if not SHIFT:
+                n = pid - U_H - U_W - U_B
+                o_rr = tl.arange(0, BORDER_R)
+                o_cc = tl.arange(0, BORDER_C)
+                m_in = (o_rr < 2 * KH - 1)[:, None] & (o_cc < 2 * KW - 1)[None, :]
+                m_mid = ((o_rr >= KH // 2) & (o_rr < KH // 2 + KH))[:, None] & (
+                    (o_cc >= KW // 2) & (o_cc < KW // 2 + KW))[None, :]
+                zero = tl.zeros([BORDER_R, BORDER_C], dtype=tl.float32)
+                tl.store(db_ptr + n * sdb_n + o_rr[:, None] * sdb_h + o_cc[None, :] * sdb_w,
+                         zero.to(db_ptr.dtype.element_ty), mask=m_in & ~m_mid)
 
 
 # --- host side --------------------------------------------------------------------------
@@ -836,8 +885,19 @@ def reduce_plan(args: AttendArgs, heads: int, d: int, n_tiles: int, ty_n: int,
     if not (has_rel or has_rpb):
         return None
     d_half = d // 2
-    rows = ty_n + tx_n + (2 * kh - 1 if has_rpb else 0)
-    block_c = next_pow2(max(d - d_half, 2 * kw - 1 if has_rpb else 1))  # no padding
+    shared_h = has_rel and rel_h.dim() == 2
+    shared_w = has_rel and rel_w.dim() == 2
+    gc_h = d_half * (1 if shared_h else heads)  # floats per slot group (position chunks)
+    gc_w = (d - d_half) * (1 if shared_w else heads)
+    gc_b = heads * tx_n
+    rel_rows = ty_n + tx_n if has_rel else 0
+    rpb_rows = ty_n if has_rpb else 0
+    p_rel, r_rel, warps = _reduce_tile(rel_rows, max(gc_h, gc_w), n_tiles * heads, None)
+    p_rpb, r_rpb, warps = _reduce_tile(rpb_rows, gc_b, n_tiles, warps if has_rel else None)
+    ch_h = -(-gc_h // p_rel) if has_rel else 0
+    ch_w = -(-gc_w // p_rel) if has_rel else 0
+    ch_b = -(-gc_b // p_rpb) if has_rpb else 0
+    border = heads if has_rpb and args.padding != "shift" else 0
     table_shapes = [  # the gradients: contiguous, shaped like the tables
         (t.dim() == 3 and (heads,) or ()) + rest if t is not None else None
         for t, rest in ((rel_h, (ty_n, d_half)), (rel_w, (tx_n, d - d_half)),
@@ -848,17 +908,46 @@ def reduce_plan(args: AttendArgs, heads: int, d: int, n_tiles: int, ty_n: int,
         grad_strides += (0, *st) if len(st) == 2 else st
     return launch_plan(
         _REDUCE_PARAMS,
-        grid=(rows, heads),
-        head=(n_tiles, heads, d_half, d - d_half, kh, kw, *grad_strides),
+        grid=(ty_n * ch_h + tx_n * ch_w + ty_n * ch_b + border,),
+        head=(n_tiles, *grad_strides),
         tail=(),
         flags=dict(
-            TY=ty_n, TX=tx_n, SHIFT=args.padding == "shift",
-            RELH_SHARED=has_rel and rel_h.dim() == 2,
-            RELW_SHARED=has_rel and rel_w.dim() == 2,
-            HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_R=max(16, 4096 // block_c),
-            BLOCK_C=block_c, num_warps=4,
+            HEADS=heads, D_HALF=d_half, D_W=d - d_half, KH=kh, KW=kw, TY=ty_n, TX=tx_n,
+            SHIFT=args.padding == "shift", HAS_REL=has_rel, HAS_RPB=has_rpb,
+            GC_H=gc_h, GC_W=gc_w, GC_B=gc_b, CH_H=ch_h, CH_W=ch_w, CH_B=ch_b,
+            SLOTS_H=heads if shared_h else 1, SLOTS_W=heads if shared_w else 1,
+            P_REL=p_rel, R_REL=r_rel, P_RPB=p_rpb, R_RPB=r_rpb,
+            LOOP_REL=n_tiles * heads > r_rel, LOOP_RPB=n_tiles > r_rpb,
+            BORDER_R=next_pow2(2 * kh - 1), BORDER_C=next_pow2(2 * kw - 1),
+            num_warps=warps,
         ),
     )
+
+
+REDUCE_PROGRAMS = 132  # one wave on an H100 (SMs); more positions per program beyond it
+REDUCE_LOADS = 32  # loads (of up to 16 bytes) per thread and step of the slot walk: fewer
+# and LLVM unrolls the walk into a main loop and a remainder loop
+
+
+def _reduce_tile(rows: int, gc: int, count: int, warps: Optional[int]) -> tuple[int, int, int]:
+    """(P, R, num_warps) of one walk of the table reduction: P positions per program (a
+    power of two, at most 16, the largest that still gives rows * ceil(gc / P) >= one
+    wave of programs: the sum's order is fixed by program, so only positions and rows
+    spread it), R slot groups per step (REDUCE_LOADS loads per thread;
+    R * gc < 2**31 keeps the in-step offsets int32) and, unless given, enough warps for
+    4 per SM when the programs' floats allow."""
+    p = 16
+    while p > 1 and rows * -(-gc // p) < REDUCE_PROGRAMS:
+        p //= 2
+    p = min(p, next_pow2(gc))
+    programs = max(1, rows * -(-gc // p))
+    if warps is None:
+        per_sm = -(-programs // REDUCE_PROGRAMS)
+        warps = max(1, min(4, 4 // per_sm, next_pow2(-(-count * p // (32 * 16)))))
+    r = max(1, min(32 * warps * REDUCE_LOADS * min(p, 4) // p, next_pow2(count)))
+    while r > 1 and r * gc >= 2**31:
+        r //= 2
+    return p, r, warps
 
 
 _plans = plan_cache(_plan)

@@ -110,14 +110,17 @@ def _grads_pass(
     b_q, b_do, b_lse2, b_delta, b_bh, b_colbias, b_relh, b_relw,
     start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
     p_k0, p_v0, o_kx, o_vx, m_kv_x, sk_h, sv_h, p_rpb, srp_h, srp_w, qk_scale, scale,
+    b_qrow, b_qlo, p_sel, o_sel,
     KH: tl.constexpr, KW: tl.constexpr, SHIFT: tl.constexpr, dil_h: tl.constexpr,
     TY: tl.constexpr, TY_PAD: tl.constexpr, TX_PAD: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, HALF: tl.constexpr,
-    TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
+    TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr, ROW_DOT: tl.constexpr,
 ):
     """The key-row walk and the table products of one program: (dq / scale [M, D],
     drel_h part [TY_PAD, D], drel_w part [TX_PAD, D], drpb part [TY_PAD, TX_PAD]).
+    With ROW_DOT, b_colbias holds - lse too and the row term of walked row r is column r
+    of b_qrow + b_qlo (a bf16 hi/lo pair), added by one-hot tensor-core products.
     """
     b_acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)  # dS K
     b_gacc = tl.zeros([M, BLOCK_K], dtype=tl.float32)  # dS summed over key rows
@@ -146,17 +149,24 @@ def _grads_pass(
             o_tyq = off_y + o_a + KH - 1
         else:
             o_tyq = o_a
-        # The row part of the logit (row bias - lse, or -inf where key row y is outside the
-        # query's window) added to the column part (column bias, -inf outside the window
-        # columns): P = exp2(S * qk_scale + bias) is exactly 0 outside each window, no select.
-        b_rowterm = -b_lse2
         if HAS_REL:
             # (o_ty < TY: columns past the table are never selected; the compiler drops them)
             m_ty = (o_ty[None, :] == o_tyq[:, None]) & (o_ty < TY)[None, :]  # [M, TY_PAD]
-            b_rowterm += tl.sum(tl.where(m_ty, b_bh, 0.0), axis=1)  # [M], in-thread: no gather
-        b_rowterm = tl.where(m_row, b_rowterm, float("-inf"))
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, D] @ [D, BK] -> [M, BK]
-        b_s = b_s * qk_scale + (b_colbias + b_rowterm[:, None])
+        if ROW_DOT:  # row term (-1e30 outside the window) by a one-hot dot: no selects
+            b_sel = tl.trans(tl.load(p_sel + r * b_qrow.shape[1] + o_sel).to(b_qrow.dtype))
+            b_s = tl.dot(b_qlo, b_sel, b_s * qk_scale + b_colbias, input_precision="ieee")
+            b_s = tl.dot(b_qrow, b_sel, b_s, input_precision="ieee")  # [M, NS] @ [NS, BK]
+        else:
+            # The row part of the logit (row bias - lse, or -inf where key row y is outside
+            # the query's window) added to the column part (column bias, -inf outside the
+            # window columns): P = exp2(S * qk_scale + bias) is exactly 0 outside each
+            # window, no select.
+            b_rowterm = -b_lse2
+            if HAS_REL:
+                b_rowterm += tl.sum(tl.where(m_ty, b_bh, 0.0), axis=1)  # [M], in-thread
+            b_rowterm = tl.where(m_row, b_rowterm, float("-inf"))
+            b_s = b_s * qk_scale + (b_colbias + b_rowterm[:, None])
         if HAS_RPB:
             m_win = m_col & m_row[:, None]
             o_rpb = (off_y + o_a + KH - 1)[:, None] * srp_h + (off_x[:, None] + o_tap + KW - 1) * srp_w
@@ -189,7 +199,7 @@ def _grads_pass(
 @triton.jit
 def _program(
     pid,
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr, sel_ptr,
     dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,
     H, W, HEADS, D, D_HALF, qk_scale, scale,  # qk_scale = scale * log2(e)
     sq_b, sq_h, sq_w, sq_n, sq_d,
@@ -207,6 +217,7 @@ def _program(
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
+    ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr,
 ):
     """One program of _query_grads_kernel: loads, the pass, stores. Returns 1 (storing
     only delta) when a result came out non-finite, else 0."""
@@ -326,6 +337,35 @@ def _program(
             b_bw = tl.dot(b_qf, tl.trans(b_relw), input_precision="ieee") * qk_scale
         b_colbias = tl.gather(b_bw, o_txc, axis=1)  # [M, BK]: Bw at each column's tap
     b_colbias = tl.where(m_col, b_colbias, float("-inf"))  # the window's columns only
+    b_qrow = b_bh  # (unused without ROW_DOT)
+    b_qlo = b_bh
+    o_sel = o_ty
+    if ROW_DOT:
+        # Row term of walked key row s = y_lo + s for each query (Bh at its window row),
+        # -1e30 where the window misses that row: column s of b_qrow as a bf16 hi/lo
+        # pair (columns 2s, 2s + 1; ~16 significant bits); - lse joins the column bias.
+        o_s = tl.arange(0, NS_PAD)
+        o_dys = (y_lo + o_s)[None, :] - start_y[:, None]  # [M, NS_PAD]
+        o_dysc = tl.maximum(o_dys, 0)
+        o_as = o_dysc // dil_h
+        m_rs = (o_dys >= 0) & (o_dysc - o_as * dil_h == 0) & (o_as < KH)
+        b_g = tl.zeros([M, NS_PAD], dtype=tl.float32)
+        if HAS_REL:
+            if SHIFT:
+                o_tys = off_y[:, None] + o_as + KH - 1
+            else:
+                o_tys = o_as
+            b_g = tl.gather(b_bh, tl.where(m_rs, o_tys, 0), axis=1)
+        b_g = tl.where(m_rs, b_g, -1.0e30)
+        b_qrow = b_g.to(tl.bfloat16)  # the high part; b_qlo the rest
+        b_qlo = (b_g - b_qrow.to(tl.float32)).to(tl.bfloat16)
+        if DOT_F32:  # the interpreter's bf16 tl.dot is wrong: the bf16 values, in float32
+            b_qrow = b_qrow.to(tl.float32)
+            b_qlo = b_qlo.to(tl.float32)
+        b_colbias = b_colbias - b_lse2[:, None]
+        # one-hot rows (sel_ptr: the [NS_PAD, NS_PAD] identity, row s = slot s), the same
+        # row for each key column
+        o_sel = (tl.arange(0, BLOCK_K) * 0)[:, None] + tl.arange(0, NS_PAD)[None, :]
 
     p_k0 = k_ptr + b64 * sk_b + n64 * sk_n
     p_v0 = v_ptr + b64 * sv_b + n64 * sv_n
@@ -334,8 +374,9 @@ def _program(
         b_q, b_do, b_lse2, b_delta, b_bh, b_colbias, b_relh, b_relw,
         start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
         p_k0, p_v0, o_kx, o_vx, m_kv_x, sk_h, sv_h, p_rpb, srp_h, srp_w, qk_scale, scale,
+        b_qrow, b_qlo, sel_ptr, o_sel,
         KH, KW, SHIFT, dil_h, TY, TY_PAD, TX_PAD, HAS_REL, HAS_RPB, M, BLOCK_K, BLOCK_D,
-        DOT_F32, HALF, TABLE_HALF, KV_I32)
+        DOT_F32, HALF, TABLE_HALF, KV_I32, ROW_DOT)
     # A non-finite result may come from a NaN / inf input outside some query's window
     # that a 0 * NaN inside a product spread over the tile (a k row in dS K, a table row
     # in G rel, a q in G^T Q, a tap in the rpb sums): then nothing is stored here and the
@@ -483,7 +524,7 @@ def _safe_program(
 
 @triton.jit
 def _query_grads_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr, sel_ptr,
     dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,
     H, W, HEADS, D, D_HALF, qk_scale, scale,  # qk_scale = scale * log2(e)
     sq_b, sq_h, sq_w, sq_n, sq_d,
@@ -501,12 +542,13 @@ def _query_grads_kernel(
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
+    ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bad = _program(
         pid,
         q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr,
-        rpb_ptr, dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr, H, W,
+        rpb_ptr, sel_ptr, dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr, H, W,
         HEADS, D, D_HALF, qk_scale, scale, sq_b, sq_h, sq_w,
         sq_n, sq_d, sk_b, sk_h, sk_w, sk_n, sk_d, sv_b,
         sv_h, sv_w, sv_n, sv_d, so_b, so_h, so_w, so_n,
@@ -515,7 +557,7 @@ def _query_grads_kernel(
         srp_n, srp_h, srp_w, sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
         KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD,
         TX_PAD, HAS_REL, HAS_RPB, BLOCK_H, BLOCK_W, BLOCK_K, BLOCK_D, DOT_F32,
-        ROW_I64, HALF, TABLE_HALF, KV_I32)
+        ROW_I64, HALF, TABLE_HALF, KV_I32, ROW_DOT, NS_PAD)
     if bad > 0:  # rare: redo this program's results tap by tap (see _safe_program)
         _safe_program(
             pid, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
@@ -849,6 +891,11 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
     dq_strides = contiguous_strides(q_shape)
     # tensor-core table products for half inputs (the interpreter's dot mishandles bf16)
     half = dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRETED)
+    # the row term by a one-hot tensor-core product (16-bit inputs): one slot per key row
+    # (mma.sync tiles of 32 rows per warp; at 16 rows per warp the selects cost less)
+    row_dot = dtype in (torch.float16, torch.bfloat16) and bw * bh >= 32 * config.get(
+        "Q_num_warps", 4)
+    ns_pad = max(16, next_pow2(min(bh, H) + (kh - 1) * dh))
     grads = launch_plan(
         _QUERY_PARAMS,
         grid=(n_prog,),
@@ -863,6 +910,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
             ROW_I64=not strides_fit_i32((*strides[:5], dq_strides), W + bk, d),
             HALF=half, TABLE_HALF=half and has_rel and table_half,
             KV_I32=kv_offsets_fit_i32(strides[1:3], d, H + kh * dh, W + bk),
+            ROW_DOT=row_dot, NS_PAD=ns_pad,
             **_launch_options(config),
         ),
     )
@@ -975,6 +1023,20 @@ def query_grads(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict
     return dq, delta.as_strided(*plan.delta_layout), drel_h, drel_w, drpb
 
 
+_ONE_HOT: dict = {}
+
+
+def one_hot_rows(device, ns_pad: int) -> torch.Tensor:
+    """The row-term one-hots (ROW_DOT) as the bfloat16 [ns_pad, ns_pad] identity, cached
+    per device: row s selects slot s (column s of b_qrow)."""
+    key = (device, ns_pad)
+    table = _ONE_HOT.get(key)
+    if table is None:  # built on the host, copied once (no device kernels per call)
+        table = torch.eye(ns_pad, dtype=torch.bfloat16).to(device)
+        _ONE_HOT[key] = table
+    return table
+
+
 def plan_table_half(q, args: AttendArgs) -> bool:
     """The part of a plan's key that the tables' dtypes decide (TABLE_HALF)."""
     return args.rel_h is not None and args.rel_h.dtype == q.dtype == args.rel_w.dtype
@@ -1011,10 +1073,12 @@ def launch(plan: _Plan, q, k, v, out, lse, dout, args: AttendArgs,
             part_b = parts[-1]
     dummy = q  # never read when the flag is off
     grads = plan.grads
+    ns_pad = grads.flags["NS_PAD"]
+    sel = one_hot_rows(q.device, ns_pad) if grads.flags["ROW_DOT"] else dummy
     _query_grads_kernel[grads.grid](
         q, k, v, out, dout, lse,
         rel_h if has_rel else dummy, rel_w if has_rel else dummy, rpb if has_rpb else dummy,
-        dq, delta, part_h, part_w, part_b,
+        sel, dq, delta, part_h, part_w, part_b,
         *grads.head, *table_strides(rel_h, rel_w, rpb), *grads.tail, **grads.options,
     )
     reduce = plan.reduce

@@ -106,6 +106,19 @@ def _table_dot(a, b, HALF: tl.constexpr):
 
 
 @triton.jit
+def _table_dot_t(a, b, HALF: tl.constexpr):
+    """a @ b for a query tile `a` in the dot dtype and a float32 `b` (dS sums): with
+    HALF, `b` split into a high and a low half-precision part (as _table_dot)."""
+    if HALF:
+        b_hi = b.to(a.dtype)
+        b_lo = (b - b_hi.to(tl.float32)).to(a.dtype)
+        b_lo = tl.where(tl.abs(b) < float("inf"), b_lo, tl.zeros_like(b_lo))  # inf - inf
+        return tl.dot(a, b_hi) + tl.dot(a, b_lo)
+    else:
+        return tl.dot(a.to(tl.float32), b, input_precision="ieee")
+
+
+@triton.jit
 def _grads_pass(
     b_q, b_do, b_lse2, b_delta, b_bh, b_colbias, b_relh, b_relw,
     start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
@@ -116,9 +129,11 @@ def _grads_pass(
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, HALF: tl.constexpr,
     TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr, ROW_DOT: tl.constexpr,
+    TABLES_T: tl.constexpr,
 ):
     """The key-row walk and the table products of one program: (dq / scale [M, D],
-    drel_h part [TY_PAD, D], drel_w part [TX_PAD, D], drpb part [TY_PAD, TX_PAD]).
+    drel_h part [TY_PAD, D], drel_w part [TX_PAD, D] (transposed with TABLES_T: [D, T]),
+    drpb part [TY_PAD, TX_PAD]).
     With ROW_DOT, b_colbias holds - lse too and the row term of walked row r is column r
     of b_qrow + b_qlo (a bf16 hi/lo pair), added by one-hot tensor-core products.
     """
@@ -188,8 +203,13 @@ def _grads_pass(
         b_gcol = tl.where(m_xt, tl.gather(b_gacc, o_xt, axis=1), 0.0)  # [M, TX_PAD]
         b_acc += _table_dot(b_grow, b_relh, TABLE_HALF)  # [M, TYP] @ [TYP, D] -> [M, D]
         b_acc += _table_dot(b_gcol, b_relw, TABLE_HALF)  # [M, TXP] @ [TXP, D] -> [M, D]
-        b_ph = _table_dot(tl.trans(b_grow), b_q, HALF) * scale  # [TYP, M] @ [M, D]
-        b_pw = _table_dot(tl.trans(b_gcol), b_q, HALF) * scale  # [TXP, M] @ [M, D]
+        if TABLES_T:  # transposed: q^T as the first operand, one transpose instead of four
+            b_qt = tl.trans(b_q)
+            b_ph = _table_dot_t(b_qt, b_grow, HALF) * scale  # [D, M] @ [M, TYP] -> [D, TYP]
+            b_pw = _table_dot_t(b_qt, b_gcol, HALF) * scale  # [D, M] @ [M, TXP] -> [D, TXP]
+        else:
+            b_ph = _table_dot(tl.trans(b_grow), b_q, HALF) * scale  # [TYP, M] @ [M, D]
+            b_pw = _table_dot(tl.trans(b_gcol), b_q, HALF) * scale  # [TXP, M] @ [M, D]
     else:
         b_ph = tl.zeros([TY_PAD, BLOCK_D], dtype=tl.float32)
         b_pw = tl.zeros([TX_PAD, BLOCK_D], dtype=tl.float32)
@@ -217,7 +237,7 @@ def _program(
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
-    ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr,
+    ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
 ):
     """One program of _query_grads_kernel: loads, the pass, stores. Returns 1 (storing
     only delta) when a result came out non-finite, else 0."""
@@ -376,7 +396,7 @@ def _program(
         p_k0, p_v0, o_kx, o_vx, m_kv_x, sk_h, sv_h, p_rpb, srp_h, srp_w, qk_scale, scale,
         b_qrow, b_qlo, sel_ptr, o_sel,
         KH, KW, SHIFT, dil_h, TY, TY_PAD, TX_PAD, HAS_REL, HAS_RPB, M, BLOCK_K, BLOCK_D,
-        DOT_F32, HALF, TABLE_HALF, KV_I32, ROW_DOT)
+        DOT_F32, HALF, TABLE_HALF, KV_I32, ROW_DOT, TABLES_T)
     # A non-finite result may come from a NaN / inf input outside some query's window
     # that a 0 * NaN inside a product spread over the tile (a k row in dS K, a table row
     # in G rel, a q in G^T Q, a tap in the rpb sums): then nothing is stored here and the
@@ -392,11 +412,18 @@ def _program(
         n_prog = tl.num_programs(0).to(tl.int64)  # partials: [row, slot, column]
         if HAS_REL:
             d_w = D - D_HALF
-            tl.store(parth_ptr + (o_ty[:, None] * n_prog + prog) * D_HALF + o_d[None, :], b_ph,
-                     mask=(o_ty[:, None] < TY) & m_dh[None, :])
-            tl.store(partw_ptr + (o_txp[:, None] * n_prog + prog) * d_w + (o_d[None, :] - D_HALF),
-                     b_pw,
-                     mask=(o_txp[:, None] < TX) & m_dw[None, :])
+            if TABLES_T:  # [D, T] tiles
+                tl.store(parth_ptr + (o_ty[None, :] * n_prog + prog) * D_HALF + o_d[:, None],
+                         b_ph, mask=(o_ty[None, :] < TY) & m_dh[:, None])
+                tl.store(partw_ptr + (o_txp[None, :] * n_prog + prog) * d_w
+                         + (o_d[:, None] - D_HALF), b_pw,
+                         mask=(o_txp[None, :] < TX) & m_dw[:, None])
+            else:  # [T, D] tiles
+                tl.store(parth_ptr + (o_ty[:, None] * n_prog + prog) * D_HALF + o_d[None, :],
+                         b_ph, mask=(o_ty[:, None] < TY) & m_dh[None, :])
+                tl.store(partw_ptr + (o_txp[:, None] * n_prog + prog) * d_w
+                         + (o_d[None, :] - D_HALF), b_pw,
+                         mask=(o_txp[:, None] < TX) & m_dw[None, :])
         if HAS_RPB:
             tl.store(partb_ptr + (o_ty[:, None] * n_prog + prog) * TX + o_txp[None, :], b_prpb,
                      mask=(o_ty[:, None] < TY) & (o_txp[None, :] < TX))
@@ -542,7 +569,7 @@ def _query_grads_kernel(
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
-    ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr,
+    ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bad = _program(
@@ -557,7 +584,7 @@ def _query_grads_kernel(
         srp_n, srp_h, srp_w, sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
         KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD,
         TX_PAD, HAS_REL, HAS_RPB, BLOCK_H, BLOCK_W, BLOCK_K, BLOCK_D, DOT_F32,
-        ROW_I64, HALF, TABLE_HALF, KV_I32, ROW_DOT, NS_PAD)
+        ROW_I64, HALF, TABLE_HALF, KV_I32, ROW_DOT, NS_PAD, TABLES_T)
     if bad > 0:  # rare: redo this program's results tap by tap (see _safe_program)
         _safe_program(
             pid, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
@@ -893,8 +920,12 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
     half = dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRETED)
     # the row term by a one-hot tensor-core product (16-bit inputs): one slot per key row
     # (mma.sync tiles of 32 rows per warp; at 16 rows per warp the selects cost less)
-    row_dot = dtype in (torch.float16, torch.bfloat16) and bw * bh >= 32 * config.get(
-        "Q_num_warps", 4)
+    wide = bw * bh >= 32 * config.get("Q_num_warps", 4)  # 32 queries per warp (mma.sync)
+    row_dot = dtype in (torch.float16, torch.bfloat16) and wide
+    # the table partials as q^T @ G (one transpose, not four): fewer instructions and no
+    # spill at 16 queries per warp (PREDICTED s3 14692 -> 14296 warp instructions per
+    # program), more at 32 (s1 +60)
+    tables_t = not wide
     ns_pad = max(16, next_pow2(min(bh, H) + (kh - 1) * dh))
     grads = launch_plan(
         _QUERY_PARAMS,
@@ -910,7 +941,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
             ROW_I64=not strides_fit_i32((*strides[:5], dq_strides), W + bk, d),
             HALF=half, TABLE_HALF=half and has_rel and table_half,
             KV_I32=kv_offsets_fit_i32(strides[1:3], d, H + kh * dh, W + bk),
-            ROW_DOT=row_dot, NS_PAD=ns_pad,
+            ROW_DOT=row_dot, NS_PAD=ns_pad, TABLES_T=tables_t,
             **_launch_options(config),
         ),
     )

@@ -26,13 +26,17 @@ key rows, split into columns once after the row loop); then
 and drpb part [t_row, t_col] = sum of dS at that tap. Table indices are "rel indices":
 the tap (zeros/mask) or offset + k - 1 (shift), so a shift program's partial covers the
 whole 2k-1 table. The partials go to per-program buffers that `_reduce_tables_kernel`
-sums in a fixed order (one more launch), scaling, summing over heads for 2-D tables and
-casting to the table dtype.
+sums in a fixed order (one more launch; a program per table row and chunk of positions),
+summing over heads for 2-D tables and casting to the table dtype.
 
 The window rides in the two terms, with no select per score element: the column term
 (column bias, made once) is -inf at halo columns outside the query's window, the row term
 (row bias - lse*log2(e), one value per query and key row) is -inf where the key row is
-outside it, so P is exactly 0 there and so is dS (for a finite dP).
+outside it, so P is exactly 0 there and so is dS (for a finite dP). With ROW_DOT (16-bit
+inputs, 32 queries per warp) the row term is instead a table made once, [M, NS_PAD]: for
+each walked key row, Bh at the query's window row (-1e30 outside the window), split into
+bf16 hi + lo and added to the logits by two one-hot tensor-core products per key row
+(`one_hot_rows`); - lse joins the column bias.
 
 Non-finite inputs: a NaN / inf outside some query's window reaches that query's results
 through S or dP (k, v: -inf + inf, 0 * inf) or a 0 * NaN inside a product (dS K, G rel,
@@ -924,8 +928,8 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
     row_dot = dtype in (torch.float16, torch.bfloat16) and wide
     # the table partials as q^T @ G (one transpose, not four): fewer instructions and no
     # spill at 16 queries per warp (PREDICTED s3 14692 -> 14296 warp instructions per
-    # program), more at 32 (s1 +60)
-    tables_t = not wide
+    # program); at 32 fewer for d >= 16 (s2 -10, det -31), more for d = 8 (s1 +60)
+    tables_t = not wide or d >= 16
     ns_pad = max(16, next_pow2(min(bh, H) + (kh - 1) * dh))
     grads = launch_plan(
         _QUERY_PARAMS,

@@ -31,8 +31,8 @@ Mapping per kernel (what the trip counts stand for):
 * `_reduce_tables_kernel`: [rel rows' slot groups (one walk for rel_h and rel_w unless
   their slot groups differ: odd d, or one shared and the other per head)], [rpb slot
   groups] (slot groups // R_REL or R_RPB: the mask-free steps; the masked rest is
-  straight-line code; no loop without LOOP_REL / LOOP_RPB; each program takes one branch, so counting all for every program
-  is an upper bound).
+  straight-line code; no loop without LOOP_REL / LOOP_RPB; each program takes one
+  branch, so counting all for every program is an upper bound).
 * `_key_bwd_kernel` (rows_bwd_key): [query rows i_lo <= i < i_hi], runtime bounds: the
   key tile's ROWS rows plus HALO_H on each side, clipped to the image (the mean over the
   row blocks; rows that dilation skips count as full trips: an upper bound), then

@@ -654,7 +654,8 @@ def _reduce_tables_kernel(
     mask with rpb) one program per head storing the zeros of rpb's border (only its
     middle KH x KW is reachable)."""
     pid = tl.program_id(0)
-    n_slots = n_prog_tiles.to(tl.int64) * HEADS
+    # (n_prog_tiles == 1 arrives as a constexpr: no .to on it)
+    n_slots = (n_prog_tiles + tl.zeros([], dtype=tl.int64)) * HEADS
     U_H: tl.constexpr = TY * CH_H  # programs of each table (CH_ 0 without it)
     U_W: tl.constexpr = TX * CH_W
     U_B: tl.constexpr = TY * CH_B

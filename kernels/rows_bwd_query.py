@@ -26,13 +26,17 @@ key rows, split into columns once after the row loop); then
 and drpb part [t_row, t_col] = sum of dS at that tap. Table indices are "rel indices":
 the tap (zeros/mask) or offset + k - 1 (shift), so a shift program's partial covers the
 whole 2k-1 table. The partials go to per-program buffers that `_reduce_tables_kernel`
-sums in a fixed order (one more launch), scaling, summing over heads for 2-D tables and
-casting to the table dtype.
+sums in a fixed order (one more launch; a program per table row and chunk of positions),
+summing over heads for 2-D tables and casting to the table dtype.
 
 The window rides in the two terms, with no select per score element: the column term
 (column bias, made once) is -inf at halo columns outside the query's window, the row term
 (row bias - lse*log2(e), one value per query and key row) is -inf where the key row is
-outside it, so P is exactly 0 there and so is dS (for a finite dP).
+outside it, so P is exactly 0 there and so is dS (for a finite dP). With ROW_DOT (16-bit
+inputs, 32 queries per warp) the row term is instead a table made once, [M, NS_PAD]: for
+each walked key row, Bh at the query's window row (-1e30 outside the window), split into
+bf16 hi + lo and added to the logits by two one-hot tensor-core products per key row
+(`one_hot_rows`); - lse joins the column bias.
 
 Non-finite inputs: a NaN / inf outside some query's window reaches that query's results
 through S or dP (k, v: -inf + inf, 0 * inf) or a 0 * NaN inside a product (dS K, G rel,
@@ -106,18 +110,36 @@ def _table_dot(a, b, HALF: tl.constexpr):
 
 
 @triton.jit
+def _table_dot_t(a, b, HALF: tl.constexpr):
+    """a @ b for a query tile `a` in the dot dtype and a float32 `b` (dS sums): with
+    HALF, `b` split into a high and a low half-precision part (as _table_dot)."""
+    if HALF:
+        b_hi = b.to(a.dtype)
+        b_lo = (b - b_hi.to(tl.float32)).to(a.dtype)
+        b_lo = tl.where(tl.abs(b) < float("inf"), b_lo, tl.zeros_like(b_lo))  # inf - inf
+        return tl.dot(a, b_hi) + tl.dot(a, b_lo)
+    else:
+        return tl.dot(a.to(tl.float32), b, input_precision="ieee")
+
+
+@triton.jit
 def _grads_pass(
     b_q, b_do, b_lse2, b_delta, b_bh, b_colbias, b_relh, b_relw,
     start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
     p_k0, p_v0, o_kx, o_vx, m_kv_x, sk_h, sv_h, p_rpb, srp_h, srp_w, qk_scale, scale,
+    b_qrow, b_qlo, p_sel, o_sel,
     KH: tl.constexpr, KW: tl.constexpr, SHIFT: tl.constexpr, dil_h: tl.constexpr,
     TY: tl.constexpr, TY_PAD: tl.constexpr, TX_PAD: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, HALF: tl.constexpr,
-    TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
+    TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr, ROW_DOT: tl.constexpr,
+    TABLES_T: tl.constexpr,
 ):
     """The key-row walk and the table products of one program: (dq / scale [M, D],
-    drel_h part [TY_PAD, D], drel_w part [TX_PAD, D], drpb part [TY_PAD, TX_PAD]).
+    drel_h part [TY_PAD, D], drel_w part [TX_PAD, D] (transposed with TABLES_T: [D, T]),
+    drpb part [TY_PAD, TX_PAD]).
+    With ROW_DOT, b_colbias holds - lse too and the row term of walked row r is column r
+    of b_qrow + b_qlo (a bf16 hi/lo pair), added by one-hot tensor-core products.
     """
     b_acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)  # dS K
     b_gacc = tl.zeros([M, BLOCK_K], dtype=tl.float32)  # dS summed over key rows
@@ -146,17 +168,24 @@ def _grads_pass(
             o_tyq = off_y + o_a + KH - 1
         else:
             o_tyq = o_a
-        # The row part of the logit (row bias - lse, or -inf where key row y is outside the
-        # query's window) added to the column part (column bias, -inf outside the window
-        # columns): P = exp2(S * qk_scale + bias) is exactly 0 outside each window, no select.
-        b_rowterm = -b_lse2
         if HAS_REL:
             # (o_ty < TY: columns past the table are never selected; the compiler drops them)
             m_ty = (o_ty[None, :] == o_tyq[:, None]) & (o_ty < TY)[None, :]  # [M, TY_PAD]
-            b_rowterm += tl.sum(tl.where(m_ty, b_bh, 0.0), axis=1)  # [M], in-thread: no gather
-        b_rowterm = tl.where(m_row, b_rowterm, float("-inf"))
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, D] @ [D, BK] -> [M, BK]
-        b_s = b_s * qk_scale + (b_colbias + b_rowterm[:, None])
+        if ROW_DOT:  # row term (-1e30 outside the window) by a one-hot dot: no selects
+            b_sel = tl.trans(tl.load(p_sel + r * b_qrow.shape[1] + o_sel).to(b_qrow.dtype))
+            b_s = tl.dot(b_qlo, b_sel, b_s * qk_scale + b_colbias, input_precision="ieee")
+            b_s = tl.dot(b_qrow, b_sel, b_s, input_precision="ieee")  # [M, NS] @ [NS, BK]
+        else:
+            # The row part of the logit (row bias - lse, or -inf where key row y is outside
+            # the query's window) added to the column part (column bias, -inf outside the
+            # window columns): P = exp2(S * qk_scale + bias) is exactly 0 outside each
+            # window, no select.
+            b_rowterm = -b_lse2
+            if HAS_REL:
+                b_rowterm += tl.sum(tl.where(m_ty, b_bh, 0.0), axis=1)  # [M], in-thread
+            b_rowterm = tl.where(m_row, b_rowterm, float("-inf"))
+            b_s = b_s * qk_scale + (b_colbias + b_rowterm[:, None])
         if HAS_RPB:
             m_win = m_col & m_row[:, None]
             o_rpb = (off_y + o_a + KH - 1)[:, None] * srp_h + (off_x[:, None] + o_tap + KW - 1) * srp_w
@@ -178,8 +207,13 @@ def _grads_pass(
         b_gcol = tl.where(m_xt, tl.gather(b_gacc, o_xt, axis=1), 0.0)  # [M, TX_PAD]
         b_acc += _table_dot(b_grow, b_relh, TABLE_HALF)  # [M, TYP] @ [TYP, D] -> [M, D]
         b_acc += _table_dot(b_gcol, b_relw, TABLE_HALF)  # [M, TXP] @ [TXP, D] -> [M, D]
-        b_ph = _table_dot(tl.trans(b_grow), b_q, HALF) * scale  # [TYP, M] @ [M, D]
-        b_pw = _table_dot(tl.trans(b_gcol), b_q, HALF) * scale  # [TXP, M] @ [M, D]
+        if TABLES_T:  # transposed: q^T as the first operand, one transpose instead of four
+            b_qt = tl.trans(b_q)
+            b_ph = _table_dot_t(b_qt, b_grow, HALF) * scale  # [D, M] @ [M, TYP] -> [D, TYP]
+            b_pw = _table_dot_t(b_qt, b_gcol, HALF) * scale  # [D, M] @ [M, TXP] -> [D, TXP]
+        else:
+            b_ph = _table_dot(tl.trans(b_grow), b_q, HALF) * scale  # [TYP, M] @ [M, D]
+            b_pw = _table_dot(tl.trans(b_gcol), b_q, HALF) * scale  # [TXP, M] @ [M, D]
     else:
         b_ph = tl.zeros([TY_PAD, BLOCK_D], dtype=tl.float32)
         b_pw = tl.zeros([TX_PAD, BLOCK_D], dtype=tl.float32)
@@ -189,7 +223,7 @@ def _grads_pass(
 @triton.jit
 def _program(
     pid,
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr, sel_ptr,
     dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,
     H, W, HEADS, D, D_HALF, qk_scale, scale,  # qk_scale = scale * log2(e)
     sq_b, sq_h, sq_w, sq_n, sq_d,
@@ -207,9 +241,14 @@ def _program(
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
+    ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
+    D_C: tl.constexpr,
 ):
     """One program of _query_grads_kernel: loads, the pass, stores. Returns 1 (storing
     only delta) when a result came out non-finite, else 0."""
+    if D_C > 0:  # d as a constexpr (d < BLOCK_D): vector k/v loads under the channel mask
+        D = D_C
+        D_HALF = D_C // 2
     SHIFT: tl.constexpr = PADDING == 2
     M: tl.constexpr = BLOCK_H * BLOCK_W
     # head fastest: the heads of one tile run side by side (full cache sectors)
@@ -326,6 +365,35 @@ def _program(
             b_bw = tl.dot(b_qf, tl.trans(b_relw), input_precision="ieee") * qk_scale
         b_colbias = tl.gather(b_bw, o_txc, axis=1)  # [M, BK]: Bw at each column's tap
     b_colbias = tl.where(m_col, b_colbias, float("-inf"))  # the window's columns only
+    b_qrow = b_bh  # (unused without ROW_DOT)
+    b_qlo = b_bh
+    o_sel = o_ty
+    if ROW_DOT:
+        # Row term of walked key row s = y_lo + s for each query (Bh at its window row),
+        # -1e30 where the window misses that row: column s of b_qrow as a bf16 hi/lo
+        # pair (columns 2s, 2s + 1; ~16 significant bits); - lse joins the column bias.
+        o_s = tl.arange(0, NS_PAD)
+        o_dys = (y_lo + o_s)[None, :] - start_y[:, None]  # [M, NS_PAD]
+        o_dysc = tl.maximum(o_dys, 0)
+        o_as = o_dysc // dil_h
+        m_rs = (o_dys >= 0) & (o_dysc - o_as * dil_h == 0) & (o_as < KH)
+        b_g = tl.zeros([M, NS_PAD], dtype=tl.float32)
+        if HAS_REL:
+            if SHIFT:
+                o_tys = off_y[:, None] + o_as + KH - 1
+            else:
+                o_tys = o_as
+            b_g = tl.gather(b_bh, tl.where(m_rs, o_tys, 0), axis=1)
+        b_g = tl.where(m_rs, b_g, -1.0e30)
+        b_qrow = b_g.to(tl.bfloat16)  # the high part; b_qlo the rest
+        b_qlo = (b_g - b_qrow.to(tl.float32)).to(tl.bfloat16)
+        if DOT_F32:  # the interpreter's bf16 tl.dot is wrong: the bf16 values, in float32
+            b_qrow = b_qrow.to(tl.float32)
+            b_qlo = b_qlo.to(tl.float32)
+        b_colbias = b_colbias - b_lse2[:, None]
+        # one-hot rows (sel_ptr: the [NS_PAD, NS_PAD] identity, row s = slot s), the same
+        # row for each key column
+        o_sel = (tl.arange(0, BLOCK_K) * 0)[:, None] + tl.arange(0, NS_PAD)[None, :]
 
     p_k0 = k_ptr + b64 * sk_b + n64 * sk_n
     p_v0 = v_ptr + b64 * sv_b + n64 * sv_n
@@ -334,8 +402,9 @@ def _program(
         b_q, b_do, b_lse2, b_delta, b_bh, b_colbias, b_relh, b_relw,
         start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
         p_k0, p_v0, o_kx, o_vx, m_kv_x, sk_h, sv_h, p_rpb, srp_h, srp_w, qk_scale, scale,
+        b_qrow, b_qlo, sel_ptr, o_sel,
         KH, KW, SHIFT, dil_h, TY, TY_PAD, TX_PAD, HAS_REL, HAS_RPB, M, BLOCK_K, BLOCK_D,
-        DOT_F32, HALF, TABLE_HALF, KV_I32)
+        DOT_F32, HALF, TABLE_HALF, KV_I32, ROW_DOT, TABLES_T)
     # A non-finite result may come from a NaN / inf input outside some query's window
     # that a 0 * NaN inside a product spread over the tile (a k row in dS K, a table row
     # in G rel, a q in G^T Q, a tap in the rpb sums): then nothing is stored here and the
@@ -351,11 +420,18 @@ def _program(
         n_prog = tl.num_programs(0).to(tl.int64)  # partials: [row, slot, column]
         if HAS_REL:
             d_w = D - D_HALF
-            tl.store(parth_ptr + (o_ty[:, None] * n_prog + prog) * D_HALF + o_d[None, :], b_ph,
-                     mask=(o_ty[:, None] < TY) & m_dh[None, :])
-            tl.store(partw_ptr + (o_txp[:, None] * n_prog + prog) * d_w + (o_d[None, :] - D_HALF),
-                     b_pw,
-                     mask=(o_txp[:, None] < TX) & m_dw[None, :])
+            if TABLES_T:  # [D, T] tiles
+                tl.store(parth_ptr + (o_ty[None, :] * n_prog + prog) * D_HALF + o_d[:, None],
+                         b_ph, mask=(o_ty[None, :] < TY) & m_dh[:, None])
+                tl.store(partw_ptr + (o_txp[None, :] * n_prog + prog) * d_w
+                         + (o_d[:, None] - D_HALF), b_pw,
+                         mask=(o_txp[None, :] < TX) & m_dw[:, None])
+            else:  # [T, D] tiles
+                tl.store(parth_ptr + (o_ty[:, None] * n_prog + prog) * D_HALF + o_d[None, :],
+                         b_ph, mask=(o_ty[:, None] < TY) & m_dh[None, :])
+                tl.store(partw_ptr + (o_txp[:, None] * n_prog + prog) * d_w
+                         + (o_d[None, :] - D_HALF), b_pw,
+                         mask=(o_txp[:, None] < TX) & m_dw[None, :])
         if HAS_RPB:
             tl.store(partb_ptr + (o_ty[:, None] * n_prog + prog) * TX + o_txp[None, :], b_prpb,
                      mask=(o_ty[:, None] < TY) & (o_txp[None, :] < TX))
@@ -483,7 +559,7 @@ def _safe_program(
 
 @triton.jit
 def _query_grads_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr, sel_ptr,
     dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,
     H, W, HEADS, D, D_HALF, qk_scale, scale,  # qk_scale = scale * log2(e)
     sq_b, sq_h, sq_w, sq_n, sq_d,
@@ -501,12 +577,14 @@ def _query_grads_kernel(
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
+    ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
+    D_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bad = _program(
         pid,
         q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr,
-        rpb_ptr, dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr, H, W,
+        rpb_ptr, sel_ptr, dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr, H, W,
         HEADS, D, D_HALF, qk_scale, scale, sq_b, sq_h, sq_w,
         sq_n, sq_d, sk_b, sk_h, sk_w, sk_n, sk_d, sv_b,
         sv_h, sv_w, sv_n, sv_d, so_b, so_h, so_w, so_n,
@@ -515,7 +593,7 @@ def _query_grads_kernel(
         srp_n, srp_h, srp_w, sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
         KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD,
         TX_PAD, HAS_REL, HAS_RPB, BLOCK_H, BLOCK_W, BLOCK_K, BLOCK_D, DOT_F32,
-        ROW_I64, HALF, TABLE_HALF, KV_I32)
+        ROW_I64, HALF, TABLE_HALF, KV_I32, ROW_DOT, NS_PAD, TABLES_T, D_C)
     if bad > 0:  # rare: redo this program's results tap by tap (see _safe_program)
         _safe_program(
             pid, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
@@ -530,76 +608,126 @@ def _query_grads_kernel(
 
 
 @triton.jit
-def _sum_slots(p_row, count, step, C, o_c, m_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """[BLOCK_C] sums over `count` slots (stride `step` slots of C floats, from p_row) of
-    columns o_c (m_c: valid), in a fixed order: BLOCK_R slots per step, then a tree."""
-    o_r = tl.arange(0, BLOCK_R)
-    o_rc = o_r[:, None] * (step * C) + o_c[None, :]  # int32 inside one block of slots
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for e0 in range(0, count, BLOCK_R):
-        p_blk = p_row + e0 * (step * C)
-        acc += tl.load(p_blk + o_rc, mask=((e0 + o_r) < count)[:, None] & m_c[None, :],
-                       other=0.0)
+def _sum_slots(p_part, count, GC: tl.constexpr, P: tl.constexpr, R: tl.constexpr,
+               EVEN: tl.constexpr, LOOP: tl.constexpr, n_pos):
+    """[P] sums of the P consecutive floats at p_part (the first n_pos of them valid) over
+    `count` slot groups GC floats apart, in a fixed order: R groups per step (a mask-free
+    loop, then one masked step for the rest; without LOOP, count <= R: that step only),
+    then a tree over the R rows."""
+    o_r = tl.arange(0, R)
+    o_p = tl.arange(0, P)
+    o_rp = o_r[:, None] * GC + o_p[None, :]  # int32: R * GC < 2**31 (reduce_plan)
+    m_p = o_p < n_pos
+    acc = tl.zeros([R, P], dtype=tl.float32)
+    rest = count
+    if LOOP:
+        n_full = count // R
+        for _ in range(0, n_full):
+            if EVEN:
+                acc += tl.load(p_part + o_rp)
+            else:
+                acc += tl.load(p_part + o_rp, mask=m_p[None, :], other=0.0)
+            p_part += R * GC
+        rest = count - n_full * R
+    if rest > 0:
+        acc += tl.load(p_part + o_rp, mask=(o_r < rest)[:, None] & m_p[None, :], other=0.0)
     return tl.sum(acc, axis=0)
 
 
 @triton.jit
 def _reduce_tables_kernel(
     parth_ptr, partw_ptr, partb_ptr, dh_ptr, dw_ptr, db_ptr,
-    n_prog_tiles, HEADS, D_HALF, D_W, KH, KW,
+    n_prog_tiles,
     sdh_n, sdh_r, sdh_d, sdw_n, sdw_r, sdw_d, sdb_n, sdb_h, sdb_w,
-    TY: tl.constexpr, TX: tl.constexpr, SHIFT: tl.constexpr,
-    RELH_SHARED: tl.constexpr, RELW_SHARED: tl.constexpr, HAS_REL: tl.constexpr,
-    HAS_RPB: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HEADS: tl.constexpr, D_HALF: tl.constexpr, D_W: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
+    SHIFT: tl.constexpr, HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
+    GC_H: tl.constexpr, GC_W: tl.constexpr, GC_B: tl.constexpr,  # floats per slot group
+    CH_H: tl.constexpr, CH_W: tl.constexpr, CH_B: tl.constexpr,  # chunks per row
+    SLOTS_H: tl.constexpr, SLOTS_W: tl.constexpr,  # slot groups per tile: HEADS if shared
+    P_REL: tl.constexpr, R_REL: tl.constexpr, P_RPB: tl.constexpr, R_RPB: tl.constexpr,
+    LOOP_REL: tl.constexpr, LOOP_RPB: tl.constexpr,  # a walk longer than one step
+    BORDER_R: tl.constexpr, BORDER_C: tl.constexpr,  # next_pow2(2KH - 1), (2KW - 1)
 ):
-    """One program per (output row, head): rel_h rows [0, TY), then rel_w rows [0, TX),
-    then the rpb rows [0, 2*KH - 1). It sums that row over every query-kernel program (of
-    its head, or of all heads for a shared table, by the head-0 program) in a fixed order,
-    scaled already, and stores it in the table's dtype. Partial buffers hold [row, slot,
-    column], the slot being the query kernel's pid = (tile, head): a row's slots are
-    contiguous (every HEADS-th for a per-head table)."""
-    r = tl.program_id(0)
-    n = tl.program_id(1)
-    n_slots = n_prog_tiles.to(tl.int64) * HEADS
-    o_c = tl.arange(0, BLOCK_C)
-    if r < TY + TX:  # rel_h row r, or rel_w row r - TY
+    """One program per (table row, chunk of P consecutive positions of a slot group): it
+    sums those positions over every query-kernel program in a fixed order (scaled
+    already) and stores them in the table's dtype. Partial buffers hold [row, slot,
+    column], the slot being the query kernel's pid = tile * HEADS + head, so a row is
+    a run of slot groups: one slot (C floats) for a shared table, HEADS slots (HEADS * C
+    floats, position = head * C + column) for a per-head table or rpb. Programs, in
+    order: rel_h rows x chunks, rel_w rows x chunks, rpb rows x chunks, then (zeros /
+    mask with rpb) one program per head storing the zeros of rpb's border (only its
+    middle KH x KW is reachable)."""
+    pid = tl.program_id(0)
+    # (n_prog_tiles == 1 arrives as a constexpr: no .to on it)
+    n_slots = (n_prog_tiles + tl.zeros([], dtype=tl.int64)) * HEADS
+    U_H: tl.constexpr = TY * CH_H  # programs of each table (CH_ 0 without it)
+    U_W: tl.constexpr = TX * CH_W
+    U_B: tl.constexpr = TY * CH_B
+    o_p = tl.arange(0, P_REL)
+    if pid < U_H + U_W:
         if HAS_REL:
-            if r < TY:
-                p_row = parth_ptr + r * n_slots * D_HALF
-                n_c = D_HALF
-                shared = RELH_SHARED
-                p_out = dh_ptr + n * sdh_n + r * sdh_r + o_c * sdh_d
+            if (GC_H == GC_W) and (SLOTS_H == SLOTS_W):  # d even, same sharing: one walk
+                count = n_prog_tiles * SLOTS_H
+                if pid < U_H:
+                    row = pid // CH_H
+                    chunk = pid % CH_H
+                    p_part = parth_ptr + row * n_slots * D_HALF + chunk * P_REL
+                else:
+                    row = (pid - U_H) // CH_W
+                    chunk = (pid - U_H) % CH_W
+                    p_part = partw_ptr + row * n_slots * D_W + chunk * P_REL
+                tot = _sum_slots(p_part, count, GC_H, P_REL, R_REL, GC_H % P_REL == 0,
+                                 LOOP_REL, GC_H - chunk * P_REL)
             else:
-                p_row = partw_ptr + (r - TY) * n_slots * D_W
-                n_c = D_W
-                shared = RELW_SHARED
-                p_out = dw_ptr + n * sdw_n + (r - TY) * sdw_r + o_c * sdw_d
-            if shared:
-                if n == 0:
-                    tot = _sum_slots(p_row, n_prog_tiles * HEADS, 1, n_c, o_c, o_c < n_c,
-                                     BLOCK_R, BLOCK_C)
-                    tl.store(p_out, tot.to(p_out.dtype.element_ty), mask=o_c < n_c)
+                if pid < U_H:
+                    row = pid // CH_H
+                    chunk = pid % CH_H
+                    tot = _sum_slots(parth_ptr + row * n_slots * D_HALF + chunk * P_REL,
+                                     n_prog_tiles * SLOTS_H, GC_H,
+                                     P_REL, R_REL, GC_H % P_REL == 0, LOOP_REL, GC_H - chunk * P_REL)
+                else:
+                    row = (pid - U_H) // CH_W
+                    chunk = (pid - U_H) % CH_W
+                    tot = _sum_slots(partw_ptr + row * n_slots * D_W + chunk * P_REL,
+                                     n_prog_tiles * SLOTS_W, GC_W,
+                                     P_REL, R_REL, GC_W % P_REL == 0, LOOP_REL, GC_W - chunk * P_REL)
+            o_pos = chunk * P_REL + o_p  # position in the slot group: head * C + column
+            if pid < U_H:
+                tl.store(dh_ptr + (o_pos // D_HALF) * sdh_n + row * sdh_r
+                         + (o_pos % D_HALF) * sdh_d,
+                         tot.to(dh_ptr.dtype.element_ty), mask=o_pos < GC_H)
             else:
-                tot = _sum_slots(p_row + n * n_c, n_prog_tiles, HEADS, n_c, o_c, o_c < n_c,
-                                 BLOCK_R, BLOCK_C)
-                tl.store(p_out, tot.to(p_out.dtype.element_ty), mask=o_c < n_c)
-    else:  # rpb row rr of (2KH-1, 2KW-1); zeros/mask reach only the middle KH x KW
+                tl.store(dw_ptr + (o_pos // D_W) * sdw_n + row * sdw_r + (o_pos % D_W) * sdw_d,
+                         tot.to(dw_ptr.dtype.element_ty), mask=o_pos < GC_W)
+    elif pid < U_H + U_W + U_B:  # rpb partial row tr, columns tx
         if HAS_RPB:
-            rr = r - TY - TX
+            u = pid - U_H - U_W
+            tr = u // CH_B
+            chunk = u % CH_B
+            tot = _sum_slots(partb_ptr + tr * n_slots * TX + chunk * P_RPB, n_prog_tiles, GC_B,
+                             P_RPB, R_RPB, GC_B % P_RPB == 0, LOOP_RPB, GC_B - chunk * P_RPB)
+            o_pos = chunk * P_RPB + tl.arange(0, P_RPB)
             if SHIFT:
-                tr = rr
-                o_tc = o_c
-            else:
-                tr = rr - KH // 2
-                o_tc = o_c - KW // 2
-            m_c = (o_tc >= 0) & (o_tc < TX)
-            tot = tl.zeros([BLOCK_C], dtype=tl.float32)
-            if (tr >= 0) & (tr < TY):
-                tot = _sum_slots(partb_ptr + (tr * n_slots + n) * TX, n_prog_tiles, HEADS, TX,
-                                 o_tc, m_c, BLOCK_R, BLOCK_C)
-            tl.store(db_ptr + n * sdb_n + rr * sdb_h + o_c * sdb_w,
-                     tot.to(db_ptr.dtype.element_ty), mask=o_c < 2 * KW - 1)
+                rr = tr
+                o_c = o_pos % TX
+            else:  # zeros / mask: tap (tr, tx) is rpb[KH//2 + tr, KW//2 + tx]
+                rr = tr + KH // 2
+                o_c = o_pos % TX + KW // 2
+            tl.store(db_ptr + (o_pos // TX) * sdb_n + rr * sdb_h + o_c * sdb_w,
+                     tot.to(db_ptr.dtype.element_ty), mask=o_pos < GC_B)
+    else:  # zeros / mask with rpb: head n's border of zeros
+        if HAS_RPB:
+            if not SHIFT:
+                n = pid - U_H - U_W - U_B
+                o_rr = tl.arange(0, BORDER_R)
+                o_cc = tl.arange(0, BORDER_C)
+                m_in = (o_rr < 2 * KH - 1)[:, None] & (o_cc < 2 * KW - 1)[None, :]
+                m_mid = ((o_rr >= KH // 2) & (o_rr < KH // 2 + KH))[:, None] & (
+                    (o_cc >= KW // 2) & (o_cc < KW // 2 + KW))[None, :]
+                zero = tl.zeros([BORDER_R, BORDER_C], dtype=tl.float32)
+                tl.store(db_ptr + n * sdb_n + o_rr[:, None] * sdb_h + o_cc[None, :] * sdb_w,
+                         zero.to(db_ptr.dtype.element_ty), mask=m_in & ~m_mid)
 
 
 # --- host side --------------------------------------------------------------------------
@@ -800,6 +928,15 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
     dq_strides = contiguous_strides(q_shape)
     # tensor-core table products for half inputs (the interpreter's dot mishandles bf16)
     half = dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRETED)
+    # the row term by a one-hot tensor-core product (16-bit inputs): one slot per key row
+    # (mma.sync tiles of 32 rows per warp; at 16 rows per warp the selects cost less)
+    wide = bw * bh >= 32 * config.get("Q_num_warps", 4)  # 32 queries per warp (mma.sync)
+    row_dot = dtype in (torch.float16, torch.bfloat16) and wide
+    # the table partials as q^T @ G (one transpose, not four): fewer instructions and no
+    # spill at 16 queries per warp (PREDICTED s3 14692 -> 14296 warp instructions per
+    # program); at 32 fewer for d >= 16 (s2 -10, det -31), more for d = 8 (s1 +60)
+    tables_t = not wide or d >= 16
+    ns_pad = max(16, next_pow2(min(bh, H) + (kh - 1) * dh))
     grads = launch_plan(
         _QUERY_PARAMS,
         grid=(n_prog,),
@@ -814,6 +951,8 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
             ROW_I64=not strides_fit_i32((*strides[:5], dq_strides), W + bk, d),
             HALF=half, TABLE_HALF=half and has_rel and table_half,
             KV_I32=kv_offsets_fit_i32(strides[1:3], d, H + kh * dh, W + bk),
+            ROW_DOT=row_dot, NS_PAD=ns_pad, TABLES_T=tables_t,
+            D_C=d if 1 < d < head_block(d) else 0,
             **_launch_options(config),
         ),
     )
@@ -836,8 +975,19 @@ def reduce_plan(args: AttendArgs, heads: int, d: int, n_tiles: int, ty_n: int,
     if not (has_rel or has_rpb):
         return None
     d_half = d // 2
-    rows = ty_n + tx_n + (2 * kh - 1 if has_rpb else 0)
-    block_c = next_pow2(max(d - d_half, 2 * kw - 1 if has_rpb else 1))  # no padding
+    shared_h = has_rel and rel_h.dim() == 2
+    shared_w = has_rel and rel_w.dim() == 2
+    gc_h = d_half * (1 if shared_h else heads)  # floats per slot group (position chunks)
+    gc_w = (d - d_half) * (1 if shared_w else heads)
+    gc_b = heads * tx_n
+    rel_rows = ty_n + tx_n if has_rel else 0
+    rpb_rows = ty_n if has_rpb else 0
+    p_rel, r_rel, warps = _reduce_tile(rel_rows, max(gc_h, gc_w), n_tiles * heads, None)
+    p_rpb, r_rpb, warps = _reduce_tile(rpb_rows, gc_b, n_tiles, warps if has_rel else None)
+    ch_h = -(-gc_h // p_rel) if has_rel else 0
+    ch_w = -(-gc_w // p_rel) if has_rel else 0
+    ch_b = -(-gc_b // p_rpb) if has_rpb else 0
+    border = heads if has_rpb and args.padding != "shift" else 0
     table_shapes = [  # the gradients: contiguous, shaped like the tables
         (t.dim() == 3 and (heads,) or ()) + rest if t is not None else None
         for t, rest in ((rel_h, (ty_n, d_half)), (rel_w, (tx_n, d - d_half)),
@@ -848,17 +998,46 @@ def reduce_plan(args: AttendArgs, heads: int, d: int, n_tiles: int, ty_n: int,
         grad_strides += (0, *st) if len(st) == 2 else st
     return launch_plan(
         _REDUCE_PARAMS,
-        grid=(rows, heads),
-        head=(n_tiles, heads, d_half, d - d_half, kh, kw, *grad_strides),
+        grid=(ty_n * ch_h + tx_n * ch_w + ty_n * ch_b + border,),
+        head=(n_tiles, *grad_strides),
         tail=(),
         flags=dict(
-            TY=ty_n, TX=tx_n, SHIFT=args.padding == "shift",
-            RELH_SHARED=has_rel and rel_h.dim() == 2,
-            RELW_SHARED=has_rel and rel_w.dim() == 2,
-            HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_R=max(16, 4096 // block_c),
-            BLOCK_C=block_c, num_warps=4,
+            HEADS=heads, D_HALF=d_half, D_W=d - d_half, KH=kh, KW=kw, TY=ty_n, TX=tx_n,
+            SHIFT=args.padding == "shift", HAS_REL=has_rel, HAS_RPB=has_rpb,
+            GC_H=gc_h, GC_W=gc_w, GC_B=gc_b, CH_H=ch_h, CH_W=ch_w, CH_B=ch_b,
+            SLOTS_H=heads if shared_h else 1, SLOTS_W=heads if shared_w else 1,
+            P_REL=p_rel, R_REL=r_rel, P_RPB=p_rpb, R_RPB=r_rpb,
+            LOOP_REL=n_tiles * heads > r_rel, LOOP_RPB=n_tiles > r_rpb,
+            BORDER_R=next_pow2(2 * kh - 1), BORDER_C=next_pow2(2 * kw - 1),
+            num_warps=warps,
         ),
     )
+
+
+REDUCE_PROGRAMS = 132  # one wave on an H100 (SMs); more positions per program beyond it
+REDUCE_LOADS = 32  # loads (of up to 16 bytes) per thread and step of the slot walk: fewer
+# and LLVM unrolls the walk into a main loop and a remainder loop
+
+
+def _reduce_tile(rows: int, gc: int, count: int, warps: Optional[int]) -> tuple[int, int, int]:
+    """(P, R, num_warps) of one walk of the table reduction: P positions per program (a
+    power of two, at most 16, the largest that still gives rows * ceil(gc / P) >= one
+    wave of programs: the sum's order is fixed by program, so only positions and rows
+    spread it), R slot groups per step (REDUCE_LOADS loads per thread;
+    R * gc < 2**31 keeps the in-step offsets int32) and, unless given, enough warps for
+    4 per SM when the programs' floats allow."""
+    p = 16
+    while p > 1 and rows * -(-gc // p) < REDUCE_PROGRAMS:
+        p //= 2
+    p = min(p, next_pow2(gc))
+    programs = max(1, rows * -(-gc // p))
+    if warps is None:
+        per_sm = -(-programs // REDUCE_PROGRAMS)
+        warps = max(1, min(4, 4 // per_sm, next_pow2(-(-count * p // (32 * 16)))))
+    r = max(1, min(32 * warps * REDUCE_LOADS * min(p, 4) // p, next_pow2(count)))
+    while r > 1 and r * gc >= 2**31:
+        r //= 2
+    return p, r, warps
 
 
 _plans = plan_cache(_plan)
@@ -884,6 +1063,20 @@ def query_grads(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict
                   tuple(q.shape), q.dtype, strides, args, table_half, config)
     dq, delta, drel_h, drel_w, drpb = launch(plan, q, k, v, out, lse, dout, args, _poison)
     return dq, delta.as_strided(*plan.delta_layout), drel_h, drel_w, drpb
+
+
+_ONE_HOT: dict = {}
+
+
+def one_hot_rows(device, ns_pad: int) -> torch.Tensor:
+    """The row-term one-hots (ROW_DOT) as the bfloat16 [ns_pad, ns_pad] identity, cached
+    per device: row s selects slot s (column s of b_qrow)."""
+    key = (device, ns_pad)
+    table = _ONE_HOT.get(key)
+    if table is None:  # built on the host, copied once (no device kernels per call)
+        table = torch.eye(ns_pad, dtype=torch.bfloat16).to(device)
+        _ONE_HOT[key] = table
+    return table
 
 
 def plan_table_half(q, args: AttendArgs) -> bool:
@@ -922,10 +1115,12 @@ def launch(plan: _Plan, q, k, v, out, lse, dout, args: AttendArgs,
             part_b = parts[-1]
     dummy = q  # never read when the flag is off
     grads = plan.grads
+    ns_pad = grads.flags["NS_PAD"]
+    sel = one_hot_rows(q.device, ns_pad) if grads.flags["ROW_DOT"] else dummy
     _query_grads_kernel[grads.grid](
         q, k, v, out, dout, lse,
         rel_h if has_rel else dummy, rel_w if has_rel else dummy, rpb if has_rpb else dummy,
-        dq, delta, part_h, part_w, part_b,
+        sel, dq, delta, part_h, part_w, part_b,
         *grads.head, *table_strides(rel_h, rel_w, rpb), *grads.tail, **grads.options,
     )
     reduce = plan.reduce

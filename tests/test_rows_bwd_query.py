@@ -115,6 +115,24 @@ def test_query_grads_half_default_tile_d16():
     _check(case, got, want, torch.bfloat16)
 
 
+ONE_WARP = {"Q_BLOCK_W": 8, "Q_BLOCK_H": 4, "Q_num_warps": 1}
+
+
+@pytest.mark.parametrize("dtype,case", [
+    (torch.bfloat16, CASES[0]), (torch.float16, CASES[1]), (torch.bfloat16, CASES[3]),
+    (torch.float16, CASES[5]), (torch.bfloat16, CASES[8]), (torch.bfloat16, CASES[10]),
+], ids=lambda x: str(x) if isinstance(x, torch.dtype) else x.id)
+def test_query_grads_row_term_by_one_hot_dot(dtype, case):
+    """ROW_DOT (16-bit inputs, 32 queries per warp): the row term as a bf16 hi/lo pair
+    per key row added by one-hot products, in every padding, dilation, rpb, no rel."""
+    q, k, v, kw = make_inputs(case, dtype, "contiguous", DEVICE)
+    strides = (q.stride(), k.stride(), v.stride(), q.stride(), q.stride(), q.stride()[:4])
+    plan = mod._plan(tuple(q.shape), dtype, strides, _args(q, k, v, case, kw), False, ONE_WARP)
+    assert plan.grads.flags["ROW_DOT"]
+    got, want = _run(case, dtype, config=ONE_WARP)
+    _check(case, got, want, dtype)
+
+
 @pytest.mark.parametrize("layout", ["nchw_view", "channels_last"])
 def test_query_grads_strided(layout):
     case = CASES[2]

@@ -25,6 +25,9 @@ SPECS = [  # (case, dtype, layout); B is small: it changes the grid, not the ker
     (Case(B=1, H=16, W=16, heads=2, d=128, k=7, rel="per_head"), torch.bfloat16, "nchw_view"),
     (Case(B=1, H=16, W=16, heads=2, d=128, k=3, padding="mask", rpb=True), torch.float32,
      "contiguous"),
+    # one query tile: the reduction's tile count arrives as the constexpr 1
+    (Case(B=1, H=4, W=8, heads=1, d=8, k=3, rel="shared", rpb=True), torch.bfloat16,
+     "contiguous"),
 ]
 KERNELS = ("_query_grads_kernel", "_reduce_tables_kernel")
 

@@ -28,9 +28,11 @@ Mapping per kernel (what the trip counts stand for):
   min(BLOCK_H, H) + (KH - 1) * dil_h (zeros; an upper bound for mask and shift)],
   [the non-finite slow pass, query blocks [ty < TY [tx < TX]]: 0 trips, it runs only
   for programs whose result came out non-finite]; its column loops are tl.static_range (unrolled).
-* `_reduce_tables_kernel`: [rel rows' slots (one walk for rel_h and rel_w unless one is
-  shared and the other per head)], [rpb slots] (partial slots / BLOCK_R; each program
-  takes one branch, so counting all for every program is an upper bound).
+* `_reduce_tables_kernel`: [rel rows' slot groups (one walk for rel_h and rel_w unless
+  their slot groups differ: odd d, or one shared and the other per head)], [rpb slot
+  groups] (slot groups // R_REL or R_RPB: the mask-free steps; the masked rest is
+  straight-line code; no loop without LOOP_REL / LOOP_RPB; each program takes one
+  branch, so counting all for every program is an upper bound).
 * `_key_bwd_kernel` (rows_bwd_key): [query rows i_lo <= i < i_hi], runtime bounds: the
   key tile's ROWS rows plus HALO_H on each side, clipped to the image (the mean over the
   row blocks; rows that dilation skips count as full trips: an upper bound), then
@@ -112,17 +114,17 @@ def _rows_bwd_query(c: dict) -> list[LoopSpec]:
 
 
 def _reduce_tables(c: dict) -> list[LoopSpec]:
-    def walk(name: str, shared: bool) -> LoopSpec:
-        slots = c["n_prog_tiles"] * (c["HEADS"] if shared else 1)
-        return LoopSpec(f"{name} partial slots", -(-slots // c["BLOCK_R"]), exp2=False)
+    def walk(name: str, slots: int, block_r: int) -> LoopSpec:  # mask-free steps
+        return LoopSpec(f"{name} partial slots", slots // block_r, exp2=False)
 
     loops = []
-    if c["HAS_REL"]:  # rel_h and rel_w rows share one walk when both are shared / per head
-        loops.append(walk("rel rows", c["RELH_SHARED"]))
-        if c["RELH_SHARED"] != c["RELW_SHARED"]:
-            loops.append(walk("rel_w rows", c["RELW_SHARED"]))
-    if c["HAS_RPB"]:
-        loops.append(walk("rpb", False))
+    if c["HAS_REL"] and c["LOOP_REL"]:  # rel_h and rel_w rows share one walk when their slot groups match
+        same = c["GC_H"] == c["GC_W"] and c["SLOTS_H"] == c["SLOTS_W"]
+        loops.append(walk("rel rows", c["n_prog_tiles"] * c["SLOTS_H"], c["R_REL"]))
+        if not same:
+            loops.append(walk("rel_w rows", c["n_prog_tiles"] * c["SLOTS_W"], c["R_REL"]))
+    if c["HAS_RPB"] and c["LOOP_RPB"]:
+        loops.append(walk("rpb", c["n_prog_tiles"], c["R_RPB"]))
     return loops
 
 

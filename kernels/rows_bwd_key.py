@@ -147,12 +147,19 @@ def _key_bwd_kernel(
     TH: tl.constexpr, TW: tl.constexpr, TP: tl.constexpr,  # rel_h / rel_w rows, padded sum
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROWS_P: tl.constexpr, MASK_IN_DOTS: tl.constexpr, DOT_F32: tl.constexpr,
-    ROW_I64: tl.constexpr, VEC: tl.constexpr, KV_I32: tl.constexpr,
+    ROW_I64: tl.constexpr, VEC: tl.constexpr, KV_I32: tl.constexpr, GRID3: tl.constexpr,
 ):
     SHIFT: tl.constexpr = PADDING == 2
     D_HALF: tl.constexpr = D // 2
     # head fastest: the heads of one key tile run side by side (full cache sectors)
-    n, seg, rb, b = unravel_program(tl.program_id(0), HEADS, N_SEG, tl.cdiv(H, ROWS))
+    if GRID3:  # grid (heads, tiles, batch): one division (none when N_SEG is 1), not three
+        n = tl.program_id(0)
+        t = tl.program_id(1)
+        seg = t % N_SEG
+        rb = t // N_SEG
+        b = tl.program_id(2)
+    else:  # a 1-D grid where tiles or batch exceed the grid's y / z limit
+        n, seg, rb, b = unravel_program(tl.program_id(0), HEADS, N_SEG, tl.cdiv(H, ROWS))
     y0 = rb * ROWS
     x0 = seg * COLS
 
@@ -568,9 +575,11 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
     if dtype == torch.float32:  # fp32 dots run on CUDA cores: 2-4x the registers
         launch["num_warps"] = min(8, max(4, 2 * launch.get("num_warps", 4)))
     grad_strides = contiguous_strides(q_shape)  # dk and dv
+    tiles = triton.cdiv(H, rows) * n_seg
+    grid3 = tiles <= _GRID_YZ and B <= _GRID_YZ
     return launch_plan(
         _PARAMS,
-        grid=(B * triton.cdiv(H, rows) * n_seg * heads,),
+        grid=(heads, tiles, B) if grid3 else (B * tiles * heads,),
         head=(H, W, heads, rows, cols, cols_magic(cols), n_seg, halo_h, halo_w,
               *(x for st in strides for x in st)),  # q, k, v, dout, lse, delta
         tail=(*grad_strides, *grad_strides, dh, dw, scale, scale * LOG2E.value),
@@ -588,11 +597,13 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
             VEC=min(align, stride_vector_width(
                 [(d, st) for st in (*strides[:4], grad_strides)], head_block(d))),
             KV_I32=pixel_offsets_shared((strides[1], strides[2], grad_strides), H, W),
+            GRID3=grid3,
             **launch,
         ),
     )
 
 
+_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
 _plans = plan_cache(_plan)
 _PARAMS = _key_bwd_kernel.arg_names  # read at import: a recorder may stand in later
 

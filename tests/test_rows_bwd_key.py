@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sasa_triton.args import check_attend_args
-from sasa_triton.kernels import rows_bwd_key
+from sasa_triton.kernels import launch_cache, rows_bwd_key
 
 from cases import TOLERANCES, Case, make_inputs, oracle_grads
 
@@ -97,6 +97,16 @@ def test_many_tiles(padding):
                 rpb=True)
     rows_bwd_key_config = {"K_BLOCK_M": 32, "K_BLOCK_N": 16, "K_num_warps": 2}
     run_case(case, config=rows_bwd_key_config)
+
+
+def test_one_dimensional_grid(monkeypatch):
+    """Tiles or a batch beyond the grid's y / z limit launch a 1-D grid (GRID3 off): forced
+    here by a tiny limit, on several segments, row blocks, heads and batches."""
+    monkeypatch.setattr(rows_bwd_key, "_GRID_YZ", 1)
+    launch_cache.clear_all()  # plans made with the real limit
+    case = Case(B=2, H=7, W=19, heads=2, d=8, k=3, padding="shift", rel="shared", rpb=True)
+    run_case(case, config={"K_BLOCK_M": 32, "K_BLOCK_N": 16, "K_num_warps": 1}, seed=3)
+    launch_cache.clear_all()
 
 
 def _random_case(seed: int) -> tuple:

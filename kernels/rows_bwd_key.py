@@ -148,6 +148,7 @@ def _key_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROWS_P: tl.constexpr, MASK_IN_DOTS: tl.constexpr, DOT_F32: tl.constexpr,
     ROW_I64: tl.constexpr, VEC: tl.constexpr, KV_I32: tl.constexpr, GRID3: tl.constexpr,
+    SUB_M: tl.constexpr,  # key slots per sub-tile of the slow pass
 ):
     SHIFT: tl.constexpr = PADDING == 2
     D_HALF: tl.constexpr = D // 2
@@ -331,92 +332,122 @@ def _key_bwd_kernel(
     # V dO^T) are exact, so recompute with the summed operands' non-finite entries
     # zeroed (rel terms' infinities carried as counts), and set the (key, channel)
     # gradients that a non-finite value reaches through a pair of some window to NaN,
-    # counted with 0/1 indicator dots in fp16.
+    # counted with 0/1 indicator dots in fp16. It walks the tile in sub-tiles of SUB_M
+    # key slots, reloading k and v and rebuilding their one-hots, and stores each one:
+    # kept to few live registers, so a tile's size is set by the fast path alone (the
+    # whole-tile slow pass made 64-key tiles spill).
     # x * 0 is NaN exactly when x is not finite; the sum keeps a NaN
     if tl.sum(tl.sum(acc_dk * 0.0 + acc_dv * 0.0, axis=1), axis=0) != 0.0:
-        acc_dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        acc_dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        b_acol16 = b_acol.to(tl.float16)
         # the column window mask as a 0/1 count dot (exact): A_col @ [Band in window]; the
         # fast path with the mask in the rel dots has no m_col (padding key slots are
         # never stored)
         b_band01 = tl.where(m_band & m_j[None, :], 1.0, 0.0).to(tl.float16)  # [N, N]
-        m_col = tl.dot(b_acol16, b_band01) > 0.5  # [M, N]
-        if HAS_RPB:
-            m_unused, o_rpbc = _col_taps(x, m_key, o_j, m_j, W, KW, dil_w, SHIFT)
-        for i in range(i_lo, i_hi):
-            if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
-                i64 = i_lo.to(tl.int64) + (i - i_lo)
-                p_q = q_ptr + tl.multiple_of(o_q0 + i64 * sq_h, VEC)
-                b_q = tl.load(p_q + o_qjd, mask=m_jd, other=0.0)
-                p_do = do_ptr + tl.multiple_of(o_do0 + i64 * sdo_h, VEC)
-                b_do = tl.load(p_do + o_dojd, mask=m_jd, other=0.0)
-                b_lse, b_delta = _lse_delta(lse_ptr, delta_ptr, o_l0 + i64 * sl_h,
-                                            o_dl0 + i64 * sdl_h, o_jl, o_jdl, m_j)
-                if DOT_F32:
-                    b_q = b_q.to(tl.float32)
-                    b_do = b_do.to(tl.float32)
-                m_qok = tl.abs(b_q.to(tl.float32)) < float("inf")  # [N, D]
-                m_dook = tl.abs(b_do.to(tl.float32)) < float("inf")
-                m_row, o_unused, o_rpbr = _row_taps(y, i, H, KH, dil_h, SHIFT)
-                m_win = m_col & m_row[:, None]
-                b_win = tl.where(m_win, 1.0, 0.0).to(tl.float16)
+        for m0 in range(0, BLOCK_M, SUB_M):
+            s_m = m0 + tl.arange(0, SUB_M)
+            s_mr = (s_m * COLS_MAGIC) >> _MAGIC_SHIFT
+            s_y = y0 + s_mr
+            s_x = x0 + s_m - s_mr * COLS
+            s_key = (s_m < ROWS * COLS) & (s_y < H) & (s_x < W)
+            s_kd = s_key[:, None] & m_d[None, :]
+            s_y64 = s_y.to(tl.int64)
+            s_x64 = s_x.to(tl.int64)
+            o_sk = b64 * sk_b + n64 * sk_n + s_y64 * sk_h + s_x64 * sk_w
+            sb_k = tl.load(k_ptr + o_sk[:, None] + o_d[None, :] * sk_d, mask=s_kd, other=0.0)
+            o_sv = b64 * sv_b + n64 * sv_n + s_y64 * sv_h + s_x64 * sv_w
+            sb_v = tl.load(v_ptr + o_sv[:, None] + o_d[None, :] * sv_d, mask=s_kd, other=0.0)
+            sb_acol = tl.where(s_x[:, None] == o_u[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty)
+            sb_arow = tl.where(s_mr[:, None] == o_r[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty)
+            if DOT_F32:
+                sb_k = sb_k.to(tl.float32)
+                sb_v = sb_v.to(tl.float32)
+                sb_acol = sb_acol.to(tl.float32)
+                sb_arow = sb_arow.to(tl.float32)
+            sb_acol16 = sb_acol.to(tl.float16)
+            s_col = tl.dot(sb_acol16, b_band01) > 0.5  # [SUB_M, N]
+            if HAS_RPB:
+                m_unused, s_rpbc = _col_taps(s_x, s_key, o_j, m_j, W, KW, dil_w, SHIFT)
+            sacc_dk = tl.zeros([SUB_M, BLOCK_D], dtype=tl.float32)
+            sacc_dv = tl.zeros([SUB_M, BLOCK_D], dtype=tl.float32)
+            for i in range(i_lo, i_hi):
+                if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
+                    i64 = i_lo.to(tl.int64) + (i - i_lo)
+                    p_q = q_ptr + tl.multiple_of(o_q0 + i64 * sq_h, VEC)
+                    b_q = tl.load(p_q + o_qjd, mask=m_jd, other=0.0)
+                    p_do = do_ptr + tl.multiple_of(o_do0 + i64 * sdo_h, VEC)
+                    b_do = tl.load(p_do + o_dojd, mask=m_jd, other=0.0)
+                    b_lse, b_delta = _lse_delta(lse_ptr, delta_ptr, o_l0 + i64 * sl_h,
+                                                o_dl0 + i64 * sdl_h, o_jl, o_jdl, m_j)
+                    if DOT_F32:
+                        b_q = b_q.to(tl.float32)
+                        b_do = b_do.to(tl.float32)
+                    m_qok = tl.abs(b_q.to(tl.float32)) < float("inf")  # [N, D]
+                    m_dook = tl.abs(b_do.to(tl.float32)) < float("inf")
+                    m_row, o_unused, o_rpbr = _row_taps(s_y, i, H, KH, dil_h, SHIFT)
+                    m_win = s_col & m_row[:, None]
+                    b_win = tl.where(m_win, 1.0, 0.0).to(tl.float16)
 
-                b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # exact per pair
-                if HAS_REL:
-                    b_t = tl.dot(b_relt, tl.trans(b_q), input_precision="ieee")  # per pair
-                    # non-finite rel terms travel as counts: +inf 1, -inf 4, NaN 16 (a
-                    # pair has two terms, so the counts stay apart), exact in fp16 dots
-                    m_tok = tl.abs(b_t) < float("inf")
-                    b_code = tl.where(b_t != b_t, 16.0,
-                                      tl.where(m_tok, 0.0, tl.where(b_t > 0, 1.0, 4.0)))
-                    b_code = b_code.to(tl.float16)
-                    b_t = tl.where(m_tok, b_t, 0.0)
-                    b_band = tl.gather(b_t, o_band, 0).to(b_relt.dtype)
-                    b_s = tl.dot(b_acol, b_band, b_s, input_precision="ieee")
-                    m_rr, o_rr, o_unused = _row_taps(y0 + o_r, i, H, KH, dil_h, SHIFT)
-                    o_rr = tl.broadcast_to(o_rr[:, None], (ROWS_P, BLOCK_N))
-                    b_brow = tl.gather(b_t, o_rr, 0).to(b_relt.dtype)
-                    b_s = tl.dot(b_arow, b_brow, b_s, input_precision="ieee")
-                    b_cnt = tl.dot(b_arow.to(tl.float16), tl.gather(b_code, o_rr, 0))
-                    b_cnt = tl.dot(b_acol16, tl.gather(b_code, o_band, 0), b_cnt)
-                    o_cnt = b_cnt.to(tl.int32)
-                    b_s += tl.where(o_cnt % 4 > 0, float("inf"), 0.0)
-                    b_s += tl.where(o_cnt % 16 >= 4, float("-inf"), 0.0)  # inf - inf: NaN
-                    b_s = tl.where(o_cnt >= 16, float("nan"), b_s)
-                b_s = b_s * qk_scale - (b_lse * LOG2E)[None, :]
-                if HAS_RPB:
-                    p_rpb = p_rpb0 + o_rpbr[:, None] * srp_h + o_rpbc * srp_w
-                    b_s += tl.load(p_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
-                b_p = tl.where(m_win, tl.exp2(b_s), 0.0)
-                m_pbad = m_win & ~(tl.abs(b_p) < float("inf"))  # NaN or inf logit / lse
-                b_p = tl.where(m_pbad, 0.0, b_p)
-                b_dos = tl.where(m_dook, b_do, tl.zeros_like(b_do))
-                b_pl = b_p.to(do_ptr.dtype.element_ty)
-                if DOT_F32:
-                    b_pl = b_pl.to(tl.float32)
-                acc_dv += tl.dot(b_pl, b_dos, input_precision="ieee")
-                b_bad = tl.dot(b_win, tl.where(m_dook, 0.0, 1.0).to(tl.float16))
-                b_bad += tl.sum(tl.where(m_pbad, 1.0, 0.0), axis=1)[:, None]
-                acc_dv += tl.where(b_bad > 0, float("nan"), 0.0)  # NaN stays
-                b_dp = tl.dot(b_v, tl.trans(b_do), input_precision="ieee")  # exact per pair
-                b_ds = b_p * (b_dp - b_delta[None, :])
-                m_sbad = m_pbad | (m_win & ~(tl.abs(b_ds) < float("inf")))
-                b_dsl = tl.where(m_win & ~m_sbad, b_ds, 0.0).to(q_ptr.dtype.element_ty)
-                if DOT_F32:
-                    b_dsl = b_dsl.to(tl.float32)
-                acc_dk += tl.dot(b_dsl, tl.where(m_qok, b_q, tl.zeros_like(b_q)),
-                                 input_precision="ieee")
-                b_bad = tl.dot(b_win, tl.where(m_qok, 0.0, 1.0).to(tl.float16))
-                b_bad += tl.sum(tl.where(m_sbad, 1.0, 0.0), axis=1)[:, None]
-                acc_dk += tl.where(b_bad > 0, float("nan"), 0.0)
+                    b_s = tl.dot(sb_k, tl.trans(b_q), input_precision="ieee")  # exact per pair
+                    if HAS_REL:
+                        b_t = tl.dot(b_relt, tl.trans(b_q), input_precision="ieee")  # per pair
+                        # non-finite rel terms travel as counts: +inf 1, -inf 4, NaN 16 (a
+                        # pair has two terms, so the counts stay apart), exact in fp16 dots
+                        m_tok = tl.abs(b_t) < float("inf")
+                        b_code = tl.where(b_t != b_t, 16.0,
+                                          tl.where(m_tok, 0.0, tl.where(b_t > 0, 1.0, 4.0)))
+                        b_code = b_code.to(tl.float16)
+                        b_t = tl.where(m_tok, b_t, 0.0)
+                        b_band = tl.gather(b_t, o_band, 0).to(b_relt.dtype)
+                        b_s = tl.dot(sb_acol, b_band, b_s, input_precision="ieee")
+                        m_rr, o_rr, o_unused = _row_taps(y0 + o_r, i, H, KH, dil_h, SHIFT)
+                        o_rr = tl.broadcast_to(o_rr[:, None], (ROWS_P, BLOCK_N))
+                        b_brow = tl.gather(b_t, o_rr, 0).to(b_relt.dtype)
+                        b_s = tl.dot(sb_arow, b_brow, b_s, input_precision="ieee")
+                        b_cnt = tl.dot(sb_arow.to(tl.float16), tl.gather(b_code, o_rr, 0))
+                        b_cnt = tl.dot(sb_acol16, tl.gather(b_code, o_band, 0), b_cnt)
+                        o_cnt = b_cnt.to(tl.int32)
+                        b_s += tl.where(o_cnt % 4 > 0, float("inf"), 0.0)
+                        b_s += tl.where(o_cnt % 16 >= 4, float("-inf"), 0.0)  # inf - inf: NaN
+                        b_s = tl.where(o_cnt >= 16, float("nan"), b_s)
+                    b_s = b_s * qk_scale - (b_lse * LOG2E)[None, :]
+                    if HAS_RPB:
+                        p_rpb = p_rpb0 + o_rpbr[:, None] * srp_h + s_rpbc * srp_w
+                        b_s += tl.load(p_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
+                    b_p = tl.where(m_win, tl.exp2(b_s), 0.0)
+                    m_pbad = m_win & ~(tl.abs(b_p) < float("inf"))  # NaN or inf logit / lse
+                    b_p = tl.where(m_pbad, 0.0, b_p)
+                    b_dos = tl.where(m_dook, b_do, tl.zeros_like(b_do))
+                    b_pl = b_p.to(do_ptr.dtype.element_ty)
+                    if DOT_F32:
+                        b_pl = b_pl.to(tl.float32)
+                    sacc_dv += tl.dot(b_pl, b_dos, input_precision="ieee")
+                    b_bad = tl.dot(b_win, tl.where(m_dook, 0.0, 1.0).to(tl.float16))
+                    b_bad += tl.sum(tl.where(m_pbad, 1.0, 0.0), axis=1)[:, None]
+                    sacc_dv += tl.where(b_bad > 0, float("nan"), 0.0)  # NaN stays
+                    b_dp = tl.dot(sb_v, tl.trans(b_do), input_precision="ieee")  # exact per pair
+                    b_ds = b_p * (b_dp - b_delta[None, :])
+                    m_sbad = m_pbad | (m_win & ~(tl.abs(b_ds) < float("inf")))
+                    b_dsl = tl.where(m_win & ~m_sbad, b_ds, 0.0).to(q_ptr.dtype.element_ty)
+                    if DOT_F32:
+                        b_dsl = b_dsl.to(tl.float32)
+                    sacc_dk += tl.dot(b_dsl, tl.where(m_qok, b_q, tl.zeros_like(b_q)),
+                                     input_precision="ieee")
+                    b_bad = tl.dot(b_win, tl.where(m_qok, 0.0, 1.0).to(tl.float16))
+                    b_bad += tl.sum(tl.where(m_sbad, 1.0, 0.0), axis=1)[:, None]
+                    sacc_dk += tl.where(b_bad > 0, float("nan"), 0.0)
 
-    o_dkm = tl.multiple_of(b64 * sdk_b + n64 * sdk_n + o_dkp, VEC)
-    p_dk = dk_ptr + o_dkm[:, None] + o_d[None, :] * sdk_d
-    tl.store(p_dk, (acc_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)
-    o_dvm = tl.multiple_of(b64 * sdv_b + n64 * sdv_n + o_dvp, VEC)
-    p_dv = dv_ptr + o_dvm[:, None] + o_d[None, :] * sdv_d
-    tl.store(p_dv, acc_dv.to(dv_ptr.dtype.element_ty), mask=m_kd)
+            o_sdk = b64 * sdk_b + n64 * sdk_n + s_y64 * sdk_h + s_x64 * sdk_w
+            tl.store(dk_ptr + o_sdk[:, None] + o_d[None, :] * sdk_d,
+                     (sacc_dk * scale).to(dk_ptr.dtype.element_ty), mask=s_kd)
+            o_sdv = b64 * sdv_b + n64 * sdv_n + s_y64 * sdv_h + s_x64 * sdv_w
+            tl.store(dv_ptr + o_sdv[:, None] + o_d[None, :] * sdv_d,
+                     sacc_dv.to(dv_ptr.dtype.element_ty), mask=s_kd)
+    else:
+        o_dkm = tl.multiple_of(b64 * sdk_b + n64 * sdk_n + o_dkp, VEC)
+        p_dk = dk_ptr + o_dkm[:, None] + o_d[None, :] * sdk_d
+        tl.store(p_dk, (acc_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)
+        o_dvm = tl.multiple_of(b64 * sdv_b + n64 * sdv_n + o_dvp, VEC)
+        p_dv = dv_ptr + o_dvm[:, None] + o_d[None, :] * sdv_d
+        tl.store(p_dv, acc_dv.to(dv_ptr.dtype.element_ty), mask=m_kd)
 
 
 # ---------------------------------------------------------------- configs
@@ -429,6 +460,7 @@ _BLOCK_N = (16, 32, 64, 128, 256)  # the last is the widest query-row sub-tile
 _WARPS = (1, 2, 4, 8)
 _STAGES = (1, 2)
 _MAX_PER_THREAD = 190  # _per_thread bound of the configs kept (no spills at sm_90)
+_MAX_PER_THREAD_N16 = 250  # the same with 16 query columns (see _per_thread)
 KEYS = ("K_BLOCK_M", "K_BLOCK_N", "K_num_warps", "K_num_stages")
 
 
@@ -465,9 +497,18 @@ def _per_thread(block_m: int, block_n: int, block_d: int, num_warps: int) -> flo
     """Rough live values per thread: k, v and the two fp32 accumulators [M, D], q and
     dout [N, D] with their transposes, the [M, N] score tiles. Against ptxas for sm_90
     (Triton 3.9, 16-bit inputs): 136 -> 177 registers, 176 -> 228, 208 -> 242, none
-    spilling; 224 spills (d = 80 at 4 warps)."""
+    spilling; 224 spills (d = 80 at 4 warps). With 16 query columns and the slow pass
+    in sub-tiles (issue 14, third round): 208 -> 255 and 248 -> 250 registers (32 keys
+    at d = 32, 64 keys at d = 16, 1 warp), no spills; 304 spills (64 keys, d = 64, 2
+    warps)."""
     return (3 * block_m * block_d + 3 * block_n * block_d + 4 * block_m * block_n) / (
         32 * num_warps)
+
+
+def _bound(block_n: int) -> int:
+    """The _per_thread bound of a config: higher for 16 query columns, where the slow
+    pass's sub-tiles leave the fast path's tiles as the register peak."""
+    return _MAX_PER_THREAD_N16 if block_n == _BLOCK_N[0] else _MAX_PER_THREAD
 
 
 def search_space() -> list[dict]:
@@ -484,7 +525,7 @@ def _fits(config: dict, q_shape, args: AttendArgs) -> bool:
     if _tile(q_shape, args, bm, bn) is None:
         return False
     bd = head_block(d)
-    return _per_thread(bm, bn, bd, nw) <= _MAX_PER_THREAD and nw * 16 <= max(bm, bn, bd)
+    return _per_thread(bm, bn, bd, nw) <= _bound(bn) and nw * 16 <= max(bm, bn, bd)
 
 
 def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
@@ -497,21 +538,27 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
 def default_config(q_shape, args: AttendArgs) -> dict:
     """The narrowest query sub-tile (16, 32, ... 256) that holds the whole row or a
     segment of min(half its width, 16) keys plus the halo: a query row meets only kw
-    columns of each key row, so narrow score tiles waste least. 32 key slots (16 for
-    d > 64), 1 warp up to d = 32, 2 up to 64, 4 above, more while the tile would spill;
-    more slots when a whole row needs them. Cost-tool readings: docs/rows_bwd_key.md."""
+    columns of each key row, so narrow score tiles waste least. With 16 query columns:
+    64 key slots on 1 warp up to d = 16, 32 on 1 warp up to d = 32, 64 on 4 warps up to
+    d = 64 (the fewest instructions per key that do not spill). Else 32 key slots (16
+    for d > 64), 1 warp up to d = 16, 2 up to 64, 4 above, more while the tile would
+    spill. More slots when a whole row needs them. Cost-tool readings:
+    docs/rows_bwd_key.md."""
     B, H, W, heads, d = q_shape
     halo_w = _halos(args)[1]
     bn = next((n for n in _BLOCK_N if W <= n or n - 2 * halo_w >= min(n // 2, 16)),
               _BLOCK_N[-1])
     bd = head_block(d)
-    bm = 32 if bd <= 64 else 16
+    if bn == _BLOCK_N[0] and bd <= 64:
+        bm, nw = {16: (64, 1), 32: (32, 1), 64: (64, 4)}[bd]
+    else:
+        bm = 32 if bd <= 64 else 16
+        nw = 1 if bd <= 16 else 2 if bd <= 64 else 4
     tile = _tile(q_shape, args, 256, bn)
     if tile is not None:
         bm = max(bm, next_pow2(tile[1]))  # a tile holds at least one segment
     bm = min(bm, max(16, next_pow2(H * W)))
-    nw = 1 if bd <= 16 else 2 if bd <= 64 else 4
-    while nw < 8 and _per_thread(bm, bn, bd, nw) > _MAX_PER_THREAD:
+    while nw < 8 and _per_thread(bm, bn, bd, nw) > _bound(bn):
         nw *= 2
     return {"K_BLOCK_M": bm, "K_BLOCK_N": bn, "K_num_warps": nw, "K_num_stages": 1}
 
@@ -598,11 +645,13 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
                 [(d, st) for st in (*strides[:4], grad_strides)], head_block(d))),
             KV_I32=pixel_offsets_shared((strides[1], strides[2], grad_strides), H, W),
             GRID3=grid3,
+            SUB_M=min(bm, _SUB_M),
             **launch,
         ),
     )
 
 
+_SUB_M = 16  # the slow pass's sub-tile (key slots)
 _GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
 _plans = plan_cache(_plan)
 _PARAMS = _key_bwd_kernel.arg_names  # read at import: a recorder may stand in later

@@ -141,7 +141,14 @@ def test_bit_identical_on_repeat():
         assert torch.equal(a, b)
 
 
-def test_nonfinite_inputs_stay_in_their_windows():
+# the default tiles, and 64-key tiles whatever the image (the slow pass's 16-key sub-tiles
+# at m0 = 0, 16, 32, 48, padding slots included)
+NONFINITE_RUNS = [(None, range(5000, 5008)),
+                  ({"K_BLOCK_M": 64, "K_BLOCK_N": 16, "K_num_warps": 1}, range(5100, 5106))]
+
+
+@pytest.mark.parametrize("config,seeds", NONFINITE_RUNS, ids=["default", "m64"])
+def test_nonfinite_inputs_stay_in_their_windows(config, seeds):
     """NaN / inf planted in q, k, v or a table reaches only the dk / dv entries whose
     windows hold it (the slow pass), with the oracle's values elsewhere: the cases and
     checks of test_nonfinite.py, for this kernel alone."""
@@ -153,7 +160,7 @@ def test_nonfinite_inputs_stay_in_their_windows():
     from sasa_triton.reference import reference_forward
 
     partial = 0
-    for seed in range(5000, 5008):
+    for seed in seeds:
         c = nonfinite_case(seed)
         t, args = c["t"], nonfinite_args(c)
         leaves = {n: x.double().requires_grad_() for n, x in t.items()}
@@ -165,7 +172,7 @@ def test_nonfinite_inputs_stay_in_their_windows():
         want_grads = dict(zip(leaves, grads))
         delta = (dout.float() * out.float()).sum(-1).contiguous()
         dk, dv = rows_bwd_key.key_grads(t["q"], t["k"], t["v"], dout.to(c["dtype"]), lse,
-                                        delta, args, _poison=True)
+                                        delta, args, config, _poison=True)
         finite = [g[g.isfinite()].abs().max().item() for g in want_grads.values()
                   if g.isfinite().any()]
         largest = max(finite, default=1.0)

@@ -538,18 +538,19 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
 def default_config(q_shape, args: AttendArgs) -> dict:
     """The narrowest query sub-tile (16, 32, ... 256) that holds the whole row or a
     segment of min(half its width, 16) keys plus the halo: a query row meets only kw
-    columns of each key row, so narrow score tiles waste least. With 16 query columns:
-    64 key slots on 1 warp up to d = 16, 32 on 1 warp up to d = 32, 64 on 4 warps up to
-    d = 64 (the fewest instructions per key that do not spill). Else 32 key slots (16
-    for d > 64), 1 warp up to d = 16, 2 up to 64, 4 above, more while the tile would
-    spill. More slots when a whole row needs them. Cost-tool readings:
-    docs/rows_bwd_key.md."""
+    columns of each key row, so narrow score tiles waste least. With 16 query columns,
+    the fewest instructions per key that do not spill: 64 key slots on 4 warps for
+    32 < d <= 64; 64 on 1 warp up to d = 16 and 32 on 1 warp up to d = 32 unless both
+    rel tables and rpb are given (those spill 20-28 bytes). Else 32 key slots (16 for
+    d > 64), 1 warp up to d = 16, 2 up to 64, 4 above, more while the tile would spill.
+    More slots when a whole row needs them. Cost-tool readings: docs/rows_bwd_key.md."""
     B, H, W, heads, d = q_shape
     halo_w = _halos(args)[1]
     bn = next((n for n in _BLOCK_N if W <= n or n - 2 * halo_w >= min(n // 2, 16)),
               _BLOCK_N[-1])
     bd = head_block(d)
-    if bn == _BLOCK_N[0] and bd <= 64:
+    both_biases = args.rel_h is not None and args.rpb is not None  # more live values
+    if bn == _BLOCK_N[0] and (bd == 64 or bd <= 32 and not both_biases):
         bm, nw = {16: (64, 1), 32: (32, 1), 64: (64, 4)}[bd]
     else:
         bm = 32 if bd <= 64 else 16

@@ -336,8 +336,9 @@ def _key_bwd_kernel(
     # key slots, reloading k and v and rebuilding their one-hots, and stores each one:
     # kept to few live registers, so a tile's size is set by the fast path alone (the
     # whole-tile slow pass made 64-key tiles spill).
-    # x * 0 is NaN exactly when x is not finite; the sum keeps a NaN
-    if tl.sum(tl.sum(acc_dk * 0.0 + acc_dv * 0.0, axis=1), axis=0) != 0.0:
+    # x * 0 is NaN exactly when x is not finite; the sum keeps a NaN and an inf (a sum
+    # of finite values that overflows takes the slow pass too: exact there as well)
+    if tl.sum(tl.sum(acc_dk + acc_dv, axis=1), axis=0) * 0.0 != 0.0:
         # the column window mask as a 0/1 count dot (exact): A_col @ [Band in window]; the
         # fast path with the mask in the rel dots has no m_col (padding key slots are
         # never stored)

@@ -318,10 +318,13 @@ def _key_bwd_kernel(
             if DOT_F32:
                 b_pl = b_pl.to(tl.float32)
             acc_dv += tl.dot(b_pl, b_do, input_precision="ieee")  # [M, N] @ [N, D] -> [M, D]
-            b_dp = tl.dot(b_v, tl.trans(b_do), input_precision="ieee")  # [M, D] @ [D, N]
+            # dP^T - delta [M, N]: delta rides in the dot's accumulator (ptxas gives the
+            # tensor-core op a shared C operand), not a subtraction per score element
+            b_dacc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) - b_delta[None, :]
+            b_dp = tl.dot(b_v, tl.trans(b_do), b_dacc, input_precision="ieee")  # [M, D] @ [D, N]
             # dS^T [M, N]: zero outside the windows as P is (a NaN/inf there, 0 * inf,
             # reaches the accumulators and sends the program through the slow pass)
-            b_dsl = (b_p * (b_dp - b_delta[None, :])).to(q_ptr.dtype.element_ty)
+            b_dsl = (b_p * b_dp).to(q_ptr.dtype.element_ty)
             if DOT_F32:
                 b_dsl = b_dsl.to(tl.float32)
             acc_dk += tl.dot(b_dsl, b_q, input_precision="ieee")  # [M, N] @ [N, D] -> [M, D]

@@ -212,13 +212,17 @@ def _key_bwd_kernel(
     # (fixed per program) and Band [N, N] (key column u, query column j) gathered from
     # T per query row: a gather on [N, N] instead of [M, N].
     o_u = j0 + tl.arange(0, BLOCK_N)  # key columns (rows of Band)
-    b_acol = tl.where(x[:, None] == o_u[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty)
+    # built as [N, M] and transposed: the default layout spreads a row-major [M, N]
+    # tile's rows over few threads, so each thread would split ~M/2 slots into (row,
+    # column); the transposed build splits ~2 slots per thread (the dot operand goes
+    # through shared memory either way)
+    b_acol = tl.trans(tl.where(o_u[:, None] == x[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty))
     if DOT_F32:
         b_acol = b_acol.to(tl.float32)
     # Row part likewise: A_row [M, RP] one-hot of each key's row in the tile (fixed per
     # program) @ Brow [RP, N] = T[rel row of tile row r for query row i, j] per query row.
     o_r = tl.arange(0, ROWS_P)
-    b_arow = tl.where(o_mr[:, None] == o_r[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty)
+    b_arow = tl.trans(tl.where(o_r[:, None] == o_mr[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty))
     if DOT_F32:
         b_arow = b_arow.to(tl.float32)
     du = o_u[:, None] - start_x[None, :]  # [N, N]

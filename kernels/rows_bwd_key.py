@@ -149,6 +149,7 @@ def _key_bwd_kernel(
     ROWS_P: tl.constexpr, MASK_IN_DOTS: tl.constexpr, DOT_F32: tl.constexpr,
     ROW_I64: tl.constexpr, VEC: tl.constexpr, KV_I32: tl.constexpr, GRID3: tl.constexpr,
     SUB_M: tl.constexpr,  # key slots per sub-tile of the slow pass
+    PAIR_ONEHOT: tl.constexpr,  # build A_row from (even, odd) slot pairs (4+ warps)
 ):
     SHIFT: tl.constexpr = PADDING == 2
     D_HALF: tl.constexpr = D // 2
@@ -222,7 +223,16 @@ def _key_bwd_kernel(
     # Row part likewise: A_row [M, RP] one-hot of each key's row in the tile (fixed per
     # program) @ Brow [RP, N] = T[rel row of tile row r for query row i, j] per query row.
     o_r = tl.arange(0, ROWS_P)
-    b_arow = tl.trans(tl.where(o_r[:, None] == o_mr[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty))
+    if PAIR_ONEHOT:  # even and odd slots side by side (tl.join): on 4+ warps (wgmma) the
+        # paired layout's operand reads cost less in the loop; on 1 warp they cost more
+        o_me = 2 * tl.arange(0, BLOCK_M // 2)
+        b_arow = tl.join(tl.where(o_r[:, None] == ((o_me * COLS_MAGIC) >> _MAGIC_SHIFT)[None, :],
+                                  1.0, 0.0),
+                         tl.where(o_r[:, None] == (((o_me + 1) * COLS_MAGIC) >> _MAGIC_SHIFT)[None, :],
+                                  1.0, 0.0))
+        b_arow = tl.trans(tl.reshape(b_arow, (ROWS_P, BLOCK_M)).to(q_ptr.dtype.element_ty))
+    else:
+        b_arow = tl.trans(tl.where(o_r[:, None] == o_mr[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty))
     if DOT_F32:
         b_arow = b_arow.to(tl.float32)
     du = o_u[:, None] - start_x[None, :]  # [N, N]
@@ -267,12 +277,17 @@ def _key_bwd_kernel(
         o_t = tl.arange(0, TP)
         m_th = (o_t < TH)[:, None] & (o_d < D_HALF)[None, :]
         p_rh = relh_ptr + n64 * srh_n + o_t[:, None] * srh_r + o_d[None, :] * srh_d
-        b_rh = tl.load(p_rh, mask=m_th, other=0.0)
         o_tw = tl.maximum(o_t - TH, 0)
         m_tw = ((o_t >= TH) & (o_t < TH + TW))[:, None] & ((o_d >= D_HALF) & m_d)[None, :]
         p_rw = relw_ptr + n64 * srw_n + o_tw[:, None] * srw_r + (o_d[None, :] - D_HALF) * srw_d
-        b_rw = tl.load(p_rw, mask=m_tw, other=0.0)
-        b_relt = (b_rh.to(tl.float32) + b_rw.to(tl.float32)).to(q_ptr.dtype.element_ty)
+        if relh_ptr.dtype == relw_ptr.dtype:  # one load through a pointer tensor over
+            # both tables (the masks are disjoint)
+            b_relt = tl.load(tl.where(m_th, p_rh, p_rw), mask=m_th | m_tw, other=0.0)
+            b_relt = b_relt.to(q_ptr.dtype.element_ty)
+        else:  # one float32 table, one in q's dtype
+            b_rh = tl.load(p_rh, mask=m_th, other=0.0).to(tl.float32)
+            b_rw = tl.load(p_rw, mask=m_tw, other=0.0).to(tl.float32)
+            b_relt = (b_rh + b_rw).to(q_ptr.dtype.element_ty)
         if DOT_F32:
             b_relt = b_relt.to(tl.float32)
     p_rpb0 = rpb_ptr + n64 * srp_n
@@ -345,7 +360,9 @@ def _key_bwd_kernel(
     # whole-tile slow pass made 64-key tiles spill).
     # x * 0 is NaN exactly when x is not finite; the sum keeps a NaN and an inf (a sum
     # of finite values that overflows takes the slow pass too: exact there as well)
-    if tl.sum(tl.sum(acc_dk + acc_dv, axis=1), axis=0) * 0.0 != 0.0:
+    # (one reduction over both axes: each thread's sum, then the warp's, instead of an
+    # axis-by-axis walk)
+    if tl.sum(acc_dk + acc_dv) * 0.0 != 0.0:
         # the column window mask as a 0/1 count dot (exact): A_col @ [Band in window]; the
         # fast path with the mask in the rel dots has no m_col (padding key slots are
         # never stored)
@@ -655,6 +672,8 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
             KV_I32=pixel_offsets_shared((strides[1], strides[2], grad_strides), H, W),
             GRID3=grid3,
             SUB_M=min(bm, _SUB_M),
+            # read with the cost tool on 16-bit tensor-core launches (default: 4 warps)
+            PAIR_ONEHOT=dtype != torch.float32 and launch.get("num_warps", 4) >= 4,
             **launch,
         ),
     )

@@ -19,8 +19,10 @@ from cases import TOLERANCES, Case, make_inputs, oracle_grads
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _inputs(case, dtype, layout, seed=0):
+def _inputs(case, dtype, layout, seed=0, rel_w_f32=False):
     q, k, v, kw = make_inputs(case, dtype, layout, DEVICE, seed=seed)
+    if rel_w_f32:  # tables may be float32 whatever q's dtype
+        kw["rel_w"] = kw["rel_w"].float()
     args = check_attend_args(q, k, v, case.k, kw["dilation"], kw["padding"], kw.get("rel_h"),
                              kw.get("rel_w"), kw.get("rpb"), kw["scale"])
     g = torch.Generator().manual_seed(seed + 1)
@@ -34,8 +36,9 @@ def _oracle(q, k, v, kw, case, dout):
     return out, lse, grads["k"], grads["v"]
 
 
-def run_case(case, dtype=torch.float32, layout="contiguous", config=None, seed=0):
-    q, k, v, kw, args, dout = _inputs(case, dtype, layout, seed)
+def run_case(case, dtype=torch.float32, layout="contiguous", config=None, seed=0,
+             rel_w_f32=False):
+    q, k, v, kw, args, dout = _inputs(case, dtype, layout, seed, rel_w_f32)
     out, lse, want_dk, want_dv = _oracle(q, k, v, kw, case, dout)
     delta = (dout.cpu().float() * out.to(dtype).float()).sum(-1).contiguous().to(DEVICE)
     lse32 = lse.float().to(DEVICE)
@@ -107,6 +110,17 @@ def test_one_dimensional_grid(monkeypatch):
     case = Case(B=2, H=3, W=17, heads=2, d=4, k=3, padding="shift", rel="shared", rpb=True)
     run_case(case, config={"K_BLOCK_M": 16, "K_BLOCK_N": 16, "K_num_warps": 1}, seed=3)
     launch_cache.clear_all()
+
+
+@pytest.mark.parametrize("warps,seed,rel_w_f32", [(4, 11, False), (1, 12, True)])
+def test_row_one_hot_builds(warps, seed, rel_w_f32):
+    """A_row built from (even, odd) slot pairs (4+ warps, 16-bit) or one slot per entry
+    (fewer warps) on 64-key tiles of six 9-column rows; RelT read by one load over both
+    tables, or by two when their dtypes differ (rel_w float32, q bfloat16)."""
+    case = Case(B=1, H=6, W=9, heads=1, d=16, k=3, rel="per_head", scale=0.6)
+    run_case(case, torch.bfloat16, config={"K_BLOCK_M": 64, "K_BLOCK_N": 16,
+                                           "K_num_warps": warps}, seed=seed,
+             rel_w_f32=rel_w_f32)
 
 
 def _random_case(seed: int) -> tuple:

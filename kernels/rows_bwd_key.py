@@ -147,12 +147,21 @@ def _key_bwd_kernel(
     TH: tl.constexpr, TW: tl.constexpr, TP: tl.constexpr,  # rel_h / rel_w rows, padded sum
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROWS_P: tl.constexpr, MASK_IN_DOTS: tl.constexpr, DOT_F32: tl.constexpr,
-    ROW_I64: tl.constexpr, VEC: tl.constexpr, KV_I32: tl.constexpr,
+    ROW_I64: tl.constexpr, VEC: tl.constexpr, KV_I32: tl.constexpr, GRID3: tl.constexpr,
+    SUB_M: tl.constexpr,  # key slots per sub-tile of the slow pass
+    PAIR_ONEHOT: tl.constexpr,  # build A_row from (even, odd) slot pairs (4+ warps)
 ):
     SHIFT: tl.constexpr = PADDING == 2
     D_HALF: tl.constexpr = D // 2
     # head fastest: the heads of one key tile run side by side (full cache sectors)
-    n, seg, rb, b = unravel_program(tl.program_id(0), HEADS, N_SEG, tl.cdiv(H, ROWS))
+    if GRID3:  # grid (heads, tiles, batch): one division (none when N_SEG is 1), not three
+        n = tl.program_id(0)
+        t = tl.program_id(1)
+        seg = t % N_SEG
+        rb = t // N_SEG
+        b = tl.program_id(2)
+    else:  # a 1-D grid where tiles or batch exceed the grid's y / z limit
+        n, seg, rb, b = unravel_program(tl.program_id(0), HEADS, N_SEG, tl.cdiv(H, ROWS))
     y0 = rb * ROWS
     x0 = seg * COLS
 
@@ -204,13 +213,26 @@ def _key_bwd_kernel(
     # (fixed per program) and Band [N, N] (key column u, query column j) gathered from
     # T per query row: a gather on [N, N] instead of [M, N].
     o_u = j0 + tl.arange(0, BLOCK_N)  # key columns (rows of Band)
-    b_acol = tl.where(x[:, None] == o_u[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty)
+    # built as [N, M] and transposed: the default layout spreads a row-major [M, N]
+    # tile's rows over few threads, so each thread would split ~M/2 slots into (row,
+    # column); the transposed build splits ~2 slots per thread (the dot operand goes
+    # through shared memory either way)
+    b_acol = tl.trans(tl.where(o_u[:, None] == x[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty))
     if DOT_F32:
         b_acol = b_acol.to(tl.float32)
     # Row part likewise: A_row [M, RP] one-hot of each key's row in the tile (fixed per
     # program) @ Brow [RP, N] = T[rel row of tile row r for query row i, j] per query row.
     o_r = tl.arange(0, ROWS_P)
-    b_arow = tl.where(o_mr[:, None] == o_r[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty)
+    if PAIR_ONEHOT:  # even and odd slots side by side (tl.join): on 4+ warps (wgmma) the
+        # paired layout's operand reads cost less in the loop; on 1 warp they cost more
+        o_me = 2 * tl.arange(0, BLOCK_M // 2)
+        b_arow = tl.join(tl.where(o_r[:, None] == ((o_me * COLS_MAGIC) >> _MAGIC_SHIFT)[None, :],
+                                  1.0, 0.0),
+                         tl.where(o_r[:, None] == (((o_me + 1) * COLS_MAGIC) >> _MAGIC_SHIFT)[None, :],
+                                  1.0, 0.0))
+        b_arow = tl.trans(tl.reshape(b_arow, (ROWS_P, BLOCK_M)).to(q_ptr.dtype.element_ty))
+    else:
+        b_arow = tl.trans(tl.where(o_r[:, None] == o_mr[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty))
     if DOT_F32:
         b_arow = b_arow.to(tl.float32)
     du = o_u[:, None] - start_x[None, :]  # [N, N]
@@ -255,12 +277,17 @@ def _key_bwd_kernel(
         o_t = tl.arange(0, TP)
         m_th = (o_t < TH)[:, None] & (o_d < D_HALF)[None, :]
         p_rh = relh_ptr + n64 * srh_n + o_t[:, None] * srh_r + o_d[None, :] * srh_d
-        b_rh = tl.load(p_rh, mask=m_th, other=0.0)
         o_tw = tl.maximum(o_t - TH, 0)
         m_tw = ((o_t >= TH) & (o_t < TH + TW))[:, None] & ((o_d >= D_HALF) & m_d)[None, :]
         p_rw = relw_ptr + n64 * srw_n + o_tw[:, None] * srw_r + (o_d[None, :] - D_HALF) * srw_d
-        b_rw = tl.load(p_rw, mask=m_tw, other=0.0)
-        b_relt = (b_rh.to(tl.float32) + b_rw.to(tl.float32)).to(q_ptr.dtype.element_ty)
+        if relh_ptr.dtype == relw_ptr.dtype:  # one load through a pointer tensor over
+            # both tables (the masks are disjoint)
+            b_relt = tl.load(tl.where(m_th, p_rh, p_rw), mask=m_th | m_tw, other=0.0)
+            b_relt = b_relt.to(q_ptr.dtype.element_ty)
+        else:  # one float32 table, one in q's dtype
+            b_rh = tl.load(p_rh, mask=m_th, other=0.0).to(tl.float32)
+            b_rw = tl.load(p_rw, mask=m_tw, other=0.0).to(tl.float32)
+            b_relt = (b_rh + b_rw).to(q_ptr.dtype.element_ty)
         if DOT_F32:
             b_relt = b_relt.to(tl.float32)
     p_rpb0 = rpb_ptr + n64 * srp_n
@@ -310,10 +337,13 @@ def _key_bwd_kernel(
             if DOT_F32:
                 b_pl = b_pl.to(tl.float32)
             acc_dv += tl.dot(b_pl, b_do, input_precision="ieee")  # [M, N] @ [N, D] -> [M, D]
-            b_dp = tl.dot(b_v, tl.trans(b_do), input_precision="ieee")  # [M, D] @ [D, N]
+            # dP^T - delta [M, N]: delta rides in the dot's accumulator (ptxas gives the
+            # tensor-core op a shared C operand), not a subtraction per score element
+            b_dacc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) - b_delta[None, :]
+            b_dp = tl.dot(b_v, tl.trans(b_do), b_dacc, input_precision="ieee")  # [M, D] @ [D, N]
             # dS^T [M, N]: zero outside the windows as P is (a NaN/inf there, 0 * inf,
             # reaches the accumulators and sends the program through the slow pass)
-            b_dsl = (b_p * (b_dp - b_delta[None, :])).to(q_ptr.dtype.element_ty)
+            b_dsl = (b_p * b_dp).to(q_ptr.dtype.element_ty)
             if DOT_F32:
                 b_dsl = b_dsl.to(tl.float32)
             acc_dk += tl.dot(b_dsl, b_q, input_precision="ieee")  # [M, N] @ [N, D] -> [M, D]
@@ -324,92 +354,125 @@ def _key_bwd_kernel(
     # V dO^T) are exact, so recompute with the summed operands' non-finite entries
     # zeroed (rel terms' infinities carried as counts), and set the (key, channel)
     # gradients that a non-finite value reaches through a pair of some window to NaN,
-    # counted with 0/1 indicator dots in fp16.
-    # x * 0 is NaN exactly when x is not finite; the sum keeps a NaN
-    if tl.sum(tl.sum(acc_dk * 0.0 + acc_dv * 0.0, axis=1), axis=0) != 0.0:
-        acc_dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        acc_dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        b_acol16 = b_acol.to(tl.float16)
+    # counted with 0/1 indicator dots in fp16. It walks the tile in sub-tiles of SUB_M
+    # key slots, reloading k and v and rebuilding their one-hots, and stores each one:
+    # kept to few live registers, so a tile's size is set by the fast path alone (the
+    # whole-tile slow pass made 64-key tiles spill).
+    # x * 0 is NaN exactly when x is not finite; the sum keeps a NaN and an inf (a sum
+    # of finite values that overflows takes the slow pass too: exact there as well)
+    # (one reduction over both axes: each thread's sum, then the warp's, instead of an
+    # axis-by-axis walk)
+    if tl.sum(acc_dk + acc_dv) * 0.0 != 0.0:
         # the column window mask as a 0/1 count dot (exact): A_col @ [Band in window]; the
         # fast path with the mask in the rel dots has no m_col (padding key slots are
         # never stored)
         b_band01 = tl.where(m_band & m_j[None, :], 1.0, 0.0).to(tl.float16)  # [N, N]
-        m_col = tl.dot(b_acol16, b_band01) > 0.5  # [M, N]
-        if HAS_RPB:
-            m_unused, o_rpbc = _col_taps(x, m_key, o_j, m_j, W, KW, dil_w, SHIFT)
-        for i in range(i_lo, i_hi):
-            if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
-                i64 = i_lo.to(tl.int64) + (i - i_lo)
-                p_q = q_ptr + tl.multiple_of(o_q0 + i64 * sq_h, VEC)
-                b_q = tl.load(p_q + o_qjd, mask=m_jd, other=0.0)
-                p_do = do_ptr + tl.multiple_of(o_do0 + i64 * sdo_h, VEC)
-                b_do = tl.load(p_do + o_dojd, mask=m_jd, other=0.0)
-                b_lse, b_delta = _lse_delta(lse_ptr, delta_ptr, o_l0 + i64 * sl_h,
-                                            o_dl0 + i64 * sdl_h, o_jl, o_jdl, m_j)
-                if DOT_F32:
-                    b_q = b_q.to(tl.float32)
-                    b_do = b_do.to(tl.float32)
-                m_qok = tl.abs(b_q.to(tl.float32)) < float("inf")  # [N, D]
-                m_dook = tl.abs(b_do.to(tl.float32)) < float("inf")
-                m_row, o_unused, o_rpbr = _row_taps(y, i, H, KH, dil_h, SHIFT)
-                m_win = m_col & m_row[:, None]
-                b_win = tl.where(m_win, 1.0, 0.0).to(tl.float16)
+        for m0 in range(0, BLOCK_M, SUB_M):
+            s_m = m0 + tl.arange(0, SUB_M)
+            s_mr = (s_m * COLS_MAGIC) >> _MAGIC_SHIFT
+            s_y = y0 + s_mr
+            s_x = x0 + s_m - s_mr * COLS
+            s_key = (s_m < ROWS * COLS) & (s_y < H) & (s_x < W)
+            s_kd = s_key[:, None] & m_d[None, :]
+            s_y64 = s_y.to(tl.int64)
+            s_x64 = s_x.to(tl.int64)
+            o_sk = b64 * sk_b + n64 * sk_n + s_y64 * sk_h + s_x64 * sk_w
+            sb_k = tl.load(k_ptr + o_sk[:, None] + o_d[None, :] * sk_d, mask=s_kd, other=0.0)
+            o_sv = b64 * sv_b + n64 * sv_n + s_y64 * sv_h + s_x64 * sv_w
+            sb_v = tl.load(v_ptr + o_sv[:, None] + o_d[None, :] * sv_d, mask=s_kd, other=0.0)
+            sb_acol = tl.where(s_x[:, None] == o_u[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty)
+            sb_arow = tl.where(s_mr[:, None] == o_r[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty)
+            if DOT_F32:
+                sb_k = sb_k.to(tl.float32)
+                sb_v = sb_v.to(tl.float32)
+                sb_acol = sb_acol.to(tl.float32)
+                sb_arow = sb_arow.to(tl.float32)
+            sb_acol16 = sb_acol.to(tl.float16)
+            s_col = tl.dot(sb_acol16, b_band01) > 0.5  # [SUB_M, N]
+            if HAS_RPB:
+                m_unused, s_rpbc = _col_taps(s_x, s_key, o_j, m_j, W, KW, dil_w, SHIFT)
+            sacc_dk = tl.zeros([SUB_M, BLOCK_D], dtype=tl.float32)
+            sacc_dv = tl.zeros([SUB_M, BLOCK_D], dtype=tl.float32)
+            for i in range(i_lo, i_hi):
+                if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
+                    i64 = i_lo.to(tl.int64) + (i - i_lo)
+                    p_q = q_ptr + tl.multiple_of(o_q0 + i64 * sq_h, VEC)
+                    b_q = tl.load(p_q + o_qjd, mask=m_jd, other=0.0)
+                    p_do = do_ptr + tl.multiple_of(o_do0 + i64 * sdo_h, VEC)
+                    b_do = tl.load(p_do + o_dojd, mask=m_jd, other=0.0)
+                    b_lse, b_delta = _lse_delta(lse_ptr, delta_ptr, o_l0 + i64 * sl_h,
+                                                o_dl0 + i64 * sdl_h, o_jl, o_jdl, m_j)
+                    if DOT_F32:
+                        b_q = b_q.to(tl.float32)
+                        b_do = b_do.to(tl.float32)
+                    m_qok = tl.abs(b_q.to(tl.float32)) < float("inf")  # [N, D]
+                    m_dook = tl.abs(b_do.to(tl.float32)) < float("inf")
+                    m_row, o_unused, o_rpbr = _row_taps(s_y, i, H, KH, dil_h, SHIFT)
+                    m_win = s_col & m_row[:, None]
+                    b_win = tl.where(m_win, 1.0, 0.0).to(tl.float16)
 
-                b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # exact per pair
-                if HAS_REL:
-                    b_t = tl.dot(b_relt, tl.trans(b_q), input_precision="ieee")  # per pair
-                    # non-finite rel terms travel as counts: +inf 1, -inf 4, NaN 16 (a
-                    # pair has two terms, so the counts stay apart), exact in fp16 dots
-                    m_tok = tl.abs(b_t) < float("inf")
-                    b_code = tl.where(b_t != b_t, 16.0,
-                                      tl.where(m_tok, 0.0, tl.where(b_t > 0, 1.0, 4.0)))
-                    b_code = b_code.to(tl.float16)
-                    b_t = tl.where(m_tok, b_t, 0.0)
-                    b_band = tl.gather(b_t, o_band, 0).to(b_relt.dtype)
-                    b_s = tl.dot(b_acol, b_band, b_s, input_precision="ieee")
-                    m_rr, o_rr, o_unused = _row_taps(y0 + o_r, i, H, KH, dil_h, SHIFT)
-                    o_rr = tl.broadcast_to(o_rr[:, None], (ROWS_P, BLOCK_N))
-                    b_brow = tl.gather(b_t, o_rr, 0).to(b_relt.dtype)
-                    b_s = tl.dot(b_arow, b_brow, b_s, input_precision="ieee")
-                    b_cnt = tl.dot(b_arow.to(tl.float16), tl.gather(b_code, o_rr, 0))
-                    b_cnt = tl.dot(b_acol16, tl.gather(b_code, o_band, 0), b_cnt)
-                    o_cnt = b_cnt.to(tl.int32)
-                    b_s += tl.where(o_cnt % 4 > 0, float("inf"), 0.0)
-                    b_s += tl.where(o_cnt % 16 >= 4, float("-inf"), 0.0)  # inf - inf: NaN
-                    b_s = tl.where(o_cnt >= 16, float("nan"), b_s)
-                b_s = b_s * qk_scale - (b_lse * LOG2E)[None, :]
-                if HAS_RPB:
-                    p_rpb = p_rpb0 + o_rpbr[:, None] * srp_h + o_rpbc * srp_w
-                    b_s += tl.load(p_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
-                b_p = tl.where(m_win, tl.exp2(b_s), 0.0)
-                m_pbad = m_win & ~(tl.abs(b_p) < float("inf"))  # NaN or inf logit / lse
-                b_p = tl.where(m_pbad, 0.0, b_p)
-                b_dos = tl.where(m_dook, b_do, tl.zeros_like(b_do))
-                b_pl = b_p.to(do_ptr.dtype.element_ty)
-                if DOT_F32:
-                    b_pl = b_pl.to(tl.float32)
-                acc_dv += tl.dot(b_pl, b_dos, input_precision="ieee")
-                b_bad = tl.dot(b_win, tl.where(m_dook, 0.0, 1.0).to(tl.float16))
-                b_bad += tl.sum(tl.where(m_pbad, 1.0, 0.0), axis=1)[:, None]
-                acc_dv += tl.where(b_bad > 0, float("nan"), 0.0)  # NaN stays
-                b_dp = tl.dot(b_v, tl.trans(b_do), input_precision="ieee")  # exact per pair
-                b_ds = b_p * (b_dp - b_delta[None, :])
-                m_sbad = m_pbad | (m_win & ~(tl.abs(b_ds) < float("inf")))
-                b_dsl = tl.where(m_win & ~m_sbad, b_ds, 0.0).to(q_ptr.dtype.element_ty)
-                if DOT_F32:
-                    b_dsl = b_dsl.to(tl.float32)
-                acc_dk += tl.dot(b_dsl, tl.where(m_qok, b_q, tl.zeros_like(b_q)),
-                                 input_precision="ieee")
-                b_bad = tl.dot(b_win, tl.where(m_qok, 0.0, 1.0).to(tl.float16))
-                b_bad += tl.sum(tl.where(m_sbad, 1.0, 0.0), axis=1)[:, None]
-                acc_dk += tl.where(b_bad > 0, float("nan"), 0.0)
+                    b_s = tl.dot(sb_k, tl.trans(b_q), input_precision="ieee")  # exact per pair
+                    if HAS_REL:
+                        b_t = tl.dot(b_relt, tl.trans(b_q), input_precision="ieee")  # per pair
+                        # non-finite rel terms travel as counts: +inf 1, -inf 4, NaN 16 (a
+                        # pair has two terms, so the counts stay apart), exact in fp16 dots
+                        m_tok = tl.abs(b_t) < float("inf")
+                        b_code = tl.where(b_t != b_t, 16.0,
+                                          tl.where(m_tok, 0.0, tl.where(b_t > 0, 1.0, 4.0)))
+                        b_code = b_code.to(tl.float16)
+                        b_t = tl.where(m_tok, b_t, 0.0)
+                        b_band = tl.gather(b_t, o_band, 0).to(b_relt.dtype)
+                        b_s = tl.dot(sb_acol, b_band, b_s, input_precision="ieee")
+                        m_rr, o_rr, o_unused = _row_taps(y0 + o_r, i, H, KH, dil_h, SHIFT)
+                        o_rr = tl.broadcast_to(o_rr[:, None], (ROWS_P, BLOCK_N))
+                        b_brow = tl.gather(b_t, o_rr, 0).to(b_relt.dtype)
+                        b_s = tl.dot(sb_arow, b_brow, b_s, input_precision="ieee")
+                        b_cnt = tl.dot(sb_arow.to(tl.float16), tl.gather(b_code, o_rr, 0))
+                        b_cnt = tl.dot(sb_acol16, tl.gather(b_code, o_band, 0), b_cnt)
+                        o_cnt = b_cnt.to(tl.int32)
+                        b_s += tl.where(o_cnt % 4 > 0, float("inf"), 0.0)
+                        b_s += tl.where(o_cnt % 16 >= 4, float("-inf"), 0.0)  # inf - inf: NaN
+                        b_s = tl.where(o_cnt >= 16, float("nan"), b_s)
+                    b_s = b_s * qk_scale - (b_lse * LOG2E)[None, :]
+                    if HAS_RPB:
+                        p_rpb = p_rpb0 + o_rpbr[:, None] * srp_h + s_rpbc * srp_w
+                        b_s += tl.load(p_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
+                    b_p = tl.where(m_win, tl.exp2(b_s), 0.0)
+                    m_pbad = m_win & ~(tl.abs(b_p) < float("inf"))  # NaN or inf logit / lse
+                    b_p = tl.where(m_pbad, 0.0, b_p)
+                    b_dos = tl.where(m_dook, b_do, tl.zeros_like(b_do))
+                    b_pl = b_p.to(do_ptr.dtype.element_ty)
+                    if DOT_F32:
+                        b_pl = b_pl.to(tl.float32)
+                    sacc_dv += tl.dot(b_pl, b_dos, input_precision="ieee")
+                    b_bad = tl.dot(b_win, tl.where(m_dook, 0.0, 1.0).to(tl.float16))
+                    b_bad += tl.sum(tl.where(m_pbad, 1.0, 0.0), axis=1)[:, None]
+                    sacc_dv += tl.where(b_bad > 0, float("nan"), 0.0)  # NaN stays
+                    b_dp = tl.dot(sb_v, tl.trans(b_do), input_precision="ieee")  # exact per pair
+                    b_ds = b_p * (b_dp - b_delta[None, :])
+                    m_sbad = m_pbad | (m_win & ~(tl.abs(b_ds) < float("inf")))
+                    b_dsl = tl.where(m_win & ~m_sbad, b_ds, 0.0).to(q_ptr.dtype.element_ty)
+                    if DOT_F32:
+                        b_dsl = b_dsl.to(tl.float32)
+                    sacc_dk += tl.dot(b_dsl, tl.where(m_qok, b_q, tl.zeros_like(b_q)),
+                                     input_precision="ieee")
+                    b_bad = tl.dot(b_win, tl.where(m_qok, 0.0, 1.0).to(tl.float16))
+                    b_bad += tl.sum(tl.where(m_sbad, 1.0, 0.0), axis=1)[:, None]
+                    sacc_dk += tl.where(b_bad > 0, float("nan"), 0.0)
 
-    o_dkm = tl.multiple_of(b64 * sdk_b + n64 * sdk_n + o_dkp, VEC)
-    p_dk = dk_ptr + o_dkm[:, None] + o_d[None, :] * sdk_d
-    tl.store(p_dk, (acc_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)
-    o_dvm = tl.multiple_of(b64 * sdv_b + n64 * sdv_n + o_dvp, VEC)
-    p_dv = dv_ptr + o_dvm[:, None] + o_d[None, :] * sdv_d
-    tl.store(p_dv, acc_dv.to(dv_ptr.dtype.element_ty), mask=m_kd)
+            o_sdk = b64 * sdk_b + n64 * sdk_n + s_y64 * sdk_h + s_x64 * sdk_w
+            tl.store(dk_ptr + o_sdk[:, None] + o_d[None, :] * sdk_d,
+                     (sacc_dk * scale).to(dk_ptr.dtype.element_ty), mask=s_kd)
+            o_sdv = b64 * sdv_b + n64 * sdv_n + s_y64 * sdv_h + s_x64 * sdv_w
+            tl.store(dv_ptr + o_sdv[:, None] + o_d[None, :] * sdv_d,
+                     sacc_dv.to(dv_ptr.dtype.element_ty), mask=s_kd)
+    else:
+        o_dkm = tl.multiple_of(b64 * sdk_b + n64 * sdk_n + o_dkp, VEC)
+        p_dk = dk_ptr + o_dkm[:, None] + o_d[None, :] * sdk_d
+        tl.store(p_dk, (acc_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)
+        o_dvm = tl.multiple_of(b64 * sdv_b + n64 * sdv_n + o_dvp, VEC)
+        p_dv = dv_ptr + o_dvm[:, None] + o_d[None, :] * sdv_d
+        tl.store(p_dv, acc_dv.to(dv_ptr.dtype.element_ty), mask=m_kd)
 
 
 # ---------------------------------------------------------------- configs
@@ -422,6 +485,7 @@ _BLOCK_N = (16, 32, 64, 128, 256)  # the last is the widest query-row sub-tile
 _WARPS = (1, 2, 4, 8)
 _STAGES = (1, 2)
 _MAX_PER_THREAD = 190  # _per_thread bound of the configs kept (no spills at sm_90)
+_MAX_PER_THREAD_N16 = 250  # the same with 16 query columns (see _per_thread)
 KEYS = ("K_BLOCK_M", "K_BLOCK_N", "K_num_warps", "K_num_stages")
 
 
@@ -458,9 +522,18 @@ def _per_thread(block_m: int, block_n: int, block_d: int, num_warps: int) -> flo
     """Rough live values per thread: k, v and the two fp32 accumulators [M, D], q and
     dout [N, D] with their transposes, the [M, N] score tiles. Against ptxas for sm_90
     (Triton 3.9, 16-bit inputs): 136 -> 177 registers, 176 -> 228, 208 -> 242, none
-    spilling; 224 spills (d = 80 at 4 warps)."""
+    spilling; 224 spills (d = 80 at 4 warps). With 16 query columns and the slow pass
+    in sub-tiles (issue 14, third round): 208 -> 255 and 248 -> 250 registers (32 keys
+    at d = 32, 64 keys at d = 16, 1 warp), no spills; 304 spills (64 keys, d = 64, 2
+    warps)."""
     return (3 * block_m * block_d + 3 * block_n * block_d + 4 * block_m * block_n) / (
         32 * num_warps)
+
+
+def _bound(block_n: int) -> int:
+    """The _per_thread bound of a config: higher for 16 query columns, where the slow
+    pass's sub-tiles leave the fast path's tiles as the register peak."""
+    return _MAX_PER_THREAD_N16 if block_n == _BLOCK_N[0] else _MAX_PER_THREAD
 
 
 def search_space() -> list[dict]:
@@ -477,7 +550,7 @@ def _fits(config: dict, q_shape, args: AttendArgs) -> bool:
     if _tile(q_shape, args, bm, bn) is None:
         return False
     bd = head_block(d)
-    return _per_thread(bm, bn, bd, nw) <= _MAX_PER_THREAD and nw * 16 <= max(bm, bn, bd)
+    return _per_thread(bm, bn, bd, nw) <= _bound(bn) and nw * 16 <= max(bm, bn, bd)
 
 
 def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
@@ -490,21 +563,28 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
 def default_config(q_shape, args: AttendArgs) -> dict:
     """The narrowest query sub-tile (16, 32, ... 256) that holds the whole row or a
     segment of min(half its width, 16) keys plus the halo: a query row meets only kw
-    columns of each key row, so narrow score tiles waste least. 32 key slots (16 for
-    d > 64), 1 warp up to d = 32, 2 up to 64, 4 above, more while the tile would spill;
-    more slots when a whole row needs them. Cost-tool readings: docs/rows_bwd_key.md."""
+    columns of each key row, so narrow score tiles waste least. With 16 query columns,
+    the fewest instructions per key that do not spill: 64 key slots on 4 warps for
+    32 < d <= 64; 64 on 1 warp up to d = 16 and 32 on 1 warp up to d = 32 unless both
+    rel tables and rpb are given (those spill 20-28 bytes). Else 32 key slots (16 for
+    d > 64), 1 warp up to d = 16, 2 up to 64, 4 above, more while the tile would spill.
+    More slots when a whole row needs them. Cost-tool readings: docs/rows_bwd_key.md."""
     B, H, W, heads, d = q_shape
     halo_w = _halos(args)[1]
     bn = next((n for n in _BLOCK_N if W <= n or n - 2 * halo_w >= min(n // 2, 16)),
               _BLOCK_N[-1])
     bd = head_block(d)
-    bm = 32 if bd <= 64 else 16
+    both_biases = args.rel_h is not None and args.rpb is not None  # more live values
+    if bn == _BLOCK_N[0] and (bd == 64 or bd <= 32 and not both_biases):
+        bm, nw = {16: (64, 1), 32: (32, 1), 64: (64, 4)}[bd]
+    else:
+        bm = 32 if bd <= 64 else 16
+        nw = 1 if bd <= 16 else 2 if bd <= 64 else 4
     tile = _tile(q_shape, args, 256, bn)
     if tile is not None:
         bm = max(bm, next_pow2(tile[1]))  # a tile holds at least one segment
     bm = min(bm, max(16, next_pow2(H * W)))
-    nw = 1 if bd <= 16 else 2 if bd <= 64 else 4
-    while nw < 8 and _per_thread(bm, bn, bd, nw) > _MAX_PER_THREAD:
+    while nw < 8 and _per_thread(bm, bn, bd, nw) > _bound(bn):
         nw *= 2
     return {"K_BLOCK_M": bm, "K_BLOCK_N": bn, "K_num_warps": nw, "K_num_stages": 1}
 
@@ -568,9 +648,11 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
     if dtype == torch.float32:  # fp32 dots run on CUDA cores: 2-4x the registers
         launch["num_warps"] = min(8, max(4, 2 * launch.get("num_warps", 4)))
     grad_strides = contiguous_strides(q_shape)  # dk and dv
+    tiles = triton.cdiv(H, rows) * n_seg
+    grid3 = tiles <= _GRID_YZ and B <= _GRID_YZ
     return launch_plan(
         _PARAMS,
-        grid=(B * triton.cdiv(H, rows) * n_seg * heads,),
+        grid=(heads, tiles, B) if grid3 else (B * tiles * heads,),
         head=(H, W, heads, rows, cols, cols_magic(cols), n_seg, halo_h, halo_w,
               *(x for st in strides for x in st)),  # q, k, v, dout, lse, delta
         tail=(*grad_strides, *grad_strides, dh, dw, scale, scale * LOG2E.value),
@@ -588,11 +670,17 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
             VEC=min(align, stride_vector_width(
                 [(d, st) for st in (*strides[:4], grad_strides)], head_block(d))),
             KV_I32=pixel_offsets_shared((strides[1], strides[2], grad_strides), H, W),
+            GRID3=grid3,
+            SUB_M=min(bm, _SUB_M),
+            # read with the cost tool on 16-bit tensor-core launches (default: 4 warps)
+            PAIR_ONEHOT=dtype != torch.float32 and launch.get("num_warps", 4) >= 4,
             **launch,
         ),
     )
 
 
+_SUB_M = 16  # the slow pass's sub-tile (key slots)
+_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
 _plans = plan_cache(_plan)
 _PARAMS = _key_bwd_kernel.arg_names  # read at import: a recorder may stand in later
 

@@ -12,15 +12,17 @@ import pytest
 import torch
 
 from sasa_triton.args import check_attend_args
-from sasa_triton.kernels import rows_bwd_key
+from sasa_triton.kernels import launch_cache, rows_bwd_key
 
 from cases import TOLERANCES, Case, make_inputs, oracle_grads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _inputs(case, dtype, layout, seed=0):
+def _inputs(case, dtype, layout, seed=0, rel_w_f32=False):
     q, k, v, kw = make_inputs(case, dtype, layout, DEVICE, seed=seed)
+    if rel_w_f32:  # tables may be float32 whatever q's dtype
+        kw["rel_w"] = kw["rel_w"].float()
     args = check_attend_args(q, k, v, case.k, kw["dilation"], kw["padding"], kw.get("rel_h"),
                              kw.get("rel_w"), kw.get("rpb"), kw["scale"])
     g = torch.Generator().manual_seed(seed + 1)
@@ -34,8 +36,9 @@ def _oracle(q, k, v, kw, case, dout):
     return out, lse, grads["k"], grads["v"]
 
 
-def run_case(case, dtype=torch.float32, layout="contiguous", config=None, seed=0):
-    q, k, v, kw, args, dout = _inputs(case, dtype, layout, seed)
+def run_case(case, dtype=torch.float32, layout="contiguous", config=None, seed=0,
+             rel_w_f32=False):
+    q, k, v, kw, args, dout = _inputs(case, dtype, layout, seed, rel_w_f32)
     out, lse, want_dk, want_dv = _oracle(q, k, v, kw, case, dout)
     delta = (dout.cpu().float() * out.to(dtype).float()).sum(-1).contiguous().to(DEVICE)
     lse32 = lse.float().to(DEVICE)
@@ -99,6 +102,27 @@ def test_many_tiles(padding):
     run_case(case, config=rows_bwd_key_config)
 
 
+def test_one_dimensional_grid(monkeypatch):
+    """Tiles or a batch beyond the grid's y / z limit launch a 1-D grid (GRID3 off): forced
+    here by a tiny limit, on several segments, row blocks, heads and batches."""
+    monkeypatch.setattr(rows_bwd_key, "_GRID_YZ", 1)
+    launch_cache.clear_all()  # plans made with the real limit
+    case = Case(B=2, H=3, W=17, heads=2, d=4, k=3, padding="shift", rel="shared", rpb=True)
+    run_case(case, config={"K_BLOCK_M": 16, "K_BLOCK_N": 16, "K_num_warps": 1}, seed=3)
+    launch_cache.clear_all()
+
+
+@pytest.mark.parametrize("warps,seed,rel_w_f32", [(4, 11, False), (1, 12, True)])
+def test_row_one_hot_builds(warps, seed, rel_w_f32):
+    """A_row built from (even, odd) slot pairs (4+ warps, 16-bit) or one slot per entry
+    (fewer warps) on 64-key tiles of six 9-column rows; RelT read by one load over both
+    tables, or by two when their dtypes differ (rel_w float32, q bfloat16)."""
+    case = Case(B=1, H=6, W=9, heads=1, d=16, k=3, rel="per_head", scale=0.6)
+    run_case(case, torch.bfloat16, config={"K_BLOCK_M": 64, "K_BLOCK_N": 16,
+                                           "K_num_warps": warps}, seed=seed,
+             rel_w_f32=rel_w_f32)
+
+
 def _random_case(seed: int) -> tuple:
     rng = random.Random(seed)
     padding = rng.choice(("zeros", "mask", "shift"))
@@ -131,7 +155,14 @@ def test_bit_identical_on_repeat():
         assert torch.equal(a, b)
 
 
-def test_nonfinite_inputs_stay_in_their_windows():
+# the default tiles, and 64-key tiles whatever the image (the slow pass's 16-key sub-tiles
+# at m0 = 0, 16, 32, 48, padding slots included)
+NONFINITE_RUNS = [(None, range(5000, 5008)),
+                  ({"K_BLOCK_M": 64, "K_BLOCK_N": 16, "K_num_warps": 1}, range(5100, 5106))]
+
+
+@pytest.mark.parametrize("config,seeds", NONFINITE_RUNS, ids=["default", "m64"])
+def test_nonfinite_inputs_stay_in_their_windows(config, seeds):
     """NaN / inf planted in q, k, v or a table reaches only the dk / dv entries whose
     windows hold it (the slow pass), with the oracle's values elsewhere: the cases and
     checks of test_nonfinite.py, for this kernel alone."""
@@ -143,7 +174,7 @@ def test_nonfinite_inputs_stay_in_their_windows():
     from sasa_triton.reference import reference_forward
 
     partial = 0
-    for seed in range(5000, 5008):
+    for seed in seeds:
         c = nonfinite_case(seed)
         t, args = c["t"], nonfinite_args(c)
         leaves = {n: x.double().requires_grad_() for n, x in t.items()}
@@ -155,7 +186,7 @@ def test_nonfinite_inputs_stay_in_their_windows():
         want_grads = dict(zip(leaves, grads))
         delta = (dout.float() * out.float()).sum(-1).contiguous()
         dk, dv = rows_bwd_key.key_grads(t["q"], t["k"], t["v"], dout.to(c["dtype"]), lse,
-                                        delta, args, _poison=True)
+                                        delta, args, config, _poison=True)
         finite = [g[g.isfinite()].abs().max().item() for g in want_grads.values()
                   if g.isfinite().any()]
         largest = max(finite, default=1.0)

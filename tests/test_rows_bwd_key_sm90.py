@@ -4,11 +4,10 @@ A subprocess runs key_grads on CPU tensors with the kernel swapped for a recorde
 compiles each recorded launch with Triton's compiler and ptxas (see aot_sm90.py): the
 suite shapes (s1..s4, det: bf16, k 7, zeros, shared rel) and feature combinations that
 change the kernel (mask, shift with dilation, per-head rel, rpb, fp16, fp32 at d = 16,
-d = 80, row segments). Every launch must compile. The query-row loop of the suite shapes
-must hold no local-memory (spill) access: ptxas may park a few values of the set-up code
-or of the non-finite slow pass (which runs only when a NaN/inf reached the
-accumulators) in local memory, but not in the loop that does the work. (fp32 with
-d > 64 compiles but spills: its dots run on CUDA cores.)
+d = 80, row segments). Every launch must compile. The default launches of the suite
+shapes must not spill at all (ptxas: no spill stores), their query-row loop least of all;
+the non-finite slow pass walks the tile in 16-key sub-tiles so that it does not set
+the register peak. (fp32 with d > 64 compiles but spills: its dots run on CUDA cores.)
 """
 import re
 
@@ -78,6 +77,8 @@ def test_key_kernel_compiles_for_sm90_without_spills_in_its_loop():
     for ln in lines[:len(SUITE)]:
         assert int(re.search(r"loop_local=(\d+)", ln).group(1)) == 0, (
             "a suite launch spills in its query-row loop:\n" + "\n".join(lines))
+        assert int(re.search(r"'spill_stores': (\d+)", ln).group(1)) == 0, (
+            "a suite launch spills:\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ Mapping per kernel (what the trip counts stand for):
 * `_key_bwd_kernel` (rows_bwd_key): [query rows i_lo <= i < i_hi], runtime bounds: the
   key tile's ROWS rows plus HALO_H on each side, clipped to the image (the mean over the
   row blocks; rows that dilation skips count as full trips: an upper bound), then
-  [non-finite slow pass over the same rows: 0 trips, it runs only when a non-finite
-  value reached the accumulators].
+  [non-finite slow pass: key sub-tiles (0 trips, it runs only when a non-finite value
+  reached the accumulators) [the same query rows]].
 * `_tile2d_bwd_query_kernel`, `_tile2d_bwd_key_kernel` (tile2d_bwd_query / _key):
   [window rows, a < KH] (columns are a tl.static_range, unrolled by the front end).
 * `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode;
@@ -133,7 +133,8 @@ def _key_bwd(c: dict) -> list[LoopSpec]:
     blocks = range(0, H, rows)
     trips = sum(min(H, y0 + rows + halo) - max(0, y0 - halo) for y0 in blocks) / len(blocks)
     return [LoopSpec("query rows i_lo<=i<i_hi", round(trips), exp2=True),
-            LoopSpec("non-finite slow pass (not taken)", 0, exp2=True)]
+            LoopSpec("non-finite slow pass: key sub-tiles (not taken)", 0, [
+                LoopSpec("slow pass: query rows", round(trips), exp2=True)], exp2=True)]
 
 
 # kernel function name -> loops from the launch arguments (by parameter name)

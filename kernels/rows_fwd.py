@@ -303,13 +303,13 @@ def _rows_fwd_kernel(
     b_rtraw = b_rt
     b_cf = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)  # column term per rel_w row
     b_cfraw = b_cf
+    if SHIFT:  # rel rows of a window: 2k - 1 (shift), else k
+        n_rows_h = 2 * KH - 1
+        n_rows_w = 2 * KW - 1
+    else:
+        n_rows_h = KH
+        n_rows_w = KW
     if HAS_REL:
-        if SHIFT:
-            n_rows_h = 2 * KH - 1
-            n_rows_w = 2 * KW - 1
-        else:
-            n_rows_h = KH
-            n_rows_w = KW
         b_th = _rel_table(relh_ptr + n * srh_n, srh_r, srh_d, o_d, 0, D_HALF, n_rows_h,
                           BLOCK_D, E_PAD)
         b_tw = _rel_table(relw_ptr + n * srw_n, srw_r, srw_d, o_d, D_HALF, D, n_rows_w,
@@ -330,15 +330,16 @@ def _rows_fwd_kernel(
     # Row term and liveness of each key row walked, raw units (before qk_scale): column
     # s of b_qrow is for key member u_lo + s; -1e30 where the query's window misses it.
     # 16-bit inputs: a bf16 hi/lo pair (columns 2s and 2s + 1) for a float32-exact sum.
+    # One gather from the row-term table with -1e30 past its rows: a slot outside the
+    # query's window reads column E_PAD - 1 (never a rel row: KH, 2 KH - 1 < E_PAD), so
+    # no mask per slot. (Idle queries read finite terms; nothing of theirs is stored.)
     o_s = tl.arange(0, NS_PAD)
-    u_s = u_lo + o_s
-    a_s = u_s[None, :] - st[:, None]  # [M, NS]
-    m_ls = (a_s >= 0) & (a_s < KH) & m_q[:, None]
-    b_g = tl.zeros([BLOCK_M, NS_PAD], dtype=tl.float32)
-    if HAS_REL:
-        o_g = tl.minimum(tl.maximum(u_s[None, :] + ebase[:, None], 0), E_PAD - 1)
-        b_g = tl.gather(b_rtraw, o_g, axis=1)
-    b_g = tl.where(m_ls, b_g, -1.0e30)
+    a_s = (u_lo + o_s)[None, :] - st[:, None]  # [M, NS]: window row of slot s
+    if SHIFT:  # rel_h row a + off_y + KH - 1
+        o_g = tl.where(a_s.to(tl.uint32) < KH, a_s + (off_y + KH - 1)[:, None], E_PAD - 1)
+    else:  # rel_h row a; a < 0 wraps past E_PAD - 1
+        o_g = tl.minimum(a_s.to(tl.uint32), E_PAD - 1).to(tl.int32)
+    b_g = tl.gather(tl.where((o_e < n_rows_h)[None, :], b_rtraw, -1.0e30), o_g, axis=1)
     if SPLIT:  # columns 2s, 2s + 1: the pair of slot s
         b_hi = b_g.to(tl.bfloat16)
         b_lo = (b_g - b_hi.to(tl.float32)).to(tl.bfloat16)
@@ -353,17 +354,24 @@ def _rows_fwd_kernel(
 
     # BIAS [M, BK]: column term of each window tap, -inf outside the window (RAW: in raw
     # units, before qk_scale).
-    b_bias = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    if HAS_REL:
-        if SHIFT:
-            o_col = off_x[:, None] + o_tap + KW - 1
-        else:
-            o_col = o_tap
-        if RAW:
-            b_bias = tl.gather(b_cfraw, tl.minimum(o_col, E_PAD - 1), axis=1)
-        else:
-            b_bias = tl.gather(b_cf, tl.minimum(o_col, E_PAD - 1), axis=1)
-    b_bias = tl.where(m_win, b_bias, float("-inf"))
+    # One gather from the column-term table with -inf past its rows: a key column
+    # outside the query's window (or between its dilation steps, or clipped) reads column
+    # E_PAD - 1 (never a rel row), so no mask per element. (dil_w = 1, specialised: the
+    # index is one unsigned minimum.)
+    o_c = o_diff // dil_w
+    o_c = tl.where(o_diff - o_c * dil_w == 0, o_c, -1)  # tap c, or -1 between steps
+    if SHIFT:  # rel_w row c + off_x + KW - 1
+        o_col = tl.where(o_c.to(tl.uint32) < KW, o_c + (off_x + KW - 1)[:, None], E_PAD - 1)
+    else:  # rel_w row c; c < 0 wraps past E_PAD - 1
+        o_col = tl.minimum(o_c.to(tl.uint32), E_PAD - 1).to(tl.int32)
+    if CLIP or not ZEROS:  # columns outside the image: no tap (zeros mode: SPARE / PICK)
+        o_col = tl.where(m_x[None, :], o_col, E_PAD - 1)
+    if RAW:
+        b_cft = b_cfraw
+    else:
+        b_cft = b_cf
+    b_bias = tl.gather(tl.where((o_e < n_rows_w)[None, :], b_cft, float("-inf")), o_col,
+                       axis=1)
     # Zeros mode: log2 mass of a window row's out-of-image column taps (b_zo) and of all
     # its taps (b_za), per query: [M] vectors from the column terms (zeros/mask: rel_w
     # row c = tap c), or [M, E] tables over the window row a with rpb.

@@ -19,14 +19,15 @@ and uses that row for every query row whose window holds it:
   are scaled first and BIAS added in base-2 units.) The softmax sums stay per score-tile
   element during the walk (one row reduction after it).
 * BIAS [M, BK] (built once): the column rel term q[d/2:] . rel_w[c] of each query's
-  window taps (one tl.dot q @ rel_w^T, then tl.gather), -inf outside the window. It is
+  window taps (one tl.dot q @ rel_w^T, then one tl.gather from it with a -inf column
+  that the taps outside the window read: no mask per element), -inf outside. It is
   the same for every key row: a query's column pattern is the same in each window row.
 * Qrow [M, NS] (built once): the row term q[:d/2] . rel_h[row] of key row slot s for each
   query (one tl.dot q @ rel_h^T, then tl.gather), -1e30 where the query's window does not
   hold that key row. E_u is the one-hot [NS, BK] of the current slot (read from a small
   constant table, `one_hot_rows`), so the second dot adds the row term and the
   window-row mask to the logits on the tensor cores. 16-bit inputs: Qrow is a bf16
-  (hi, lo) pair per slot (float32-exact sum).
+  (hi, lo) pair of tables, one dot each with E_u (float32-exact sum).
 * rpb (off in the standard suite): gathered per key row ([M, BK] loads, L1-resident).
 
 Zeros padding: out-of-image taps are zero keys and values whose logit is the rel/rpb part
@@ -120,12 +121,12 @@ def _pick(b_tab, o_e, e):
 
 
 @triton.jit
-def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, p_sel, o_sel, b_zo, o_e, t, st, ebase, m_q,
+def _logits(u, b_q, b_bias, b_rt, b_qrow, b_qlo, slot, p_sel, o_sel, b_zo, o_e, t, st, ebase, m_q,
             m_win, p_k0,
             o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH: tl.constexpr,
             HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, VIRT: tl.constexpr,
             PICK: tl.constexpr, SAFE: tl.constexpr, DOT_F32: tl.constexpr, NS_PAD: tl.constexpr,
-            BLOCK_K: tl.constexpr, RAW: tl.constexpr):
+            BLOCK_K: tl.constexpr, RAW: tl.constexpr, SPLIT: tl.constexpr):
     """Key row u (group member, `slot` rows after the first one walked) against the query
     tile: base-2 logits [M, BK] (-inf outside each query's column window), the row term
     rt [M] (separate with PICK or SAFE; else inside the logits, by the second dot: -1e30
@@ -158,6 +159,8 @@ def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, p_sel, o_sel, b_zo, o_e, t, st, 
         # table (every column reads the same row: vector loads and stores, no selects)
         b_sel = tl.load(p_sel + slot * b_qrow.shape[1] + o_sel).to(b_qrow.dtype)
         b_s = tl.dot(b_qrow, tl.trans(b_sel), b_s, input_precision="ieee")  # [M, S] @ [S, BK]
+        if SPLIT:  # the lo half of the pair
+            b_s = tl.dot(b_qlo, tl.trans(b_sel), b_s, input_precision="ieee")
         if not RAW:
             b_s = b_s * qk_scale + b_bias
         rt = tl.zeros_like(qk_scale + a.to(tl.float32))
@@ -340,15 +343,16 @@ def _rows_fwd_kernel(
     else:  # rel_h row a; a < 0 wraps past E_PAD - 1
         o_g = tl.minimum(a_s.to(tl.uint32), E_PAD - 1).to(tl.int32)
     b_g = tl.gather(tl.where((o_e < n_rows_h)[None, :], b_rtraw, -1.0e30), o_g, axis=1)
-    if SPLIT:  # columns 2s, 2s + 1: the pair of slot s
-        b_hi = b_g.to(tl.bfloat16)
-        b_lo = (b_g - b_hi.to(tl.float32)).to(tl.bfloat16)
-        b_qrow = tl.reshape(tl.join(b_hi, b_lo), (BLOCK_M, 2 * NS_PAD))
+    if SPLIT:  # a bf16 (hi, lo) pair: two dots with the same one-hot
+        b_qrow = b_g.to(tl.bfloat16)
+        b_qlo = (b_g - b_qrow.to(tl.float32)).to(tl.bfloat16)
         if INTERP:  # the interpreter's bf16 tl.dot is wrong: the bf16 values, in float32
             b_qrow = b_qrow.to(tl.float32)
+            b_qlo = b_qlo.to(tl.float32)
     else:
         b_qrow = b_g
-    # offsets of the one-hot rows (sel_ptr: [NS_PAD, S] table, row s = slot s of b_qrow's
+        b_qlo = b_g  # unused
+    # offsets of the one-hot rows (sel_ptr: [NS_PAD, NS_PAD] table, row s = slot s of b_qrow's
     # columns), the same row for each key column
     o_sel = (tl.arange(0, BLOCK_K) * 0)[:, None] + tl.arange(0, b_qrow.shape[1])[None, :]
 
@@ -456,10 +460,10 @@ def _rows_fwd_kernel(
         if OFF_I64:
             y64 = y64.to(tl.int64)
         b_s, rt, vz, m_live = _logits(
-            u, b_q, b_bias, b_rt, b_qrow, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st, ebase,
+            u, b_q, b_bias, b_rt, b_qrow, b_qlo, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st, ebase,
             m_q, m_win, p_k0,
             o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT,
-            PICK, False, DOT_F32, NS_PAD, BLOCK_K, RAW)
+            PICK, False, DOT_F32, NS_PAD, BLOCK_K, RAW, SPLIT)
         if RAW:  # raw logits: scaled by the exp2's FMA (qk_scale > 0)
             b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) * qk_scale)
             b_alpha = tl.exp2(b_m - b_m_new)
@@ -503,10 +507,10 @@ def _rows_fwd_kernel(
             if OFF_I64:
                 y64 = y64.to(tl.int64)
             b_s, rt, vz, m_live = _logits(
-                u, b_q, b_bias, b_rt, b_qrow, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st,
+                u, b_q, b_bias, b_rt, b_qrow, b_qlo, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st,
                 ebase, m_q, m_win,
                 p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL,
-                HAS_RPB, VIRT, PICK, True, DOT_F32, NS_PAD, BLOCK_K, RAW)
+                HAS_RPB, VIRT, PICK, True, DOT_F32, NS_PAD, BLOCK_K, RAW, SPLIT)
             b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
             if VIRT:
                 b_m_new = tl.maximum(b_m_new, vz)
@@ -704,13 +708,13 @@ _ONE_HOT: dict = {}
 
 
 def one_hot_rows(device, ns_pad: int, split: bool) -> torch.Tensor:
-    """The row-term one-hots as a [NS_PAD, S] table (cached per device): row s is 1 at
-    the columns of slot s of b_qrow (its bf16 hi/lo pair with split, else column s)."""
+    """The row-term one-hots as a [NS_PAD, NS_PAD] identity (cached per device): row s is
+    1 at column s (slot s of b_qrow); bfloat16 with split (the kernel's hi and lo halves
+    each take a dot with it), else float32."""
     key = (device, ns_pad, split)
     table = _ONE_HOT.get(key)
     if table is None:  # built on the host (no device kernels), copied once
-        per = 2 if split else 1
-        rows = np.arange(ns_pad * per)[None, :] // per == np.arange(ns_pad)[:, None]
+        rows = np.eye(ns_pad, dtype=bool)
         if split:  # bfloat16 1.0 is 0x3f80: the bits, viewed (numpy has no bfloat16)
             table = torch.from_numpy(rows.astype(np.int16) * 0x3F80).view(torch.bfloat16)
         else:

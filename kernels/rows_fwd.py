@@ -121,6 +121,14 @@ def _pick(b_tab, o_e, e):
 
 
 @triton.jit
+def _left_half(x):
+    """x[:, :E // 2] of an [M, E] tile (E a power of two >= 2)."""
+    y = tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1))
+    left, right = tl.split(y)
+    return left
+
+
+@triton.jit
 def _logits(u, b_q, b_bias, b_rt, b_qrow, b_qlo, slot, p_sel, o_sel, b_zo, o_e, t, st, ebase, m_q,
             m_win, p_k0,
             o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH: tl.constexpr,
@@ -434,17 +442,30 @@ def _rows_fwd_kernel(
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     if ZEROS:
         if (t0 - KH // 2 < 0) | (t_last + KH // 2 >= L):
-            u_a = t[:, None] + o_e[None, :] - KH // 2  # member of window row a
-            m_rowout = ((u_a < 0) | (u_a >= L)) & (o_e < KH)[None, :] & m_q[:, None]
             if HAS_RPB:
+                u_a = t[:, None] + o_e[None, :] - KH // 2  # member of window row a
+                m_rowout = ((u_a < 0) | (u_a >= L)) & (o_e < KH)[None, :] & m_q[:, None]
                 b_vo = tl.where(m_rowout, b_rt + b_za, float("-inf"))  # [M, E]
                 b_m = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
                 b_l = tl.sum(tl.exp2(b_vo - b_m[:, None]), axis=1)
             else:  # mass = (sum over rows of 2^row term) x (sum over taps of 2^column
-                # term): two max-shifted sums, no log2
-                b_ca = tl.where(m_tap, b_cf, float("-inf"))
+                # term): two max-shifted sums, no log2; on the tables' left halves
+                # when the window fits them (half the work)
+                if 2 * KH <= E_PAD and 2 * KW <= E_PAD:
+                    b_rth = _left_half(b_rt)
+                    b_cfh = _left_half(b_cf)
+                    o_h = tl.arange(0, E_PAD // 2)
+                else:
+                    b_rth = b_rt
+                    b_cfh = b_cf
+                    o_h = o_e
+                # member of window row a, out of the image: < 0 wraps past L (idle
+                # queries' start state is never stored)
+                u_a = t[:, None] + o_h[None, :] - KH // 2
+                m_rowout = (u_a.to(tl.uint32) >= L) & (o_h < KH)[None, :]
+                b_ca = tl.where((o_h < KW)[None, :], b_cfh, float("-inf"))
                 za_m = tl.max(b_ca, axis=1)
-                b_vo = tl.where(m_rowout, b_rt, float("-inf"))  # [M, E]
+                b_vo = tl.where(m_rowout, b_rth, float("-inf"))  # [M, E]
                 b_rm = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
                 b_m = b_rm + za_m
                 b_l = (tl.sum(tl.exp2(b_vo - b_rm[:, None]), axis=1)

@@ -230,7 +230,10 @@ def _rows_fwd_kernel(
     j = j0 + o_m % BLOCK_W
     m_q = (t < L) & (j < W)
     o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
+    if EVEN_D:  # d = BLOCK_D: no channel mask (vector loads and stores per row)
+        m_d = o_d < BLOCK_D
+    else:
+        m_d = o_d < D
     st, off_y = window_start(t, L, KH, 1, SHIFT)  # first window member, per query
     start_x, off_x = window_start(j, W, KW, dil_w, SHIFT)
     # rel_h row of key member u for query m: u + ebase (zeros/mask: u - st = a)
@@ -321,9 +324,15 @@ def _rows_fwd_kernel(
         n_rows_h = KH
         n_rows_w = KW
     if HAS_REL:
-        b_th = _rel_table(relh_ptr + n * srh_n, srh_r, srh_d, o_d, 0, D_HALF, n_rows_h,
+        if EVEN_D:  # the halves' bounds as constants: no runtime masks along d
+            d_half = BLOCK_D // 2
+            d_end = BLOCK_D
+        else:
+            d_half = D_HALF
+            d_end = D
+        b_th = _rel_table(relh_ptr + n * srh_n, srh_r, srh_d, o_d, 0, d_half, n_rows_h,
                           BLOCK_D, E_PAD)
-        b_tw = _rel_table(relw_ptr + n * srw_n, srw_r, srw_d, o_d, D_HALF, D, n_rows_w,
+        b_tw = _rel_table(relw_ptr + n * srw_n, srw_r, srw_d, o_d, d_half, d_end, n_rows_w,
                           BLOCK_D, E_PAD)
         if REL_F32:  # float32 tables (or inputs): exact products on CUDA cores
             b_qr = b_q.to(tl.float32)

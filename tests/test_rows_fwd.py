@@ -97,6 +97,15 @@ def test_zero_taps_with_rpb_and_per_head_rel(rpb):
         _run(case, torch.bfloat16, config=config)
 
 
+@pytest.mark.parametrize("padding", ["zeros", "mask"])
+def test_windows_that_fill_the_rel_tables(padding):
+    """k = 15 columns and 9 rows: the column table (E_PAD 16) has one spare column, the
+    -inf sentinel the gathers read for taps outside a window; zeros mode's out-of-image
+    rows' start mass then spans the whole tables (not their left halves)."""
+    case = Case(B=1, H=10, W=17, heads=2, d=16, k=(9, 15), padding=padding, rel="per_head")
+    _run(case, torch.bfloat16, config=dict(BLOCK_M=32, BLOCK_W=8, num_warps=1, num_stages=1))
+
+
 @pytest.mark.parametrize("scale,rpb", [(-0.6, False), (0.0, False), (-0.6, True), (0.0, True)])
 def test_negative_and_zero_scale(scale, rpb):
     """A negative scale negates q (qk_scale = |scale| log2(e) > 0, so the -1e30 row-term

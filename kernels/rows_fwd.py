@@ -355,8 +355,10 @@ def _rows_fwd_kernel(
     # no mask per slot. (Idle queries read finite terms; nothing of theirs is stored.)
     o_s = tl.arange(0, NS_PAD)
     a_s = (u_lo + o_s)[None, :] - st[:, None]  # [M, NS]: window row of slot s
-    if SHIFT:  # rel_h row a + off_y + KH - 1
+    if SHIFT:  # rel_h row a + off_y + KH - 1 (idle queries' off_y may take it below 0:
+        # clamped like a < 0, to the sentinel)
         o_g = tl.where(a_s.to(tl.uint32) < KH, a_s + (off_y + KH - 1)[:, None], E_PAD - 1)
+        o_g = tl.minimum(o_g.to(tl.uint32), E_PAD - 1).to(tl.int32)
     else:  # rel_h row a; a < 0 wraps past E_PAD - 1
         o_g = tl.minimum(a_s.to(tl.uint32), E_PAD - 1).to(tl.int32)
     b_g = tl.gather(tl.where((o_e < n_rows_h)[None, :], b_rtraw, -1.0e30), o_g, axis=1)
@@ -381,8 +383,9 @@ def _rows_fwd_kernel(
     # index is one unsigned minimum.)
     o_c = o_diff // dil_w
     o_c = tl.where(o_diff - o_c * dil_w == 0, o_c, -1)  # tap c, or -1 between steps
-    if SHIFT:  # rel_w row c + off_x + KW - 1
+    if SHIFT:  # rel_w row c + off_x + KW - 1 (idle queries: clamped as for the rows)
         o_col = tl.where(o_c.to(tl.uint32) < KW, o_c + (off_x + KW - 1)[:, None], E_PAD - 1)
+        o_col = tl.minimum(o_col.to(tl.uint32), E_PAD - 1).to(tl.int32)
     else:  # rel_w row c; c < 0 wraps past E_PAD - 1
         o_col = tl.minimum(o_c.to(tl.uint32), E_PAD - 1).to(tl.int32)
     if CLIP or not ZEROS:  # columns outside the image: no tap (zeros mode: SPARE / PICK)

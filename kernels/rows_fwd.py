@@ -19,14 +19,15 @@ and uses that row for every query row whose window holds it:
   are scaled first and BIAS added in base-2 units.) The softmax sums stay per score-tile
   element during the walk (one row reduction after it).
 * BIAS [M, BK] (built once): the column rel term q[d/2:] . rel_w[c] of each query's
-  window taps (one tl.dot q @ rel_w^T, then tl.gather), -inf outside the window. It is
+  window taps (one tl.dot q @ rel_w^T, then one tl.gather from it with a -inf column
+  that the taps outside the window read: no mask per element), -inf outside. It is
   the same for every key row: a query's column pattern is the same in each window row.
 * Qrow [M, NS] (built once): the row term q[:d/2] . rel_h[row] of key row slot s for each
   query (one tl.dot q @ rel_h^T, then tl.gather), -1e30 where the query's window does not
   hold that key row. E_u is the one-hot [NS, BK] of the current slot (read from a small
   constant table, `one_hot_rows`), so the second dot adds the row term and the
   window-row mask to the logits on the tensor cores. 16-bit inputs: Qrow is a bf16
-  (hi, lo) pair per slot (float32-exact sum).
+  (hi, lo) pair of tables, one dot each with E_u (float32-exact sum).
 * rpb (off in the standard suite): gathered per key row ([M, BK] loads, L1-resident).
 
 Zeros padding: out-of-image taps are zero keys and values whose logit is the rel/rpb part
@@ -120,12 +121,20 @@ def _pick(b_tab, o_e, e):
 
 
 @triton.jit
-def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, p_sel, o_sel, b_zo, o_e, t, st, ebase, m_q,
+def _left_half(x):
+    """x[:, :E // 2] of an [M, E] tile (E a power of two >= 2)."""
+    y = tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1))
+    left, right = tl.split(y)
+    return left
+
+
+@triton.jit
+def _logits(u, b_q, b_bias, b_rt, b_qrow, b_qlo, slot, p_sel, o_sel, b_zo, o_e, t, st, ebase, m_q,
             m_win, p_k0,
             o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH: tl.constexpr,
             HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, VIRT: tl.constexpr,
             PICK: tl.constexpr, SAFE: tl.constexpr, DOT_F32: tl.constexpr, NS_PAD: tl.constexpr,
-            BLOCK_K: tl.constexpr, RAW: tl.constexpr):
+            BLOCK_K: tl.constexpr, RAW: tl.constexpr, SPLIT: tl.constexpr):
     """Key row u (group member, `slot` rows after the first one walked) against the query
     tile: base-2 logits [M, BK] (-inf outside each query's column window), the row term
     rt [M] (separate with PICK or SAFE; else inside the logits, by the second dot: -1e30
@@ -158,6 +167,8 @@ def _logits(u, b_q, b_bias, b_rt, b_qrow, slot, p_sel, o_sel, b_zo, o_e, t, st, 
         # table (every column reads the same row: vector loads and stores, no selects)
         b_sel = tl.load(p_sel + slot * b_qrow.shape[1] + o_sel).to(b_qrow.dtype)
         b_s = tl.dot(b_qrow, tl.trans(b_sel), b_s, input_precision="ieee")  # [M, S] @ [S, BK]
+        if SPLIT:  # the lo half of the pair
+            b_s = tl.dot(b_qlo, tl.trans(b_sel), b_s, input_precision="ieee")
         if not RAW:
             b_s = b_s * qk_scale + b_bias
         rt = tl.zeros_like(qk_scale + a.to(tl.float32))
@@ -219,7 +230,10 @@ def _rows_fwd_kernel(
     j = j0 + o_m % BLOCK_W
     m_q = (t < L) & (j < W)
     o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
+    if EVEN_D:  # d = BLOCK_D: no channel mask (vector loads and stores per row)
+        m_d = o_d < BLOCK_D
+    else:
+        m_d = o_d < D
     st, off_y = window_start(t, L, KH, 1, SHIFT)  # first window member, per query
     start_x, off_x = window_start(j, W, KW, dil_w, SHIFT)
     # rel_h row of key member u for query m: u + ebase (zeros/mask: u - st = a)
@@ -303,16 +317,22 @@ def _rows_fwd_kernel(
     b_rtraw = b_rt
     b_cf = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)  # column term per rel_w row
     b_cfraw = b_cf
+    if SHIFT:  # rel rows of a window: 2k - 1 (shift), else k
+        n_rows_h = 2 * KH - 1
+        n_rows_w = 2 * KW - 1
+    else:
+        n_rows_h = KH
+        n_rows_w = KW
     if HAS_REL:
-        if SHIFT:
-            n_rows_h = 2 * KH - 1
-            n_rows_w = 2 * KW - 1
+        if EVEN_D:  # the halves' bounds as constants: no runtime masks along d
+            d_half = BLOCK_D // 2
+            d_end = BLOCK_D
         else:
-            n_rows_h = KH
-            n_rows_w = KW
-        b_th = _rel_table(relh_ptr + n * srh_n, srh_r, srh_d, o_d, 0, D_HALF, n_rows_h,
+            d_half = D_HALF
+            d_end = D
+        b_th = _rel_table(relh_ptr + n * srh_n, srh_r, srh_d, o_d, 0, d_half, n_rows_h,
                           BLOCK_D, E_PAD)
-        b_tw = _rel_table(relw_ptr + n * srw_n, srw_r, srw_d, o_d, D_HALF, D, n_rows_w,
+        b_tw = _rel_table(relw_ptr + n * srw_n, srw_r, srw_d, o_d, d_half, d_end, n_rows_w,
                           BLOCK_D, E_PAD)
         if REL_F32:  # float32 tables (or inputs): exact products on CUDA cores
             b_qr = b_q.to(tl.float32)
@@ -330,40 +350,52 @@ def _rows_fwd_kernel(
     # Row term and liveness of each key row walked, raw units (before qk_scale): column
     # s of b_qrow is for key member u_lo + s; -1e30 where the query's window misses it.
     # 16-bit inputs: a bf16 hi/lo pair (columns 2s and 2s + 1) for a float32-exact sum.
+    # One gather from the row-term table with -1e30 past its rows: a slot outside the
+    # query's window reads column E_PAD - 1 (never a rel row: KH, 2 KH - 1 < E_PAD), so
+    # no mask per slot. (Idle queries read finite terms; nothing of theirs is stored.)
     o_s = tl.arange(0, NS_PAD)
-    u_s = u_lo + o_s
-    a_s = u_s[None, :] - st[:, None]  # [M, NS]
-    m_ls = (a_s >= 0) & (a_s < KH) & m_q[:, None]
-    b_g = tl.zeros([BLOCK_M, NS_PAD], dtype=tl.float32)
-    if HAS_REL:
-        o_g = tl.minimum(tl.maximum(u_s[None, :] + ebase[:, None], 0), E_PAD - 1)
-        b_g = tl.gather(b_rtraw, o_g, axis=1)
-    b_g = tl.where(m_ls, b_g, -1.0e30)
-    if SPLIT:  # columns 2s, 2s + 1: the pair of slot s
-        b_hi = b_g.to(tl.bfloat16)
-        b_lo = (b_g - b_hi.to(tl.float32)).to(tl.bfloat16)
-        b_qrow = tl.reshape(tl.join(b_hi, b_lo), (BLOCK_M, 2 * NS_PAD))
+    a_s = (u_lo + o_s)[None, :] - st[:, None]  # [M, NS]: window row of slot s
+    if SHIFT:  # rel_h row a + off_y + KH - 1 (idle queries' off_y may take it below 0:
+        # clamped like a < 0, to the sentinel)
+        o_g = tl.where(a_s.to(tl.uint32) < KH, a_s + (off_y + KH - 1)[:, None], E_PAD - 1)
+        o_g = tl.minimum(o_g.to(tl.uint32), E_PAD - 1).to(tl.int32)
+    else:  # rel_h row a; a < 0 wraps past E_PAD - 1
+        o_g = tl.minimum(a_s.to(tl.uint32), E_PAD - 1).to(tl.int32)
+    b_g = tl.gather(tl.where((o_e < n_rows_h)[None, :], b_rtraw, -1.0e30), o_g, axis=1)
+    if SPLIT:  # a bf16 (hi, lo) pair: two dots with the same one-hot
+        b_qrow = b_g.to(tl.bfloat16)
+        b_qlo = (b_g - b_qrow.to(tl.float32)).to(tl.bfloat16)
         if INTERP:  # the interpreter's bf16 tl.dot is wrong: the bf16 values, in float32
             b_qrow = b_qrow.to(tl.float32)
+            b_qlo = b_qlo.to(tl.float32)
     else:
         b_qrow = b_g
-    # offsets of the one-hot rows (sel_ptr: [NS_PAD, S] table, row s = slot s of b_qrow's
+        b_qlo = b_g  # unused
+    # offsets of the one-hot rows (sel_ptr: [NS_PAD, NS_PAD] table, row s = slot s of b_qrow's
     # columns), the same row for each key column
     o_sel = (tl.arange(0, BLOCK_K) * 0)[:, None] + tl.arange(0, b_qrow.shape[1])[None, :]
 
     # BIAS [M, BK]: column term of each window tap, -inf outside the window (RAW: in raw
     # units, before qk_scale).
-    b_bias = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    if HAS_REL:
-        if SHIFT:
-            o_col = off_x[:, None] + o_tap + KW - 1
-        else:
-            o_col = o_tap
-        if RAW:
-            b_bias = tl.gather(b_cfraw, tl.minimum(o_col, E_PAD - 1), axis=1)
-        else:
-            b_bias = tl.gather(b_cf, tl.minimum(o_col, E_PAD - 1), axis=1)
-    b_bias = tl.where(m_win, b_bias, float("-inf"))
+    # One gather from the column-term table with -inf past its rows: a key column
+    # outside the query's window (or between its dilation steps, or clipped) reads column
+    # E_PAD - 1 (never a rel row), so no mask per element. (dil_w = 1, specialised: the
+    # index is one unsigned minimum.)
+    o_c = o_diff // dil_w
+    o_c = tl.where(o_diff - o_c * dil_w == 0, o_c, -1)  # tap c, or -1 between steps
+    if SHIFT:  # rel_w row c + off_x + KW - 1 (idle queries: clamped as for the rows)
+        o_col = tl.where(o_c.to(tl.uint32) < KW, o_c + (off_x + KW - 1)[:, None], E_PAD - 1)
+        o_col = tl.minimum(o_col.to(tl.uint32), E_PAD - 1).to(tl.int32)
+    else:  # rel_w row c; c < 0 wraps past E_PAD - 1
+        o_col = tl.minimum(o_c.to(tl.uint32), E_PAD - 1).to(tl.int32)
+    if CLIP or not ZEROS:  # columns outside the image: no tap (zeros mode: SPARE / PICK)
+        o_col = tl.where(m_x[None, :], o_col, E_PAD - 1)
+    if RAW:
+        b_cft = b_cfraw
+    else:
+        b_cft = b_cf
+    b_bias = tl.gather(tl.where((o_e < n_rows_w)[None, :], b_cft, float("-inf")), o_col,
+                       axis=1)
     # Zeros mode: log2 mass of a window row's out-of-image column taps (b_zo) and of all
     # its taps (b_za), per query: [M] vectors from the column terms (zeros/mask: rel_w
     # row c = tap c), or [M, E] tables over the window row a with rpb.
@@ -422,17 +454,30 @@ def _rows_fwd_kernel(
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     if ZEROS:
         if (t0 - KH // 2 < 0) | (t_last + KH // 2 >= L):
-            u_a = t[:, None] + o_e[None, :] - KH // 2  # member of window row a
-            m_rowout = ((u_a < 0) | (u_a >= L)) & (o_e < KH)[None, :] & m_q[:, None]
             if HAS_RPB:
+                u_a = t[:, None] + o_e[None, :] - KH // 2  # member of window row a
+                m_rowout = ((u_a < 0) | (u_a >= L)) & (o_e < KH)[None, :] & m_q[:, None]
                 b_vo = tl.where(m_rowout, b_rt + b_za, float("-inf"))  # [M, E]
                 b_m = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
                 b_l = tl.sum(tl.exp2(b_vo - b_m[:, None]), axis=1)
             else:  # mass = (sum over rows of 2^row term) x (sum over taps of 2^column
-                # term): two max-shifted sums, no log2
-                b_ca = tl.where(m_tap, b_cf, float("-inf"))
+                # term): two max-shifted sums, no log2; on the tables' left halves
+                # when the window fits them (half the work)
+                if 2 * KH <= E_PAD and 2 * KW <= E_PAD:
+                    b_rth = _left_half(b_rt)
+                    b_cfh = _left_half(b_cf)
+                    o_h = tl.arange(0, E_PAD // 2)
+                else:
+                    b_rth = b_rt
+                    b_cfh = b_cf
+                    o_h = o_e
+                # member of window row a, out of the image: < 0 wraps past L (idle
+                # queries' start state is never stored)
+                u_a = t[:, None] + o_h[None, :] - KH // 2
+                m_rowout = (u_a.to(tl.uint32) >= L) & (o_h < KH)[None, :]
+                b_ca = tl.where((o_h < KW)[None, :], b_cfh, float("-inf"))
                 za_m = tl.max(b_ca, axis=1)
-                b_vo = tl.where(m_rowout, b_rt, float("-inf"))  # [M, E]
+                b_vo = tl.where(m_rowout, b_rth, float("-inf"))  # [M, E]
                 b_rm = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
                 b_m = b_rm + za_m
                 b_l = (tl.sum(tl.exp2(b_vo - b_rm[:, None]), axis=1)
@@ -448,10 +493,10 @@ def _rows_fwd_kernel(
         if OFF_I64:
             y64 = y64.to(tl.int64)
         b_s, rt, vz, m_live = _logits(
-            u, b_q, b_bias, b_rt, b_qrow, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st, ebase,
+            u, b_q, b_bias, b_rt, b_qrow, b_qlo, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st, ebase,
             m_q, m_win, p_k0,
             o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT,
-            PICK, False, DOT_F32, NS_PAD, BLOCK_K, RAW)
+            PICK, False, DOT_F32, NS_PAD, BLOCK_K, RAW, SPLIT)
         if RAW:  # raw logits: scaled by the exp2's FMA (qk_scale > 0)
             b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) * qk_scale)
             b_alpha = tl.exp2(b_m - b_m_new)
@@ -495,10 +540,10 @@ def _rows_fwd_kernel(
             if OFF_I64:
                 y64 = y64.to(tl.int64)
             b_s, rt, vz, m_live = _logits(
-                u, b_q, b_bias, b_rt, b_qrow, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st,
+                u, b_q, b_bias, b_rt, b_qrow, b_qlo, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st,
                 ebase, m_q, m_win,
                 p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL,
-                HAS_RPB, VIRT, PICK, True, DOT_F32, NS_PAD, BLOCK_K, RAW)
+                HAS_RPB, VIRT, PICK, True, DOT_F32, NS_PAD, BLOCK_K, RAW, SPLIT)
             b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
             if VIRT:
                 b_m_new = tl.maximum(b_m_new, vz)
@@ -696,13 +741,13 @@ _ONE_HOT: dict = {}
 
 
 def one_hot_rows(device, ns_pad: int, split: bool) -> torch.Tensor:
-    """The row-term one-hots as a [NS_PAD, S] table (cached per device): row s is 1 at
-    the columns of slot s of b_qrow (its bf16 hi/lo pair with split, else column s)."""
+    """The row-term one-hots as a [NS_PAD, NS_PAD] identity (cached per device): row s is
+    1 at column s (slot s of b_qrow); bfloat16 with split (the kernel's hi and lo halves
+    each take a dot with it), else float32."""
     key = (device, ns_pad, split)
     table = _ONE_HOT.get(key)
     if table is None:  # built on the host (no device kernels), copied once
-        per = 2 if split else 1
-        rows = np.arange(ns_pad * per)[None, :] // per == np.arange(ns_pad)[:, None]
+        rows = np.eye(ns_pad, dtype=bool)
         if split:  # bfloat16 1.0 is 0x3f80: the bits, viewed (numpy has no bfloat16)
             table = torch.from_numpy(rows.astype(np.int16) * 0x3F80).view(torch.bfloat16)
         else:

@@ -97,6 +97,24 @@ def test_zero_taps_with_rpb_and_per_head_rel(rpb):
         _run(case, torch.bfloat16, config=config)
 
 
+@pytest.mark.parametrize("padding", ["zeros", "mask"])
+def test_windows_that_fill_the_rel_tables(padding):
+    """k = 15 columns and 9 rows: the column table (E_PAD 16) has one spare column, the
+    -inf sentinel the gathers read for taps outside a window; zeros mode's out-of-image
+    rows' start mass then spans the whole tables (not their left halves)."""
+    case = Case(B=1, H=10, W=17, heads=2, d=16, k=(9, 15), padding=padding, rel="per_head")
+    _run(case, torch.bfloat16, config=dict(BLOCK_M=32, BLOCK_W=8, num_warps=1, num_stages=1))
+
+
+@pytest.mark.parametrize("k,rel", [(1, None), ((3, 1), "shared")])
+def test_shift_tiles_mostly_idle(k, rel):
+    """Shift mode on a 3 x 1 image in a 32-query tile: the idle queries' window offsets
+    would index the rel tables far below 0 (the interpreter raises under -16); the
+    gathers clamp them to the sentinel."""
+    case = Case(B=1, H=3, W=1, heads=2, d=3, k=k, padding="shift", rel=rel)
+    _run(case, torch.float16, config=dict(BLOCK_M=32, BLOCK_W=8, num_warps=1, num_stages=1))
+
+
 @pytest.mark.parametrize("scale,rpb", [(-0.6, False), (0.0, False), (-0.6, True), (0.0, True)])
 def test_negative_and_zero_scale(scale, rpb):
     """A negative scale negates q (qk_scale = |scale| log2(e) > 0, so the -1e30 row-term

@@ -164,6 +164,21 @@ def pointer_alignment(tensors, cap: int = 256) -> int:
     return min(offsets & -offsets, cap) if offsets else cap
 
 
+_IDENTITY: dict = {}
+
+
+def identity_table(device, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The [n, n] identity in `dtype` on `device`, made once per (device, n, dtype): the
+    row one-hots the rows kernels select with a tensor-core dot. Built on the host and
+    copied on first use (a CUDA graph is captured after a warm-up call, as usual), so a
+    call never launches a kernel to make it."""
+    key = (device, n, dtype)
+    table = _IDENTITY.get(key)
+    if table is None:
+        table = _IDENTITY[key] = torch.eye(n, dtype=dtype).to(device)
+    return table
+
+
 def new_output(shape, dtype, device, poison: bool = False) -> torch.Tensor:
     """An uninitialised contiguous tensor for a kernel to write; NaN-filled when poisoned
     (the argument or SASA_TRITON_POISON=1) so that a test sees any element the kernel

@@ -36,7 +36,7 @@ outside it, so P is exactly 0 there and so is dS (for a finite dP). With ROW_DOT
 inputs, 32 queries per warp) the row term is instead a table made once, [M, NS_PAD]: for
 each walked key row, Bh at the query's window row (-1e30 outside the window), split into
 bf16 hi + lo and added to the logits by two one-hot tensor-core products per key row
-(`one_hot_rows`); - lse joins the column bias.
+(`common.identity_table`); - lse joins the column bias.
 
 Non-finite inputs: a NaN / inf outside some query's window reaches that query's results
 through S or dP (k, v: -inf + inf, 0 * inf) or a 0 * NaN inside a product (dS K, G rel,
@@ -67,6 +67,7 @@ from .common import (
     PADDING_CODES,
     halo_span,
     head_block,
+    identity_table,
     launch_options,
     new_output,
     new_output_like,
@@ -1065,20 +1066,6 @@ def query_grads(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict
     return dq, delta.as_strided(*plan.delta_layout), drel_h, drel_w, drpb
 
 
-_ONE_HOT: dict = {}
-
-
-def one_hot_rows(device, ns_pad: int) -> torch.Tensor:
-    """The row-term one-hots (ROW_DOT) as the bfloat16 [ns_pad, ns_pad] identity, cached
-    per device: row s selects slot s (column s of b_qrow)."""
-    key = (device, ns_pad)
-    table = _ONE_HOT.get(key)
-    if table is None:  # built on the host, copied once (no device kernels per call)
-        table = torch.eye(ns_pad, dtype=torch.bfloat16).to(device)
-        _ONE_HOT[key] = table
-    return table
-
-
 def plan_table_half(q, args: AttendArgs) -> bool:
     """The part of a plan's key that the tables' dtypes decide (TABLE_HALF)."""
     return args.rel_h is not None and args.rel_h.dtype == q.dtype == args.rel_w.dtype
@@ -1116,7 +1103,7 @@ def launch(plan: _Plan, q, k, v, out, lse, dout, args: AttendArgs,
     dummy = q  # never read when the flag is off
     grads = plan.grads
     ns_pad = grads.flags["NS_PAD"]
-    sel = one_hot_rows(q.device, ns_pad) if grads.flags["ROW_DOT"] else dummy
+    sel = identity_table(q.device, ns_pad, torch.bfloat16) if grads.flags["ROW_DOT"] else dummy
     _query_grads_kernel[grads.grid](
         q, k, v, out, dout, lse,
         rel_h if has_rel else dummy, rel_w if has_rel else dummy, rpb if has_rpb else dummy,

@@ -25,7 +25,7 @@ and uses that row for every query row whose window holds it:
 * Qrow [M, NS] (built once): the row term q[:d/2] . rel_h[row] of key row slot s for each
   query (one tl.dot q @ rel_h^T, then tl.gather), -1e30 where the query's window does not
   hold that key row. E_u is the one-hot [NS, BK] of the current slot (read from a small
-  constant table, `one_hot_rows`), so the second dot adds the row term and the
+  constant table, `common.identity_table`), so the second dot adds the row term and the
   window-row mask to the logits on the tensor cores. 16-bit inputs: Qrow is a bf16
   (hi, lo) pair of tables, one dot each with E_u (float32-exact sum).
 * rpb (off in the standard suite): gathered per key row ([M, BK] loads, L1-resident).
@@ -48,7 +48,6 @@ Saves lse = ln(sum exp(logit)) per query (float32) for the backward.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -61,6 +60,7 @@ from .common import (
     alloc_outputs,
     check_config,
     head_block,
+    identity_table,
     launch_options,
     next_pow2,
     strides_fit_i32,
@@ -737,26 +737,6 @@ def supports(q_shape, dtype, args) -> bool:
     return bool(_candidates(q_shape, args, False))
 
 
-_ONE_HOT: dict = {}
-
-
-def one_hot_rows(device, ns_pad: int, split: bool) -> torch.Tensor:
-    """The row-term one-hots as a [NS_PAD, NS_PAD] identity (cached per device): row s is
-    1 at column s (slot s of b_qrow); bfloat16 with split (the kernel's hi and lo halves
-    each take a dot with it), else float32."""
-    key = (device, ns_pad, split)
-    table = _ONE_HOT.get(key)
-    if table is None:  # built on the host (no device kernels), copied once
-        rows = np.eye(ns_pad, dtype=bool)
-        if split:  # bfloat16 1.0 is 0x3f80: the bits, viewed (numpy has no bfloat16)
-            table = torch.from_numpy(rows.astype(np.int16) * 0x3F80).view(torch.bfloat16)
-        else:
-            table = torch.from_numpy(rows.astype(np.float32))
-        table = table.to(device)
-        _ONE_HOT[key] = table
-    return table
-
-
 def raw_logits(args, pick: bool) -> bool:
     """Whether the fast walk keeps its logits in raw units (the column bias as the dot's
     accumulator, qk_scale = |scale| log2(e) applied by the exp2's FMA, q negated for a
@@ -848,7 +828,8 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         q, k, v, out, lse,
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
-        one_hot_rows(q.device, plan.flags["NS_PAD"], plan.flags["SPLIT"]),
+        identity_table(q.device, plan.flags["NS_PAD"],
+                       torch.bfloat16 if plan.flags["SPLIT"] else torch.float32),
         *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )
     return out, lse

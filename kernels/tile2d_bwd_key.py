@@ -161,7 +161,7 @@ def _tile2d_bwd_key_kernel(
     zero = tl.zeros([G, BLOCK_N, BLOCK_D], dtype=tl.float32)
     dks = ()
     dvs = ()
-    for j in tl.static_range(PIX):
+    for _j in tl.static_range(PIX):
         dks = dks + (zero,)
         dvs = dvs + (zero,)
     for a in range(KH):

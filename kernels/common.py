@@ -17,6 +17,7 @@ import functools
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -174,9 +175,17 @@ def identity_table(device, n: int, dtype: torch.dtype) -> torch.Tensor:
     call never launches a kernel to make it."""
     key = (device, n, dtype)
     table = _IDENTITY.get(key)
-    if table is None:
-        table = _IDENTITY[key] = torch.eye(n, dtype=dtype).to(device)
+    if table is None:  # numpy, not torch.eye: no torch op to record or trace
+        eye = np.eye(n, dtype=bool)
+        if dtype == torch.bfloat16:  # 1.0 is 0x3f80; numpy has no bfloat16: view the bits
+            host = torch.from_numpy(eye.astype(np.int16) * 0x3F80).view(torch.bfloat16)
+        else:
+            host = torch.from_numpy(eye.astype(_NUMPY_DTYPES[dtype]))
+        table = _IDENTITY[key] = host.to(device)
     return table
+
+
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32}
 
 
 def new_output(shape, dtype, device, poison: bool = False) -> torch.Tensor:

@@ -19,7 +19,7 @@ all heads; tensor-core tiles would pad d to 16), everything else to "rows" (tens
 row tiles); "tiled" is the fallback for what neither supports (d > 128 with more heads
 than tile2d holds, windows wider than both allow). A variant that does not support the
 shape is skipped.
-Backward, read from the same tool: head dims below 16 and small windows go to
+Backward, read from the same tool: head dims below 16 and the same small windows go to
 "tile2dbwd" (CUDA cores, like tile2d), everything else to "rowsbwd" (tensor cores);
 "offsets" covers what neither supports (shift padding at small d, d > 128, ...).
 """
@@ -35,11 +35,10 @@ from .types import AttendArgs
 from .variants import CPU, REFERENCE, call_key, triton_usable
 
 _CACHE: dict = {}
-# Windows of at most this many taps (k <= 5) go to tile2d whatever the head dim: the
-# row tiles' per-key-row overhead is not repaid by so few window rows (cost tool).
-SMALL_WINDOW = 25
-# The backward's counterpart: at d >= 16 tile2dbwd wins only for k = 3 (cost tool).
-SMALL_BACKWARD_WINDOW = 9
+# Windows of at most this many taps (k = 3) go to tile2d / tile2dbwd whatever the head
+# dim: the row tiles' per-key-row overhead is not repaid by so few window rows (cost
+# tool; at k = 5 the rows kernels now win both directions, if narrowly forward).
+SMALL_WINDOW = 9
 _DIRECTIONS = variants.DIRECTIONS  # direction index 0 / 1 -> "fwd" / "bwd"
 
 
@@ -98,7 +97,7 @@ def heuristic_forward(shape: tuple, dtype, args: AttendArgs) -> tuple[str, Optio
 def heuristic_backward(shape: tuple, dtype, args: AttendArgs) -> tuple[str, Optional[dict]]:
     """The backward heuristic of the module docstring (no tuned table, any device)."""
     d = shape[-1]
-    if d < 16 or args.kh * args.kw <= SMALL_BACKWARD_WINDOW:
+    if d < 16 or args.kh * args.kw <= SMALL_WINDOW:
         prefer = ("tile2dbwd", "rowsbwd")
     else:
         prefer = ("rowsbwd", "tile2dbwd")

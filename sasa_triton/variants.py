@@ -137,6 +137,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     # the backward on tensor cores (dq, delta, table gradients) and a
     # key-owned one (dk, dv), row tiles
     kernel_variant("rowsbwd", f"{_KERNELS}.rows_bwd", backward=True),
+    # the backward of whole-image tiles: dq, dk, dv in one tensor-core program per
+    # (batch, head), then the table reduction: maps of <= 128 padded pixels
+    kernel_variant("imagebwd", f"{_KERNELS}.image_bwd", backward=True),
     # the backward on CUDA cores in tile2d's style (pixel pairs, d in registers): small d
     kernel_variant("tile2dbwd", f"{_KERNELS}.tile2d_bwd", backward=True),
     # the backward on CUDA cores, window offsets in a loop: covers what the others do not

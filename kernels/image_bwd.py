@@ -1,0 +1,294 @@
+"""Backward "imagebwd": one whole-image tile per (batch, head), for small maps.
+
+The backward of kernels/image_fwd.py (it reads the lse every forward saves). A program
+owns batch b, head n and the whole padded image grid (pixel p = y * BLOCK_X + x is query
+p and key p), so dq, dk and dv all come out of one program, on tensor cores:
+    S recomputed as in the forward (image_fwd.image_logits), P = exp2(S - lse log2(e))
+    delta = rowsum(dO * O)                  fused
+    dV = P^T dO,  dP = dO V^T,  dS = P (dP - delta)
+    dQ = scale (dS K + G_row rel_h + G_col rel_w),  dK = scale dS^T Q
+The table gradients: Gtap [N, T] = dS gathered per tap slot (tl.gather along the keys;
+zeros mode adds the zero keys' dS = -P delta), G_row / G_col = Gtap @ one-hot (row /
+column of each slot), per-program partials scale G_row^T Q, scale G_col^T Q and the
+column sums of Gtap (rpb) go to a buffer that rows_bwd_query's `_reduce_tables_kernel`
+sums in a fixed order (the second launch; none without tables). No atomics:
+gradients are bit-identical run to run.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from sasa_triton.types import AttendArgs
+
+from . import rows_bwd_query
+from .common import (
+    INTERPRETED,
+    LOG2E,
+    PADDING_CODES,
+    POISON_OUTPUTS,
+    launch_options,
+    new_output,
+    new_output_like,
+    next_pow2,
+    table_strides,
+)
+from .image_fwd import (
+    MAX_D,
+    grid_shape,
+    image_base,
+    image_logits,
+    load_image,
+    offsets_fit_i32,
+    rel_in_f32,
+    store_image,
+    tap_geometry,
+    tap_shape,
+)
+from .image_fwd import supports as forward_supports
+from .launch_cache import (
+    NO_LAUNCH,
+    LaunchPlan,
+    args_key,
+    config_key,
+    contiguous_strides,
+    launch_plan,
+    per_call_key,
+    plan_cache,
+)
+
+
+@triton.jit
+def _image_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    dq_ptr, dk_ptr, dv_ptr, parth_ptr, partw_ptr, partb_ptr,
+    H, W, HEADS, D, D_HALF, n_slots,
+    sq_b, sq_h, sq_w, sq_n, sq_d,
+    sk_b, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_h, sv_w, sv_n, sv_d,
+    so_b, so_h, so_w, so_n, so_d,
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
+    sl_b, sl_h, sl_w, sl_n,
+    sg_b, sg_h, sg_w, sg_n,
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
+    dil_h, dil_w, qk_scale, scale,  # qk_scale = scale * log2(e)
+    KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,
+    HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, REL_F32: tl.constexpr,
+    BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    E_PAD: tl.constexpr, TAP_X: tl.constexpr, TAP_N: tl.constexpr,
+    EVEN_D: tl.constexpr, OFF_I64: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """Program (b, n) (head fastest): dq, dk, dv of the whole image of batch b, head n,
+    and its slot `pid` of the table partials (module docstring)."""
+    ZEROS: tl.constexpr = PADDING == 0
+    SHIFT: tl.constexpr = PADDING == 2
+    pid = tl.program_id(0)
+    n = pid % HEADS
+    b = pid // HEADS
+    o_p = tl.arange(0, BLOCK_N)
+    y = o_p // BLOCK_X
+    x = o_p % BLOCK_X
+    m_p = (y < H) & (x < W)
+    b_q = load_image(image_base(q_ptr, b, n, sq_b, sq_n, OFF_I64), sq_h, sq_w, sq_d, y, x,
+                     m_p, D, BLOCK_D, EVEN_D, OFF_I64)
+    b_k = load_image(image_base(k_ptr, b, n, sk_b, sk_n, OFF_I64), sk_h, sk_w, sk_d, y, x,
+                     m_p, D, BLOCK_D, EVEN_D, OFF_I64)
+    b_v = load_image(image_base(v_ptr, b, n, sv_b, sv_n, OFF_I64), sv_h, sv_w, sv_d, y, x,
+                     m_p, D, BLOCK_D, EVEN_D, OFF_I64)
+    b_o = load_image(image_base(o_ptr, b, n, so_b, so_n, OFF_I64), so_h, so_w, so_d, y, x,
+                     m_p, D, BLOCK_D, EVEN_D, OFF_I64)
+    b_do = load_image(image_base(do_ptr, b, n, sdo_b, sdo_n, OFF_I64), sdo_h, sdo_w, sdo_d,
+                      y, x, m_p, D, BLOCK_D, EVEN_D, OFF_I64)
+    p_l = image_base(lse_ptr, b, n, sl_b, sl_n, OFF_I64)
+    b_lse2 = tl.load(p_l + y * sl_h + x * sl_w, mask=m_p, other=0.0) * LOG2E
+    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), axis=1)
+    if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
+        b_q = b_q.to(tl.float32)
+        b_k = b_k.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+        b_do = b_do.to(tl.float32)
+    b_s, b_z, m_win, b_rh, b_rw, b_th, b_tw, y, x, m_p, offy, offx = image_logits(
+        b_q, b_k, relh_ptr, relw_ptr, rpb_ptr, n, H, W, D, D_HALF,
+        srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w, dil_h, dil_w,
+        qk_scale, KH, KW, PADDING, HAS_REL, HAS_RPB, REL_F32, BLOCK_X, BLOCK_N, BLOCK_D,
+        E_PAD, TAP_X, TAP_N)
+    b_p = tl.exp2(b_s - b_lse2[:, None])  # [N, N], 0 outside the windows
+    b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision="ieee")  # [N, D]
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [N, N]
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    b_dsl = b_ds.to(b_q.dtype)
+    b_dq = tl.dot(b_dsl, b_k, input_precision="ieee")  # [N, D]
+    b_dk = tl.dot(tl.trans(b_dsl), b_q, input_precision="ieee")
+    if HAS_REL or HAS_RPB:
+        if SHIFT:
+            TH: tl.constexpr = 2 * KH - 1
+            TW: tl.constexpr = 2 * KW - 1
+        else:
+            TH: tl.constexpr = KH
+            TW: tl.constexpr = KW
+        m_tap, m_in, key, r, s = tap_geometry(y, x, m_p, offy, offx, H, W, dil_h, dil_w, KH,
+                                              KW, SHIFT, TAP_X, TAP_N, BLOCK_N, BLOCK_X)
+        b_g = tl.where(m_tap & m_in, tl.gather(b_ds, key, axis=1), 0.0)  # [N, T]
+        if ZEROS:  # zero keys: dS = P (0 - delta)
+            b_g -= tl.exp2(b_z - b_lse2[:, None]) * b_delta[:, None]
+        if HAS_REL:
+            o_e = tl.arange(0, E_PAD)
+            sel_r = tl.where(r[:, None] == o_e[None, :], 1.0, 0.0)  # [T, E]
+            sel_c = tl.where(s[:, None] == o_e[None, :], 1.0, 0.0)
+            b_grow = tl.dot(b_g, sel_r, input_precision="ieee")  # [N, E]
+            b_gcol = tl.dot(b_g, sel_c, input_precision="ieee")
+            b_dq += tl.dot(b_grow, b_th.to(tl.float32), input_precision="ieee")
+            b_dq += tl.dot(b_gcol, b_tw.to(tl.float32), input_precision="ieee")
+            b_qf = b_q.to(tl.float32)
+            o_d = tl.arange(0, BLOCK_D)
+            b_ph = tl.dot(tl.trans(b_grow), b_qf, input_precision="ieee") * scale  # [E, D]
+            tl.store(parth_ptr + (o_e[:, None] * n_slots + pid) * D_HALF + o_d[None, :], b_ph,
+                     mask=(o_e < TH)[:, None] & (o_d < D_HALF)[None, :])
+            b_pw = tl.dot(tl.trans(b_gcol), b_qf, input_precision="ieee") * scale
+            D_W = D - D_HALF
+            tl.store(partw_ptr + (o_e[:, None] * n_slots + pid) * D_W + (o_d - D_HALF)[None, :],
+                     b_pw, mask=(o_e < TW)[:, None] & ((o_d >= D_HALF) & (o_d < D))[None, :])
+        if HAS_RPB:
+            b_pb = tl.sum(b_g, axis=0)  # [T]
+            tl.store(partb_ptr + (r * n_slots + pid) * TW + s, b_pb, mask=(r < TH) & (s < TW))
+    store_image(image_base(dq_ptr, b, n, sg_b, sg_n, OFF_I64), sg_h, sg_w, y, x, m_p, D,
+                b_dq * scale, BLOCK_D, OFF_I64)
+    store_image(image_base(dk_ptr, b, n, sg_b, sg_n, OFF_I64), sg_h, sg_w, y, x, m_p, D,
+                b_dk * scale, BLOCK_D, OFF_I64)
+    store_image(image_base(dv_ptr, b, n, sg_b, sg_n, OFF_I64), sg_h, sg_w, y, x, m_p, D,
+                b_dv, BLOCK_D, OFF_I64)
+
+
+# --- host side --------------------------------------------------------------------------
+
+MAX_HEADS = 65535  # axis 1 of the table reduction's grid
+
+
+def search_space() -> list[dict]:
+    return [dict(num_warps=nw, num_stages=1) for nw in (2, 4, 8)]
+
+
+def prune(configs, q_shape, args) -> list[dict]:
+    """Warps of 16 query rows each at most (the MMA tile)."""
+    n = grid_shape(q_shape[1], q_shape[2])[2]
+    return [c for c in configs if c.get("num_warps", 4) * 16 <= n]
+
+
+@per_call_key
+def default_config(q_shape, args) -> dict:
+    """4 warps (16 query rows each at 64 pixels); 8 for 128 pixels or d > 64."""
+    n = grid_shape(q_shape[1], q_shape[2])[2]
+    nw = 8 if n > 64 or q_shape[4] > 64 else 4
+    return dict(num_warps=max(1, min(nw, n // 16)), num_stages=1)
+
+
+@per_call_key
+def supports(q_shape, dtype, args: AttendArgs) -> bool:
+    """The forward's range (image_fwd.supports), heads within the reduction's grid."""
+    return forward_supports(q_shape, dtype, args) and q_shape[3] <= MAX_HEADS
+
+
+class _Plan(NamedTuple):
+    grads: LaunchPlan  # the gradient kernel (NO_LAUNCH: an empty call)
+    reduce: Optional[LaunchPlan]  # the table reduction (None without tables)
+    sizes: list  # float32 elements of part_h, part_w, part_b in one buffer
+
+
+def _plan(q_shape, dtype, strides, args: AttendArgs, rel_f32: bool, config) -> _Plan:
+    B, H, W, heads, d = q_shape
+    if not supports(q_shape, dtype, args):
+        raise ValueError(f"imagebwd backward does not support q of shape {q_shape} "
+                         f"and dtype {dtype} with these arguments")
+    config = default_config(q_shape, args) if config is None else config
+    if not isinstance(config, dict) or "num_warps" not in config:
+        raise ValueError(f"imagebwd config must be a dict with key 'num_warps', got {config!r}")
+    if B * H * W * heads * d == 0:
+        return _Plan(NO_LAUNCH, None, [])
+    _, bx, bn = grid_shape(H, W)
+    e_pad, tap_x, tap_n = tap_shape(args)
+    block_d = max(16, next_pow2(d))
+    grad_strides = contiguous_strides(q_shape)
+    shift = args.padding == "shift"
+    th = 2 * args.kh - 1 if shift else args.kh
+    tw = 2 * args.kw - 1 if shift else args.kw
+    n_slots = B * heads
+    has_rel, has_rpb = args.rel_h is not None, args.rpb is not None
+    grads = launch_plan(
+        _PARAMS,
+        grid=(n_slots,),
+        head=(H, W, heads, d, d // 2, n_slots, *(s for st in strides for s in st),
+              *grad_strides[:4]),
+        tail=(args.dh, args.dw, args.scale * LOG2E.value, args.scale),
+        flags=dict(
+            KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
+            HAS_REL=has_rel, HAS_RPB=has_rpb, REL_F32=rel_f32,
+            BLOCK_X=bx, BLOCK_N=bn, BLOCK_D=block_d, E_PAD=e_pad, TAP_X=tap_x, TAP_N=tap_n,
+            EVEN_D=d == block_d,
+            OFF_I64=not offsets_fit_i32([(q_shape, st) for st in (*strides[:5], grad_strides)]),
+            DOT_F32=INTERPRETED and dtype == torch.bfloat16,
+            **launch_options(config),
+        ),
+    )
+    reduce = rows_bwd_query.reduce_plan(args, heads, d, B, th, tw)
+    sizes = []
+    if has_rel:
+        sizes += [th * n_slots * (d // 2), tw * n_slots * (d - d // 2)]
+    if has_rpb:
+        sizes.append(th * n_slots * tw)
+    # each part 16-byte aligned, as a separate allocation would be
+    return _Plan(grads, reduce, [-(-m // 4) * 4 for m in sizes])
+
+
+_plans = plan_cache(_plan)
+_PARAMS = _image_bwd_kernel.arg_names  # read at import: a recorder may stand in later
+
+
+def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] = None,
+             _poison: bool = False):
+    """(dq, dk, dv, drel_h, drel_w, drpb); see the module docstring. Two launches with
+    rel / rpb tables, one without."""
+    rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
+    rel_f32 = rel_in_f32(q, args)
+    strides = (q.stride(), k.stride(), v.stride(), out.stride(), dout.stride(), lse.stride())
+    plan = _plans((q.shape, q.dtype, strides, args_key(args), rel_f32, config_key(config)),
+                  tuple(q.shape), q.dtype, strides, args, rel_f32, config)
+    dq, dk, dv = (new_output_like(q, _poison) for _ in range(3))
+    has_rel, has_rpb = rel_h is not None, rpb is not None
+    drel_h = new_output_like(rel_h, _poison) if has_rel else None
+    drel_w = new_output_like(rel_w, _poison) if has_rel else None
+    drpb = new_output_like(rpb, _poison) if has_rpb else None
+    if plan.grads.grid is None:
+        for g in (dq, dk, dv, drel_h, drel_w, drpb):
+            if g is not None:
+                g.zero_()
+        return dq, dk, dv, drel_h, drel_w, drpb
+    part_h = part_w = part_b = dq  # never touched when the flag is off
+    if plan.sizes:
+        if _poison or POISON_OUTPUTS:
+            buffer = new_output((sum(plan.sizes),), torch.float32, q.device, True)
+        else:
+            buffer = torch.empty_strided((sum(plan.sizes),), (1,), dtype=torch.float32,
+                                         device=q.device)
+        parts = buffer.split_with_sizes(plan.sizes)
+        if has_rel:
+            part_h, part_w = parts[0], parts[1]
+        if has_rpb:
+            part_b = parts[-1]
+    dummy = q  # never read when the flag is off
+    p = plan.grads
+    _image_bwd_kernel[p.grid](
+        q, k, v, out, dout, lse, rel_h if has_rel else dummy, rel_w if has_rel else dummy,
+        rpb if has_rpb else dummy, dq, dk, dv, part_h, part_w, part_b,
+        *p.head, *table_strides(rel_h, rel_w, rpb), *p.tail, **p.options,
+    )
+    p = plan.reduce
+    if p is not None:
+        rows_bwd_query._reduce_tables_kernel[p.grid](
+            part_h, part_w, part_b,
+            drel_h if has_rel else dq, drel_w if has_rel else dq, drpb if has_rpb else dq,
+            *p.head, *p.tail, **p.options,
+        )
+    return dq, dk, dv, drel_h, drel_w, drpb

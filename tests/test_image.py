@@ -1,0 +1,116 @@
+"""The whole-image kernels "image" (kernels/image_fwd.py) and "imagebwd"
+(kernels/image_bwd.py) against the float64 oracle.
+
+The shared tests (test_kernels_forward, test_nonfinite, test_fuzz, ...) run "image" like
+every forward variant. Here: seeded random cases over every padding, dilation,
+non-square k, rel shared / per head, rpb, dtype, layout and odd d on images up to the
+kernels' 128 padded pixels, forward and backward; run-to-run identity of the backward;
+non-finite inputs in the backward; supports' range.
+"""
+import random
+
+import pytest
+import torch
+
+from sasa_triton.args import check_attend_args
+from sasa_triton.kernels import image_bwd, image_fwd
+from sasa_triton.variants import triton_usable
+
+from cases import TOLERANCES, Case, check_forward, make_inputs, oracle_grads
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not triton_usable(torch.device(DEVICE).type),
+                                reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
+TABLES = ("rel_h", "rel_w", "rpb")
+PADDINGS = ("zeros", "mask", "shift")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAYOUTS = ("contiguous", "nchw_view", "channels_last")
+DIMS = (1, 5, 8, 16, 32, 64)
+
+
+def _random_case(seed: int) -> tuple:
+    """(case, dtype, layout) from a seeded generator: images of at most 128 padded
+    pixels, every padding, odd and even sizes, non-square k, dilation, rel, rpb."""
+    rng = random.Random(seed)
+    padding = PADDINGS[seed % 3]
+    d = DIMS[seed % len(DIMS)]
+    kh, kw = rng.choice([1, 3, 5, 7]), rng.choice([1, 3, 5, 7])
+    dh, dw = rng.choice([1, 1, 2]), rng.choice([1, 1, 2])
+    while True:
+        H, W = rng.randint(1, 11), rng.randint(1, 13)
+        if padding == "shift":
+            H, W = max(H, kh * dh), max(W, kw * dw)
+        if image_fwd.grid_shape(H, W)[2] <= image_fwd.MAX_PIXELS:
+            break
+        dh = dw = 1  # a shift window of over 8 rows and columns: smaller
+    rel = rng.choice([None, "shared", "per_head"]) if d >= 2 else None
+    case = Case(B=rng.choice([1, 2]), H=H, W=W, heads=rng.choice([1, 2, 3]), d=d, k=(kh, kw),
+                dilation=(dh, dw), padding=padding, rel=rel, rpb=rng.random() < 0.4,
+                scale=rng.choice([None, 0.7, -0.5]))
+    return case, DTYPES[(seed // 3) % 3], LAYOUTS[seed % len(LAYOUTS)]
+
+
+def _inputs(case, dtype, layout, seed=0):
+    q, k, v, kw = make_inputs(case, dtype, layout, DEVICE, seed=seed)
+    args = check_attend_args(q, k, v, case.k, kw["dilation"], kw["padding"], kw.get("rel_h"),
+                             kw.get("rel_w"), kw.get("rpb"), kw["scale"])
+    g = torch.Generator().manual_seed(seed + 1)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+    return q, k, v, kw, args, dout
+
+
+def check_backward(case, dtype=torch.float32, layout="contiguous", config=None, seed=0,
+                   use_forward=False):
+    """imagebwd's gradients against the oracle's; with use_forward, from the image
+    forward's own out and lse (else the oracle's)."""
+    q, k, v, kw, args, dout = _inputs(case, dtype, layout, seed)
+    assert image_bwd.supports(tuple(q.shape), dtype, args), case.id
+    out, lse, want = oracle_grads(q, k, v, kw, case.k, dout)
+    out, lse = out.to(dtype).to(DEVICE), lse.float().to(DEVICE)
+    if use_forward:
+        out, lse = image_fwd.forward(q, k, v, args)
+    grads = image_bwd.backward(q, k, v, out, lse, dout, args, config, _poison=True)
+    got = dict(zip(["q", "k", "v", *TABLES], grads))
+    for name in TABLES:
+        assert (got[name] is None) == (kw.get(name) is None), name
+    for name, w in want.items():
+        g = got[name]
+        ref = q if name in "qkv" else kw[name]
+        assert g.shape == ref.shape and g.dtype == ref.dtype, name
+        assert not g.isnan().any(), f"{case.id}: d{name} has unwritten (NaN) entries"
+        atol, rtol = TOLERANCES[dtype]
+        atol = atol * max(1.0, w.abs().max().item())  # table grads sum over every pixel
+        torch.testing.assert_close(g.cpu().double(), w, rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"{case.id} {dtype} d{name}: {m}")
+    return grads, (q, k, v, out, lse, dout, args)
+
+
+# the suite's s4 shape (small B), and each feature at least once
+CASES = [
+    Case(B=1, H=7, W=7, heads=2, d=64, k=7, rel="shared"),
+    Case(B=1, H=7, W=7, heads=2, d=16, k=7, padding="mask", rel="per_head", rpb=True),
+    Case(B=1, H=7, W=7, heads=1, d=8, k=(3, 5), dilation=(2, 1), padding="shift",
+         rel="shared", rpb=True),
+    Case(B=2, H=3, W=2, heads=1, d=5, k=5, rel="per_head", rpb=True, scale=0.7),
+    Case(B=1, H=8, W=12, heads=1, d=8, k=3, dilation=(1, 2), rel="shared", rpb=True),
+    Case(B=1, H=4, W=4, heads=2, d=1, k=3, padding="mask", rpb=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_forward_matches_oracle(case):
+    for dtype in (torch.float32, torch.bfloat16):
+        check_forward(image_fwd, case, dtype, "nchw_view", device=DEVICE, label="image")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_backward_matches_oracle(case):
+    check_backward(case, torch.float32, "nchw_view")
+    check_backward(case, torch.bfloat16, "contiguous", use_forward=True)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_cases(seed):
+    case, dtype, layout = _random_case(seed)
+    check_forward(image_fwd, case, dtype, layout, device=DEVICE, seed=seed, label="image")
+    check_backward(case, dtype, layout, seed=seed)

@@ -219,6 +219,118 @@ def image_logits(b_q, b_k, relh_ptr, relw_ptr, rpb_ptr, n, H, W, D, D_HALF,
 
 
 @triton.jit
+def dot_exact(a, b, INTERP: tl.constexpr):
+    """a [M, K] float32 @ b [K, N]: b float32 -> one float32 dot (CUDA cores); b 16-bit
+    (exact values: one-hots, inputs) -> a as a (hi, lo) pair of b's dtype, two
+    tensor-core dots (about 16 significant bits of a, float32 sums)."""
+    if b.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        hi = a.to(b.dtype)
+        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        if INTERP:  # the interpreter's bf16 tl.dot is wrong: the same values in float32
+            bf = b.to(tl.float32)
+            return (tl.dot(hi.to(tl.float32), bf, input_precision="ieee")
+                    + tl.dot(lo.to(tl.float32), bf, input_precision="ieee"))
+        else:
+            return tl.dot(hi, b, tl.dot(lo, b))
+
+
+@triton.jit
+def axis_window(i, size, dil, K: tl.constexpr, SHIFT: tl.constexpr, P: tl.constexpr):
+    """Queries at coordinate i [N] against the positions 0..P-1 of one axis: (position in
+    the window and the image [N, P], its rel-table row [N, P])."""
+    st, off = window_start(i, size, K, dil, SHIFT)
+    o = tl.arange(0, P)
+    ds = o[None, :] - st[:, None]
+    dsc = tl.maximum(ds, 0)
+    a = dsc // dil
+    m = (ds >= 0) & (dsc == a * dil) & (a < K) & (o < size)[None, :]
+    if SHIFT:
+        e = a + (off + K - 1)[:, None]
+    else:
+        e = a
+    return m, e
+
+
+@triton.jit
+def axis_taps(i, size, dil, K: tl.constexpr, E_PAD: tl.constexpr):
+    """Zeros mode, one axis: per query i [N] and tap a < E_PAD, (tap exists (a < K) [1, E],
+    its position is outside the image [N, E], its position [N, E])."""
+    o_e = tl.arange(0, E_PAD)
+    pos = (i - (K // 2) * dil)[:, None] + o_e[None, :] * dil
+    return (o_e < K)[None, :], (pos < 0) | (pos >= size), pos
+
+
+@triton.jit
+def zero_taps(b_rh, y, H, dil_h, qk_scale, KH: tl.constexpr, HAS_REL: tl.constexpr,
+              E_PAD: tl.constexpr):
+    """Zeros mode without rpb, one axis (rows: b_rh, y, H; columns likewise): the zero
+    taps' logits are separable, 2^(Ra + Rc) over the out-of-image taps (a, c), so their
+    mass is max-shifted sums over taps: (exp2(Ra - mh) [N, E] (0 past K), out of the image
+    [N, E], mh [N], sum over all taps [N], over those out of the image [N])."""
+    m_tap, m_out, _ = axis_taps(y, H, dil_h, KH, E_PAD)
+    if HAS_REL:
+        b_r = tl.where(m_tap, b_rh * qk_scale, float("-inf"))
+    else:
+        b_r = tl.where(m_tap, 0.0, float("-inf")) + tl.zeros_like(b_rh)
+    b_mh = tl.max(b_r, axis=1)
+    b_e = tl.exp2(b_r - b_mh[:, None])
+    return b_e, m_out, b_mh, tl.sum(b_e, axis=1), tl.sum(tl.where(m_out, b_e, 0.0), axis=1)
+
+
+@triton.jit
+def fast_logits(b_q, b_k, relh_ptr, relw_ptr, n, H, W, D, D_HALF,
+                srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, dil_h, dil_w, qk_scale,
+                KH: tl.constexpr, KW: tl.constexpr, SHIFT: tl.constexpr,
+                HAS_REL: tl.constexpr, REL_F32: tl.constexpr,
+                BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                E_PAD: tl.constexpr, YP: tl.constexpr, XP: tl.constexpr,
+                INTERP: tl.constexpr):
+    """Base-2 logits without rpb: s2 [N, N], -inf outside each query's window. The rel
+    bias and the window ride on one-hot dots: per query the row term of every key row
+    y' (q . rel_h[row], -1e30 where y' is not a window row: a gather of [N, YP]) times the
+    one-hot of each key's row, plus the same for columns, so no [N, N] gather; the window
+    is where that bias is above -1e29 (a select, so NaN/inf k outside it stays out).
+    Also returns the rel products (rh, rw [N, E]) and tables (th, tw [E, BLOCK_D])."""
+    o_p = tl.arange(0, BLOCK_N)
+    y = o_p // BLOCK_X
+    x = o_p % BLOCK_X
+    m_row, e_row = axis_window(y, H, dil_h, KH, SHIFT, YP)  # [N, YP]
+    m_col, e_col = axis_window(x, W, dil_w, KW, SHIFT, XP)  # [N, XP]
+    b_rh = tl.zeros([BLOCK_N, E_PAD], dtype=tl.float32)
+    b_rw = b_rh
+    b_th = tl.zeros([E_PAD, BLOCK_D], dtype=tl.float32)
+    b_tw = b_th
+    b_ry = tl.zeros([BLOCK_N, YP], dtype=tl.float32)
+    b_rx = tl.zeros([BLOCK_N, XP], dtype=tl.float32)
+    if HAS_REL:
+        if SHIFT:
+            n_rows_h = 2 * KH - 1
+            n_rows_w = 2 * KW - 1
+        else:
+            n_rows_h = KH
+            n_rows_w = KW
+        b_rh, b_rw, b_th, b_tw = rel_terms(
+            b_q, relh_ptr, relw_ptr, n, srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, D, D_HALF,
+            n_rows_h, n_rows_w, BLOCK_D, E_PAD, REL_F32)
+        b_ry = tl.gather(b_rh, tl.minimum(e_row, E_PAD - 1), axis=1)
+        b_rx = tl.gather(b_rw, tl.minimum(e_col, E_PAD - 1), axis=1)
+    b_ry = tl.where(m_row, b_ry, -1.0e30)
+    b_rx = tl.where(m_col, b_rx, -1.0e30)
+    if REL_F32:
+        sel_dtype: tl.constexpr = tl.float32
+    else:
+        sel_dtype: tl.constexpr = tl.bfloat16
+    sel_y = tl.where(y[None, :] == tl.arange(0, YP)[:, None], 1.0, 0.0).to(sel_dtype)  # [YP, N]
+    sel_x = tl.where(x[None, :] == tl.arange(0, XP)[:, None], 1.0, 0.0).to(sel_dtype)
+    b_bias = dot_exact(b_ry, sel_y, INTERP) + dot_exact(b_rx, sel_x, INTERP)  # [N, N]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [N, N]
+    b_s = tl.where(b_bias > -1.0e29, (b_s + b_bias) * qk_scale, float("-inf"))
+    return b_s, b_rh, b_rw, b_th, b_tw
+
+
+@triton.jit
 def load_image(p0, s_h, s_w, s_d, y, x, m_p, D, BLOCK_D: tl.constexpr,
                EVEN_D: tl.constexpr, OFF_I64: tl.constexpr):
     """[N, BLOCK_D] tile of one (batch, head) image (0 outside it)."""
@@ -270,6 +382,7 @@ def _image_fwd_kernel(
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, REL_F32: tl.constexpr,
     BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     E_PAD: tl.constexpr, TAP_X: tl.constexpr, TAP_N: tl.constexpr,
+    YP: tl.constexpr, XP: tl.constexpr,
     EVEN_D: tl.constexpr, OFF_I64: tl.constexpr, DOT_F32: tl.constexpr,
     INTERP: tl.constexpr,
 ):
@@ -293,24 +406,40 @@ def _image_fwd_kernel(
         b_q = b_q.to(tl.float32)
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
-    b_s, b_z, m_win, b_rh, b_rw, b_th, b_tw, y, x, m_p, offy, offx = image_logits(
-        b_q, b_k, relh_ptr, relw_ptr, rpb_ptr, n, H, W, D, D_HALF,
-        srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w, dil_h, dil_w,
-        qk_scale, KH, KW, PADDING, HAS_REL, HAS_RPB, REL_F32, BLOCK_X, BLOCK_N, BLOCK_D,
-        E_PAD, TAP_X, TAP_N)
-    b_m = tl.max(b_s, axis=1)
-    if ZEROS:
-        b_m = tl.maximum(b_m, tl.max(b_z, axis=1))
+    b_zl = tl.full([BLOCK_N], float("-inf"), tl.float32)  # log2 mass of the zero taps
+    if HAS_RPB:
+        b_s, b_z, m_win, b_rh, b_rw, b_th, b_tw, y, x, m_p, offy, offx = image_logits(
+            b_q, b_k, relh_ptr, relw_ptr, rpb_ptr, n, H, W, D, D_HALF,
+            srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w, dil_h, dil_w,
+            qk_scale, KH, KW, PADDING, HAS_REL, HAS_RPB, REL_F32, BLOCK_X, BLOCK_N, BLOCK_D,
+            E_PAD, TAP_X, TAP_N)
+        if ZEROS:
+            b_zm = tl.maximum(tl.max(b_z, axis=1), -1.0e30)
+            b_zl = b_zm + _log2(tl.sum(tl.exp2(b_z - b_zm[:, None]), axis=1), INTERP)
+    else:
+        b_s, b_rh, b_rw, b_th, b_tw = fast_logits(
+            b_q, b_k, relh_ptr, relw_ptr, n, H, W, D, D_HALF,
+            srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, dil_h, dil_w, qk_scale,
+            KH, KW, PADDING == 2, HAS_REL, REL_F32, BLOCK_X, BLOCK_N, BLOCK_D, E_PAD, YP, XP,
+            INTERP)
+        m_win = b_s != float("-inf")
+        if ZEROS:
+            b_eh, m_oh, b_mh, b_sh, b_soh = zero_taps(b_rh, y, H, dil_h, qk_scale, KH,
+                                                      HAS_REL, E_PAD)
+            b_ew, m_ow, b_mw, b_sw, b_sow = zero_taps(b_rw, x, W, dil_w, qk_scale, KW,
+                                                      HAS_REL, E_PAD)
+            # out-of-image taps: rows out x every column, rows in x columns out
+            b_zl = b_mh + b_mw + _log2(b_soh * b_sw + (b_sh - b_soh) * b_sow, INTERP)
+    b_m = tl.maximum(tl.max(b_s, axis=1), b_zl)
     b_m = tl.where(m_p, b_m, 0.0)  # padding rows: all -inf
     b_p = tl.exp2(b_s - b_m[:, None])
-    b_l = tl.sum(b_p, axis=1)
-    if ZEROS:
-        b_l += tl.sum(tl.exp2(b_z - b_m[:, None]), axis=1)
+    b_l = tl.sum(b_p, axis=1) + tl.exp2(b_zl - b_m)
     b_l = tl.where(m_p, b_l, 1.0)
     b_pl = b_p.to(b_v.dtype)
     b_acc = tl.dot(b_pl, b_v, input_precision="ieee")  # [N, N] @ [N, D]
-    # non-finite v (a 0/1-trip loop): 0 * inf in P V would reach queries whose window
-    # misses it; redo with it zeroed and mark the windows that hold it
+    # non-finite v (a 0/1-trip loop, a branch in SASS: the cost tool counts it): 0 * inf
+    # in P V would reach queries whose window misses it; redo with it zeroed and mark the
+    # windows that hold it
     m_vok = tl.abs(b_v.to(tl.float32)) < float("inf")
     n_bad = tl.max(tl.sum(tl.where(m_vok, 0, 1), axis=1), axis=0)
     for _ in range(0, tl.minimum(n_bad, 1)):
@@ -407,7 +536,7 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
             KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
             HAS_REL=args.rel_h is not None, HAS_RPB=args.rpb is not None, REL_F32=rel_f32,
             BLOCK_X=bx, BLOCK_N=bn, BLOCK_D=block_d, E_PAD=e_pad, TAP_X=tap_x, TAP_N=tap_n,
-            EVEN_D=d == block_d,
+            YP=max(16, bn // bx), XP=max(16, bx), EVEN_D=d == block_d,
             OFF_I64=not offsets_fit_i32([(q_shape, st) for st in (*strides, out_strides)]),
             DOT_F32=INTERPRETED and dtype == torch.bfloat16, INTERP=INTERPRETED,
             **launch_options(config),

@@ -38,6 +38,8 @@ from .common import (
 )
 from .image_fwd import (
     MAX_D,
+    dot_exact,
+    fast_logits,
     grid_shape,
     image_base,
     image_logits,
@@ -47,6 +49,8 @@ from .image_fwd import (
     store_image,
     tap_geometry,
     tap_shape,
+    window_start,
+    zero_taps,
 )
 from .image_fwd import supports as forward_supports
 from .launch_cache import (
@@ -59,6 +63,47 @@ from .launch_cache import (
     per_call_key,
     plan_cache,
 )
+
+
+@triton.jit
+def _rel_sums(b_sy, y, H, dil_h, KH: tl.constexpr, SHIFT: tl.constexpr, E_PAD: tl.constexpr,
+              YP: tl.constexpr):
+    """Per query and rel row e [N, E]: the dS sum of the key row that row e stands for in
+    the query's window (b_sy [N, YP]: dS summed per key row), 0 where none (outside the
+    window or the image)."""
+    sy, offy = window_start(y, H, KH, dil_h, SHIFT)
+    o_e = tl.arange(0, E_PAD)
+    if SHIFT:
+        a = o_e[None, :] - (offy + KH - 1)[:, None]
+    else:
+        a = o_e[None, :] + 0 * y[:, None]
+    yk = sy[:, None] + a * dil_h
+    m = (a >= 0) & (a < KH) & (yk >= 0) & (yk < H)
+    b_g = tl.gather(b_sy, tl.minimum(tl.maximum(yk, 0), YP - 1), axis=1)
+    return tl.where(m, b_g, 0.0)
+
+
+@triton.jit
+def _store_rel_partials(parth_ptr, partw_ptr, b_grow, b_gcol, b_q, pid, n_slots, D, D_HALF,
+                        scale, KH: tl.constexpr, KW: tl.constexpr, SHIFT: tl.constexpr,
+                        E_PAD: tl.constexpr, BLOCK_D: tl.constexpr, INTERP: tl.constexpr):
+    """This program's slot of the rel partials: scale G_row^T Q (first d/2 channels) and
+    scale G_col^T Q (the rest), [row, slot, channel] buffers."""
+    if SHIFT:
+        TH: tl.constexpr = 2 * KH - 1
+        TW: tl.constexpr = 2 * KW - 1
+    else:
+        TH: tl.constexpr = KH
+        TW: tl.constexpr = KW
+    o_e = tl.arange(0, E_PAD)
+    o_d = tl.arange(0, BLOCK_D)
+    b_ph = dot_exact(tl.trans(b_grow), b_q, INTERP) * scale  # [E, D]
+    tl.store(parth_ptr + (o_e[:, None] * n_slots + pid) * D_HALF + o_d[None, :], b_ph,
+             mask=(o_e < TH)[:, None] & (o_d < D_HALF)[None, :])
+    b_pw = dot_exact(tl.trans(b_gcol), b_q, INTERP) * scale
+    D_W = D - D_HALF
+    tl.store(partw_ptr + (o_e[:, None] * n_slots + pid) * D_W + (o_d - D_HALF)[None, :], b_pw,
+             mask=(o_e < TW)[:, None] & ((o_d >= D_HALF) & (o_d < D))[None, :])
 
 
 @triton.jit
@@ -79,7 +124,8 @@ def _image_bwd_kernel(
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, REL_F32: tl.constexpr,
     BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     E_PAD: tl.constexpr, TAP_X: tl.constexpr, TAP_N: tl.constexpr,
-    EVEN_D: tl.constexpr, OFF_I64: tl.constexpr, DOT_F32: tl.constexpr,
+    YP: tl.constexpr, XP: tl.constexpr,
+    EVEN_D: tl.constexpr, OFF_I64: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr,
 ):
     """Program (b, n) (head fastest): dq, dk, dv of the whole image of batch b, head n,
     and its slot `pid` of the table partials (module docstring)."""
@@ -110,19 +156,53 @@ def _image_bwd_kernel(
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
         b_do = b_do.to(tl.float32)
-    b_s, b_z, m_win, b_rh, b_rw, b_th, b_tw, y, x, m_p, offy, offx = image_logits(
-        b_q, b_k, relh_ptr, relw_ptr, rpb_ptr, n, H, W, D, D_HALF,
-        srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w, dil_h, dil_w,
-        qk_scale, KH, KW, PADDING, HAS_REL, HAS_RPB, REL_F32, BLOCK_X, BLOCK_N, BLOCK_D,
-        E_PAD, TAP_X, TAP_N)
+    if HAS_RPB:
+        b_s, b_z, m_win, b_rh, b_rw, b_th, b_tw, y, x, m_p, offy, offx = image_logits(
+            b_q, b_k, relh_ptr, relw_ptr, rpb_ptr, n, H, W, D, D_HALF,
+            srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w, dil_h, dil_w,
+            qk_scale, KH, KW, PADDING, HAS_REL, HAS_RPB, REL_F32, BLOCK_X, BLOCK_N, BLOCK_D,
+            E_PAD, TAP_X, TAP_N)
+    else:
+        b_s, b_rh, b_rw, b_th, b_tw = fast_logits(
+            b_q, b_k, relh_ptr, relw_ptr, n, H, W, D, D_HALF,
+            srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, dil_h, dil_w, qk_scale,
+            KH, KW, SHIFT, HAS_REL, REL_F32, BLOCK_X, BLOCK_N, BLOCK_D, E_PAD, YP, XP, INTERP)
     b_p = tl.exp2(b_s - b_lse2[:, None])  # [N, N], 0 outside the windows
+    # dv and dk stored as soon as they are made (fewer live tiles: no spills)
     b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision="ieee")  # [N, D]
+    store_image(image_base(dv_ptr, b, n, sg_b, sg_n, OFF_I64), sg_h, sg_w, y, x, m_p, D,
+                b_dv, BLOCK_D, OFF_I64)
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [N, N]
     b_ds = b_p * (b_dp - b_delta[:, None])
+    if HAS_REL and not HAS_RPB:  # dS summed per key row / column (then dS in q's dtype only)
+        if REL_F32:
+            sel_dtype: tl.constexpr = tl.float32
+        else:
+            sel_dtype: tl.constexpr = tl.bfloat16
+        sel_y = tl.where(y[:, None] == tl.arange(0, YP)[None, :], 1.0, 0.0).to(sel_dtype)
+        sel_x = tl.where(x[:, None] == tl.arange(0, XP)[None, :], 1.0, 0.0).to(sel_dtype)
+        b_sy = dot_exact(b_ds, sel_y, INTERP)  # [N, YP]
+        b_sx = dot_exact(b_ds, sel_x, INTERP)  # [N, XP]
     b_dsl = b_ds.to(b_q.dtype)
-    b_dq = tl.dot(b_dsl, b_k, input_precision="ieee")  # [N, D]
     b_dk = tl.dot(tl.trans(b_dsl), b_q, input_precision="ieee")
-    if HAS_REL or HAS_RPB:
+    store_image(image_base(dk_ptr, b, n, sg_b, sg_n, OFF_I64), sg_h, sg_w, y, x, m_p, D,
+                b_dk * scale, BLOCK_D, OFF_I64)
+    b_dq = tl.dot(b_dsl, b_k, input_precision="ieee")  # [N, D]
+    if HAS_REL and not HAS_RPB:  # rel rows / columns from key-row / key-column sums of dS
+        b_grow = _rel_sums(b_sy, y, H, dil_h, KH, SHIFT, E_PAD, YP)  # [N, E]
+        b_gcol = _rel_sums(b_sx, x, W, dil_w, KW, SHIFT, E_PAD, XP)
+        if ZEROS:  # zero keys: dS = -delta 2^(Ra + Rc - lse2), separable
+            b_eh, m_oh, b_mh, b_sh, b_soh = zero_taps(b_rh, y, H, dil_h, qk_scale, KH,
+                                                      HAS_REL, E_PAD)
+            b_ew, m_ow, b_mw, b_sw, b_sow = zero_taps(b_rw, x, W, dil_w, qk_scale, KW,
+                                                      HAS_REL, E_PAD)
+            b_coef = (0.0 - b_delta) * tl.exp2(b_mh + b_mw - b_lse2)
+            b_grow += b_coef[:, None] * b_eh * tl.where(m_oh, b_sw[:, None], b_sow[:, None])
+            b_gcol += b_coef[:, None] * b_ew * tl.where(m_ow, b_sh[:, None], b_soh[:, None])
+        b_dq += dot_exact(b_grow, b_th, INTERP) + dot_exact(b_gcol, b_tw, INTERP)
+        _store_rel_partials(parth_ptr, partw_ptr, b_grow, b_gcol, b_q, pid, n_slots, D, D_HALF,
+                            scale, KH, KW, SHIFT, E_PAD, BLOCK_D, INTERP)
+    if HAS_RPB:
         if SHIFT:
             TH: tl.constexpr = 2 * KH - 1
             TW: tl.constexpr = 2 * KW - 1
@@ -156,10 +236,6 @@ def _image_bwd_kernel(
             tl.store(partb_ptr + (r * n_slots + pid) * TW + s, b_pb, mask=(r < TH) & (s < TW))
     store_image(image_base(dq_ptr, b, n, sg_b, sg_n, OFF_I64), sg_h, sg_w, y, x, m_p, D,
                 b_dq * scale, BLOCK_D, OFF_I64)
-    store_image(image_base(dk_ptr, b, n, sg_b, sg_n, OFF_I64), sg_h, sg_w, y, x, m_p, D,
-                b_dk * scale, BLOCK_D, OFF_I64)
-    store_image(image_base(dv_ptr, b, n, sg_b, sg_n, OFF_I64), sg_h, sg_w, y, x, m_p, D,
-                b_dv, BLOCK_D, OFF_I64)
 
 
 # --- host side --------------------------------------------------------------------------
@@ -226,9 +302,9 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, rel_f32: bool, config) -> _
             KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
             HAS_REL=has_rel, HAS_RPB=has_rpb, REL_F32=rel_f32,
             BLOCK_X=bx, BLOCK_N=bn, BLOCK_D=block_d, E_PAD=e_pad, TAP_X=tap_x, TAP_N=tap_n,
-            EVEN_D=d == block_d,
+            YP=max(16, bn // bx), XP=max(16, bx), EVEN_D=d == block_d,
             OFF_I64=not offsets_fit_i32([(q_shape, st) for st in (*strides[:5], grad_strides)]),
-            DOT_F32=INTERPRETED and dtype == torch.bfloat16,
+            DOT_F32=INTERPRETED and dtype == torch.bfloat16, INTERP=INTERPRETED,
             **launch_options(config),
         ),
     )

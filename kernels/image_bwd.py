@@ -24,7 +24,7 @@ import triton.language as tl
 
 from sasa_triton.types import AttendArgs
 
-from . import rows_bwd_query
+from . import image_fwd, rows_bwd_query
 from .common import (
     INTERPRETED,
     LOG2E,
@@ -174,35 +174,13 @@ def _image_bwd_kernel(
                 b_dv, BLOCK_D, OFF_I64)
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [N, N]
     b_ds = b_p * (b_dp - b_delta[:, None])
-    if HAS_REL and not HAS_RPB:  # dS summed per key row / column (then dS in q's dtype only)
-        if REL_F32:
-            sel_dtype: tl.constexpr = tl.float32
-        else:
-            sel_dtype: tl.constexpr = tl.bfloat16
-        sel_y = tl.where(y[:, None] == tl.arange(0, YP)[None, :], 1.0, 0.0).to(sel_dtype)
-        sel_x = tl.where(x[:, None] == tl.arange(0, XP)[None, :], 1.0, 0.0).to(sel_dtype)
-        b_sy = dot_exact(b_ds, sel_y, INTERP)  # [N, YP]
-        b_sx = dot_exact(b_ds, sel_x, INTERP)  # [N, XP]
-    b_dsl = b_ds.to(b_q.dtype)
-    b_dk = tl.dot(tl.trans(b_dsl), b_q, input_precision="ieee")
-    store_image(image_base(dk_ptr, b, n, sg_b, sg_n, OFF_I64), sg_h, sg_w, y, x, m_p, D,
-                b_dk * scale, BLOCK_D, OFF_I64)
-    b_dq = tl.dot(b_dsl, b_k, input_precision="ieee")  # [N, D]
-    if HAS_REL and not HAS_RPB:  # rel rows / columns from key-row / key-column sums of dS
-        b_grow = _rel_sums(b_sy, y, H, dil_h, KH, SHIFT, E_PAD, YP)  # [N, E]
-        b_gcol = _rel_sums(b_sx, x, W, dil_w, KW, SHIFT, E_PAD, XP)
-        if ZEROS:  # zero keys: dS = -delta 2^(Ra + Rc - lse2), separable
-            b_eh, m_oh, b_mh, b_sh, b_soh = zero_taps(b_rh, y, H, dil_h, qk_scale, KH,
-                                                      HAS_REL, E_PAD)
-            b_ew, m_ow, b_mw, b_sw, b_sow = zero_taps(b_rw, x, W, dil_w, qk_scale, KW,
-                                                      HAS_REL, E_PAD)
-            b_coef = (0.0 - b_delta) * tl.exp2(b_mh + b_mw - b_lse2)
-            b_grow += b_coef[:, None] * b_eh * tl.where(m_oh, b_sw[:, None], b_sow[:, None])
-            b_gcol += b_coef[:, None] * b_ew * tl.where(m_ow, b_sh[:, None], b_soh[:, None])
-        b_dq += dot_exact(b_grow, b_th, INTERP) + dot_exact(b_gcol, b_tw, INTERP)
-        _store_rel_partials(parth_ptr, partw_ptr, b_grow, b_gcol, b_q, pid, n_slots, D, D_HALF,
-                            scale, KH, KW, SHIFT, E_PAD, BLOCK_D, INTERP)
-    if HAS_RPB:
+    # the table gradients' sums of dS first (dS is then kept in q's dtype only: fewer
+    # live registers)
+    if REL_F32:
+        sel_dtype: tl.constexpr = tl.float32
+    else:
+        sel_dtype: tl.constexpr = tl.bfloat16
+    if HAS_RPB:  # dS per (query, tap slot), then its sums per slot, slot row, slot column
         if SHIFT:
             TH: tl.constexpr = 2 * KH - 1
             TW: tl.constexpr = 2 * KW - 1
@@ -214,26 +192,39 @@ def _image_bwd_kernel(
         b_g = tl.where(m_tap & m_in, tl.gather(b_ds, key, axis=1), 0.0)  # [N, T]
         if ZEROS:  # zero keys: dS = P (0 - delta)
             b_g -= tl.exp2(b_z - b_lse2[:, None]) * b_delta[:, None]
+        b_pb = tl.sum(b_g, axis=0)  # [T]
+        tl.store(partb_ptr + (r * n_slots + pid) * TW + s, b_pb, mask=(r < TH) & (s < TW))
         if HAS_REL:
             o_e = tl.arange(0, E_PAD)
-            sel_r = tl.where(r[:, None] == o_e[None, :], 1.0, 0.0)  # [T, E]
-            sel_c = tl.where(s[:, None] == o_e[None, :], 1.0, 0.0)
-            b_grow = tl.dot(b_g, sel_r, input_precision="ieee")  # [N, E]
-            b_gcol = tl.dot(b_g, sel_c, input_precision="ieee")
-            b_dq += tl.dot(b_grow, b_th.to(tl.float32), input_precision="ieee")
-            b_dq += tl.dot(b_gcol, b_tw.to(tl.float32), input_precision="ieee")
-            b_qf = b_q.to(tl.float32)
-            o_d = tl.arange(0, BLOCK_D)
-            b_ph = tl.dot(tl.trans(b_grow), b_qf, input_precision="ieee") * scale  # [E, D]
-            tl.store(parth_ptr + (o_e[:, None] * n_slots + pid) * D_HALF + o_d[None, :], b_ph,
-                     mask=(o_e < TH)[:, None] & (o_d < D_HALF)[None, :])
-            b_pw = tl.dot(tl.trans(b_gcol), b_qf, input_precision="ieee") * scale
-            D_W = D - D_HALF
-            tl.store(partw_ptr + (o_e[:, None] * n_slots + pid) * D_W + (o_d - D_HALF)[None, :],
-                     b_pw, mask=(o_e < TW)[:, None] & ((o_d >= D_HALF) & (o_d < D))[None, :])
-        if HAS_RPB:
-            b_pb = tl.sum(b_g, axis=0)  # [T]
-            tl.store(partb_ptr + (r * n_slots + pid) * TW + s, b_pb, mask=(r < TH) & (s < TW))
+            sel_r = tl.where(r[:, None] == o_e[None, :], 1.0, 0.0).to(sel_dtype)  # [T, E]
+            sel_c = tl.where(s[:, None] == o_e[None, :], 1.0, 0.0).to(sel_dtype)
+            b_grow = dot_exact(b_g, sel_r, INTERP)  # [N, E]
+            b_gcol = dot_exact(b_g, sel_c, INTERP)
+    elif HAS_REL:  # dS summed per key row / column
+        sel_y = tl.where(y[:, None] == tl.arange(0, YP)[None, :], 1.0, 0.0).to(sel_dtype)
+        sel_x = tl.where(x[:, None] == tl.arange(0, XP)[None, :], 1.0, 0.0).to(sel_dtype)
+        b_sy = dot_exact(b_ds, sel_y, INTERP)  # [N, YP]
+        b_sx = dot_exact(b_ds, sel_x, INTERP)  # [N, XP]
+        # rel rows / columns: the key row / column each stands for in the window
+        b_grow = _rel_sums(b_sy, y, H, dil_h, KH, SHIFT, E_PAD, YP)  # [N, E]
+        b_gcol = _rel_sums(b_sx, x, W, dil_w, KW, SHIFT, E_PAD, XP)
+        if ZEROS:  # zero keys: dS = -delta 2^(Ra + Rc - lse2), separable
+            b_eh, m_oh, b_mh, b_sh, b_soh = zero_taps(b_rh, y, H, dil_h, qk_scale, KH,
+                                                      HAS_REL, E_PAD)
+            b_ew, m_ow, b_mw, b_sw, b_sow = zero_taps(b_rw, x, W, dil_w, qk_scale, KW,
+                                                      HAS_REL, E_PAD)
+            b_coef = (0.0 - b_delta) * tl.exp2(b_mh + b_mw - b_lse2)
+            b_grow += b_coef[:, None] * b_eh * tl.where(m_oh, b_sw[:, None], b_sow[:, None])
+            b_gcol += b_coef[:, None] * b_ew * tl.where(m_ow, b_sh[:, None], b_soh[:, None])
+    b_dsl = b_ds.to(b_q.dtype)
+    b_dk = tl.dot(tl.trans(b_dsl), b_q, input_precision="ieee")
+    store_image(image_base(dk_ptr, b, n, sg_b, sg_n, OFF_I64), sg_h, sg_w, y, x, m_p, D,
+                b_dk * scale, BLOCK_D, OFF_I64)
+    b_dq = tl.dot(b_dsl, b_k, input_precision="ieee")  # [N, D]
+    if HAS_REL:
+        b_dq += dot_exact(b_grow, b_th, INTERP) + dot_exact(b_gcol, b_tw, INTERP)
+        _store_rel_partials(parth_ptr, partw_ptr, b_grow, b_gcol, b_q, pid, n_slots, D, D_HALF,
+                            scale, KH, KW, SHIFT, E_PAD, BLOCK_D, INTERP)
     store_image(image_base(dq_ptr, b, n, sg_b, sg_n, OFF_I64), sg_h, sg_w, y, x, m_p, D,
                 b_dq * scale, BLOCK_D, OFF_I64)
 
@@ -244,21 +235,17 @@ MAX_HEADS = 65535  # axis 1 of the table reduction's grid
 
 
 def search_space() -> list[dict]:
-    return [dict(num_warps=nw, num_stages=1) for nw in (2, 4, 8)]
+    return image_fwd.search_space()
 
 
 def prune(configs, q_shape, args) -> list[dict]:
-    """Warps of 16 query rows each at most (the MMA tile)."""
-    n = grid_shape(q_shape[1], q_shape[2])[2]
-    return [c for c in configs if c.get("num_warps", 4) * 16 <= n]
+    return image_fwd.prune(configs, q_shape, args)
 
 
 @per_call_key
 def default_config(q_shape, args) -> dict:
-    """4 warps (16 query rows each at 64 pixels); 8 for 128 pixels or d > 64."""
-    n = grid_shape(q_shape[1], q_shape[2])[2]
-    nw = 8 if n > 64 or q_shape[4] > 64 else 4
-    return dict(num_warps=max(1, min(nw, n // 16)), num_stages=1)
+    """The forward's (4 warps, 8 for d > 64)."""
+    return image_fwd.default_config(q_shape, args)
 
 
 @per_call_key

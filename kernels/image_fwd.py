@@ -55,9 +55,13 @@ from .launch_cache import (
     plan_cache,
 )
 
-MAX_PIXELS = 128  # padded pixels per image (BLOCK_Y * BLOCK_X): S [N, N] in registers
+# The range that compiles for sm_90 without spills (tests/test_image_sm90.py): 128-pixel
+# images spill in the backward (d 64: 376 bytes at 8 warps), so do float32 tiles (their
+# dots run on CUDA cores) and rpb's gather path past 32 tap slots or d 64.
+MAX_PIXELS = 64  # padded pixels per image (BLOCK_Y * BLOCK_X): S [N, N] in registers
 MAX_D = 128  # head dim
-MAX_TAPS = 256  # tap slots (shift mode: (2kh - 1) x (2kw - 1), padded)
+MAX_D_RPB = 64  # head dim with rpb
+MAX_TAPS_RPB = 32  # tap slots with rpb (k 3 x 5 in zeros / mask mode)
 
 
 @triton.jit
@@ -481,26 +485,32 @@ def search_space() -> list[dict]:
 
 
 def prune(configs, q_shape, args) -> list[dict]:
-    """Warps of 16 query rows each at most (the MMA tile)."""
-    n = grid_shape(q_shape[1], q_shape[2])[2]
-    return [c for c in configs if c.get("num_warps", 4) * 16 <= n]
+    """At least the default's warps (fewer spill)."""
+    least = default_config(q_shape, args)["num_warps"]
+    return [c for c in configs if c.get("num_warps", 4) >= least]
 
 
 @per_call_key
 def default_config(q_shape, args) -> dict:
-    """4 warps (16 query rows each at 64 pixels); 8 for 128 pixels or d > 64."""
+    """4 warps (16 query rows each at 64 pixels; fewer on smaller images), 8 for d > 64
+    (their tiles would spill at 4)."""
     n = grid_shape(q_shape[1], q_shape[2])[2]
-    nw = 8 if n > 64 or q_shape[4] > 64 else 4
-    return dict(num_warps=max(1, min(nw, n // 16)), num_stages=1)
+    return dict(num_warps=8 if q_shape[4] > 64 else max(1, min(4, n // 16)), num_stages=1)
 
 
 @per_call_key
 def supports(q_shape, dtype, args) -> bool:
-    """Images of at most MAX_PIXELS padded pixels, d <= MAX_D, fp16/bf16/fp32."""
+    """Images of at most MAX_PIXELS padded pixels, d <= MAX_D (MAX_D_RPB with rpb),
+    float16 / bfloat16 inputs and rel tables (float32 ones spill: another variant runs
+    them)."""
     B, H, W, heads, d = q_shape
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32) or not 1 <= d <= MAX_D:
+    if dtype not in (torch.float16, torch.bfloat16) or not 1 <= d <= MAX_D:
         return False
-    return grid_shape(H, W)[2] <= MAX_PIXELS and tap_shape(args)[2] <= MAX_TAPS
+    if args.rel_h is not None and torch.float32 in (args.rel_h.dtype, args.rel_w.dtype):
+        return False
+    if args.rpb is not None and (d > MAX_D_RPB or tap_shape(args)[2] > MAX_TAPS_RPB):
+        return False
+    return grid_shape(H, W)[2] <= MAX_PIXELS
 
 
 def offsets_fit_i32(layouts) -> bool:

@@ -7,7 +7,9 @@ non-square k, rel shared / per head, rpb, dtype, layout and odd d on images up t
 kernels' 128 padded pixels, forward and backward; run-to-run identity of the backward;
 non-finite inputs in the backward; supports' range.
 """
+import dataclasses
 import random
+import types
 
 import pytest
 import torch
@@ -23,31 +25,36 @@ pytestmark = pytest.mark.skipif(not triton_usable(torch.device(DEVICE).type),
                                 reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 TABLES = ("rel_h", "rel_w", "rpb")
 PADDINGS = ("zeros", "mask", "shift")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = (torch.float16, torch.bfloat16)
 LAYOUTS = ("contiguous", "nchw_view", "channels_last")
 DIMS = (1, 5, 8, 16, 32, 64)
 
 
 def _random_case(seed: int) -> tuple:
-    """(case, dtype, layout) from a seeded generator: images of at most 128 padded
-    pixels, every padding, odd and even sizes, non-square k, dilation, rel, rpb."""
+    """(case, dtype, layout) from a seeded generator: images of at most 64 padded
+    pixels, every padding, odd and even sizes, non-square k, dilation, rel, rpb (where
+    supported: 32 tap slots at most)."""
     rng = random.Random(seed)
     padding = PADDINGS[seed % 3]
     d = DIMS[seed % len(DIMS)]
     kh, kw = rng.choice([1, 3, 5, 7]), rng.choice([1, 3, 5, 7])
     dh, dw = rng.choice([1, 1, 2]), rng.choice([1, 1, 2])
     while True:
-        H, W = rng.randint(1, 11), rng.randint(1, 13)
+        H, W = rng.randint(1, 8), rng.randint(1, 9)
         if padding == "shift":
             H, W = max(H, kh * dh), max(W, kw * dw)
         if image_fwd.grid_shape(H, W)[2] <= image_fwd.MAX_PIXELS:
             break
         dh = dw = 1  # a shift window of over 8 rows and columns: smaller
     rel = rng.choice([None, "shared", "per_head"]) if d >= 2 else None
+    rpb = rng.random() < 0.4
     case = Case(B=rng.choice([1, 2]), H=H, W=W, heads=rng.choice([1, 2, 3]), d=d, k=(kh, kw),
-                dilation=(dh, dw), padding=padding, rel=rel, rpb=rng.random() < 0.4,
+                dilation=(dh, dw), padding=padding, rel=rel, rpb=rpb,
                 scale=rng.choice([None, 0.7, -0.5]))
-    return case, DTYPES[(seed // 3) % 3], LAYOUTS[seed % len(LAYOUTS)]
+    window = types.SimpleNamespace(kh=kh, kw=kw, padding=padding)
+    if rpb and image_fwd.tap_shape(window)[2] > image_fwd.MAX_TAPS_RPB:
+        case = dataclasses.replace(case, rpb=False)
+    return case, DTYPES[(seed // 3) % 2], LAYOUTS[seed % len(LAYOUTS)]
 
 
 def _inputs(case, dtype, layout, seed=0):
@@ -79,7 +86,9 @@ def check_backward(case, dtype=torch.float32, layout="contiguous", config=None, 
         assert g.shape == ref.shape and g.dtype == ref.dtype, name
         assert not g.isnan().any(), f"{case.id}: d{name} has unwritten (NaN) entries"
         atol, rtol = TOLERANCES[dtype]
-        atol = atol * max(1.0, w.abs().max().item())  # table grads sum over every pixel
+        atol = atol * max(1.0, w.abs().max().item())
+        if name in TABLES:  # they sum every pixel's rounding of delta (16-bit out): x 2
+            atol *= 2
         torch.testing.assert_close(g.cpu().double(), w, rtol=rtol, atol=atol,
                                    msg=lambda m, name=name: f"{case.id} {dtype} d{name}: {m}")
     return grads, (q, k, v, out, lse, dout, args)
@@ -88,24 +97,25 @@ def check_backward(case, dtype=torch.float32, layout="contiguous", config=None, 
 # the suite's s4 shape (small B), and each feature at least once
 CASES = [
     Case(B=1, H=7, W=7, heads=2, d=64, k=7, rel="shared"),
-    Case(B=1, H=7, W=7, heads=2, d=16, k=7, padding="mask", rel="per_head", rpb=True),
+    Case(B=1, H=7, W=7, heads=2, d=16, k=(3, 5), padding="mask", rel="per_head", rpb=True),
     Case(B=1, H=7, W=7, heads=1, d=8, k=(3, 5), dilation=(2, 1), padding="shift",
-         rel="shared", rpb=True),
-    Case(B=2, H=3, W=2, heads=1, d=5, k=5, rel="per_head", rpb=True, scale=0.7),
-    Case(B=1, H=8, W=12, heads=1, d=8, k=3, dilation=(1, 2), rel="shared", rpb=True),
+         rel="shared"),
+    Case(B=2, H=3, W=2, heads=1, d=5, k=3, rel="per_head", rpb=True, scale=0.7),
+    Case(B=1, H=4, W=12, heads=1, d=8, k=3, dilation=(1, 2), rel="shared", rpb=True),
     Case(B=1, H=4, W=4, heads=2, d=1, k=3, padding="mask", rpb=True),
+    Case(B=1, H=7, W=7, heads=1, d=128, k=5, padding="shift", rel="per_head", scale=-0.5),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_forward_matches_oracle(case):
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float16, torch.bfloat16):
         check_forward(image_fwd, case, dtype, "nchw_view", device=DEVICE, label="image")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_backward_matches_oracle(case):
-    check_backward(case, torch.float32, "nchw_view")
+    check_backward(case, torch.float16, "nchw_view")
     check_backward(case, torch.bfloat16, "contiguous", use_forward=True)
 
 

@@ -1,18 +1,26 @@
 """Backward "imagebwd": one whole-image tile per (batch, head), for small maps.
 
-The backward of kernels/image_fwd.py (it reads the lse every forward saves). A program
-owns batch b, head n and the whole padded image grid (pixel p = y * BLOCK_X + x is query
-p and key p), so dq, dk and dv all come out of one program, on tensor cores:
-    S recomputed as in the forward (image_fwd.image_logits), P = exp2(S - lse log2(e))
+The backward of kernels/image_fwd.py (it reads the lse every forward saves; same range
+of `supports`). A program owns batch b, head n and the whole padded image grid (pixel
+p = y * BLOCK_X + x is query p and key p), so dq, dk and dv all come out of one program,
+on tensor cores:
+    S recomputed as in the forward, P = exp2(S - lse log2(e))
     delta = rowsum(dO * O)                  fused
     dV = P^T dO,  dP = dO V^T,  dS = P (dP - delta)
     dQ = scale (dS K + G_row rel_h + G_col rel_w),  dK = scale dS^T Q
-The table gradients: Gtap [N, T] = dS gathered per tap slot (tl.gather along the keys;
-zeros mode adds the zero keys' dS = -P delta), G_row / G_col = Gtap @ one-hot (row /
-column of each slot), per-program partials scale G_row^T Q, scale G_col^T Q and the
-column sums of Gtap (rpb) go to a buffer that rows_bwd_query's `_reduce_tables_kernel`
-sums in a fixed order (the second launch; none without tables). No atomics:
-gradients are bit-identical run to run.
+G_row [N, E]: per query and rel row the sum of dS over that row's window taps.
+Without rpb: dS summed per key row / key column by one-hot dots (bf16 hi/lo pairs), then
+gathered per rel row ([N, E] from [N, YP]); zeros mode adds the zero keys'
+dS = -delta 2^(Ra + Rc - lse2), separable like the forward's mass. With rpb: dS gathered
+per tap slot ([N, T]), its column sums the rpb partial, one-hot dots its row / column
+sums. Per-program partials scale G_row^T Q, scale G_col^T Q (and rpb's) go to a buffer
+that rows_bwd_query's `_reduce_tables_kernel` sums in a fixed order (the second launch;
+none without tables). No atomics: gradients are bit-identical run to run.
+
+Not done: non-finite isolation. A NaN/inf input reaches gradients outside the windows
+that hold it (0 * inf in the dots, as in the fast paths of the other backwards, but with
+no slow pass here); the shared test_nonfinite would fail on it, one reason it is not
+registered in sasa_triton/variants.py yet.
 """
 from __future__ import annotations
 
@@ -37,7 +45,6 @@ from .common import (
     table_strides,
 )
 from .image_fwd import (
-    MAX_D,
     dot_exact,
     fast_logits,
     grid_shape,

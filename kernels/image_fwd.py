@@ -7,17 +7,22 @@ padded [BLOCK_Y, BLOCK_X] grid (p = y * BLOCK_X + x) is query p and key p.
 
 What a program owns: batch b, head n, every pixel of the image. What it loads: q, k, v
 of that image ([BLOCK_N, BLOCK_D] each, once), the rel tables, rpb entries (L1 gathers).
-    S    = Q K^T                         one tl.dot [N, D] @ [D, N] -> [N, N]
-    bias = q . rel_h[row] + q . rel_w[col] (two small dots q @ rel^T, then tl.gather by
-           each (query, key) pair's rel index) + rpb (a masked gather load); -inf where
-           the key is outside the query's window (a select, so a NaN/inf k outside a
-           window never reaches that query)
+    S = Q K^T + bias                    one tl.dot [N, D] @ [D, N] -> [N, N]
     one softmax in base 2 (no online rescale), O = P V   one tl.dot [N, N] @ [N, D]
-Zeros padding: the out-of-image taps are zero keys and values whose logit is the rel/rpb
-part alone; their mass comes from a [N, T] tap tile (T slots (a, c) of the window), with
-nothing loaded for them. Non-finite v: a pass of 0 or 1 trips (only when some v is not
-finite) redoes O with non-finite v zeroed and marks NaN the (query, channel) outputs whose
-window holds one, so a NaN/inf stays inside the windows that hold it.
+Without rpb (`fast_logits`): the rel bias and the window come from one-hot dots. Per
+query, the row term q . rel_h[row] of every key row y' (-1e30 where y' is no window row;
+a [N, YP] gather from q @ rel_h^T) times the one-hot of each key's row, plus the same for
+columns (bf16 hi/lo pairs: float32-exact sums); the window is where that bias is above
+-1e29, applied by a select (a NaN/inf k outside a window never reaches that query).
+Zeros padding: the out-of-image taps are zero keys and values whose logit 2^(Ra + Rc)
+is separable, so their mass is (rows out x all columns) + (rows in x columns out) from
+[N, E] sums (`zero_taps`), nothing loaded.
+With rpb (`image_logits`): per (query, key) rel indices computed in-kernel, the rel
+terms gathered ([N, N] tl.gather) and rpb gather-loaded; the zero taps' logits in a
+[N, T] tap tile. Only up to MAX_TAPS_RPB tap slots and d <= MAX_D_RPB (else spills).
+Non-finite v: a pass of 0 or 1 trips (only when some v is not finite) redoes O with
+non-finite v zeroed and marks NaN the (query, channel) outputs whose window holds one, so
+a NaN/inf stays inside the windows that hold it.
 
 Saves lse = ln(sum exp(logit)) per query (float32, (B, H, W, heads) contiguous): the
 format of every forward, which every backward reads.
@@ -26,6 +31,10 @@ Tap slots (shared with the backward, kernels/image_bwd.py): slot t = r * TAP_X +
 r the rel-table row (zeros/mask: window row a; shift: (y' - y) / dh + kh - 1), s likewise
 for columns; rpb index (r + KH - 1 - R0, s + KW - 1 - R0w) with R0 = kh // 2 (zeros/mask)
 or kh - 1 (shift).
+
+Not registered in sasa_triton/variants.py: `supports` covers 16-bit inputs on images of
+<= 64 padded pixels only, while the shared variant tests (test_nonfinite, ...) run every
+registered forward on float32 and larger images.
 """
 from __future__ import annotations
 

@@ -132,14 +132,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     kernel_variant("tiled", f"{_KERNELS}.tiled_fwd", forward=True),
     # CUDA cores, a 2-D pixel tile x all heads: d <= 16
     kernel_variant("tile2d", f"{_KERNELS}.tile2d_fwd", forward=True),
-    # tensor cores, one whole-image tile per (batch, head): maps of <= 128 padded pixels
-    kernel_variant("image", f"{_KERNELS}.image_fwd", forward=True),
-    # the backward on tensor cores (dq, delta, table gradients) and a
+    # the backward on tensor cores: a query-owned kernel (dq, delta, table gradients) and a
     # key-owned one (dk, dv), row tiles
     kernel_variant("rowsbwd", f"{_KERNELS}.rows_bwd", backward=True),
-    # the backward of whole-image tiles: dq, dk, dv in one tensor-core program per
-    # (batch, head), then the table reduction: maps of <= 128 padded pixels
-    kernel_variant("imagebwd", f"{_KERNELS}.image_bwd", backward=True),
     # the backward on CUDA cores in tile2d's style (pixel pairs, d in registers): small d
     kernel_variant("tile2dbwd", f"{_KERNELS}.tile2d_bwd", backward=True),
     # the backward on CUDA cores, window offsets in a loop: covers what the others do not

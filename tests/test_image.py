@@ -124,3 +124,52 @@ def test_random_cases(seed):
     case, dtype, layout = _random_case(seed)
     check_forward(image_fwd, case, dtype, layout, device=DEVICE, seed=seed, label="image")
     check_backward(case, dtype, layout, seed=seed)
+
+
+def test_backward_bit_identical_on_repeat():
+    grads, (q, k, v, out, lse, dout, args) = check_backward(
+        Case(B=1, H=5, W=6, heads=2, d=8, k=3, rel="shared"), torch.bfloat16)
+    again = image_bwd.backward(q, k, v, out, lse, dout, args)
+    for a, b in zip(grads, again):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_supports_range():
+    def ok(shape, dtype=torch.bfloat16, k=7, padding="zeros", rel=False, rpb=False,
+           table_dtype=None):
+        q = torch.zeros(shape, dtype=dtype)
+        kw = {}
+        if rel:
+            t = table_dtype or dtype
+            rows = 2 * k - 1 if padding == "shift" else k
+            kw = dict(rel_h=torch.zeros(rows, shape[4] // 2, dtype=t),
+                      rel_w=torch.zeros(rows, shape[4] - shape[4] // 2, dtype=t))
+        if rpb:
+            kw["rpb"] = torch.zeros(shape[3], 2 * k - 1, 2 * k - 1, dtype=dtype)
+        args = check_attend_args(q, q, q, k, 1, padding, kw.get("rel_h"), kw.get("rel_w"),
+                                 kw.get("rpb"), None)
+        fwd = image_fwd.supports(shape, dtype, args)
+        assert image_bwd.supports(shape, dtype, args) == fwd
+        return fwd
+
+    assert ok((32, 7, 7, 8, 64), rel=True)  # s4
+    assert ok((2, 4, 16, 2, 128), k=3, padding="mask")
+    assert not ok((2, 7, 7, 2, 64), dtype=torch.float32)
+    assert not ok((2, 7, 7, 2, 64), rel=True, table_dtype=torch.float32)
+    assert not ok((2, 8, 9, 2, 16))  # 8 x 16 padded pixels
+    assert not ok((2, 7, 7, 2, 16), rpb=True)  # 64 tap slots with rpb
+    assert ok((2, 7, 7, 2, 16), k=3, rpb=True)
+    assert not ok((2, 7, 7, 2, 256), k=3)
+    q = torch.zeros(2, 7, 7, 2, 16)
+    args = check_attend_args(q, q, q, 7, 1, "zeros", None, None, None, None)
+    assert image_fwd.prune(image_fwd.search_space(), (2, 7, 7, 2, 128), args) == [
+        dict(num_warps=8, num_stages=1)]
+
+
+def test_empty():
+    q = torch.zeros(0, 7, 7, 2, 16, dtype=torch.float16, device=DEVICE)
+    args = check_attend_args(q, q, q, 7, 1, "zeros", None, None, None, None)
+    out, lse = image_fwd.forward(q, q, q, args)
+    assert out.shape == q.shape and lse.shape == q.shape[:4]
+    grads = image_bwd.backward(q, q, q, out, lse, q, args)
+    assert all(g.shape == q.shape for g in grads[:3])

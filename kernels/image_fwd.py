@@ -453,9 +453,13 @@ def _image_fwd_kernel(
     # non-finite v (a 0/1-trip loop, a branch in SASS: the cost tool counts it): 0 * inf
     # in P V would reach queries whose window misses it; redo with it zeroed and mark the
     # windows that hold it
-    m_vok = tl.abs(b_v.to(tl.float32)) < float("inf")
-    n_bad = tl.max(tl.sum(tl.where(m_vok, 0, 1), axis=1), axis=0)
-    for _ in range(0, tl.minimum(n_bad, 1)):
+    # (a non-finite v makes every query's acc non-finite in that channel, 0 * inf being
+    # NaN: so the sum of acc, already in float32, tells; a NaN/inf from q or k, or an
+    # overflowing sum, only sends a program down the exact path needlessly)
+    b_tot = tl.sum(tl.sum(b_acc, axis=1), axis=0)
+    n_bad = tl.where(tl.abs(b_tot) < float("inf"), 0, 1)
+    for _ in range(0, n_bad):
+        m_vok = tl.abs(b_v.to(tl.float32)) < float("inf")
         b_v0 = tl.where(m_vok, b_v, tl.zeros_like(b_v))
         b_win = tl.where(m_win, 1.0, 0.0).to(tl.float16)
         b_vnan = tl.where(m_vok, 0.0, 1.0).to(tl.float16)

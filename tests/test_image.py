@@ -173,3 +173,34 @@ def test_empty():
     assert out.shape == q.shape and lse.shape == q.shape[:4]
     grads = image_bwd.backward(q, q, q, out, lse, q, args)
     assert all(g.shape == q.shape for g in grads[:3])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                            "ignore:overflow encountered:RuntimeWarning",
+                            "ignore:divide by zero encountered:RuntimeWarning")
+def test_forward_nonfinite_inputs_stay_in_their_windows():
+    """NaN / inf planted in q, k, v or a table reaches only the outputs whose windows hold
+    it: the random cases of test_nonfinite.py this forward supports (test_nonfinite runs
+    registered variants only)."""
+    from fuzz_cases import coarser, mismatch
+    from test_nonfinite import _args as nonfinite_args
+    from test_nonfinite import _oracle as nonfinite_oracle
+    from test_nonfinite import nonfinite_case
+
+    checked = partial = 0
+    for seed in range(7000, 7400):
+        c = nonfinite_case(seed)
+        t, args = c["t"], nonfinite_args(c)
+        if not image_fwd.supports(tuple(t["q"].shape), c["dtype"], args):
+            continue
+        out, lse = image_fwd.forward(t["q"], t["k"], t["v"], args, _poison=True)
+        want, want_lse = nonfinite_oracle(c, {n: x.double() for n, x in t.items()})
+        tol = coarser(c["dtype"], torch.float32)
+        for name, got, exp in (("out", out, want), ("lse", lse, want_lse)):
+            problem = mismatch(name, got, exp, tol, 1.0)
+            assert problem is None, f"{c['desc']}: {problem}"
+        checked += 1
+        partial += 0 < int((~want.isfinite()).sum()) < want.numel()
+        if checked == 8:
+            break
+    assert checked == 8 and partial >= 3, (checked, partial)

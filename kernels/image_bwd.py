@@ -15,12 +15,13 @@ dS = -delta 2^(Ra + Rc - lse2), separable like the forward's mass. With rpb: dS 
 per tap slot ([N, T]), its column sums the rpb partial, one-hot dots its row / column
 sums. Per-program partials scale G_row^T Q, scale G_col^T Q (and rpb's) go to a buffer
 that rows_bwd_query's `_reduce_tables_kernel` sums in a fixed order (the second launch;
-none without tables). No atomics: gradients are bit-identical run to run.
+none without tables), after the slow pass below. No atomics: gradients are bit-identical run to run.
 
-Not done: non-finite isolation. A NaN/inf input reaches gradients outside the windows
-that hold it (0 * inf in the dots, as in the fast paths of the other backwards, but with
-no slow pass here); the shared test_nonfinite would fail on it, one reason it is not
-registered in sasa_triton/variants.py yet.
+Non-finite inputs: the dots may spread a NaN / inf outside the windows that hold it
+(0 * inf). Each program sums its results (a few reductions) and writes a flag, 1.0 when
+the sum is not finite; a second launch, kernels/image_bwd_exact.py, recomputes the
+flagged programs' gradients exactly (its other programs return at once), before the
+table reduction. Three launches with tables, two without.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import triton.language as tl
 from sasa_triton.types import AttendArgs
 
 from . import image_fwd, rows_bwd_query
+from .image_bwd_exact import _image_bwd_exact_kernel
 from .common import (
     INTERPRETED,
     LOG2E,
@@ -116,7 +118,7 @@ def _store_rel_partials(parth_ptr, partw_ptr, b_grow, b_gcol, b_q, pid, n_slots,
 @triton.jit
 def _image_bwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
-    dq_ptr, dk_ptr, dv_ptr, parth_ptr, partw_ptr, partb_ptr,
+    dq_ptr, dk_ptr, dv_ptr, parth_ptr, partw_ptr, partb_ptr, flag_ptr,
     H, W, HEADS, D, D_HALF, n_slots,
     sq_b, sq_h, sq_w, sq_n, sq_d,
     sk_b, sk_h, sk_w, sk_n, sk_d,
@@ -179,6 +181,7 @@ def _image_bwd_kernel(
     b_dv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do, input_precision="ieee")  # [N, D]
     store_image(image_base(dv_ptr, b, n, sg_b, sg_n, OFF_I64), sg_h, sg_w, y, x, m_p, D,
                 b_dv, BLOCK_D, OFF_I64)
+    chk = tl.sum(tl.sum(b_dv, axis=1), axis=0)  # NaN / inf if a result is: the slow pass's flag
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [N, N]
     b_ds = b_p * (b_dp - b_delta[:, None])
     # the table gradients' sums of dS first (dS is then kept in q's dtype only: fewer
@@ -200,6 +203,7 @@ def _image_bwd_kernel(
         if ZEROS:  # zero keys: dS = P (0 - delta)
             b_g -= tl.exp2(b_z - b_lse2[:, None]) * b_delta[:, None]
         b_pb = tl.sum(b_g, axis=0)  # [T]
+        chk += tl.sum(b_pb, axis=0)
         tl.store(partb_ptr + (r * n_slots + pid) * TW + s, b_pb, mask=(r < TH) & (s < TW))
         if HAS_REL:
             o_e = tl.arange(0, E_PAD)
@@ -227,17 +231,24 @@ def _image_bwd_kernel(
     b_dk = tl.dot(tl.trans(b_dsl), b_q, input_precision="ieee")
     store_image(image_base(dk_ptr, b, n, sg_b, sg_n, OFF_I64), sg_h, sg_w, y, x, m_p, D,
                 b_dk * scale, BLOCK_D, OFF_I64)
+    chk += tl.sum(tl.sum(b_dk, axis=1), axis=0)
     b_dq = tl.dot(b_dsl, b_k, input_precision="ieee")  # [N, D]
     if HAS_REL:
         b_dq += dot_exact(b_grow, b_th, INTERP) + dot_exact(b_gcol, b_tw, INTERP)
+        chk += tl.sum(tl.sum(b_grow, axis=1) + tl.sum(b_gcol, axis=1), axis=0)
         _store_rel_partials(parth_ptr, partw_ptr, b_grow, b_gcol, b_q, pid, n_slots, D, D_HALF,
                             scale, KH, KW, SHIFT, E_PAD, BLOCK_D, INTERP)
     store_image(image_base(dq_ptr, b, n, sg_b, sg_n, OFF_I64), sg_h, sg_w, y, x, m_p, D,
                 b_dq * scale, BLOCK_D, OFF_I64)
+    chk += tl.sum(tl.sum(b_dq, axis=1), axis=0)
+    # 1.0: a non-finite result, which the dots may have spread outside its windows
+    tl.store(flag_ptr + pid, tl.where(tl.abs(chk) < float("inf"), 0.0, 1.0))
 
 
 # --- host side --------------------------------------------------------------------------
 
+EXACT_WARPS = 8  # the slow pass's (no spills)
+MAX_D = 64  # the slow pass spills at d 128 (68-88 bytes, 8 warps, channel chunks of 32)
 MAX_HEADS = 65535  # axis 1 of the table reduction's grid
 
 
@@ -257,12 +268,15 @@ def default_config(q_shape, args) -> dict:
 
 @per_call_key
 def supports(q_shape, dtype, args: AttendArgs) -> bool:
-    """The forward's range (image_fwd.supports), heads within the reduction's grid."""
-    return forward_supports(q_shape, dtype, args) and q_shape[3] <= MAX_HEADS
+    """The forward's range (image_fwd.supports) up to d = MAX_D (the slow pass spills
+    at d 128), heads within the reduction's grid."""
+    return (forward_supports(q_shape, dtype, args) and q_shape[3] <= MAX_HEADS
+            and q_shape[4] <= MAX_D)
 
 
 class _Plan(NamedTuple):
     grads: LaunchPlan  # the gradient kernel (NO_LAUNCH: an empty call)
+    exact: LaunchPlan  # the non-finite slow pass
     reduce: Optional[LaunchPlan]  # the table reduction (None without tables)
     sizes: list  # float32 elements of part_h, part_w, part_b in one buffer
 
@@ -276,7 +290,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, rel_f32: bool, config) -> _
     if not isinstance(config, dict) or "num_warps" not in config:
         raise ValueError(f"imagebwd config must be a dict with key 'num_warps', got {config!r}")
     if B * H * W * heads * d == 0:
-        return _Plan(NO_LAUNCH, None, [])
+        return _Plan(NO_LAUNCH, NO_LAUNCH, None, [])
     _, bx, bn = grid_shape(H, W)
     e_pad, tap_x, tap_n = tap_shape(args)
     block_d = max(16, next_pow2(d))
@@ -302,24 +316,28 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, rel_f32: bool, config) -> _
             **launch_options(config),
         ),
     )
+    exact = launch_plan(_EXACT_PARAMS, grid=(n_slots,), head=grads.head, tail=grads.tail[:4],
+                        flags=dict(grads.flags, ZT_N=next_pow2(args.kh * args.kw),
+                                   DC=block_d, num_warps=EXACT_WARPS, num_stages=1))
     reduce = rows_bwd_query.reduce_plan(args, heads, d, B, th, tw)
-    sizes = []
+    sizes = [n_slots]  # the slow pass's flags first
     if has_rel:
         sizes += [th * n_slots * (d // 2), tw * n_slots * (d - d // 2)]
     if has_rpb:
         sizes.append(th * n_slots * tw)
     # each part 16-byte aligned, as a separate allocation would be
-    return _Plan(grads, reduce, [-(-m // 4) * 4 for m in sizes])
+    return _Plan(grads, exact, reduce, [-(-m // 4) * 4 for m in sizes])
 
 
 _plans = plan_cache(_plan)
 _PARAMS = _image_bwd_kernel.arg_names  # read at import: a recorder may stand in later
+_EXACT_PARAMS = _image_bwd_exact_kernel.arg_names
 
 
 def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] = None,
              _poison: bool = False):
-    """(dq, dk, dv, drel_h, drel_w, drpb); see the module docstring. Two launches with
-    rel / rpb tables, one without."""
+    """(dq, dk, dv, drel_h, drel_w, drpb); see the module docstring. Three launches with
+    rel / rpb tables, two without (the second: the non-finite slow pass)."""
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     rel_f32 = rel_in_f32(q, args)
     strides = (q.stride(), k.stride(), v.stride(), out.stride(), dout.stride(), lse.stride())
@@ -336,23 +354,30 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
                 g.zero_()
         return dq, dk, dv, drel_h, drel_w, drpb
     part_h = part_w = part_b = dq  # never touched when the flag is off
-    if plan.sizes:
-        if _poison or POISON_OUTPUTS:
-            buffer = new_output((sum(plan.sizes),), torch.float32, q.device, True)
-        else:
-            buffer = torch.empty_strided((sum(plan.sizes),), (1,), dtype=torch.float32,
-                                         device=q.device)
-        parts = buffer.split_with_sizes(plan.sizes)
-        if has_rel:
-            part_h, part_w = parts[0], parts[1]
-        if has_rpb:
-            part_b = parts[-1]
+    if _poison or POISON_OUTPUTS:
+        buffer = new_output((sum(plan.sizes),), torch.float32, q.device, True)
+    else:
+        buffer = torch.empty_strided((sum(plan.sizes),), (1,), dtype=torch.float32,
+                                     device=q.device)
+    parts = buffer.split_with_sizes(plan.sizes)
+    flags = parts[0]  # every program writes its own
+    if has_rel:
+        part_h, part_w = parts[1], parts[2]
+    if has_rpb:
+        part_b = parts[-1]
     dummy = q  # never read when the flag is off
+    tables = (rel_h if has_rel else dummy, rel_w if has_rel else dummy,
+              rpb if has_rpb else dummy)
+    t_strides = table_strides(rel_h, rel_w, rpb)
     p = plan.grads
     _image_bwd_kernel[p.grid](
-        q, k, v, out, dout, lse, rel_h if has_rel else dummy, rel_w if has_rel else dummy,
-        rpb if has_rpb else dummy, dq, dk, dv, part_h, part_w, part_b,
-        *p.head, *table_strides(rel_h, rel_w, rpb), *p.tail, **p.options,
+        q, k, v, out, dout, lse, *tables, dq, dk, dv, part_h, part_w, part_b, flags,
+        *p.head, *t_strides, *p.tail, **p.options,
+    )
+    p = plan.exact  # flagged programs only: the others return at once
+    _image_bwd_exact_kernel[p.grid](
+        q, k, v, out, dout, lse, *tables, dq, dk, dv, part_h, part_w, part_b, flags,
+        *p.head, *t_strides, *p.tail, **p.options,
     )
     p = plan.reduce
     if p is not None:

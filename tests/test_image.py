@@ -115,6 +115,8 @@ def test_forward_matches_oracle(case):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_backward_matches_oracle(case):
+    if case.d > image_bwd.MAX_D:
+        pytest.skip(f"imagebwd supports d <= {image_bwd.MAX_D} (its slow pass spills above)")
     check_backward(case, torch.float16, "nchw_view")
     check_backward(case, torch.bfloat16, "contiguous", use_forward=True)
 
@@ -149,11 +151,11 @@ def test_supports_range():
         args = check_attend_args(q, q, q, k, 1, padding, kw.get("rel_h"), kw.get("rel_w"),
                                  kw.get("rpb"), None)
         fwd = image_fwd.supports(shape, dtype, args)
-        assert image_bwd.supports(shape, dtype, args) == fwd
+        assert image_bwd.supports(shape, dtype, args) == (fwd and shape[4] <= image_bwd.MAX_D)
         return fwd
 
     assert ok((32, 7, 7, 8, 64), rel=True)  # s4
-    assert ok((2, 4, 16, 2, 128), k=3, padding="mask")
+    assert ok((2, 4, 16, 2, 128), k=3, padding="mask")  # forward only (ok checks that)
     assert not ok((2, 7, 7, 2, 64), dtype=torch.float32)
     assert not ok((2, 7, 7, 2, 64), rel=True, table_dtype=torch.float32)
     assert not ok((2, 8, 9, 2, 16))  # 8 x 16 padded pixels

@@ -137,6 +137,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     kernel_variant("rowsbwd", f"{_KERNELS}.rows_bwd", backward=True),
     # the backward on CUDA cores in tile2d's style (pixel pairs, d in registers): small d
     kernel_variant("tile2dbwd", f"{_KERNELS}.tile2d_bwd", backward=True),
+    kernel_variant("imagebwd", f"{_KERNELS}.image_bwd", backward=True),
     # the backward on CUDA cores, window offsets in a loop: covers what the others do not
     kernel_variant("offsets", f"{_KERNELS}.offsets_bwd", backward=True),
 )}

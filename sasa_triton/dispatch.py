@@ -20,7 +20,8 @@ row tiles); "tiled" is the fallback for what neither supports (d > 128 with more
 than tile2d holds, windows wider than both allow). A variant that does not support the
 shape is skipped.
 Backward, read from the same tool: head dims below 16 and the same small windows go to
-"tile2dbwd" (CUDA cores, like tile2d), everything else to "rowsbwd" (tensor cores);
+"tile2dbwd" (CUDA cores, like tile2d), maps of at most 64 pixels (a ResNet's 7 x 7 stage)
+to "imagebwd" (the whole image per program, tensor cores), everything else to "rowsbwd";
 "offsets" covers what neither supports (shift padding at small d, d > 128, ...).
 """
 from __future__ import annotations
@@ -99,8 +100,8 @@ def heuristic_backward(shape: tuple, dtype, args: AttendArgs) -> tuple[str, Opti
     d = shape[-1]
     if d < 16 or args.kh * args.kw <= SMALL_WINDOW:
         prefer = ("tile2dbwd", "rowsbwd")
-    else:
-        prefer = ("rowsbwd", "tile2dbwd")
+    else:  # imagebwd takes only small maps (H * W <= 64), where it wins
+        prefer = ("imagebwd", "rowsbwd", "tile2dbwd")
     for name in prefer:
         variant = variants.VARIANTS.get(name)
         if variant is not None and variant.supports(shape, dtype, args):

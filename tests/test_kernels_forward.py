@@ -245,15 +245,18 @@ def test_dispatch_heuristic():
 
 
 def test_backward_heuristic():
-    def choice(heads, d, k=7, padding="zeros", dtype=torch.bfloat16):
-        q = torch.empty(2, 8, 8, heads, d, dtype=dtype, device=DEVICE)
+    def choice(heads, d, k=7, padding="zeros", dtype=torch.bfloat16, size=16):
+        q = torch.empty(2, size, size, heads, d, dtype=dtype, device=DEVICE)
         args = check_attend_args(q, q, q, k, 1, padding, None, None, None, None)
         return heuristic_backward(tuple(q.shape), dtype, args)[0]
 
     assert choice(8, 8) == "tile2dbwd"  # s1: d = 8
     assert choice(8, 16, k=3) == "tile2dbwd"  # the smallest windows
     assert choice(8, 16) == "rowsbwd"  # s2
-    assert choice(8, 64) == "rowsbwd"  # s4
+    assert choice(8, 64, size=14) == "rowsbwd"  # s3's map
+    assert choice(8, 64, size=7) == "imagebwd"  # s4: a 7 x 7 map
+    assert choice(8, 64, size=7, dtype=torch.float32) == "rowsbwd"  # imagebwd: 16-bit only
+    assert choice(8, 8, size=7) == "tile2dbwd"  # small d stays on CUDA cores
     assert choice(8, 8, padding="shift") == "rowsbwd"  # tile2dbwd has no shift mode
     assert choice(2, 256) == "offsets"  # d > 128
 

@@ -32,9 +32,14 @@ r the rel-table row (zeros/mask: window row a; shift: (y' - y) / dh + kh - 1), s
 for columns; rpb index (r + KH - 1 - R0, s + KW - 1 - R0w) with R0 = kh // 2 (zeros/mask)
 or kh - 1 (shift).
 
-Not registered in sasa_triton/variants.py: `supports` covers 16-bit inputs on images of
-<= 64 padded pixels only, while the shared variant tests (test_nonfinite, ...) run every
-registered forward on float32 and larger images.
+Non-finite rel tables (no rpb): a -inf row / column term enters the one-hot dots as
+-1e28 (inf * 0 there would make every key's bias NaN), so it stays in its window and its
+keys get no weight; a query whose every logit is -inf gets NaN, as the softmax would.
+A +inf / NaN term makes its query NaN (it does so in the exact softmax too). The rpb
+path gathers: exact as it is.
+
+Registered as variant "image": `supports` covers 16-bit inputs on images of <= 64
+padded pixels only; the dispatcher gives other calls to other variants.
 """
 from __future__ import annotations
 

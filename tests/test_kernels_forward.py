@@ -147,7 +147,8 @@ def test_large_head_dims(d):
     q, k, v, kw = make_inputs(case)
     args = _args(q, k, v, case, kw)
     claimed = [n for n in VARIANTS if variant_module(n).supports(tuple(q.shape), q.dtype, args)]
-    assert "tiled" in claimed and (d > 128 or claimed == VARIANTS), claimed
+    float32 = [n for n in VARIANTS if n != "image"]  # image: 16-bit inputs only
+    assert "tiled" in claimed and (d > 128 or claimed == float32), claimed
     for variant in claimed:
         _check_variant(variant, case)
 
@@ -205,14 +206,16 @@ def test_offsets_past_2_31_elements(variant):
 
 def test_kernel_backends_through_attend():
     case = Case(B=1, H=4, W=5, heads=2, d=8, k=3, rel="shared", rpb=True)
-    q, k, v, kw = make_inputs(case, torch.float32, "nchw_view", DEVICE)
-    want = oracle_attend(q.cpu(), k.cpu(), v.cpu(), case.k,
-                         **_on_cpu(kw))
     names = sasa_triton.backends(DEVICE)
     for name in VARIANTS:
         assert name in names
+        # float32, else bfloat16 where a variant takes 16-bit inputs only
+        dtype = (torch.float32 if _supported(name, case, torch.float32, "nchw_view")
+                 else torch.bfloat16)
+        q, k, v, kw = make_inputs(case, dtype, "nchw_view", DEVICE)
+        want = oracle_attend(q.cpu(), k.cpu(), v.cpu(), case.k, **_on_cpu(kw))
         out = sasa_triton.attend(q, k, v, case.k, backend=name, **kw)
-        assert_close(out.cpu(), want, torch.float32, name)
+        assert_close(out.cpu(), want, dtype, name)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

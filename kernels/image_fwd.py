@@ -32,9 +32,14 @@ r the rel-table row (zeros/mask: window row a; shift: (y' - y) / dh + kh - 1), s
 for columns; rpb index (r + KH - 1 - R0, s + KW - 1 - R0w) with R0 = kh // 2 (zeros/mask)
 or kh - 1 (shift).
 
-Not registered in sasa_triton/variants.py: `supports` covers 16-bit inputs on images of
-<= 64 padded pixels only, while the shared variant tests (test_nonfinite, ...) run every
-registered forward on float32 and larger images.
+Non-finite rel tables (no rpb): a -inf row / column term enters the one-hot dots as
+-1e28 (inf * 0 there would make every key's bias NaN), so it stays in its window and its
+keys get no weight; a query whose every logit is -inf gets NaN, as the softmax would.
+A +inf / NaN term makes its query NaN (it does so in the exact softmax too). The rpb
+path gathers: exact as it is.
+
+Registered as variant "image": `supports` covers 16-bit inputs on images of <= 64
+padded pixels only; the dispatcher gives other calls to other variants.
 """
 from __future__ import annotations
 
@@ -329,8 +334,10 @@ def fast_logits(b_q, b_k, relh_ptr, relw_ptr, n, H, W, D, D_HALF,
             n_rows_h, n_rows_w, BLOCK_D, E_PAD, REL_F32)
         b_ry = tl.gather(b_rh, tl.minimum(e_row, E_PAD - 1), axis=1)
         b_rx = tl.gather(b_rw, tl.minimum(e_col, E_PAD - 1), axis=1)
-    b_ry = tl.where(m_row, b_ry, -1.0e30)
-    b_rx = tl.where(m_col, b_rx, -1.0e30)
+    # -inf row / column terms become -1e28 (still in the window, exp2 -> 0): in the dots
+    # inf * 0 would make every key's bias NaN (+inf and NaN make the query NaN anyway)
+    b_ry = tl.where(m_row, tl.where(b_ry == float("-inf"), -1.0e28, b_ry), -1.0e30)
+    b_rx = tl.where(m_col, tl.where(b_rx == float("-inf"), -1.0e28, b_rx), -1.0e30)
     if REL_F32:
         sel_dtype: tl.constexpr = tl.float32
     else:
@@ -447,7 +454,8 @@ def _image_fwd_kernel(
     b_m = tl.where(m_p, b_m, 0.0)  # padding rows: all -inf
     b_p = tl.exp2(b_s - b_m[:, None])
     b_l = tl.sum(b_p, axis=1) + tl.exp2(b_zl - b_m)
-    b_l = tl.where(m_p, b_l, 1.0)
+    # every logit -inf (-1e28 terms from -inf rel entries): NaN, as the softmax of all -inf
+    b_l = tl.where(m_p, tl.where(b_m < -1.0e27, float("nan"), b_l), 1.0)
     b_pl = b_p.to(b_v.dtype)
     b_acc = tl.dot(b_pl, b_v, input_precision="ieee")  # [N, N] @ [N, D]
     # non-finite v (a 0/1-trip loop, a branch in SASS: the cost tool counts it): 0 * inf

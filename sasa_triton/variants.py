@@ -132,6 +132,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     kernel_variant("tiled", f"{_KERNELS}.tiled_fwd", forward=True),
     # CUDA cores, a 2-D pixel tile x all heads: d <= 16
     kernel_variant("tile2d", f"{_KERNELS}.tile2d_fwd", forward=True),
+    kernel_variant("image", f"{_KERNELS}.image_fwd", forward=True),
     # the backward on tensor cores: a query-owned kernel (dq, delta, table gradients) and a
     # key-owned one (dk, dv), row tiles
     kernel_variant("rowsbwd", f"{_KERNELS}.rows_bwd", backward=True),

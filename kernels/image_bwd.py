@@ -34,7 +34,6 @@ import triton.language as tl
 from sasa_triton.types import AttendArgs
 
 from . import image_fwd, rows_bwd_query
-from .image_bwd_exact import _image_bwd_exact_kernel
 from .common import (
     INTERPRETED,
     LOG2E,
@@ -46,6 +45,7 @@ from .common import (
     next_pow2,
     table_strides,
 )
+from .image_bwd_exact import _image_bwd_exact_kernel
 from .image_fwd import (
     dot_exact,
     fast_logits,

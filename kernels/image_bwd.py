@@ -52,7 +52,9 @@ from .image_fwd import (
     grid_shape,
     image_base,
     image_logits,
+    image_pixels,
     load_image,
+    load_qkv,
     offsets_fit_i32,
     rel_in_f32,
     store_image,
@@ -143,16 +145,10 @@ def _image_bwd_kernel(
     pid = tl.program_id(0)
     n = pid % HEADS
     b = pid // HEADS
-    o_p = tl.arange(0, BLOCK_N)
-    y = o_p // BLOCK_X
-    x = o_p % BLOCK_X
-    m_p = (y < H) & (x < W)
-    b_q = load_image(image_base(q_ptr, b, n, sq_b, sq_n, OFF_I64), sq_h, sq_w, sq_d, y, x,
-                     m_p, D, BLOCK_D, EVEN_D, OFF_I64)
-    b_k = load_image(image_base(k_ptr, b, n, sk_b, sk_n, OFF_I64), sk_h, sk_w, sk_d, y, x,
-                     m_p, D, BLOCK_D, EVEN_D, OFF_I64)
-    b_v = load_image(image_base(v_ptr, b, n, sv_b, sv_n, OFF_I64), sv_h, sv_w, sv_d, y, x,
-                     m_p, D, BLOCK_D, EVEN_D, OFF_I64)
+    y, x, m_p = image_pixels(H, W, BLOCK_N, BLOCK_X)
+    b_q, b_k, b_v = load_qkv(q_ptr, k_ptr, v_ptr, b, n, sq_b, sq_h, sq_w, sq_n, sq_d,
+                             sk_b, sk_h, sk_w, sk_n, sk_d, sv_b, sv_h, sv_w, sv_n, sv_d,
+                             y, x, m_p, D, BLOCK_D, EVEN_D, OFF_I64)
     b_o = load_image(image_base(o_ptr, b, n, so_b, so_n, OFF_I64), so_h, so_w, so_d, y, x,
                      m_p, D, BLOCK_D, EVEN_D, OFF_I64)
     b_do = load_image(image_base(do_ptr, b, n, sdo_b, sdo_n, OFF_I64), sdo_h, sdo_w, sdo_d,

@@ -388,6 +388,30 @@ def image_base(ptr, b, n, s_b, s_n, OFF_I64: tl.constexpr):
 
 
 @triton.jit
+def image_pixels(H, W, BLOCK_N: tl.constexpr, BLOCK_X: tl.constexpr):
+    """The program's pixel slots: row y, column x, and whether the slot is in the image."""
+    o_p = tl.arange(0, BLOCK_N)
+    y = o_p // BLOCK_X
+    x = o_p % BLOCK_X
+    return y, x, (y < H) & (x < W)
+
+
+@triton.jit
+def load_qkv(q_ptr, k_ptr, v_ptr, b, n, sq_b, sq_h, sq_w, sq_n, sq_d,
+             sk_b, sk_h, sk_w, sk_n, sk_d, sv_b, sv_h, sv_w, sv_n, sv_d,
+             y, x, m_p, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+             OFF_I64: tl.constexpr):
+    """q, k and v of image b, head n, as [BLOCK_N, BLOCK_D] tiles (zeros off the image)."""
+    b_q = load_image(image_base(q_ptr, b, n, sq_b, sq_n, OFF_I64), sq_h, sq_w, sq_d, y, x,
+                     m_p, D, BLOCK_D, EVEN_D, OFF_I64)
+    b_k = load_image(image_base(k_ptr, b, n, sk_b, sk_n, OFF_I64), sk_h, sk_w, sk_d, y, x,
+                     m_p, D, BLOCK_D, EVEN_D, OFF_I64)
+    b_v = load_image(image_base(v_ptr, b, n, sv_b, sv_n, OFF_I64), sv_h, sv_w, sv_d, y, x,
+                     m_p, D, BLOCK_D, EVEN_D, OFF_I64)
+    return b_q, b_k, b_v
+
+
+@triton.jit
 def _image_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
     H, W, HEADS, D, D_HALF,
@@ -412,16 +436,10 @@ def _image_fwd_kernel(
     pid = tl.program_id(0)
     n = pid % HEADS
     b = pid // HEADS
-    o_p = tl.arange(0, BLOCK_N)
-    y = o_p // BLOCK_X
-    x = o_p % BLOCK_X
-    m_p = (y < H) & (x < W)
-    b_q = load_image(image_base(q_ptr, b, n, sq_b, sq_n, OFF_I64), sq_h, sq_w, sq_d, y, x,
-                     m_p, D, BLOCK_D, EVEN_D, OFF_I64)
-    b_k = load_image(image_base(k_ptr, b, n, sk_b, sk_n, OFF_I64), sk_h, sk_w, sk_d, y, x,
-                     m_p, D, BLOCK_D, EVEN_D, OFF_I64)
-    b_v = load_image(image_base(v_ptr, b, n, sv_b, sv_n, OFF_I64), sv_h, sv_w, sv_d, y, x,
-                     m_p, D, BLOCK_D, EVEN_D, OFF_I64)
+    y, x, m_p = image_pixels(H, W, BLOCK_N, BLOCK_X)
+    b_q, b_k, b_v = load_qkv(q_ptr, k_ptr, v_ptr, b, n, sq_b, sq_h, sq_w, sq_n, sq_d,
+                             sk_b, sk_h, sk_w, sk_n, sk_d, sv_b, sv_h, sv_w, sv_n, sv_d,
+                             y, x, m_p, D, BLOCK_D, EVEN_D, OFF_I64)
     if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
         b_q = b_q.to(tl.float32)
         b_k = b_k.to(tl.float32)

@@ -212,6 +212,12 @@ def new_lse(layout: tuple, device, poison: bool = False) -> torch.Tensor:
     return torch.empty_strided(*layout, dtype=torch.float32, device=device)
 
 
+def new_table_grads(args, poison: bool = False) -> tuple:
+    """(drel_h, drel_w, drpb) shaped like the call's tables, None where a table is absent."""
+    return tuple(None if t is None else new_output_like(t, poison)
+                 for t in (args.rel_h, args.rel_w, args.rpb))
+
+
 def alloc_outputs(q: torch.Tensor, poison: bool = False,
                   lse_layout: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """out (contiguous, q's dtype) and lse (float32, contiguous: `lse_layout`, its (shape,

@@ -38,10 +38,10 @@ from .common import (
     INTERPRETED,
     LOG2E,
     PADDING_CODES,
-    POISON_OUTPUTS,
     launch_options,
     new_output,
     new_output_like,
+    new_table_grads,
     next_pow2,
     table_strides,
 )
@@ -341,20 +341,14 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
                   tuple(q.shape), q.dtype, strides, args, rel_f32, config)
     dq, dk, dv = (new_output_like(q, _poison) for _ in range(3))
     has_rel, has_rpb = rel_h is not None, rpb is not None
-    drel_h = new_output_like(rel_h, _poison) if has_rel else None
-    drel_w = new_output_like(rel_w, _poison) if has_rel else None
-    drpb = new_output_like(rpb, _poison) if has_rpb else None
+    drel_h, drel_w, drpb = new_table_grads(args, _poison)
     if plan.grads.grid is None:
         for g in (dq, dk, dv, drel_h, drel_w, drpb):
             if g is not None:
                 g.zero_()
         return dq, dk, dv, drel_h, drel_w, drpb
     part_h = part_w = part_b = dq  # never touched when the flag is off
-    if _poison or POISON_OUTPUTS:
-        buffer = new_output((sum(plan.sizes),), torch.float32, q.device, True)
-    else:
-        buffer = torch.empty_strided((sum(plan.sizes),), (1,), dtype=torch.float32,
-                                     device=q.device)
+    buffer = new_output((sum(plan.sizes),), torch.float32, q.device, _poison)
     parts = buffer.split_with_sizes(plan.sizes)
     flags = parts[0]  # every program writes its own
     if has_rel:

@@ -60,7 +60,6 @@ import triton.language as tl
 
 from sasa_triton.types import AttendArgs
 
-from . import common
 from .common import (
     INTERPRETED,
     LOG2E,
@@ -71,6 +70,7 @@ from .common import (
     launch_options,
     new_output,
     new_output_like,
+    new_table_grads,
     next_pow2,
     strides_fit_i32,
     table_strides,
@@ -1078,14 +1078,8 @@ def launch(plan: _Plan, q, k, v, out, lse, dout, args: AttendArgs,
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     has_rel, has_rpb = rel_h is not None, rpb is not None
     dq = new_output_like(q, _poison)
-    drel_h = new_output_like(rel_h, _poison) if has_rel else None
-    drel_w = new_output_like(rel_w, _poison) if has_rel else None
-    drpb = new_output_like(rpb, _poison) if has_rpb else None
-    if _poison or common.POISON_OUTPUTS:
-        buffer = new_output((sum(plan.sizes),), torch.float32, q.device, True)
-    else:
-        buffer = torch.empty_strided((sum(plan.sizes),), (1,), dtype=torch.float32,
-                                     device=q.device)
+    drel_h, drel_w, drpb = new_table_grads(args, _poison)
+    buffer = new_output((sum(plan.sizes),), torch.float32, q.device, _poison)
     if plan.grads.grid is None:
         dq.zero_(), buffer.zero_()
         for g in (drel_h, drel_w, drpb):

@@ -29,9 +29,9 @@ from sasa_triton.types import AttendArgs
 from . import rows_bwd_query, tile2d_bwd_key, tile2d_bwd_query
 from .common import (
     LOG2E,
-    POISON_OUTPUTS,
     new_output,
     new_output_like,
+    new_table_grads,
     next_pow2,
     pointer_alignment,
     stride_vector_width,
@@ -272,19 +272,13 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
     plan = _plans((q.shape, q.dtype, strides, args_key(args), config_key(config), align),
                   tuple(q.shape), q.dtype, strides, args, config, align)
     has_rel, has_rpb = rel_h is not None, rpb is not None
-    drel_h = new_output_like(rel_h, _poison) if has_rel else None
-    drel_w = new_output_like(rel_w, _poison) if has_rel else None
-    drpb = new_output_like(rpb, _poison) if has_rpb else None
+    drel_h, drel_w, drpb = new_table_grads(args, _poison)
     if plan.query.grid is None:
         for g in (dq, dk, dv, drel_h, drel_w, drpb):
             if g is not None:
                 g.zero_()
         return dq, dk, dv, drel_h, drel_w, drpb
-    if _poison or POISON_OUTPUTS:
-        buffer = new_output((sum(plan.sizes),), torch.float32, q.device, True)
-    else:
-        buffer = torch.empty_strided((sum(plan.sizes),), (1,), dtype=torch.float32,
-                                     device=q.device)
+    buffer = new_output((sum(plan.sizes),), torch.float32, q.device, _poison)
     aux = part_h = part_w = part_b = buffer  # the partials: never read when the flag is off
     if has_rel or has_rpb:
         parts = buffer.split_with_sizes(plan.sizes)  # aux, [part_h, part_w], [part_b]

@@ -158,3 +158,22 @@ def oracle_grads(q, k, v, kw, kernel_size, dout):
     out, lse = oracle_attend(*leaves[:3], kernel_size, return_lse=True, **extra)
     grads = torch.autograd.grad(out, leaves, dout.cpu().double())
     return out.detach(), lse.detach(), dict(zip(["q", "k", "v", *names], grads))
+
+
+TABLE_NAMES = ("rel_h", "rel_w", "rpb")
+
+
+def check_grads(got: dict, want: dict, dtype, label: str, table_factor: float = 1.0) -> None:
+    """Each gradient of `want` (the oracle's, float64) against `got`'s: written in full (no
+    NaN left by a poisoned output), and within the dtype's tolerance, atol scaled by the
+    gradient's size (table gradients sum over every pixel) and, for the tables, by
+    `table_factor`."""
+    for name, w in want.items():
+        g = got[name].cpu()
+        assert not g.isnan().any(), f"{label}: d{name} has unwritten (NaN) entries"
+        atol, rtol = TOLERANCES[dtype]
+        atol = atol * max(1.0, w.abs().max().item())
+        if name in TABLE_NAMES:
+            atol *= table_factor
+        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"{label} d{name}: {m}")

@@ -12,7 +12,7 @@ from sasa_triton.args import check_attend_args
 from sasa_triton.reference import reference_attend
 from sasa_triton.variants import with_direction
 
-from cases import TOLERANCES, Case, assert_close, make_inputs
+from cases import Case, assert_close, check_grads, make_inputs
 from oracle import oracle_attend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,14 +98,7 @@ def check_against_oracle(module, case, dtype, layout, tables_fp32=False):
     got = kernel_grads(module, q, k, v, kw, case, dout)
     want = oracle_grads(q, k, v, kw, case, dout)
     assert got.keys() == want.keys()
-    for name in want:
-        g, w = got[name].cpu(), want[name]
-        assert not g.isnan().any(), f"{case.id}: d{name} has unwritten (NaN) entries"
-        # table gradients sum over every pixel: compare relative to their size
-        atol, rtol = TOLERANCES[dtype]
-        atol = atol * max(1.0, w.abs().max().item())
-        torch.testing.assert_close(g.double(), w, rtol=rtol, atol=atol,
-                                   msg=lambda m, name=name: f"{case.id} d{name}: {m}")
+    check_grads(got, want, dtype, case.id)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

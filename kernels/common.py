@@ -218,6 +218,27 @@ def new_table_grads(args, poison: bool = False) -> tuple:
                  for t in (args.rel_h, args.rel_w, args.rpb))
 
 
+def split_partials(buffer: torch.Tensor, sizes, has_rel: bool, has_rpb: bool) -> tuple:
+    """(head, part_h, part_w, part_b): a backward's float32 buffer cut by its plan's sizes
+    (its own first part, then the rel and rpb partials where the call has those tables);
+    a missing part is the whole buffer, which the kernel never reads with its flag off."""
+    head = part_h = part_w = part_b = buffer
+    if has_rel or has_rpb:  # else the buffer is the first part alone: no split to pay for
+        parts = buffer.split_with_sizes(sizes)
+        head = parts[0]
+        if has_rel:
+            part_h, part_w = parts[1], parts[2]
+        if has_rpb:
+            part_b = parts[-1]
+    return head, part_h, part_w, part_b
+
+
+def tables_or(args, dummy: torch.Tensor) -> tuple:
+    """(rel_h, rel_w, rpb) for a launch, `dummy` standing in for an absent table (never
+    read: the kernel's HAS_REL / HAS_RPB flag is off)."""
+    return tuple(dummy if t is None else t for t in (args.rel_h, args.rel_w, args.rpb))
+
+
 def alloc_outputs(q: torch.Tensor, poison: bool = False,
                   lse_layout: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """out (contiguous, q's dtype) and lse (float32, contiguous: `lse_layout`, its (shape,

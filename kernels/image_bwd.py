@@ -43,7 +43,9 @@ from .common import (
     new_output_like,
     new_table_grads,
     next_pow2,
+    split_partials,
     table_strides,
+    tables_or,
 )
 from .image_bwd_exact import _image_bwd_exact_kernel
 from .image_fwd import (
@@ -347,17 +349,10 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
             if g is not None:
                 g.zero_()
         return dq, dk, dv, drel_h, drel_w, drpb
-    part_h = part_w = part_b = dq  # never touched when the flag is off
     buffer = new_output((sum(plan.sizes),), torch.float32, q.device, _poison)
-    parts = buffer.split_with_sizes(plan.sizes)
-    flags = parts[0]  # every program writes its own
-    if has_rel:
-        part_h, part_w = parts[1], parts[2]
-    if has_rpb:
-        part_b = parts[-1]
-    dummy = q  # never read when the flag is off
-    tables = (rel_h if has_rel else dummy, rel_w if has_rel else dummy,
-              rpb if has_rpb else dummy)
+    # flags: the slow pass's, one per program (every program writes its own)
+    flags, part_h, part_w, part_b = split_partials(buffer, plan.sizes, has_rel, has_rpb)
+    tables = tables_or(args, q)
     t_strides = table_strides(rel_h, rel_w, rpb)
     p = plan.grads
     _image_bwd_kernel[p.grid](

@@ -72,8 +72,10 @@ from .common import (
     new_output_like,
     new_table_grads,
     next_pow2,
+    split_partials,
     strides_fit_i32,
     table_strides,
+    tables_or,
     unravel_program,
     window_start,
 )
@@ -1086,21 +1088,14 @@ def launch(plan: _Plan, q, k, v, out, lse, dout, args: AttendArgs,
             if g is not None:
                 g.zero_()
         return dq, buffer, drel_h, drel_w, drpb
-    delta = part_h = part_w = part_b = buffer  # the partials: never read when the flag is off
-    if has_rel or has_rpb:
-        parts = buffer.split_with_sizes(plan.sizes)  # delta, [part_h, part_w], [part_b]
-        delta = parts[0]
-        if has_rel:
-            part_h, part_w = parts[1], parts[2]
-        if has_rpb:
-            part_b = parts[-1]
+    delta, part_h, part_w, part_b = split_partials(buffer, plan.sizes, has_rel, has_rpb)
     dummy = q  # never read when the flag is off
     grads = plan.grads
     ns_pad = grads.flags["NS_PAD"]
     sel = identity_table(q.device, ns_pad, torch.bfloat16) if grads.flags["ROW_DOT"] else dummy
     _query_grads_kernel[grads.grid](
         q, k, v, out, dout, lse,
-        rel_h if has_rel else dummy, rel_w if has_rel else dummy, rpb if has_rpb else dummy,
+        *tables_or(args, dummy),
         sel, dq, delta, part_h, part_w, part_b,
         *grads.head, *table_strides(rel_h, rel_w, rpb), *grads.tail, **grads.options,
     )

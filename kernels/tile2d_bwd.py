@@ -34,8 +34,10 @@ from .common import (
     new_table_grads,
     next_pow2,
     pointer_alignment,
+    split_partials,
     stride_vector_width,
     table_strides,
+    tables_or,
 )
 from .launch_cache import (
     NO_LAUNCH,
@@ -279,17 +281,8 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
                 g.zero_()
         return dq, dk, dv, drel_h, drel_w, drpb
     buffer = new_output((sum(plan.sizes),), torch.float32, q.device, _poison)
-    aux = part_h = part_w = part_b = buffer  # the partials: never read when the flag is off
-    if has_rel or has_rpb:
-        parts = buffer.split_with_sizes(plan.sizes)  # aux, [part_h, part_w], [part_b]
-        aux = parts[0]
-        if has_rel:
-            part_h, part_w = parts[1], parts[2]
-        if has_rpb:
-            part_b = parts[-1]
-    dummy = q  # never read when the flag is off
-    tables = (rel_h if has_rel else dummy, rel_w if has_rel else dummy,
-              rpb if has_rpb else dummy)
+    aux, part_h, part_w, part_b = split_partials(buffer, plan.sizes, has_rel, has_rpb)
+    tables = tables_or(args, q)
     strides_of_tables = table_strides(rel_h, rel_w, rpb)
     p = plan.query
     tile2d_bwd_query._tile2d_bwd_query_kernel[p.grid](

@@ -208,6 +208,8 @@ def _rows_fwd_kernel(
     KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr, RAW: tl.constexpr,
     Q_SIGN: tl.constexpr,
 ):
+    # 16-bit dots are exact; a float32 q @ 0 needs no more than tf32 (non-finite stays so)
+    DOT_PRECISION: tl.constexpr = "ieee" if SPLIT else "tf32"
     ZEROS: tl.constexpr = PADDING == 0
     SHIFT: tl.constexpr = PADDING == 2
     VIRT: tl.constexpr = ZEROS and CLIP  # out-of-image column taps outside the key tile
@@ -275,6 +277,7 @@ def _rows_fwd_kernel(
     p_q = (q_ptr + b64 * sq_b + n64 * sq_n + i64[:, None] * sq_h
            + (j64 * sq_w)[:, None] + o_d[None, :] * sq_d)
     b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [M, BD]
+    b_q_in = b_q  # as loaded (scale 0 zeroes b_q below)
     # scale * q . (k + r) with qk_scale = |scale| * log2(e): q negated for a negative
     # scale, zeroed for scale 0 (qk_scale = log2(e) then), so that qk_scale > 0 and the
     # -1e30 row-term marker stays the most negative logit
@@ -284,6 +287,10 @@ def _rows_fwd_kernel(
         b_q = tl.zeros_like(b_q)
     if DOT_F32:
         b_q = b_q.to(tl.float32)
+    if Q_SIGN != 0:  # non-finite exactly where q is
+        b_q_in = b_q
+    elif DOT_F32:
+        b_q_in = b_q_in.to(tl.float32)
     p_k0 = k_ptr + b64 * sk_b + n64 * sk_n
     p_v0 = v_ptr + b64 * sv_b + n64 * sv_n
     if ROW_I64:
@@ -488,6 +495,14 @@ def _rows_fwd_kernel(
     # The softmax sums of the fast walk per score-tile element (no row reduction per key
     # row; one after the walk); the start mass sits in column 0. (PICK: per query.)
     b_lt = tl.where((tl.arange(0, BLOCK_K) == 0)[None, :], b_l[:, None], 0.0)
+    if ZEROS or Q_SIGN == 0:  # a non-finite q must reach the slow pass: its zero taps'
+        # logits q . 0 (start mass, SPARE, PICK) are NaN, yet come from the tables here,
+        # and scale 0 zeroed q. q @ 0 is NaN on exactly its rows: one small dot per
+        # program into the sums' start (no cost in the walk)
+        b_lt = tl.dot(b_q_in, tl.zeros([BLOCK_D, BLOCK_K], b_q_in.dtype), b_lt,
+                      input_precision=DOT_PRECISION)
+        if PICK:
+            b_l = tl.sum(b_lt, axis=1)
     for u in range(u_lo, u_hi):
         y64 = g + u * dil_h
         if OFF_I64:
@@ -529,10 +544,19 @@ def _rows_fwd_kernel(
     # A loop of 0 or 1 trips (not an if), so that static readers of the machine code
     # count it as the rarely run code it is. Any non-finite element makes its row's sum
     # non-finite.
-    m_bad = ~(tl.abs(b_l + tl.sum(b_acc, axis=1)) < float("inf")) & m_q
+    # Also a query whose max stayed at the -1e30 row-term marker (raw units, scaled):
+    # no in-window logit was finite (e.g. all -inf: the exact result is 0 / 0 = NaN),
+    # its sums hold the marked rows' mass.
+    m_bad = (~(tl.abs(b_l + tl.sum(b_acc, axis=1)) < float("inf"))
+             | (b_m < -5.0e29 * qk_scale)) & m_q
     for _ in range(tl.max(tl.where(m_bad, 1, 0), axis=0)):
         b_m = b_m0
         b_l = b_l0
+        if ZEROS or Q_SIGN == 0:  # a non-finite q: every logit is non-finite, out and
+            # lse NaN (by l). Mask and shift get there by the logits unless scale 0
+            # zeroed q; zeros mode's zero taps take their mass from the tables.
+            b_l += tl.sum(tl.dot(b_q_in, tl.zeros([BLOCK_D, BLOCK_K], b_q_in.dtype),
+                                 input_precision=DOT_PRECISION), axis=1)  # 0, or NaN
         b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         b_bad = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for u in tl.range(u_lo, u_hi, num_stages=1):  # rare: no software pipeline

@@ -206,7 +206,7 @@ def _rows_fwd_kernel(
     INTERP: tl.constexpr,
     E_PAD: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr, OFF_I64: tl.constexpr,
     KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr, RAW: tl.constexpr,
-    Q_SIGN: tl.constexpr,
+    Q_SIGN: tl.constexpr, PAIR: tl.constexpr,
 ):
     # 16-bit dots are exact; a float32 q @ 0 needs no more than tf32 (non-finite stays so)
     DOT_PRECISION: tl.constexpr = "ieee" if SPLIT else "tf32"
@@ -217,6 +217,7 @@ def _rows_fwd_kernel(
     # whose bias is that mass, the row term added by the dot like any column), else
     # picked per key row beside the tile (PICK)
     PICK: tl.constexpr = VIRT and not SPARE
+    PAIRS: tl.constexpr = PAIR and not PICK  # the fast walk's two key rows per step
     ROWS: tl.constexpr = BLOCK_M // BLOCK_W
     # head fastest: the heads of one tile run side by side (full cache sectors)
     n, jb, tb, rest = unravel_program(tl.program_id(0), HEADS, N_JB, N_TB)
@@ -503,37 +504,81 @@ def _rows_fwd_kernel(
                       input_precision=DOT_PRECISION)
         if PICK:
             b_l = tl.sum(b_lt, axis=1)
-    for u in range(u_lo, u_hi):
+    # PAIRS: two key rows per step, one max / rescale for both (their shuffles, the acc
+    # and sums' rescale and the alpha exp2 halved); an odd count's last step reads its
+    # row twice, the copy's P zeroed by an infinite offset in the exp2's operand.
+    for u in range(u_lo, u_hi, 2 if PAIRS else 1):
         y64 = g + u * dil_h
         if OFF_I64:
             y64 = y64.to(tl.int64)
-        b_s, rt, vz, m_live = _logits(
-            u, b_q, b_bias, b_rt, b_qrow, b_qlo, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st, ebase,
-            m_q, m_win, p_k0,
-            o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT,
-            PICK, False, DOT_F32, NS_PAD, BLOCK_K, RAW, SPLIT)
-        if RAW:  # raw logits: scaled by the exp2's FMA (qk_scale > 0)
-            b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) * qk_scale)
-            b_alpha = tl.exp2(b_m - b_m_new)
-            b_p = tl.exp2(b_s * qk_scale - b_m_new[:, None])
+        if PAIRS:
+            u2 = tl.minimum(u + 1, u_hi - 1)
+            y2 = g + u2 * dil_h
+            if OFF_I64:
+                y2 = y2.to(tl.int64)
+            dead = tl.where(u + 1 < u_hi, 0.0, float("inf"))  # the copy's offset
+            b_s, rt, vz, m_live = _logits(
+                u, b_q, b_bias, b_rt, b_qrow, b_qlo, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t,
+                st, ebase, m_q, m_win, p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x,
+                qk_scale, KH, HAS_REL, HAS_RPB, VIRT, PICK, False, DOT_F32, NS_PAD, BLOCK_K,
+                RAW, SPLIT)
+            b_s2, rt2, vz2, m_live2 = _logits(
+                u2, b_q, b_bias, b_rt, b_qrow, b_qlo, u2 - u_lo, sel_ptr, o_sel, b_zot, o_e, t,
+                st, ebase, m_q, m_win, p_k0, o_kx, m_kv, y2, sk_h, p_rpb, srp_h, o_rpb_x,
+                qk_scale, KH, HAS_REL, HAS_RPB, VIRT, PICK, False, DOT_F32, NS_PAD, BLOCK_K,
+                RAW, SPLIT)
+            if RAW:
+                b_m_new = tl.maximum(b_m, tl.max(tl.maximum(b_s, b_s2), axis=1) * qk_scale)
+                b_alpha = tl.exp2(b_m - b_m_new)
+                b_p = tl.exp2(b_s * qk_scale - b_m_new[:, None])
+                b_p2 = tl.exp2(b_s2 * qk_scale - (b_m_new + dead)[:, None])
+            else:
+                b_m_new = tl.maximum(b_m, tl.maximum(tl.max(b_s, axis=1) + rt,
+                                                     tl.max(b_s2, axis=1) + rt2))
+                b_alpha = tl.exp2(b_m - b_m_new)
+                b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])
+                b_p2 = tl.exp2(b_s2 - (b_m_new - rt2 + dead)[:, None])
+            b_lt = b_lt * b_alpha[:, None] + b_p + b_p2
+            b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
+            b_v2 = tl.load(p_v0 + y2 * sv_h + o_vx, mask=m_kv, other=0.0)
+            b_pl = b_p.to(v_ptr.dtype.element_ty)
+            b_pl2 = b_p2.to(v_ptr.dtype.element_ty)
+            if DOT_F32:
+                b_pl = b_pl.to(tl.float32)
+                b_v = b_v.to(tl.float32)
+                b_pl2 = b_pl2.to(tl.float32)
+                b_v2 = b_v2.to(tl.float32)
+            b_acc = tl.dot(b_pl, b_v, b_acc * b_alpha[:, None], input_precision="ieee")
+            b_acc = tl.dot(b_pl2, b_v2, b_acc, input_precision="ieee")
+            b_m = b_m_new
         else:
-            b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
+            b_s, rt, vz, m_live = _logits(
+                u, b_q, b_bias, b_rt, b_qrow, b_qlo, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st, ebase,
+                m_q, m_win, p_k0,
+                o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT,
+                PICK, False, DOT_F32, NS_PAD, BLOCK_K, RAW, SPLIT)
+            if RAW:  # raw logits: scaled by the exp2's FMA (qk_scale > 0)
+                b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) * qk_scale)
+                b_alpha = tl.exp2(b_m - b_m_new)
+                b_p = tl.exp2(b_s * qk_scale - b_m_new[:, None])
+            else:
+                b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
+                if PICK:
+                    b_m_new = tl.maximum(b_m_new, vz)
+                b_alpha = tl.exp2(b_m - b_m_new)
+                b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])  # [M, BK]; 0 where rt = -inf
             if PICK:
-                b_m_new = tl.maximum(b_m_new, vz)
-            b_alpha = tl.exp2(b_m - b_m_new)
-            b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])  # [M, BK]; 0 where rt = -inf
-        if PICK:
-            b_l = b_l * b_alpha + tl.sum(b_p, axis=1) + tl.exp2(vz - b_m_new)
-        else:
-            b_lt = b_lt * b_alpha[:, None] + b_p
-        b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
-        b_pl = b_p.to(v_ptr.dtype.element_ty)
-        if DOT_F32:
-            b_pl = b_pl.to(tl.float32)
-            b_v = b_v.to(tl.float32)
-        # [M, BK] @ [BK, BD] -> [M, BD]
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
-        b_m = b_m_new
+                b_l = b_l * b_alpha + tl.sum(b_p, axis=1) + tl.exp2(vz - b_m_new)
+            else:
+                b_lt = b_lt * b_alpha[:, None] + b_p
+            b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
+            b_pl = b_p.to(v_ptr.dtype.element_ty)
+            if DOT_F32:
+                b_pl = b_pl.to(tl.float32)
+                b_v = b_v.to(tl.float32)
+            # [M, BK] @ [BK, BD] -> [M, BD]
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
+            b_m = b_m_new
     if not PICK:
         b_l = tl.sum(b_lt, axis=1)
 
@@ -669,6 +714,14 @@ def _per_thread(bm: int, bk: int, bd: int, e: int, ns: int, num_warps: int,
 SPILL_LIMIT = 112
 
 
+def walks_pairs(bm: int, bk: int, bd: int, e: int, ns: int, num_warps: int, raw: bool) -> bool:
+    """Whether the fast walk takes two key rows per step (PAIR): raw logits (no rpb, no
+    per-row zero-tap mass) and room for the second score tile within the spill model
+    (s1, s2, det, s4 in the suite; s3's d = 32 tile already sits at 255 registers)."""
+    extra = bm * bk / (32 * num_warps)
+    return raw and _per_thread(bm, bk, bd, e, ns, num_warps) + extra <= SPILL_LIMIT
+
+
 def _fits(q_shape, args, cfg, strict: bool = True) -> bool:
     """Whether a config fits: BLOCK_K <= MAX_BLOCK_K, warps <= 8-row slices, no spill
     expected; strict also drops tiles with over twice the image's rows (idle queries)."""
@@ -701,9 +754,11 @@ def prune(configs, q_shape, args) -> list[dict]:
     return kept
 
 
-def key_rows_walked(members: int, rows: int, kh: int, shift: bool) -> tuple[int, int]:
+def key_rows_walked(members: int, rows: int, kh: int, shift: bool,
+                    step: int = 1) -> tuple[int, int]:
     """(key rows walked in all, row blocks) for one dilation group of `members` rows cut
-    into blocks of `rows`: each block walks the in-image rows its windows cover."""
+    into blocks of `rows`: each block walks the in-image rows its windows cover (with
+    step 2: the walk's steps, two rows each, an odd count's last one counted whole)."""
     walked, blocks = 0, triton.cdiv(members, rows)
     for tb in range(blocks):
         t0, t1 = tb * rows, min(tb * rows + rows, members) - 1
@@ -712,7 +767,7 @@ def key_rows_walked(members: int, rows: int, kh: int, shift: bool) -> tuple[int,
             hi = min(max(t1 - kh // 2, 0), members - kh) + kh
         else:
             lo, hi = max(t0 - kh // 2, 0), min(t1 + kh // 2 + 1, members)
-        walked += hi - lo
+        walked += triton.cdiv(hi - lo, step)
     return walked, blocks
 
 
@@ -805,6 +860,7 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
     spare = (clip and args.padding == "zeros" and args.rpb is None
              and clipped_span(q_shape, args, bw) < bk)
     pick = clip and args.padding == "zeros" and not spare
+    ns, raw = _ns_pad(bm, bw, args.kh, triton.cdiv(H, args.dh)), raw_logits(args, pick)
     return launch_plan(
         _PARAMS,
         grid=(B * args.dh * n_tb * n_jb * heads,),
@@ -816,7 +872,7 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
             HAS_REL=args.rel_h is not None, HAS_RPB=args.rpb is not None, REL_F32=rel_f32,
             BLOCK_M=bm, BLOCK_W=bw, BLOCK_K=bk, BLOCK_D=head_block(d), CLIP=clip,
             SPARE=spare,
-            NS_PAD=_ns_pad(bm, bw, args.kh, triton.cdiv(H, args.dh)),
+            NS_PAD=ns,
             SPLIT=dtype != torch.float32, INTERP=INTERPRETED,
             E_PAD=_e_pad(args),
             DOT_F32=INTERPRETED and dtype == torch.bfloat16,
@@ -825,7 +881,9 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
                 [(q_shape, st) for st in (*strides, out_strides)]
                 + [(q_shape[:4], lse_strides)], bk),
             KV_SAME_STRIDES=strides[1] == strides[2], EVEN_D=d == head_block(d),
-            RAW=raw_logits(args, pick), Q_SIGN=(args.scale > 0) - (args.scale < 0),
+            RAW=raw, Q_SIGN=(args.scale > 0) - (args.scale < 0),
+            PAIR=walks_pairs(bm, bk, head_block(d), _e_pad(args), ns,
+                             config.get("num_warps", 4), raw),
             **launch_options(config),
         ),
         layouts=((q_shape[:4], lse_strides),),

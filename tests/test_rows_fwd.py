@@ -88,6 +88,26 @@ def test_clipped_and_unclipped_zero_taps(config, dtype):
     _run(case, dtype, config=config)
 
 
+@pytest.mark.parametrize("case,config,pairs", [
+    # 4-row blocks of 9 rows, k 7: blocks walk 7 (odd: the last step reads its row twice),
+    # 8 and 4 key rows two per step
+    (Case(B=1, H=9, W=14, heads=1, d=16, k=7, rel="shared"),
+     dict(BLOCK_M=32, BLOCK_W=8, num_warps=1, num_stages=1), True),
+    (Case(B=1, H=7, W=9, heads=2, d=8, k=(5, 3), dilation=(2, 1), padding="mask",
+          rel="per_head", scale=-0.4), dict(BLOCK_M=32, BLOCK_W=16, num_warps=1), True),
+    # d = 32 on one warp: no room for a second score tile, one row per step
+    (Case(B=1, H=9, W=14, heads=1, d=32, k=7, rel="shared"),
+     dict(BLOCK_M=32, BLOCK_W=16, num_warps=1, num_stages=1), False),
+], ids=["pairs-odd-even", "pairs-mask-dil", "single"])
+def test_walk_two_key_rows_per_step(case, config, pairs):
+    args = _args_of(case)
+    shape = (case.B, case.H, case.W, case.heads, case.d)
+    strides = (rows_fwd.contiguous_strides(shape),) * 3
+    plan = rows_fwd._plan(shape, torch.bfloat16, strides, args, False, config)
+    assert plan.flags["PAIR"] is pairs
+    _run(case, torch.bfloat16, config=config, seed=5)
+
+
 @pytest.mark.parametrize("rpb", [False, True])
 def test_zero_taps_with_rpb_and_per_head_rel(rpb):
     """rpb makes the zero taps' mass depend on the window row: the [M, E] tables."""

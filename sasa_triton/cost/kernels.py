@@ -87,12 +87,19 @@ def _rows(c: dict) -> list[LoopSpec]:
     from sasa_triton.kernels.rows_fwd import key_rows_walked  # the launcher's own count
 
     H, dh, rows, kh = c["H"], c["dil_h"], c["BLOCK_M"] // c["BLOCK_W"], c["KH"]
-    per_group = [key_rows_walked(math.ceil((H - g) / dh), rows, kh, c["PADDING"] == 2)
-                 for g in range(dh)]
-    blocks = dh * math.ceil(math.ceil(H / dh) / rows)  # programs along the rows, all groups
-    trips = round(sum(walked for walked, _ in per_group) / max(1, blocks))
+    pick = c["PADDING"] == 0 and c["CLIP"] and not c["SPARE"]
+    pairs = c.get("PAIR", False) and not pick  # the fast walk's steps: two key rows each
+
+    def mean_steps(step: int) -> int:
+        per_group = [key_rows_walked(math.ceil((H - g) / dh), rows, kh, c["PADDING"] == 2,
+                                     step) for g in range(dh)]
+        blocks = dh * math.ceil(math.ceil(H / dh) / rows)  # programs along the rows
+        return round(sum(walked for walked, _ in per_group) / max(1, blocks))
+
+    trips = mean_steps(1)
     slow_rows = LoopSpec("key rows walked again", trips, exp2=True)
-    return [LoopSpec("key rows walked u_lo<=u<u_hi", trips, exp2=True),
+    return [LoopSpec("key rows walked u_lo<=u<u_hi" + (" (pairs)" if pairs else ""),
+                     mean_steps(2) if pairs else trips, exp2=True),
             LoopSpec("NaN slow pass (0 trips: not taken)", 0, [slow_rows], exp2=True)]
 
 

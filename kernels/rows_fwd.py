@@ -190,15 +190,14 @@ def _logits(u, b_q, b_bias, b_rt, b_qrow, b_qlo, slot, p_sel, o_sel, b_zo, o_e, 
 
 @triton.jit
 def _rows_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr, sel_ptr,
-    H, W, HEADS, D, D_HALF, N_JB, N_TB,
-    sq_b, sq_h, sq_w, sq_n, sq_d,
-    sk_b, sk_h, sk_w, sk_n, sk_d,
-    sv_b, sv_h, sv_w, sv_n, sv_d,
-    so_b, so_h, so_w, so_n, so_d,
-    sl_b, sl_h, sl_w, sl_n,
-    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
-    dil_h, dil_w, qk_scale,  # qk_scale = scale * log2(e)
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,  # absent: None
+    sel_ptr,
+    # tuples: Triton binds ints in a tuple in half the host time of as many arguments
+    sizes,  # (H, W, HEADS, D, D_HALF, N_JB, N_TB)
+    sq, sk, sv,  # (batch, row, column, head, channel) strides; sv None if KV_SAME_STRIDES
+    s_tab,  # (head, row, channel) strides of rel_h and rel_w, (head, row, column) of rpb
+    dil,  # (dil_h, dil_w)
+    qk_scale,  # |scale| * log2(e) (log2(e) for scale 0)
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, REL_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -210,6 +209,15 @@ def _rows_fwd_kernel(
 ):
     # 16-bit dots are exact; a float32 q @ 0 needs no more than tf32 (non-finite stays so)
     DOT_PRECISION: tl.constexpr = "ieee" if SPLIT else "tf32"
+    H, W, HEADS, D, D_HALF, N_JB, N_TB = sizes
+    sq_b, sq_h, sq_w, sq_n, sq_d = sq
+    sk_b, sk_h, sk_w, sk_n, sk_d = sk
+    if KV_SAME_STRIDES:
+        sv_b, sv_h, sv_w, sv_n, sv_d = sk
+    else:
+        sv_b, sv_h, sv_w, sv_n, sv_d = sv
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w = s_tab
+    dil_h, dil_w = dil
     ZEROS: tl.constexpr = PADDING == 0
     SHIFT: tl.constexpr = PADDING == 2
     VIRT: tl.constexpr = ZEROS and CLIP  # out-of-image column taps outside the key tile
@@ -450,7 +458,10 @@ def _rows_fwd_kernel(
         b_zot = b_zo_t
     else:
         b_zot = b_zo
-    p_rpb = rpb_ptr + n * srp_n
+    if HAS_RPB:
+        p_rpb = rpb_ptr + n * srp_n
+    else:  # never read
+        p_rpb = q_ptr
     o_rpb_x = o_tap  # rpb column offsets (unused without rpb)
     if HAS_RPB:
         o_rpb_x = (off_x[:, None] + o_tap + KW - 1) * srp_w
@@ -637,11 +648,24 @@ def _rows_fwd_kernel(
         b_acc = tl.where(b_bad > 0, float("nan"), b_acc)
     b_o = b_acc * _rcp(b_l, INTERP)[:, None]
 
+    # out and lse are the launcher's fresh contiguous tensors: their strides follow from
+    # the shape (64-bit from the row stride up with OFF_I64)
+    so_n = D
+    so_w = HEADS * D
+    sl_w = HEADS
+    if OFF_I64:
+        so_h = tl.cast(W, tl.int64) * so_w  # tl.cast: W may be the constant 1
+        sl_h = tl.cast(W, tl.int64) * sl_w
+    else:
+        so_h = W * so_w
+        sl_h = W * sl_w
+    so_b = H * so_h
+    sl_b = H * sl_h
     p_o = (o_ptr + b64 * so_b + n64 * so_n + (i64 * so_h + j64 * so_w)[:, None]
-           + o_d[None, :] * so_d)
+           + o_d[None, :])
     tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
     b_lse = (b_m + _log2(b_l, INTERP)) * 0.6931471805599453
-    p_l = lse_ptr + b64 * sl_b + n64 * sl_n + i64 * sl_h + j64 * sl_w
+    p_l = lse_ptr + b64 * sl_b + n64 + i64 * sl_h + j64 * sl_w
     tl.store(p_l, b_lse, mask=m_q)
 
 
@@ -861,12 +885,13 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
              and clipped_span(q_shape, args, bw) < bk)
     pick = clip and args.padding == "zeros" and not spare
     ns, raw = _ns_pad(bm, bw, args.kh, triton.cdiv(H, args.dh)), raw_logits(args, pick)
+    kv_same = strides[1] == strides[2]
     return launch_plan(
         _PARAMS,
         grid=(B * args.dh * n_tb * n_jb * heads,),
-        head=(H, W, heads, d, d // 2, n_jb, n_tb, *strides[0], *strides[1], *strides[2],
-              *out_strides, *lse_strides),
-        tail=(args.dh, args.dw, (abs(args.scale) if args.scale != 0 else 1.0) * LOG2E.value),
+        head=((H, W, heads, d, d // 2, n_jb, n_tb), *strides[:2],
+              None if kv_same else strides[2]),
+        tail=((args.dh, args.dw), (abs(args.scale) if args.scale != 0 else 1.0) * LOG2E.value),
         flags=dict(
             KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
             HAS_REL=args.rel_h is not None, HAS_RPB=args.rpb is not None, REL_F32=rel_f32,
@@ -880,7 +905,7 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
             OFF_I64=not _offsets_fit_i32(
                 [(q_shape, st) for st in (*strides, out_strides)]
                 + [(q_shape[:4], lse_strides)], bk),
-            KV_SAME_STRIDES=strides[1] == strides[2], EVEN_D=d == head_block(d),
+            KV_SAME_STRIDES=kv_same, EVEN_D=d == head_block(d),
             RAW=raw, Q_SIGN=(args.scale > 0) - (args.scale < 0),
             PAIR=walks_pairs(bm, bk, head_block(d), _e_pad(args), ns,
                              config.get("num_warps", 4), raw),
@@ -905,13 +930,10 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
     out, lse = alloc_outputs(q, _poison, plan.layouts[0])
     if plan.grid is None:
         return out, lse
-    dummy = q  # never read when the flag is off
     _rows_fwd_kernel[plan.grid](
-        q, k, v, out, lse,
-        dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
-        dummy if rpb is None else rpb,
+        q, k, v, out, lse, rel_h, rel_w, rpb,  # None when absent (never read then)
         identity_table(q.device, plan.flags["NS_PAD"],
                        torch.bfloat16 if plan.flags["SPLIT"] else torch.float32),
-        *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
+        *plan.head, table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )
     return out, lse

@@ -140,12 +140,14 @@ def test_tile2d_vector_width_follows_the_pointers():
     assert widths[1] < widths[0] == widths[2]
 
 
-def test_tile2d_forward_passes_its_strides_packed():
+@pytest.mark.parametrize("module,runtime_args", [(tile2d_fwd, 16), (rows_fwd, 17)],
+                         ids=["tile2d", "rows"])
+def test_forward_passes_its_strides_packed(module, runtime_args):
     """Triton binds ints inside a tuple for half the host time of as many arguments
-    (scripts/bind_costs.py): tile2d's forward passes its sizes and each input's strides as
-    tuples, no strides for out and lse (the kernel derives them: they are the launcher's
-    own contiguous allocations), None for v's strides when they equal k's and for an
-    absent table."""
+    (scripts/bind_costs.py): the tile2d and rows forwards pass their sizes and each
+    input's strides as tuples, no strides for out and lse (the kernel derives them: they
+    are the launcher's own contiguous allocations), None for v's strides when they equal
+    k's and for an absent table."""
     case = Case(B=1, H=4, W=8, heads=2, d=16, k=3, rel="shared")
     q, k, v, kw = make_inputs(case, torch.bfloat16)
     strided_v = v.transpose(3, 4).contiguous().transpose(3, 4)
@@ -154,9 +156,10 @@ def test_tile2d_forward_passes_its_strides_packed():
             args = check_attend_args(q, k, value, 3, 1, "zeros", kw["rel_h"], kw["rel_w"],
                                      None, None)
             ((fn, values, _),) = host._launches(
-                lambda value=value, args=args: tile2d_fwd.forward(q, k, value, args))
+                lambda value=value, args=args: module.forward(q, k, value, args))
             named = dict(zip(fn.arg_names, values))
-            assert fn.arg_names.index("KH") <= 16  # runtime arguments, then constexprs
+            # runtime arguments, then constexprs
+            assert fn.arg_names.index("KH") <= runtime_args
             assert named["sq"] == q.stride() and named["sk"] == k.stride()
             assert named["sv"] == (None if value is v else value.stride())
             assert named["rpb_ptr"] is None and named["relh_ptr"] is kw["rel_h"]

@@ -86,7 +86,8 @@ def _tile2d_bwd(c: dict) -> list[LoopSpec]:
 def _rows(c: dict) -> list[LoopSpec]:
     from sasa_triton.kernels.rows_fwd import key_rows_walked  # the launcher's own count
 
-    H, dh, rows, kh = c["H"], c["dil_h"], c["BLOCK_M"] // c["BLOCK_W"], c["KH"]
+    (H, *_), (dh, _) = c["sizes"], c["dil"]  # packed launch arguments
+    rows, kh = c["BLOCK_M"] // c["BLOCK_W"], c["KH"]
     pick = c["PADDING"] == 0 and c["CLIP"] and not c["SPARE"]
     pairs = c.get("PAIR", False) and not pick  # the fast walk's steps: two key rows each
 

@@ -17,7 +17,9 @@ and uses that row for every query row whose window holds it:
   (raw logits, "RAW": a nonzero scale and no rpb or PICK; q is negated for a negative
   scale and zeroed for scale 0, so the scale applied is positive. Otherwise the logits
   are scaled first and BIAS added in base-2 units.) The softmax sums stay per score-tile
-  element during the walk (one row reduction after it).
+  element during the walk (one row reduction after it). With PAIR (raw logits and room
+  for a second score tile) the walk takes two key rows per step: one max, alpha and
+  rescale for both.
 * BIAS [M, BK] (built once): the column rel term q[d/2:] . rel_w[c] of each query's
   window taps (one tl.dot q @ rel_w^T, then one tl.gather from it with a -inf column
   that the taps outside the window read: no mask per element), -inf outside. It is
@@ -43,6 +45,9 @@ Non-finite inputs: the fast walk masks by -inf and -1e30 additions only, so a Na
 or v outside a query's window may reach its accumulator; then a slow pass (a loop of 0
 or 1 trips) recomputes the tile with explicit masks and the row term picked per row,
 zeroes non-finite v and marks the (query, channel) outputs whose window holds one NaN.
+It also runs when a query's max stayed at the -1e30 marker (no finite in-window logit:
+0 / 0, NaN) and, in zeros mode or at scale 0, when q is non-finite (a q @ 0 dot into the
+sums' start: the zero taps' logits q . 0 are NaN, but their mass comes from the tables).
 
 Saves lse = ln(sum exp(logit)) per query (float32) for the backward.
 """

@@ -230,7 +230,7 @@ def _rows_fwd_kernel(
     # whose bias is that mass, the row term added by the dot like any column), else
     # picked per key row beside the tile (PICK)
     PICK: tl.constexpr = VIRT and not SPARE
-    PAIRS: tl.constexpr = PAIR and not PICK  # the fast walk's two key rows per step
+    PAIRS: tl.constexpr = PAIR and RAW  # the fast walk's two key rows per step
     ROWS: tl.constexpr = BLOCK_M // BLOCK_W
     # head fastest: the heads of one tile run side by side (full cache sectors)
     n, jb, tb, rest = unravel_program(tl.program_id(0), HEADS, N_JB, N_TB)
@@ -533,27 +533,21 @@ def _rows_fwd_kernel(
             if OFF_I64:
                 y2 = y2.to(tl.int64)
             dead = tl.where(u + 1 < u_hi, 0.0, float("inf"))  # the copy's offset
-            b_s, rt, vz, m_live = _logits(
+            b_s, _, _, _ = _logits(
                 u, b_q, b_bias, b_rt, b_qrow, b_qlo, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t,
                 st, ebase, m_q, m_win, p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x,
                 qk_scale, KH, HAS_REL, HAS_RPB, VIRT, PICK, False, DOT_F32, NS_PAD, BLOCK_K,
                 RAW, SPLIT)
-            b_s2, rt2, vz2, m_live2 = _logits(
+            b_s2, _, _, _ = _logits(
                 u2, b_q, b_bias, b_rt, b_qrow, b_qlo, u2 - u_lo, sel_ptr, o_sel, b_zot, o_e, t,
                 st, ebase, m_q, m_win, p_k0, o_kx, m_kv, y2, sk_h, p_rpb, srp_h, o_rpb_x,
                 qk_scale, KH, HAS_REL, HAS_RPB, VIRT, PICK, False, DOT_F32, NS_PAD, BLOCK_K,
                 RAW, SPLIT)
-            if RAW:
-                b_m_new = tl.maximum(b_m, tl.max(tl.maximum(b_s, b_s2), axis=1) * qk_scale)
-                b_alpha = tl.exp2(b_m - b_m_new)
-                b_p = tl.exp2(b_s * qk_scale - b_m_new[:, None])
-                b_p2 = tl.exp2(b_s2 * qk_scale - (b_m_new + dead)[:, None])
-            else:
-                b_m_new = tl.maximum(b_m, tl.maximum(tl.max(b_s, axis=1) + rt,
-                                                     tl.max(b_s2, axis=1) + rt2))
-                b_alpha = tl.exp2(b_m - b_m_new)
-                b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])
-                b_p2 = tl.exp2(b_s2 - (b_m_new - rt2 + dead)[:, None])
+            # raw logits (PAIRS needs RAW): scaled by the exp2's FMA
+            b_m_new = tl.maximum(b_m, tl.max(tl.maximum(b_s, b_s2), axis=1) * qk_scale)
+            b_alpha = tl.exp2(b_m - b_m_new)
+            b_p = tl.exp2(b_s * qk_scale - b_m_new[:, None])
+            b_p2 = tl.exp2(b_s2 * qk_scale - (b_m_new + dead)[:, None])
             b_lt = b_lt * b_alpha[:, None] + b_p + b_p2
             b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
             b_v2 = tl.load(p_v0 + y2 * sv_h + o_vx, mask=m_kv, other=0.0)
@@ -745,7 +739,8 @@ SPILL_LIMIT = 112
 
 def walks_pairs(bm: int, bk: int, bd: int, e: int, ns: int, num_warps: int, raw: bool) -> bool:
     """Whether the fast walk takes two key rows per step (PAIR): raw logits (no rpb, no
-    per-row zero-tap mass) and room for the second score tile within the spill model
+    per-row zero-tap mass; the kernel pairs only then) and room for the second score
+    tile within the spill model
     (s1, s2, det, s4 in the suite; s3's d = 32 tile already sits at 255 registers)."""
     extra = bm * bk / (32 * num_warps)
     return raw and _per_thread(bm, bk, bd, e, ns, num_warps) + extra <= SPILL_LIMIT

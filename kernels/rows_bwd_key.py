@@ -45,6 +45,7 @@ from .common import (
     LOG2E,
     PADDING_CODES,
     head_block,
+    identity_table,
     new_output_like,
     next_pow2,
     pointer_alignment,
@@ -129,6 +130,7 @@ def _lse_delta(lse_ptr, delta_ptr, o_l, o_dl, o_jl, o_jdl, m_j):
 @triton.jit
 def _key_bwd_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    eye_ptr,  # [EYE, EYE] identity in q's dtype: the one-hots' rows (common.identity_table)
     dk_ptr, dv_ptr,
     H, W, HEADS, ROWS, COLS, COLS_MAGIC, N_SEG, HALO_H, HALO_W,
     sq_b, sq_h, sq_w, sq_n, sq_d,
@@ -150,6 +152,7 @@ def _key_bwd_kernel(
     ROW_I64: tl.constexpr, VEC: tl.constexpr, KV_I32: tl.constexpr, GRID3: tl.constexpr,
     SUB_M: tl.constexpr,  # key slots per sub-tile of the slow pass
     PAIR_ONEHOT: tl.constexpr,  # build A_row from (even, odd) slot pairs (4+ warps)
+    EYE: tl.constexpr,  # rows (and row stride) of eye_ptr's identity: >= BLOCK_N, ROWS_P
 ):
     SHIFT: tl.constexpr = PADDING == 2
     D_HALF: tl.constexpr = D // 2
@@ -213,27 +216,33 @@ def _key_bwd_kernel(
     # (fixed per program) and Band [N, N] (key column u, query column j) gathered from
     # T per query row: a gather on [N, N] instead of [M, N].
     o_u = j0 + tl.arange(0, BLOCK_N)  # key columns (rows of Band)
-    # built as [N, M] and transposed: the default layout spreads a row-major [M, N]
-    # tile's rows over few threads, so each thread would split ~M/2 slots into (row,
-    # column); the transposed build splits ~2 slots per thread (the dot operand goes
-    # through shared memory either way)
-    b_acol = tl.trans(tl.where(o_u[:, None] == x[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty))
-    if DOT_F32:
-        b_acol = b_acol.to(tl.float32)
     # Row part likewise: A_row [M, RP] one-hot of each key's row in the tile (fixed per
     # program) @ Brow [RP, N] = T[rel row of tile row r for query row i, j] per query row.
     o_r = tl.arange(0, ROWS_P)
-    if PAIR_ONEHOT:  # even and odd slots side by side (tl.join): on 4+ warps (wgmma) the
-        # paired layout's operand reads cost less in the loop; on 1 warp they cost more
+    if PAIR_ONEHOT:  # on 4+ warps (wgmma): built in registers, A_row from (even, odd)
+        # slot pairs side by side (tl.join), whose layout's operand reads cost less in
+        # the loop than those of loaded one-hots (s4: 227 against 285 per row)
+        # A_col built as [N, M] and transposed: the default layout spreads a row-major
+        # [M, N] tile's rows over few threads, so each thread would split ~M/2 slots
+        # into (row, column); the transposed build splits ~2 slots per thread
+        b_acol = tl.trans(tl.where(o_u[:, None] == x[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty))
         o_me = 2 * tl.arange(0, BLOCK_M // 2)
         b_arow = tl.join(tl.where(o_r[:, None] == ((o_me * COLS_MAGIC) >> _MAGIC_SHIFT)[None, :],
                                   1.0, 0.0),
                          tl.where(o_r[:, None] == (((o_me + 1) * COLS_MAGIC) >> _MAGIC_SHIFT)[None, :],
                                   1.0, 0.0))
         b_arow = tl.trans(tl.reshape(b_arow, (ROWS_P, BLOCK_M)).to(q_ptr.dtype.element_ty))
-    else:
-        b_arow = tl.trans(tl.where(o_r[:, None] == o_mr[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty))
+    else:  # rows of an identity table loaded per key slot: BLOCK_N (ROWS_P) contiguous
+        # elements move in 16-byte loads and stores to shared memory, where a compare and
+        # select per element stored 2 bytes at a time (slots whose column or row falls
+        # outside the table get a zero row)
+        o_xu = x - j0
+        b_acol = tl.load(eye_ptr + o_xu[:, None] * EYE + tl.arange(0, BLOCK_N)[None, :],
+                         mask=((o_xu >= 0) & (o_xu < BLOCK_N))[:, None], other=0.0)
+        b_arow = tl.load(eye_ptr + o_mr[:, None] * EYE + o_r[None, :],
+                         mask=(o_mr < ROWS_P)[:, None], other=0.0)
     if DOT_F32:
+        b_acol = b_acol.to(tl.float32)
         b_arow = b_arow.to(tl.float32)
     du = o_u[:, None] - start_x[None, :]  # [N, N]
     duc = tl.maximum(du, 0)
@@ -674,6 +683,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
             SUB_M=min(bm, _SUB_M),
             # read with the cost tool on 16-bit tensor-core launches (default: 4 warps)
             PAIR_ONEHOT=dtype != torch.float32 and launch.get("num_warps", 4) >= 4,
+            EYE=max(bn, 16, next_pow2(rows)),
             **launch,
         ),
     )
@@ -710,6 +720,7 @@ def launch(plan: LaunchPlan, q, k, v, dout, lse, delta, args: AttendArgs,
         q, k, v, dout, lse, delta,
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,
+        identity_table(q.device, plan.flags["EYE"], q.dtype),
         dk, dv,
         *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )

@@ -22,8 +22,9 @@ after), and put on the score tile by two more tensor-core dots with one-hot matr
 are fixed per program: A_row [M, RP] (each key's row in the tile) @ Brow [RP, N] and A_col
 [M, N] (each key's column) @ Band [N, N], where Brow and Band are small tl.gather of T
 (the table row of each tile row's tap; the column tap of each (key column, query column)
-pair). rpb is a masked gather load. A non-finite value reaching the accumulators sends the
-program through a slow second pass (see the kernel).
+pair). The one-hots are rows of an identity table loaded per key slot (built in registers
+on 4+ warps). rpb is a masked gather load. A non-finite value reaching the accumulators
+sends the program through a slow second pass (see the kernel).
 
 Keys outside the image never exist here (zeros-padding taps take softmax mass but have no
 key pixel); keys no query attends (dilation gaps in shift mode) get zero gradients.

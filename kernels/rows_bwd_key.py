@@ -22,8 +22,9 @@ after), and put on the score tile by two more tensor-core dots with one-hot matr
 are fixed per program: A_row [M, RP] (each key's row in the tile) @ Brow [RP, N] and A_col
 [M, N] (each key's column) @ Band [N, N], where Brow and Band are small tl.gather of T
 (the table row of each tile row's tap; the column tap of each (key column, query column)
-pair). rpb is a masked gather load. A non-finite value reaching the accumulators sends the
-program through a slow second pass (see the kernel).
+pair). The one-hots are rows of an identity table loaded per key slot (built in registers
+on 4+ warps). rpb is a masked gather load. A non-finite value reaching the accumulators
+sends the program through a slow second pass (see the kernel).
 
 Keys outside the image never exist here (zeros-padding taps take softmax mass but have no
 key pixel); keys no query attends (dilation gaps in shift mode) get zero gradients.
@@ -45,6 +46,7 @@ from .common import (
     LOG2E,
     PADDING_CODES,
     head_block,
+    identity_table,
     new_output_like,
     next_pow2,
     pointer_alignment,
@@ -128,19 +130,19 @@ def _lse_delta(lse_ptr, delta_ptr, o_l, o_dl, o_jl, o_jdl, m_j):
 
 @triton.jit
 def _key_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
+    relh_ptr, relw_ptr, rpb_ptr,  # absent tables: None (their HAS_ flag is off)
+    eye_ptr,  # [EYE, EYE] identity in q's dtype, the one-hots' rows; None with PAIR_ONEHOT
     dk_ptr, dv_ptr,
-    H, W, HEADS, ROWS, COLS, COLS_MAGIC, N_SEG, HALO_H, HALO_W,
-    sq_b, sq_h, sq_w, sq_n, sq_d,
-    sk_b, sk_h, sk_w, sk_n, sk_d,
-    sv_b, sv_h, sv_w, sv_n, sv_d,
-    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
-    sl_b, sl_h, sl_w, sl_n,
-    sdl_b, sdl_h, sdl_w, sdl_n,
-    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
-    sdk_b, sdk_h, sdk_w, sdk_n, sdk_d,
-    sdv_b, sdv_h, sdv_w, sdv_n, sdv_d,
-    dil_h, dil_w, scale, qk_scale,  # qk_scale = scale * log2(e)
+    # tuples: Triton binds ints in a tuple in half the host time of as many arguments
+    sizes,  # (H, W, HEADS, ROWS, COLS, COLS_MAGIC, N_SEG, HALO_H, HALO_W)
+    sq, sk, sv, sdo,  # (batch, row, column, head, channel) strides
+    sl, sdl,  # (batch, row, column, head) strides of lse and delta
+    s_tab,  # (head, row, channel) strides of rel_h and rel_w, (head, row, column) of rpb
+    sdk,  # strides of dk and dv, the launcher's contiguous tensors (derived in-kernel they
+    # cost ptxas registers across the query-row loop: s1 +21 instructions per row)
+    dil,  # (dil_h, dil_w)
+    scale, qk_scale,  # qk_scale = scale * log2(e)
     D: tl.constexpr,  # head dim: constexpr, so the channel masks keep 16-byte accesses
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
@@ -150,7 +152,18 @@ def _key_bwd_kernel(
     ROW_I64: tl.constexpr, VEC: tl.constexpr, KV_I32: tl.constexpr, GRID3: tl.constexpr,
     SUB_M: tl.constexpr,  # key slots per sub-tile of the slow pass
     PAIR_ONEHOT: tl.constexpr,  # build A_row from (even, odd) slot pairs (4+ warps)
+    EYE: tl.constexpr,  # rows (and row stride) of eye_ptr's identity: >= BLOCK_N, ROWS_P
 ):
+    H, W, HEADS, ROWS, COLS, COLS_MAGIC, N_SEG, HALO_H, HALO_W = sizes
+    sq_b, sq_h, sq_w, sq_n, sq_d = sq
+    sk_b, sk_h, sk_w, sk_n, sk_d = sk
+    sv_b, sv_h, sv_w, sv_n, sv_d = sv  # (k's in place of v's when equal: s1 spilled 24 B)
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d = sdo
+    sl_b, sl_h, sl_w, sl_n = sl
+    sdl_b, sdl_h, sdl_w, sdl_n = sdl
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w = s_tab
+    sdk_b, sdk_h, sdk_w, sdk_n, sdk_d = sdk
+    dil_h, dil_w = dil
     SHIFT: tl.constexpr = PADDING == 2
     D_HALF: tl.constexpr = D // 2
     # head fastest: the heads of one key tile run side by side (full cache sectors)
@@ -178,17 +191,15 @@ def _key_bwd_kernel(
     b64 = b.to(tl.int64)
     n64 = n.to(tl.int64)
     if KV_I32:  # k, v, dk, dv share their row / column strides, offsets fit in int32
-        o_kp = y * sk_h + x * sk_w  # [M]: one int32 vector instead of four int64 ones
+        o_kp = y * sk_h + x * sk_w  # [M]: one int32 vector instead of three int64 ones
         o_vp = o_kp
         o_dkp = o_kp
-        o_dvp = o_kp
     else:
         y64 = y.to(tl.int64)
         x64 = x.to(tl.int64)
         o_kp = y64 * sk_h + x64 * sk_w
         o_vp = y64 * sv_h + x64 * sv_w
-        o_dkp = y64 * sdk_h + x64 * sdk_w
-        o_dvp = y64 * sdv_h + x64 * sdv_w
+        o_dkp = y64 * sdk_h + x64 * sdk_w  # dk's and dv's
     # VEC: every pixel and head offset is a multiple of VEC elements, d contiguous
     o_km = tl.multiple_of(b64 * sk_b + n64 * sk_n + o_kp, VEC)  # [M]
     p_k = k_ptr + o_km[:, None] + o_d[None, :] * sk_d
@@ -213,27 +224,33 @@ def _key_bwd_kernel(
     # (fixed per program) and Band [N, N] (key column u, query column j) gathered from
     # T per query row: a gather on [N, N] instead of [M, N].
     o_u = j0 + tl.arange(0, BLOCK_N)  # key columns (rows of Band)
-    # built as [N, M] and transposed: the default layout spreads a row-major [M, N]
-    # tile's rows over few threads, so each thread would split ~M/2 slots into (row,
-    # column); the transposed build splits ~2 slots per thread (the dot operand goes
-    # through shared memory either way)
-    b_acol = tl.trans(tl.where(o_u[:, None] == x[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty))
-    if DOT_F32:
-        b_acol = b_acol.to(tl.float32)
     # Row part likewise: A_row [M, RP] one-hot of each key's row in the tile (fixed per
     # program) @ Brow [RP, N] = T[rel row of tile row r for query row i, j] per query row.
     o_r = tl.arange(0, ROWS_P)
-    if PAIR_ONEHOT:  # even and odd slots side by side (tl.join): on 4+ warps (wgmma) the
-        # paired layout's operand reads cost less in the loop; on 1 warp they cost more
+    if PAIR_ONEHOT:  # on 4+ warps (wgmma): built in registers, A_row from (even, odd)
+        # slot pairs side by side (tl.join), whose layout's operand reads cost less in
+        # the loop than those of loaded one-hots (s4: 227 against 285 per row)
+        # A_col built as [N, M] and transposed: the default layout spreads a row-major
+        # [M, N] tile's rows over few threads, so each thread would split ~M/2 slots
+        # into (row, column); the transposed build splits ~2 slots per thread
+        b_acol = tl.trans(tl.where(o_u[:, None] == x[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty))
         o_me = 2 * tl.arange(0, BLOCK_M // 2)
         b_arow = tl.join(tl.where(o_r[:, None] == ((o_me * COLS_MAGIC) >> _MAGIC_SHIFT)[None, :],
                                   1.0, 0.0),
                          tl.where(o_r[:, None] == (((o_me + 1) * COLS_MAGIC) >> _MAGIC_SHIFT)[None, :],
                                   1.0, 0.0))
         b_arow = tl.trans(tl.reshape(b_arow, (ROWS_P, BLOCK_M)).to(q_ptr.dtype.element_ty))
-    else:
-        b_arow = tl.trans(tl.where(o_r[:, None] == o_mr[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty))
+    else:  # rows of an identity table loaded per key slot: BLOCK_N (ROWS_P) contiguous
+        # elements move in 16-byte loads and stores to shared memory, where a compare and
+        # select per element stored 2 bytes at a time (slots whose column or row falls
+        # outside the table get a zero row)
+        o_xu = x - j0
+        b_acol = tl.load(eye_ptr + o_xu[:, None] * EYE + tl.arange(0, BLOCK_N)[None, :],
+                         mask=((o_xu >= 0) & (o_xu < BLOCK_N))[:, None], other=0.0)
+        b_arow = tl.load(eye_ptr + o_mr[:, None] * EYE + o_r[None, :],
+                         mask=(o_mr < ROWS_P)[:, None], other=0.0)
     if DOT_F32:
+        b_acol = b_acol.to(tl.float32)
         b_arow = b_arow.to(tl.float32)
     du = o_u[:, None] - start_x[None, :]  # [N, N]
     duc = tl.maximum(du, 0)
@@ -290,7 +307,8 @@ def _key_bwd_kernel(
             b_relt = (b_rh + b_rw).to(q_ptr.dtype.element_ty)
         if DOT_F32:
             b_relt = b_relt.to(tl.float32)
-    p_rpb0 = rpb_ptr + n64 * srp_n
+    if HAS_RPB:
+        p_rpb0 = rpb_ptr + n64 * srp_n
 
     acc_dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -461,18 +479,14 @@ def _key_bwd_kernel(
                     sacc_dk += tl.where(b_bad > 0, float("nan"), 0.0)
 
             o_sdk = b64 * sdk_b + n64 * sdk_n + s_y64 * sdk_h + s_x64 * sdk_w
-            tl.store(dk_ptr + o_sdk[:, None] + o_d[None, :] * sdk_d,
-                     (sacc_dk * scale).to(dk_ptr.dtype.element_ty), mask=s_kd)
-            o_sdv = b64 * sdv_b + n64 * sdv_n + s_y64 * sdv_h + s_x64 * sdv_w
-            tl.store(dv_ptr + o_sdv[:, None] + o_d[None, :] * sdv_d,
-                     sacc_dv.to(dv_ptr.dtype.element_ty), mask=s_kd)
+            p_sd = o_sdk[:, None] + o_d[None, :] * sdk_d  # dk and dv: the same layout
+            tl.store(dk_ptr + p_sd, (sacc_dk * scale).to(dk_ptr.dtype.element_ty), mask=s_kd)
+            tl.store(dv_ptr + p_sd, sacc_dv.to(dv_ptr.dtype.element_ty), mask=s_kd)
     else:
         o_dkm = tl.multiple_of(b64 * sdk_b + n64 * sdk_n + o_dkp, VEC)
-        p_dk = dk_ptr + o_dkm[:, None] + o_d[None, :] * sdk_d
-        tl.store(p_dk, (acc_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)
-        o_dvm = tl.multiple_of(b64 * sdv_b + n64 * sdv_n + o_dvp, VEC)
-        p_dv = dv_ptr + o_dvm[:, None] + o_d[None, :] * sdv_d
-        tl.store(p_dv, acc_dv.to(dv_ptr.dtype.element_ty), mask=m_kd)
+        p_d = o_dkm[:, None] + o_d[None, :] * sdk_d  # dk and dv: the same layout
+        tl.store(dk_ptr + p_d, (acc_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)
+        tl.store(dv_ptr + p_d, acc_dv.to(dv_ptr.dtype.element_ty), mask=m_kd)
 
 
 # ---------------------------------------------------------------- configs
@@ -653,9 +667,9 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
     return launch_plan(
         _PARAMS,
         grid=(heads, tiles, B) if grid3 else (B * tiles * heads,),
-        head=(H, W, heads, rows, cols, cols_magic(cols), n_seg, halo_h, halo_w,
-              *(x for st in strides for x in st)),  # q, k, v, dout, lse, delta
-        tail=(*grad_strides, *grad_strides, dh, dw, scale, scale * LOG2E.value),
+        head=((H, W, heads, rows, cols, cols_magic(cols), n_seg, halo_h, halo_w),
+              *strides),  # q, k, v, dout, lse, delta
+        tail=(grad_strides, (dh, dw), scale, scale * LOG2E.value),
         flags=dict(
             KH=kh, KW=kw, PADDING=PADDING_CODES[padding],
             HAS_REL=rel_h is not None, HAS_RPB=rpb is not None,
@@ -674,6 +688,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
             SUB_M=min(bm, _SUB_M),
             # read with the cost tool on 16-bit tensor-core launches (default: 4 warps)
             PAIR_ONEHOT=dtype != torch.float32 and launch.get("num_warps", 4) >= 4,
+            EYE=max(bn, 16, next_pow2(rows)),
             **launch,
         ),
     )
@@ -705,12 +720,11 @@ def launch(plan: LaunchPlan, q, k, v, dout, lse, delta, args: AttendArgs,
     if plan.grid is None:
         return dk.zero_(), dv.zero_()
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
-    dummy = q  # never read when the flag is off
+    flags = plan.flags
     _key_bwd_kernel[plan.grid](
-        q, k, v, dout, lse, delta,
-        dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
-        dummy if rpb is None else rpb,
+        q, k, v, dout, lse, delta, rel_h, rel_w, rpb,  # None when absent (never read then)
+        None if flags["PAIR_ONEHOT"] else identity_table(q.device, flags["EYE"], q.dtype),
         dk, dv,
-        *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
+        *plan.head, table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )
     return dk, dv

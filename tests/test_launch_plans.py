@@ -252,3 +252,35 @@ def test_triton_launchers_allocate_every_output(name):
             assert not _storages(grads) & _storages(inputs)
             fresh = ops._fresh(grads, inputs, allocated=True)
             assert all(g is None or g.is_contiguous() for g in fresh)
+
+
+def test_rows_key_backward_passes_its_strides_packed():
+    """rowsbwd's key kernel packs its launch like tile2d's forward: sizes, each tensor's
+    strides (q, k, v, dout, lse, delta, dk / dv) and the table strides as tuples, None
+    for absent tables; the identity table of its one-hots is None where the paired
+    register build replaces it (PAIR_ONEHOT, 4+ warps)."""
+    case = Case(B=1, H=4, W=8, heads=2, d=16, k=3, rel="shared")
+    q, k, v, kw = make_inputs(case, torch.bfloat16, "channels_last")
+    args = check_attend_args(q, k, v, 3, 1, "zeros", kw["rel_h"], kw["rel_w"], None, None)
+    out, lse, dout = torch.empty_like(q), torch.empty(q.shape[:4]), torch.empty_like(q)
+    paired = dict(rows_bwd.default_config(tuple(q.shape), args), K_BLOCK_M=32, K_num_warps=4)
+    for config in (None, paired):
+        with host.stub_launches():
+            launches = host._launches(
+                lambda config=config: rows_bwd.backward(q, k, v, out, lse, dout, args, config))
+        ((fn, values, _),) = [x for x in launches if x[0].__name__ == "_key_bwd_kernel"]
+        named = dict(zip(fn.arg_names, values))
+        assert fn.arg_names.index("D") <= 24  # runtime arguments, then constexprs
+        assert named["sizes"][:3] == (4, 8, 2)
+        assert (named["sq"], named["sk"], named["sv"], named["sdo"], named["sl"]) == (
+            q.stride(), k.stride(), v.stride(), dout.stride(), lse.stride())
+        assert named["sdk"] == named["dk_ptr"].stride() == named["dv_ptr"].stride()
+        assert named["dk_ptr"].is_contiguous() and len(named["sdl"]) == 4  # delta: a view
+        assert named["rpb_ptr"] is None and named["relh_ptr"] is kw["rel_h"]
+        assert named["dil"] == (1, 1) and len(named["s_tab"]) == 9
+        eye = named["eye_ptr"]
+        if named["PAIR_ONEHOT"]:
+            assert eye is None
+        else:
+            assert torch.equal(eye.float(), torch.eye(named["EYE"]))
+    assert config is not None and named["PAIR_ONEHOT"]  # the second config took that path

@@ -137,7 +137,7 @@ def _reduce_tables(c: dict) -> list[LoopSpec]:
 
 
 def _key_bwd(c: dict) -> list[LoopSpec]:
-    H, rows, halo = c["H"], c["ROWS"], c["HALO_H"]
+    H, rows, halo = (c["sizes"][i] for i in (0, 3, 7))  # (H, W, HEADS, ROWS, ..., HALO_H, HALO_W)
     blocks = range(0, H, rows)
     trips = sum(min(H, y0 + rows + halo) - max(0, y0 - halo) for y0 in blocks) / len(blocks)
     return [LoopSpec("query rows i_lo<=i<i_hi", round(trips), exp2=True),

@@ -194,8 +194,12 @@ def _grads_pass(
             o_rpb = (off_y + o_a + KH - 1)[:, None] * srp_h + (off_x[:, None] + o_tap + KW - 1) * srp_w
             b_s += tl.load(p_rpb + o_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
         b_p = tl.exp2(b_s)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [M, D] @ [D, BK]
-        b_ds = b_p * (b_dp - b_delta[:, None])  # [M, BK]; 0 outside the windows (finite dP)
+        if ROW_DOT:  # dP - delta: delta rides in mma.sync's C operand (no FADD per element)
+            b_dacc = tl.zeros([M, BLOCK_K], dtype=tl.float32) - b_delta[:, None]
+            b_ds = b_p * tl.dot(b_do, tl.trans(b_v), b_dacc, input_precision="ieee")
+        else:  # (wgmma accumulates in place: the C tile would be copied every key row)
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [M, D] @ [D, BK]
+            b_ds = b_p * (b_dp - b_delta[:, None])  # [M, BK]; 0 outside the windows
         b_acc += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision="ieee")  # [M, BK] @ [BK, D]
         if HAS_REL:
             b_gacc += b_ds

@@ -75,7 +75,6 @@ from .common import (
     split_partials,
     strides_fit_i32,
     table_strides,
-    tables_or,
     unravel_program,
     window_start,
 )
@@ -404,7 +403,9 @@ def _program(
 
     p_k0 = k_ptr + b64 * sk_b + n64 * sk_n
     p_v0 = v_ptr + b64 * sv_b + n64 * sv_n
-    p_rpb = rpb_ptr + n64 * srp_n
+    p_rpb = rpb_ptr  # (None without rpb)
+    if HAS_RPB:
+        p_rpb = rpb_ptr + n64 * srp_n
     b_acc, b_ph, b_pw, b_prpb = _grads_pass(
         b_q, b_do, b_lse2, b_delta, b_bh, b_colbias, b_relh, b_relw,
         start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
@@ -566,17 +567,15 @@ def _safe_program(
 
 @triton.jit
 def _query_grads_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr, sel_ptr,
-    dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,
-    H, W, HEADS, D, D_HALF, qk_scale, scale,  # qk_scale = scale * log2(e)
-    sq_b, sq_h, sq_w, sq_n, sq_d,
-    sk_b, sk_h, sk_w, sk_n, sk_d,
-    sv_b, sv_h, sv_w, sv_n, sv_d,
-    so_b, so_h, so_w, so_n, so_d,
-    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
-    sl_b, sl_h, sl_w, sl_n,
-    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
-    sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr,
+    relh_ptr, relw_ptr, rpb_ptr, sel_ptr,  # None when absent / not ROW_DOT (never read then)
+    dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,  # partials: None without the table
+    # tuples: Triton binds ints in a tuple in half the host time of as many arguments
+    sizes,  # (H, W, HEADS, D, D_HALF)
+    sq, sk, sv, so, sdo,  # (batch, row, column, head, channel) strides
+    sl,  # lse's (batch, row, column, head) strides
+    s_tab,  # (head, row, channel) strides of rel_h and rel_w, (head, row, column) of rpb
+    qk_scale, scale,  # qk_scale = scale * log2(e)
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
     dil_h: tl.constexpr, dil_w: tl.constexpr,  # constexpr: no runtime integer division
     TY: tl.constexpr, TX: tl.constexpr, TY_PAD: tl.constexpr, TX_PAD: tl.constexpr,
@@ -585,8 +584,25 @@ def _query_grads_kernel(
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
     ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
-    D_C: tl.constexpr,
+    D_C: tl.constexpr, DQ_I32: tl.constexpr,
 ):
+    H, W, HEADS, D, D_HALF = sizes
+    sq_b, sq_h, sq_w, sq_n, sq_d = sq
+    sk_b, sk_h, sk_w, sk_n, sk_d = sk
+    sv_b, sv_h, sv_w, sv_n, sv_d = sv
+    so_b, so_h, so_w, so_n, so_d = so
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d = sdo
+    sl_b, sl_h, sl_w, sl_n = sl
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w = s_tab
+    # dq is the launcher's own contiguous allocation: its strides from the sizes
+    sdq_n = D
+    sdq_w = HEADS * D
+    if DQ_I32:  # one batch image of dq has < 2**31 elements: 32-bit strides (as before)
+        sdq_h = W * sdq_w
+        sdq_b = H * sdq_h
+    else:
+        sdq_h = tl.cast(W, tl.int64) * sdq_w  # tl.cast: W or H may be the constant 1
+        sdq_b = tl.cast(H, tl.int64) * sdq_h
     pid = tl.program_id(0)
     bad = _program(
         pid,
@@ -597,7 +613,7 @@ def _query_grads_kernel(
         sv_h, sv_w, sv_n, sv_d, so_b, so_h, so_w, so_n,
         so_d, sdo_b, sdo_h, sdo_w, sdo_n, sdo_d, sl_b, sl_h,
         sl_w, sl_n, srh_n, srh_r, srh_d, srw_n, srw_r, srw_d,
-        srp_n, srp_h, srp_w, sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
+        srp_n, srp_h, srp_w, sdq_b, sdq_h, sdq_w, sdq_n, 1,
         KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD,
         TX_PAD, HAS_REL, HAS_RPB, BLOCK_H, BLOCK_W, BLOCK_K, BLOCK_D, DOT_F32,
         ROW_I64, HALF, TABLE_HALF, KV_I32, ROW_DOT, NS_PAD, TABLES_T, D_C)
@@ -609,7 +625,7 @@ def _query_grads_kernel(
             sv_b, sv_h, sv_w, sv_n, sv_d, so_b, so_h, so_w, so_n, so_d,
             sdo_b, sdo_h, sdo_w, sdo_n, sdo_d, sl_b, sl_h, sl_w, sl_n,
             srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
-            sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
+            sdq_b, sdq_h, sdq_w, sdq_n, 1,
             KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD, TX_PAD, HAS_REL, HAS_RPB,
             BLOCK_H, BLOCK_W, BLOCK_D, 16)
 
@@ -643,9 +659,8 @@ def _sum_slots(p_part, count, GC: tl.constexpr, P: tl.constexpr, R: tl.constexpr
 
 @triton.jit
 def _reduce_tables_kernel(
-    parth_ptr, partw_ptr, partb_ptr, dh_ptr, dw_ptr, db_ptr,
+    parth_ptr, partw_ptr, partb_ptr, dh_ptr, dw_ptr, db_ptr,  # absent tables: any / None
     n_prog_tiles,
-    sdh_n, sdh_r, sdh_d, sdw_n, sdw_r, sdw_d, sdb_n, sdb_h, sdb_w,
     HEADS: tl.constexpr, D_HALF: tl.constexpr, D_W: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
     SHIFT: tl.constexpr, HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
@@ -666,6 +681,17 @@ def _reduce_tables_kernel(
     mask with rpb) one program per head storing the zeros of rpb's border (only its
     middle KH x KW is reachable)."""
     pid = tl.program_id(0)
+    # the gradients are the launcher's contiguous allocations shaped like the tables:
+    # strides from the constexpr sizes (a shared rel table's head index is always 0)
+    sdh_n: tl.constexpr = TY * D_HALF
+    sdh_r: tl.constexpr = D_HALF
+    sdw_n: tl.constexpr = TX * D_W
+    sdw_r: tl.constexpr = D_W
+    sdb_n: tl.constexpr = (2 * KH - 1) * (2 * KW - 1)
+    sdb_h: tl.constexpr = 2 * KW - 1
+    sdh_d: tl.constexpr = 1
+    sdw_d: tl.constexpr = 1
+    sdb_w: tl.constexpr = 1
     # (n_prog_tiles == 1 arrives as a constexpr: no .to on it)
     n_slots = (n_prog_tiles + tl.zeros([], dtype=tl.int64)) * HEADS
     U_H: tl.constexpr = TY * CH_H  # programs of each table (CH_ 0 without it)
@@ -947,9 +973,10 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
     grads = launch_plan(
         _QUERY_PARAMS,
         grid=(n_prog,),
-        head=(H, W, heads, d, d_half, scale * LOG2E.value, scale,
-              *(x for st in strides for x in st)),  # q, k, v, out, dout, lse
-        tail=dq_strides,
+        # sizes, then the strides of q, k, v, out, dout, lse (v's even when equal to k's:
+        # the compiler then shares the k/v offsets, and ptxas spills at s1 / s2)
+        head=((H, W, heads, d, d_half), *strides),
+        tail=(scale * LOG2E.value, scale),
         flags=dict(
             KH=kh, KW=kw, PADDING=PADDING_CODES[padding], dil_h=dh, dil_w=dw, TY=ty_n,
             TX=tx_n, TY_PAD=max(16, next_pow2(ty_n)), TX_PAD=max(16, next_pow2(tx_n)),
@@ -959,7 +986,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
             HALF=half, TABLE_HALF=half and has_rel and table_half,
             KV_I32=kv_offsets_fit_i32(strides[1:3], d, H + kh * dh, W + bk),
             ROW_DOT=row_dot, NS_PAD=ns_pad, TABLES_T=tables_t,
-            D_C=d if 1 < d < head_block(d) else 0,
+            D_C=d if 1 < d < head_block(d) else 0, DQ_I32=H * W * heads * d < 2**31,
             **_launch_options(config),
         ),
     )
@@ -995,18 +1022,12 @@ def reduce_plan(args: AttendArgs, heads: int, d: int, n_tiles: int, ty_n: int,
     ch_w = -(-gc_w // p_rel) if has_rel else 0
     ch_b = -(-gc_b // p_rpb) if has_rpb else 0
     border = heads if has_rpb and args.padding != "shift" else 0
-    table_shapes = [  # the gradients: contiguous, shaped like the tables
-        (t.dim() == 3 and (heads,) or ()) + rest if t is not None else None
-        for t, rest in ((rel_h, (ty_n, d_half)), (rel_w, (tx_n, d - d_half)),
-                        (rpb, (2 * kh - 1, 2 * kw - 1)))]
-    grad_strides = ()
-    for shape in table_shapes:
-        st = (0, 0, 0) if shape is None else contiguous_strides(shape)
-        grad_strides += (0, *st) if len(st) == 2 else st
+    # the gradients (common.new_table_grads: contiguous, shaped like the tables, whose
+    # rows are ty_n / tx_n): the kernel derives their strides from its constexprs
     return launch_plan(
         _REDUCE_PARAMS,
         grid=(ty_n * ch_h + tx_n * ch_w + ty_n * ch_b + border,),
-        head=(n_tiles, *grad_strides),
+        head=(n_tiles,),
         tail=(),
         flags=dict(
             HEADS=heads, D_HALF=d_half, D_W=d - d_half, KH=kh, KW=kw, TY=ty_n, TX=tx_n,
@@ -1093,22 +1114,22 @@ def launch(plan: _Plan, q, k, v, out, lse, dout, args: AttendArgs,
                 g.zero_()
         return dq, buffer, drel_h, drel_w, drpb
     delta, part_h, part_w, part_b = split_partials(buffer, plan.sizes, has_rel, has_rpb)
-    dummy = q  # never read when the flag is off
+    if not has_rel:  # absent tables and their partials: None (never read, flag off)
+        part_h = part_w = None
+    if not has_rpb:
+        part_b = None
     grads = plan.grads
     ns_pad = grads.flags["NS_PAD"]
-    sel = identity_table(q.device, ns_pad, torch.bfloat16) if grads.flags["ROW_DOT"] else dummy
+    sel = identity_table(q.device, ns_pad, torch.bfloat16) if grads.flags["ROW_DOT"] else None
     _query_grads_kernel[grads.grid](
-        q, k, v, out, dout, lse,
-        *tables_or(args, dummy),
+        q, k, v, out, dout, lse, rel_h, rel_w, rpb,
         sel, dq, delta, part_h, part_w, part_b,
-        *grads.head, *table_strides(rel_h, rel_w, rpb), *grads.tail, **grads.options,
+        *grads.head, table_strides(rel_h, rel_w, rpb), *grads.tail, **grads.options,
     )
     reduce = plan.reduce
     if reduce is not None:
         _reduce_tables_kernel[reduce.grid](
-            part_h, part_w, part_b,
-            drel_h if has_rel else delta, drel_w if has_rel else delta,
-            drpb if has_rpb else delta,
+            part_h, part_w, part_b, drel_h, drel_w, drpb,
             *reduce.head, *reduce.tail, **reduce.options,
         )
     return dq, delta, drel_h, drel_w, drpb

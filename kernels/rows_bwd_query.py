@@ -105,7 +105,6 @@ def _table_dot(a, b, HALF: tl.constexpr):
     if HALF:
         a_hi = a.to(b.dtype)
         a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
-        a_lo = tl.where(tl.abs(a) < float("inf"), a_lo, tl.zeros_like(a_lo))  # inf - inf
         return tl.dot(a_hi, b) + tl.dot(a_lo, b)
     else:
         return tl.dot(a, b.to(tl.float32), input_precision="ieee")
@@ -118,7 +117,6 @@ def _table_dot_t(a, b, HALF: tl.constexpr):
     if HALF:
         b_hi = b.to(a.dtype)
         b_lo = (b - b_hi.to(tl.float32)).to(a.dtype)
-        b_lo = tl.where(tl.abs(b) < float("inf"), b_lo, tl.zeros_like(b_lo))  # inf - inf
         return tl.dot(a, b_hi) + tl.dot(a, b_lo)
     else:
         return tl.dot(a.to(tl.float32), b, input_precision="ieee")

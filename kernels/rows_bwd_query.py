@@ -95,6 +95,7 @@ MAX_D = 128
 MAX_GRID = 2**31 - 1  # programs of the query kernel (grid axis 0)
 MAX_GRID_Y = 65535  # heads: axis 1 of the reduction's grid
 PREFIX = "Q_"
+XT_WRAP_ON = True  # tests switch it off to compare
 
 
 @triton.jit
@@ -125,7 +126,7 @@ def _table_dot_t(a, b, HALF: tl.constexpr):
 @triton.jit
 def _grads_pass(
     b_q, b_do, b_lse2, b_delta, b_bh, b_colbias, b_relh, b_relw,
-    start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
+    start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_cm, o_ty, y_lo, y_hi, H,
     p_k0, p_v0, o_kx, o_vx, m_kv_x, sk_h, sv_h, p_rpb, srp_h, srp_w, qk_scale, scale,
     b_qrow, b_qlo, p_sel, o_sel,
     KH: tl.constexpr, KW: tl.constexpr, SHIFT: tl.constexpr, dil_h: tl.constexpr,
@@ -133,7 +134,7 @@ def _grads_pass(
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, HALF: tl.constexpr,
     TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr, ROW_DOT: tl.constexpr,
-    TABLES_T: tl.constexpr,
+    TABLES_T: tl.constexpr, XT_WRAP: tl.constexpr,
 ):
     """The key-row walk and the table products of one program: (dq / scale [M, D],
     drel_h part [TY_PAD, D], drel_w part [TX_PAD, D] (transposed with TABLES_T: [D, T]),
@@ -208,7 +209,15 @@ def _grads_pass(
 
     if HAS_REL:
         # G_col in rel-index space: each (query, t) reads its one halo column
-        b_gcol = tl.where(m_xt, tl.gather(b_gacc, o_xt, axis=1), 0.0)  # [M, TX_PAD]
+        if XT_WRAP:
+            # t -> halo column o_cm + t mod BLOCK_K is one-to-one (dil_w 1, TX_PAD <=
+            # BLOCK_K, no shift): a t >= KW lands on a column outside the query's window
+            # (or the image, mask padding), where P and so dS are 0 -- no mask (made
+            # here, after the walk: nothing more held through it)
+            o_xw = (o_cm[:, None] + tl.arange(0, TX_PAD)[None, :]) & (BLOCK_K - 1)
+            b_gcol = tl.gather(b_gacc, o_xw, axis=1)  # [M, TX_PAD]
+        else:
+            b_gcol = tl.where(m_xt, tl.gather(b_gacc, o_xt, axis=1), 0.0)
         b_acc += _table_dot(b_grow, b_relh, TABLE_HALF)  # [M, TYP] @ [TYP, D] -> [M, D]
         b_acc += _table_dot(b_gcol, b_relw, TABLE_HALF)  # [M, TXP] @ [TXP, D] -> [M, D]
         if TABLES_T:  # transposed: q^T as the first operand, one transpose instead of four
@@ -246,7 +255,7 @@ def _program(
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
     ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
-    D_C: tl.constexpr,
+    D_C: tl.constexpr, XT_WRAP: tl.constexpr,
 ):
     """One program of _query_grads_kernel: loads, the pass, stores. Returns 1 (storing
     only delta) when a result came out non-finite, else 0."""
@@ -406,11 +415,11 @@ def _program(
         p_rpb = rpb_ptr + n64 * srp_n
     b_acc, b_ph, b_pw, b_prpb = _grads_pass(
         b_q, b_do, b_lse2, b_delta, b_bh, b_colbias, b_relh, b_relw,
-        start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
+        start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, start_x - x0, o_ty, y_lo, y_hi, H,
         p_k0, p_v0, o_kx, o_vx, m_kv_x, sk_h, sv_h, p_rpb, srp_h, srp_w, qk_scale, scale,
         b_qrow, b_qlo, sel_ptr, o_sel,
         KH, KW, SHIFT, dil_h, TY, TY_PAD, TX_PAD, HAS_REL, HAS_RPB, M, BLOCK_K, BLOCK_D,
-        DOT_F32, HALF, TABLE_HALF, KV_I32, ROW_DOT, TABLES_T)
+        DOT_F32, HALF, TABLE_HALF, KV_I32, ROW_DOT, TABLES_T, XT_WRAP)
     # A non-finite result may come from a NaN / inf input outside some query's window
     # that a 0 * NaN inside a product spread over the tile (a k row in dS K, a table row
     # in G rel, a q in G^T Q, a tap in the rpb sums): then nothing is stored here and the
@@ -582,7 +591,7 @@ def _query_grads_kernel(
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
     ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
-    D_C: tl.constexpr, DQ_I32: tl.constexpr,
+    D_C: tl.constexpr, DQ_I32: tl.constexpr, XT_WRAP: tl.constexpr,
 ):
     H, W, HEADS, D, D_HALF = sizes
     sq_b, sq_h, sq_w, sq_n, sq_d = sq
@@ -614,7 +623,7 @@ def _query_grads_kernel(
         srp_n, srp_h, srp_w, sdq_b, sdq_h, sdq_w, sdq_n, 1,
         KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD,
         TX_PAD, HAS_REL, HAS_RPB, BLOCK_H, BLOCK_W, BLOCK_K, BLOCK_D, DOT_F32,
-        ROW_I64, HALF, TABLE_HALF, KV_I32, ROW_DOT, NS_PAD, TABLES_T, D_C)
+        ROW_I64, HALF, TABLE_HALF, KV_I32, ROW_DOT, NS_PAD, TABLES_T, D_C, XT_WRAP)
     if bad > 0:  # rare: redo this program's results tap by tap (see _safe_program)
         _safe_program(
             pid, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
@@ -968,6 +977,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
     # program); at 32 fewer for d >= 16 (s2 -10, det -31), more for d = 8 (s1 +60)
     tables_t = not wide or d >= 16
     ns_pad = max(16, next_pow2(min(bh, H) + (kh - 1) * dh))
+    tx_pad = max(16, next_pow2(tx_n))
     grads = launch_plan(
         _QUERY_PARAMS,
         grid=(n_prog,),
@@ -977,7 +987,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
         tail=(scale * LOG2E.value, scale),
         flags=dict(
             KH=kh, KW=kw, PADDING=PADDING_CODES[padding], dil_h=dh, dil_w=dw, TY=ty_n,
-            TX=tx_n, TY_PAD=max(16, next_pow2(ty_n)), TX_PAD=max(16, next_pow2(tx_n)),
+            TX=tx_n, TY_PAD=max(16, next_pow2(ty_n)), TX_PAD=tx_pad,
             HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk,
             BLOCK_D=head_block(d), DOT_F32=INTERPRETED and dtype == torch.bfloat16,
             ROW_I64=not strides_fit_i32((*strides[:5], dq_strides), W + bk, d),
@@ -985,6 +995,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
             KV_I32=kv_offsets_fit_i32(strides[1:3], d, H + kh * dh, W + bk),
             ROW_DOT=row_dot, NS_PAD=ns_pad, TABLES_T=tables_t,
             D_C=d if 1 < d < head_block(d) else 0, DQ_I32=H * W * heads * d < 2**31,
+            XT_WRAP=XT_WRAP_ON and padding != "shift" and dw == 1 and tx_pad <= bk,
             **_launch_options(config),
         ),
     )

@@ -274,3 +274,36 @@ def test_default_config_is_kept_by_prune(shape, dtype):
     if shape[4] <= 64 and dtype != torch.float32 and shape[1] * shape[2] >= 64:
         m = 32 if shape[4] <= 16 else 64  # 4 x 8 tiles on one warp for d <= 16
         assert default["Q_BLOCK_W"] * default["Q_BLOCK_H"] == m
+
+
+@pytest.mark.parametrize("case,dtype,config", [
+    (Case(B=1, H=5, W=13, heads=2, d=8, k=(3, 5), padding="mask", rel="per_head"),
+     torch.float32, None),
+    (Case(B=1, H=6, W=5, heads=1, d=16, k=5, rel="shared", rpb=True), torch.float16, None),
+    (Case(B=1, H=5, W=19, heads=1, d=8, k=7, padding="mask", rel="shared"), torch.bfloat16,
+     {"Q_BLOCK_W": 8, "Q_BLOCK_H": 4}),
+])
+def test_query_grads_wrapped_column_gather(monkeypatch, case, dtype, config):
+    """XT_WRAP (dil_w 1, no shift): G_col's gather reads halo column (c + t) mod BLOCK_K
+    unmasked, so a tap t >= KW lands on a column outside the query's window (a column
+    outside the image with mask padding), where dS is 0. The same gradients as with the
+    masked gather (zero columns: equal up to the sign of a zero), on tiles where the
+    wrap happens (the last query column of a row segment) and at the image borders."""
+    q, k, v, kw = make_inputs(case, dtype)
+    g = torch.Generator().manual_seed(3)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64).to(dtype)
+    out64, lse64, _ = _reference(q, k, v, kw, case, dout)
+    args = _args(q, k, v, case, kw)
+    runs = []
+    for wrap in (True, False):
+        monkeypatch.setattr(mod, "XT_WRAP_ON", wrap)
+        launch_cache.clear_all()
+        plan = mod._plan(tuple(q.shape), q.dtype, (q.stride(),) * 6, args,
+                         mod.plan_table_half(q, args), config)
+        assert plan.grads.flags["XT_WRAP"] == wrap
+        runs.append(mod.query_grads(q, k, v, out64.to(dtype), lse64.float(), dout, args,
+                                    config, _poison=True))
+    launch_cache.clear_all()
+    for got, want in zip(runs[0], runs[1]):
+        if want is not None:
+            assert torch.equal(got, want)

@@ -255,7 +255,7 @@ def _program(
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
     ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
-    D_C: tl.constexpr, XT_WRAP: tl.constexpr,
+    D_C: tl.constexpr, XT_WRAP: tl.constexpr, COL_WRAP: tl.constexpr,
 ):
     """One program of _query_grads_kernel: loads, the pass, stores. Returns 1 (storing
     only delta) when a result came out non-finite, else 0."""
@@ -376,8 +376,18 @@ def _program(
             b_relw = b_relw.to(tl.float32)
             b_bh = tl.dot(b_qf, tl.trans(b_relh), input_precision="ieee") * qk_scale
             b_bw = tl.dot(b_qf, tl.trans(b_relw), input_precision="ieee") * qk_scale
-        b_colbias = tl.gather(b_bw, o_txc, axis=1)  # [M, BK]: Bw at each column's tap
-    b_colbias = tl.where(m_col, b_colbias, float("-inf"))  # the window's columns only
+        if COL_WRAP:
+            # halo column -> tap mod TX_PAD is one-to-one (BLOCK_K == TX_PAD, dil_w 1, no
+            # shift): a column outside the query's window lands on a padding column t >= TX
+            # of Bw, made -inf -- no [M, BK] window mask (invalid queries: q = 0, dS = 0)
+            b_bw = tl.where((o_txp < TX)[None, :], b_bw, float("-inf"))
+            b_colbias = tl.gather(b_bw, o_diff & (TX_PAD - 1), axis=1)  # [M, BK]
+        else:
+            b_colbias = tl.gather(b_bw, o_txc, axis=1)  # [M, BK]: Bw at each column's tap
+    if not COL_WRAP:
+        b_colbias = tl.where(m_col, b_colbias, float("-inf"))  # the window's columns only
+    elif PADDING == 1:  # mask: and inside the image
+        b_colbias = tl.where(m_x[None, :], b_colbias, float("-inf"))
     b_qrow = b_bh  # (unused without ROW_DOT)
     b_qlo = b_bh
     o_sel = o_ty
@@ -591,7 +601,7 @@ def _query_grads_kernel(
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
     ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
-    D_C: tl.constexpr, DQ_I32: tl.constexpr, XT_WRAP: tl.constexpr,
+    D_C: tl.constexpr, DQ_I32: tl.constexpr, XT_WRAP: tl.constexpr, COL_WRAP: tl.constexpr,
 ):
     H, W, HEADS, D, D_HALF = sizes
     sq_b, sq_h, sq_w, sq_n, sq_d = sq
@@ -623,7 +633,8 @@ def _query_grads_kernel(
         srp_n, srp_h, srp_w, sdq_b, sdq_h, sdq_w, sdq_n, 1,
         KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD,
         TX_PAD, HAS_REL, HAS_RPB, BLOCK_H, BLOCK_W, BLOCK_K, BLOCK_D, DOT_F32,
-        ROW_I64, HALF, TABLE_HALF, KV_I32, ROW_DOT, NS_PAD, TABLES_T, D_C, XT_WRAP)
+        ROW_I64, HALF, TABLE_HALF, KV_I32, ROW_DOT, NS_PAD, TABLES_T, D_C, XT_WRAP,
+        COL_WRAP)
     if bad > 0:  # rare: redo this program's results tap by tap (see _safe_program)
         _safe_program(
             pid, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
@@ -996,6 +1007,8 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
             ROW_DOT=row_dot, NS_PAD=ns_pad, TABLES_T=tables_t,
             D_C=d if 1 < d < head_block(d) else 0, DQ_I32=H * W * heads * d < 2**31,
             XT_WRAP=XT_WRAP_ON and padding != "shift" and dw == 1 and tx_pad <= bk,
+            COL_WRAP=(XT_WRAP_ON and padding != "shift" and dw == 1 and tx_pad == bk
+                      and has_rel and not has_rpb),
             **_launch_options(config),
         ),
     )

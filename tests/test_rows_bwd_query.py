@@ -278,7 +278,7 @@ def test_default_config_is_kept_by_prune(shape, dtype):
 
 @pytest.mark.parametrize("case,dtype,config", [
     (Case(B=1, H=5, W=13, heads=2, d=8, k=(3, 5), padding="mask", rel="per_head"),
-     torch.float32, None),
+     torch.float32, {"Q_BLOCK_W": 8, "Q_BLOCK_H": 2}),
     (Case(B=1, H=6, W=5, heads=1, d=16, k=5, rel="shared", rpb=True), torch.float16, None),
     (Case(B=1, H=5, W=19, heads=1, d=8, k=7, padding="mask", rel="shared"), torch.bfloat16,
      {"Q_BLOCK_W": 8, "Q_BLOCK_H": 4}),
@@ -286,9 +286,11 @@ def test_default_config_is_kept_by_prune(shape, dtype):
 def test_query_grads_wrapped_column_gather(monkeypatch, case, dtype, config):
     """XT_WRAP (dil_w 1, no shift): G_col's gather reads halo column (c + t) mod BLOCK_K
     unmasked, so a tap t >= KW lands on a column outside the query's window (a column
-    outside the image with mask padding), where dS is 0. The same gradients as with the
-    masked gather (zero columns: equal up to the sign of a zero), on tiles where the
-    wrap happens (the last query column of a row segment) and at the image borders."""
+    outside the image with mask padding), where dS is 0; COL_WRAP (also BLOCK_K ==
+    TX_PAD, no rpb): the column bias reads Bw at tap (x - c) mod TX_PAD, -inf at its
+    padding columns, no window mask. The same gradients as with the masks (zero columns:
+    equal up to the sign of a zero), on tiles where the wrap happens (the last query
+    column of a row segment) and at the image borders."""
     q, k, v, kw = make_inputs(case, dtype)
     g = torch.Generator().manual_seed(3)
     dout = torch.randn(q.shape, generator=g, dtype=torch.float64).to(dtype)
@@ -301,6 +303,8 @@ def test_query_grads_wrapped_column_gather(monkeypatch, case, dtype, config):
         plan = mod._plan(tuple(q.shape), q.dtype, (q.stride(),) * 6, args,
                          mod.plan_table_half(q, args), config)
         assert plan.grads.flags["XT_WRAP"] == wrap
+        assert plan.grads.flags["BLOCK_K"] == plan.grads.flags["TX_PAD"] == 16
+        assert plan.grads.flags["COL_WRAP"] == (wrap and not case.rpb)
         runs.append(mod.query_grads(q, k, v, out64.to(dtype), lse64.float(), dout, args,
                                     config, _poison=True))
     launch_cache.clear_all()

@@ -36,7 +36,11 @@ outside it, so P is exactly 0 there and so is dS (for a finite dP). With ROW_DOT
 inputs, 32 queries per warp) the row term is instead a table made once, [M, NS_PAD]: for
 each walked key row, Bh at the query's window row (-1e30 outside the window), split into
 bf16 hi + lo and added to the logits by two one-hot tensor-core products per key row
-(`common.identity_table`); - lse joins the column bias.
+(`common.identity_table`); - lse joins the column bias. With dil_w 1 and no shift the
+column maps need no masks either: query column c's rel column t reads halo column
+(c + t) mod BLOCK_K for G_col (`XT_WRAP`: a t >= KW lands where dS is 0) and halo column
+x reads Bw at (x - c) mod TX_PAD, whose padding columns are -inf (`COL_WRAP`: BLOCK_K ==
+TX_PAD, no rpb).
 
 Non-finite inputs: a NaN / inf outside some query's window reaches that query's results
 through S or dP (k, v: -inf + inf, 0 * inf) or a 0 * NaN inside a product (dS K, G rel,

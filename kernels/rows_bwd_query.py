@@ -440,8 +440,12 @@ def _program(
     # kernel redoes the program with _safe_program.
     bad = tl.max(tl.max(tl.where(tl.abs(b_acc) < float("inf"), 0, 1), axis=1), axis=0)
     if HAS_REL:
-        bad += tl.max(tl.max(tl.where(tl.abs(b_ph) < float("inf"), 0, 1), axis=1), axis=0)
-        bad += tl.max(tl.max(tl.where(tl.abs(b_pw) < float("inf"), 0, 1), axis=1), axis=0)
+        if TY_PAD == TX_PAD:  # one reduction: a NaN / inf in either makes the sum so
+            b_pt = tl.abs(b_ph) + tl.abs(b_pw)  # (a finite overflow only costs the slow pass)
+            bad += tl.max(tl.max(tl.where(b_pt < float("inf"), 0, 1), axis=1), axis=0)
+        else:
+            bad += tl.max(tl.max(tl.where(tl.abs(b_ph) < float("inf"), 0, 1), axis=1), axis=0)
+            bad += tl.max(tl.max(tl.where(tl.abs(b_pw) < float("inf"), 0, 1), axis=1), axis=0)
     if HAS_RPB:
         bad += tl.max(tl.max(tl.where(tl.abs(b_prpb) < float("inf"), 0, 1), axis=1), axis=0)
     if bad == 0:  # (the fast pass of a program with a non-finite result stores nothing)

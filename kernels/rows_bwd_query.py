@@ -36,7 +36,11 @@ outside it, so P is exactly 0 there and so is dS (for a finite dP). With ROW_DOT
 inputs, 32 queries per warp) the row term is instead a table made once, [M, NS_PAD]: for
 each walked key row, Bh at the query's window row (-1e30 outside the window), split into
 bf16 hi + lo and added to the logits by two one-hot tensor-core products per key row
-(`common.identity_table`); - lse joins the column bias.
+(`common.identity_table`); - lse joins the column bias. With dil_w 1 and no shift the
+column maps need no masks either: query column c's rel column t reads halo column
+(c + t) mod BLOCK_K for G_col (`XT_WRAP`: a t >= KW lands where dS is 0) and halo column
+x reads Bw at (x - c) mod TX_PAD, whose padding columns are -inf (`COL_WRAP`: BLOCK_K ==
+TX_PAD, no rpb).
 
 Non-finite inputs: a NaN / inf outside some query's window reaches that query's results
 through S or dP (k, v: -inf + inf, 0 * inf) or a 0 * NaN inside a product (dS K, G rel,
@@ -75,7 +79,6 @@ from .common import (
     split_partials,
     strides_fit_i32,
     table_strides,
-    tables_or,
     unravel_program,
     window_start,
 )
@@ -96,6 +99,7 @@ MAX_D = 128
 MAX_GRID = 2**31 - 1  # programs of the query kernel (grid axis 0)
 MAX_GRID_Y = 65535  # heads: axis 1 of the reduction's grid
 PREFIX = "Q_"
+XT_WRAP_ON = True  # tests switch it off to compare
 
 
 @triton.jit
@@ -106,7 +110,6 @@ def _table_dot(a, b, HALF: tl.constexpr):
     if HALF:
         a_hi = a.to(b.dtype)
         a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
-        a_lo = tl.where(tl.abs(a) < float("inf"), a_lo, tl.zeros_like(a_lo))  # inf - inf
         return tl.dot(a_hi, b) + tl.dot(a_lo, b)
     else:
         return tl.dot(a, b.to(tl.float32), input_precision="ieee")
@@ -119,7 +122,6 @@ def _table_dot_t(a, b, HALF: tl.constexpr):
     if HALF:
         b_hi = b.to(a.dtype)
         b_lo = (b - b_hi.to(tl.float32)).to(a.dtype)
-        b_lo = tl.where(tl.abs(b) < float("inf"), b_lo, tl.zeros_like(b_lo))  # inf - inf
         return tl.dot(a, b_hi) + tl.dot(a, b_lo)
     else:
         return tl.dot(a.to(tl.float32), b, input_precision="ieee")
@@ -128,7 +130,7 @@ def _table_dot_t(a, b, HALF: tl.constexpr):
 @triton.jit
 def _grads_pass(
     b_q, b_do, b_lse2, b_delta, b_bh, b_colbias, b_relh, b_relw,
-    start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
+    start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_cm, o_ty, y_lo, y_hi, H,
     p_k0, p_v0, o_kx, o_vx, m_kv_x, sk_h, sv_h, p_rpb, srp_h, srp_w, qk_scale, scale,
     b_qrow, b_qlo, p_sel, o_sel,
     KH: tl.constexpr, KW: tl.constexpr, SHIFT: tl.constexpr, dil_h: tl.constexpr,
@@ -136,7 +138,7 @@ def _grads_pass(
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, HALF: tl.constexpr,
     TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr, ROW_DOT: tl.constexpr,
-    TABLES_T: tl.constexpr,
+    TABLES_T: tl.constexpr, XT_WRAP: tl.constexpr,
 ):
     """The key-row walk and the table products of one program: (dq / scale [M, D],
     drel_h part [TY_PAD, D], drel_w part [TX_PAD, D] (transposed with TABLES_T: [D, T]),
@@ -194,8 +196,12 @@ def _grads_pass(
             o_rpb = (off_y + o_a + KH - 1)[:, None] * srp_h + (off_x[:, None] + o_tap + KW - 1) * srp_w
             b_s += tl.load(p_rpb + o_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
         b_p = tl.exp2(b_s)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [M, D] @ [D, BK]
-        b_ds = b_p * (b_dp - b_delta[:, None])  # [M, BK]; 0 outside the windows (finite dP)
+        if ROW_DOT:  # dP - delta: delta rides in mma.sync's C operand (no FADD per element)
+            b_dacc = tl.zeros([M, BLOCK_K], dtype=tl.float32) - b_delta[:, None]
+            b_ds = b_p * tl.dot(b_do, tl.trans(b_v), b_dacc, input_precision="ieee")
+        else:  # (wgmma accumulates in place: the C tile would be copied every key row)
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [M, D] @ [D, BK]
+            b_ds = b_p * (b_dp - b_delta[:, None])  # [M, BK]; 0 outside the windows
         b_acc += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision="ieee")  # [M, BK] @ [BK, D]
         if HAS_REL:
             b_gacc += b_ds
@@ -207,7 +213,15 @@ def _grads_pass(
 
     if HAS_REL:
         # G_col in rel-index space: each (query, t) reads its one halo column
-        b_gcol = tl.where(m_xt, tl.gather(b_gacc, o_xt, axis=1), 0.0)  # [M, TX_PAD]
+        if XT_WRAP:
+            # t -> halo column o_cm + t mod BLOCK_K is one-to-one (dil_w 1, TX_PAD <=
+            # BLOCK_K, no shift): a t >= KW lands on a column outside the query's window
+            # (or the image, mask padding), where P and so dS are 0 -- no mask (made
+            # here, after the walk: nothing more held through it)
+            o_xw = (o_cm[:, None] + tl.arange(0, TX_PAD)[None, :]) & (BLOCK_K - 1)
+            b_gcol = tl.gather(b_gacc, o_xw, axis=1)  # [M, TX_PAD]
+        else:
+            b_gcol = tl.where(m_xt, tl.gather(b_gacc, o_xt, axis=1), 0.0)
         b_acc += _table_dot(b_grow, b_relh, TABLE_HALF)  # [M, TYP] @ [TYP, D] -> [M, D]
         b_acc += _table_dot(b_gcol, b_relw, TABLE_HALF)  # [M, TXP] @ [TXP, D] -> [M, D]
         if TABLES_T:  # transposed: q^T as the first operand, one transpose instead of four
@@ -245,7 +259,7 @@ def _program(
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
     ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
-    D_C: tl.constexpr,
+    D_C: tl.constexpr, XT_WRAP: tl.constexpr, COL_WRAP: tl.constexpr,
 ):
     """One program of _query_grads_kernel: loads, the pass, stores. Returns 1 (storing
     only delta) when a result came out non-finite, else 0."""
@@ -366,8 +380,18 @@ def _program(
             b_relw = b_relw.to(tl.float32)
             b_bh = tl.dot(b_qf, tl.trans(b_relh), input_precision="ieee") * qk_scale
             b_bw = tl.dot(b_qf, tl.trans(b_relw), input_precision="ieee") * qk_scale
-        b_colbias = tl.gather(b_bw, o_txc, axis=1)  # [M, BK]: Bw at each column's tap
-    b_colbias = tl.where(m_col, b_colbias, float("-inf"))  # the window's columns only
+        if COL_WRAP:
+            # halo column -> tap mod TX_PAD is one-to-one (BLOCK_K == TX_PAD, dil_w 1, no
+            # shift): a column outside the query's window lands on a padding column t >= TX
+            # of Bw, made -inf -- no [M, BK] window mask (invalid queries: q = 0, dS = 0)
+            b_bw = tl.where((o_txp < TX)[None, :], b_bw, float("-inf"))
+            b_colbias = tl.gather(b_bw, o_diff & (TX_PAD - 1), axis=1)  # [M, BK]
+        else:
+            b_colbias = tl.gather(b_bw, o_txc, axis=1)  # [M, BK]: Bw at each column's tap
+    if not COL_WRAP:
+        b_colbias = tl.where(m_col, b_colbias, float("-inf"))  # the window's columns only
+    elif PADDING == 1:  # mask: and inside the image
+        b_colbias = tl.where(m_x[None, :], b_colbias, float("-inf"))
     b_qrow = b_bh  # (unused without ROW_DOT)
     b_qlo = b_bh
     o_sel = o_ty
@@ -400,22 +424,28 @@ def _program(
 
     p_k0 = k_ptr + b64 * sk_b + n64 * sk_n
     p_v0 = v_ptr + b64 * sv_b + n64 * sv_n
-    p_rpb = rpb_ptr + n64 * srp_n
+    p_rpb = rpb_ptr  # (None without rpb)
+    if HAS_RPB:
+        p_rpb = rpb_ptr + n64 * srp_n
     b_acc, b_ph, b_pw, b_prpb = _grads_pass(
         b_q, b_do, b_lse2, b_delta, b_bh, b_colbias, b_relh, b_relw,
-        start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, o_ty, y_lo, y_hi, H,
+        start_y, off_y, off_x, o_tap, m_q, m_col, m_xt, o_xt, start_x - x0, o_ty, y_lo, y_hi, H,
         p_k0, p_v0, o_kx, o_vx, m_kv_x, sk_h, sv_h, p_rpb, srp_h, srp_w, qk_scale, scale,
         b_qrow, b_qlo, sel_ptr, o_sel,
         KH, KW, SHIFT, dil_h, TY, TY_PAD, TX_PAD, HAS_REL, HAS_RPB, M, BLOCK_K, BLOCK_D,
-        DOT_F32, HALF, TABLE_HALF, KV_I32, ROW_DOT, TABLES_T)
+        DOT_F32, HALF, TABLE_HALF, KV_I32, ROW_DOT, TABLES_T, XT_WRAP)
     # A non-finite result may come from a NaN / inf input outside some query's window
     # that a 0 * NaN inside a product spread over the tile (a k row in dS K, a table row
     # in G rel, a q in G^T Q, a tap in the rpb sums): then nothing is stored here and the
     # kernel redoes the program with _safe_program.
     bad = tl.max(tl.max(tl.where(tl.abs(b_acc) < float("inf"), 0, 1), axis=1), axis=0)
     if HAS_REL:
-        bad += tl.max(tl.max(tl.where(tl.abs(b_ph) < float("inf"), 0, 1), axis=1), axis=0)
-        bad += tl.max(tl.max(tl.where(tl.abs(b_pw) < float("inf"), 0, 1), axis=1), axis=0)
+        if TY_PAD == TX_PAD:  # one reduction: a NaN / inf in either makes the sum so
+            b_pt = tl.abs(b_ph) + tl.abs(b_pw)  # (a finite overflow only costs the slow pass)
+            bad += tl.max(tl.max(tl.where(b_pt < float("inf"), 0, 1), axis=1), axis=0)
+        else:
+            bad += tl.max(tl.max(tl.where(tl.abs(b_ph) < float("inf"), 0, 1), axis=1), axis=0)
+            bad += tl.max(tl.max(tl.where(tl.abs(b_pw) < float("inf"), 0, 1), axis=1), axis=0)
     if HAS_RPB:
         bad += tl.max(tl.max(tl.where(tl.abs(b_prpb) < float("inf"), 0, 1), axis=1), axis=0)
     if bad == 0:  # (the fast pass of a program with a non-finite result stores nothing)
@@ -562,17 +592,15 @@ def _safe_program(
 
 @triton.jit
 def _query_grads_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr, sel_ptr,
-    dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,
-    H, W, HEADS, D, D_HALF, qk_scale, scale,  # qk_scale = scale * log2(e)
-    sq_b, sq_h, sq_w, sq_n, sq_d,
-    sk_b, sk_h, sk_w, sk_n, sk_d,
-    sv_b, sv_h, sv_w, sv_n, sv_d,
-    so_b, so_h, so_w, so_n, so_d,
-    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
-    sl_b, sl_h, sl_w, sl_n,
-    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
-    sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr,
+    relh_ptr, relw_ptr, rpb_ptr, sel_ptr,  # None when absent / not ROW_DOT (never read then)
+    dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,  # partials: None without the table
+    # tuples: Triton binds ints in a tuple in half the host time of as many arguments
+    sizes,  # (H, W, HEADS, D, D_HALF)
+    sq, sk, sv, so, sdo,  # (batch, row, column, head, channel) strides
+    sl,  # lse's (batch, row, column, head) strides
+    s_tab,  # (head, row, channel) strides of rel_h and rel_w, (head, row, column) of rpb
+    qk_scale, scale,  # qk_scale = scale * log2(e)
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,  # 0 zeros, 1 mask, 2 shift
     dil_h: tl.constexpr, dil_w: tl.constexpr,  # constexpr: no runtime integer division
     TY: tl.constexpr, TX: tl.constexpr, TY_PAD: tl.constexpr, TX_PAD: tl.constexpr,
@@ -581,8 +609,25 @@ def _query_grads_kernel(
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
     ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
-    D_C: tl.constexpr,
+    D_C: tl.constexpr, DQ_I32: tl.constexpr, XT_WRAP: tl.constexpr, COL_WRAP: tl.constexpr,
 ):
+    H, W, HEADS, D, D_HALF = sizes
+    sq_b, sq_h, sq_w, sq_n, sq_d = sq
+    sk_b, sk_h, sk_w, sk_n, sk_d = sk
+    sv_b, sv_h, sv_w, sv_n, sv_d = sv
+    so_b, so_h, so_w, so_n, so_d = so
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d = sdo
+    sl_b, sl_h, sl_w, sl_n = sl
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w = s_tab
+    # dq is the launcher's own contiguous allocation: its strides from the sizes
+    sdq_n = D
+    sdq_w = HEADS * D
+    if DQ_I32:  # one batch image of dq has < 2**31 elements: 32-bit strides (as before)
+        sdq_h = W * sdq_w
+        sdq_b = H * sdq_h
+    else:
+        sdq_h = tl.cast(W, tl.int64) * sdq_w  # tl.cast: W or H may be the constant 1
+        sdq_b = tl.cast(H, tl.int64) * sdq_h
     pid = tl.program_id(0)
     bad = _program(
         pid,
@@ -593,10 +638,11 @@ def _query_grads_kernel(
         sv_h, sv_w, sv_n, sv_d, so_b, so_h, so_w, so_n,
         so_d, sdo_b, sdo_h, sdo_w, sdo_n, sdo_d, sl_b, sl_h,
         sl_w, sl_n, srh_n, srh_r, srh_d, srw_n, srw_r, srw_d,
-        srp_n, srp_h, srp_w, sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
+        srp_n, srp_h, srp_w, sdq_b, sdq_h, sdq_w, sdq_n, 1,
         KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD,
         TX_PAD, HAS_REL, HAS_RPB, BLOCK_H, BLOCK_W, BLOCK_K, BLOCK_D, DOT_F32,
-        ROW_I64, HALF, TABLE_HALF, KV_I32, ROW_DOT, NS_PAD, TABLES_T, D_C)
+        ROW_I64, HALF, TABLE_HALF, KV_I32, ROW_DOT, NS_PAD, TABLES_T, D_C, XT_WRAP,
+        COL_WRAP)
     if bad > 0:  # rare: redo this program's results tap by tap (see _safe_program)
         _safe_program(
             pid, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
@@ -605,7 +651,7 @@ def _query_grads_kernel(
             sv_b, sv_h, sv_w, sv_n, sv_d, so_b, so_h, so_w, so_n, so_d,
             sdo_b, sdo_h, sdo_w, sdo_n, sdo_d, sl_b, sl_h, sl_w, sl_n,
             srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
-            sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
+            sdq_b, sdq_h, sdq_w, sdq_n, 1,
             KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD, TX_PAD, HAS_REL, HAS_RPB,
             BLOCK_H, BLOCK_W, BLOCK_D, 16)
 
@@ -639,9 +685,8 @@ def _sum_slots(p_part, count, GC: tl.constexpr, P: tl.constexpr, R: tl.constexpr
 
 @triton.jit
 def _reduce_tables_kernel(
-    parth_ptr, partw_ptr, partb_ptr, dh_ptr, dw_ptr, db_ptr,
+    parth_ptr, partw_ptr, partb_ptr, dh_ptr, dw_ptr, db_ptr,  # absent tables: any / None
     n_prog_tiles,
-    sdh_n, sdh_r, sdh_d, sdw_n, sdw_r, sdw_d, sdb_n, sdb_h, sdb_w,
     HEADS: tl.constexpr, D_HALF: tl.constexpr, D_W: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, TY: tl.constexpr, TX: tl.constexpr,
     SHIFT: tl.constexpr, HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
@@ -662,6 +707,17 @@ def _reduce_tables_kernel(
     mask with rpb) one program per head storing the zeros of rpb's border (only its
     middle KH x KW is reachable)."""
     pid = tl.program_id(0)
+    # the gradients are the launcher's contiguous allocations shaped like the tables:
+    # strides from the constexpr sizes (a shared rel table's head index is always 0)
+    sdh_n: tl.constexpr = TY * D_HALF
+    sdh_r: tl.constexpr = D_HALF
+    sdw_n: tl.constexpr = TX * D_W
+    sdw_r: tl.constexpr = D_W
+    sdb_n: tl.constexpr = (2 * KH - 1) * (2 * KW - 1)
+    sdb_h: tl.constexpr = 2 * KW - 1
+    sdh_d: tl.constexpr = 1
+    sdw_d: tl.constexpr = 1
+    sdb_w: tl.constexpr = 1
     # (n_prog_tiles == 1 arrives as a constexpr: no .to on it)
     n_slots = (n_prog_tiles + tl.zeros([], dtype=tl.int64)) * HEADS
     U_H: tl.constexpr = TY * CH_H  # programs of each table (CH_ 0 without it)
@@ -940,22 +996,27 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
     # program); at 32 fewer for d >= 16 (s2 -10, det -31), more for d = 8 (s1 +60)
     tables_t = not wide or d >= 16
     ns_pad = max(16, next_pow2(min(bh, H) + (kh - 1) * dh))
+    tx_pad = max(16, next_pow2(tx_n))
     grads = launch_plan(
         _QUERY_PARAMS,
         grid=(n_prog,),
-        head=(H, W, heads, d, d_half, scale * LOG2E.value, scale,
-              *(x for st in strides for x in st)),  # q, k, v, out, dout, lse
-        tail=dq_strides,
+        # sizes, then the strides of q, k, v, out, dout, lse (v's even when equal to k's:
+        # the compiler then shares the k/v offsets, and ptxas spills at s1 / s2)
+        head=((H, W, heads, d, d_half), *strides),
+        tail=(scale * LOG2E.value, scale),
         flags=dict(
             KH=kh, KW=kw, PADDING=PADDING_CODES[padding], dil_h=dh, dil_w=dw, TY=ty_n,
-            TX=tx_n, TY_PAD=max(16, next_pow2(ty_n)), TX_PAD=max(16, next_pow2(tx_n)),
+            TX=tx_n, TY_PAD=max(16, next_pow2(ty_n)), TX_PAD=tx_pad,
             HAS_REL=has_rel, HAS_RPB=has_rpb, BLOCK_H=bh, BLOCK_W=bw, BLOCK_K=bk,
             BLOCK_D=head_block(d), DOT_F32=INTERPRETED and dtype == torch.bfloat16,
             ROW_I64=not strides_fit_i32((*strides[:5], dq_strides), W + bk, d),
             HALF=half, TABLE_HALF=half and has_rel and table_half,
             KV_I32=kv_offsets_fit_i32(strides[1:3], d, H + kh * dh, W + bk),
             ROW_DOT=row_dot, NS_PAD=ns_pad, TABLES_T=tables_t,
-            D_C=d if 1 < d < head_block(d) else 0,
+            D_C=d if 1 < d < head_block(d) else 0, DQ_I32=H * W * heads * d < 2**31,
+            XT_WRAP=XT_WRAP_ON and padding != "shift" and dw == 1 and tx_pad <= bk,
+            COL_WRAP=(XT_WRAP_ON and padding != "shift" and dw == 1 and tx_pad == bk
+                      and has_rel and not has_rpb),
             **_launch_options(config),
         ),
     )
@@ -991,18 +1052,12 @@ def reduce_plan(args: AttendArgs, heads: int, d: int, n_tiles: int, ty_n: int,
     ch_w = -(-gc_w // p_rel) if has_rel else 0
     ch_b = -(-gc_b // p_rpb) if has_rpb else 0
     border = heads if has_rpb and args.padding != "shift" else 0
-    table_shapes = [  # the gradients: contiguous, shaped like the tables
-        (t.dim() == 3 and (heads,) or ()) + rest if t is not None else None
-        for t, rest in ((rel_h, (ty_n, d_half)), (rel_w, (tx_n, d - d_half)),
-                        (rpb, (2 * kh - 1, 2 * kw - 1)))]
-    grad_strides = ()
-    for shape in table_shapes:
-        st = (0, 0, 0) if shape is None else contiguous_strides(shape)
-        grad_strides += (0, *st) if len(st) == 2 else st
+    # the gradients (common.new_table_grads: contiguous, shaped like the tables, whose
+    # rows are ty_n / tx_n): the kernel derives their strides from its constexprs
     return launch_plan(
         _REDUCE_PARAMS,
         grid=(ty_n * ch_h + tx_n * ch_w + ty_n * ch_b + border,),
-        head=(n_tiles, *grad_strides),
+        head=(n_tiles,),
         tail=(),
         flags=dict(
             HEADS=heads, D_HALF=d_half, D_W=d - d_half, KH=kh, KW=kw, TY=ty_n, TX=tx_n,
@@ -1089,22 +1144,22 @@ def launch(plan: _Plan, q, k, v, out, lse, dout, args: AttendArgs,
                 g.zero_()
         return dq, buffer, drel_h, drel_w, drpb
     delta, part_h, part_w, part_b = split_partials(buffer, plan.sizes, has_rel, has_rpb)
-    dummy = q  # never read when the flag is off
+    if not has_rel:  # absent tables and their partials: None (never read, flag off)
+        part_h = part_w = None
+    if not has_rpb:
+        part_b = None
     grads = plan.grads
     ns_pad = grads.flags["NS_PAD"]
-    sel = identity_table(q.device, ns_pad, torch.bfloat16) if grads.flags["ROW_DOT"] else dummy
+    sel = identity_table(q.device, ns_pad, torch.bfloat16) if grads.flags["ROW_DOT"] else None
     _query_grads_kernel[grads.grid](
-        q, k, v, out, dout, lse,
-        *tables_or(args, dummy),
+        q, k, v, out, dout, lse, rel_h, rel_w, rpb,
         sel, dq, delta, part_h, part_w, part_b,
-        *grads.head, *table_strides(rel_h, rel_w, rpb), *grads.tail, **grads.options,
+        *grads.head, table_strides(rel_h, rel_w, rpb), *grads.tail, **grads.options,
     )
     reduce = plan.reduce
     if reduce is not None:
         _reduce_tables_kernel[reduce.grid](
-            part_h, part_w, part_b,
-            drel_h if has_rel else delta, drel_w if has_rel else delta,
-            drpb if has_rpb else delta,
+            part_h, part_w, part_b, drel_h, drel_w, drpb,
             *reduce.head, *reduce.tail, **reduce.options,
         )
     return dq, delta, drel_h, drel_w, drpb

@@ -167,6 +167,40 @@ def test_forward_passes_its_strides_packed(module, runtime_args):
             assert named["o_ptr"].is_contiguous() and named["lse_ptr"].is_contiguous()
 
 
+@pytest.mark.parametrize("tables", [None, "rel_rpb"])
+def test_rowsbwd_query_and_reduction_pass_their_strides_packed(tables):
+    """The same packing for rowsbwd's query kernel (sizes and each input's strides as
+    tuples, no dq strides: its own contiguous output; None for absent tables, their
+    partials and, without ROW_DOT, the one-hot table) and the table reduction (no strides
+    of the gradients it stores: contiguous, derived from its constexprs)."""
+    case = Case(B=1, H=5, W=6, heads=2, d=16, k=3, rel="per_head" if tables else None,
+                rpb=bool(tables))
+    q, k, v, kw = make_inputs(case, torch.float32)
+    args = check_attend_args(q, k, v, 3, 1, "zeros", kw.get("rel_h"), kw.get("rel_w"),
+                             kw.get("rpb"), None)
+    out, lse, dout = torch.empty_like(q), torch.empty(q.shape[:4]), torch.empty_like(q)
+    with host.stub_launches():
+        launches = host._launches(
+            lambda: rows_bwd.backward(q, k, v, out, lse, dout, args))
+    by_name = {fn.__name__: dict(zip(fn.arg_names, values)) for fn, values, _ in launches}
+    named = by_name["_query_grads_kernel"]
+    fn = next(fn for fn, _, _ in launches if fn.__name__ == "_query_grads_kernel")
+    assert fn.arg_names.index("KH") <= 25  # runtime arguments, then constexprs
+    assert named["sizes"] == (5, 6, 2, 16, 8)
+    for name, t in (("sq", q), ("sk", k), ("sv", v), ("so", out), ("sdo", dout), ("sl", lse)):
+        assert named[name] == t.stride()
+    assert named["dq_ptr"].is_contiguous() and named["sel_ptr"] is None  # fp32: no ROW_DOT
+    for name in ("relh_ptr", "relw_ptr", "rpb_ptr", "parth_ptr", "partw_ptr", "partb_ptr"):
+        assert (named[name] is None) == (tables is None), name
+    if tables is None:
+        assert "_reduce_tables_kernel" not in by_name
+    else:
+        red = by_name["_reduce_tables_kernel"]
+        fn = next(fn for fn, _, _ in launches if fn.__name__ == "_reduce_tables_kernel")
+        assert fn.arg_names.index("HEADS") == 7  # 6 pointers and the tile count
+        assert all(red[n].is_contiguous() for n in ("dh_ptr", "dw_ptr", "db_ptr"))
+
+
 def test_tile2dbwd_vector_width_follows_the_pointers():
     """Likewise for both tile2dbwd kernels, whose width also follows out, dout and the
     gradients it allocates."""

@@ -109,7 +109,8 @@ def _offsets(c: dict) -> list[LoopSpec]:  # TY, TX are runtime arguments: never 
 
 
 def _rows_bwd_query(c: dict) -> list[LoopSpec]:
-    rows = min(c["BLOCK_H"], c["H"]) + (c["KH"] - 1) * c["dil_h"]
+    H = c["sizes"][0]  # (H, W, HEADS, D, D_HALF)
+    rows = min(c["BLOCK_H"], H) + (c["KH"] - 1) * c["dil_h"]
     # At 1-2 warps ptxas may lay the slow pass out as two more top-level loops around its
     # query-block loop (not taken either); absent ("unrolled") at 4 warps.
     return [LoopSpec("key rows (window union)", rows, exp2=True),

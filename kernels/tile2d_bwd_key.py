@@ -145,11 +145,6 @@ def _tile2d_bwd_key_kernel(
             rws = rws + (b_rw,)
         else:
             rws = rws + (0.0,)
-    col_ok = ()
-    for u in tl.static_range(NCOL):
-        xq = x + (u - KW // 2) * dil_w
-        col_ok = col_ok + ((xq >= 0) & (xq < W),)
-
     p_q0 = q_ptr + b * sq_b
     p_do0 = do_ptr + b * sdo_b
     o_qp = yi * sq_h + xi * sq_w  # [G] the group's first pixel
@@ -184,7 +179,9 @@ def _tile2d_bwd_key_kernel(
                  + o_dond[None, :, :])
         p_ar = p_aux0 + (o_auxp - dy * W * (HEADS * 2))[:, :, None] + tl.arange(0, 2)[None, None, :]
         for u in tl.static_range(NCOL):
-            m_q = m_row & col_ok[u]
+            # inside the image: one unsigned compare, recomputed (fewer live registers)
+            xq = x + (u - KW // 2) * dil_w
+            m_q = m_row & (xq.to(tl.uint32, bitcast=True) < W)
             m_qnd = m_q[:, None, None] & m_nd[None, :, :]
             b_q = to_f32(tl.load(p_qr + (u - KW // 2) * Q_COL, mask=m_qnd, other=0.0))
             b_do = to_f32(tl.load(p_dor + (u - KW // 2) * DO_COL, mask=m_qnd, other=0.0))

@@ -121,15 +121,12 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
 
 @per_call_key
 def default_config(q_shape, args: AttendArgs) -> dict:
-    """Two horizontally adjacent pixels per thread (PIX = 2: they share KW + 1 of their
-    2 KW window columns' loads; 1 with column dilation or on one-column images), tiles
-    of 4 groups per row (fewer on narrow images) and about 128 (pixel group, head lane)
-    slots, one per thread over 4 warps (fewer warps on tiny images). The key kernel keeps
-    PIX = 1 where a head spans several lanes (d = 16 in 16-bit, d > 4 in fp32): pairs
-    take 255 registers and spill there (s2: 24 bytes). Two slots per thread issue fewer
-    instructions but spill too (s1: 254 registers); so do key pixel quads (K_PIX = 4,
-    a tunable config: s1 255 registers, 16 bytes spilled, 43864 warp instructions per
-    program of 64 pixels against 25504 per 32 in pairs)."""
+    """Two horizontally adjacent query pixels per thread (PIX = 2: they share KW + 1 of
+    their 2 KW window columns' loads; 1 with column dilation or on one-column images),
+    tiles of 4 groups per row (fewer on narrow images) and about 128 (pixel group, head
+    lane) slots, one per thread over 4 warps (fewer warps on tiny images). The key kernel
+    runs the same group tile with `_key_pix` pixels per group. Two slots per thread issue
+    fewer instructions but spill (s1: 254 registers)."""
     B, H, W, heads, d = q_shape
     pix = 2 if args.dw == 1 and W > 1 else 1
     tw = 4 if W > 4 else max(1, min(4, next_pow2(W)) // pix)
@@ -140,7 +137,20 @@ def default_config(q_shape, args: AttendArgs) -> dict:
     warps = 4
     while warps > 1 and _slots_per_thread(q_shape, bh, tw, warps) < 1:
         warps //= 2
-    return _config(bh, tw, warps, pix, pix if _lanes(q_shape) == 1 else 1)
+    return _config(bh, tw, warps, pix, _key_pix(q_shape, args, pix, tw))
+
+
+def _key_pix(q_shape, args: AttendArgs, pix: int, tw: int) -> int:
+    """Key pixels per group: quads (KW + 3 query columns per 4 pixels) where a head lies
+    in one lane (16-bit d <= 8), or in two with kw <= 3, on images at least a tile of
+    quads wide; else pairs where a head spans two lanes, single pixels where more (more
+    pixels take 255 registers and spill there: PREDICTED in docs/tile2d_bwd.md)."""
+    lanes = _lanes(q_shape)
+    if pix == 1 or lanes > 2:
+        return 1
+    if (lanes == 1 or args.kw <= 3) and q_shape[2] >= 4 * tw:
+        return 4
+    return 2
 
 
 def _check(config, dw: int) -> None:

@@ -180,6 +180,14 @@ def test_configs_and_supports():
     default = tile2d_bwd.default_config(shape, args)
     assert default in tile2d_bwd.search_space()
     assert default in tile2d_bwd.prune(tile2d_bwd.search_space(), shape, args)
+    # key pixels per group: quads where a head lies in one lane (s1) or kw <= 3, pairs
+    # at d = 16 (s2), single pixels with column dilation
+    k3 = check_attend_args(q, q, q, 3, 1, "zeros", None, None, None, None)
+    dilated = check_attend_args(q, q, q, 7, (1, 2), "zeros", None, None, None, None)
+    for q_shape, a, pix in ((shape, args, 4), ((2, 28, 28, 8, 16), args, 2),
+                            ((2, 28, 28, 8, 16), k3, 4), ((2, 6, 6, 8, 8), args, 2),
+                            (shape, dilated, 1)):
+        assert tile2d_bwd.default_config(q_shape, a)["K_PIX"] == pix, (q_shape, a.kw, pix)
     assert tile2d_bwd.supports(shape, torch.bfloat16, args)
     assert tile2d_bwd.supports((2, 28, 28, 8, 16), torch.bfloat16, args)
     assert not tile2d_bwd.supports(shape, torch.float64, args)
@@ -191,7 +199,6 @@ def test_configs_and_supports():
     quads = dict(default, K_BLOCK_W=8, K_PIX=4)
     with pytest.raises(ValueError, match="Q_PIX"):
         tile2d_bwd.backward(q, q, q, q, q[..., 0], q, args, dict(quads, Q_PIX=4))
-    dilated = check_attend_args(q, q, q, 7, (1, 2), "zeros", None, None, None, None)
     with pytest.raises(ValueError, match="K_PIX"):
         tile2d_bwd.backward(q, q, q, q, q[..., 0], q, dilated, quads)
     with pytest.raises(ValueError, match="does not support"):

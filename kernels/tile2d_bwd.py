@@ -159,10 +159,10 @@ def _check(config, dw: int) -> None:
                          f"got {config!r}")
     for pre in ("Q_", "K_"):
         bh, bw, pix = config[pre + "BLOCK_H"], config[pre + "BLOCK_W"], config[pre + "PIX"]
-        if bh < 1 or bw < 1 or bh & (bh - 1) or bw & (bw - 1):
+        if bh < 1 or bw < 1 or bh & (bh - 1) or (bw // config[pre + "PIX"]) & (bw // config[pre + "PIX"] - 1):
             raise ValueError(f"tile2dbwd config {config!r}: {pre}BLOCK_H and {pre}BLOCK_W "
                              "must be powers of two")
-        pixes = (1, 2) if pre == "Q_" else (1, 2, 4)
+        pixes = (1, 2, 3, 4)
         if pix not in pixes or bw % pix or (pix > 1 and dw != 1):
             raise ValueError(f"tile2dbwd config {config!r}: {pre}PIX must be one of {pixes} "
                              f"dividing {pre}BLOCK_W, and 1 with column dilation")

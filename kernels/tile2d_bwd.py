@@ -55,6 +55,7 @@ MAX_KW = 15  # window columns are unrolled
 MAX_HEADS = 65535  # axis 1 of the table reduction's grid
 _SIZES = (1, 2, 4, 8, 16)
 _WARPS = (1, 2, 4, 8)
+_PIXES = (1, 2, 4)  # pixels per group, either kernel
 KEYS = ("Q_BLOCK_H", "Q_BLOCK_W", "Q_PIX", "Q_num_warps",
         "K_BLOCK_H", "K_BLOCK_W", "K_PIX", "K_num_warps")
 
@@ -81,10 +82,9 @@ def _config(bh: int, tw: int, warps: int, q_pix: int, k_pix: int) -> dict:
 
 
 def search_space() -> list[dict]:
-    """Group tiles, warps and each kernel's pixels per group (query 1 or 2, key 1, 2
-    or 4)."""
+    """Group tiles, warps and each kernel's pixels per group (1, 2 or 4)."""
     return [_config(bh, tw, nw, qp, kp) for bh in _SIZES for tw in _SIZES for nw in _WARPS
-            for qp in (1, 2) for kp in (1, 2, 4) if 4 <= bh * tw * max(qp, kp) <= 128]
+            for qp in _PIXES for kp in _PIXES if 4 <= bh * tw * max(qp, kp) <= 128]
 
 
 def _slots_per_thread(q_shape, bh: int, bw: int, warps: int, pix: int = 1) -> float:
@@ -137,10 +137,12 @@ def default_config(q_shape, args: AttendArgs) -> dict:
     warps = 4
     while warps > 1 and _slots_per_thread(q_shape, bh, tw, warps) < 1:
         warps //= 2
-    return _config(bh, tw, warps, pix, _key_pix(q_shape, args, pix, tw))
+    quads = pix == 2 and _lanes(q_shape) <= 2 and W >= 4 * tw
+    return _config(bh, tw, warps, 4 if quads and args.kw <= 3 else pix,
+                   _key_pix(q_shape, args, pix, quads))
 
 
-def _key_pix(q_shape, args: AttendArgs, pix: int, tw: int) -> int:
+def _key_pix(q_shape, args: AttendArgs, pix: int, quads: bool) -> int:
     """Key pixels per group: quads (KW + 3 query columns per 4 pixels) where a head lies
     in one lane (16-bit d <= 8), or in two with kw <= 3, on images at least a tile of
     quads wide; else pairs where a head spans two lanes, single pixels where more (more
@@ -148,7 +150,7 @@ def _key_pix(q_shape, args: AttendArgs, pix: int, tw: int) -> int:
     lanes = _lanes(q_shape)
     if pix == 1 or lanes > 2:
         return 1
-    if (lanes == 1 or args.kw <= 3) and q_shape[2] >= 4 * tw:
+    if quads and (lanes == 1 or args.kw <= 3):
         return 4
     return 2
 
@@ -159,12 +161,11 @@ def _check(config, dw: int) -> None:
                          f"got {config!r}")
     for pre in ("Q_", "K_"):
         bh, bw, pix = config[pre + "BLOCK_H"], config[pre + "BLOCK_W"], config[pre + "PIX"]
-        if bh < 1 or bw < 1 or bh & (bh - 1) or (bw // config[pre + "PIX"]) & (bw // config[pre + "PIX"] - 1):
+        if bh < 1 or bw < 1 or bh & (bh - 1) or bw & (bw - 1):
             raise ValueError(f"tile2dbwd config {config!r}: {pre}BLOCK_H and {pre}BLOCK_W "
                              "must be powers of two")
-        pixes = (1, 2, 3, 4)
-        if pix not in pixes or bw % pix or (pix > 1 and dw != 1):
-            raise ValueError(f"tile2dbwd config {config!r}: {pre}PIX must be one of {pixes} "
+        if pix not in _PIXES or bw % pix or (pix > 1 and dw != 1):
+            raise ValueError(f"tile2dbwd config {config!r}: {pre}PIX must be one of {_PIXES} "
                              f"dividing {pre}BLOCK_W, and 1 with column dilation")
 
 

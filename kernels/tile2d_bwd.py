@@ -37,7 +37,6 @@ from .common import (
     split_partials,
     stride_vector_width,
     table_strides,
-    tables_or,
 )
 from .launch_cache import (
     NO_LAUNCH,
@@ -221,7 +220,9 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
                   BLOCK_N=block_n, BLOCK_D=block_d, IMG_I64=i64, VEC=vec, CHAIN=chain)
     qk_scale = scale * LOG2E.value
 
-    # 1. query kernel
+    kv_same = sk == sv  # the key kernel reads k's strides for v's (None)
+    dil = (dh, dw)
+    # 1. query kernel (dq's strides derived in-kernel: the launcher's contiguous output)
     qbh, qbw = config["Q_BLOCK_H"], config["Q_BLOCK_W"]
     q_tiles_w = triton.cdiv(W, qbw)
     q_tiles = triton.cdiv(H, qbh) * q_tiles_w
@@ -230,8 +231,8 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
     query = launch_plan(
         _QUERY_PARAMS,
         grid=(n_prog,),
-        head=(H, W, heads, q_tiles_w, q_tiles, n_slots, *sq, *sk, *sv, *so, *sdo, *sl),
-        tail=(*grad_strides, dh, dw, qk_scale, scale),
+        head=((H, W, heads, q_tiles_w, q_tiles, n_slots), sq, sk, sv, so, sdo, sl),
+        tail=(dil, qk_scale, scale),
         flags=dict(
             MASK=padding == "mask", K_COL=dw * sk[2], V_COL=dw * sv[2],
             BLOCK_H=qbh, TW=qbw // config["Q_PIX"], PIX=config["Q_PIX"],
@@ -240,19 +241,19 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
     )
     # 2. table reduction (rows_bwd_query's, same partial layout)
     reduce = rows_bwd_query.reduce_plan(args, heads, d, n_prog, kh, kw)  # no shift mode here
-    # 3. key kernel
+    # 3. key kernel (dk's and dv's strides derived in-kernel)
     kbh, kbw = config["K_BLOCK_H"], config["K_BLOCK_W"]
     k_tiles_w = triton.cdiv(W, kbw)
     k_tiles = triton.cdiv(H, kbh) * k_tiles_w
     key = launch_plan(
         _KEY_PARAMS,
         grid=(B * k_tiles,),
-        head=(H, W, heads, k_tiles_w, k_tiles, *sq, *sk, *sv, *sdo),
-        tail=(*grad_strides, *grad_strides, dh, dw, qk_scale, scale),
+        head=((H, W, heads, k_tiles_w, k_tiles), sq, sk, None if kv_same else sv, sdo),
+        tail=(dil, qk_scale, scale),
         flags=dict(
             Q_COL=dw * sq[2], DO_COL=dw * sdo[2], AUX_COL=dw * heads * 2,
             BLOCK_H=kbh, TW=kbw // config["K_PIX"], PIX=config["K_PIX"],
-            num_warps=config["K_num_warps"], num_stages=1, **common,
+            num_warps=config["K_num_warps"], num_stages=1, KV_SAME=kv_same, **common,
         ),
     )
     sizes = [B * H * W * heads * 2]
@@ -293,23 +294,26 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
         return dq, dk, dv, drel_h, drel_w, drpb
     buffer = new_output((sum(plan.sizes),), torch.float32, q.device, _poison)
     aux, part_h, part_w, part_b = split_partials(buffer, plan.sizes, has_rel, has_rpb)
-    tables = tables_or(args, q)
-    strides_of_tables = table_strides(rel_h, rel_w, rpb)
+    if not has_rel:  # absent tables and their partials: None (never read: flags off)
+        part_h = part_w = None
+    if not has_rpb:
+        part_b = None
+    s_tab = table_strides(rel_h, rel_w, rpb)
     p = plan.query
     tile2d_bwd_query._tile2d_bwd_query_kernel[p.grid](
-        q, k, v, out, dout, lse, *tables, dq, aux, part_h, part_w, part_b,
-        *p.head, *strides_of_tables, *p.tail, **p.options,
+        q, k, v, out, dout, lse, rel_h, rel_w, rpb, dq, aux, part_h, part_w, part_b,
+        *p.head, s_tab, *p.tail, **p.options,
     )
     p = plan.reduce
     if p is not None:
         rows_bwd_query._reduce_tables_kernel[p.grid](
-            part_h, part_w, part_b,
+            part_h if has_rel else aux, part_w if has_rel else aux,
+            part_b if has_rpb else aux,
             drel_h if has_rel else aux, drel_w if has_rel else aux, drpb if has_rpb else aux,
             *p.head, *p.tail, **p.options,
         )
     p = plan.key
     tile2d_bwd_key._tile2d_bwd_key_kernel[p.grid](
-        q, k, v, dout, aux, *tables, dk, dv,
-        *p.head, *strides_of_tables, *p.tail, **p.options,
+        q, k, v, dout, aux, rel_h, rel_w, rpb, dk, dv, *p.head, s_tab, *p.tail, **p.options,
     )
     return dq, dk, dv, drel_h, drel_w, drpb

@@ -169,18 +169,17 @@ def _store_dq(dq_ptr, b_acc, scale, yi, x, m_p, o_dqnd, m_nd, sdq_h, sdq_w,
 
 @triton.jit
 def _tile2d_bwd_query_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
-    dq_ptr, aux_ptr, parth_ptr, partw_ptr, partb_ptr,
-    H, W, HEADS, TILES_W, TILES, N_SLOTS,
-    sq_b, sq_h, sq_w, sq_n, sq_d,
-    sk_b, sk_h, sk_w, sk_n, sk_d,
-    sv_b, sv_h, sv_w, sv_n, sv_d,
-    so_b, so_h, so_w, so_n, so_d,
-    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
-    sl_b, sl_h, sl_w, sl_n,
-    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
-    sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
-    dil_h, dil_w, qk_scale, scale,  # qk_scale = scale * log2(e)
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,  # absent: None
+    dq_ptr, aux_ptr, parth_ptr, partw_ptr, partb_ptr,  # partials without their table: None
+    # tuples: Triton binds ints in a tuple in half the host time of as many arguments
+    sizes,  # (H, W, HEADS, TILES_W, TILES, N_SLOTS)
+    # (batch, row, column, head, channel) strides; v's even where they are k's (a flag
+    # for that, as in the key kernel, cost ptxas 65 more registers and spills at s1)
+    sq, sk, sv, so, sdo,
+    sl,  # lse's (batch, row, column, head) strides
+    s_tab,  # (head, row, channel) strides of rel_h and rel_w, (head, row, column) of rpb
+    dil,  # (dil_h, dil_w)
+    qk_scale, scale,  # qk_scale = scale * log2(e)
     D: tl.constexpr, D_HALF: tl.constexpr,  # constexpr: channel masks stay per vector
     KH: tl.constexpr, KW: tl.constexpr, MASK: tl.constexpr,  # MASK: mask padding, else zeros
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
@@ -189,6 +188,25 @@ def _tile2d_bwd_query_kernel(
     K_COL: tl.constexpr, V_COL: tl.constexpr,  # window column steps (elements)
     CHAIN: tl.constexpr,  # a head's channels in one thread: dots as multiply-add chains
 ):
+    H, W, HEADS, TILES_W, TILES, N_SLOTS = sizes
+    sq_b, sq_h, sq_w, sq_n, sq_d = sq
+    sk_b, sk_h, sk_w, sk_n, sk_d = sk
+    sv_b, sv_h, sv_w, sv_n, sv_d = sv
+    so_b, so_h, so_w, so_n, so_d = so
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d = sdo
+    sl_b, sl_h, sl_w, sl_n = sl
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w = s_tab
+    dil_h, dil_w = dil
+    # dq is the launcher's fresh contiguous tensor: its strides follow from the sizes
+    # (tl.cast: H or W may be the constant 1; 64-bit from the row stride up)
+    sdq_d = 1
+    sdq_n = D
+    sdq_w = HEADS * D
+    if IMG_I64:
+        sdq_h = tl.cast(W, tl.int64) * sdq_w
+    else:  # offsets inside one image fit int32
+        sdq_h = W * sdq_w
+    sdq_b = H * sdq_h  # int32 unless IMG_I64: no product shared with aux's offsets
     # G pixel groups of PIX horizontally adjacent pixels (PIX = 2: column dilation 1);
     # pixel j of a group meets window column u = j + c at its tap c, so per window row
     # the group loads KW + PIX - 1 k / v columns, each serving up to PIX pixels

@@ -1,8 +1,8 @@
 """Backward family "tile2dbwd": a CUDA-core backward for small head dims, composed.
 
 Built like the tile2d forward (kernels/tile2d_fwd.py): a program owns a 2-D tile of
-pixels with all heads, a thread the (pixel, head) rows of a pair of adjacent pixels with
-d in registers (the pair shares its window columns' loads), window rows in a runtime
+pixels with all heads, a thread the (pixel, head) rows of a group of adjacent pixels with
+d in registers (the group shares its window columns' loads), window rows in a runtime
 loop and columns unrolled, so it touches exactly the window (the tensor-core "rowsbwd"
 computes ~4.6x the window's score elements, whatever d is). Three launches:
 

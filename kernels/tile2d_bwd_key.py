@@ -226,7 +226,7 @@ def _tile2d_bwd_key_kernel(
             dks = ndks
             dvs = ndvs
     # dk and dv are the launcher's fresh contiguous tensors: their strides follow from
-    # the sizes, after the loop (tl.cast: H or W may be the constant 1; 64-bit from the row stride up)
+    # the sizes (tl.cast: H or W may be the constant 1; 64-bit from the row stride up)
     sg_d = 1
     sg_n = D
     sg_w = HEADS * D

@@ -3,7 +3,7 @@
 
 What a program owns: a BLOCK_H x BLOCK_W tile of query pixels of one image with all its
 heads (BLOCK_N = next_pow2(heads)), as G = BLOCK_H * TW groups of PIX horizontally
-adjacent pixels (PIX = 1 or 2, BLOCK_W = TW * PIX). A thread holds one (group, head)
+adjacent pixels (PIX = 1, 2 or 4, BLOCK_W = TW * PIX). A thread holds one (group, head)
 row of each pixel: [G, N, D] tiles, D = next_pow2(d) channels, one vector load per
 (pixel, head) held by one thread (16-bit d <= 8) or a few lanes. It loads q, out, dout
 and lse once, writes aux = (lse * log2(e), delta = rowsum(dout * out)) per (pixel, head)
@@ -296,7 +296,7 @@ def _tile2d_bwd_query_kernel(
         m_row = m_y & (yk >= 0) & (yk < H)
         srows = ()  # per pixel: the row rel part of the logit
         growz = ()  # per pixel: G_row[a], the window row's sum of ds
-        for j in tl.static_range(PIX):
+        for _j in tl.static_range(PIX):
             growz = growz + (zero_gn,)
         if HAS_REL:
             b_rh = tl.load(relh_ptr + a * srh_r + o_rh, mask=m_dh[None, :, :],

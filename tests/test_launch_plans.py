@@ -191,7 +191,7 @@ def test_tile2dbwd_passes_its_strides_packed():
             assert key["sv"] == (None if value is v else value.stride())
             assert key["KV_SAME"] == (value is v)
             assert (query["parth_ptr"] is None) != rel
-            for fn, values, _ in (launches[0], launches[-1]):
+            for fn, _values, _ in (launches[0], launches[-1]):
                 assert fn.arg_names.index("D") <= 25  # runtime arguments, then constexprs
 
 

@@ -1,8 +1,8 @@
 """Backward family "tile2dbwd": a CUDA-core backward for small head dims, composed.
 
 Built like the tile2d forward (kernels/tile2d_fwd.py): a program owns a 2-D tile of
-pixels with all heads, a thread the (pixel, head) rows of a pair of adjacent pixels with
-d in registers (the pair shares its window columns' loads), window rows in a runtime
+pixels with all heads, a thread the (pixel, head) rows of a group of adjacent pixels with
+d in registers (the group shares its window columns' loads), window rows in a runtime
 loop and columns unrolled, so it touches exactly the window (the tensor-core "rowsbwd"
 computes ~4.6x the window's score elements, whatever d is). Three launches:
 
@@ -37,7 +37,6 @@ from .common import (
     split_partials,
     stride_vector_width,
     table_strides,
-    tables_or,
 )
 from .launch_cache import (
     NO_LAUNCH,
@@ -55,6 +54,7 @@ MAX_KW = 15  # window columns are unrolled
 MAX_HEADS = 65535  # axis 1 of the table reduction's grid
 _SIZES = (1, 2, 4, 8, 16)
 _WARPS = (1, 2, 4, 8)
+_PIXES = (1, 2, 4)  # pixels per group, either kernel
 KEYS = ("Q_BLOCK_H", "Q_BLOCK_W", "Q_PIX", "Q_num_warps",
         "K_BLOCK_H", "K_BLOCK_W", "K_PIX", "K_num_warps")
 
@@ -81,10 +81,9 @@ def _config(bh: int, tw: int, warps: int, q_pix: int, k_pix: int) -> dict:
 
 
 def search_space() -> list[dict]:
-    """Group tiles, warps and each kernel's pixels per group (query 1 or 2, key 1, 2
-    or 4)."""
+    """Group tiles, warps and each kernel's pixels per group (1, 2 or 4)."""
     return [_config(bh, tw, nw, qp, kp) for bh in _SIZES for tw in _SIZES for nw in _WARPS
-            for qp in (1, 2) for kp in (1, 2, 4) if 4 <= bh * tw * max(qp, kp) <= 128]
+            for qp in _PIXES for kp in _PIXES if 4 <= bh * tw * max(qp, kp) <= 128]
 
 
 def _slots_per_thread(q_shape, bh: int, bw: int, warps: int, pix: int = 1) -> float:
@@ -121,15 +120,12 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
 
 @per_call_key
 def default_config(q_shape, args: AttendArgs) -> dict:
-    """Two horizontally adjacent pixels per thread (PIX = 2: they share KW + 1 of their
-    2 KW window columns' loads; 1 with column dilation or on one-column images), tiles
-    of 4 groups per row (fewer on narrow images) and about 128 (pixel group, head lane)
-    slots, one per thread over 4 warps (fewer warps on tiny images). The key kernel keeps
-    PIX = 1 where a head spans several lanes (d = 16 in 16-bit, d > 4 in fp32): pairs
-    take 255 registers and spill there (s2: 24 bytes). Two slots per thread issue fewer
-    instructions but spill too (s1: 254 registers); so do key pixel quads (K_PIX = 4,
-    a tunable config: s1 255 registers, 16 bytes spilled, 43864 warp instructions per
-    program of 64 pixels against 25504 per 32 in pairs)."""
+    """Two horizontally adjacent query pixels per thread (PIX = 2: they share KW + 1 of
+    their 2 KW window columns' loads; 1 with column dilation or on one-column images),
+    tiles of 4 groups per row (fewer on narrow images) and about 128 (pixel group, head
+    lane) slots, one per thread over 4 warps (fewer warps on tiny images). The key kernel
+    runs the same group tile with `_key_pix` pixels per group. Two slots per thread issue
+    fewer instructions but spill (s1: 254 registers)."""
     B, H, W, heads, d = q_shape
     pix = 2 if args.dw == 1 and W > 1 else 1
     tw = 4 if W > 4 else max(1, min(4, next_pow2(W)) // pix)
@@ -140,7 +136,22 @@ def default_config(q_shape, args: AttendArgs) -> dict:
     warps = 4
     while warps > 1 and _slots_per_thread(q_shape, bh, tw, warps) < 1:
         warps //= 2
-    return _config(bh, tw, warps, pix, pix if _lanes(q_shape) == 1 else 1)
+    quads = pix == 2 and _lanes(q_shape) <= 2 and W >= 4 * tw
+    return _config(bh, tw, warps, 4 if quads and args.kw <= 3 else pix,
+                   _key_pix(q_shape, args, pix, quads))
+
+
+def _key_pix(q_shape, args: AttendArgs, pix: int, quads: bool) -> int:
+    """Key pixels per group: quads (KW + 3 query columns per 4 pixels) where a head lies
+    in one lane (16-bit d <= 8), or in two with kw <= 3, on images at least a tile of
+    quads wide; else pairs where a head spans two lanes, single pixels where more (more
+    pixels take 255 registers and spill there: PREDICTED in docs/tile2d_bwd.md)."""
+    lanes = _lanes(q_shape)
+    if pix == 1 or lanes > 2:
+        return 1
+    if quads and (lanes == 1 or args.kw <= 3):
+        return 4
+    return 2
 
 
 def _check(config, dw: int) -> None:
@@ -152,9 +163,8 @@ def _check(config, dw: int) -> None:
         if bh < 1 or bw < 1 or bh & (bh - 1) or bw & (bw - 1):
             raise ValueError(f"tile2dbwd config {config!r}: {pre}BLOCK_H and {pre}BLOCK_W "
                              "must be powers of two")
-        pixes = (1, 2) if pre == "Q_" else (1, 2, 4)
-        if pix not in pixes or bw % pix or (pix > 1 and dw != 1):
-            raise ValueError(f"tile2dbwd config {config!r}: {pre}PIX must be one of {pixes} "
+        if pix not in _PIXES or bw % pix or (pix > 1 and dw != 1):
+            raise ValueError(f"tile2dbwd config {config!r}: {pre}PIX must be one of {_PIXES} "
                              f"dividing {pre}BLOCK_W, and 1 with column dilation")
 
 
@@ -210,7 +220,9 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
                   BLOCK_N=block_n, BLOCK_D=block_d, IMG_I64=i64, VEC=vec, CHAIN=chain)
     qk_scale = scale * LOG2E.value
 
-    # 1. query kernel
+    kv_same = sk == sv  # the key kernel reads k's strides for v's (None)
+    dil = (dh, dw)
+    # 1. query kernel (dq's strides derived in-kernel: the launcher's contiguous output)
     qbh, qbw = config["Q_BLOCK_H"], config["Q_BLOCK_W"]
     q_tiles_w = triton.cdiv(W, qbw)
     q_tiles = triton.cdiv(H, qbh) * q_tiles_w
@@ -219,8 +231,8 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
     query = launch_plan(
         _QUERY_PARAMS,
         grid=(n_prog,),
-        head=(H, W, heads, q_tiles_w, q_tiles, n_slots, *sq, *sk, *sv, *so, *sdo, *sl),
-        tail=(*grad_strides, dh, dw, qk_scale, scale),
+        head=((H, W, heads, q_tiles_w, q_tiles, n_slots), sq, sk, sv, so, sdo, sl),
+        tail=(dil, qk_scale, scale),
         flags=dict(
             MASK=padding == "mask", K_COL=dw * sk[2], V_COL=dw * sv[2],
             BLOCK_H=qbh, TW=qbw // config["Q_PIX"], PIX=config["Q_PIX"],
@@ -229,19 +241,19 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
     )
     # 2. table reduction (rows_bwd_query's, same partial layout)
     reduce = rows_bwd_query.reduce_plan(args, heads, d, n_prog, kh, kw)  # no shift mode here
-    # 3. key kernel
+    # 3. key kernel (dk's and dv's strides derived in-kernel)
     kbh, kbw = config["K_BLOCK_H"], config["K_BLOCK_W"]
     k_tiles_w = triton.cdiv(W, kbw)
     k_tiles = triton.cdiv(H, kbh) * k_tiles_w
     key = launch_plan(
         _KEY_PARAMS,
         grid=(B * k_tiles,),
-        head=(H, W, heads, k_tiles_w, k_tiles, *sq, *sk, *sv, *sdo),
-        tail=(*grad_strides, *grad_strides, dh, dw, qk_scale, scale),
+        head=((H, W, heads, k_tiles_w, k_tiles), sq, sk, None if kv_same else sv, sdo),
+        tail=(dil, qk_scale, scale),
         flags=dict(
             Q_COL=dw * sq[2], DO_COL=dw * sdo[2], AUX_COL=dw * heads * 2,
             BLOCK_H=kbh, TW=kbw // config["K_PIX"], PIX=config["K_PIX"],
-            num_warps=config["K_num_warps"], num_stages=1, **common,
+            num_warps=config["K_num_warps"], num_stages=1, KV_SAME=kv_same, **common,
         ),
     )
     sizes = [B * H * W * heads * 2]
@@ -282,23 +294,26 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
         return dq, dk, dv, drel_h, drel_w, drpb
     buffer = new_output((sum(plan.sizes),), torch.float32, q.device, _poison)
     aux, part_h, part_w, part_b = split_partials(buffer, plan.sizes, has_rel, has_rpb)
-    tables = tables_or(args, q)
-    strides_of_tables = table_strides(rel_h, rel_w, rpb)
+    if not has_rel:  # absent tables and their partials: None (never read: flags off)
+        part_h = part_w = None
+    if not has_rpb:
+        part_b = None
+    s_tab = table_strides(rel_h, rel_w, rpb)
     p = plan.query
     tile2d_bwd_query._tile2d_bwd_query_kernel[p.grid](
-        q, k, v, out, dout, lse, *tables, dq, aux, part_h, part_w, part_b,
-        *p.head, *strides_of_tables, *p.tail, **p.options,
+        q, k, v, out, dout, lse, rel_h, rel_w, rpb, dq, aux, part_h, part_w, part_b,
+        *p.head, s_tab, *p.tail, **p.options,
     )
     p = plan.reduce
     if p is not None:
         rows_bwd_query._reduce_tables_kernel[p.grid](
-            part_h, part_w, part_b,
+            part_h if has_rel else aux, part_w if has_rel else aux,
+            part_b if has_rpb else aux,
             drel_h if has_rel else aux, drel_w if has_rel else aux, drpb if has_rpb else aux,
             *p.head, *p.tail, **p.options,
         )
     p = plan.key
     tile2d_bwd_key._tile2d_bwd_key_kernel[p.grid](
-        q, k, v, dout, aux, *tables, dk, dv,
-        *p.head, *strides_of_tables, *p.tail, **p.options,
+        q, k, v, dout, aux, rel_h, rel_w, rpb, dk, dv, *p.head, s_tab, *p.tail, **p.options,
     )
     return dq, dk, dv, drel_h, drel_w, drpb

@@ -67,16 +67,14 @@ def _store_rows(ptr, b_t, yi, x, J: tl.constexpr, m_p, o_nd, m_nd, s_h, s_w,
 
 @triton.jit
 def _tile2d_bwd_key_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, aux_ptr, relh_ptr, relw_ptr, rpb_ptr, dk_ptr, dv_ptr,
-    H, W, HEADS, TILES_W, TILES,
-    sq_b, sq_h, sq_w, sq_n, sq_d,
-    sk_b, sk_h, sk_w, sk_n, sk_d,
-    sv_b, sv_h, sv_w, sv_n, sv_d,
-    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
-    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
-    sdk_b, sdk_h, sdk_w, sdk_n, sdk_d,
-    sdv_b, sdv_h, sdv_w, sdv_n, sdv_d,
-    dil_h, dil_w, qk_scale, scale,  # qk_scale = scale * log2(e)
+    q_ptr, k_ptr, v_ptr, do_ptr, aux_ptr, relh_ptr, relw_ptr, rpb_ptr,  # absent tables: None
+    dk_ptr, dv_ptr,
+    # tuples: Triton binds ints in a tuple in half the host time of as many arguments
+    sizes,  # (H, W, HEADS, TILES_W, TILES)
+    sq, sk, sv, sdo,  # (batch, row, column, head, channel) strides; sv None if KV_SAME
+    s_tab,  # (head, row, channel) strides of rel_h and rel_w, (head, row, column) of rpb
+    dil,  # (dil_h, dil_w)
+    qk_scale, scale,  # qk_scale = scale * log2(e)
     D: tl.constexpr, D_HALF: tl.constexpr,  # constexpr: channel masks stay per vector
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
@@ -84,7 +82,18 @@ def _tile2d_bwd_key_kernel(
     BLOCK_D: tl.constexpr, IMG_I64: tl.constexpr, VEC: tl.constexpr,
     Q_COL: tl.constexpr, DO_COL: tl.constexpr, AUX_COL: tl.constexpr,  # window column steps
     CHAIN: tl.constexpr,  # a head's channels in one thread: dots as multiply-add chains
+    KV_SAME: tl.constexpr,  # v's strides are k's (sv is None)
 ):
+    H, W, HEADS, TILES_W, TILES = sizes
+    sq_b, sq_h, sq_w, sq_n, sq_d = sq
+    sk_b, sk_h, sk_w, sk_n, sk_d = sk
+    if KV_SAME:
+        sv_b, sv_h, sv_w, sv_n, sv_d = sk
+    else:
+        sv_b, sv_h, sv_w, sv_n, sv_d = sv
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d = sdo
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w = s_tab
+    dil_h, dil_w = dil
     # G groups of PIX horizontally adjacent key pixels (PIX = 2 or 4: column dilation 1);
     # key pixel j meets query column u (image column x + (u - KW // 2) * dil_w) at its
     # tap c = j + KW - 1 - u: per window row a group loads KW + PIX - 1 query columns.
@@ -145,18 +154,16 @@ def _tile2d_bwd_key_kernel(
             rws = rws + (b_rw,)
         else:
             rws = rws + (0.0,)
-    col_ok = ()
-    for u in tl.static_range(NCOL):
-        xq = x + (u - KW // 2) * dil_w
-        col_ok = col_ok + ((xq >= 0) & (xq < W),)
-
     p_q0 = q_ptr + b * sq_b
     p_do0 = do_ptr + b * sdo_b
     o_qp = yi * sq_h + xi * sq_w  # [G] the group's first pixel
     o_dop = yi * sdo_h + xi * sdo_w
     o_qnd = tl.multiple_of(o_nr * sq_n, VEC)[:, None] + o_d[None, :] * sq_d
     o_dond = tl.multiple_of(o_nr * sdo_n, VEC)[:, None] + o_d[None, :] * sdo_d
-    p_aux0 = aux_ptr + b * H * W * HEADS * 2
+    if IMG_I64:
+        p_aux0 = aux_ptr + b * H * W * HEADS * 2
+    else:  # an int32 image size: no product shared with dk's base kept through the loop
+        p_aux0 = aux_ptr + b * (H * W * HEADS * 2)
     o_auxp = ((yi * W + xi) * HEADS)[:, None] * 2 + (o_n * 2)[None, :]  # [G, N]
     zero = tl.zeros([G, BLOCK_N, BLOCK_D], dtype=tl.float32)
     dks = ()
@@ -184,7 +191,9 @@ def _tile2d_bwd_key_kernel(
                  + o_dond[None, :, :])
         p_ar = p_aux0 + (o_auxp - dy * W * (HEADS * 2))[:, :, None] + tl.arange(0, 2)[None, None, :]
         for u in tl.static_range(NCOL):
-            m_q = m_row & col_ok[u]
+            # inside the image: one unsigned compare, recomputed (fewer live registers)
+            xq = x + (u - KW // 2) * dil_w
+            m_q = m_row & (xq.to(tl.uint32, bitcast=True) < W)
             m_qnd = m_q[:, None, None] & m_nd[None, :, :]
             b_q = to_f32(tl.load(p_qr + (u - KW // 2) * Q_COL, mask=m_qnd, other=0.0))
             b_do = to_f32(tl.load(p_dor + (u - KW // 2) * DO_COL, mask=m_qnd, other=0.0))
@@ -216,13 +225,22 @@ def _tile2d_bwd_key_kernel(
                 ndvs = ndvs + (b_dv,)
             dks = ndks
             dvs = ndvs
-    o_dknd = tl.multiple_of(o_nr * sdk_n, VEC)[:, None] + o_d[None, :] * sdk_d
-    o_dvnd = tl.multiple_of(o_nr * sdv_n, VEC)[:, None] + o_d[None, :] * sdv_d
-    p_dk0 = dk_ptr + b * sdk_b
-    p_dv0 = dv_ptr + b * sdv_b
+    # dk and dv are the launcher's fresh contiguous tensors: their strides follow from
+    # the sizes (tl.cast: H or W may be the constant 1; 64-bit from the row stride up)
+    sg_d = 1
+    sg_n = D
+    sg_w = HEADS * D
+    if IMG_I64:
+        sg_h = tl.cast(W, tl.int64) * sg_w
+    else:  # offsets inside one image fit int32
+        sg_h = W * sg_w
+    sg_b = H * sg_h  # int32 unless IMG_I64 (see p_aux0)
+    o_gnd = tl.multiple_of(o_nr * sg_n, VEC)[:, None] + o_d[None, :] * sg_d
+    p_dk0 = dk_ptr + b * sg_b
+    p_dv0 = dv_ptr + b * sg_b
     for j in tl.static_range(PIX):  # pixel j's column and mask derived from x afresh:
         # kept from the start, the PIX columns would outlive the loop (spills at PIX 4)
         m_p = m_y & (x < W - j)
-        _store_rows(p_dk0, dks[j] * scale, yi, x, j, m_p, o_dknd, m_nd, sdk_h, sdk_w,
-                    IMG_I64, VEC)
-        _store_rows(p_dv0, dvs[j], yi, x, j, m_p, o_dvnd, m_nd, sdv_h, sdv_w, IMG_I64, VEC)
+        _store_rows(p_dk0, dks[j] * scale, yi, x, j, m_p, o_gnd, m_nd, sg_h, sg_w, IMG_I64,
+                    VEC)
+        _store_rows(p_dv0, dvs[j], yi, x, j, m_p, o_gnd, m_nd, sg_h, sg_w, IMG_I64, VEC)

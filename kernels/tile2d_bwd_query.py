@@ -3,7 +3,7 @@
 
 What a program owns: a BLOCK_H x BLOCK_W tile of query pixels of one image with all its
 heads (BLOCK_N = next_pow2(heads)), as G = BLOCK_H * TW groups of PIX horizontally
-adjacent pixels (PIX = 1 or 2, BLOCK_W = TW * PIX). A thread holds one (group, head)
+adjacent pixels (PIX = 1, 2 or 4, BLOCK_W = TW * PIX). A thread holds one (group, head)
 row of each pixel: [G, N, D] tiles, D = next_pow2(d) channels, one vector load per
 (pixel, head) held by one thread (16-bit d <= 8) or a few lanes. It loads q, out, dout
 and lse once, writes aux = (lse * log2(e), delta = rowsum(dout * out)) per (pixel, head)
@@ -169,18 +169,17 @@ def _store_dq(dq_ptr, b_acc, scale, yi, x, m_p, o_dqnd, m_nd, sdq_h, sdq_w,
 
 @triton.jit
 def _tile2d_bwd_query_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
-    dq_ptr, aux_ptr, parth_ptr, partw_ptr, partb_ptr,
-    H, W, HEADS, TILES_W, TILES, N_SLOTS,
-    sq_b, sq_h, sq_w, sq_n, sq_d,
-    sk_b, sk_h, sk_w, sk_n, sk_d,
-    sv_b, sv_h, sv_w, sv_n, sv_d,
-    so_b, so_h, so_w, so_n, so_d,
-    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
-    sl_b, sl_h, sl_w, sl_n,
-    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
-    sdq_b, sdq_h, sdq_w, sdq_n, sdq_d,
-    dil_h, dil_w, qk_scale, scale,  # qk_scale = scale * log2(e)
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,  # absent: None
+    dq_ptr, aux_ptr, parth_ptr, partw_ptr, partb_ptr,  # partials without their table: None
+    # tuples: Triton binds ints in a tuple in half the host time of as many arguments
+    sizes,  # (H, W, HEADS, TILES_W, TILES, N_SLOTS)
+    # (batch, row, column, head, channel) strides; v's even where they are k's (a flag
+    # for that, as in the key kernel, cost ptxas 65 more registers and spills at s1)
+    sq, sk, sv, so, sdo,
+    sl,  # lse's (batch, row, column, head) strides
+    s_tab,  # (head, row, channel) strides of rel_h and rel_w, (head, row, column) of rpb
+    dil,  # (dil_h, dil_w)
+    qk_scale, scale,  # qk_scale = scale * log2(e)
     D: tl.constexpr, D_HALF: tl.constexpr,  # constexpr: channel masks stay per vector
     KH: tl.constexpr, KW: tl.constexpr, MASK: tl.constexpr,  # MASK: mask padding, else zeros
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
@@ -189,6 +188,25 @@ def _tile2d_bwd_query_kernel(
     K_COL: tl.constexpr, V_COL: tl.constexpr,  # window column steps (elements)
     CHAIN: tl.constexpr,  # a head's channels in one thread: dots as multiply-add chains
 ):
+    H, W, HEADS, TILES_W, TILES, N_SLOTS = sizes
+    sq_b, sq_h, sq_w, sq_n, sq_d = sq
+    sk_b, sk_h, sk_w, sk_n, sk_d = sk
+    sv_b, sv_h, sv_w, sv_n, sv_d = sv
+    so_b, so_h, so_w, so_n, so_d = so
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d = sdo
+    sl_b, sl_h, sl_w, sl_n = sl
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w = s_tab
+    dil_h, dil_w = dil
+    # dq is the launcher's fresh contiguous tensor: its strides follow from the sizes
+    # (tl.cast: H or W may be the constant 1; 64-bit from the row stride up)
+    sdq_d = 1
+    sdq_n = D
+    sdq_w = HEADS * D
+    if IMG_I64:
+        sdq_h = tl.cast(W, tl.int64) * sdq_w
+    else:  # offsets inside one image fit int32
+        sdq_h = W * sdq_w
+    sdq_b = H * sdq_h  # int32 unless IMG_I64: no product shared with aux's offsets
     # G pixel groups of PIX horizontally adjacent pixels (PIX = 2: column dilation 1);
     # pixel j of a group meets window column u = j + c at its tap c, so per window row
     # the group loads KW + PIX - 1 k / v columns, each serving up to PIX pixels
@@ -223,44 +241,40 @@ def _tile2d_bwd_query_kernel(
     p_o0 = o_ptr + b * so_b
     p_do0 = do_ptr + b * sdo_b
     p_l0 = lse_ptr + b * sl_b
-    qs0, do0, lse0, delta0, m_p0 = _pixel_inputs(
-        p_q0, p_o0, p_do0, p_l0, aux_ptr, b, y, yi, x, m_y, H, W, HEADS, o_qnd, o_ond,
-        o_dond, o_n, m_n, m_nd, sq_h, sq_w, so_h, so_w, sdo_h, sdo_w, sl_h, sl_w, sl_n,
-        qk_scale, IMG_I64, VEC)
-    qs1, do1, lse1, delta1, m_p1 = qs0, do0, lse0, delta0, m_p0
-    if PIX > 1:
-        qs1, do1, lse1, delta1, m_p1 = _pixel_inputs(
-            p_q0, p_o0, p_do0, p_l0, aux_ptr, b, y, yi, x + 1, m_y, H, W, HEADS, o_qnd,
+    qss = ()  # per pixel j of the group: q * scale * log2(e), dout, lse2, delta, mask
+    dos = ()
+    lses = ()
+    deltas = ()
+    m_ps = ()
+    for j in tl.static_range(PIX):
+        b_qs, b_do, b_lse, b_delta, m_p = _pixel_inputs(
+            p_q0, p_o0, p_do0, p_l0, aux_ptr, b, y, yi, x + j, m_y, H, W, HEADS, o_qnd,
             o_ond, o_dond, o_n, m_n, m_nd, sq_h, sq_w, so_h, so_w, sdo_h, sdo_w, sl_h,
             sl_w, sl_n, qk_scale, IMG_I64, VEC)
+        qss = qss + (b_qs,)
+        dos = dos + (b_do,)
+        lses = lses + (b_lse,)
+        deltas = deltas + (b_delta,)
+        m_ps = m_ps + (m_p,)
 
     m_dh = m_nd & (o_d < D_HALF)[None, :]  # [N, D]: channels meeting rel_h
     m_dw = m_nd & (o_d >= D_HALF)[None, :]  # channels meeting rel_w
     o_g0 = (o_g * 0)[:, None, None]  # a table row loaded in the [G, N, D] tiles' layout
     o_rh = o_g0 + (o_n[:, None] * srh_n + o_d[None, :] * srh_d)[None, :, :]
     o_rw = o_g0 + (o_n[:, None] * srw_n + (o_d[None, :] - D_HALF) * srw_d)[None, :, :]
-    # per tap c and pixel: the column rel part of the logit less lse2 (the chain's seed)
-    seeds0 = ()
-    seeds1 = ()
+    # per pixel j and tap c (flat, j * KW + c): the column rel part of the logit less
+    # lse2 (the chain's seed)
     zero_gn = tl.zeros([G, BLOCK_N], dtype=tl.float32)
-    for c in tl.static_range(KW):
-        if HAS_REL:
-            b_rw = tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :],
-                           other=0.0).to(tl.float32)
-            seeds0 = seeds0 + (_dot(-lse0, _upper(qs0, HALF), _upper(b_rw, HALF), CHAIN),)
-            if PIX > 1:
-                seeds1 = seeds1 + (_dot(-lse1, _upper(qs1, HALF), _upper(b_rw, HALF),
-                                        CHAIN),)
-        else:
-            seeds0 = seeds0 + (-lse0,)
-            seeds1 = seeds1 + (-lse1,)
-    if PIX == 1:
-        seeds1 = seeds0
-    # whether window column u (image column x + (u - KW // 2) * dil_w) is inside
-    col_ok = ()
-    for u in tl.static_range(NCOL):
-        xk = x + (u - KW // 2) * dil_w
-        col_ok = col_ok + ((xk >= 0) & (xk < W),)
+    seeds = ()
+    for j in tl.static_range(PIX):
+        for c in tl.static_range(KW):
+            if HAS_REL:
+                b_rw = tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :],
+                               other=0.0).to(tl.float32)
+                seeds = seeds + (_dot(-lses[j], _upper(qss[j], HALF), _upper(b_rw, HALF),
+                                      CHAIN),)
+            else:
+                seeds = seeds + (-lses[j],)
 
     p_k0 = k_ptr + b * sk_b
     p_v0 = v_ptr + b * sv_b
@@ -268,122 +282,137 @@ def _tile2d_bwd_query_kernel(
     o_vp = yi * sv_h + xi * sv_w
     o_knd = tl.multiple_of(o_nr * sk_n, VEC)[:, None] + o_d[None, :] * sk_d  # [N, D]
     o_vnd = tl.multiple_of(o_nr * sv_n, VEC)[:, None] + o_d[None, :] * sv_d
-    acc0 = tl.zeros([G, BLOCK_N, BLOCK_D], dtype=tl.float32)  # dq / scale
-    acc1 = acc0
-    g0 = ()  # G_col per tap, per pixel
-    for _c in tl.static_range(KW):
-        g0 = g0 + (zero_gn,)
-    g1 = g0
+    zero = tl.zeros([G, BLOCK_N, BLOCK_D], dtype=tl.float32)
+    accs = ()  # dq / scale per pixel
+    for _j in tl.static_range(PIX):
+        accs = accs + (zero,)
+    gs = ()  # G_col per pixel and tap (flat, j * KW + c)
+    for _i in tl.static_range(PIX * KW):
+        gs = gs + (zero_gn,)
     slot = pid.to(tl.int64) * HEADS + o_n  # [N]: partial slot of (program, head)
     for a in range(KH):
         dy = (a - KH // 2) * dil_h
         yk = y + dy
         m_row = m_y & (yk >= 0) & (yk < H)
-        srow0 = zero_gn
-        srow1 = zero_gn
+        srows = ()  # per pixel: the row rel part of the logit
+        growz = ()  # per pixel: G_row[a], the window row's sum of ds
+        for _j in tl.static_range(PIX):
+            growz = growz + (zero_gn,)
         if HAS_REL:
             b_rh = tl.load(relh_ptr + a * srh_r + o_rh, mask=m_dh[None, :, :],
                            other=0.0).to(tl.float32)
-            srow0 = _dot(zero_gn, _lower(qs0, HALF), _lower(b_rh, HALF), CHAIN)  # [G, N]
-            if PIX > 1:
-                srow1 = _dot(zero_gn, _lower(qs1, HALF), _lower(b_rh, HALF), CHAIN)
-        grow0 = zero_gn
-        grow1 = zero_gn
-        ng0 = ()
-        ng1 = ()
-        pend = zero_gn  # rpb: pixel 0's ds at the tap pixel 1 meets next
+            for j in tl.static_range(PIX):
+                srows = srows + (_dot(zero_gn, _lower(qss[j], HALF), _lower(b_rh, HALF),
+                                      CHAIN),)  # [G, N]
+        else:
+            srows = growz
+        grows = growz
+        pbs = ()  # rpb: per tap, the ds summed over the pixels met so far
+        for _c in tl.static_range(KW):
+            pbs = pbs + (zero_gn,)
         # the row's pointers once; the window columns step by compile-time immediates
         p_kr = p_k0 + tl.multiple_of(o_kp + dy * sk_h, VEC)[:, None, None] + o_knd[None, :, :]
         p_vr = p_v0 + tl.multiple_of(o_vp + dy * sv_h, VEC)[:, None, None] + o_vnd[None, :, :]
         for u in tl.static_range(NCOL):
-            m_col = m_row & col_ok[u]
+            # window column u inside the image: one unsigned compare, recomputed
+            xk = x + (u - KW // 2) * dil_w
+            m_col = m_row & (xk.to(tl.uint32, bitcast=True) < W)
             m_knd = m_col[:, None, None] & m_nd[None, :, :]
             b_k = to_f32(tl.load(p_kr + (u - KW // 2) * K_COL, mask=m_knd, other=0.0))
             b_v = to_f32(tl.load(p_vr + (u - KW // 2) * V_COL, mask=m_knd, other=0.0))
-            if PIX > 1:
-                if u >= 1:  # pixel 1, tap c = u - 1
-                    seed = seeds1[u - 1] + srow1
-                    if HAS_RPB:
-                        b_rpb = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
-                                        + ((u - 1) + KW // 2) * srp_w, mask=m_n, other=0.0)
-                        seed += (b_rpb.to(tl.float32) * LOG2E)[None, :]
-                    m_tap = m_col & m_p1
-                    acc1, ds1 = _tap(b_k, b_v, qs1, do1, delta1, seed, m_tap, acc1, MASK,
-                                     CHAIN)
-                    if HAS_REL:
-                        grow1 += ds1
-                        ng1 = ng1 + (g1[u - 1] + ds1,)
-                    if HAS_RPB:  # zeros padding: taps outside the image count
-                        ds1 = tl.where((m_tap if MASK else m_p1)[:, None], ds1, 0.0)
-                        tl.store(partb_ptr + (a * N_SLOTS + slot) * KW + (u - 1),
-                                 tl.sum(pend + ds1, axis=0), mask=m_n)
-            if u < KW:  # pixel 0, tap c = u
-                seed = seeds0[u] + srow0
-                if HAS_RPB:
-                    b_rpb = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
-                                    + (u + KW // 2) * srp_w, mask=m_n, other=0.0)
-                    seed += (b_rpb.to(tl.float32) * LOG2E)[None, :]
-                m_tap = m_col & m_p0
-                acc0, ds0 = _tap(b_k, b_v, qs0, do0, delta0, seed, m_tap, acc0, MASK,
-                                 CHAIN)
-                if HAS_REL:
-                    grow0 += ds0
-                    ng0 = ng0 + (g0[u] + ds0,)
-                if HAS_RPB:
-                    ds0 = tl.where((m_tap if MASK else m_p0)[:, None], ds0, 0.0)
-                    if PIX > 1:
-                        pend = ds0
+            naccs = ()
+            ngrows = ()
+            dss = ()  # per pixel: ds at its tap c = u - j (zeros where it has none)
+            for j in tl.static_range(PIX):
+                b_acc = accs[j]
+                b_grow = grows[j]
+                ds = zero_gn
+                if u - j >= 0:
+                    if u - j < KW:  # pixel j, tap c = u - j
+                        seed = seeds[j * KW + u - j] + srows[j]
+                        if HAS_RPB:
+                            b_rpb = tl.load(rpb_ptr + o_n * srp_n + (a + KH // 2) * srp_h
+                                            + ((u - j) + KW // 2) * srp_w, mask=m_n,
+                                            other=0.0)
+                            seed += (b_rpb.to(tl.float32) * LOG2E)[None, :]
+                        m_tap = m_col & m_ps[j]
+                        b_acc, ds = _tap(b_k, b_v, qss[j], dos[j], deltas[j], seed, m_tap,
+                                         b_acc, MASK, CHAIN)
+                        if HAS_REL:
+                            b_grow += ds
+                        if HAS_RPB:  # zeros padding: taps outside the image count
+                            ds_b = tl.where((m_tap if MASK else m_ps[j])[:, None], ds, 0.0)
+                            npbs = ()
+                            for c in tl.static_range(KW):
+                                if c == u - j:
+                                    if j == PIX - 1:  # the tap's last pixel: store
+                                        tl.store(partb_ptr + (a * N_SLOTS + slot) * KW + c,
+                                                 tl.sum(pbs[c] + ds_b, axis=0), mask=m_n)
+                                        npbs = npbs + (zero_gn,)
+                                    else:
+                                        npbs = npbs + (pbs[c] + ds_b,)
+                                else:
+                                    npbs = npbs + (pbs[c],)
+                            pbs = npbs
+                naccs = naccs + (b_acc,)
+                ngrows = ngrows + (b_grow,)
+                dss = dss + (ds,)
+            accs = naccs
+            grows = ngrows
+            if HAS_REL:  # G_col of pixel j, tap c = u - j
+                ngs = ()
+                for i in tl.static_range(PIX * KW):
+                    if i % KW == u - i // KW:
+                        ngs = ngs + (gs[i] + dss[i // KW],)
                     else:
-                        tl.store(partb_ptr + (a * N_SLOTS + slot) * KW + u,
-                                 tl.sum(ds0, axis=0), mask=m_n)
+                        ngs = ngs + (gs[i],)
+                gs = ngs
         if HAS_REL:
-            g0 = ng0
             # rel_h row a: dq += G_row rel_h[a]; partial sum over pixels of G_row q[:d/2]
             # (a row outside the image meets neither, with mask padding: selected away)
-            prod0 = grow0[:, :, None] * b_rh
-            part = grow0[:, :, None] * _lower(qs0, HALF)
-            if MASK:
-                m_r = (m_row & m_p0)[:, None, None]
-                prod0 = tl.where(m_r, prod0, 0.0)
-                part = tl.where(m_r, part, 0.0)
-            acc0 += prod0
-            if PIX > 1:
-                g1 = ng1
-                prod1 = grow1[:, :, None] * b_rh
-                part1 = grow1[:, :, None] * _lower(qs1, HALF)
+            naccs = ()
+            part = tl.zeros([G, BLOCK_N, D_HALF if HALF else BLOCK_D], dtype=tl.float32)
+            for j in tl.static_range(PIX):
+                prod = grows[j][:, :, None] * b_rh
+                part_j = grows[j][:, :, None] * _lower(qss[j], HALF)
                 if MASK:
-                    m_r = (m_row & m_p1)[:, None, None]
-                    prod1 = tl.where(m_r, prod1, 0.0)
-                    part1 = tl.where(m_r, part1, 0.0)
-                acc1 += prod1
-                part += part1
+                    m_r = (m_row & m_ps[j])[:, None, None]
+                    prod = tl.where(m_r, prod, 0.0)
+                    part_j = tl.where(m_r, part_j, 0.0)
+                naccs = naccs + (accs[j] + prod,)
+                if j == 0:
+                    part = part_j
+                else:
+                    part += part_j
+            accs = naccs
             part = tl.sum(part, axis=0) * 0.6931471805599453  # q * scale: qs / log2(e)
             _store_part(parth_ptr, a * N_SLOTS + slot, part, o_d, m_n, m_dh, D_HALF, 0, HALF)
     if HAS_REL:
         for c in tl.static_range(KW):
             b_rw = tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :],
                            other=0.0).to(tl.float32)
-            prod0 = g0[c][:, :, None] * b_rw
-            part = g0[c][:, :, None] * _upper(qs0, HALF)
-            if MASK:  # pixel j meets rel_w[c] at window column u = j + c
-                m_c = (m_p0 & col_ok[c])[:, None, None]
-                prod0 = tl.where(m_c, prod0, 0.0)
-                part = tl.where(m_c, part, 0.0)
-            acc0 += prod0
-            if PIX > 1:
-                prod1 = g1[c][:, :, None] * b_rw
-                part1 = g1[c][:, :, None] * _upper(qs1, HALF)
-                if MASK:
-                    m_c = (m_p1 & col_ok[c + 1])[:, None, None]
-                    prod1 = tl.where(m_c, prod1, 0.0)
-                    part1 = tl.where(m_c, part1, 0.0)
-                acc1 += prod1
-                part += part1
+            naccs = ()
+            part = tl.zeros([G, BLOCK_N, BLOCK_D - D_HALF if HALF else BLOCK_D],
+                            dtype=tl.float32)
+            for j in tl.static_range(PIX):
+                prod = gs[j * KW + c][:, :, None] * b_rw
+                part_j = gs[j * KW + c][:, :, None] * _upper(qss[j], HALF)
+                if MASK:  # pixel j meets rel_w[c] at window column u = j + c
+                    xk = x + (j + c - KW // 2) * dil_w
+                    m_c = (m_ps[j] & (xk.to(tl.uint32, bitcast=True) < W))[:, None, None]
+                    prod = tl.where(m_c, prod, 0.0)
+                    part_j = tl.where(m_c, part_j, 0.0)
+                naccs = naccs + (accs[j] + prod,)
+                if j == 0:
+                    part = part_j
+                else:
+                    part += part_j
+            accs = naccs
             part = tl.sum(part, axis=0) * 0.6931471805599453  # q * scale: qs / log2(e)
             _store_part(partw_ptr, c * N_SLOTS + slot, part, o_d, m_n, m_dw, D - D_HALF,
                         D_HALF, HALF)
     o_dqnd = tl.multiple_of(o_nr * sdq_n, VEC)[:, None] + o_d[None, :] * sdq_d
     p_dq0 = dq_ptr + b * sdq_b
-    _store_dq(p_dq0, acc0, scale, yi, x, m_p0, o_dqnd, m_nd, sdq_h, sdq_w, IMG_I64, VEC)
-    if PIX > 1:
-        _store_dq(p_dq0, acc1, scale, yi, x + 1, m_p1, o_dqnd, m_nd, sdq_h, sdq_w, IMG_I64, VEC)
+    for j in tl.static_range(PIX):
+        _store_dq(p_dq0, accs[j], scale, yi, x + j, m_ps[j], o_dqnd, m_nd, sdq_h, sdq_w,
+                  IMG_I64, VEC)

@@ -201,6 +201,37 @@ def test_rowsbwd_query_and_reduction_pass_their_strides_packed(tables):
         assert all(red[n].is_contiguous() for n in ("dh_ptr", "dw_ptr", "db_ptr"))
 
 
+def test_tile2dbwd_passes_its_strides_packed():
+    """Both tile2dbwd kernels pass their sizes and each input's strides as tuples, no
+    strides for the gradients they write (the launcher's contiguous dq, dk, dv: derived
+    in-kernel), None for absent tables and their partials, and the key kernel None for
+    v's strides when they equal k's (the query kernel always passes them)."""
+    case = Case(B=1, H=4, W=8, heads=2, d=8, k=3, rel="shared")
+    q, k, v, kw = make_inputs(case, torch.bfloat16)
+    strided_v = v.transpose(3, 4).contiguous().transpose(3, 4)
+    out, lse, dout = torch.empty_like(q), torch.empty(q.shape[:4]), torch.empty_like(q)
+    with host.stub_launches():
+        for value, rel in ((v, True), (strided_v, False)):
+            args = check_attend_args(q, k, value, 3, 1, "zeros", kw["rel_h"] if rel else None,
+                                     kw["rel_w"] if rel else None, None, None)
+            launches = host._launches(lambda value=value, args=args: tile2d_bwd.backward(
+                q, k, value, out, lse, dout, args))
+            assert len(launches) == (3 if rel else 2)
+            named = [dict(zip(fn.arg_names, values)) for fn, values, _ in launches]
+            query, key = named[0], named[-1]
+            for each in (query, key):
+                assert each["sq"] == q.stride() and each["sk"] == k.stride()
+                assert each["sizes"][:3] == (4, 8, 2) and each["rpb_ptr"] is None
+                assert (each["relh_ptr"] is kw["rel_h"]) if rel else each["relh_ptr"] is None
+                assert not any(n.startswith(("sdq", "sdk", "sdv")) for n in each)
+            assert query["sv"] == value.stride() and query["partb_ptr"] is None
+            assert key["sv"] == (None if value is v else value.stride())
+            assert key["KV_SAME"] == (value is v)
+            assert (query["parth_ptr"] is None) != rel
+            for fn, _values, _ in (launches[0], launches[-1]):
+                assert fn.arg_names.index("D") <= 25  # runtime arguments, then constexprs
+
+
 def test_tile2dbwd_vector_width_follows_the_pointers():
     """Likewise for both tile2dbwd kernels, whose width also follows out, dout and the
     gradients it allocates."""

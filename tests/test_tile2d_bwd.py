@@ -4,8 +4,8 @@ dq, dk, dv and the rel / rpb table gradients from the composed launches (query k
 table reduction, key kernel), out and lse from the oracle. Seeded random cases through
 Triton's interpreter (zeros and mask padding, dilation, non-square odd k, shared /
 per-head rel, rpb, fp16 / bf16 / fp32, odd d, strided layouts, several tiles per
-image), pixel pairs (PIX = 2) and single pixels in either kernel, key pixel quads
-(K_PIX = 4), repeat calls bit-identical, NaN / inf kept inside their windows, and the
+image), pixel pairs (PIX = 2), quads (PIX = 4) and single pixels in either kernel,
+repeat calls bit-identical, NaN / inf kept inside their windows, and the
 config helpers. The generic backward tests (test_kernels_backward.py) run it too, as a
 registered variant.
 """
@@ -92,11 +92,12 @@ def test_many_tiles(pix, padding):
 
 @pytest.mark.parametrize("dtype, padding", [(torch.bfloat16, "zeros"),
                                             (torch.float32, "mask")], ids=["bf16", "fp32"])
-def test_key_pixel_quads(dtype, padding):
-    """Four key pixels per group (K_PIX = 4, a tunable config): a quad's last pixels
-    outside an odd-width image, halos across tiles; bf16 d = 8 takes the channel-half
-    rel path (a head's channels in one thread), fp32 the full-channel one."""
-    config = {"Q_BLOCK_H": 2, "Q_BLOCK_W": 4, "Q_PIX": 2, "Q_num_warps": 1,
+def test_pixel_quads(dtype, padding):
+    """Four pixels per group in both kernels (PIX = 4): a quad's last pixels outside an
+    odd-width image, halos across tiles, the rpb partial of a tap summed over the
+    quad's pixels; bf16 d = 8 takes the channel-half rel path (a head's channels in one
+    thread), fp32 the full-channel one."""
+    config = {"Q_BLOCK_H": 2, "Q_BLOCK_W": 8, "Q_PIX": 4, "Q_num_warps": 1,
               "K_BLOCK_H": 2, "K_BLOCK_W": 8, "K_PIX": 4, "K_num_warps": 1}
     run_case(Case(B=1, H=3, W=7, heads=2, d=8, k=(3, 5), padding=padding, rel="shared",
                   rpb=True), dtype, config=config)
@@ -180,6 +181,16 @@ def test_configs_and_supports():
     default = tile2d_bwd.default_config(shape, args)
     assert default in tile2d_bwd.search_space()
     assert default in tile2d_bwd.prune(tile2d_bwd.search_space(), shape, args)
+    # pixels per group (query, key): key quads where a head lies in one lane (s1), both
+    # kernels' with kw <= 3, pairs at d = 16 (s2) and on narrow images, single pixels
+    # with column dilation
+    k3 = check_attend_args(q, q, q, 3, 1, "zeros", None, None, None, None)
+    dilated = check_attend_args(q, q, q, 7, (1, 2), "zeros", None, None, None, None)
+    for q_shape, a, pix in ((shape, args, (2, 4)), ((2, 28, 28, 8, 16), args, (2, 2)),
+                            ((2, 28, 28, 8, 16), k3, (4, 4)), ((2, 6, 6, 8, 8), args, (2, 2)),
+                            (shape, dilated, (1, 1))):
+        config = tile2d_bwd.default_config(q_shape, a)
+        assert (config["Q_PIX"], config["K_PIX"]) == pix, (q_shape, a.kw, pix)
     assert tile2d_bwd.supports(shape, torch.bfloat16, args)
     assert tile2d_bwd.supports((2, 28, 28, 8, 16), torch.bfloat16, args)
     assert not tile2d_bwd.supports(shape, torch.float64, args)
@@ -190,8 +201,7 @@ def test_configs_and_supports():
         tile2d_bwd.backward(q, q, q, q, q[..., 0], q, args, {"BLOCK_H": 4})
     quads = dict(default, K_BLOCK_W=8, K_PIX=4)
     with pytest.raises(ValueError, match="Q_PIX"):
-        tile2d_bwd.backward(q, q, q, q, q[..., 0], q, args, dict(quads, Q_PIX=4))
-    dilated = check_attend_args(q, q, q, 7, (1, 2), "zeros", None, None, None, None)
+        tile2d_bwd.backward(q, q, q, q, q[..., 0], q, args, dict(quads, Q_PIX=3))
     with pytest.raises(ValueError, match="K_PIX"):
         tile2d_bwd.backward(q, q, q, q, q[..., 0], q, dilated, quads)
     with pytest.raises(ValueError, match="does not support"):

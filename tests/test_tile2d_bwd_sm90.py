@@ -4,7 +4,7 @@ them, without a GPU.
 A subprocess runs the launcher on CPU tensors with the query, reduction and key kernels
 swapped for recorders and compiles each recorded query / key launch with Triton's
 compiler and ptxas (aot_sm90.py): the suite shapes this backward serves (s1, s2, det,
-h16: bf16, k 7, zeros, shared rel; default configs) and feature combinations that change
+h16: bf16, k 7, and k3; zeros, shared rel; default configs) and feature combinations that change
 the code (mask with dilation and non-square k, per-head rel, rpb, fp16, fp32, odd d,
 channels-last strides). Every launch must compile; the suite launches must not spill.
 """
@@ -20,6 +20,7 @@ SUITE = [  # report suite cases at B = 2 (the batch does not change the code)
     (Case(B=2, H=28, W=28, heads=8, d=16, k=7, rel="shared"), torch.bfloat16, "contiguous"),
     (Case(B=2, H=128, W=128, heads=4, d=16, k=7, rel="shared"), torch.bfloat16, "contiguous"),
     (Case(B=2, H=28, W=28, heads=16, d=8, k=7, rel="shared"), torch.bfloat16, "contiguous"),
+    (Case(B=2, H=28, W=28, heads=8, d=16, k=3, rel="shared"), torch.bfloat16, "contiguous"),
 ]
 FEATURES = [
     (Case(B=2, H=12, W=20, heads=4, d=8, k=(3, 5), dilation=(1, 2), padding="mask",

@@ -30,7 +30,7 @@ FEATURES = [
     (Case(B=2, H=4, W=16, heads=2, d=64, k=(3, 7), dilation=(1, 2), padding="shift"),
      torch.bfloat16, "contiguous"),
 ]
-KERNELS = ("_image_fwd_kernel", "_image_bwd_kernel", "_image_bwd_exact_kernel")
+KERNELS = ("_image_fwd_kernel", "_image_bwd_kernel")
 
 
 def _compile_all() -> None:
@@ -66,7 +66,7 @@ def test_image_kernels_compile_for_sm90_without_spills():
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("compiled")]
     # the d 128 case compiles the forward only (imagebwd: d <= 64)
-    assert len(lines) == len(KERNELS) * len(SUITE + FEATURES) - 2, proc.stdout[-4000:]
+    assert len(lines) == len(KERNELS) * len(SUITE + FEATURES) - 1, proc.stdout[-4000:]
     assert all("'regs'" in ln for ln in lines), "no ptxas usage:\n" + "\n".join(lines)
     for ln in lines:
         assert int(re.search(r"'spill_stores': (\d+)", ln).group(1)) == 0, (

@@ -255,6 +255,13 @@ def dot_exact(a, b, INTERP: tl.constexpr):
 
 
 @triton.jit
+def q_times_zero(b_q, BLOCK_D: tl.constexpr):
+    """Per query [N]: q . 0, the logit of a zero key without tables: 0, NaN where q's row
+    holds a NaN / inf (one small dot on tensor cores: no per-element work)."""
+    return tl.sum(tl.dot(b_q, tl.zeros([BLOCK_D, 16], dtype=b_q.dtype)), axis=1)
+
+
+@triton.jit
 def axis_window(i, size, dil, K: tl.constexpr, SHIFT: tl.constexpr, P: tl.constexpr):
     """Queries at coordinate i [N] against the positions 0..P-1 of one axis: (position in
     the window and the image [N, P], its rel-table row [N, P])."""
@@ -286,12 +293,10 @@ def zero_taps(b_rh, y, H, dil_h, qk_scale, KH: tl.constexpr, HAS_REL: tl.constex
     """Zeros mode without rpb, one axis (rows: b_rh, y, H; columns likewise): the zero
     taps' logits are separable, 2^(Ra + Rc) over the out-of-image taps (a, c), so their
     mass is max-shifted sums over taps: (exp2(Ra - mh) [N, E] (0 past K), out of the image
-    [N, E], mh [N], sum over all taps [N], over those out of the image [N])."""
+    [N, E], mh [N], sum over all taps [N], over those out of the image [N]). Without rel,
+    b_rh is q . 0 per query (0, or NaN: `q_times_zero`) broadcast over E."""
     m_tap, m_out, _ = axis_taps(y, H, dil_h, KH, E_PAD)
-    if HAS_REL:
-        b_r = tl.where(m_tap, b_rh * qk_scale, float("-inf"))
-    else:
-        b_r = tl.where(m_tap, 0.0, float("-inf")) + tl.zeros_like(b_rh)
+    b_r = tl.where(m_tap, b_rh * qk_scale, float("-inf"))
     b_mh = tl.max(b_r, axis=1)
     b_e = tl.exp2(b_r - b_mh[:, None])
     return b_e, m_out, b_mh, tl.sum(b_e, axis=1), tl.sum(tl.where(m_out, b_e, 0.0), axis=1)
@@ -445,6 +450,8 @@ def _image_fwd_kernel(
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
     b_zl = tl.full([BLOCK_N], float("-inf"), tl.float32)  # log2 mass of the zero taps
+    if ZEROS and not HAS_REL:  # a zero key's logit is q . 0: NaN for a NaN / inf q
+        b_qz = q_times_zero(b_q, BLOCK_D)  # (with rel, the rel products carry it)
     if HAS_RPB:
         b_s, b_z, m_win, b_rh, b_rw, b_th, b_tw, y, x, m_p, offy, offx = image_logits(
             b_q, b_k, relh_ptr, relw_ptr, rpb_ptr, n, H, W, D, D_HALF,
@@ -452,6 +459,8 @@ def _image_fwd_kernel(
             qk_scale, KH, KW, PADDING, HAS_REL, HAS_RPB, REL_F32, BLOCK_X, BLOCK_N, BLOCK_D,
             E_PAD, TAP_X, TAP_N)
         if ZEROS:
+            if not HAS_REL:
+                b_z += b_qz[:, None]
             b_zm = tl.maximum(tl.max(b_z, axis=1), -1.0e30)
             b_zl = b_zm + _log2(tl.sum(tl.exp2(b_z - b_zm[:, None]), axis=1), INTERP)
     else:
@@ -462,6 +471,9 @@ def _image_fwd_kernel(
             INTERP)
         m_win = b_s != float("-inf")
         if ZEROS:
+            if not HAS_REL:
+                b_rh = b_qz[:, None] + b_rh
+                b_rw = b_rh
             b_eh, m_oh, b_mh, b_sh, b_soh = zero_taps(b_rh, y, H, dil_h, qk_scale, KH,
                                                       HAS_REL, E_PAD)
             b_ew, m_ow, b_mw, b_sw, b_sow = zero_taps(b_rw, x, W, dil_w, qk_scale, KW,

@@ -6,8 +6,8 @@ compiles every recorded launch with Triton's compiler and ptxas (aot_sm90.py): t
 shape these kernels serve (s4: bf16, 7 x 7, d 64, k 7, zeros, shared rel; default
 configs) and feature combinations that change the code (mask with dilation and
 non-square k, per-head rel, rpb, fp16, shift, odd d, d 128, channels-last
-strides), the non-finite slow pass included (imagebwd: d <= 64). Every launch must
-compile; no launch may spill.
+strides, zeros without rel), imagebwd's non-finite slow pass (inside its gradient
+kernel; d <= 64) included. Every launch must compile; no launch may spill.
 """
 import re
 
@@ -29,6 +29,8 @@ FEATURES = [
      "nchw_view"),
     (Case(B=2, H=4, W=16, heads=2, d=64, k=(3, 7), dilation=(1, 2), padding="shift"),
      torch.bfloat16, "contiguous"),
+    # zeros without rel: the zero keys' q . 0 (a NaN / inf q) by a small dot
+    (Case(B=2, H=7, W=7, heads=2, d=64, k=7), torch.bfloat16, "contiguous"),
 ]
 KERNELS = ("_image_fwd_kernel", "_image_bwd_kernel")
 

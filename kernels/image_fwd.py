@@ -384,6 +384,18 @@ def store_image(p0, s_h, s_w, y, x, m_p, D, val, BLOCK_D: tl.constexpr, OFF_I64:
 
 
 @triton.jit
+def contiguous_image_strides(H, W, HEADS, D, OFF_I64: tl.constexpr):
+    """(batch, row, column, head) strides of a contiguous (B, H, W, heads, D) tensor (D 1:
+    lse), 64-bit with OFF_I64."""
+    if OFF_I64:
+        s_w = tl.cast(HEADS, tl.int64) * D  # tl.cast: any of them may be the constant 1
+    else:
+        s_w = HEADS * D
+    s_h = W * s_w
+    return H * s_h, s_h, s_w, D
+
+
+@triton.jit
 def image_base(ptr, b, n, s_b, s_n, OFF_I64: tl.constexpr):
     """Pointer to image (b, n) of a (B, H, W, heads, d) tensor."""
     if OFF_I64:
@@ -418,25 +430,35 @@ def load_qkv(q_ptr, k_ptr, v_ptr, b, n, sq_b, sq_h, sq_w, sq_n, sq_d,
 
 @triton.jit
 def _image_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
-    H, W, HEADS, D, D_HALF,
-    sq_b, sq_h, sq_w, sq_n, sq_d,
-    sk_b, sk_h, sk_w, sk_n, sk_d,
-    sv_b, sv_h, sv_w, sv_n, sv_d,
-    so_b, so_h, so_w, so_n,
-    sl_b, sl_h, sl_w, sl_n,
-    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
-    dil_h, dil_w, qk_scale,  # qk_scale = scale * log2(e)
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,  # absent tables: None
+    # tuples: Triton binds ints in a tuple in half the host time of as many arguments
+    sizes,  # (H, W, HEADS, D, D_HALF)
+    sq, sk, sv,  # (batch, row, column, head, channel) strides; sv None if KV_SAME_STRIDES
+    s_tab,  # (head, row, channel) strides of rel_h and rel_w, (head, row, column) of rpb
+    dil,  # (dil_h, dil_w)
+    qk_scale,  # scale * log2(e)
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, REL_F32: tl.constexpr,
     BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     E_PAD: tl.constexpr, TAP_X: tl.constexpr, TAP_N: tl.constexpr,
     YP: tl.constexpr, XP: tl.constexpr,
     EVEN_D: tl.constexpr, OFF_I64: tl.constexpr, DOT_F32: tl.constexpr,
-    INTERP: tl.constexpr,
+    INTERP: tl.constexpr, KV_SAME_STRIDES: tl.constexpr,
 ):
     """Program (b, n) (head fastest): the whole image of batch b, head n (module
-    docstring)."""
+    docstring). out and lse are the launcher's contiguous allocations: their strides come
+    from the sizes."""
+    H, W, HEADS, D, D_HALF = sizes
+    sq_b, sq_h, sq_w, sq_n, sq_d = sq
+    sk_b, sk_h, sk_w, sk_n, sk_d = sk
+    if KV_SAME_STRIDES:
+        sv_b, sv_h, sv_w, sv_n, sv_d = sk
+    else:
+        sv_b, sv_h, sv_w, sv_n, sv_d = sv
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w = s_tab
+    dil_h, dil_w = dil
+    so_b, so_h, so_w, so_n = contiguous_image_strides(H, W, HEADS, D, OFF_I64)
+    sl_b, sl_h, sl_w, sl_n = contiguous_image_strides(H, W, HEADS, 1, OFF_I64)
     ZEROS: tl.constexpr = PADDING == 0
     pid = tl.program_id(0)
     n = pid % HEADS
@@ -587,12 +609,12 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
     e_pad, tap_x, tap_n = tap_shape(args)
     out_strides = contiguous_strides(q_shape)
     block_d = max(16, next_pow2(d))
+    kv_same = strides[1] == strides[2]
     return launch_plan(
         _PARAMS,
         grid=(B * heads,),
-        head=(H, W, heads, d, d // 2, *strides[0], *strides[1], *strides[2],
-              *out_strides[:4], *lse_strides),
-        tail=(args.dh, args.dw, args.scale * LOG2E.value),
+        head=((H, W, heads, d, d // 2), *strides[:2], None if kv_same else strides[2]),
+        tail=((args.dh, args.dw), args.scale * LOG2E.value),
         flags=dict(
             KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
             HAS_REL=args.rel_h is not None, HAS_RPB=args.rpb is not None, REL_F32=rel_f32,
@@ -600,6 +622,7 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
             YP=max(16, bn // bx), XP=max(16, bx), EVEN_D=d == block_d,
             OFF_I64=not offsets_fit_i32([(q_shape, st) for st in (*strides, out_strides)]),
             DOT_F32=INTERPRETED and dtype == torch.bfloat16, INTERP=INTERPRETED,
+            KV_SAME_STRIDES=kv_same,
             **launch_options(config),
         ),
         layouts=((q_shape[:4], lse_strides),),
@@ -627,11 +650,8 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
     out, lse = alloc_outputs(q, _poison, plan.layouts[0])
     if plan.grid is None:
         return out, lse
-    dummy = q  # never read when the flag is off
     _image_fwd_kernel[plan.grid](
-        q, k, v, out, lse,
-        dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
-        dummy if rpb is None else rpb,
-        *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
+        q, k, v, out, lse, rel_h, rel_w, rpb,  # None when absent (never read then)
+        *plan.head, table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )
     return out, lse

@@ -142,8 +142,9 @@ def _image_bwd(c: dict) -> list[LoopSpec]:
     # loop of passes with 0 trips unless the program's results came out non-finite (then
     # 2, each over the H * W queries); the channel-chunk loops (1 trip at d <= 64) inside
     chunks = -(-c["BLOCK_D"] // c["DC"])
+    H, W = c["sizes"][:2]
     return [LoopSpec("slow pass: passes (0 trips unless flagged)", 0, [
-        LoopSpec("queries", c["H"] * c["W"], [
+        LoopSpec("queries", H * W, [
             LoopSpec("logit channel chunks", chunks, unrollable=True),
             LoopSpec("dq channel chunks", chunks, unrollable=True)])])]
 

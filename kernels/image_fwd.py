@@ -255,6 +255,22 @@ def dot_exact(a, b, INTERP: tl.constexpr):
 
 
 @triton.jit
+def dot_exact_sum(a, b, c, e, INTERP: tl.constexpr):
+    """a @ b + c @ e as `dot_exact` makes each, in one chain of dots (one accumulator:
+    no [M, N] add)."""
+    if b.dtype == tl.float32:
+        return tl.dot(a, b, tl.dot(c, e, input_precision="ieee"), input_precision="ieee")
+    elif INTERP:
+        return dot_exact(a, b, INTERP) + dot_exact(c, e, INTERP)
+    else:
+        a_hi = a.to(b.dtype)
+        a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
+        c_hi = c.to(e.dtype)
+        c_lo = (c - c_hi.to(tl.float32)).to(e.dtype)
+        return tl.dot(a_hi, b, tl.dot(a_lo, b, tl.dot(c_hi, e, tl.dot(c_lo, e))))
+
+
+@triton.jit
 def q_times_zero(b_q, BLOCK_D: tl.constexpr):
     """Per query [N]: q . 0, the logit of a zero key without tables: 0, NaN where q's row
     holds a NaN / inf (one small dot on tensor cores: no per-element work)."""
@@ -337,10 +353,12 @@ def fast_logits(b_q, b_k, relh_ptr, relw_ptr, n, H, W, D, D_HALF,
         b_rh, b_rw, b_th, b_tw = rel_terms(
             b_q, relh_ptr, relw_ptr, n, srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, D, D_HALF,
             n_rows_h, n_rows_w, BLOCK_D, E_PAD, REL_F32)
-        b_ry = tl.gather(b_rh, tl.minimum(e_row, E_PAD - 1), axis=1)
-        b_rx = tl.gather(b_rw, tl.minimum(e_col, E_PAD - 1), axis=1)
-    # -inf row / column terms become -1e28 (still in the window, exp2 -> 0): in the dots
-    # inf * 0 would make every key's bias NaN (+inf and NaN make the query NaN anyway)
+        # scaled here ([N, YP]), so the logits take the bias by one FMA per element
+        b_ry = tl.gather(b_rh, tl.minimum(e_row, E_PAD - 1), axis=1) * qk_scale
+        b_rx = tl.gather(b_rw, tl.minimum(e_col, E_PAD - 1), axis=1) * qk_scale
+    # -inf (scaled) row / column terms become -1e28 (still in the window, exp2 -> 0): in
+    # the dots inf * 0 would make every key's bias NaN (+inf and NaN make the query NaN
+    # anyway); -1e30 (unscaled) marks the rows / columns outside the window
     b_ry = tl.where(m_row, tl.where(b_ry == float("-inf"), -1.0e28, b_ry), -1.0e30)
     b_rx = tl.where(m_col, tl.where(b_rx == float("-inf"), -1.0e28, b_rx), -1.0e30)
     if REL_F32:
@@ -349,9 +367,9 @@ def fast_logits(b_q, b_k, relh_ptr, relw_ptr, n, H, W, D, D_HALF,
         sel_dtype: tl.constexpr = tl.bfloat16
     sel_y = tl.where(y[None, :] == tl.arange(0, YP)[:, None], 1.0, 0.0).to(sel_dtype)  # [YP, N]
     sel_x = tl.where(x[None, :] == tl.arange(0, XP)[:, None], 1.0, 0.0).to(sel_dtype)
-    b_bias = dot_exact(b_ry, sel_y, INTERP) + dot_exact(b_rx, sel_x, INTERP)  # [N, N]
+    b_bias = dot_exact_sum(b_ry, sel_y, b_rx, sel_x, INTERP)  # [N, N]
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [N, N]
-    b_s = tl.where(b_bias > -1.0e29, (b_s + b_bias) * qk_scale, float("-inf"))
+    b_s = tl.where(b_bias > -1.0e29, b_s * qk_scale + b_bias, float("-inf"))
     return b_s, b_rh, b_rw, b_th, b_tw
 
 
@@ -526,7 +544,7 @@ def _image_fwd_kernel(
         b_bad = tl.dot(b_win, b_vnan)  # [N, N] @ [N, D]: window holds a non-finite v
         b_acc = tl.dot(b_pl, b_v0, input_precision="ieee")
         b_acc = tl.where(b_bad > 0, float("nan"), b_acc)
-    b_o = b_acc / b_l[:, None]
+    b_o = b_acc * (1.0 / b_l)[:, None]  # one division per query, not per element
     store_image(image_base(o_ptr, b, n, so_b, so_n, OFF_I64), so_h, so_w, y, x, m_p, D, b_o,
                 BLOCK_D, OFF_I64)
     b_lse = (b_m + _log2(b_l, INTERP)) * 0.6931471805599453

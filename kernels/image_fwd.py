@@ -16,7 +16,8 @@ columns (bf16 hi/lo pairs: float32-exact sums); the window is where that bias is
 -1e29, applied by a select (a NaN/inf k outside a window never reaches that query).
 Zeros padding: the out-of-image taps are zero keys and values whose logit 2^(Ra + Rc)
 is separable, so their mass is (rows out x all columns) + (rows in x columns out) from
-[N, E] sums (`zero_taps`), nothing loaded.
+[N, E] sums (`zero_taps`), nothing loaded; a zero key's logit holds q . 0 (NaN for a
+NaN / inf q: the rel products carry it, and without rel `q_times_zero`, one small dot).
 With rpb (`image_logits`): per (query, key) rel indices computed in-kernel, the rel
 terms gathered ([N, N] tl.gather) and rpb gather-loaded; the zero taps' logits in a
 [N, T] tap tile. Only up to MAX_TAPS_RPB tap slots and d <= MAX_D_RPB (else spills).

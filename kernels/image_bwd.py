@@ -18,10 +18,10 @@ that rows_bwd_query's `_reduce_tables_kernel` sums in a fixed order (the second 
 none without tables), after the slow pass below. No atomics: gradients are bit-identical run to run.
 
 Non-finite inputs: the dots may spread a NaN / inf outside the windows that hold it
-(0 * inf). Each program sums its results (a few reductions) and writes a flag, 1.0 when
-the sum is not finite; a second launch, kernels/image_bwd_exact.py, recomputes the
-flagged programs' gradients exactly (its other programs return at once), before the
-table reduction. Three launches with tables, two without.
+(0 * inf). Each program sums its results (a few reductions); when the sum is not finite
+it recomputes its image's gradients exactly (kernels/image_bwd_exact.py, in a loop of 0
+trips on finite inputs, after a barrier), overwriting what it stored, before the table
+reduction's launch. Two launches with tables, one without.
 """
 from __future__ import annotations
 
@@ -45,10 +45,10 @@ from .common import (
     next_pow2,
     split_partials,
     table_strides,
-    tables_or,
 )
-from .image_bwd_exact import _image_bwd_exact_kernel
+from .image_bwd_exact import exact_gradients
 from .image_fwd import (
+    contiguous_image_strides,
     dot_exact,
     fast_logits,
     grid_shape,
@@ -121,27 +121,40 @@ def _store_rel_partials(parth_ptr, partw_ptr, b_grow, b_gcol, b_q, pid, n_slots,
 
 @triton.jit
 def _image_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
-    dq_ptr, dk_ptr, dv_ptr, parth_ptr, partw_ptr, partb_ptr, flag_ptr,
-    H, W, HEADS, D, D_HALF, n_slots,
-    sq_b, sq_h, sq_w, sq_n, sq_d,
-    sk_b, sk_h, sk_w, sk_n, sk_d,
-    sv_b, sv_h, sv_w, sv_n, sv_d,
-    so_b, so_h, so_w, so_n, so_d,
-    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
-    sl_b, sl_h, sl_w, sl_n,
-    sg_b, sg_h, sg_w, sg_n,
-    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
-    dil_h, dil_w, qk_scale, scale,  # qk_scale = scale * log2(e)
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,  # absent: None
+    dq_ptr, dk_ptr, dv_ptr, parth_ptr, partw_ptr, partb_ptr,  # absent tables' parts: None
+    # tuples: Triton binds ints in a tuple in half the host time of as many arguments
+    sizes,  # (H, W, HEADS, D, D_HALF, n_slots)
+    sq, sk, sv, so, sdo,  # (batch, row, column, head, channel) strides; sv None if
+    sl,  # KV_SAME_STRIDES; lse's (batch, row, column, head)
+    s_tab,  # (head, row, channel) strides of rel_h and rel_w, (head, row, column) of rpb
+    dil,  # (dil_h, dil_w)
+    qk_scale, scale,  # qk_scale = scale * log2(e)
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, REL_F32: tl.constexpr,
     BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     E_PAD: tl.constexpr, TAP_X: tl.constexpr, TAP_N: tl.constexpr,
     YP: tl.constexpr, XP: tl.constexpr,
     EVEN_D: tl.constexpr, OFF_I64: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr,
+    ZT_N: tl.constexpr, DC: tl.constexpr, KV_SAME_STRIDES: tl.constexpr,
 ):
     """Program (b, n) (head fastest): dq, dk, dv of the whole image of batch b, head n,
-    and its slot `pid` of the table partials (module docstring)."""
+    and its slot `pid` of the table partials (module docstring); ZT_N, DC: the slow
+    pass's (image_bwd_exact.exact_gradients). dq, dk and dv are the launcher's contiguous
+    allocations: their strides come from the sizes."""
+    H, W, HEADS, D, D_HALF, n_slots = sizes
+    sq_b, sq_h, sq_w, sq_n, sq_d = sq
+    sk_b, sk_h, sk_w, sk_n, sk_d = sk
+    if KV_SAME_STRIDES:
+        sv_b, sv_h, sv_w, sv_n, sv_d = sk
+    else:
+        sv_b, sv_h, sv_w, sv_n, sv_d = sv
+    so_b, so_h, so_w, so_n, so_d = so
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d = sdo
+    sl_b, sl_h, sl_w, sl_n = sl
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w = s_tab
+    dil_h, dil_w = dil
+    sg_b, sg_h, sg_w, sg_n = contiguous_image_strides(H, W, HEADS, D, OFF_I64)
     ZEROS: tl.constexpr = PADDING == 0
     SHIFT: tl.constexpr = PADDING == 2
     pid = tl.program_id(0)
@@ -239,13 +252,25 @@ def _image_bwd_kernel(
     store_image(image_base(dq_ptr, b, n, sg_b, sg_n, OFF_I64), sg_h, sg_w, y, x, m_p, D,
                 b_dq * scale, BLOCK_D, OFF_I64)
     chk += tl.sum(tl.sum(b_dq, axis=1), axis=0)
-    # 1.0: a non-finite result, which the dots may have spread outside its windows
-    tl.store(flag_ptr + pid, tl.where(tl.abs(chk) < float("inf"), 0.0, 1.0))
+    # a non-finite result, which the dots may have spread outside its windows: the exact
+    # slow pass redoes this image (it does nothing on finite inputs), after every
+    # thread's stores above
+    tl.debug_barrier()
+    exact_gradients(
+        q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+        dq_ptr, dk_ptr, dv_ptr, parth_ptr, partw_ptr, partb_ptr, pid, n, b,
+        ~(tl.abs(chk) < float("inf")), H, W, D, D_HALF, n_slots,
+        sq_b, sq_h, sq_w, sq_n, sq_d, sk_b, sk_h, sk_w, sk_n, sk_d,
+        sv_b, sv_h, sv_w, sv_n, sv_d, so_b, so_h, so_w, so_n, so_d,
+        sdo_b, sdo_h, sdo_w, sdo_n, sdo_d, sl_b, sl_h, sl_w, sl_n, sg_b, sg_h, sg_w, sg_n,
+        srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
+        dil_h, dil_w, scale, KH, KW, PADDING, HAS_REL, HAS_RPB,
+        BLOCK_X, BLOCK_N, BLOCK_D, E_PAD, TAP_X, TAP_N, OFF_I64, ZT_N, DC)
 
 
 # --- host side --------------------------------------------------------------------------
 
-EXACT_WARPS = 8  # the slow pass's (no spills)
+EXACT_DC = 32  # channels per chunk of the slow pass's key tiles (no spills at d 64, 4 warps)
 MAX_D = 64  # the slow pass spills at d 128 (68-88 bytes, 8 warps, channel chunks of 32)
 MAX_HEADS = 65535  # axis 1 of the table reduction's grid
 
@@ -274,7 +299,6 @@ def supports(q_shape, dtype, args: AttendArgs) -> bool:
 
 class _Plan(NamedTuple):
     grads: LaunchPlan  # the gradient kernel (NO_LAUNCH: an empty call)
-    exact: LaunchPlan  # the non-finite slow pass
     reduce: Optional[LaunchPlan]  # the table reduction (None without tables)
     sizes: list  # float32 elements of part_h, part_w, part_b in one buffer
 
@@ -288,7 +312,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, rel_f32: bool, config) -> _
     if not isinstance(config, dict) or "num_warps" not in config:
         raise ValueError(f"imagebwd config must be a dict with key 'num_warps', got {config!r}")
     if B * H * W * heads * d == 0:
-        return _Plan(NO_LAUNCH, NO_LAUNCH, None, [])
+        return _Plan(NO_LAUNCH, None, [])
     _, bx, bn = grid_shape(H, W)
     e_pad, tap_x, tap_n = tap_shape(args)
     block_d = max(16, next_pow2(d))
@@ -298,12 +322,13 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, rel_f32: bool, config) -> _
     tw = 2 * args.kw - 1 if shift else args.kw
     n_slots = B * heads
     has_rel, has_rpb = args.rel_h is not None, args.rpb is not None
+    kv_same = strides[1] == strides[2]
     grads = launch_plan(
         _PARAMS,
         grid=(n_slots,),
-        head=(H, W, heads, d, d // 2, n_slots, *(s for st in strides for s in st),
-              *grad_strides[:4]),
-        tail=(args.dh, args.dw, args.scale * LOG2E.value, args.scale),
+        head=((H, W, heads, d, d // 2, n_slots), *strides[:2],
+              None if kv_same else strides[2], *strides[3:]),
+        tail=((args.dh, args.dw), args.scale * LOG2E.value, args.scale),
         flags=dict(
             KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
             HAS_REL=has_rel, HAS_RPB=has_rpb, REL_F32=rel_f32,
@@ -311,31 +336,29 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, rel_f32: bool, config) -> _
             YP=max(16, bn // bx), XP=max(16, bx), EVEN_D=d == block_d,
             OFF_I64=not offsets_fit_i32([(q_shape, st) for st in (*strides[:5], grad_strides)]),
             DOT_F32=INTERPRETED and dtype == torch.bfloat16, INTERP=INTERPRETED,
+            ZT_N=next_pow2(args.kh * args.kw), DC=min(block_d, EXACT_DC),
+            KV_SAME_STRIDES=kv_same,
             **launch_options(config),
         ),
     )
-    exact = launch_plan(_EXACT_PARAMS, grid=(n_slots,), head=grads.head, tail=grads.tail[:4],
-                        flags=dict(grads.flags, ZT_N=next_pow2(args.kh * args.kw),
-                                   DC=block_d, num_warps=EXACT_WARPS, num_stages=1))
     reduce = rows_bwd_query.reduce_plan(args, heads, d, B, th, tw)
-    sizes = [n_slots]  # the slow pass's flags first
+    sizes = [0]  # no part of its own: the rel and rpb partials only
     if has_rel:
         sizes += [th * n_slots * (d // 2), tw * n_slots * (d - d // 2)]
     if has_rpb:
         sizes.append(th * n_slots * tw)
     # each part 16-byte aligned, as a separate allocation would be
-    return _Plan(grads, exact, reduce, [-(-m // 4) * 4 for m in sizes])
+    return _Plan(grads, reduce, [-(-m // 4) * 4 for m in sizes])
 
 
 _plans = plan_cache(_plan)
 _PARAMS = _image_bwd_kernel.arg_names  # read at import: a recorder may stand in later
-_EXACT_PARAMS = _image_bwd_exact_kernel.arg_names
 
 
 def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] = None,
              _poison: bool = False):
-    """(dq, dk, dv, drel_h, drel_w, drpb); see the module docstring. Three launches with
-    rel / rpb tables, two without (the second: the non-finite slow pass)."""
+    """(dq, dk, dv, drel_h, drel_w, drpb); see the module docstring. Two launches with
+    rel / rpb tables, one without."""
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     rel_f32 = rel_in_f32(q, args)
     strides = (q.stride(), k.stride(), v.stride(), out.stride(), dout.stride(), lse.stride())
@@ -349,20 +372,15 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
             if g is not None:
                 g.zero_()
         return dq, dk, dv, drel_h, drel_w, drpb
-    buffer = new_output((sum(plan.sizes),), torch.float32, q.device, _poison)
-    # flags: the slow pass's, one per program (every program writes its own)
-    flags, part_h, part_w, part_b = split_partials(buffer, plan.sizes, has_rel, has_rpb)
-    tables = tables_or(args, q)
-    t_strides = table_strides(rel_h, rel_w, rpb)
-    p = plan.grads
+    part_h = part_w = part_b = None  # absent tables: never read
+    if has_rel or has_rpb:
+        buffer = new_output((sum(plan.sizes),), torch.float32, q.device, _poison)
+        _, part_h, part_w, part_b = split_partials(buffer, plan.sizes, has_rel, has_rpb)
+    p = plan.grads  # the non-finite slow pass inside it
     _image_bwd_kernel[p.grid](
-        q, k, v, out, dout, lse, *tables, dq, dk, dv, part_h, part_w, part_b, flags,
-        *p.head, *t_strides, *p.tail, **p.options,
-    )
-    p = plan.exact  # flagged programs only: the others return at once
-    _image_bwd_exact_kernel[p.grid](
-        q, k, v, out, dout, lse, *tables, dq, dk, dv, part_h, part_w, part_b, flags,
-        *p.head, *t_strides, *p.tail, **p.options,
+        q, k, v, out, dout, lse, rel_h, rel_w, rpb, dq, dk, dv,
+        part_h if has_rel else None, part_w if has_rel else None, part_b if has_rpb else None,
+        *p.head, table_strides(rel_h, rel_w, rpb), *p.tail, **p.options,
     )
     p = plan.reduce
     if p is not None:

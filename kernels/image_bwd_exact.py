@@ -1,17 +1,17 @@
-"""imagebwd's non-finite slow pass: exact gradients of the (batch, head) images whose
+"""imagebwd's non-finite slow pass: exact gradients of a (batch, head) image whose
 tensor-core results came out non-finite.
 
-A program owns the same (b, n) image and partial slot `pid` as `_image_bwd_kernel`, which
-left a flag per program (1.0: some of its dq / dk / dv / partials are NaN or inf, which
-the dots may have spread outside the windows that hold them, through 0 * inf). An
-unflagged program runs no iteration (its loop has 0 trips) and stores nothing. A flagged
-one walks its queries one at a time, CUDA cores only: per query it loads the keys, values
-and table rows of its window (key space: every in-image key, masked by the window
-geometry; zeros mode's out-of-image taps apart, in tap space), and every product is
-behind a `where` on the window, so a non-finite value reaches only the gradients of the
-windows that hold it (the float64 oracle's pattern). dk, dv and the partials accumulate
-in registers in query order: deterministic. It overwrites the program's dq rows as it
-goes and its dk, dv and partials at the end.
+`exact_gradients` runs inside `_image_bwd_kernel` (kernels/image_bwd.py), in a loop of
+0 trips unless that program's sum of dq / dk / dv / partials is NaN or inf (which the
+dots may have spread outside the windows that hold them, through 0 * inf); then 1 trip,
+after a barrier, overwriting what the program stored. It walks the queries one at a
+time, CUDA cores only: per query it loads the keys, values and table rows of its window
+(key space: every in-image key, masked by the window geometry; zeros mode's
+out-of-image taps apart, in tap space), and every product is behind a `where` on the
+window, so a non-finite value reaches only the gradients of the windows that hold it
+(the float64 oracle's pattern). dk, dv and the partials accumulate in registers in query
+order: deterministic. It overwrites dq rows as it goes and dk, dv and the partials at
+the end.
 """
 from __future__ import annotations
 
@@ -54,29 +54,23 @@ def _key_rows(k0, sk_h, sk_w, sk_d, relh_ptr, relw_ptr, n, srh_n, srh_r, srh_d, 
 
 
 @triton.jit
-def _image_bwd_exact_kernel(
+def exact_gradients(
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
-    dq_ptr, dk_ptr, dv_ptr, parth_ptr, partw_ptr, partb_ptr, flag_ptr,
-    H, W, HEADS, D, D_HALF, n_slots,
-    sq_b, sq_h, sq_w, sq_n, sq_d,
-    sk_b, sk_h, sk_w, sk_n, sk_d,
-    sv_b, sv_h, sv_w, sv_n, sv_d,
-    so_b, so_h, so_w, so_n, so_d,
-    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d,
-    sl_b, sl_h, sl_w, sl_n,
-    sg_b, sg_h, sg_w, sg_n,
+    dq_ptr, dk_ptr, dv_ptr, parth_ptr, partw_ptr, partb_ptr, pid, n, b, flagged,
+    H, W, D, D_HALF, n_slots,
+    sq_b, sq_h, sq_w, sq_n, sq_d, sk_b, sk_h, sk_w, sk_n, sk_d,
+    sv_b, sv_h, sv_w, sv_n, sv_d, so_b, so_h, so_w, so_n, so_d,
+    sdo_b, sdo_h, sdo_w, sdo_n, sdo_d, sl_b, sl_h, sl_w, sl_n, sg_b, sg_h, sg_w, sg_n,
     srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
-    dil_h, dil_w, qk_scale, scale,
+    dil_h, dil_w, scale,
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,
-    HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, REL_F32: tl.constexpr,
+    HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
     BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    E_PAD: tl.constexpr, TAP_X: tl.constexpr, TAP_N: tl.constexpr,
-    YP: tl.constexpr, XP: tl.constexpr,
-    EVEN_D: tl.constexpr, OFF_I64: tl.constexpr, DOT_F32: tl.constexpr, INTERP: tl.constexpr,
+    E_PAD: tl.constexpr, TAP_X: tl.constexpr, TAP_N: tl.constexpr, OFF_I64: tl.constexpr,
     ZT_N: tl.constexpr, DC: tl.constexpr,
 ):
-    """Program (b, n) (head fastest), as `_image_bwd_kernel`; ZT_N: kh * kw padded; DC:
-    channels per chunk of the key tiles."""
+    """Exact dq, dk, dv and partial slot `pid` of image (b, n) (module docstring);
+    ZT_N: kh * kw padded; DC: channels per chunk of the key tiles."""
     ZEROS: tl.constexpr = PADDING == 0
     SHIFT: tl.constexpr = PADDING == 2
     if SHIFT:
@@ -85,11 +79,6 @@ def _image_bwd_exact_kernel(
     else:
         TH: tl.constexpr = KH
         TW: tl.constexpr = KW
-    pid = tl.program_id(0)
-    n = pid % HEADS
-    b = pid // HEADS
-    flagged = tl.load(flag_ptr + pid) != 0.0
-    trips = tl.where(flagged, H * W, 0)
     if OFF_I64:
         n64 = n.to(tl.int64)
         b64 = b.to(tl.int64)
@@ -122,13 +111,12 @@ def _image_bwd_exact_kernel(
     ta = o_t // KW
     tc = o_t % KW
     g_pix = yk_o[:, None] * sg_h + xk_o[:, None] * sg_w + o_d[None, :]
-    m_st = m_kd & (tl.load(flag_ptr + pid + 0 * o_p) != 0.0)[:, None]  # vector masks
     acc_ph = tl.zeros((E_PAD, BLOCK_D), tl.float32)
     acc_pw = tl.zeros((E_PAD, BLOCK_D), tl.float32)
     acc_pb = tl.zeros((TAP_N,), tl.float32)
-    for PASS in range(0, 2):  # dv, dq and the partials; then dk (fewer live tiles)
+    for PASS in range(0, tl.where(flagged, 2, 0)):  # dv, dq and partials; then dk (fewer live tiles)
         acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        for i in range(0, trips):
+        for i in range(0, H * W):
             yi = i // W
             xi = i % W
             if OFF_I64:
@@ -240,20 +228,19 @@ def _image_bwd_exact_kernel(
                         acc_pb += tl.sum(tl.where(zon_b, b_zds[:, None], 0.0), axis=0)
             else:
                 acc += tl.where(m_wd, b_ds[:, None] * b_q[None, :], 0.0)
-        tl.store(dv_ptr + g_off + g_pix, acc.to(dv_ptr.dtype.element_ty), mask=m_st & (PASS == 0))
+        tl.store(dv_ptr + g_off + g_pix, acc.to(dv_ptr.dtype.element_ty), mask=m_kd & (PASS == 0))
         tl.store(dk_ptr + g_off + g_pix, (acc * scale).to(dk_ptr.dtype.element_ty),
-                 mask=m_st & (PASS == 1))
+                 mask=m_kd & (PASS == 1))
     if HAS_REL:
-        f_e = tl.load(flag_ptr + pid + 0 * o_e) != 0.0
-        D_W = D - D_HALF
-        tl.store(parth_ptr + (o_e[:, None] * n_slots + pid) * D_HALF + o_d[None, :],
-                 acc_ph * scale, mask=((o_e < TH) & f_e)[:, None] & h_half[None, :])
-        tl.store(partw_ptr + (o_e[:, None] * n_slots + pid) * D_W + (o_d - D_HALF)[None, :],
-                 acc_pw * scale,
-                 mask=((o_e < TW) & f_e)[:, None] & ((~h_half) & m_d)[None, :])
+        if flagged:
+            D_W = D - D_HALF
+            tl.store(parth_ptr + (o_e[:, None] * n_slots + pid) * D_HALF + o_d[None, :],
+                     acc_ph * scale, mask=(o_e < TH)[:, None] & h_half[None, :])
+            tl.store(partw_ptr + (o_e[:, None] * n_slots + pid) * D_W + (o_d - D_HALF)[None, :],
+                     acc_pw * scale, mask=(o_e < TW)[:, None] & ((~h_half) & m_d)[None, :])
     if HAS_RPB:
-        o_s = tl.arange(0, TAP_N)
-        r = o_s // TAP_X
-        s = o_s % TAP_X
-        tl.store(partb_ptr + (r * n_slots + pid) * TW + s, acc_pb,
-                 mask=(r < TH) & (s < TW) & (tl.load(flag_ptr + pid + 0 * o_s) != 0.0))
+        if flagged:
+            o_s = tl.arange(0, TAP_N)
+            r = o_s // TAP_X
+            s = o_s % TAP_X
+            tl.store(partb_ptr + (r * n_slots + pid) * TW + s, acc_pb, mask=(r < TH) & (s < TW))

@@ -16,7 +16,8 @@ columns (bf16 hi/lo pairs: float32-exact sums); the window is where that bias is
 -1e29, applied by a select (a NaN/inf k outside a window never reaches that query).
 Zeros padding: the out-of-image taps are zero keys and values whose logit 2^(Ra + Rc)
 is separable, so their mass is (rows out x all columns) + (rows in x columns out) from
-[N, E] sums (`zero_taps`), nothing loaded.
+[N, E] sums (`zero_taps`), nothing loaded; a zero key's logit holds q . 0 (NaN for a
+NaN / inf q: the rel products carry it, and without rel `q_times_zero`, one small dot).
 With rpb (`image_logits`): per (query, key) rel indices computed in-kernel, the rel
 terms gathered ([N, N] tl.gather) and rpb gather-loaded; the zero taps' logits in a
 [N, T] tap tile. Only up to MAX_TAPS_RPB tap slots and d <= MAX_D_RPB (else spills).
@@ -255,6 +256,29 @@ def dot_exact(a, b, INTERP: tl.constexpr):
 
 
 @triton.jit
+def dot_exact_sum(a, b, c, e, INTERP: tl.constexpr):
+    """a @ b + c @ e as `dot_exact` makes each, in one chain of dots (one accumulator:
+    no [M, N] add)."""
+    if b.dtype == tl.float32:
+        return tl.dot(a, b, tl.dot(c, e, input_precision="ieee"), input_precision="ieee")
+    elif INTERP:
+        return dot_exact(a, b, INTERP) + dot_exact(c, e, INTERP)
+    else:
+        a_hi = a.to(b.dtype)
+        a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
+        c_hi = c.to(e.dtype)
+        c_lo = (c - c_hi.to(tl.float32)).to(e.dtype)
+        return tl.dot(a_hi, b, tl.dot(a_lo, b, tl.dot(c_hi, e, tl.dot(c_lo, e))))
+
+
+@triton.jit
+def q_times_zero(b_q, BLOCK_D: tl.constexpr):
+    """Per query [N]: q . 0, the logit of a zero key without tables: 0, NaN where q's row
+    holds a NaN / inf (one small dot on tensor cores: no per-element work)."""
+    return tl.sum(tl.dot(b_q, tl.zeros([BLOCK_D, 16], dtype=b_q.dtype)), axis=1)
+
+
+@triton.jit
 def axis_window(i, size, dil, K: tl.constexpr, SHIFT: tl.constexpr, P: tl.constexpr):
     """Queries at coordinate i [N] against the positions 0..P-1 of one axis: (position in
     the window and the image [N, P], its rel-table row [N, P])."""
@@ -286,12 +310,10 @@ def zero_taps(b_rh, y, H, dil_h, qk_scale, KH: tl.constexpr, HAS_REL: tl.constex
     """Zeros mode without rpb, one axis (rows: b_rh, y, H; columns likewise): the zero
     taps' logits are separable, 2^(Ra + Rc) over the out-of-image taps (a, c), so their
     mass is max-shifted sums over taps: (exp2(Ra - mh) [N, E] (0 past K), out of the image
-    [N, E], mh [N], sum over all taps [N], over those out of the image [N])."""
+    [N, E], mh [N], sum over all taps [N], over those out of the image [N]). Without rel,
+    b_rh is q . 0 per query (0, or NaN: `q_times_zero`) broadcast over E."""
     m_tap, m_out, _ = axis_taps(y, H, dil_h, KH, E_PAD)
-    if HAS_REL:
-        b_r = tl.where(m_tap, b_rh * qk_scale, float("-inf"))
-    else:
-        b_r = tl.where(m_tap, 0.0, float("-inf")) + tl.zeros_like(b_rh)
+    b_r = tl.where(m_tap, b_rh * qk_scale, float("-inf"))
     b_mh = tl.max(b_r, axis=1)
     b_e = tl.exp2(b_r - b_mh[:, None])
     return b_e, m_out, b_mh, tl.sum(b_e, axis=1), tl.sum(tl.where(m_out, b_e, 0.0), axis=1)
@@ -332,10 +354,12 @@ def fast_logits(b_q, b_k, relh_ptr, relw_ptr, n, H, W, D, D_HALF,
         b_rh, b_rw, b_th, b_tw = rel_terms(
             b_q, relh_ptr, relw_ptr, n, srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, D, D_HALF,
             n_rows_h, n_rows_w, BLOCK_D, E_PAD, REL_F32)
-        b_ry = tl.gather(b_rh, tl.minimum(e_row, E_PAD - 1), axis=1)
-        b_rx = tl.gather(b_rw, tl.minimum(e_col, E_PAD - 1), axis=1)
-    # -inf row / column terms become -1e28 (still in the window, exp2 -> 0): in the dots
-    # inf * 0 would make every key's bias NaN (+inf and NaN make the query NaN anyway)
+        # scaled here ([N, YP]), so the logits take the bias by one FMA per element
+        b_ry = tl.gather(b_rh, tl.minimum(e_row, E_PAD - 1), axis=1) * qk_scale
+        b_rx = tl.gather(b_rw, tl.minimum(e_col, E_PAD - 1), axis=1) * qk_scale
+    # -inf (scaled) row / column terms become -1e28 (still in the window, exp2 -> 0): in
+    # the dots inf * 0 would make every key's bias NaN (+inf and NaN make the query NaN
+    # anyway); -1e30 (unscaled) marks the rows / columns outside the window
     b_ry = tl.where(m_row, tl.where(b_ry == float("-inf"), -1.0e28, b_ry), -1.0e30)
     b_rx = tl.where(m_col, tl.where(b_rx == float("-inf"), -1.0e28, b_rx), -1.0e30)
     if REL_F32:
@@ -344,9 +368,9 @@ def fast_logits(b_q, b_k, relh_ptr, relw_ptr, n, H, W, D, D_HALF,
         sel_dtype: tl.constexpr = tl.bfloat16
     sel_y = tl.where(y[None, :] == tl.arange(0, YP)[:, None], 1.0, 0.0).to(sel_dtype)  # [YP, N]
     sel_x = tl.where(x[None, :] == tl.arange(0, XP)[:, None], 1.0, 0.0).to(sel_dtype)
-    b_bias = dot_exact(b_ry, sel_y, INTERP) + dot_exact(b_rx, sel_x, INTERP)  # [N, N]
+    b_bias = dot_exact_sum(b_ry, sel_y, b_rx, sel_x, INTERP)  # [N, N]
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [N, N]
-    b_s = tl.where(b_bias > -1.0e29, (b_s + b_bias) * qk_scale, float("-inf"))
+    b_s = tl.where(b_bias > -1.0e29, b_s * qk_scale + b_bias, float("-inf"))
     return b_s, b_rh, b_rw, b_th, b_tw
 
 
@@ -376,6 +400,18 @@ def store_image(p0, s_h, s_w, y, x, m_p, D, val, BLOCK_D: tl.constexpr, OFF_I64:
         o_pix = y * s_h + x * s_w
     tl.store(p0 + o_pix[:, None] + o_d[None, :], val.to(p0.dtype.element_ty),
              mask=m_p[:, None] & (o_d < D)[None, :])
+
+
+@triton.jit
+def contiguous_image_strides(H, W, HEADS, D, OFF_I64: tl.constexpr):
+    """(batch, row, column, head) strides of a contiguous (B, H, W, heads, D) tensor (D 1:
+    lse), 64-bit with OFF_I64."""
+    if OFF_I64:
+        s_w = tl.cast(HEADS, tl.int64) * D  # tl.cast: any of them may be the constant 1
+    else:
+        s_w = HEADS * D
+    s_h = W * s_w
+    return H * s_h, s_h, s_w, D
 
 
 @triton.jit
@@ -413,25 +449,35 @@ def load_qkv(q_ptr, k_ptr, v_ptr, b, n, sq_b, sq_h, sq_w, sq_n, sq_d,
 
 @triton.jit
 def _image_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
-    H, W, HEADS, D, D_HALF,
-    sq_b, sq_h, sq_w, sq_n, sq_d,
-    sk_b, sk_h, sk_w, sk_n, sk_d,
-    sv_b, sv_h, sv_w, sv_n, sv_d,
-    so_b, so_h, so_w, so_n,
-    sl_b, sl_h, sl_w, sl_n,
-    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w,
-    dil_h, dil_w, qk_scale,  # qk_scale = scale * log2(e)
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,  # absent tables: None
+    # tuples: Triton binds ints in a tuple in half the host time of as many arguments
+    sizes,  # (H, W, HEADS, D, D_HALF)
+    sq, sk, sv,  # (batch, row, column, head, channel) strides; sv None if KV_SAME_STRIDES
+    s_tab,  # (head, row, channel) strides of rel_h and rel_w, (head, row, column) of rpb
+    dil,  # (dil_h, dil_w)
+    qk_scale,  # scale * log2(e)
     KH: tl.constexpr, KW: tl.constexpr, PADDING: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr, REL_F32: tl.constexpr,
     BLOCK_X: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     E_PAD: tl.constexpr, TAP_X: tl.constexpr, TAP_N: tl.constexpr,
     YP: tl.constexpr, XP: tl.constexpr,
     EVEN_D: tl.constexpr, OFF_I64: tl.constexpr, DOT_F32: tl.constexpr,
-    INTERP: tl.constexpr,
+    INTERP: tl.constexpr, KV_SAME_STRIDES: tl.constexpr,
 ):
     """Program (b, n) (head fastest): the whole image of batch b, head n (module
-    docstring)."""
+    docstring). out and lse are the launcher's contiguous allocations: their strides come
+    from the sizes."""
+    H, W, HEADS, D, D_HALF = sizes
+    sq_b, sq_h, sq_w, sq_n, sq_d = sq
+    sk_b, sk_h, sk_w, sk_n, sk_d = sk
+    if KV_SAME_STRIDES:
+        sv_b, sv_h, sv_w, sv_n, sv_d = sk
+    else:
+        sv_b, sv_h, sv_w, sv_n, sv_d = sv
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w = s_tab
+    dil_h, dil_w = dil
+    so_b, so_h, so_w, so_n = contiguous_image_strides(H, W, HEADS, D, OFF_I64)
+    sl_b, sl_h, sl_w, sl_n = contiguous_image_strides(H, W, HEADS, 1, OFF_I64)
     ZEROS: tl.constexpr = PADDING == 0
     pid = tl.program_id(0)
     n = pid % HEADS
@@ -445,6 +491,8 @@ def _image_fwd_kernel(
         b_k = b_k.to(tl.float32)
         b_v = b_v.to(tl.float32)
     b_zl = tl.full([BLOCK_N], float("-inf"), tl.float32)  # log2 mass of the zero taps
+    if ZEROS and not HAS_REL:  # a zero key's logit is q . 0: NaN for a NaN / inf q
+        b_qz = q_times_zero(b_q, BLOCK_D)  # (with rel, the rel products carry it)
     if HAS_RPB:
         b_s, b_z, m_win, b_rh, b_rw, b_th, b_tw, y, x, m_p, offy, offx = image_logits(
             b_q, b_k, relh_ptr, relw_ptr, rpb_ptr, n, H, W, D, D_HALF,
@@ -452,6 +500,8 @@ def _image_fwd_kernel(
             qk_scale, KH, KW, PADDING, HAS_REL, HAS_RPB, REL_F32, BLOCK_X, BLOCK_N, BLOCK_D,
             E_PAD, TAP_X, TAP_N)
         if ZEROS:
+            if not HAS_REL:
+                b_z += b_qz[:, None]
             b_zm = tl.maximum(tl.max(b_z, axis=1), -1.0e30)
             b_zl = b_zm + _log2(tl.sum(tl.exp2(b_z - b_zm[:, None]), axis=1), INTERP)
     else:
@@ -462,6 +512,9 @@ def _image_fwd_kernel(
             INTERP)
         m_win = b_s != float("-inf")
         if ZEROS:
+            if not HAS_REL:
+                b_rh = b_qz[:, None] + b_rh
+                b_rw = b_rh
             b_eh, m_oh, b_mh, b_sh, b_soh = zero_taps(b_rh, y, H, dil_h, qk_scale, KH,
                                                       HAS_REL, E_PAD)
             b_ew, m_ow, b_mw, b_sw, b_sow = zero_taps(b_rw, x, W, dil_w, qk_scale, KW,
@@ -492,7 +545,7 @@ def _image_fwd_kernel(
         b_bad = tl.dot(b_win, b_vnan)  # [N, N] @ [N, D]: window holds a non-finite v
         b_acc = tl.dot(b_pl, b_v0, input_precision="ieee")
         b_acc = tl.where(b_bad > 0, float("nan"), b_acc)
-    b_o = b_acc / b_l[:, None]
+    b_o = b_acc * (1.0 / b_l)[:, None]  # one division per query, not per element
     store_image(image_base(o_ptr, b, n, so_b, so_n, OFF_I64), so_h, so_w, y, x, m_p, D, b_o,
                 BLOCK_D, OFF_I64)
     b_lse = (b_m + _log2(b_l, INTERP)) * 0.6931471805599453
@@ -575,12 +628,12 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
     e_pad, tap_x, tap_n = tap_shape(args)
     out_strides = contiguous_strides(q_shape)
     block_d = max(16, next_pow2(d))
+    kv_same = strides[1] == strides[2]
     return launch_plan(
         _PARAMS,
         grid=(B * heads,),
-        head=(H, W, heads, d, d // 2, *strides[0], *strides[1], *strides[2],
-              *out_strides[:4], *lse_strides),
-        tail=(args.dh, args.dw, args.scale * LOG2E.value),
+        head=((H, W, heads, d, d // 2), *strides[:2], None if kv_same else strides[2]),
+        tail=((args.dh, args.dw), args.scale * LOG2E.value),
         flags=dict(
             KH=args.kh, KW=args.kw, PADDING=PADDING_CODES[args.padding],
             HAS_REL=args.rel_h is not None, HAS_RPB=args.rpb is not None, REL_F32=rel_f32,
@@ -588,6 +641,7 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
             YP=max(16, bn // bx), XP=max(16, bx), EVEN_D=d == block_d,
             OFF_I64=not offsets_fit_i32([(q_shape, st) for st in (*strides, out_strides)]),
             DOT_F32=INTERPRETED and dtype == torch.bfloat16, INTERP=INTERPRETED,
+            KV_SAME_STRIDES=kv_same,
             **launch_options(config),
         ),
         layouts=((q_shape[:4], lse_strides),),
@@ -615,11 +669,8 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
     out, lse = alloc_outputs(q, _poison, plan.layouts[0])
     if plan.grid is None:
         return out, lse
-    dummy = q  # never read when the flag is off
     _image_fwd_kernel[plan.grid](
-        q, k, v, out, lse,
-        dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
-        dummy if rpb is None else rpb,
-        *plan.head, *table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
+        q, k, v, out, lse, rel_h, rel_w, rpb,  # None when absent (never read then)
+        *plan.head, table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )
     return out, lse

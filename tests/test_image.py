@@ -200,3 +200,51 @@ def test_forward_nonfinite_inputs_stay_in_their_windows():
         if checked == 8:
             break
     assert checked == 8 and partial >= 3, (checked, partial)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                            "ignore:overflow encountered:RuntimeWarning",
+                            "ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.parametrize("tables", ["none", "rpb", "rel"])
+def test_nonfinite_q_beside_zero_taps(tables):
+    """Zeros padding: a zero key's logit is q . 0, NaN when q holds a NaN / inf, so such a
+    query's out and lse are NaN even where its in-image logits are all -inf and its zero
+    taps (their rel / rpb terms) are finite (the kernel's zero-tap mass takes no q
+    without rel). Seeded: +inf / -inf in q at border and inner pixels with the head's
+    keys all of the other sign in that channel, a NaN elsewhere; the forward against the
+    oracle."""
+    from fuzz_cases import mismatch
+    from oracle import oracle_attend
+
+    for seed in range(4):
+        rng = random.Random(100 * seed + len(tables))
+        g = torch.Generator().manual_seed(seed)
+        H, W, heads, d = rng.randint(4, 7), rng.randint(4, 7), rng.choice([1, 2]), 16
+        k = (3, 5) if tables == "rpb" else rng.choice([(3, 1), (3, 3), (5, 5), (7, 7)])
+        dil = (rng.choice([1, 2]), rng.choice([1, 2]))
+        dtype = DTYPES[seed % 2]
+        q, kk, v = (torch.randn(1, H, W, heads, d, generator=g).to(dtype) for _ in range(3))
+        kw = {}
+        if tables == "rpb":
+            kw["rpb"] = (torch.randn(heads, 2 * k[0] - 1, 2 * k[1] - 1, generator=g) * 0.5).to(dtype)
+        if tables == "rel":
+            kw["rel_h"] = (torch.randn(k[0], d // 2, generator=g) * 0.5).to(dtype)
+            kw["rel_w"] = (torch.randn(k[1], d - d // 2, generator=g) * 0.5).to(dtype)
+        for _ in range(2):  # a border pixel (zero taps in its window) or any pixel
+            y, x, n, c = rng.choice([0, H - 1, rng.randrange(H)]), rng.randrange(W), \
+                rng.randrange(heads), rng.randrange(d)
+            sign = rng.choice([1.0, -1.0])
+            q[0, y, x, n, c] = sign * float("inf")
+            # every key of the head against it: all in-image logits -inf
+            kk[0, :, :, n, c] = -sign * (kk[0, :, :, n, c].abs() + 0.1)
+        q[0, rng.randrange(H), rng.randrange(W), 0, 0] = float("nan")
+        args = check_attend_args(q, kk, v, k, dil, "zeros", kw.get("rel_h"), kw.get("rel_w"),
+                                 kw.get("rpb"), None)
+        out, lse = image_fwd.forward(q.to(DEVICE), kk.to(DEVICE), v.to(DEVICE), args,
+                                     _poison=True)
+        want, want_lse = oracle_attend(q, kk, v, k, dil, "zeros", kw.get("rel_h"),
+                                       kw.get("rel_w"), kw.get("rpb"), return_lse=True)
+        assert not want.isfinite().all()
+        for name, got, exp in (("out", out, want), ("lse", lse, want_lse)):
+            problem = mismatch(name, got, exp, dtype, 1.0)
+            assert problem is None, f"seed {seed} {tables} k {k} dil {dil}: {problem}"

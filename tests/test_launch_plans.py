@@ -349,3 +349,38 @@ def test_rows_key_backward_passes_its_strides_packed():
         else:
             assert torch.equal(eye.float(), torch.eye(named["EYE"]))
     assert config is not None and named["PAIR_ONEHOT"]  # the second config took that path
+
+
+def test_image_kernels_pass_their_strides_packed():
+    """The image forward and imagebwd's gradient kernel pack their launches as tile2d's
+    forward does: sizes and each input's strides as tuples, none for what the launcher
+    allocates (out, lse; dq, dk, dv), None for v's strides equal to k's and for absent
+    tables (and, backward, their partials)."""
+    from sasa_triton.kernels import image_bwd, image_fwd
+
+    case = Case(B=1, H=5, W=6, heads=2, d=16, k=3, rel="shared")
+    q, k, v, kw = make_inputs(case, torch.bfloat16)
+    strided_v = v.transpose(3, 4).contiguous().transpose(3, 4)
+    lse = torch.zeros(q.shape[:4])
+    with host.stub_launches():
+        for value, rel in ((v, True), (strided_v, False)):
+            tables = (kw["rel_h"], kw["rel_w"]) if rel else (None, None)
+            args = check_attend_args(q, k, value, 3, 1, "zeros", *tables, None, None)
+            (fwd, values, _), = host._launches(
+                lambda value=value, args=args: image_fwd.forward(q, k, value, args))
+            (bwd, bvalues, _), *rest = host._launches(
+                lambda value=value, args=args: image_bwd.backward(q, k, value, q, lse, q, args))
+            assert len(rest) == (1 if rel else 0)  # the table reduction
+            for fn, vals in ((fwd, values), (bwd, bvalues)):
+                named = dict(zip(fn.arg_names, vals))
+                assert fn.arg_names.index("KH") <= 26  # runtime arguments, then constexprs
+                assert named["sq"] == q.stride() and named["sk"] == k.stride()
+                assert named["sv"] == (None if value is v else value.stride())
+                assert named["rpb_ptr"] is None
+                assert (named["relh_ptr"] is None) == (not rel)
+                assert named["sizes"][:5] == (5, 6, 2, 16, 8)
+                assert not any(n in fn.arg_names for n in ("so_b", "sl_b", "sg_b"))
+            named = dict(zip(bwd.arg_names, bvalues))
+            assert named["partb_ptr"] is None and (named["parth_ptr"] is None) == (not rel)
+            assert named["so"] == q.stride() and named["sl"] == lse.stride()
+            assert all(named[n].is_contiguous() for n in ("dq_ptr", "dk_ptr", "dv_ptr"))

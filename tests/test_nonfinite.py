@@ -157,13 +157,7 @@ def test_nonfinite_gradients_stay_in_their_windows(impl):
 
 
 @pytest.mark.skipif(not TRITON, reason="needs Triton")
-@pytest.mark.parametrize("impl", [
-    "rows",
-    pytest.param("image", marks=pytest.mark.xfail(
-        strict=True, reason="known bug, open: zeros padding, a +inf in q whose in-image "
-        "logits are all -inf beside out-of-image taps comes out finite (0): the zero "
-        "taps' logits are q . 0 = NaN, the oracle's out is NaN")),
-])
+@pytest.mark.parametrize("impl", ["rows", "image"])
 def test_all_minus_inf_logits_beside_finite_zero_taps(impl):
     c = nonfinite_case(2044)  # q[0, 4, 4, 0, 1] = inf, k[0, 4, 3, 0, 0] = inf, k (3, 1)
     t, args = c["t"], _args(c)

@@ -146,12 +146,14 @@ def _key_bwd(c: dict) -> list[LoopSpec]:
                 LoopSpec("slow pass: query rows", round(trips), exp2=True)], exp2=True)]
 
 
-def _image_bwd_exact(c: dict) -> list[LoopSpec]:
-    # imagebwd's non-finite slow pass: its query loop has 0 trips unless the program is
-    # flagged (then H * W); the channel-chunk loops (1 trip at d <= 64) sit inside it
+def _image_bwd(c: dict) -> list[LoopSpec]:
+    # imagebwd's gradient kernel: straight-line code, then its non-finite slow pass: a
+    # loop of passes with 0 trips unless the program's results came out non-finite (then
+    # 2, each over the H * W queries); the channel-chunk loops (1 trip at d <= 64) inside
     chunks = -(-c["BLOCK_D"] // c["DC"])
-    return [LoopSpec("passes (dv, dq, partials; then dk)", 2, [
-        LoopSpec("queries (0 trips unless flagged)", 0, [
+    H, W = c["sizes"][:2]
+    return [LoopSpec("slow pass: passes (0 trips unless flagged)", 0, [
+        LoopSpec("queries", H * W, [
             LoopSpec("logit channel chunks", chunks, unrollable=True),
             LoopSpec("dq channel chunks", chunks, unrollable=True)])])]
 
@@ -168,7 +170,7 @@ LOOPS: dict[str, Callable[[dict], list[LoopSpec]]] = {
     "_key_bwd_kernel": _key_bwd,
     "_tile2d_bwd_query_kernel": _tile2d_bwd,
     "_tile2d_bwd_key_kernel": _tile2d_bwd,
-    "_image_bwd_exact_kernel": _image_bwd_exact,
+    "_image_bwd_kernel": _image_bwd,
 }
 
 

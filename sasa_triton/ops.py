@@ -35,17 +35,43 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import dispatch, variants
+from .args import Checked
 from .types import AttendArgs
 
 
-def _impl(backend: str, direction: int, q: Tensor, args: AttendArgs,
-          config_text: str) -> tuple[Callable, Optional[dict], bool]:
+def _impl(backend: str, direction: int, q: Tensor, args: AttendArgs, config_text: str,
+          checked: Optional[Checked] = None) -> tuple[Callable, Optional[dict], bool]:
     """(function, config, fresh) that run `direction` (0 forward, 1 backward) of
     `backend`; fresh: a Triton launcher, whose outputs are its own new contiguous
-    allocations or views of them (`_fresh` need not look at storages)."""
+    allocations or views of them (`_fresh` need not look at storages). `checked`: the
+    call key's verdict (sasa_triton.args.check_call), where the answer is kept."""
+    if checked is not None:
+        hit = checked.memo.get((backend, direction, config_text))
+        # valid while the dispatcher's cache lives (dispatch.clear_cache() drops the
+        # generation) and the variant is still the registered one
+        if (hit is not None and hit[0] is _generation()
+                and variants.VARIANTS.get(hit[1].name) is hit[1]):
+            config = hit[3]
+            return hit[2], None if config is None else dict(config), hit[1].needs_triton
     name, config = dispatch.resolve(backend, direction, q, args, _config(config_text))
     variant = variants.VARIANTS[name]
-    return variant.function(variants.DIRECTIONS[direction]), config, variant.needs_triton
+    function = variant.function(variants.DIRECTIONS[direction])
+    if checked is not None:
+        checked.memo[backend, direction, config_text] = (
+            _generation(), variant, function, None if config is None else dict(config))
+    return function, config, variant.needs_triton
+
+
+_GENERATION_KEY = ("sasa_triton.ops: generation",)
+
+
+def _generation() -> object:
+    """A token that lives in the dispatcher's cache: `dispatch.clear_cache()` (a new tuned
+    table, a test's stub) drops it, and with it every choice `_impl` kept."""
+    token = dispatch._CACHE.get(_GENERATION_KEY)
+    if token is None:
+        token = dispatch._CACHE[_GENERATION_KEY] = object()
+    return token
 
 
 @functools.lru_cache(maxsize=256)
@@ -80,17 +106,18 @@ def _fresh(outputs, inputs, allocated: bool = False) -> list:
 
 
 def _run_forward(q: Tensor, k: Tensor, v: Tensor, args: AttendArgs, backend: str,
-                 config: str) -> list:
+                 config: str, checked: Optional[Checked] = None) -> list:
     """[out, lse] of `backend`'s forward: the body of the forward op and of the eager path."""
-    forward, parsed, allocated = _impl(backend, 0, q, args, config)
+    forward, parsed, allocated = _impl(backend, 0, q, args, config, checked)
     return _fresh(forward(q, k, v, args, parsed), (q, k, v), allocated)
 
 
 def _run_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                  args: AttendArgs, backend: str, config: str) -> list:
+                  args: AttendArgs, backend: str, config: str,
+                  checked: Optional[Checked] = None) -> list:
     """The six gradients (None for an absent table) of `backend`'s backward: the body of
     the backward op and of the eager path."""
-    backward, parsed, allocated = _impl(backend, 1, q, args, config)
+    backward, parsed, allocated = _impl(backend, 1, q, args, config, checked)
     return _fresh(backward(q, k, v, out, lse, dout, args, parsed),
                   (q, k, v, out, lse, dout, args.rel_h, args.rel_w, args.rpb), allocated)
 
@@ -192,11 +219,12 @@ class _EagerAttend(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, rel_h, rel_w, rpb, call: tuple) -> Tensor:
-        args, backend, fwd_config, bwd_config = call
-        out, lse = _run_forward(q, k, v, args, backend, fwd_config)
+        args, backend, fwd_config, bwd_config, checked = call
+        out, lse = _run_forward(q, k, v, args, backend, fwd_config, checked)
         ctx.save_for_backward(q, k, v, out, lse, rel_h, rel_w, rpb)
-        # the window and scale only: the tables come back through saved_tensors
-        ctx.rest = (*args[:5], args.scale, backend, bwd_config)
+        # the window and scale only (the tables come back through saved_tensors); the
+        # call key's verdict, where the backward's dispatch is kept
+        ctx.rest = (*args[:5], args.scale, backend, bwd_config, checked)
         return out
 
     @staticmethod
@@ -209,15 +237,18 @@ class _EagerAttend(torch.autograd.Function):
 def _eager_backward(ctx, dout) -> tuple:
     """`_EagerAttend.backward`'s body (grad mode off)."""
     q, k, v, out, lse, rel_h, rel_w, rpb = ctx.saved_tensors
-    kh, kw, dh, dw, padding, scale, backend, config = ctx.rest
-    args = AttendArgs(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
+    kh, kw, dh, dw, padding, scale, backend, config, checked = ctx.rest
+    args = _new_args((kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale))
     dq, dk, dv, drel_h, drel_w, drpb = _run_backward(q, k, v, out, lse, dout, args,
-                                                     backend, config)
+                                                     backend, config, checked)
     return (dq, dk, dv,  # an absent table gets no gradient, whatever a variant returns
             drel_h if rel_h is not None else None,
             drel_w if rel_w is not None else None,
             drpb if rpb is not None else None,
             None)
+
+
+_new_args = AttendArgs._make  # tuple.__new__: a third of the time of AttendArgs(...)
 
 
 # once_differentiable costs ~3 us per backward; only create_graph=True needs it
@@ -230,10 +261,12 @@ _eager_apply = super(torch.autograd.Function, _EagerAttend).apply
 
 
 def attend_op(q, k, v, args: AttendArgs, backend: str, fwd_config: str = "",
-              bwd_config: str = "") -> Tensor:
+              bwd_config: str = "", checked: Optional[Checked] = None) -> Tensor:
     """Runs `backend` through the custom op (differentiable, torch.compile-friendly);
     the configs are JSON strings of the variants' config dicts ("" = their default).
-    Plain eager calls take the same bodies without the op dispatch (module docstring)."""
+    Plain eager calls take the same bodies without the op dispatch (module docstring);
+    `checked` (sasa_triton.args.check_call's verdict for this call's key) lets them keep
+    their dispatch result per key."""
     kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
     if not torch.compiler.is_compiling():
         tensors = (q, k, v, rel_h, rel_w, rpb)
@@ -242,9 +275,9 @@ def attend_op(q, k, v, args: AttendArgs, backend: str, fwd_config: str = "",
                 for t in tensors:  # a plain loop: half the time of any() over a generator
                     if t is not None and t.requires_grad:
                         return _eager_apply(q, k, v, rel_h, rel_w, rpb,
-                                            (args, backend, fwd_config, bwd_config))
+                                            (args, backend, fwd_config, bwd_config, checked))
             # nothing to differentiate: the forward alone
-            forward, config, _ = _impl(backend, 0, q, args, fwd_config)
+            forward, config, _ = _impl(backend, 0, q, args, fwd_config, checked)
             return forward(q, k, v, args, config)[0]
     out, _ = attend_fwd(q, k, v, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale,
                         backend, fwd_config, bwd_config)

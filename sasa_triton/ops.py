@@ -97,7 +97,10 @@ def _fresh(outputs, inputs, allocated: bool = False) -> list:
     launcher allocated every output itself (a Triton variant: tests/test_launch_plans.py
     checks it), only contiguity is left to check."""
     if allocated:
-        return [t if t is None or t.is_contiguous() else t.contiguous() for t in outputs]
+        for t in outputs:  # contiguous as they are, the common case: no new list
+            if t is not None and not t.is_contiguous():
+                return [t if t is None or t.is_contiguous() else t.contiguous() for t in outputs]
+        return outputs
     taken = {x.untyped_storage().data_ptr() for x in inputs if x is not None}
     return [None if t is None
             else t.clone(memory_format=torch.contiguous_format)

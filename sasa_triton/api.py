@@ -62,10 +62,13 @@ def attend(
     # eager: the checks' verdict is cached per call key (sasa_triton/args.py), and the key's
     # `checked` lets the op cache its dispatch too
     args, checked = check_call(q, k, v, kernel_size, dilation, padding, rel_h, rel_w, rpb, scale)
-    check_backend(backend, q)
+    forced = backend != "auto"  # "auto" passes both backend checks: skip the two calls
+    if forced:
+        check_backend(backend, q)
     if q.numel() == 0 if checked is None else checked.empty:
         return _empty_output(q, k, v, args)
-    check_supported(backend, q, args)
+    if forced:
+        check_supported(backend, q, args)
     # a custom op (autograd + torch.compile); "auto" is resolved inside it per call
     return attend_op(q, k, v, args, backend, checked=checked)
 

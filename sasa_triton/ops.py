@@ -270,7 +270,7 @@ def attend_op(q, k, v, args: AttendArgs, backend: str, fwd_config: str = "",
     Plain eager calls take the same bodies without the op dispatch (module docstring);
     `checked` (sasa_triton.args.check_call's verdict for this call's key) lets them keep
     their dispatch result per key."""
-    kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
+    rel_h, rel_w, rpb = args[5], args[6], args[7]
     if not torch.compiler.is_compiling():
         tensors = (q, k, v, rel_h, rel_w, rpb)
         if _plain_eager(tensors):
@@ -282,6 +282,7 @@ def attend_op(q, k, v, args: AttendArgs, backend: str, fwd_config: str = "",
             # nothing to differentiate: the forward alone
             forward, config, _ = _impl(backend, 0, q, args, fwd_config, checked)
             return forward(q, k, v, args, config)[0]
+    kh, kw, dh, dw, padding, _, _, _, scale = args
     out, _ = attend_fwd(q, k, v, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale,
                         backend, fwd_config, bwd_config)
     return out

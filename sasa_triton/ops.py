@@ -51,14 +51,20 @@ def _impl(backend: str, direction: int, q: Tensor, args: AttendArgs, config_text
         # generation) and the variant is still the registered one
         if (hit is not None and hit[0] is _generation()
                 and variants.VARIANTS.get(hit[1].name) is hit[1]):
-            config = hit[3]
-            return hit[2], None if config is None else dict(config), hit[1].needs_triton
+            generation, variant, function, config, module, attribute = hit
+            if module is not None:  # a Lazy's function, looked up as Lazy does (a
+                function = getattr(module, attribute)  # monkeypatch shows) minus its call
+            return function, None if config is None else dict(config), variant.needs_triton
     name, config = dispatch.resolve(backend, direction, q, args, _config(config_text))
     variant = variants.VARIANTS[name]
     function = variant.function(variants.DIRECTIONS[direction])
     if checked is not None:
+        module = attribute = None
+        if isinstance(function, variants.Lazy):
+            module, attribute = function.module(), function.target.partition(":")[2]
         checked.memo[backend, direction, config_text] = (
-            _generation(), variant, function, None if config is None else dict(config))
+            _generation(), variant, function, None if config is None else dict(config),
+            module, attribute)
     return function, config, variant.needs_triton
 
 
@@ -199,6 +205,12 @@ def custom_op_body(name: str) -> Optional[Callable]:
 # Tensor types the eager path takes as they are (anything else may trace or intercept).
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+# the C checks of `_plain_eager`, bound once (each attribute path costs a call ~0.05 us)
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_functorch_transform = torch._C._functorch.peek_interpreter_stack
+_jit_tracing = torch._C._get_tracing_state
+_grad_enabled = torch._C.is_grad_enabled
 
 
 def _plain_eager(tensors) -> bool:
@@ -206,9 +218,8 @@ def _plain_eager(tensors) -> bool:
     functorch wrappers, no dispatch or function mode, no functorch transform, no jit
     tracing. The caller checks torch.compiler.is_compiling() first (Dynamo must not
     trace these calls)."""
-    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._functorch.peek_interpreter_stack() is not None
-            or torch._C._get_tracing_state() is not None or tensors[0].is_meta):
+    if (_dispatch_modes() or _function_modes() or _functorch_transform() is not None
+            or _jit_tracing() is not None or tensors[0].is_meta):
         return False
     for t in tensors:  # a plain loop: half the time of all() over a generator
         if t is not None and (type(t) not in _PLAIN_TYPES or _functorch_wrapped(t)):
@@ -274,7 +285,7 @@ def attend_op(q, k, v, args: AttendArgs, backend: str, fwd_config: str = "",
     if not torch.compiler.is_compiling():
         tensors = (q, k, v, rel_h, rel_w, rpb)
         if _plain_eager(tensors):
-            if torch.is_grad_enabled():
+            if _grad_enabled():
                 for t in tensors:  # a plain loop: half the time of any() over a generator
                     if t is not None and t.requires_grad:
                         return _eager_apply(q, k, v, rel_h, rel_w, rpb,

@@ -128,6 +128,13 @@ def test_scale_comes_from_each_call():
     assert not torch.equal(outs[1], outs[3])
 
 
+def _function(f):
+    """A variant's function itself (a Lazy resolved)."""
+    if isinstance(f, variants.Lazy):
+        return getattr(f.module(), f.target.partition(":")[2])
+    return f
+
+
 def _checked(q, k, v):
     return checks.check_call(q, k, v, 3, 1, "zeros", None, None, None, None)
 
@@ -139,17 +146,25 @@ def test_kept_dispatch_follows_clear_cache_and_register(monkeypatch):
     q = k = v = torch.randn(1, 5, 5, 2, 8)
     args, checked = _checked(q, k, v)
     assert checked is not None
-    first = ops._impl("auto", 0, q, args, "", checked)
-    assert first[0] is variants.VARIANTS["cpu"].forward
-    assert ops._impl("auto", 0, q, args, "", checked)[0] is first[0]  # kept
+    cpu_forward = _function(variants.VARIANTS["cpu"].forward)
+    assert _function(ops._impl("auto", 0, q, args, "", checked)[0]) is cpu_forward
+    assert ops._impl("auto", 0, q, args, "", checked)[0] is cpu_forward  # kept
+    # the module's function replaced (as Lazy promises, the replacement shows)
+    import sasa_triton.cpu
+
+    patched = lambda *a: None  # noqa: E731
+    monkeypatch.setattr(sasa_triton.cpu, "forward", patched)
+    assert ops._impl("auto", 0, q, args, "", checked)[0] is patched
+    monkeypatch.setattr(sasa_triton.cpu, "forward", cpu_forward)
 
     # a new choice (say, a new tuned table) after clear_cache()
     monkeypatch.setattr(dispatch, "_choose",
                         lambda q, args, direction: ("reference", {"x": [1]}))
-    assert ops._impl("auto", 0, q, args, "", checked)[0] is first[0]  # still kept
+    assert ops._impl("auto", 0, q, args, "", checked)[0] is cpu_forward  # still kept
     dispatch.clear_cache()
     fn, config, _ = ops._impl("auto", 0, q, args, "", checked)
-    assert fn is variants.VARIANTS["reference"].forward and config == {"x": [1]}
+    assert _function(fn) is _function(variants.VARIANTS["reference"].forward)
+    assert config == {"x": [1]}
     config.pop("x")  # the caller may change its copy (implementations pop keys)
     assert ops._impl("auto", 0, q, args, "", checked)[1] == {"x": [1]}
 

@@ -223,8 +223,10 @@ def new_lse(layout: tuple, device, poison: bool = False) -> torch.Tensor:
 
 def new_table_grads(args, poison: bool = False) -> tuple:
     """(drel_h, drel_w, drpb) shaped like the call's tables, None where a table is absent."""
-    return tuple(None if t is None else new_output_like(t, poison)
-                 for t in (args.rel_h, args.rel_w, args.rpb))
+    rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb  # written out: no generator
+    return (None if rel_h is None else new_output_like(rel_h, poison),
+            None if rel_w is None else new_output_like(rel_w, poison),
+            None if rpb is None else new_output_like(rpb, poison))
 
 
 def split_partials(buffer: torch.Tensor, sizes, has_rel: bool, has_rpb: bool) -> tuple:
@@ -245,7 +247,9 @@ def split_partials(buffer: torch.Tensor, sizes, has_rel: bool, has_rpb: bool) ->
 def tables_or(args, dummy: torch.Tensor) -> tuple:
     """(rel_h, rel_w, rpb) for a launch, `dummy` standing in for an absent table (never
     read: the kernel's HAS_REL / HAS_RPB flag is off)."""
-    return tuple(dummy if t is None else t for t in (args.rel_h, args.rel_w, args.rpb))
+    rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb  # written out: no generator
+    return (dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
+            dummy if rpb is None else rpb)
 
 
 def alloc_outputs(q: torch.Tensor, poison: bool = False,

@@ -84,11 +84,9 @@ def plan_cache(make: Callable[..., Any]) -> Callable[..., Any]:
 def args_key(args) -> tuple:
     """The launch-relevant part of an AttendArgs: the window, the table layouts (2-D
     shared / 3-D per-head, or absent) and the scale; never the tables' data."""
-    rel_h, rel_w = args[5], args[6]  # by index: less host time than unpacking all nine
-    if rel_h is None and rel_w is None:
-        return (*args[:5], None, None, args[7] is not None, args[8])
-    return (*args[:5], None if rel_h is None else rel_h.dim(),
-            None if rel_w is None else rel_w.dim(), args[7] is not None, args[8])
+    kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
+    return (kh, kw, dh, dw, padding, None if rel_h is None else rel_h.dim(),
+            None if rel_w is None else rel_w.dim(), rpb is not None, scale)
 
 
 def config_key(config) -> Any:

@@ -96,7 +96,7 @@ def _recording(module, launches: list):
 _NO_KERNEL = {"empty", "empty_strided", "empty_like", "view", "_unsafe_view", "as_strided",
               "detach", "alias", "slice", "select", "t", "transpose", "permute", "expand",
               "unsqueeze", "squeeze", "lift_fresh", "_to_copy_noop", "split", "split_with_sizes",
-              "unbind"}
+              "unsafe_split_with_sizes", "unbind"}
 
 
 class _GlueCounter(TorchDispatchMode):

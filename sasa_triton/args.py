@@ -163,12 +163,13 @@ class Checked:
     key (sasa_triton.ops: the dispatch result). Hashed by identity: a dict keyed by it costs
     no re-hash of the call key."""
 
-    __slots__ = ("window", "default_scale", "empty", "memo")
+    __slots__ = ("window", "default_scale", "empty", "plain", "memo")
 
     def __init__(self, args: AttendArgs, empty: bool):
         self.window = tuple(args[:5])
         self.default_scale = args.scale  # d ** -0.5: the call's scale was None
         self.empty = empty  # q has no elements
+        self.plain: Optional[bool] = None  # sasa_triton.ops: the tensors' types and device
         self.memo: dict = {}
 
 

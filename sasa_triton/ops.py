@@ -213,16 +213,27 @@ _jit_tracing = torch._C._get_tracing_state
 _grad_enabled = torch._C.is_grad_enabled
 
 
-def _plain_eager(tensors) -> bool:
+def _plain_eager(tensors, checked: Optional[Checked] = None) -> bool:
     """No op interception: plain (or Parameter) tensors off the meta device and not
     functorch wrappers, no dispatch or function mode, no functorch transform, no jit
     tracing. The caller checks torch.compiler.is_compiling() first (Dynamo must not
-    trace these calls)."""
+    trace these calls). `checked`: the call key's verdict, which keeps the part the key
+    decides (the tensors' types and device)."""
     if (_dispatch_modes() or _function_modes() or _functorch_transform() is not None
-            or _jit_tracing() is not None or tensors[0].is_meta):
+            or _jit_tracing() is not None):
         return False
-    for t in tensors:  # a plain loop: half the time of all() over a generator
-        if t is not None and (type(t) not in _PLAIN_TYPES or _functorch_wrapped(t)):
+    plain = None if checked is None else checked.plain
+    if plain is None:
+        plain = not tensors[0].is_meta
+        for t in tensors:  # a plain loop: half the time of all() over a generator
+            if t is not None and type(t) not in _PLAIN_TYPES:
+                plain = False
+        if checked is not None:
+            checked.plain = plain
+    if not plain:
+        return False
+    for t in tensors:
+        if t is not None and _functorch_wrapped(t):
             return False
     return True
 
@@ -243,7 +254,7 @@ class _EagerAttend(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout) -> tuple:
-        if torch.is_grad_enabled():  # create_graph: refuse double backward, as the op does
+        if _grad_enabled():  # create_graph: refuse double backward, as the op does
             return _once_differentiable_backward(ctx, dout)
         return _eager_backward(ctx, dout)  # the engine runs backward under no_grad
 
@@ -282,9 +293,10 @@ def attend_op(q, k, v, args: AttendArgs, backend: str, fwd_config: str = "",
     `checked` (sasa_triton.args.check_call's verdict for this call's key) lets them keep
     their dispatch result per key."""
     rel_h, rel_w, rpb = args[5], args[6], args[7]
-    if not torch.compiler.is_compiling():
+    # a verdict comes from `attend` in eager mode only: no need to ask again
+    if checked is not None or not torch.compiler.is_compiling():
         tensors = (q, k, v, rel_h, rel_w, rpb)
-        if _plain_eager(tensors):
+        if _plain_eager(tensors, checked):
             if _grad_enabled():
                 for t in tensors:  # a plain loop: half the time of any() over a generator
                     if t is not None and t.requires_grad:

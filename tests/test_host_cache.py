@@ -193,3 +193,21 @@ def test_attend_with_a_kept_dispatch_matches_the_reference():
         assert out.grad_fn.name().endswith("_EagerAttendBackward")
         for got, ref in zip(torch.autograd.grad(out, leaves, dout), want):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_cost_recorder_takes_run_launches():
+    """`kernel.run(*args, grid=..., warmup=False)` (docs/host.md, "Launching without
+    `[grid]`") records the same launch as `kernel[grid](*args)`; a warmup records none."""
+    from sasa_triton.cost.record import _Recorder
+
+    def kernel():
+        pass
+
+    launches = []
+    recorder = _Recorder(kernel, launches)
+    recorder[(4, 2)](1, 2.0, None, num_warps=4)
+    recorder.run(1, 2.0, None, grid=(4, 2), warmup=False, num_warps=4)
+    recorder.run(1, grid=(4,), warmup=True)
+    assert len(launches) == 2
+    assert [(x.args, x.kwargs, x.grid) for x in launches] == [
+        ((1, 2.0, None), {"num_warps": 4}, (4, 2, 1))] * 2

@@ -6,7 +6,7 @@ the argument. It runs on every call, so it uses plain Python on shapes and dtype
 `check_call` (what `attend` runs) caches the verdict per call key -- the types, shapes,
 dtypes and devices of every tensor, the window arguments, the padding and the scale's
 type, all that the checks read -- so a repeated call pays for building that key and one
-dict lookup (about a third of the checks' host time); an error is never cached.
+dict lookup (about two thirds of the full checks' host time); an error is never cached.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -97,7 +97,7 @@ def _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale) -> AttendArgs:
 
 # ---------------------------------------------------------------- the ops
 
-def _fresh(outputs, inputs, allocated: bool = False) -> list:
+def _fresh(outputs, inputs, allocated: bool = False) -> Sequence:
     """Outputs are contiguous (as the fake impls say) and never a view of an input
     (a custom op may not alias): copy in the rare case one would be. `allocated`: the
     launcher allocated every output itself (a Triton variant: tests/test_launch_plans.py
@@ -115,7 +115,7 @@ def _fresh(outputs, inputs, allocated: bool = False) -> list:
 
 
 def _run_forward(q: Tensor, k: Tensor, v: Tensor, args: AttendArgs, backend: str,
-                 config: str, checked: Optional[Checked] = None) -> list:
+                 config: str, checked: Optional[Checked] = None) -> Sequence:
     """[out, lse] of `backend`'s forward: the body of the forward op and of the eager path."""
     forward, parsed, allocated = _impl(backend, 0, q, args, config, checked)
     return _fresh(forward(q, k, v, args, parsed), (q, k, v), allocated)
@@ -123,7 +123,7 @@ def _run_forward(q: Tensor, k: Tensor, v: Tensor, args: AttendArgs, backend: str
 
 def _run_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
                   args: AttendArgs, backend: str, config: str,
-                  checked: Optional[Checked] = None) -> list:
+                  checked: Optional[Checked] = None) -> Sequence:
     """The six gradients (None for an absent table) of `backend`'s backward: the body of
     the backward op and of the eager path."""
     backward, parsed, allocated = _impl(backend, 1, q, args, config, checked)

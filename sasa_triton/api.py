@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .args import check_attend_args
+from .args import check_attend_args, check_call
 from .ops import attend_op
 from .variants import check_backend, check_supported
 
@@ -51,16 +51,26 @@ def attend(
         out[b, i, j, n] = sum over the window of softmax(l) * v, with
         l = scale * q . (k + [rel_h[row], rel_w[col]]) + rpb[n, dy + kh - 1, dx + kw - 1].
     """
-    q, k, v, rel_h, rel_w, rpb = _autocast(q, k, v, rel_h, rel_w, rpb)
-    args = check_attend_args(q, k, v, kernel_size, dilation, padding, rel_h, rel_w, rpb, scale)
-    if not torch.compiler.is_compiling():  # traced, the op's fake impl checks it
+    if _any_autocast():
+        q, k, v, rel_h, rel_w, rpb = _autocast(q, k, v, rel_h, rel_w, rpb)
+    if torch.compiler.is_compiling():  # traced: no caches; the op's fake impl checks the backend
+        args = check_attend_args(q, k, v, kernel_size, dilation, padding, rel_h, rel_w, rpb,
+                                 scale)
+        if q.numel() == 0:
+            return _empty_output(q, k, v, args)
+        return attend_op(q, k, v, args, backend)
+    # eager: the checks' verdict is cached per call key (sasa_triton/args.py), and the key's
+    # `checked` lets the op cache its dispatch too
+    args, checked = check_call(q, k, v, kernel_size, dilation, padding, rel_h, rel_w, rpb, scale)
+    forced = backend != "auto"  # "auto" passes both backend checks: skip the two calls
+    if forced:
         check_backend(backend, q)
-    if q.numel() == 0:
+    if q.numel() == 0 if checked is None else checked.empty:
         return _empty_output(q, k, v, args)
-    if not torch.compiler.is_compiling():
+    if forced:
         check_supported(backend, q, args)
     # a custom op (autograd + torch.compile); "auto" is resolved inside it per call
-    return attend_op(q, k, v, args, backend)
+    return attend_op(q, k, v, args, backend, checked=checked)
 
 
 def _autocast(*tensors):
@@ -70,8 +80,7 @@ def _autocast(*tensors):
     custom op gets no autocast of its own; `torch.library.register_autocast` would fix
     one dtype per device, not follow the user's. The casts are differentiable."""
     q = tensors[0]
-    if not _any_autocast() or not isinstance(q, torch.Tensor) or not _autocast_on(
-            q.device.type):
+    if not isinstance(q, torch.Tensor) or not _autocast_on(q.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(q.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()

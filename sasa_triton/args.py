@@ -3,14 +3,21 @@
 `check_attend_args` turns the user's arguments into an `AttendArgs` (plain ints, a
 float scale, rel tables and rpb as given) or raises a ValueError/TypeError that names
 the argument. It runs on every call, so it uses plain Python on shapes and dtypes only.
+`check_call` (what `attend` runs) caches the verdict per call key -- the types, shapes,
+dtypes and devices of every tensor, the window arguments, the padding and the scale's
+type, all that the checks read -- so a repeated call pays for building that key and one
+dict lookup (about two thirds of the full checks' host time); an error is never cached.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from .types import PADDINGS, AttendArgs
 
-__all__ = ["AttendArgs", "PADDINGS", "check_attend_args", "check_window", "check_positive_int"]
+__all__ = ["AttendArgs", "PADDINGS", "Checked", "check_attend_args", "check_call", "check_window",
+           "check_positive_int"]
 
 # float64 is accepted for testing (gradcheck) and runs on the plain-PyTorch backends only.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -148,3 +155,75 @@ def check_attend_args(
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     return AttendArgs(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, float(scale))
+
+
+class Checked:
+    """The verdict of `check_call` for one call key: the window (kh, kw, dh, dw, padding)
+    and the default scale, and `memo`, where later layers keep what follows from the same
+    key (sasa_triton.ops: the dispatch result). Hashed by identity: a dict keyed by it costs
+    no re-hash of the call key."""
+
+    __slots__ = ("window", "default_scale", "empty", "plain", "memo")
+
+    def __init__(self, args: AttendArgs, empty: bool):
+        self.window = tuple(args[:5])
+        self.default_scale = args.scale  # d ** -0.5: the call's scale was None
+        self.empty = empty  # q has no elements
+        self.plain: Optional[bool] = None  # sasa_triton.ops: the tensors' types and device
+        self.memo: dict = {}
+
+
+_VERDICTS: dict = {}
+MAX_VERDICTS = 4096  # a full cache is emptied, not evicted entry by entry
+_NOT_A_KEY: list = []  # unhashable: a window that is not plain ints is checked every call
+
+
+def _window_key(value):
+    """An int or a pair of ints as it is (bool is not int here: `type is`), else
+    something unhashable, which sends the call through the full check."""
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return value
+    return _NOT_A_KEY
+
+
+def check_call(q, k, v, kernel_size, dilation, padding, rel_h, rel_w, rpb,
+               scale) -> tuple[AttendArgs, Optional[Checked]]:
+    """`check_attend_args` with its verdict cached per call key: (args, the key's Checked),
+    Checked None when the call has no key (a window given as a list, say, or symbolic
+    shapes). The scale's value and the tables come from the call, the rest from the cache."""
+    try:
+        key = (type(q), type(k), type(v), q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype,
+               q.device, k.device, v.device,
+               kernel_size if type(kernel_size) is int else _window_key(kernel_size),
+               dilation if type(dilation) is int else _window_key(dilation),
+               padding, type(scale),
+               None if rel_h is None else (type(rel_h), rel_h.shape, rel_h.dtype, rel_h.device),
+               None if rel_w is None else (type(rel_w), rel_w.shape, rel_w.dtype, rel_w.device),
+               None if rpb is None else (type(rpb), rpb.shape, rpb.dtype, rpb.device))
+        hit = _VERDICTS.get(key)
+    except Exception:  # not tensors, unhashable parts, symbolic sizes: the full check says
+        key = hit = None
+    if hit is None:
+        args = check_attend_args(q, k, v, kernel_size, dilation, padding, rel_h, rel_w, rpb,
+                                 scale)
+        if key is None:
+            return args, None
+        if scale is not None:  # keep the default scale, whatever this call's scale is
+            d = q.shape[4]
+            args_default = args._replace(scale=float(d ** -0.5 if d > 0 else 1.0))
+        else:
+            args_default = args
+        if len(_VERDICTS) >= MAX_VERDICTS:
+            _VERDICTS.clear()
+        hit = _VERDICTS[key] = Checked(args_default, q.numel() == 0)
+        return args, hit
+    return _new_args((*hit.window, rel_h, rel_w, rpb,
+                      hit.default_scale if scale is None else float(scale))), hit
+
+
+_new_args = AttendArgs._make  # tuple.__new__: a third of the time of AttendArgs(...)
+
+
+def clear_cache() -> None:
+    """Forget every cached verdict (tests)."""
+    _VERDICTS.clear()

@@ -28,24 +28,56 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import dispatch, variants
+from .args import Checked
 from .types import AttendArgs
 
 
-def _impl(backend: str, direction: int, q: Tensor, args: AttendArgs,
-          config_text: str) -> tuple[Callable, Optional[dict], bool]:
+def _impl(backend: str, direction: int, q: Tensor, args: AttendArgs, config_text: str,
+          checked: Optional[Checked] = None) -> tuple[Callable, Optional[dict], bool]:
     """(function, config, fresh) that run `direction` (0 forward, 1 backward) of
     `backend`; fresh: a Triton launcher, whose outputs are its own new contiguous
-    allocations or views of them (`_fresh` need not look at storages)."""
+    allocations or views of them (`_fresh` need not look at storages). `checked`: the
+    call key's verdict (sasa_triton.args.check_call), where the answer is kept."""
+    if checked is not None:
+        hit = checked.memo.get((backend, direction, config_text))
+        # valid while the dispatcher's cache lives (dispatch.clear_cache() drops the
+        # generation) and the variant is still the registered one
+        if (hit is not None and hit[0] is _generation()
+                and variants.VARIANTS.get(hit[1].name) is hit[1]):
+            generation, variant, function, config, module, attribute = hit
+            if module is not None:  # a Lazy's function, looked up as Lazy does (a
+                function = getattr(module, attribute)  # monkeypatch shows) minus its call
+            return function, None if config is None else dict(config), variant.needs_triton
     name, config = dispatch.resolve(backend, direction, q, args, _config(config_text))
     variant = variants.VARIANTS[name]
-    return variant.function(variants.DIRECTIONS[direction]), config, variant.needs_triton
+    function = variant.function(variants.DIRECTIONS[direction])
+    if checked is not None:
+        module = attribute = None
+        if isinstance(function, variants.Lazy):
+            module, attribute = function.module(), function.target.partition(":")[2]
+        checked.memo[backend, direction, config_text] = (
+            _generation(), variant, function, None if config is None else dict(config),
+            module, attribute)
+    return function, config, variant.needs_triton
+
+
+_GENERATION_KEY = ("sasa_triton.ops: generation",)
+
+
+def _generation() -> object:
+    """A token that lives in the dispatcher's cache: `dispatch.clear_cache()` (a new tuned
+    table, a test's stub) drops it, and with it every choice `_impl` kept."""
+    token = dispatch._CACHE.get(_GENERATION_KEY)
+    if token is None:
+        token = dispatch._CACHE[_GENERATION_KEY] = object()
+    return token
 
 
 @functools.lru_cache(maxsize=256)
@@ -65,13 +97,16 @@ def _args(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale) -> AttendArgs:
 
 # ---------------------------------------------------------------- the ops
 
-def _fresh(outputs, inputs, allocated: bool = False) -> list:
+def _fresh(outputs, inputs, allocated: bool = False) -> Sequence:
     """Outputs are contiguous (as the fake impls say) and never a view of an input
     (a custom op may not alias): copy in the rare case one would be. `allocated`: the
     launcher allocated every output itself (a Triton variant: tests/test_launch_plans.py
     checks it), only contiguity is left to check."""
     if allocated:
-        return [t if t is None or t.is_contiguous() else t.contiguous() for t in outputs]
+        for t in outputs:  # contiguous as they are, the common case: no new list
+            if t is not None and not t.is_contiguous():
+                return [t if t is None or t.is_contiguous() else t.contiguous() for t in outputs]
+        return outputs
     taken = {x.untyped_storage().data_ptr() for x in inputs if x is not None}
     return [None if t is None
             else t.clone(memory_format=torch.contiguous_format)
@@ -80,17 +115,18 @@ def _fresh(outputs, inputs, allocated: bool = False) -> list:
 
 
 def _run_forward(q: Tensor, k: Tensor, v: Tensor, args: AttendArgs, backend: str,
-                 config: str) -> list:
+                 config: str, checked: Optional[Checked] = None) -> Sequence:
     """[out, lse] of `backend`'s forward: the body of the forward op and of the eager path."""
-    forward, parsed, allocated = _impl(backend, 0, q, args, config)
+    forward, parsed, allocated = _impl(backend, 0, q, args, config, checked)
     return _fresh(forward(q, k, v, args, parsed), (q, k, v), allocated)
 
 
 def _run_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                  args: AttendArgs, backend: str, config: str) -> list:
+                  args: AttendArgs, backend: str, config: str,
+                  checked: Optional[Checked] = None) -> Sequence:
     """The six gradients (None for an absent table) of `backend`'s backward: the body of
     the backward op and of the eager path."""
-    backward, parsed, allocated = _impl(backend, 1, q, args, config)
+    backward, parsed, allocated = _impl(backend, 1, q, args, config, checked)
     return _fresh(backward(q, k, v, out, lse, dout, args, parsed),
                   (q, k, v, out, lse, dout, args.rel_h, args.rel_w, args.rpb), allocated)
 
@@ -169,19 +205,35 @@ def custom_op_body(name: str) -> Optional[Callable]:
 # Tensor types the eager path takes as they are (anything else may trace or intercept).
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+# the C checks of `_plain_eager`, bound once (each attribute path costs a call ~0.05 us)
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_functorch_transform = torch._C._functorch.peek_interpreter_stack
+_jit_tracing = torch._C._get_tracing_state
+_grad_enabled = torch._C.is_grad_enabled
 
 
-def _plain_eager(tensors) -> bool:
+def _plain_eager(tensors, checked: Optional[Checked] = None) -> bool:
     """No op interception: plain (or Parameter) tensors off the meta device and not
     functorch wrappers, no dispatch or function mode, no functorch transform, no jit
     tracing. The caller checks torch.compiler.is_compiling() first (Dynamo must not
-    trace these calls)."""
-    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._functorch.peek_interpreter_stack() is not None
-            or torch._C._get_tracing_state() is not None or tensors[0].is_meta):
+    trace these calls). `checked`: the call key's verdict, which keeps the part the key
+    decides (the tensors' types and device)."""
+    if (_dispatch_modes() or _function_modes() or _functorch_transform() is not None
+            or _jit_tracing() is not None):
         return False
-    for t in tensors:  # a plain loop: half the time of all() over a generator
-        if t is not None and (type(t) not in _PLAIN_TYPES or _functorch_wrapped(t)):
+    plain = None if checked is None else checked.plain
+    if plain is None:
+        plain = not tensors[0].is_meta
+        for t in tensors:  # a plain loop: half the time of all() over a generator
+            if t is not None and type(t) not in _PLAIN_TYPES:
+                plain = False
+        if checked is not None:
+            checked.plain = plain
+    if not plain:
+        return False
+    for t in tensors:
+        if t is not None and _functorch_wrapped(t):
             return False
     return True
 
@@ -192,16 +244,17 @@ class _EagerAttend(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, rel_h, rel_w, rpb, call: tuple) -> Tensor:
-        args, backend, fwd_config, bwd_config = call
-        out, lse = _run_forward(q, k, v, args, backend, fwd_config)
+        args, backend, fwd_config, bwd_config, checked = call
+        out, lse = _run_forward(q, k, v, args, backend, fwd_config, checked)
         ctx.save_for_backward(q, k, v, out, lse, rel_h, rel_w, rpb)
-        # the window and scale only: the tables come back through saved_tensors
-        ctx.rest = (*args[:5], args.scale, backend, bwd_config)
+        # the window and scale only (the tables come back through saved_tensors); the
+        # call key's verdict, where the backward's dispatch is kept
+        ctx.rest = (*args[:5], args.scale, backend, bwd_config, checked)
         return out
 
     @staticmethod
     def backward(ctx, dout) -> tuple:
-        if torch.is_grad_enabled():  # create_graph: refuse double backward, as the op does
+        if _grad_enabled():  # create_graph: refuse double backward, as the op does
             return _once_differentiable_backward(ctx, dout)
         return _eager_backward(ctx, dout)  # the engine runs backward under no_grad
 
@@ -209,15 +262,18 @@ class _EagerAttend(torch.autograd.Function):
 def _eager_backward(ctx, dout) -> tuple:
     """`_EagerAttend.backward`'s body (grad mode off)."""
     q, k, v, out, lse, rel_h, rel_w, rpb = ctx.saved_tensors
-    kh, kw, dh, dw, padding, scale, backend, config = ctx.rest
-    args = AttendArgs(kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale)
+    kh, kw, dh, dw, padding, scale, backend, config, checked = ctx.rest
+    args = _new_args((kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale))
     dq, dk, dv, drel_h, drel_w, drpb = _run_backward(q, k, v, out, lse, dout, args,
-                                                     backend, config)
+                                                     backend, config, checked)
     return (dq, dk, dv,  # an absent table gets no gradient, whatever a variant returns
             drel_h if rel_h is not None else None,
             drel_w if rel_w is not None else None,
             drpb if rpb is not None else None,
             None)
+
+
+_new_args = AttendArgs._make  # tuple.__new__: a third of the time of AttendArgs(...)
 
 
 # once_differentiable costs ~3 us per backward; only create_graph=True needs it
@@ -230,22 +286,26 @@ _eager_apply = super(torch.autograd.Function, _EagerAttend).apply
 
 
 def attend_op(q, k, v, args: AttendArgs, backend: str, fwd_config: str = "",
-              bwd_config: str = "") -> Tensor:
+              bwd_config: str = "", checked: Optional[Checked] = None) -> Tensor:
     """Runs `backend` through the custom op (differentiable, torch.compile-friendly);
     the configs are JSON strings of the variants' config dicts ("" = their default).
-    Plain eager calls take the same bodies without the op dispatch (module docstring)."""
-    kh, kw, dh, dw, padding, rel_h, rel_w, rpb, scale = args
-    if not torch.compiler.is_compiling():
+    Plain eager calls take the same bodies without the op dispatch (module docstring);
+    `checked` (sasa_triton.args.check_call's verdict for this call's key) lets them keep
+    their dispatch result per key."""
+    rel_h, rel_w, rpb = args[5], args[6], args[7]
+    # a verdict comes from `attend` in eager mode only: no need to ask again
+    if checked is not None or not torch.compiler.is_compiling():
         tensors = (q, k, v, rel_h, rel_w, rpb)
-        if _plain_eager(tensors):
-            if torch.is_grad_enabled():
+        if _plain_eager(tensors, checked):
+            if _grad_enabled():
                 for t in tensors:  # a plain loop: half the time of any() over a generator
                     if t is not None and t.requires_grad:
                         return _eager_apply(q, k, v, rel_h, rel_w, rpb,
-                                            (args, backend, fwd_config, bwd_config))
+                                            (args, backend, fwd_config, bwd_config, checked))
             # nothing to differentiate: the forward alone
-            forward, config, _ = _impl(backend, 0, q, args, fwd_config)
+            forward, config, _ = _impl(backend, 0, q, args, fwd_config, checked)
             return forward(q, k, v, args, config)[0]
+    kh, kw, dh, dw, padding, _, _, _, scale = args
     out, _ = attend_fwd(q, k, v, rel_h, rel_w, rpb, kh, kw, dh, dw, padding, scale,
                         backend, fwd_config, bwd_config)
     return out

@@ -67,6 +67,12 @@ class _Recorder:
             self.launches.append(Launch(self.fn.__name__, self.fn, args, kwargs, g))
         return launch
 
+    def run(self, *args, grid, warmup=False, **kwargs):
+        """`kernel.run(*args, grid=grid, warmup=False)`, what `kernel[grid](...)` calls:
+        a launcher may call it directly (docs/host.md, "Launching without `[grid]`")."""
+        if not warmup:
+            self[grid](*args, **kwargs)
+
 
 @contextlib.contextmanager
 def _recording(module, launches: list):
@@ -90,7 +96,7 @@ def _recording(module, launches: list):
 _NO_KERNEL = {"empty", "empty_strided", "empty_like", "view", "_unsafe_view", "as_strided",
               "detach", "alias", "slice", "select", "t", "transpose", "permute", "expand",
               "unsqueeze", "squeeze", "lift_fresh", "_to_copy_noop", "split", "split_with_sizes",
-              "unbind"}
+              "unsafe_split_with_sizes", "unbind"}
 
 
 class _GlueCounter(TorchDispatchMode):

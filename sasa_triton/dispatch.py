@@ -15,8 +15,9 @@ Dispatch only chooses; the names it returns were checked by `attend` and are run
 Forward heuristic, read from `python -m sasa_triton.cost` over the "all" suite (predicted
 sm_90 times; docs/PERF.md) until a GPU's tuned table replaces it: head dims below 16 and
 small windows (kh * kw <= SMALL_WINDOW) go to "tile2d" (CUDA cores, a 2-D pixel tile with
-all heads; tensor-core tiles would pad d to 16), everything else to "rows" (tensor-core
-row tiles); "tiled" is the fallback for what neither supports (d > 128 with more heads
+all heads; tensor-core tiles would pad d to 16), maps of at most 64 pixels (a ResNet's
+7 x 7 stage) in 16-bit to "image" (the whole image per program, tensor cores), everything
+else to "rows" (tensor-core row tiles); "tiled" is the fallback for what neither supports (d > 128 with more heads
 than tile2d holds, windows wider than both allow). A variant that does not support the
 shape is skipped.
 Backward, read from the same tool: head dims below 16 and the same small windows go to
@@ -86,8 +87,8 @@ def heuristic_forward(shape: tuple, dtype, args: AttendArgs) -> tuple[str, Optio
     _, _, _, heads, d = shape
     if d < 16 or args.kh * args.kw <= SMALL_WINDOW:
         prefer = ("tile2d", "rows", "tiled")
-    else:
-        prefer = ("rows", "tile2d", "tiled")
+    else:  # image takes only small maps (H * W <= 64) in 16-bit, where it wins
+        prefer = ("image", "rows", "tile2d", "tiled")
     for name in prefer:
         variant = variants.VARIANTS.get(name)
         if variant is not None and variant.supports(shape, dtype, args):

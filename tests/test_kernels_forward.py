@@ -243,8 +243,8 @@ def test_forced_variant_that_cannot_run_raises():
 
 
 def test_dispatch_heuristic():
-    def choice(heads, d, k=7, dtype=torch.bfloat16):
-        q = torch.empty(2, 8, 8, heads, d, dtype=dtype, device=DEVICE)
+    def choice(heads, d, k=7, dtype=torch.bfloat16, size=16):
+        q = torch.empty(2, size, size, heads, d, dtype=dtype, device=DEVICE)
         args = check_attend_args(q, q, q, k, 1, "zeros", None, None, None, None)
         return heuristic_forward(tuple(q.shape), dtype, args)
 
@@ -254,12 +254,15 @@ def test_dispatch_heuristic():
     assert choice(64, 8)[0] == "rows"  # a row too wide for tile2d
     assert choice(1, 32)[0] == "rows"
     assert choice(8, 16)[0] == "rows"  # s2
-    assert choice(8, 64)[0] == "rows"  # s4
+    assert choice(8, 64, size=14)[0] == "rows"  # s3's map
+    assert choice(8, 64, size=7)[0] == "image"  # s4: a 7 x 7 map
+    assert choice(8, 64, size=7, dtype=torch.float32)[0] == "rows"  # image: 16-bit only
+    assert choice(8, 8, size=7)[0] == "tile2d"  # small d stays on CUDA cores
     assert choice(1, 128)[0] == "rows"
     assert choice(16, 256)[0] == "tiled"  # d > 128 and a row too wide for tile2d
     name, config = choice(4, 16)
     mod = variant_module(name)
-    q = torch.empty(2, 8, 8, 4, 16, dtype=torch.bfloat16, device=DEVICE)
+    q = torch.empty(2, 16, 16, 4, 16, dtype=torch.bfloat16, device=DEVICE)
     assert config == mod.default_config(tuple(q.shape), check_attend_args(
         q, q, q, 7, 1, "zeros", None, None, None, None))
 

@@ -17,9 +17,9 @@ sm_90 times; docs/PERF.md) until a GPU's tuned table replaces it: head dims belo
 small windows (kh * kw <= SMALL_WINDOW) go to "tile2d" (CUDA cores, a 2-D pixel tile with
 all heads; tensor-core tiles would pad d to 16), maps of at most 64 pixels (a ResNet's
 7 x 7 stage) in 16-bit to "image" (the whole image per program, tensor cores), everything
-else to "rows" (tensor-core row tiles); "tiled" is the fallback for what neither supports (d > 128 with more heads
-than tile2d holds, windows wider than both allow). A variant that does not support the
-shape is skipped.
+else to "rows" (tensor-core row tiles); "tiled" is the fallback for what none supports
+(d > 128 with more heads than tile2d holds, windows wider than both allow). A variant
+that does not support the shape is skipped.
 Backward, read from the same tool: head dims below 16 and the same small windows go to
 "tile2dbwd" (CUDA cores, like tile2d), maps of at most 64 pixels (a ResNet's 7 x 7 stage)
 to "imagebwd" (the whole image per program, tensor cores), everything else to "rowsbwd";

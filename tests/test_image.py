@@ -214,6 +214,7 @@ def test_nonfinite_q_beside_zero_taps(tables):
     keys all of the other sign in that channel, a NaN elsewhere; the forward against the
     oracle."""
     from fuzz_cases import mismatch
+
     from oracle import oracle_attend
 
     for seed in range(4):

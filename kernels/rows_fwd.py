@@ -741,9 +741,12 @@ def walks_pairs(bm: int, bk: int, bd: int, e: int, ns: int, num_warps: int, raw:
     """Whether the fast walk takes two key rows per step (PAIR): raw logits (no rpb, no
     per-row zero-tap mass; the kernel pairs only then) and room for the second score
     tile within the spill model
-    (s1, s2, det, s4 in the suite; s3's d = 32 tile already sits at 255 registers)."""
+    (s1, s2, det, s4 in the suite; s3's d = 32 tile already sits at 255 registers), and a
+    head block of at most 64 channels: at d = 128 (8 warps) the spill model passed it and
+    ptxas spilled 200 bytes."""
     extra = bm * bk / (32 * num_warps)
-    return raw and _per_thread(bm, bk, bd, e, ns, num_warps) + extra <= SPILL_LIMIT
+    return (raw and bd <= 64
+            and _per_thread(bm, bk, bd, e, ns, num_warps) + extra <= SPILL_LIMIT)
 
 
 def _fits(q_shape, args, cfg, strict: bool = True) -> bool:

@@ -88,6 +88,22 @@ def _oracle(c, tensors):
                          tensors.get("rel_w"), tensors.get("rpb"), return_lse=True)
 
 
+def expected_gradients(c: dict, seed: int) -> tuple:
+    """A case's float64 oracle gradients for a seeded random dout, with what a backward
+    gets in training: (args, out, lse, dout, want_grads, largest finite gradient)."""
+    t, args = c["t"], _args(c)
+    leaves = {n: x.double().requires_grad_() for n, x in t.items()}
+    want, want_lse = _oracle(c, leaves)
+    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64).to(c["dtype"]).double()
+    out, lse = reference_forward(t["q"], t["k"], t["v"], args)
+    want_grads = dict(zip(leaves, own_out_gradients(out, want, want_lse, dout,
+                                                    list(leaves.values()))))
+    finite = [g[g.isfinite()].abs().max().item() for g in want_grads.values()
+              if g.isfinite().any()]
+    return args, out, lse, dout, want_grads, max(finite, default=1.0)
+
+
 def _seeds(impl_index: int):
     return range(1000 * (impl_index + 1), 1000 * (impl_index + 1) + CASES_PER_IMPL)
 
@@ -133,19 +149,11 @@ def test_nonfinite_gradients_stay_in_their_windows(impl):
         if not variant_module(impl).supports(tuple(t["q"].shape), t["q"].dtype, args):
             continue
         ran += 1
-        leaves = {n: x.double().requires_grad_() for n, x in t.items()}
-        want, want_lse = _oracle(c, leaves)
-        dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed),
-                           dtype=torch.float64).to(c["dtype"]).double()
+        args, out, lse, dout, want_grads, largest = expected_gradients(c, seed)
         # the implementation's backward gets the forward it would get in training
-        out, lse = reference_forward(t["q"], t["k"], t["v"], args)
-        want_grads = dict(zip(leaves, own_out_gradients(out, want, want_lse, dout,
-                                                        list(leaves.values()))))
-        got = variant_module(impl).backward(t["q"], t["k"], t["v"], out, lse, dout.to(c["dtype"]), args)
+        got = variant_module(impl).backward(t["q"], t["k"], t["v"], out, lse,
+                                            dout.to(c["dtype"]), args)
         got = dict(zip(NAMES, got))
-        finite = [g[g.isfinite()].abs().max().item() for g in want_grads.values()
-                  if g.isfinite().any()]
-        largest = max(finite, default=1.0)
         for name, exp in want_grads.items():
             tol = coarser(c["dtype"], t[name].dtype)
             problem = mismatch(f"grad of {name}", got[name], exp, tol, FLOOR[tol] * largest)

@@ -179,30 +179,17 @@ def test_nonfinite_inputs_stay_in_their_windows(config, seeds):
     """NaN / inf planted in q, k, v or a table reaches only the dk / dv entries whose
     windows hold it (the slow pass), with the oracle's values elsewhere: the cases and
     checks of test_nonfinite.py, for this kernel alone."""
-    from fuzz_cases import FLOOR, coarser, mismatch, own_out_gradients
-    from test_nonfinite import _args as nonfinite_args
-    from test_nonfinite import _oracle as nonfinite_oracle
-    from test_nonfinite import nonfinite_case
-
-    from sasa_triton.reference import reference_forward
+    from fuzz_cases import FLOOR, coarser, mismatch
+    from test_nonfinite import expected_gradients, nonfinite_case
 
     partial = 0
     for seed in seeds:
         c = nonfinite_case(seed)
-        t, args = c["t"], nonfinite_args(c)
-        leaves = {n: x.double().requires_grad_() for n, x in t.items()}
-        want, want_lse = nonfinite_oracle(c, leaves)
-        dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed),
-                           dtype=torch.float64).to(c["dtype"]).double()
-        out, lse = reference_forward(t["q"], t["k"], t["v"], args)
-        grads = own_out_gradients(out, want, want_lse, dout, list(leaves.values()))
-        want_grads = dict(zip(leaves, grads))
+        t = c["t"]
+        args, out, lse, dout, want_grads, largest = expected_gradients(c, seed)
         delta = (dout.float() * out.float()).sum(-1).contiguous()
         dk, dv = rows_bwd_key.key_grads(t["q"], t["k"], t["v"], dout.to(c["dtype"]), lse,
                                         delta, args, config, _poison=True)
-        finite = [g[g.isfinite()].abs().max().item() for g in want_grads.values()
-                  if g.isfinite().any()]
-        largest = max(finite, default=1.0)
         for name, got in (("k", dk), ("v", dv)):
             tol = coarser(c["dtype"], t[name].dtype)
             problem = mismatch(f"grad of {name}", got, want_grads[name], tol,

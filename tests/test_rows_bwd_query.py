@@ -231,26 +231,14 @@ def test_query_grads_nonfinite_half_tables():
 def _nonfinite_matches_oracle(c, seed) -> bool:
     """query_grads of a test_nonfinite case against the float64 oracle, entry by entry
     (non-finite where the oracle is); whether dq is partly non-finite."""
-    from fuzz_cases import FLOOR, coarser, mismatch, own_out_gradients
-    from test_nonfinite import _args as nonfinite_args
-    from test_nonfinite import _oracle
+    from fuzz_cases import FLOOR, coarser, mismatch
+    from test_nonfinite import expected_gradients
 
-    from sasa_triton.reference import reference_forward
-
-    t, args = c["t"], nonfinite_args(c)
-    leaves = {n: x.double().requires_grad_() for n, x in t.items()}
-    want, want_lse = _oracle(c, leaves)
-    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed),
-                       dtype=torch.float64).to(c["dtype"]).double()
-    out, lse = reference_forward(t["q"], t["k"], t["v"], args)
-    want_grads = dict(zip(leaves, own_out_gradients(out, want, want_lse, dout,
-                                                    list(leaves.values()))))
+    t = c["t"]
+    args, out, lse, dout, want_grads, largest = expected_gradients(c, seed)
     dq, _, drel_h, drel_w, drpb = mod.query_grads(t["q"], t["k"], t["v"], out, lse,
                                                   dout.to(c["dtype"]), args, _poison=True)
     got = {"q": dq, "rel_h": drel_h, "rel_w": drel_w, "rpb": drpb}
-    finite = [g[g.isfinite()].abs().max().item() for g in want_grads.values()
-              if g.isfinite().any()]
-    largest = max(finite, default=1.0)
     for name in ("q", *[n for n in TABLES if n in t]):
         tol = coarser(c["dtype"], t[name].dtype)
         problem = mismatch(f"grad of {name}", got[name], want_grads[name], tol,

@@ -66,6 +66,7 @@ from .image_fwd import (
     zero_taps,
 )
 from .image_fwd import supports as forward_supports
+from .fast_launch import launch_kernel
 from .launch_cache import (
     NO_LAUNCH,
     LaunchPlan,
@@ -377,14 +378,14 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
         buffer = new_output((sum(plan.sizes),), torch.float32, q.device, _poison)
         _, part_h, part_w, part_b = split_partials(buffer, plan.sizes, has_rel, has_rpb)
     p = plan.grads  # the non-finite slow pass inside it
-    _image_bwd_kernel[p.grid](
+    launch_kernel(_image_bwd_kernel, p,
         q, k, v, out, dout, lse, rel_h, rel_w, rpb, dq, dk, dv,
         part_h if has_rel else None, part_w if has_rel else None, part_b if has_rpb else None,
         *p.head, table_strides(rel_h, rel_w, rpb), *p.tail, **p.options,
     )
     p = plan.reduce
     if p is not None:
-        rows_bwd_query._reduce_tables_kernel[p.grid](
+        launch_kernel(rows_bwd_query._reduce_tables_kernel, p,
             part_h, part_w, part_b,
             drel_h if has_rel else dq, drel_w if has_rel else dq, drpb if has_rpb else dq,
             *p.head, *p.tail, **p.options,

@@ -59,6 +59,7 @@ from .common import (
     table_strides,
     window_start,
 )
+from .fast_launch import launch_kernel
 from .launch_cache import (
     NO_LAUNCH,
     LaunchPlan,
@@ -669,7 +670,7 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
     out, lse = alloc_outputs(q, _poison, plan.layouts[0])
     if plan.grid is None:
         return out, lse
-    _image_fwd_kernel[plan.grid](
+    launch_kernel(_image_fwd_kernel, plan,
         q, k, v, out, lse, rel_h, rel_w, rpb,  # None when absent (never read then)
         *plan.head, table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )

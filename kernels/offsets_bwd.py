@@ -44,6 +44,7 @@ from .common import (
     table_strides,
     window_start,
 )
+from .fast_launch import launch_kernel
 from .launch_cache import args_key, config_key, contiguous_strides, plan_cache
 
 MAX_GRID_Y = 65535  # CUDA limit on grid axis 1 (the batch axis here)
@@ -426,7 +427,7 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
     s_q, s_k, s_v, s_do, s_l = q.stride(), k.stride(), v.stride(), dout.stride(), lse.stride()
     s_g, flags = plan.grad_strides, plan.flags
 
-    _dq_kernel[plan.grid](
+    launch_kernel(_dq_kernel, plan.grid,
         q, k, v, out, dout, lse, relh_t, relw_t, rpb_t,
         dq, delta, part_h, part_w, part_b,
         *plan.shape_args,
@@ -434,7 +435,7 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
         *tables, *s_g,
         TX_PAD=plan.tx_pad, **flags,
     )
-    _dkv_kernel[plan.grid](
+    launch_kernel(_dkv_kernel, plan.grid,
         q, k, v, dout, lse, delta, relh_t, relw_t, rpb_t,
         dk, dv,
         *plan.shape_args,

@@ -56,6 +56,7 @@ from .common import (
     unravel_program,
     window_start,
 )
+from .fast_launch import launch_kernel
 from .launch_cache import (
     NO_LAUNCH,
     LaunchPlan,
@@ -721,7 +722,7 @@ def launch(plan: LaunchPlan, q, k, v, dout, lse, delta, args: AttendArgs,
         return dk.zero_(), dv.zero_()
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     flags = plan.flags
-    _key_bwd_kernel[plan.grid](
+    launch_kernel(_key_bwd_kernel, plan,
         q, k, v, dout, lse, delta, rel_h, rel_w, rpb,  # None when absent (never read then)
         None if flags["PAIR_ONEHOT"] else identity_table(q.device, flags["EYE"], q.dtype),
         dk, dv,

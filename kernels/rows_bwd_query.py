@@ -82,6 +82,7 @@ from .common import (
     unravel_program,
     window_start,
 )
+from .fast_launch import launch_kernel
 from .launch_cache import (
     NO_LAUNCH,
     LaunchPlan,
@@ -1151,14 +1152,14 @@ def launch(plan: _Plan, q, k, v, out, lse, dout, args: AttendArgs,
     grads = plan.grads
     ns_pad = grads.flags["NS_PAD"]
     sel = identity_table(q.device, ns_pad, torch.bfloat16) if grads.flags["ROW_DOT"] else None
-    _query_grads_kernel[grads.grid](
+    launch_kernel(_query_grads_kernel, grads,
         q, k, v, out, dout, lse, rel_h, rel_w, rpb,
         sel, dq, delta, part_h, part_w, part_b,
         *grads.head, table_strides(rel_h, rel_w, rpb), *grads.tail, **grads.options,
     )
     reduce = plan.reduce
     if reduce is not None:
-        _reduce_tables_kernel[reduce.grid](
+        launch_kernel(_reduce_tables_kernel, reduce,
             part_h, part_w, part_b, drel_h, drel_w, drpb,
             *reduce.head, *reduce.tail, **reduce.options,
         )

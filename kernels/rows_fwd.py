@@ -73,6 +73,7 @@ from .common import (
     unravel_program,
     window_start,
 )
+from .fast_launch import launch_kernel
 from .launch_cache import (
     NO_LAUNCH,
     LaunchPlan,
@@ -933,7 +934,7 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
     out, lse = alloc_outputs(q, _poison, plan.layouts[0])
     if plan.grid is None:
         return out, lse
-    _rows_fwd_kernel[plan.grid](
+    launch_kernel(_rows_fwd_kernel, plan,
         q, k, v, out, lse, rel_h, rel_w, rpb,  # None when absent (never read then)
         identity_table(q.device, plan.flags["NS_PAD"],
                        torch.bfloat16 if plan.flags["SPLIT"] else torch.float32),

@@ -38,6 +38,7 @@ from .common import (
     stride_vector_width,
     table_strides,
 )
+from .fast_launch import launch_kernel
 from .launch_cache import (
     NO_LAUNCH,
     LaunchPlan,
@@ -300,20 +301,20 @@ def backward(q, k, v, out, lse, dout, args: AttendArgs, config: Optional[dict] =
         part_b = None
     s_tab = table_strides(rel_h, rel_w, rpb)
     p = plan.query
-    tile2d_bwd_query._tile2d_bwd_query_kernel[p.grid](
+    launch_kernel(tile2d_bwd_query._tile2d_bwd_query_kernel, p,
         q, k, v, out, dout, lse, rel_h, rel_w, rpb, dq, aux, part_h, part_w, part_b,
         *p.head, s_tab, *p.tail, **p.options,
     )
     p = plan.reduce
     if p is not None:
-        rows_bwd_query._reduce_tables_kernel[p.grid](
+        launch_kernel(rows_bwd_query._reduce_tables_kernel, p,
             part_h if has_rel else aux, part_w if has_rel else aux,
             part_b if has_rpb else aux,
             drel_h if has_rel else aux, drel_w if has_rel else aux, drpb if has_rpb else aux,
             *p.head, *p.tail, **p.options,
         )
     p = plan.key
-    tile2d_bwd_key._tile2d_bwd_key_kernel[p.grid](
+    launch_kernel(tile2d_bwd_key._tile2d_bwd_key_kernel, p,
         q, k, v, dout, aux, rel_h, rel_w, rpb, dk, dv, *p.head, s_tab, *p.tail, **p.options,
     )
     return dq, dk, dv, drel_h, drel_w, drpb

@@ -47,6 +47,7 @@ from .common import (
     to_f32,
     window_start,
 )
+from .fast_launch import launch_kernel
 from .launch_cache import (
     NO_LAUNCH,
     LaunchPlan,
@@ -638,7 +639,7 @@ def forward(q, k, v, args, config=None, _poison=False):
     if plan.grid is None:
         return out, lse
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
-    _tile2d_fwd_kernel[plan.grid](
+    launch_kernel(_tile2d_fwd_kernel, plan,
         q, k, v, out, lse, rel_h, rel_w, rpb,  # None when absent (never read then)
         *plan.head, table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )

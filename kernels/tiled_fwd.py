@@ -39,6 +39,7 @@ from .common import (
     unravel_program,
     window_start,
 )
+from .fast_launch import launch_kernel
 from .launch_cache import args_key, config_key, contiguous_strides, plan_cache
 
 MAX_BLOCK_K = 256
@@ -353,7 +354,7 @@ def forward(q, k, v, args, config=None, _poison=False) -> tuple[torch.Tensor, to
         return out, lse
     rel_h, rel_w, rpb = args.rel_h, args.rel_w, args.rpb
     dummy = q  # never read when the flag is off
-    _tiled_fwd_kernel[grid](
+    launch_kernel(_tiled_fwd_kernel, grid,
         q, k, v, out, lse,
         dummy if rel_h is None else rel_h, dummy if rel_w is None else rel_w,
         dummy if rpb is None else rpb,

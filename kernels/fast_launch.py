@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import operator
 import os
-from typing import Any, Optional
+from math import gcd
+from typing import Any, Callable, Optional
 
 import torch
 from triton import knobs
@@ -41,6 +42,10 @@ _RUNTIME, _COMPILATION = knobs.runtime, knobs.compilation
 _HAS_FPSAN = hasattr(_COMPILATION, "fpsan_homomorphic_casts")  # Triton >= 3.9
 _HAS_STAGES_HOOK = hasattr(_RUNTIME, "add_stages_inspection_hook")
 _TENSORS = (torch.Tensor, torch.nn.Parameter)
+_TENSOR_TYPES = frozenset(_TENSORS)
+_INT_TYPES = frozenset((int,))
+_DTYPE, _DATA_PTR = operator.attrgetter("dtype"), torch.Tensor.data_ptr
+_TAG = object()  # marks a `_value_key` entry of `fast_key`
 
 
 def _env_enabled() -> bool:
@@ -59,6 +64,11 @@ def configure(enabled: Optional[bool] = None) -> bool:
     return _ENABLED
 
 
+def forget() -> None:
+    """Forget every kept kernel (the host benchmark's stub keeps fakes)."""
+    _SLOTS.clear()
+
+
 def enabled() -> bool:
     """Whether launches may take the fast path."""
     return _ENABLED
@@ -67,19 +77,35 @@ def enabled() -> bool:
 class _Slot:
     """One (kernel, plan): where the per-call arguments sit, and a compiled kernel per
     per-call key."""
-    __slots__ = ("kernel", "plan", "n_args", "lead", "mid", "stop", "compiled")
+    __slots__ = ("kernel", "plan", "n_args", "lead", "mid", "stop", "tensors", "others",
+                 "compiled")
 
-    def __init__(self, kernel, plan: LaunchPlan, n_args: int, lead: int):
-        self.kernel, self.plan, self.n_args, self.lead = kernel, plan, n_args, lead
+    def __init__(self, kernel, plan: LaunchPlan, args: tuple, lead: int):
+        self.kernel, self.plan, self.n_args, self.lead = kernel, plan, len(args), lead
         self.mid = lead + len(plan.head)  # per-call values: args[:lead], args[mid:stop]
-        self.stop = n_args - len(plan.tail)
+        self.stop = len(args) - len(plan.tail)
+        per_call = [*range(lead), *range(self.mid, self.stop)]
+        # where this first call had tensors (the usual case of every later call: `fast_key`
+        # reads them with C-level maps) and everything else
+        self.tensors = _getter([i for i in per_call if isinstance(args[i], torch.Tensor)])
+        self.others = _getter([i for i in per_call if not isinstance(args[i], torch.Tensor)])
         self.compiled: dict = {}
 
 
+def _getter(positions: list) -> Callable[[tuple], tuple]:
+    """args -> the tuple of args[i] for i in positions."""
+    if not positions:
+        return lambda args: ()
+    if len(positions) == 1:
+        i = positions[0]
+        return lambda args: (args[i],)
+    return operator.itemgetter(*positions)
+
+
 def _value_key(a) -> Any:
-    """What of one argument outside the plan decides Triton's specialisation, or finer:
-    a tensor's dtype and whether its address is 16-byte aligned; None; ints by value;
-    tuples element-wise; other scalars by type and value (True is not 1, 1.0 is not 1)."""
+    """What of one argument outside the plan decides Triton's specialisation, or finer
+    (the general case of `fast_key`): tensors' dtype and 16-byte alignment, None, ints by
+    value, tuples element-wise, other scalars by type and value (True is not 1)."""
     cls = type(a)
     if cls is int or a is None:
         return a
@@ -99,9 +125,32 @@ def _knob_key() -> tuple:
 
 
 def fast_key(slot: _Slot, args: tuple, device) -> tuple:
-    """The per-call part of the fast key (the slot holds the kernel and the plan)."""
-    return (device, slot.kernel.debug, _knob_key(),
-            *map(_value_key, args[:slot.lead]), *map(_value_key, args[slot.mid:slot.stop]))
+    """The per-call part of the fast key (the slot holds the kernel and the plan): the
+    device, the knobs, then the arguments outside the plan. Where the slot's first call had
+    tensors: their dtypes and one alignment entry (True: all 16-byte aligned, else each
+    one's bit), read with C-level maps; if one of them is no tensor now, every argument
+    outside the plan by `_value_key` instead (a key of another length and marker)."""
+    tensors = slot.tensors(args)
+    others = slot.others(args)
+    if _TENSOR_TYPES.issuperset(map(type, tensors)):
+        ptrs = tuple(map(_DATA_PTR, tensors))
+        aligned = gcd(*ptrs) & 15 == 0  # every address 16-byte aligned (0 counts as such)
+        return (device, slot.kernel.debug, *_knob_key(), *map(_DTYPE, tensors),
+                aligned or tuple(p & 15 == 0 for p in ptrs), *_other_keys(others))
+    return (device, slot.kernel.debug, *_knob_key(), _TAG,
+            *map(_value_key, tensors), *map(_value_key, others))
+
+
+def _other_keys(values: tuple) -> tuple:
+    """`_value_key` of each of values; ints, None and tuples of ints as they are."""
+    for v in values:
+        cls = type(v)
+        if cls is tuple:
+            if not _INT_TYPES.issuperset(map(type, v)):
+                return (_TAG, *map(_value_key, values))
+        elif cls is not int and v is not None:
+            return (_TAG, *map(_value_key, values))
+    return values
 
 
 def _find_slot(kernel, plan, args: tuple, options: dict) -> Optional[_Slot]:
@@ -121,11 +170,11 @@ def _find_slot(kernel, plan, args: tuple, options: dict) -> Optional[_Slot]:
             return None
         if len(_SLOTS) >= MAX_PLANS:
             _SLOTS.clear()
-        slot = _SLOTS[id(kernel), id(plan)] = _Slot(kernel, plan, n, lead)
+        slot = _SLOTS[id(kernel), id(plan)] = _Slot(kernel, plan, args, lead)
     if (slot.plan is not plan or slot.kernel is not kernel or len(args) != slot.n_args
-            or options != plan.options
-            or not all(map(operator.is_, args[slot.lead:slot.mid], plan.head))
-            or not all(map(operator.is_, args[slot.stop:], plan.tail))):
+            or options != plan.options  # and the plan's own values (== on tuples compares
+            or args[slot.lead:slot.mid] != plan.head  # identical items at C speed)
+            or args[slot.stop:] != plan.tail):
         return None
     return slot
 

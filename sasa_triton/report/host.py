@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+from triton import knobs
+from triton.compiler.compiler import LazyDict
 
 from ..perf_suite import RESNET50, Shape
 from .markdown import markdown_table
@@ -62,12 +64,96 @@ def host_cases(device_type: str) -> list[Shape]:
 
 # While not None: the (kernel, args, kwargs) of every stubbed launch are appended here.
 _RECORDED: Optional[list] = None
+_SM90 = None  # the sm_90 backend the stub binds with (made on first use)
 
 
-def _stub_run(self, *args, grid, warmup, **kwargs) -> None:
-    """Stands in for JITFunction.run: the launch returns at once, launching nothing."""
+def _record(fn, args: tuple, kwargs: dict) -> None:
     if _RECORDED is not None:
-        _RECORDED.append((self, args, kwargs))
+        _RECORDED.append((fn, args, kwargs))
+
+
+class _FakeCompiled:
+    """Stands in for a CompiledKernel: what JITFunction.run and the fast launch path
+    (kernels/fast_launch.py) read of one, and a `run` that returns at once instead of the
+    driver's launch (recording it: the kernel, every argument in signature order, the
+    launch options)."""
+    function, packed_metadata = 0, ()
+
+    def __init__(self, fn, options: dict):
+        self.fn, self.options, self.name = fn, options, fn.__name__
+
+    def launch_metadata(self, grid, stream, *args):
+        """As CompiledKernel.launch_metadata (no per-kernel metadata function)."""
+        if knobs.runtime.launch_enter_hook is None:
+            return None
+        return LazyDict({"name": self.name, "function": self.function, "stream": stream})
+
+    def run(self, grid_0, grid_1, grid_2, stream, function, packed_metadata, launch_metadata,
+            enter_hook, exit_hook, *args) -> None:
+        _record(self.fn, args, self.options)
+
+
+class _FakeDriver:
+    """Triton's active driver while stubbed: device 0, stream 0, an sm_90 target."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device) -> int:
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+_STUB_KERNELS: dict = {}  # id(JITFunction) -> (fn, binder, cache-key cache, {key: fake})
+
+
+def _stub_run(self, *args, grid, warmup, **kwargs):
+    """Stands in for JITFunction.run on CPU: its Python work -- the options, Triton's
+    binder and cache key (sm_90 backend), the grid, the launch metadata -- and a
+    _FakeCompiled's `run` where the driver would launch. Returns the _FakeCompiled (one
+    per cache key, as Triton's compiled kernels), so the fast path can keep it."""
+    global _SM90
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    options = {k: v for k, v in kwargs.items() if k not in self.arg_names}
+    kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    entry = _STUB_KERNELS.get(id(self))
+    if entry is None or entry[0] is not self:
+        if _SM90 is None:
+            from triton.backends.nvidia.compiler import CUDABackend
+
+            _SM90 = CUDABackend(_FakeDriver().get_current_target())
+        entry = _STUB_KERNELS[id(self)] = (
+            self, create_function_from_signature(self.signature, self.params, _SM90), {}, {})
+    _, binder, key_cache, fakes = entry
+    bound_args, specialization, opts = binder(*args, **kwargs)
+    key = compute_cache_key(key_cache, specialization, opts)
+    kernel = fakes.get(key)
+    if kernel is None:
+        kernel = fakes[key] = _FakeCompiled(self, options)
+    if not warmup:
+        if callable(grid):
+            grid = grid(bound_args)
+        size = len(grid)
+        stream = 0
+        launch_metadata = kernel.launch_metadata(grid, stream, *bound_args.values())
+        kernel.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream,
+                   kernel.function, kernel.packed_metadata, launch_metadata,
+                   knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook,
+                   *bound_args.values())
+    return kernel
+
+
+def _stub_run_interpreted(self, *args, grid, warmup, **kwargs) -> None:
+    """Stands in for the interpreter's run: returns at once, launching nothing."""
+    _record(self, args, kwargs)
     return None
 
 
@@ -148,21 +234,31 @@ def stub_launches() -> Iterator[None]:
     everything, and forgets the choices made inside, on exit."""
     from .. import dispatch
 
+    from triton.runtime.driver import driver
+
+    from ..kernels import fast_launch
+
     classes = _kernel_classes()
     runs = [cls.__dict__["run"] for cls in classes]
     choose = dispatch._choose
+    active = driver._active  # None until a real driver is first asked for
     denormal = torch.set_flush_denormal(True)
     dispatch.clear_cache()
+    fast_launch.forget()
     try:
-        for cls in classes:
-            cls.run = _stub_run
+        for cls, stub in zip(classes, (_stub_run, _stub_run_interpreted)):
+            cls.run = stub
+        driver.set_active(_FakeDriver())
         dispatch._choose = _choose_as_on_cuda
         yield
     finally:
         for cls, run in zip(classes, runs):
             cls.run = run
+        driver._active = active
         dispatch._choose = choose
         dispatch.clear_cache()
+        fast_launch.forget()  # its kept kernels are fakes
+        _STUB_KERNELS.clear()
         if denormal:
             torch.set_flush_denormal(False)
 

@@ -172,9 +172,9 @@ def _find_slot(kernel, plan, args: tuple, options: dict) -> Optional[_Slot]:
             _SLOTS.clear()
         slot = _SLOTS[id(kernel), id(plan)] = _Slot(kernel, plan, args, lead)
     if (slot.plan is not plan or slot.kernel is not kernel or len(args) != slot.n_args
-            or options != plan.options  # and the plan's own values (== on tuples compares
-            or args[slot.lead:slot.mid] != plan.head  # identical items at C speed)
-            or args[slot.stop:] != plan.tail):
+            or options != plan.options  # and the plan's own objects, not equal ones
+            or not all(map(operator.is_, args[slot.lead:slot.mid], plan.head))
+            or not all(map(operator.is_, args[slot.stop:], plan.tail))):
         return None
     return slot
 

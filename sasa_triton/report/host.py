@@ -5,10 +5,13 @@ launchers' Python, allocations and the launches -- decides the speed of small la
 (s3, s4), whose GPU work is a few microseconds (docs/host.md; targets: <= 15 us per
 eager forward, <= 40 us per forward + backward).
 
-* CPU: the kernel launch is stubbed out (`stub_launches`: Triton's `run` returns at
-  once, so the launchers' outputs keep their shapes, allocated and never written), and
-  "auto" dispatches as on a GPU with no tuned table (the heuristic's kernels), so what is
-  timed is exactly the host path of a GPU call minus Triton's own launch. The
+* CPU: the driver's launch is stubbed out (`stub_launches`: Triton's `run` does its
+  Python work -- binder, cache key with the sm_90 backend, grid, launch metadata -- and
+  then a fake compiled kernel's `run` returns at once, so the launchers' outputs keep
+  their shapes, allocated and never written; repeat launches take the fast launch path,
+  kernels/fast_launch.py, unless SASA_TRITON_FAST_LAUNCH=0), and "auto" dispatches as on a
+  GPU with no tuned table (the heuristic's kernels), so what is timed is the host path of
+  a GPU call, Triton's launch included, minus the driver's launch. The
   backward's torch glue (offsets' partial-sum reductions) runs for real, on CPU:
   cases use batch 1 so that it stays small.
 * CUDA: real calls, three numbers per direction: `host_us`, the wall time until the
@@ -46,7 +49,8 @@ CSV_NAME, SUMMARY_NAME = "host.csv", "host.md"
 COLUMNS = [
     "case", "B", "H", "W", "C", "heads", "d", "k", "dtype", "direction", "fwd_impl",
     "bwd_impl", "launch", "host_us", "host_p20_us", "host_p80_us", "reps", "floor_us",
-    "over_floor_us", "target_us", "within_target", "launches", "bind_us", "gpu_us", "loop_us",
+    "over_floor_us", "target_us", "within_target", "launches", "bind_us", "fast_launch",
+    "gpu_us", "loop_us",
     "device",
     "device_type", "date", "torch", "triton", "python",
 ]
@@ -385,6 +389,7 @@ def run_host_suite(dtype: Optional[str] = None, device: Optional[str] = None,
                    directions=DIRECTIONS, reps: int = 500, shapes: Optional[list] = None,
                    log: Callable[[str], None] = print) -> list[dict]:
     """One row per case x direction (not written)."""
+    from ..kernels import fast_launch
     from .runner import DTYPES, Machine
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -394,7 +399,8 @@ def run_host_suite(dtype: Optional[str] = None, device: Optional[str] = None,
     machine = Machine.detect(dev)
     shapes = shapes if shapes is not None else host_cases(dev.type)
     stubbed = dev.type != "cuda"
-    launch = "stubbed (CPU: no kernel runs)" if stubbed else "real"
+    launch = ("stubbed (CPU: Triton's launch path without the driver, no kernel runs)"
+              if stubbed else "real")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     log(f"sasa_triton.report host: {len(shapes)} cases x {len(directions)} directions on "
         f"{machine.name} ({dev.type}, {dtype}), launch {launch}")
@@ -414,6 +420,7 @@ def run_host_suite(dtype: Optional[str] = None, device: Optional[str] = None,
                     if stubbed:
                         launches = _launches(steps[direction])
                         timing.update(launches=len(launches), bind_us=time_binder(launches))
+                    timing["fast_launch"] = fast_launch.enabled()
                     target = TARGETS_US[direction]
                     rows.append(dict(
                         case=shape.name, B=shape.B, H=shape.H, W=shape.W, C=shape.C,
@@ -466,12 +473,16 @@ def _summary(df, command: str) -> str:
              "over floor = host - floor, what sasa_triton adds",
              f"* data: [{CSV_NAME}]({CSV_NAME}); what is measured and how: docs/host.md", ""]
     if not cuda:
-        lines += ["**CPU, launch stubbed**: the host path of a GPU call (checks, dispatch, "
-                  "autograd, launchers, allocations, the backward's torch glue on CPU) "
-                  "without Triton's own launch, which a GPU run adds.", ""]
+        fast = "on" if bool(first.get("fast_launch", True)) else "off"
+        lines += ["**CPU, driver stubbed**: the host path of a GPU call (checks, dispatch, "
+                  "autograd, launchers, allocations, the backward's torch glue on CPU, "
+                  f"Triton's launch path: fast launch {fast}) without the driver's launch. "
+                  "Triton bind us: what Triton's binder and cache key cost these launches "
+                  "(each call pays it with the fast launch off; only first calls with it "
+                  "on).", ""]
     header = ["case", "direction", "forward", "backward", "host us (p20-p80)",
               "torch floor us", "over floor us", "target", "within"]
-    header += ["gpu us", "loop us"] if cuda else ["Triton bind us (not in host)"]
+    header += ["gpu us", "loop us"] if cuda else ["Triton bind us"]
     table = []
     for _, r in df.iterrows():
         row = [r["case"], r["direction"], r["fwd_impl"],

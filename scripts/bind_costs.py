@@ -11,7 +11,13 @@ kernel. This script times exactly that part (the same work as `bind_us` of
 2. per launch: every launch of a forward + backward of the host suite's cases (the
    heuristic's kernels), its arguments counted by kind, its binder time, and the binder
    time of a stand-in kernel taking the same launch packed as tile2d's forward packs
-   its own (`packed`): what that change would save the other kernels.
+   its own (`packed`): what that change would save the other kernels; and `fast us`,
+   the whole repeat launch through kernels/fast_launch.py (its key, the checks, the
+   launch metadata and the compiled kernel's run, the driver stubbed as in the host
+   suite), which replaces Triton's binder and cache key after a launch's first call,
+   beside `run us`, the same launch through `kernel[grid](...)`, Triton's whole
+   `JITFunction.run` as the host suite's stub runs it (binder, cache key, grid, launch
+   metadata, the stubbed compiled kernel's run): what each call paid before.
 
 Usage: python scripts/bind_costs.py [--reps 3000] [--cases s1-b1,s2-b1]
 """
@@ -118,8 +124,39 @@ def _kind(param, value) -> str:
     return "float" if isinstance(value, float) else "int"
 
 
+def _launch_times(fn, args, kwargs, reps: int) -> tuple[float, float]:
+    """Median microseconds of one repeat launch through the fast path and through
+    `kernel[grid](...)` (stubbed driver and compiled kernel; the plan: the one the fast
+    path keeps for fn). NaN if none is kept."""
+    from sasa_triton.kernels import fast_launch
+
+    slots = [s for s in fast_launch._SLOTS.values() if s.kernel is fn and s.compiled]
+    if len(slots) != 1:
+        return float("nan"), float("nan")
+    plan = slots[0].plan
+    return (_median_us(lambda: fast_launch.launch_kernel(fn, plan, *args, **kwargs), reps),
+            _median_us(lambda: fn[plan.grid](*args, **kwargs), reps))
+
+
+def _median_us(once, reps: int) -> float:
+    """Median microseconds of once(), warm, garbage collector off."""
+    for _ in range(200):
+        once()
+    samples = []
+    gc.disable()
+    try:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            once()
+            samples.append(time.perf_counter() - t0)
+    finally:
+        gc.enable()
+    return statistics.median(samples) * 1e6
+
+
 def per_launch(case_names: list[str], reps: int) -> list[dict]:
     """One row per launch of a forward + backward of each case."""
+    from sasa_triton.kernels import fast_launch
     from sasa_triton.report import host
 
     rows = []
@@ -127,6 +164,8 @@ def per_launch(case_names: list[str], reps: int) -> list[dict]:
     with host.stub_launches():
         for shape in shapes:
             steps, _, _ = host._steps(shape, torch.bfloat16, torch.device("cpu"))
+            fast_launch.forget()
+            steps["fwdbwd"]()  # the fast path keeps each launch's (fake) compiled kernel
             for fn, args, kwargs in host._launches(steps["fwdbwd"]):
                 counts: dict = {}
                 ints_in_tuples = 0
@@ -138,7 +177,9 @@ def per_launch(case_names: list[str], reps: int) -> list[dict]:
                 rows.append(dict(case=shape.name, kernel=fn.__name__, arguments=len(args),
                                  **counts, ints_in_tuples=ints_in_tuples,
                                  bind_us=_binder_time(fn, args, kwargs, reps),
-                                 packed_us=what_if(fn, args, kwargs, reps)))
+                                 packed_us=what_if(fn, args, kwargs, reps),
+                                 **dict(zip(("fast_us", "run_us"),
+                                            _launch_times(fn, args, kwargs, reps)))))
     return rows
 
 
@@ -218,12 +259,14 @@ def main(argv=None) -> None:
     rows = per_launch(opts.cases.split(","), opts.reps)
     kinds = ["pointer", "None", "int", "float", "tuple", "constexpr"]
     print("\n| case | kernel | arguments | " + " | ".join(kinds)
-          + " | ints in tuples | bind us | packed like tile2d's forward: bind us |")
-    print("|---" * (len(kinds) + 6) + "|")
+          + " | ints in tuples | bind us | packed like tile2d's forward: bind us | run us "
+          "| fast us |")
+    print("|---" * (len(kinds) + 8) + "|")
     for r in rows:
         print(f"| {r['case']} | {r['kernel']} | {r['arguments']} | "
               + " | ".join(str(r.get(k, 0)) for k in kinds)
-              + f" | {r['ints_in_tuples']} | {r['bind_us']:.1f} | {r['packed_us']:.1f} |")
+              + f" | {r['ints_in_tuples']} | {r['bind_us']:.1f} | {r['packed_us']:.1f} "
+              f"| {r['run_us']:.1f} | {r['fast_us']:.1f} |")
 
 
 if __name__ == "__main__":

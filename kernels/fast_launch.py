@@ -78,7 +78,7 @@ class _Slot:
     """One (kernel, plan): where the per-call arguments sit, and a compiled kernel per
     per-call key."""
     __slots__ = ("kernel", "plan", "n_args", "lead", "mid", "stop", "tensors", "others",
-                 "compiled")
+                 "grid", "compiled")
 
     def __init__(self, kernel, plan: LaunchPlan, args: tuple, lead: int):
         self.kernel, self.plan, self.n_args, self.lead = kernel, plan, len(args), lead
@@ -89,6 +89,8 @@ class _Slot:
         # reads them with C-level maps) and everything else
         self.tensors = _getter([i for i in per_call if isinstance(args[i], torch.Tensor)])
         self.others = _getter([i for i in per_call if not isinstance(args[i], torch.Tensor)])
+        grid = plan.grid
+        self.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         self.compiled: dict = {}
 
 
@@ -156,11 +158,11 @@ def _other_keys(values: tuple) -> tuple:
 def _find_slot(kernel, plan, args: tuple, options: dict) -> Optional[_Slot]:
     """The slot of this call, made on first sight; None where the fast path cannot
     apply (the call's head, tail or options are not the plan's, a keyword argument is a
-    kernel parameter, the grid is callable)."""
+    kernel parameter, the grid is not a tuple: a callable)."""
     slot = _SLOTS.get((id(kernel), id(plan)))
     if slot is None:
         params = kernel.arg_names
-        if (len(args) != len(params) or callable(plan.grid)
+        if (len(args) != len(params) or not isinstance(plan.grid, (tuple, list))
                 or any(name in params for name in options)):
             return None
         head, n = plan.head, len(args)
@@ -192,34 +194,42 @@ def _interpreting() -> bool:
 def launch_kernel(kernel, plan, /, *args, **options) -> Any:
     """`kernel[plan.grid](*args, **options)`; repeat launches of a LaunchPlan skip
     Triton's binder (module docstring). Returns what Triton's launch returns."""
-    if not _ENABLED or type(plan) is not LaunchPlan or not isinstance(kernel, JITFunction):
+    if not _ENABLED or type(plan) is not LaunchPlan:
         return kernel[plan if type(plan) is not LaunchPlan else plan.grid](*args, **options)
-    grid = plan.grid
-    slot = _find_slot(kernel, plan, args, options)
-    if slot is None or kernel.pre_run_hooks or (
-            _HAS_STAGES_HOOK and _RUNTIME.add_stages_inspection_hook is not None):
-        return kernel[grid](*args, **options)
+    slot = _SLOTS.get((id(kernel), id(plan)))
+    if (slot is None or slot.plan is not plan or slot.kernel is not kernel
+            or len(args) != slot.n_args or options != plan.options
+            or not all(map(operator.is_, args[slot.lead:slot.mid], plan.head))
+            or not all(map(operator.is_, args[slot.stop:], plan.tail))):
+        if not isinstance(kernel, JITFunction):  # the interpreter's kernels, recorders
+            return kernel[plan.grid](*args, **options)
+        slot = _find_slot(kernel, plan, args, options)
+        if slot is None:
+            return kernel[plan.grid](*args, **options)
+    if kernel.pre_run_hooks or (_HAS_STAGES_HOOK
+                                and _RUNTIME.add_stages_inspection_hook is not None):
+        return kernel[plan.grid](*args, **options)
     active = driver.active
     device = active.get_current_device()
     try:
         key = fast_key(slot, args, device)
         compiled = slot.compiled.get(key)
     except TypeError:  # an unhashable argument: Triton's path
-        return kernel[grid](*args, **options)
+        return kernel[plan.grid](*args, **options)
     if compiled is None:
-        compiled = kernel[grid](*args, **options)
+        compiled = kernel[plan.grid](*args, **options)
         if _is_compiled(compiled) and not _interpreting():
             slot.compiled[key] = compiled
         return compiled
-    for (name, _), (value, globals_dict) in kernel.used_global_vals.items():
-        if globals_dict.get(name, _MISSING) != value:  # as JITFunction.run: changed globals
-            return kernel[grid](*args, **options)  # raise there
+    if kernel.used_global_vals:
+        for (name, _), (value, globals_dict) in kernel.used_global_vals.items():
+            if globals_dict.get(name, _MISSING) != value:  # changed since compiled:
+                return kernel[plan.grid](*args, **options)  # JITFunction.run raises
     stream = active.get_current_stream(device)
-    size = len(grid)
+    grid = plan.grid
     launch_metadata = compiled.launch_metadata(grid, stream, *args)
-    compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1, stream,
-                 compiled.function, compiled.packed_metadata, launch_metadata,
-                 _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook, *args)
+    compiled.run(*slot.grid, stream, compiled.function, compiled.packed_metadata,
+                 launch_metadata, _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook, *args)
     return compiled
 
 

@@ -14,10 +14,13 @@ import pytest
 import torch
 import triton.language as tl
 from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend  # import it while interpreting
 from triton.runtime.jit import JITFunction
 
 from sasa_triton.kernels import fast_launch
 from sasa_triton.kernels.launch_cache import launch_plan
+from sasa_triton.report import host  # imports Triton's compiler: while interpreting
 
 
 def _toy(a_ptr, b_ptr, c_ptr, sizes, n, s_tab, x, BLOCK: tl.constexpr, MODE: tl.constexpr):
@@ -81,8 +84,6 @@ def _random_launches(rng: random.Random, count: int) -> list:
 
 def _key_map(launches: list, fast_key) -> tuple[dict, int]:
     """{fast key: [Triton key of each launch]} and the number of distinct Triton keys."""
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
     from triton.runtime.jit import create_function_from_signature
 
     binder = create_function_from_signature(KERNEL.signature, KERNEL.params,
@@ -292,8 +293,6 @@ def test_stub_counts_every_launch_fast_or_not(monkeypatch):
     returned), the repeats go the fast path; `_launches` records all of them, with the
     arguments in signature order and the launch options."""
     from triton.runtime.driver import driver
-
-    from sasa_triton.report import host
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     active = driver._active

@@ -123,7 +123,7 @@ def _stub_run(self, *args, grid, warmup, **kwargs):
     global _SM90
     from triton.runtime.jit import compute_cache_key, create_function_from_signature
 
-    options = {k: v for k, v in kwargs.items() if k not in self.arg_names}
+    given = kwargs.copy() if kwargs else kwargs  # the launch options (and keyword arguments)
     kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
     if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
@@ -140,7 +140,8 @@ def _stub_run(self, *args, grid, warmup, **kwargs):
     bound_args, specialization, opts = binder(*args, **kwargs)
     key = compute_cache_key(key_cache, specialization, opts)
     kernel = fakes.get(key)
-    if kernel is None:
+    if kernel is None:  # "compile": keep the options, not the kernel's keyword arguments
+        options = {k: v for k, v in given.items() if k not in self.arg_names}
         kernel = fakes[key] = _FakeCompiled(self, options)
     if not warmup:
         if callable(grid):

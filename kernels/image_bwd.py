@@ -46,6 +46,7 @@ from .common import (
     split_partials,
     table_strides,
 )
+from .fast_launch import launch_kernel
 from .image_bwd_exact import exact_gradients
 from .image_fwd import (
     contiguous_image_strides,
@@ -66,7 +67,6 @@ from .image_fwd import (
     zero_taps,
 )
 from .image_fwd import supports as forward_supports
-from .fast_launch import launch_kernel
 from .launch_cache import (
     NO_LAUNCH,
     LaunchPlan,

@@ -220,7 +220,7 @@ def test_arguments_not_the_plans_take_triton_path(fake_triton):
     a, b = torch.empty(8), torch.empty(8)
     equal = tuple([4, 5])
     assert equal == plan.head[0] and equal is not plan.head[0]
-    for first in (True, False):  # before and after the plan's slot exists
+    for _ in range(2):  # before and after the plan's slot exists
         fast_launch.launch_kernel(KERNEL, plan, a, b, None, equal, 7, (1, 2, 3),
                                   *plan.tail, **plan.options)  # head: an equal tuple
         fast_launch.launch_kernel(KERNEL, plan, a, b, None, *plan.head, 7, (1, 2, 3),

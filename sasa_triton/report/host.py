@@ -233,14 +233,16 @@ def _choose_as_on_cuda(q, args, direction: int):
 
 @contextlib.contextmanager
 def stub_launches() -> Iterator[None]:
-    """Within: every Triton launch returns at once without running (outputs keep the
-    shapes their launchers allocated), "auto" picks the kernels it would pick on a GPU
-    with no tuned table, and denormals flush (the glue reads unwritten memory). Restores
-    everything, and forgets the choices made inside, on exit."""
-    from .. import dispatch
-
+    """Within: every Triton launch runs Triton's Python launch path and no kernel
+    (`_stub_run`: a _FakeCompiled's `run` returns at once, from a fake driver's device 0
+    and stream 0; the fast launch path keeps and relaunches those fakes; the
+    interpreter's launches return at once), outputs keep the shapes their launchers
+    allocated, "auto" picks the kernels it would pick on a GPU with no tuned table, and
+    denormals flush (the glue reads unwritten memory). Restores everything, and forgets
+    the choices and fakes made inside, on exit."""
     from triton.runtime.driver import driver
 
+    from .. import dispatch
     from ..kernels import fast_launch
 
     classes = _kernel_classes()

@@ -134,6 +134,31 @@ def _left_half(x):
 
 
 @triton.jit
+def _key_columns(x0, W, BLOCK_K: tl.constexpr, SPARE: tl.constexpr):
+    """(columns x0 + [0, BLOCK_K), which of them are image columns loaded as keys: with
+    SPARE not the last, a zero key for the out-of-image columns' mass)."""
+    o_x = x0 + tl.arange(0, BLOCK_K)
+    m_x = (o_x >= 0) & (o_x < W)
+    if SPARE:
+        m_x = m_x & (tl.arange(0, BLOCK_K) < BLOCK_K - 1)
+    return o_x, m_x
+
+
+@triton.jit
+def _window(o_x, m_x, start_x, m_q, dil_w, KW: tl.constexpr, IN_IMAGE: tl.constexpr):
+    """(tap [M, BK], in-window mask [M, BK]) of key column o_x for each query: its tap c
+    (x = start_x + c * dil_w, 0 <= c < KW), and whether it is one (IN_IMAGE: and in the
+    image)."""
+    o_diff = o_x[None, :] - start_x[:, None]
+    o_diffc = tl.maximum(o_diff, 0)
+    o_tap = o_diffc // dil_w
+    m_win = (o_diff >= 0) & (o_diffc - o_tap * dil_w == 0) & (o_tap < KW) & m_q[:, None]
+    if IN_IMAGE:
+        m_win = m_win & m_x[None, :]
+    return o_tap, m_win
+
+
+@triton.jit
 def _logits(u, b_q, b_bias, b_rt, b_qrow, b_qlo, slot, p_sel, o_sel, b_zo, o_e, t, st, ebase, m_q,
             m_win, p_k0,
             o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH: tl.constexpr,
@@ -267,16 +292,9 @@ def _rows_fwd_kernel(
         x0 = tl.maximum(j0 - (KW // 2) * dil_w, 0)
     else:
         x0 = j0 - (KW // 2) * dil_w
-    o_x = x0 + tl.arange(0, BLOCK_K)
-    m_x = (o_x >= 0) & (o_x < W)
-    if SPARE:  # the last column: a zero key for the out-of-image columns' mass
-        m_x = m_x & (tl.arange(0, BLOCK_K) < BLOCK_K - 1)
+    o_x, m_x = _key_columns(x0, W, BLOCK_K, SPARE)
     o_diff = o_x[None, :] - start_x[:, None]  # [M, BK]
-    o_diffc = tl.maximum(o_diff, 0)
-    o_tap = o_diffc // dil_w  # tap c of key column x for query m
-    m_win = (o_diff >= 0) & (o_diffc - o_tap * dil_w == 0) & (o_tap < KW) & m_q[:, None]
-    if CLIP or not ZEROS:
-        m_win = m_win & m_x[None, :]
+    o_tap, m_win = _window(o_x, m_x, start_x, m_q, dil_w, KW, CLIP or not ZEROS)
 
     if OFF_I64:  # some tensor has elements past 2**31: 64-bit offsets
         b64 = b.to(tl.int64)
@@ -604,7 +622,11 @@ def _rows_fwd_kernel(
     # its sums hold the marked rows' mass.
     m_bad = (~(tl.abs(b_l + tl.sum(b_acc, axis=1)) < float("inf"))
              | (b_m < -5.0e29 * qk_scale)) & m_q
-    for _ in range(tl.max(tl.where(m_bad, 1, 0), axis=0)):
+    for once in range(tl.max(tl.where(m_bad, 1, 0), axis=0)):
+        # once = 0, but not a constant to the compiler: what depends on it stays in the
+        # slow pass (not hoisted before it, where the fast path would pass through it)
+        o_xs, m_xs = _key_columns(x0 + once, W, BLOCK_K, SPARE)
+        _, m_win = _window(o_xs, m_xs, start_x, m_q, dil_w, KW, CLIP or not ZEROS)
         b_m = b_m0
         b_l = b_l0
         if ZEROS or Q_SIGN == 0:  # a non-finite q: every logit is non-finite, out and

@@ -85,6 +85,7 @@ from .launch_cache import (
 )
 
 MAX_BLOCK_K = 128  # key columns per sub-tile (a score tile [BLOCK_M, BLOCK_K] in registers)
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
 MAX_BLOCK_D = 128  # padded head dim: acc [BLOCK_M, BLOCK_D] fp32 must stay in registers
 
 
@@ -235,7 +236,7 @@ def _rows_fwd_kernel(
     INTERP: tl.constexpr,
     E_PAD: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr, OFF_I64: tl.constexpr,
     KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr, RAW: tl.constexpr,
-    Q_SIGN: tl.constexpr, PAIR: tl.constexpr,
+    Q_SIGN: tl.constexpr, PAIR: tl.constexpr, GRID_3D: tl.constexpr,
 ):
     # 16-bit dots are exact; a float32 q @ 0 needs no more than tf32 (non-finite stays so)
     DOT_PRECISION: tl.constexpr = "ieee" if SPLIT else "tf32"
@@ -258,7 +259,13 @@ def _rows_fwd_kernel(
     PAIRS: tl.constexpr = PAIR and RAW  # the fast walk's two key rows per step
     ROWS: tl.constexpr = BLOCK_M // BLOCK_W
     # head fastest: the heads of one tile run side by side (full cache sectors)
-    n, jb, tb, rest = unravel_program(tl.program_id(0), HEADS, N_JB, N_TB)
+    if GRID_3D:  # (head, column block + N_JB * row block, rest): one division at most
+        n = tl.program_id(0)
+        jb = tl.program_id(1) % N_JB
+        tb = tl.program_id(1) // N_JB
+        rest = tl.program_id(2)
+    else:
+        n, jb, tb, rest = unravel_program(tl.program_id(0), HEADS, N_JB, N_TB)
     g = rest % dil_h  # dilation group of the rows: g, g + dil_h, ...
     b = rest // dil_h
     L = (H - g + dil_h - 1) // dil_h  # members of group g
@@ -625,8 +632,9 @@ def _rows_fwd_kernel(
     for once in range(tl.max(tl.where(m_bad, 1, 0), axis=0)):
         # once = 0, but not a constant to the compiler: what depends on it stays in the
         # slow pass (not hoisted before it, where the fast path would pass through it)
-        o_xs, m_xs = _key_columns(x0 + once, W, BLOCK_K, SPARE)
-        _, m_win = _window(o_xs, m_xs, start_x, m_q, dil_w, KW, CLIP or not ZEROS)
+        if BLOCK_D <= 64:  # (at 128 channels the values it needs would spill)
+            o_xs, m_xs = _key_columns(x0 + once, W, BLOCK_K, SPARE)
+            _, m_win = _window(o_xs, m_xs, start_x, m_q, dil_w, KW, CLIP or not ZEROS)
         b_m = b_m0
         b_l = b_l0
         if ZEROS or Q_SIGN == 0:  # a non-finite q: every logit is non-finite, out and
@@ -911,9 +919,13 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
     pick = clip and args.padding == "zeros" and not spare
     ns, raw = _ns_pad(bm, bw, args.kh, triton.cdiv(H, args.dh)), raw_logits(args, pick)
     kv_same = strides[1] == strides[2]
+    # a 3-D grid where the flat one's index needs two divisions or more (the compiler
+    # drops those by sizes of 1); elsewhere it reads no cheaper
+    grid_3d = (sum(size > 1 for size in (heads, n_jb, n_tb)) >= 2
+               and n_jb * n_tb <= MAX_GRID_YZ and B * args.dh <= MAX_GRID_YZ)
     return launch_plan(
         _PARAMS,
-        grid=(B * args.dh * n_tb * n_jb * heads,),
+        grid=(heads, n_jb * n_tb, B * args.dh) if grid_3d else (B * args.dh * n_tb * n_jb * heads,),
         head=((H, W, heads, d, d // 2, n_jb, n_tb), *strides[:2],
               None if kv_same else strides[2]),
         tail=((args.dh, args.dw), (abs(args.scale) if args.scale != 0 else 1.0) * LOG2E.value),
@@ -932,6 +944,7 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
                 + [(q_shape[:4], lse_strides)], bk),
             KV_SAME_STRIDES=kv_same, EVEN_D=d == head_block(d),
             RAW=raw, Q_SIGN=(args.scale > 0) - (args.scale < 0),
+            GRID_3D=grid_3d,
             PAIR=walks_pairs(bm, bk, head_block(d), _e_pad(args), ns,
                              config.get("num_warps", 4), raw),
             **launch_options(config),

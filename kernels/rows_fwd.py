@@ -160,6 +160,35 @@ def _window(o_x, m_x, start_x, m_q, dil_w, KW: tl.constexpr, IN_IMAGE: tl.conste
 
 
 @triton.jit
+def _halve(x):
+    """x[:, :C // 2] + x[:, C // 2:] of an [M, C] tile (C a power of two >= 2)."""
+    left, right = tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)),
+                                      (0, 2, 1)))
+    return left + right
+
+
+@triton.jit
+def _nan_fold(b_lt, b_acc):
+    """b_lt folded to [M, C] (C = the narrower of the two widths, by halving) plus 0 times
+    b_acc folded the same way: a tile whose row sums are b_lt's, or NaN in the rows where
+    b_acc holds a non-finite value (or, at |acc| near 3e38, overflows: a false alarm).
+    Widths are powers of two between 16 and 128."""
+    if b_lt.shape[1] > b_acc.shape[1]:
+        b_lt = _halve(b_lt)
+        if b_lt.shape[1] > b_acc.shape[1]:
+            b_lt = _halve(b_lt)
+            if b_lt.shape[1] > b_acc.shape[1]:
+                b_lt = _halve(b_lt)
+    if b_acc.shape[1] > b_lt.shape[1]:
+        b_acc = _halve(b_acc)
+        if b_acc.shape[1] > b_lt.shape[1]:
+            b_acc = _halve(b_acc)
+            if b_acc.shape[1] > b_lt.shape[1]:
+                b_acc = _halve(b_acc)
+    return b_lt + b_acc * 0.0
+
+
+@triton.jit
 def _logits(u, b_q, b_bias, b_rt, b_qrow, b_qlo, slot, p_sel, o_sel, b_zo, o_e, t, st, ebase, m_q,
             m_win, p_k0,
             o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH: tl.constexpr,
@@ -258,6 +287,9 @@ def _rows_fwd_kernel(
     PICK: tl.constexpr = VIRT and not SPARE
     PAIRS: tl.constexpr = PAIR and RAW  # the fast walk's two key rows per step
     ROWS: tl.constexpr = BLOCK_M // BLOCK_W
+    # head blocks up to 64 channels: room for the slow pass's own masks and for folding
+    # acc into the sums' tile (at 128 channels, 8 warps: a spill, shared-memory shuffles)
+    NARROW_D: tl.constexpr = BLOCK_D <= 64
     # head fastest: the heads of one tile run side by side (full cache sectors)
     if GRID_3D:  # (head, column block + N_JB * row block, rest): one division at most
         n = tl.program_id(0)
@@ -614,8 +646,13 @@ def _rows_fwd_kernel(
             # [M, BK] @ [BK, BD] -> [M, BD]
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
             b_m = b_m_new
-    if not PICK:
-        b_l = tl.sum(b_lt, axis=1)
+    if PICK or not NARROW_D:
+        if not PICK:
+            b_l = tl.sum(b_lt, axis=1)
+        b_chk = b_l + tl.sum(b_acc, axis=1)
+    else:  # one row sum for l and the non-finite test of acc: 0 * acc is 0, or NaN
+        b_l = tl.sum(_nan_fold(b_lt, b_acc), axis=1)
+        b_chk = b_l
 
     # Rare slow pass: a non-finite value reached acc or l (a NaN/inf k or v possibly
     # outside the window, spread by the -inf additions or by 0 * NaN in P V): recompute
@@ -627,12 +664,11 @@ def _rows_fwd_kernel(
     # Also a query whose max stayed at the -1e30 row-term marker (raw units, scaled):
     # no in-window logit was finite (e.g. all -inf: the exact result is 0 / 0 = NaN),
     # its sums hold the marked rows' mass.
-    m_bad = (~(tl.abs(b_l + tl.sum(b_acc, axis=1)) < float("inf"))
-             | (b_m < -5.0e29 * qk_scale)) & m_q
+    m_bad = (~(tl.abs(b_chk) < float("inf")) | (b_m < -5.0e29 * qk_scale)) & m_q
     for once in range(tl.max(tl.where(m_bad, 1, 0), axis=0)):
         # once = 0, but not a constant to the compiler: what depends on it stays in the
         # slow pass (not hoisted before it, where the fast path would pass through it)
-        if BLOCK_D <= 64:  # (at 128 channels the values it needs would spill)
+        if NARROW_D:
             o_xs, m_xs = _key_columns(x0 + once, W, BLOCK_K, SPARE)
             _, m_win = _window(o_xs, m_xs, start_x, m_q, dil_w, KW, CLIP or not ZEROS)
         b_m = b_m0

@@ -287,6 +287,12 @@ def _rows_fwd_kernel(
     PICK: tl.constexpr = VIRT and not SPARE
     PAIRS: tl.constexpr = PAIR and RAW  # the fast walk's two key rows per step
     ROWS: tl.constexpr = BLOCK_M // BLOCK_W
+    # Whether a non-finite q needs its own test (a q @ 0 dot): zeros padding takes its
+    # zero taps' mass from the tables, and scale 0 zeroes q. Not with rel tables (and
+    # q as given, up to sign): each table is q @ [rel half; zeros], so an inf or NaN in
+    # any channel of q makes every column bias or every row term NaN (inf * 0), and
+    # with them every logit, start mass and zero-tap mass of its query.
+    Q_CHECK: tl.constexpr = (ZEROS and not HAS_REL) or Q_SIGN == 0
     # head blocks up to 64 channels: room for the slow pass's own masks and for folding
     # acc into the sums' tile (at 128 channels, 8 warps: a spill, shared-memory shuffles)
     NARROW_D: tl.constexpr = BLOCK_D <= 64
@@ -569,7 +575,7 @@ def _rows_fwd_kernel(
     # The softmax sums of the fast walk per score-tile element (no row reduction per key
     # row; one after the walk); the start mass sits in column 0. (PICK: per query.)
     b_lt = tl.where((tl.arange(0, BLOCK_K) == 0)[None, :], b_l[:, None], 0.0)
-    if ZEROS or Q_SIGN == 0:  # a non-finite q must reach the slow pass: its zero taps'
+    if Q_CHECK:  # a non-finite q must reach the slow pass: its zero taps'
         # logits q . 0 (start mass, SPARE, PICK) are NaN, yet come from the tables here,
         # and scale 0 zeroed q. q @ 0 is NaN on exactly its rows: one small dot per
         # program into the sums' start (no cost in the walk)
@@ -673,7 +679,7 @@ def _rows_fwd_kernel(
             _, m_win = _window(o_xs, m_xs, start_x, m_q, dil_w, KW, CLIP or not ZEROS)
         b_m = b_m0
         b_l = b_l0
-        if ZEROS or Q_SIGN == 0:  # a non-finite q: every logit is non-finite, out and
+        if Q_CHECK:  # a non-finite q: every logit is non-finite, out and
             # lse NaN (by l). Mask and shift get there by the logits unless scale 0
             # zeroed q; zeros mode's zero taps take their mass from the tables.
             b_l += tl.sum(tl.dot(b_q_in, tl.zeros([BLOCK_D, BLOCK_K], b_q_in.dtype),

@@ -46,8 +46,15 @@ or v outside a query's window may reach its accumulator; then a slow pass (a loo
 or 1 trips) recomputes the tile with explicit masks and the row term picked per row,
 zeroes non-finite v and marks the (query, channel) outputs whose window holds one NaN.
 It also runs when a query's max stayed at the -1e30 marker (no finite in-window logit:
-0 / 0, NaN) and, in zeros mode or at scale 0, when q is non-finite (a q @ 0 dot into the
-sums' start: the zero taps' logits q . 0 are NaN, but their mass comes from the tables).
+0 / 0, NaN) and, in zeros mode or at scale 0, when q is non-finite (the zero taps' logits
+q . 0 are NaN, but their mass comes from the tables): with rel tables every column bias
+or row term of such a query is NaN already (each table is q @ [rel half; zeros]), without
+them a q @ 0 dot into the sums' start makes l NaN. The slow pass computes its own window
+masks inside it (from its trip index, 0), so that the compiler cannot hoist them before
+it, onto the fast path's code.
+
+Grid: (head, column block + N_JB * row block, batch x dilation group) where the flat
+index would need two integer divisions or more (one float32 quotient instead), else flat.
 
 Saves lse = ln(sum exp(logit)) per query (float32) for the backward.
 """
@@ -821,16 +828,20 @@ def _per_thread(bm: int, bk: int, bd: int, e: int, ns: int, num_warps: int,
 SPILL_LIMIT = 112
 
 
+PAIR_LIMIT = 128  # the spill model's bound with the second score tile (see walks_pairs)
+
+
 def walks_pairs(bm: int, bk: int, bd: int, e: int, ns: int, num_warps: int, raw: bool) -> bool:
     """Whether the fast walk takes two key rows per step (PAIR): raw logits (no rpb, no
     per-row zero-tap mass; the kernel pairs only then) and room for the second score
-    tile within the spill model
-    (s1, s2, det, s4 in the suite; s3's d = 32 tile already sits at 255 registers), and a
-    head block of at most 64 channels: at d = 128 (8 warps) the spill model passed it and
+    tile: the spill model's count with it at most PAIR_LIMIT (every default tile of the
+    suite but h1's d = 128; s3's and fpn-p3's d = 32 one-warp tile sits at exactly 128:
+    248 registers with pairs, no spill, since round 6 freed its setup), and a head
+    block of at most 64 channels: at d = 128 (8 warps) the spill model passed it and
     ptxas spilled 200 bytes."""
     extra = bm * bk / (32 * num_warps)
     return (raw and bd <= 64
-            and _per_thread(bm, bk, bd, e, ns, num_warps) + extra <= SPILL_LIMIT)
+            and _per_thread(bm, bk, bd, e, ns, num_warps) + extra <= PAIR_LIMIT)
 
 
 def _fits(q_shape, args, cfg, strict: bool = True) -> bool:

@@ -95,10 +95,13 @@ def test_clipped_and_unclipped_zero_taps(config, dtype):
      dict(BLOCK_M=32, BLOCK_W=8, num_warps=1, num_stages=1), True),
     (Case(B=1, H=7, W=9, heads=2, d=8, k=(5, 3), dilation=(2, 1), padding="mask",
           rel="per_head", scale=-0.4), dict(BLOCK_M=32, BLOCK_W=16, num_warps=1), True),
-    # d = 32 on one warp: no room for a second score tile, one row per step
+    # d = 32 on one warp: the second score tile just fits (s3's tile)
     (Case(B=1, H=9, W=14, heads=1, d=32, k=7, rel="shared"),
+     dict(BLOCK_M=32, BLOCK_W=16, num_warps=1, num_stages=1), True),
+    # d = 64 on one warp: no room for a second score tile, one row per step
+    (Case(B=1, H=9, W=14, heads=1, d=64, k=7, rel="shared"),
      dict(BLOCK_M=32, BLOCK_W=16, num_warps=1, num_stages=1), False),
-], ids=["pairs-odd-even", "pairs-mask-dil", "single"])
+], ids=["pairs-odd-even", "pairs-mask-dil", "pairs-d32", "single"])
 def test_walk_two_key_rows_per_step(case, config, pairs):
     args = _args_of(case)
     shape = (case.B, case.H, case.W, case.heads, case.d)

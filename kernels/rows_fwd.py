@@ -130,8 +130,8 @@ def _rcp(x, INTERP: tl.constexpr):
 @triton.jit
 def _small_quotient(a, b, INTERP: tl.constexpr):
     """a // b for 0 <= a < 2**16 (a grid's y or z index) and b >= 1, in float32: (a + 1/2)
-    / b lies at least 1 / (2b) from an integer and the division's relative error
-    (div.approx: 2 ulp) moves it by under a * 2**-22 / b, less for a < 2**20; a few
+    / b lies at least 1 / (2b) from an integer, and div.approx's relative error (2 ulp,
+    2**-22) moves it by under (a + 1) * 2**-22 / b, less than that for a < 2**20; a few
     instructions instead of an integer division's ~25."""
     if INTERP:
         return a // b

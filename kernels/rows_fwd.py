@@ -46,8 +46,15 @@ or v outside a query's window may reach its accumulator; then a slow pass (a loo
 or 1 trips) recomputes the tile with explicit masks and the row term picked per row,
 zeroes non-finite v and marks the (query, channel) outputs whose window holds one NaN.
 It also runs when a query's max stayed at the -1e30 marker (no finite in-window logit:
-0 / 0, NaN) and, in zeros mode or at scale 0, when q is non-finite (a q @ 0 dot into the
-sums' start: the zero taps' logits q . 0 are NaN, but their mass comes from the tables).
+0 / 0, NaN) and, in zeros mode or at scale 0, when q is non-finite (the zero taps' logits
+q . 0 are NaN, but their mass comes from the tables): with rel tables every column bias
+or row term of such a query is NaN already (each table is q @ [rel half; zeros]), without
+them a q @ 0 dot into the sums' start makes l NaN. The slow pass computes its own window
+masks inside it (from its trip index, 0), so that the compiler cannot hoist them before
+it, onto the fast path's code.
+
+Grid: (head, column block + N_JB * row block, batch x dilation group) where the flat
+index would need two integer divisions or more (one float32 quotient instead), else flat.
 
 Saves lse = ln(sum exp(logit)) per query (float32) for the backward.
 """
@@ -86,6 +93,7 @@ from .launch_cache import (
 )
 
 MAX_BLOCK_K = 128  # key columns per sub-tile (a score tile [BLOCK_M, BLOCK_K] in registers)
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
 MAX_BLOCK_D = 128  # padded head dim: acc [BLOCK_M, BLOCK_D] fp32 must stay in registers
 
 
@@ -121,6 +129,18 @@ def _rcp(x, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _small_quotient(a, b, INTERP: tl.constexpr):
+    """a // b for 0 <= a < 2**16 (a grid's y or z index) and b >= 1, in float32: (a + 1/2)
+    / b lies at least 1 / (2b) from an integer, and div.approx's relative error (2 ulp,
+    2**-22) moves it by under (a + 1) * 2**-22 / b, less than that for a < 2**20; a few
+    instructions instead of an integer division's ~25."""
+    if INTERP:
+        return a // b
+    else:
+        return libdevice.fast_dividef(a.to(tl.float32) + 0.5, b.to(tl.float32)).to(tl.int32)
+
+
+@triton.jit
 def _pick(b_tab, o_e, e):
     """b_tab[m, e[m]] for each query m ([M, E] table, e out of range: -inf)."""
     return tl.max(tl.where(o_e[None, :] == e[:, None], b_tab, float("-inf")), axis=1)
@@ -132,6 +152,60 @@ def _left_half(x):
     y = tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1))
     left, right = tl.split(y)
     return left
+
+
+@triton.jit
+def _key_columns(x0, W, BLOCK_K: tl.constexpr, SPARE: tl.constexpr):
+    """(columns x0 + [0, BLOCK_K), which of them are image columns loaded as keys: with
+    SPARE not the last, a zero key for the out-of-image columns' mass)."""
+    o_x = x0 + tl.arange(0, BLOCK_K)
+    m_x = (o_x >= 0) & (o_x < W)
+    if SPARE:
+        m_x = m_x & (tl.arange(0, BLOCK_K) < BLOCK_K - 1)
+    return o_x, m_x
+
+
+@triton.jit
+def _window(o_x, m_x, start_x, m_q, dil_w, KW: tl.constexpr, IN_IMAGE: tl.constexpr):
+    """(tap [M, BK], in-window mask [M, BK]) of key column o_x for each query: its tap c
+    (x = start_x + c * dil_w, 0 <= c < KW), and whether it is one (IN_IMAGE: and in the
+    image)."""
+    o_diff = o_x[None, :] - start_x[:, None]
+    o_diffc = tl.maximum(o_diff, 0)
+    o_tap = o_diffc // dil_w
+    m_win = (o_diff >= 0) & (o_diffc - o_tap * dil_w == 0) & (o_tap < KW) & m_q[:, None]
+    if IN_IMAGE:
+        m_win = m_win & m_x[None, :]
+    return o_tap, m_win
+
+
+@triton.jit
+def _halve(x):
+    """x[:, :C // 2] + x[:, C // 2:] of an [M, C] tile (C a power of two >= 2)."""
+    left, right = tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)),
+                                      (0, 2, 1)))
+    return left + right
+
+
+@triton.jit
+def _nan_fold(b_lt, b_acc):
+    """b_lt folded to [M, C] (C = the narrower of the two widths, by halving) plus 0 times
+    b_acc folded the same way: a tile whose row sums are b_lt's, or NaN in the rows where
+    b_acc holds a non-finite value (or, at |acc| near 3e38, overflows: a false alarm).
+    Widths are powers of two between 16 and 128."""
+    if b_lt.shape[1] > b_acc.shape[1]:
+        b_lt = _halve(b_lt)
+        if b_lt.shape[1] > b_acc.shape[1]:
+            b_lt = _halve(b_lt)
+            if b_lt.shape[1] > b_acc.shape[1]:
+                b_lt = _halve(b_lt)
+    if b_acc.shape[1] > b_lt.shape[1]:
+        b_acc = _halve(b_acc)
+        if b_acc.shape[1] > b_lt.shape[1]:
+            b_acc = _halve(b_acc)
+            if b_acc.shape[1] > b_lt.shape[1]:
+                b_acc = _halve(b_acc)
+    return b_lt + b_acc * 0.0
 
 
 @triton.jit
@@ -211,7 +285,7 @@ def _rows_fwd_kernel(
     INTERP: tl.constexpr,
     E_PAD: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr, OFF_I64: tl.constexpr,
     KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr, RAW: tl.constexpr,
-    Q_SIGN: tl.constexpr, PAIR: tl.constexpr,
+    Q_SIGN: tl.constexpr, PAIR: tl.constexpr, GRID_3D: tl.constexpr,
 ):
     # 16-bit dots are exact; a float32 q @ 0 needs no more than tf32 (non-finite stays so)
     DOT_PRECISION: tl.constexpr = "ieee" if SPLIT else "tf32"
@@ -233,8 +307,23 @@ def _rows_fwd_kernel(
     PICK: tl.constexpr = VIRT and not SPARE
     PAIRS: tl.constexpr = PAIR and RAW  # the fast walk's two key rows per step
     ROWS: tl.constexpr = BLOCK_M // BLOCK_W
+    # Whether a non-finite q needs its own test (a q @ 0 dot): zeros padding takes its
+    # zero taps' mass from the tables, and scale 0 zeroes q. Not with rel tables (and
+    # q as given, up to sign): each table is q @ [rel half; zeros], so an inf or NaN in
+    # any channel of q makes every column bias or every row term NaN (inf * 0), and
+    # with them every logit, start mass and zero-tap mass of its query.
+    Q_CHECK: tl.constexpr = (ZEROS and not HAS_REL) or Q_SIGN == 0
+    # head blocks up to 64 channels: room for the slow pass's own masks and for folding
+    # acc into the sums' tile (at 128 channels, 8 warps: a spill, shared-memory shuffles)
+    NARROW_D: tl.constexpr = BLOCK_D <= 64
     # head fastest: the heads of one tile run side by side (full cache sectors)
-    n, jb, tb, rest = unravel_program(tl.program_id(0), HEADS, N_JB, N_TB)
+    if GRID_3D:  # (head, column block + N_JB * row block, rest)
+        n = tl.program_id(0)
+        tb = _small_quotient(tl.program_id(1), N_JB, INTERP)
+        jb = tl.program_id(1) - tb * N_JB
+        rest = tl.program_id(2)
+    else:
+        n, jb, tb, rest = unravel_program(tl.program_id(0), HEADS, N_JB, N_TB)
     g = rest % dil_h  # dilation group of the rows: g, g + dil_h, ...
     b = rest // dil_h
     L = (H - g + dil_h - 1) // dil_h  # members of group g
@@ -268,16 +357,9 @@ def _rows_fwd_kernel(
         x0 = tl.maximum(j0 - (KW // 2) * dil_w, 0)
     else:
         x0 = j0 - (KW // 2) * dil_w
-    o_x = x0 + tl.arange(0, BLOCK_K)
-    m_x = (o_x >= 0) & (o_x < W)
-    if SPARE:  # the last column: a zero key for the out-of-image columns' mass
-        m_x = m_x & (tl.arange(0, BLOCK_K) < BLOCK_K - 1)
+    o_x, m_x = _key_columns(x0, W, BLOCK_K, SPARE)
     o_diff = o_x[None, :] - start_x[:, None]  # [M, BK]
-    o_diffc = tl.maximum(o_diff, 0)
-    o_tap = o_diffc // dil_w  # tap c of key column x for query m
-    m_win = (o_diff >= 0) & (o_diffc - o_tap * dil_w == 0) & (o_tap < KW) & m_q[:, None]
-    if CLIP or not ZEROS:
-        m_win = m_win & m_x[None, :]
+    o_tap, m_win = _window(o_x, m_x, start_x, m_q, dil_w, KW, CLIP or not ZEROS)
 
     if OFF_I64:  # some tensor has elements past 2**31: 64-bit offsets
         b64 = b.to(tl.int64)
@@ -513,7 +595,7 @@ def _rows_fwd_kernel(
     # The softmax sums of the fast walk per score-tile element (no row reduction per key
     # row; one after the walk); the start mass sits in column 0. (PICK: per query.)
     b_lt = tl.where((tl.arange(0, BLOCK_K) == 0)[None, :], b_l[:, None], 0.0)
-    if ZEROS or Q_SIGN == 0:  # a non-finite q must reach the slow pass: its zero taps'
+    if Q_CHECK:  # a non-finite q must reach the slow pass: its zero taps'
         # logits q . 0 (start mass, SPARE, PICK) are NaN, yet come from the tables here,
         # and scale 0 zeroed q. q @ 0 is NaN on exactly its rows: one small dot per
         # program into the sums' start (no cost in the walk)
@@ -590,8 +672,13 @@ def _rows_fwd_kernel(
             # [M, BK] @ [BK, BD] -> [M, BD]
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
             b_m = b_m_new
-    if not PICK:
-        b_l = tl.sum(b_lt, axis=1)
+    if PICK or not NARROW_D:
+        if not PICK:
+            b_l = tl.sum(b_lt, axis=1)
+        b_chk = b_l + tl.sum(b_acc, axis=1)
+    else:  # one row sum for l and the non-finite test of acc: 0 * acc is 0, or NaN
+        b_l = tl.sum(_nan_fold(b_lt, b_acc), axis=1)
+        b_chk = b_l
 
     # Rare slow pass: a non-finite value reached acc or l (a NaN/inf k or v possibly
     # outside the window, spread by the -inf additions or by 0 * NaN in P V): recompute
@@ -603,12 +690,16 @@ def _rows_fwd_kernel(
     # Also a query whose max stayed at the -1e30 row-term marker (raw units, scaled):
     # no in-window logit was finite (e.g. all -inf: the exact result is 0 / 0 = NaN),
     # its sums hold the marked rows' mass.
-    m_bad = (~(tl.abs(b_l + tl.sum(b_acc, axis=1)) < float("inf"))
-             | (b_m < -5.0e29 * qk_scale)) & m_q
-    for _ in range(tl.max(tl.where(m_bad, 1, 0), axis=0)):
+    m_bad = (~(tl.abs(b_chk) < float("inf")) | (b_m < -5.0e29 * qk_scale)) & m_q
+    for once in range(tl.max(tl.where(m_bad, 1, 0), axis=0)):
+        # once = 0, but not a constant to the compiler: what depends on it stays in the
+        # slow pass (not hoisted before it, where the fast path would pass through it)
+        if NARROW_D:
+            o_xs, m_xs = _key_columns(x0 + once, W, BLOCK_K, SPARE)
+            _, m_win = _window(o_xs, m_xs, start_x, m_q, dil_w, KW, CLIP or not ZEROS)
         b_m = b_m0
         b_l = b_l0
-        if ZEROS or Q_SIGN == 0:  # a non-finite q: every logit is non-finite, out and
+        if Q_CHECK:  # a non-finite q: every logit is non-finite, out and
             # lse NaN (by l). Mask and shift get there by the logits unless scale 0
             # zeroed q; zeros mode's zero taps take their mass from the tables.
             b_l += tl.sum(tl.dot(b_q_in, tl.zeros([BLOCK_D, BLOCK_K], b_q_in.dtype),
@@ -738,16 +829,20 @@ def _per_thread(bm: int, bk: int, bd: int, e: int, ns: int, num_warps: int,
 SPILL_LIMIT = 112
 
 
+PAIR_LIMIT = 128  # the spill model's bound with the second score tile (see walks_pairs)
+
+
 def walks_pairs(bm: int, bk: int, bd: int, e: int, ns: int, num_warps: int, raw: bool) -> bool:
     """Whether the fast walk takes two key rows per step (PAIR): raw logits (no rpb, no
     per-row zero-tap mass; the kernel pairs only then) and room for the second score
-    tile within the spill model
-    (s1, s2, det, s4 in the suite; s3's d = 32 tile already sits at 255 registers), and a
-    head block of at most 64 channels: at d = 128 (8 warps) the spill model passed it and
+    tile: the spill model's count with it at most PAIR_LIMIT (every default tile of the
+    suite but h1's d = 128; s3's and fpn-p3's d = 32 one-warp tile sits at exactly 128:
+    248 registers with pairs, no spill, since round 6 freed its setup), and a head
+    block of at most 64 channels: at d = 128 (8 warps) the spill model passed it and
     ptxas spilled 200 bytes."""
     extra = bm * bk / (32 * num_warps)
     return (raw and bd <= 64
-            and _per_thread(bm, bk, bd, e, ns, num_warps) + extra <= SPILL_LIMIT)
+            and _per_thread(bm, bk, bd, e, ns, num_warps) + extra <= PAIR_LIMIT)
 
 
 def _fits(q_shape, args, cfg, strict: bool = True) -> bool:
@@ -890,9 +985,13 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
     pick = clip and args.padding == "zeros" and not spare
     ns, raw = _ns_pad(bm, bw, args.kh, triton.cdiv(H, args.dh)), raw_logits(args, pick)
     kv_same = strides[1] == strides[2]
+    # a 3-D grid where the flat one's index needs two divisions or more (the compiler
+    # drops those by sizes of 1); elsewhere it reads no cheaper
+    grid_3d = (sum(size > 1 for size in (heads, n_jb, n_tb)) >= 2
+               and n_jb * n_tb <= MAX_GRID_YZ and B * args.dh <= MAX_GRID_YZ)
     return launch_plan(
         _PARAMS,
-        grid=(B * args.dh * n_tb * n_jb * heads,),
+        grid=(heads, n_jb * n_tb, B * args.dh) if grid_3d else (B * args.dh * n_tb * n_jb * heads,),
         head=((H, W, heads, d, d // 2, n_jb, n_tb), *strides[:2],
               None if kv_same else strides[2]),
         tail=((args.dh, args.dw), (abs(args.scale) if args.scale != 0 else 1.0) * LOG2E.value),
@@ -911,6 +1010,7 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
                 + [(q_shape[:4], lse_strides)], bk),
             KV_SAME_STRIDES=kv_same, EVEN_D=d == head_block(d),
             RAW=raw, Q_SIGN=(args.scale > 0) - (args.scale < 0),
+            GRID_3D=grid_3d,
             PAIR=walks_pairs(bm, bk, head_block(d), _e_pad(args), ns,
                              config.get("num_warps", 4), raw),
             **launch_options(config),

@@ -95,10 +95,13 @@ def test_clipped_and_unclipped_zero_taps(config, dtype):
      dict(BLOCK_M=32, BLOCK_W=8, num_warps=1, num_stages=1), True),
     (Case(B=1, H=7, W=9, heads=2, d=8, k=(5, 3), dilation=(2, 1), padding="mask",
           rel="per_head", scale=-0.4), dict(BLOCK_M=32, BLOCK_W=16, num_warps=1), True),
-    # d = 32 on one warp: no room for a second score tile, one row per step
+    # d = 32 on one warp: the second score tile just fits (s3's tile)
     (Case(B=1, H=9, W=14, heads=1, d=32, k=7, rel="shared"),
+     dict(BLOCK_M=32, BLOCK_W=16, num_warps=1, num_stages=1), True),
+    # d = 64 on one warp: no room for a second score tile, one row per step
+    (Case(B=1, H=9, W=14, heads=1, d=64, k=7, rel="shared"),
      dict(BLOCK_M=32, BLOCK_W=16, num_warps=1, num_stages=1), False),
-], ids=["pairs-odd-even", "pairs-mask-dil", "single"])
+], ids=["pairs-odd-even", "pairs-mask-dil", "pairs-d32", "single"])
 def test_walk_two_key_rows_per_step(case, config, pairs):
     args = _args_of(case)
     shape = (case.B, case.H, case.W, case.heads, case.d)
@@ -106,6 +109,48 @@ def test_walk_two_key_rows_per_step(case, config, pairs):
     plan = rows_fwd._plan(shape, torch.bfloat16, strides, args, False, config)
     assert plan.flags["PAIR"] is pairs
     _run(case, torch.bfloat16, config=config, seed=5)
+
+
+@pytest.mark.parametrize("case,config,grid_3d", [
+    # heads, column blocks and row blocks all > 1: (head, blocks, batch x dilation group)
+    (Case(B=2, H=9, W=19, heads=3, d=16, k=(3, 5), dilation=(2, 1), rel="shared"),
+     dict(BLOCK_M=32, BLOCK_W=8, num_warps=1, num_stages=1), True),
+    # one head, one column block: the flat grid (one division)
+    (Case(B=2, H=11, W=7, heads=1, d=8, k=3, padding="mask", rel="per_head"),
+     dict(BLOCK_M=32, BLOCK_W=8, num_warps=1, num_stages=1), False),
+], ids=["3d", "flat"])
+def test_grid_shapes(case, config, grid_3d):
+    args = _args_of(case)
+    shape = (case.B, case.H, case.W, case.heads, case.d)
+    strides = (rows_fwd.contiguous_strides(shape),) * 3
+    plan = rows_fwd._plan(shape, torch.bfloat16, strides, args, False, config)
+    assert plan.flags["GRID_3D"] is grid_3d and len(plan.grid) == (3 if grid_3d else 1)
+    _run(case, torch.bfloat16, config=config, seed=9)
+
+
+def test_grid_falls_back_to_flat_past_the_y_limit():
+    """More than 65535 row and column blocks: the flat grid (no launch: the plan only)."""
+    shape, args = (1, 2**13, 2**8, 2, 16), _args_of(Case(B=1, H=8, W=8, heads=2, d=16, k=3))
+    strides = (rows_fwd.contiguous_strides(shape),) * 3
+    config = dict(BLOCK_M=32, BLOCK_W=8, num_warps=1, num_stages=1)
+    plan = rows_fwd._plan(shape, torch.bfloat16, strides, args, False, config)
+    assert not plan.flags["GRID_3D"] and len(plan.grid) == 1
+
+
+def test_small_quotient_in_float32_is_exact():
+    """The 3-D grid's y index splits by a float32 division (`_small_quotient`): for every
+    y index < 2**16 and divisors 1..600 and up to 2**16, with the division's result moved
+    by +-2 ulp (div.approx's bound), the truncated quotient is a // b."""
+    import numpy as np
+
+    a = np.arange(2**16, dtype=np.int64)
+    for b in [*range(1, 601), 1021, 4096, 65535]:
+        exact = (a.astype(np.float32) + np.float32(0.5)) / np.float32(b)
+        for ulps in (-2, 0, 2):
+            got = exact
+            for _ in range(abs(ulps)):
+                got = np.nextafter(got, np.float32(np.inf if ulps > 0 else -np.inf))
+            assert (got.astype(np.int64) == a // b).all(), (b, ulps)
 
 
 @pytest.mark.parametrize("rpb", [False, True])

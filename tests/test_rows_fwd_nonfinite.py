@@ -70,3 +70,51 @@ def test_rows_nonfinite_matches_oracle(case, dtype):
     tol = coarser(dtype, torch.float32)
     assert mismatch("out", out, want, tol, 1.0) is None, mismatch("out", out, want, tol, 1.0)
     assert mismatch("lse", lse, want_lse, tol, 1.0) is None
+
+
+# With rel tables the kernel drops its own q test (a q @ 0 dot): each table is
+# q @ [rel half; zeros], so a non-finite channel of q, in either half, turns every column
+# bias or every row term of its query into NaN (inf * 0). These cases pin that: zeros
+# padding (the zero taps' mass comes from the tables), the in-image logits of the inf
+# channel -inf (k negative there, as in the seed-2044 case), both halves of d, odd d.
+REL_CASES = [  # (d, channel, value, kernel, dilation, scale, rel, rpb)
+    (16, 1, INF, (3, 1), (2, 2), None, "shared", False),  # lo half: the row term's
+    (16, 12, INF, (3, 1), (2, 2), None, "shared", False),  # hi half: the column bias
+    (16, 3, float("nan"), (3, 3), (1, 1), -0.5, "per_head", False),
+    (16, 9, -INF, (5, 3), (1, 1), 2.0, "shared", True),
+    (5, 0, INF, (3, 3), (1, 1), None, "per_head", False),  # odd d: channel masks
+    (5, 4, INF, (3, 3), (1, 2), None, "shared", False),
+    (32, 20, INF, (7, 7), (1, 1), None, "shared", False),  # s3's shape family (SPARE)
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", range(len(REL_CASES)))
+def test_rows_nonfinite_q_with_rel_tables_matches_oracle(case, dtype):
+    d, channel, value, kernel, dilation, scale, rel, rpb = REL_CASES[case]
+    gen = torch.Generator().manual_seed(71 + case)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    H, W, N = 5, 9, 2
+    t = {n: rand(1, H, W, N, d) for n in "qkv"}
+    t["k"][..., channel] = -t["k"][..., channel].abs() - 0.1
+    t["q"][0, 0, 4, 1, channel] = value  # a top-row query: out-of-image window rows
+    t["q"][0, 2, 0, 0, channel] = value  # a left-edge query: out-of-image columns
+    lead = (N,) if rel == "per_head" else ()
+    kh, kw = kernel
+    t["rel_h"] = rand(*lead, kh, d // 2, scale=0.5)
+    t["rel_w"] = rand(*lead, kw, d - d // 2, scale=0.5)
+    t["rpb"] = rand(N, 2 * kh - 1, 2 * kw - 1, scale=0.5) if rpb else None
+    args = check_attend_args(t["q"], t["k"], t["v"], kernel, dilation, "zeros",
+                             t["rel_h"], t["rel_w"], t["rpb"], scale)
+    out, lse = variant_module("rows").forward(t["q"], t["k"], t["v"], args)
+    want, want_lse = oracle_attend(
+        *(t[n].double() for n in "qkv"), kernel, dilation, "zeros",
+        *(None if t[n] is None else t[n].double() for n in ("rel_h", "rel_w", "rpb")),
+        scale=scale, return_lse=True)
+    assert want[0, 0, 4, 1].isnan().all() and want[0, 2, 0, 0].isnan().all()
+    tol = coarser(dtype, torch.float32)
+    assert mismatch("out", out, want, tol, 1.0) is None, mismatch("out", out, want, tol, 1.0)
+    assert mismatch("lse", lse, want_lse, tol, 1.0) is None

@@ -98,10 +98,11 @@ def test_query_grads_half(case, dtype):
     _check(case, got, want, dtype)
 
 
-def test_query_grads_half_default_tile_d16():
-    """bf16 with d <= 16 (no shift, no rpb): the default 32-query tile (one warp on a
-    GPU), image rows and columns not multiples of it."""
-    case = Case(B=1, H=9, W=10, heads=2, d=16, k=5, padding="mask", rel="per_head")
+@pytest.mark.parametrize("d", [16, 32])
+def test_query_grads_half_default_tile_one_warp(d):
+    """bf16 with d <= 32 (no shift, no rpb; a 16-column halo at d = 32): the default
+    32-query tile (one warp on a GPU), image rows and columns not multiples of it."""
+    case = Case(B=1, H=9, W=10, heads=2, d=d, k=5, padding="mask", rel="per_head")
     q, k, v, kw = make_inputs(case, torch.bfloat16, "contiguous", DEVICE)
     default = mod.default_config(tuple(q.shape), _args(q, k, v, case, kw), torch.bfloat16)
     assert default["Q_BLOCK_H"] * default["Q_BLOCK_W"] == 32 and default["Q_num_warps"] == 1
@@ -253,15 +254,37 @@ def _nonfinite_matches_oracle(c, seed) -> bool:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_default_config_is_kept_by_prune(shape, dtype):
     """The default (the tile the heuristic picks) is in the search space and survives
-    prune, so the tuner's table and the launcher agree; M = 64 on the suite shapes."""
+    prune, so the tuner's table and the launcher agree; M = 32 on the suite shapes up
+    to d = 32, 64 past it."""
     q = torch.zeros(1, *shape[1:])
     args = check_attend_args(q, q, q, 7, 1, "zeros", None, None, None, None)
     default = mod.default_config(shape, args, dtype)
     assert default in mod.search_space()
     assert default in mod.prune(mod.search_space(), shape, args)
     if shape[4] <= 64 and dtype != torch.float32 and shape[1] * shape[2] >= 64:
-        m = 32 if shape[4] <= 16 else 64  # 4 x 8 tiles on one warp for d <= 16
+        m = 32 if shape[4] <= 32 else 64  # 4 x 8 tiles on one warp for d <= 32
         assert default["Q_BLOCK_W"] * default["Q_BLOCK_H"] == m
+
+
+@pytest.mark.parametrize("k,padding,dtype,one_warp", [
+    (7, "zeros", torch.bfloat16, True), (5, "mask", torch.float16, True),
+    (11, "zeros", torch.bfloat16, False),  # a 32-column halo: 4 warps
+    (7, "shift", torch.bfloat16, False), (7, "zeros", torch.float32, False),
+])
+def test_default_config_d32_one_warp(k, padding, dtype, one_warp):
+    """d = 32: M = 32 on one warp only in 16 bits, without shift or rpb and with a
+    16-column halo (else M = 64 on 4 warps); pruning keeps it."""
+    shape = (32, 14, 14, 8, 32)
+    q = torch.zeros(1, *shape[1:])
+    args = check_attend_args(q, q, q, k, 1, padding, None, None, None, None)
+    default = mod.default_config(shape, args, dtype)
+    m = default["Q_BLOCK_W"] * default["Q_BLOCK_H"]
+    if one_warp:
+        assert (m, default["Q_num_warps"]) == (32, 1)
+    else:
+        assert default["Q_num_warps"] >= 2
+    if dtype != torch.float32:
+        assert default in mod.prune(mod.search_space(), shape, args)
 
 
 @pytest.mark.parametrize("case,dtype,config", [

@@ -113,12 +113,17 @@ def _rows_bwd_query(c: dict) -> list[LoopSpec]:
     rows = min(c["BLOCK_H"], H) + (c["KH"] - 1) * c["dil_h"]
     # At 1-2 warps ptxas may lay the slow pass out as two more top-level loops around its
     # query-block loop (not taken either); absent ("unrolled") at 4 warps.
+    slow_rows = LoopSpec("slow pass: offset rows ty<TY", c["TY"],
+                         [LoopSpec("slow pass: offset cols tx<TX", c["TX"], exp2=True)],
+                         exp2=True)
+    # 16 queries a block: the compiler drops the block loop of a 16-query tile (one trip)
+    if c["BLOCK_H"] * c["BLOCK_W"] <= 16:
+        slow = dataclasses.replace(slow_rows, trips=0)
+    else:
+        slow = LoopSpec("slow pass: query blocks (not taken)", 0, [slow_rows], exp2=True)
     return [LoopSpec("key rows (window union)", rows, exp2=True),
             LoopSpec("slow pass: split-off loop (not taken)", 0, unrollable=True),
-            LoopSpec("slow pass: query blocks (not taken)", 0, [
-                LoopSpec("slow pass: offset rows ty<TY", c["TY"],
-                         [LoopSpec("slow pass: offset cols tx<TX", c["TX"], exp2=True)],
-                         exp2=True)], exp2=True),
+            slow,
             LoopSpec("slow pass: split-off loop (not taken)", 0, unrollable=True)]
 
 

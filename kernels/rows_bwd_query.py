@@ -864,8 +864,8 @@ def _work(q_shape, args: AttendArgs, config: dict) -> float:
 
 def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
     """Drops tiles much wider/taller than the image, halos over MAX_BLOCK_K, and tiles
-    that would hold more than ~160 values per thread (spills; but the one-warp tile at
-    d = 32 that default_config picks, _one_warp_d32) or leave threads idle."""
+    that would hold more than ~160 values per thread (spills; but for the tiles that
+    ptxas holds unspilled all the same, _fits_unspilled) or leave threads idle."""
     B, H, W, heads, d = q_shape
     kept = []
     for cfg in configs:
@@ -875,7 +875,7 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
         if _block_k(q_shape, args, bw) > MAX_BLOCK_K:
             continue
         if not (4 <= _per_thread(q_shape, args, cfg) <= MAX_PER_THREAD
-                or _one_warp_d32(q_shape, args, cfg)):
+                or _fits_unspilled(q_shape, args, cfg)):
             continue
         kept.append(cfg)
     return kept or [default_config(q_shape, args)]
@@ -886,26 +886,32 @@ def default_config(q_shape, args: AttendArgs, dtype=torch.bfloat16) -> dict:
     """A tile of M = 64 query pixels (fewer on tiny images) shaped to the window: among
     the row-segment x rows shapes, the one computing the fewest score elements per pixel
     (for k = 7 an 8 x 8 tile: 14 key rows of a 16-column halo, against 7 rows of 64
-    columns for a whole 56-pixel row); M = 16 for d > 64, half as large for fp32. 4 warps (one
+    columns for a whole 56-pixel row); M = 16 for d > 64 (but bf16 / fp16 at d = 128
+    without rpb and with a halo of <= 32 columns: M = 64, PREDICTED h1 49.8 -> 27.1
+    us), half as large for fp32. 4 warps (one
     warpgroup: M = 64 is one wgmma row block); for bf16/fp16 with d <= 32, M = 32 on one
     warp (4 x 8 for k = 7: 10 key rows per 4 query rows against 14 per 8; PREDICTED query
     kernel s1 417 -> 357 us, s2 119 -> 73, s3 31.1 -> 23.4; 2 warps read more instructions
-    and spill at d = 8; at d = 32 only with a 16-column halo, see _one_warp_d32; not with
+    and spill at d = 8; at d = 32 only with a 16-column halo, see _fits_unspilled; not with
     shift or rpb, whose extra tiles spill one warp), more only while a thread would hold
     over MAX_PER_THREAD values (fp32 counts triple: query_grads passes q's dtype); one
     stage (the cost tool reads fewer instructions than with 2; a GPU tuner may still
     prefer 2)."""
     B, H, W, heads, d = q_shape
-    m_cap = 64 if head_block(d) <= 64 else 16  # [M, D] tiles
+    half = dtype in (torch.float16, torch.bfloat16)
+    # [M, D] tiles: 16 queries past d = 64 but at d = 128 without rpb (_fits_unspilled)
+    m_cap = 64 if head_block(d) <= 64 or (half and d == 128 and args.rpb is None) else 16
     warps = 4
     if dtype == torch.float32:  # "ieee" dots hold fp32 operands: half the tile
         m_cap = max(16, m_cap // 2)
     elif d <= 32 and args.padding != "shift" and args.rpb is None:
         m_cap, warps = 32, 1  # 4 x 8 tiles on one warp (mma.sync): 10 key rows per 4 rows
     cfg = _fewest_scores(q_shape, args, m_cap, warps)
-    if warps == 1 and d > 16 and not _one_warp_d32(q_shape, args, cfg, dtype):
+    if warps == 1 and d > 16 and not _fits_unspilled(q_shape, args, cfg, dtype):
         cfg = _fewest_scores(q_shape, args, 64, 4)  # d = 32, a wider halo: 4 warps
-    if _one_warp_d32(q_shape, args, cfg, dtype):
+    if m_cap == 64 and d > 64 and not _fits_unspilled(q_shape, args, cfg, dtype):
+        cfg = _fewest_scores(q_shape, args, 16, 4)  # d > 64, a halo over 32 columns
+    if _fits_unspilled(q_shape, args, cfg, dtype):
         return cfg
     while cfg["Q_num_warps"] < 8 and _per_thread(q_shape, args, cfg, dtype) > MAX_PER_THREAD:
         cfg["Q_num_warps"] *= 2
@@ -935,17 +941,24 @@ def _fewest_scores(q_shape, args: AttendArgs, m_cap: int, warps: int) -> dict:
     return best[1]
 
 
-def _one_warp_d32(q_shape, args: AttendArgs, config: dict, dtype=torch.bfloat16) -> bool:
-    """Whether `config` is the one-warp tile past d = 16: bf16 / fp16, 16 < d <= 32, no
-    shift or rpb, M = 32 queries on one warp and a 16-column halo. _per_thread counts 208
-    values there (over MAX_PER_THREAD), but ptxas for sm_90 holds s3's (d = 32) in 207
-    registers unspilled; a 32-column halo spills (48 bytes at k = 11)."""
+def _fits_unspilled(q_shape, args: AttendArgs, config: dict, dtype=torch.bfloat16) -> bool:
+    """Whether `config` is one of the two bf16 / fp16 tiles that _per_thread counts over
+    MAX_PER_THREAD but ptxas for sm_90 holds unspilled (default_config picks them):
+    * 16 < d <= 32, no shift or rpb, M = 32 on one warp, a 16-column halo (s3: 207
+      registers; a 32-column halo spills 48 bytes at k = 11);
+    * d = 128, no rpb, M = 64 on 4 warps, a halo of <= 32 columns (h1: 225 registers;
+      222-254 for every padding, per-head tables, fp16, k = 13, dilation 4). With rpb it
+      spills 32-64 bytes (as M = 32 does); so does d = 72-100 (a constexpr d under
+      BLOCK_D = 128: 8-504 bytes with shift or a 32-column halo)."""
     d = q_shape[4]
     bw, bh = _cfg(config, "BLOCK_W"), _cfg(config, "BLOCK_H")
-    return (dtype in (torch.float16, torch.bfloat16) and 16 < d <= 32
-            and args.padding != "shift" and args.rpb is None and bw * bh == 32
-            and _cfg(config, "num_warps", 4) == 1 and _cfg(config, "num_stages", 1) == 1
-            and _block_k(q_shape, args, bw) == 16)
+    if (dtype not in (torch.float16, torch.bfloat16) or args.rpb is not None
+            or _cfg(config, "num_stages", 1) != 1):
+        return False
+    warps, bk = _cfg(config, "num_warps", 4), _block_k(q_shape, args, bw)
+    if 16 < d <= 32:
+        return args.padding != "shift" and bw * bh == 32 and warps == 1 and bk == 16
+    return d == 128 and bw * bh == 64 and warps == 4 and bk <= 32
 
 
 @per_call_key

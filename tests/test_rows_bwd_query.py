@@ -98,14 +98,16 @@ def test_query_grads_half(case, dtype):
     _check(case, got, want, dtype)
 
 
-@pytest.mark.parametrize("d", [16, 32])
-def test_query_grads_half_default_tile_one_warp(d):
-    """bf16 with d <= 32 (no shift, no rpb; a 16-column halo at d = 32): the default
-    32-query tile (one warp on a GPU), image rows and columns not multiples of it."""
-    case = Case(B=1, H=9, W=10, heads=2, d=d, k=5, padding="mask", rel="per_head")
+@pytest.mark.parametrize("d,m,warps", [(16, 32, 1), (32, 32, 1), (128, 64, 4)])
+def test_query_grads_half_default_tile(d, m, warps):
+    """bf16 without shift or rpb: the default tile (32 queries on one warp on a GPU for
+    d <= 32 with a 16-column halo, 64 on 4 warps at d = 128), image rows and columns not
+    multiples of it."""
+    case = Case(B=1, H=9, W=10, heads=2 if d <= 32 else 1, d=d, k=5, padding="mask",
+                rel="per_head")
     q, k, v, kw = make_inputs(case, torch.bfloat16, "contiguous", DEVICE)
     default = mod.default_config(tuple(q.shape), _args(q, k, v, case, kw), torch.bfloat16)
-    assert default["Q_BLOCK_H"] * default["Q_BLOCK_W"] == 32 and default["Q_num_warps"] == 1
+    assert default["Q_BLOCK_H"] * default["Q_BLOCK_W"] == m and default["Q_num_warps"] == warps
     got, want = _run(case, torch.bfloat16)
     _check(case, got, want, torch.bfloat16)
 
@@ -255,13 +257,13 @@ def _nonfinite_matches_oracle(c, seed) -> bool:
 def test_default_config_is_kept_by_prune(shape, dtype):
     """The default (the tile the heuristic picks) is in the search space and survives
     prune, so the tuner's table and the launcher agree; M = 32 on the suite shapes up
-    to d = 32, 64 past it."""
+    to d = 32, 64 past it (d = 128 too, without rpb)."""
     q = torch.zeros(1, *shape[1:])
     args = check_attend_args(q, q, q, 7, 1, "zeros", None, None, None, None)
     default = mod.default_config(shape, args, dtype)
     assert default in mod.search_space()
     assert default in mod.prune(mod.search_space(), shape, args)
-    if shape[4] <= 64 and dtype != torch.float32 and shape[1] * shape[2] >= 64:
+    if dtype != torch.float32 and shape[1] * shape[2] >= 64:
         m = 32 if shape[4] <= 32 else 64  # 4 x 8 tiles on one warp for d <= 32
         assert default["Q_BLOCK_W"] * default["Q_BLOCK_H"] == m
 

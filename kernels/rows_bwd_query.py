@@ -1032,8 +1032,9 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
     row_dot = dtype in (torch.float16, torch.bfloat16) and wide
     # the table partials as q^T @ G (one transpose, not four): fewer instructions and no
     # spill at 16 queries per warp (PREDICTED s3 14692 -> 14296 warp instructions per
-    # program); at 32 fewer for d >= 16 (s2 -10, det -31), more for d = 8 (s1 +60)
-    tables_t = not wide or d >= 16
+    # program); at 32 fewer for d = 16 (s2 -10, det -31; now -52), more for d = 8 (s1
+    # +60) and d = 32 (s3 +96: q^T is the larger tile there)
+    tables_t = not wide or d == 16
     ns_pad = max(16, next_pow2(min(bh, H) + (kh - 1) * dh))
     tx_pad = max(16, next_pow2(tx_n))
     grads = launch_plan(

@@ -79,7 +79,6 @@ from .common import (
     split_partials,
     strides_fit_i32,
     table_strides,
-    unravel_program,
     window_start,
 )
 from .launch_cache import (
@@ -100,6 +99,27 @@ MAX_GRID = 2**31 - 1  # programs of the query kernel (grid axis 0)
 MAX_GRID_Y = 65535  # heads: axis 1 of the reduction's grid
 PREFIX = "Q_"
 XT_WRAP_ON = True  # tests switch it off to compare
+
+
+@triton.jit
+def _div(x, m, shift):
+    """x // d for 0 <= x < 2**31 by d's multiplier m (2**31 <= m < 2**32) and shift
+    (`div_magic`): one high multiply and a shift instead of a runtime integer division."""
+    xu = x.to(tl.uint32)
+    return (tl.umulhi(xu + xu, m.to(tl.uint32)) >> shift.to(tl.uint32)).to(tl.int32)
+
+
+@triton.jit
+def _unravel(pid, HEADS, N_COL, N_ROW, divs):
+    """common.unravel_program (head fastest, then column blocks, row blocks, batch) by
+    the multipliers and shifts of HEADS, N_COL and N_ROW in `divs`."""
+    m_h, s_h, m_c, s_c, m_r, s_r = divs
+    t = _div(pid, m_h, s_h)
+    n = pid - t * HEADS
+    t2 = _div(t, m_c, s_c)
+    jb = t - t2 * N_COL
+    b = _div(t2, m_r, s_r)
+    return n, jb, t2 - b * N_ROW, b
 
 
 @triton.jit
@@ -239,7 +259,7 @@ def _grads_pass(
 
 @triton.jit
 def _program(
-    pid,
+    pid, divs,
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr, sel_ptr,
     dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,
     H, W, HEADS, D, D_HALF, qk_scale, scale,  # qk_scale = scale * log2(e)
@@ -269,7 +289,7 @@ def _program(
     SHIFT: tl.constexpr = PADDING == 2
     M: tl.constexpr = BLOCK_H * BLOCK_W
     # head fastest: the heads of one tile run side by side (full cache sectors)
-    n, jb, ib, b = unravel_program(pid, HEADS, tl.cdiv(W, BLOCK_W), tl.cdiv(H, BLOCK_H))
+    n, jb, ib, b = _unravel(pid, HEADS, tl.cdiv(W, BLOCK_W), tl.cdiv(H, BLOCK_H), divs)
 
     o_m = tl.arange(0, M)
     o_i = ib * BLOCK_H + o_m // BLOCK_W  # query rows
@@ -476,7 +496,7 @@ def _program(
 
 @triton.jit
 def _safe_program(
-    pid, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    pid, divs, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
     dq_ptr, parth_ptr, partw_ptr, partb_ptr, H, W, HEADS, D, D_HALF, scale,
     sq_b, sq_h, sq_w, sq_n, sq_d, sk_b, sk_h, sk_w, sk_n, sk_d,
     sv_b, sv_h, sv_w, sv_n, sv_d, so_b, so_h, so_w, so_n, so_d,
@@ -494,7 +514,7 @@ def _safe_program(
     every product of a dead (query, tap) pair is left out, so a NaN / inf input reaches
     only the results whose windows hold it. Runs only for programs whose fast pass met a
     non-finite result; SUB queries at a time, so it adds few registers to the kernel."""
-    n, jb, ib, b = unravel_program(pid, HEADS, tl.cdiv(W, BLOCK_W), tl.cdiv(H, BLOCK_H))
+    n, jb, ib, b = _unravel(pid, HEADS, tl.cdiv(W, BLOCK_W), tl.cdiv(H, BLOCK_H), divs)
     b = b.to(tl.int64)
     n64 = n.to(tl.int64)
     prog = pid.to(tl.int64)
@@ -596,7 +616,7 @@ def _query_grads_kernel(
     relh_ptr, relw_ptr, rpb_ptr, sel_ptr,  # None when absent / not ROW_DOT (never read then)
     dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,  # partials: None without the table
     # tuples: Triton binds ints in a tuple in half the host time of as many arguments
-    sizes,  # (H, W, HEADS, D, D_HALF)
+    sizes,  # (H, W, HEADS, D, D_HALF, then div_magic of HEADS, its column and row blocks)
     sq, sk, sv, so, sdo,  # (batch, row, column, head, channel) strides
     sl,  # lse's (batch, row, column, head) strides
     s_tab,  # (head, row, channel) strides of rel_h and rel_w, (head, row, column) of rpb
@@ -611,7 +631,8 @@ def _query_grads_kernel(
     ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
     D_C: tl.constexpr, DQ_I32: tl.constexpr, XT_WRAP: tl.constexpr, COL_WRAP: tl.constexpr,
 ):
-    H, W, HEADS, D, D_HALF = sizes
+    H, W, HEADS, D, D_HALF, m_h, s_h, m_c, s_c, m_r, s_r = sizes
+    divs = (m_h, s_h, m_c, s_c, m_r, s_r)
     sq_b, sq_h, sq_w, sq_n, sq_d = sq
     sk_b, sk_h, sk_w, sk_n, sk_d = sk
     sv_b, sv_h, sv_w, sv_n, sv_d = sv
@@ -630,7 +651,7 @@ def _query_grads_kernel(
         sdq_b = tl.cast(H, tl.int64) * sdq_h
     pid = tl.program_id(0)
     bad = _program(
-        pid,
+        pid, divs,
         q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr,
         rpb_ptr, sel_ptr, dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr, H, W,
         HEADS, D, D_HALF, qk_scale, scale, sq_b, sq_h, sq_w,
@@ -645,7 +666,7 @@ def _query_grads_kernel(
         COL_WRAP)
     if bad > 0:  # rare: redo this program's results tap by tap (see _safe_program)
         _safe_program(
-            pid, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+            pid, divs, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
             dq_ptr, parth_ptr, partw_ptr, partb_ptr, H, W, HEADS, D, D_HALF, scale,
             sq_b, sq_h, sq_w, sq_n, sq_d, sk_b, sk_h, sk_w, sk_n, sk_d,
             sv_b, sv_h, sv_w, sv_n, sv_d, so_b, so_h, so_w, so_n, so_d,
@@ -796,6 +817,14 @@ _HEIGHTS = (1, 2, 4, 8)
 _WARPS = (1, 2, 4, 8)
 _STAGES = (1, 2)
 MAX_PER_THREAD = 160  # estimated live values per thread (_per_thread) that fit unspilled
+
+
+def div_magic(d: int) -> tuple[int, int]:
+    """(m, s) with x // d == umulhi(2 x, m) >> s for every 0 <= x < 2**31 (d >= 1):
+    s = ceil(log2 d), m = ceil(2**(31 + s) / d), so 2**31 <= m < 2**32 and
+    m d - 2**(31 + s) < d <= 2**s (Granlund and Montgomery's condition for 31-bit x)."""
+    s = (d - 1).bit_length()
+    return -(-2 ** (31 + s) // d), s
 
 
 def kv_offsets_fit_i32(strides, d: int, rows: int, cols: int) -> bool:
@@ -1042,7 +1071,8 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
         grid=(n_prog,),
         # sizes, then the strides of q, k, v, out, dout, lse (v's even when equal to k's:
         # the compiler then shares the k/v offsets, and ptxas spills at s1 / s2)
-        head=((H, W, heads, d, d_half), *strides),
+        head=((H, W, heads, d, d_half, *div_magic(heads), *div_magic(triton.cdiv(W, bw)),
+               *div_magic(triton.cdiv(H, bh))), *strides),
         tail=(scale * LOG2E.value, scale),
         flags=dict(
             KH=kh, KW=kw, PADDING=PADDING_CODES[padding], dil_h=dh, dil_w=dw, TY=ty_n,

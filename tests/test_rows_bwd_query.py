@@ -3,6 +3,8 @@ autograd through the oracle: dq, delta and the rel/rpb table gradients (all of w
 query kernel owns). out and lse come from the oracle too. Runs through Triton's
 interpreter on CPU; cases stay small.
 """
+import random
+
 import pytest
 import torch
 
@@ -324,3 +326,18 @@ def test_query_grads_wrapped_column_gather(monkeypatch, case, dtype, config):
     for got, want in zip(runs[0], runs[1]):
         if want is not None:
             assert torch.equal(got, want)
+
+
+def test_div_magic_divides_every_program_id():
+    """The multipliers that replace the kernel's runtime divisions of the program id
+    (div_magic): x // d exactly for 0 <= x < 2**31, at the ends of the range and at
+    random, for divisors 1..300 and a few large ones."""
+    rng = random.Random(14)
+    for d in [*range(1, 301), 4095, 65535, 2**20 + 7, 2**30 + 1, 2**31 - 1]:
+        m, s = mod.div_magic(d)
+        assert 2**31 <= m < 2**32
+        xs = [0, 1, d - 1, d, d + 1, 2**31 - 1, 2**31 - 2, 2**31 - 1 - d]
+        xs += [rng.randrange(2**31) for _ in range(50)]
+        for x in xs:
+            if 0 <= x < 2**31:
+                assert ((2 * x * m) >> 32) >> s == x // d, (d, x)

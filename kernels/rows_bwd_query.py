@@ -258,6 +258,23 @@ def _grads_pass(
 
 
 @triton.jit
+def _bad(b_acc, b_ph, b_pw, b_prpb, HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
+         SAME: tl.constexpr):
+    """1 if a result is NaN / inf (element by element, integer maxima), else 0."""
+    bad = tl.max(tl.max(tl.where(tl.abs(b_acc) < float("inf"), 0, 1), axis=1), axis=0)
+    if HAS_REL:
+        if SAME:  # one reduction: a NaN / inf in either makes the sum so
+            b_pt = tl.abs(b_ph) + tl.abs(b_pw)  # (a finite overflow only costs the slow pass)
+            bad += tl.max(tl.max(tl.where(b_pt < float("inf"), 0, 1), axis=1), axis=0)
+        else:
+            bad += tl.max(tl.max(tl.where(tl.abs(b_ph) < float("inf"), 0, 1), axis=1), axis=0)
+            bad += tl.max(tl.max(tl.where(tl.abs(b_pw) < float("inf"), 0, 1), axis=1), axis=0)
+    if HAS_RPB:
+        bad += tl.max(tl.max(tl.where(tl.abs(b_prpb) < float("inf"), 0, 1), axis=1), axis=0)
+    return bad
+
+
+@triton.jit
 def _program(
     pid, divs,
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr, sel_ptr,
@@ -458,16 +475,19 @@ def _program(
     # that a 0 * NaN inside a product spread over the tile (a k row in dS K, a table row
     # in G rel, a q in G^T Q, a tap in the rpb sums): then nothing is stored here and the
     # kernel redoes the program with _safe_program.
-    bad = tl.max(tl.max(tl.where(tl.abs(b_acc) < float("inf"), 0, 1), axis=1), axis=0)
-    if HAS_REL:
-        if TY_PAD == TX_PAD:  # one reduction: a NaN / inf in either makes the sum so
-            b_pt = tl.abs(b_ph) + tl.abs(b_pw)  # (a finite overflow only costs the slow pass)
-            bad += tl.max(tl.max(tl.where(b_pt < float("inf"), 0, 1), axis=1), axis=0)
-        else:
-            bad += tl.max(tl.max(tl.where(tl.abs(b_ph) < float("inf"), 0, 1), axis=1), axis=0)
-            bad += tl.max(tl.max(tl.where(tl.abs(b_pw) < float("inf"), 0, 1), axis=1), axis=0)
-    if HAS_RPB:
-        bad += tl.max(tl.max(tl.where(tl.abs(b_prpb) < float("inf"), 0, 1), axis=1), axis=0)
+    if ROW_DOT:  # one warp: sums (a NaN / inf among the results makes its sum so; a
+        # finite overflow only costs the slow pass), then one integer max (uniform)
+        b_tot = tl.sum(b_acc, axis=1)  # [M]
+        if HAS_REL:
+            if TY_PAD == TX_PAD:
+                b_tot += tl.sum(tl.sum(b_ph + b_pw, axis=1), axis=0)
+            else:
+                b_tot += tl.sum(tl.sum(b_ph, axis=1), axis=0) + tl.sum(tl.sum(b_pw, axis=1), axis=0)
+        if HAS_RPB:
+            b_tot += tl.sum(tl.sum(b_prpb, axis=1), axis=0)
+        bad = tl.max(tl.where(tl.abs(b_tot) < float("inf"), 0, 1), axis=0)
+    else:
+        bad = _bad(b_acc, b_ph, b_pw, b_prpb, HAS_REL, HAS_RPB, TY_PAD == TX_PAD)
     if bad == 0:  # (the fast pass of a program with a non-finite result stores nothing)
         prog = pid.to(tl.int64)  # partial-buffer slot: (tile, head), fixed by the grid
         n_prog = tl.num_programs(0).to(tl.int64)  # partials: [row, slot, column]

@@ -79,6 +79,7 @@ from .common import (
     split_partials,
     strides_fit_i32,
     table_strides,
+    to_f32,
     window_start,
 )
 from .launch_cache import (
@@ -335,7 +336,7 @@ def _program(
     b_lse = tl.load(lse_ptr + b64 * sl_b + n64 * sl_n + o_i64 * sl_h + o_jr * sl_w,
                     mask=m_q, other=0.0)
     b_lse2 = b_lse * LOG2E
-    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), axis=1)  # [M]
+    b_delta = tl.sum(to_f32(b_do) * to_f32(b_o), axis=1)  # [M] (bf16: one op per value)
     tl.store(delta_ptr + ((b64 * H + o_i64) * W + o_j) * HEADS + n64, b_delta, mask=m_q)
     b_qf = b_q.to(tl.float32)
     if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)

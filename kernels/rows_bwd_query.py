@@ -297,7 +297,7 @@ def _program(
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
     ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
-    D_C: tl.constexpr, XT_WRAP: tl.constexpr, COL_WRAP: tl.constexpr,
+    D_C: tl.constexpr, XT_WRAP: tl.constexpr, COL_WRAP: tl.constexpr, PART_I32: tl.constexpr,
 ):
     """One program of _query_grads_kernel: loads, the pass, stores. Returns 1 (storing
     only delta) when a result came out non-finite, else 0."""
@@ -337,7 +337,10 @@ def _program(
                     mask=m_q, other=0.0)
     b_lse2 = b_lse * LOG2E
     b_delta = tl.sum(to_f32(b_do) * to_f32(b_o), axis=1)  # [M] (bf16: one op per value)
-    tl.store(delta_ptr + ((b64 * H + o_i64) * W + o_j) * HEADS + n64, b_delta, mask=m_q)
+    if PART_I32:  # delta and the partial buffers have < 2**31 elements: int32 offsets
+        tl.store(delta_ptr + ((b * H + o_i) * W + o_j) * HEADS + n, b_delta, mask=m_q)
+    else:
+        tl.store(delta_ptr + ((b64 * H + o_i64) * W + o_j) * HEADS + n64, b_delta, mask=m_q)
     b_qf = b_q.to(tl.float32)
     if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
         b_q = b_qf
@@ -490,8 +493,11 @@ def _program(
     else:
         bad = _bad(b_acc, b_ph, b_pw, b_prpb, HAS_REL, HAS_RPB, TY_PAD == TX_PAD)
     if bad == 0:  # (the fast pass of a program with a non-finite result stores nothing)
-        prog = pid.to(tl.int64)  # partial-buffer slot: (tile, head), fixed by the grid
-        n_prog = tl.num_programs(0).to(tl.int64)  # partials: [row, slot, column]
+        prog = pid  # partial-buffer slot: (tile, head), fixed by the grid
+        n_prog = tl.num_programs(0)  # partials: [row, slot, column]
+        if not PART_I32:
+            prog = prog.to(tl.int64)
+            n_prog = n_prog.to(tl.int64)
         if HAS_REL:
             d_w = D - D_HALF
             if TABLES_T:  # [D, T] tiles
@@ -651,6 +657,7 @@ def _query_grads_kernel(
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
     ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
     D_C: tl.constexpr, DQ_I32: tl.constexpr, XT_WRAP: tl.constexpr, COL_WRAP: tl.constexpr,
+    PART_I32: tl.constexpr,
 ):
     H, W, HEADS, D, D_HALF, m_h, s_h, m_c, s_c, m_r, s_r = sizes
     divs = (m_h, s_h, m_c, s_c, m_r, s_r)
@@ -684,7 +691,7 @@ def _query_grads_kernel(
         KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD,
         TX_PAD, HAS_REL, HAS_RPB, BLOCK_H, BLOCK_W, BLOCK_K, BLOCK_D, DOT_F32,
         ROW_I64, HALF, TABLE_HALF, KV_I32, ROW_DOT, NS_PAD, TABLES_T, D_C, XT_WRAP,
-        COL_WRAP)
+        COL_WRAP, PART_I32)
     if bad > 0:  # rare: redo this program's results tap by tap (see _safe_program)
         _safe_program(
             pid, divs, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
@@ -838,6 +845,16 @@ _HEIGHTS = (1, 2, 4, 8)
 _WARPS = (1, 2, 4, 8)
 _STAGES = (1, 2)
 MAX_PER_THREAD = 160  # estimated live values per thread (_per_thread) that fit unspilled
+
+
+def partials_fit_i32(q_shape, bh: int, bw: int, n_prog: int, ty_n: int, tx_n: int) -> bool:
+    """Whether the offsets of delta and of the table partials (rows ty_n / tx_n, n_prog
+    slots, up to BLOCK_D or TX_PAD columns) stay below 2**31 for every lane of the padded
+    tiles, masked-off ones too: the query kernel then computes them in int32."""
+    B, H, W, heads, d = q_shape
+    cols = max(head_block(d), next_pow2(tx_n), 16)
+    return (B * (H + bh) * (W + bw) * heads < 2**31
+            and max(next_pow2(ty_n), next_pow2(tx_n), 16) * n_prog * cols < 2**31)
 
 
 def div_magic(d: int) -> tuple[int, int]:
@@ -1087,6 +1104,11 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
     tables_t = not wide or d == 16
     ns_pad = max(16, next_pow2(min(bh, H) + (kh - 1) * dh))
     tx_pad = max(16, next_pow2(tx_n))
+    sizes = [B * H * W * heads]  # float32 elements of delta and the partials
+    if has_rel:
+        sizes += [ty_n * n_prog * d_half, tx_n * n_prog * (d - d_half)]
+    if has_rpb:
+        sizes.append(ty_n * n_prog * tx_n)
     grads = launch_plan(
         _QUERY_PARAMS,
         grid=(n_prog,),
@@ -1105,6 +1127,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
             KV_I32=kv_offsets_fit_i32(strides[1:3], d, H + kh * dh, W + bk),
             ROW_DOT=row_dot, NS_PAD=ns_pad, TABLES_T=tables_t,
             D_C=d if 1 < d < head_block(d) else 0, DQ_I32=H * W * heads * d < 2**31,
+            PART_I32=partials_fit_i32(q_shape, bh, bw, n_prog, ty_n, tx_n),
             XT_WRAP=XT_WRAP_ON and padding != "shift" and dw == 1 and tx_pad <= bk,
             COL_WRAP=(XT_WRAP_ON and padding != "shift" and dw == 1 and tx_pad == bk
                       and has_rel and not has_rpb),
@@ -1112,11 +1135,6 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
         ),
     )
     reduce = reduce_plan(args, heads, d, n_tiles, ty_n, tx_n)
-    sizes = [B * H * W * heads]
-    if has_rel:
-        sizes += [ty_n * n_prog * d_half, tx_n * n_prog * (d - d_half)]
-    if has_rpb:
-        sizes.append(ty_n * n_prog * tx_n)
     return _Plan(grads, reduce, sizes, delta_layout)
 
 

@@ -157,6 +157,21 @@ def test_query_grads_int64_key_row_offsets(monkeypatch):
     _check(CASES[1], got, want, torch.float32)
 
 
+def test_query_grads_int64_delta_and_partial_offsets(monkeypatch):
+    """The int64 offsets of delta and the table partials (buffers past 2**31 elements),
+    forced on a small case with rel tables and rpb, match the oracle like int32."""
+    assert mod.partials_fit_i32((32, 56, 56, 8, 8), 4, 8, 25088, 7, 7)
+    assert not mod.partials_fit_i32((2**16, 128, 128, 8, 8), 4, 8, 2**25, 7, 7)
+    case = Case(B=2, H=6, W=5, heads=2, d=8, k=3, padding="mask", rel="per_head", rpb=True)
+    monkeypatch.setattr(mod, "partials_fit_i32", lambda *args: False)
+    launch_cache.clear_all()  # launch plans decide the offset width once per call key
+    try:
+        got, want = _run(case)
+    finally:
+        launch_cache.clear_all()  # no int64 plan outlives the patch
+    _check(case, got, want, torch.float32)
+
+
 def test_kv_offsets_fit_i32():
     small = torch.empty_strided((1, 56, 56, 8, 16), (56 * 56 * 128, 56 * 128, 128, 16, 1),
                                 device="meta")

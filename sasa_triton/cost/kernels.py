@@ -27,7 +27,8 @@ Mapping per kernel (what the trip counts stand for):
 * `_query_grads_kernel` (rows_bwd_query): [key rows: the union of the tile's windows,
   min(BLOCK_H, H) + (KH - 1) * dil_h (zeros; an upper bound for mask and shift)],
   [the non-finite slow pass, query blocks [ty < TY [tx < TX]]: 0 trips, it runs only
-  for programs whose result came out non-finite]; its column loops are tl.static_range (unrolled).
+  for programs whose result came out non-finite; a tile of 16 queries is one block, and
+  the compiler drops that loop]; its column loops are tl.static_range (unrolled).
 * `_reduce_tables_kernel`: [rel rows' slot groups (one walk for rel_h and rel_w unless
   their slot groups differ: odd d, or one shared and the other per head)], [rpb slot
   groups] (slot groups // R_REL or R_RPB: the mask-free steps; the masked rest is

@@ -2,12 +2,13 @@
 table gradients, deterministic (no atomics).
 
 What a program owns: a tile of M = BLOCK_H x BLOCK_W query pixels (BLOCK_H image rows,
-each a row segment of BLOCK_W columns) of one batch b and one head n; M = 64 on the suite
-shapes (8 x 8 for k = 7: 14 key rows of a 16-column halo, the fewest score elements per
-pixel for one wgmma row block; whole 56-pixel rows would need 7 rows of 64 columns, 2.3x
-more), M = 32 on one warp for d <= 16 without shift or rpb (4 x 8: 10 key rows per 4
-query rows, 29% fewer score elements per pixel; mma.sync). It loads their
-q, out, dout and lse once, writes delta = rowsum(dout * out) for kernel 2 (rows_bwd_key),
+each a row segment of BLOCK_W columns) of one batch b and one head n; M = 64 at d = 64
+and 128 (s4, h1; 16 past d = 64 with rpb; 8 x 8 for k = 7: 14 key rows of a 16-column
+halo, the fewest score elements per pixel for one wgmma row block; whole 56-pixel rows
+would need 7 rows of 64 columns, 2.3x more), M = 32 on one warp for 16-bit d <= 32
+without shift or rpb (4 x 8: 10 key rows per 4 query rows, 29% fewer score elements per
+pixel; mma.sync; past d = 16 only with a 16-column halo). It loads their q, out, dout
+and lse once, writes delta = rowsum(dout * out) for kernel 2 (rows_bwd_key),
 and walks the key rows that its queries' windows cover (their union; each key row is
 loaded once and serves every query row whose window holds it). Per key row y, with the
 row's k/v halo of BLOCK_K columns:

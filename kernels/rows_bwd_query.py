@@ -2,12 +2,13 @@
 table gradients, deterministic (no atomics).
 
 What a program owns: a tile of M = BLOCK_H x BLOCK_W query pixels (BLOCK_H image rows,
-each a row segment of BLOCK_W columns) of one batch b and one head n; M = 64 on the suite
-shapes (8 x 8 for k = 7: 14 key rows of a 16-column halo, the fewest score elements per
-pixel for one wgmma row block; whole 56-pixel rows would need 7 rows of 64 columns, 2.3x
-more), M = 32 on one warp for d <= 16 without shift or rpb (4 x 8: 10 key rows per 4
-query rows, 29% fewer score elements per pixel; mma.sync). It loads their
-q, out, dout and lse once, writes delta = rowsum(dout * out) for kernel 2 (rows_bwd_key),
+each a row segment of BLOCK_W columns) of one batch b and one head n; M = 64 at d = 64
+and 128 (s4, h1; 16 past d = 64 with rpb; 8 x 8 for k = 7: 14 key rows of a 16-column
+halo, the fewest score elements per pixel for one wgmma row block; whole 56-pixel rows
+would need 7 rows of 64 columns, 2.3x more), M = 32 on one warp for 16-bit d <= 32
+without shift or rpb (4 x 8: 10 key rows per 4 query rows, 29% fewer score elements per
+pixel; mma.sync; past d = 16 only with a 16-column halo). It loads their q, out, dout
+and lse once, writes delta = rowsum(dout * out) for kernel 2 (rows_bwd_key),
 and walks the key rows that its queries' windows cover (their union; each key row is
 loaded once and serves every query row whose window holds it). Per key row y, with the
 row's k/v halo of BLOCK_K columns:
@@ -79,7 +80,7 @@ from .common import (
     split_partials,
     strides_fit_i32,
     table_strides,
-    unravel_program,
+    to_f32,
     window_start,
 )
 from .fast_launch import launch_kernel
@@ -101,6 +102,27 @@ MAX_GRID = 2**31 - 1  # programs of the query kernel (grid axis 0)
 MAX_GRID_Y = 65535  # heads: axis 1 of the reduction's grid
 PREFIX = "Q_"
 XT_WRAP_ON = True  # tests switch it off to compare
+
+
+@triton.jit
+def _div(x, m, shift):
+    """x // d for 0 <= x < 2**31 by d's multiplier m (2**31 <= m < 2**32) and shift
+    (`div_magic`): one high multiply and a shift instead of a runtime integer division."""
+    xu = x.to(tl.uint32)
+    return (tl.umulhi(xu + xu, m.to(tl.uint32)) >> shift.to(tl.uint32)).to(tl.int32)
+
+
+@triton.jit
+def _unravel(pid, HEADS, N_COL, N_ROW, divs):
+    """common.unravel_program (head fastest, then column blocks, row blocks, batch) by
+    the multipliers and shifts of HEADS, N_COL and N_ROW in `divs`."""
+    m_h, s_h, m_c, s_c, m_r, s_r = divs
+    t = _div(pid, m_h, s_h)
+    n = pid - t * HEADS
+    t2 = _div(t, m_c, s_c)
+    jb = t - t2 * N_COL
+    b = _div(t2, m_r, s_r)
+    return n, jb, t2 - b * N_ROW, b
 
 
 @triton.jit
@@ -239,8 +261,25 @@ def _grads_pass(
 
 
 @triton.jit
+def _bad(b_acc, b_ph, b_pw, b_prpb, HAS_REL: tl.constexpr, HAS_RPB: tl.constexpr,
+         SAME: tl.constexpr):
+    """1 if a result is NaN / inf (element by element, integer maxima), else 0."""
+    bad = tl.max(tl.max(tl.where(tl.abs(b_acc) < float("inf"), 0, 1), axis=1), axis=0)
+    if HAS_REL:
+        if SAME:  # one reduction: a NaN / inf in either makes the sum so
+            b_pt = tl.abs(b_ph) + tl.abs(b_pw)  # (a finite overflow only costs the slow pass)
+            bad += tl.max(tl.max(tl.where(b_pt < float("inf"), 0, 1), axis=1), axis=0)
+        else:
+            bad += tl.max(tl.max(tl.where(tl.abs(b_ph) < float("inf"), 0, 1), axis=1), axis=0)
+            bad += tl.max(tl.max(tl.where(tl.abs(b_pw) < float("inf"), 0, 1), axis=1), axis=0)
+    if HAS_RPB:
+        bad += tl.max(tl.max(tl.where(tl.abs(b_prpb) < float("inf"), 0, 1), axis=1), axis=0)
+    return bad
+
+
+@triton.jit
 def _program(
-    pid,
+    pid, divs,
     q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr, sel_ptr,
     dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,
     H, W, HEADS, D, D_HALF, qk_scale, scale,  # qk_scale = scale * log2(e)
@@ -260,7 +299,7 @@ def _program(
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr,
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
     ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
-    D_C: tl.constexpr, XT_WRAP: tl.constexpr, COL_WRAP: tl.constexpr,
+    D_C: tl.constexpr, XT_WRAP: tl.constexpr, COL_WRAP: tl.constexpr, PART_I32: tl.constexpr,
 ):
     """One program of _query_grads_kernel: loads, the pass, stores. Returns 1 (storing
     only delta) when a result came out non-finite, else 0."""
@@ -270,7 +309,7 @@ def _program(
     SHIFT: tl.constexpr = PADDING == 2
     M: tl.constexpr = BLOCK_H * BLOCK_W
     # head fastest: the heads of one tile run side by side (full cache sectors)
-    n, jb, ib, b = unravel_program(pid, HEADS, tl.cdiv(W, BLOCK_W), tl.cdiv(H, BLOCK_H))
+    n, jb, ib, b = _unravel(pid, HEADS, tl.cdiv(W, BLOCK_W), tl.cdiv(H, BLOCK_H), divs)
 
     o_m = tl.arange(0, M)
     o_i = ib * BLOCK_H + o_m // BLOCK_W  # query rows
@@ -299,8 +338,11 @@ def _program(
     b_lse = tl.load(lse_ptr + b64 * sl_b + n64 * sl_n + o_i64 * sl_h + o_jr * sl_w,
                     mask=m_q, other=0.0)
     b_lse2 = b_lse * LOG2E
-    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), axis=1)  # [M]
-    tl.store(delta_ptr + ((b64 * H + o_i64) * W + o_j) * HEADS + n64, b_delta, mask=m_q)
+    b_delta = tl.sum(to_f32(b_do) * to_f32(b_o), axis=1)  # [M] (bf16: one op per value)
+    if PART_I32:  # delta and the partial buffers have < 2**31 elements: int32 offsets
+        tl.store(delta_ptr + ((b * H + o_i) * W + o_j) * HEADS + n, b_delta, mask=m_q)
+    else:
+        tl.store(delta_ptr + ((b64 * H + o_i64) * W + o_j) * HEADS + n64, b_delta, mask=m_q)
     b_qf = b_q.to(tl.float32)
     if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
         b_q = b_qf
@@ -439,19 +481,25 @@ def _program(
     # that a 0 * NaN inside a product spread over the tile (a k row in dS K, a table row
     # in G rel, a q in G^T Q, a tap in the rpb sums): then nothing is stored here and the
     # kernel redoes the program with _safe_program.
-    bad = tl.max(tl.max(tl.where(tl.abs(b_acc) < float("inf"), 0, 1), axis=1), axis=0)
-    if HAS_REL:
-        if TY_PAD == TX_PAD:  # one reduction: a NaN / inf in either makes the sum so
-            b_pt = tl.abs(b_ph) + tl.abs(b_pw)  # (a finite overflow only costs the slow pass)
-            bad += tl.max(tl.max(tl.where(b_pt < float("inf"), 0, 1), axis=1), axis=0)
-        else:
-            bad += tl.max(tl.max(tl.where(tl.abs(b_ph) < float("inf"), 0, 1), axis=1), axis=0)
-            bad += tl.max(tl.max(tl.where(tl.abs(b_pw) < float("inf"), 0, 1), axis=1), axis=0)
-    if HAS_RPB:
-        bad += tl.max(tl.max(tl.where(tl.abs(b_prpb) < float("inf"), 0, 1), axis=1), axis=0)
+    if ROW_DOT:  # one warp: sums (a NaN / inf among the results makes its sum so; a
+        # finite overflow only costs the slow pass), then one integer max (uniform)
+        b_tot = tl.sum(b_acc, axis=1)  # [M]
+        if HAS_REL:
+            if TY_PAD == TX_PAD:
+                b_tot += tl.sum(tl.sum(b_ph + b_pw, axis=1), axis=0)
+            else:
+                b_tot += tl.sum(tl.sum(b_ph, axis=1), axis=0) + tl.sum(tl.sum(b_pw, axis=1), axis=0)
+        if HAS_RPB:
+            b_tot += tl.sum(tl.sum(b_prpb, axis=1), axis=0)
+        bad = tl.max(tl.where(tl.abs(b_tot) < float("inf"), 0, 1), axis=0)
+    else:
+        bad = _bad(b_acc, b_ph, b_pw, b_prpb, HAS_REL, HAS_RPB, TY_PAD == TX_PAD)
     if bad == 0:  # (the fast pass of a program with a non-finite result stores nothing)
-        prog = pid.to(tl.int64)  # partial-buffer slot: (tile, head), fixed by the grid
-        n_prog = tl.num_programs(0).to(tl.int64)  # partials: [row, slot, column]
+        prog = pid  # partial-buffer slot: (tile, head), fixed by the grid
+        n_prog = tl.num_programs(0)  # partials: [row, slot, column]
+        if not PART_I32:
+            prog = prog.to(tl.int64)
+            n_prog = n_prog.to(tl.int64)
         if HAS_REL:
             d_w = D - D_HALF
             if TABLES_T:  # [D, T] tiles
@@ -477,7 +525,7 @@ def _program(
 
 @triton.jit
 def _safe_program(
-    pid, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+    pid, divs, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
     dq_ptr, parth_ptr, partw_ptr, partb_ptr, H, W, HEADS, D, D_HALF, scale,
     sq_b, sq_h, sq_w, sq_n, sq_d, sk_b, sk_h, sk_w, sk_n, sk_d,
     sv_b, sv_h, sv_w, sv_n, sv_d, so_b, so_h, so_w, so_n, so_d,
@@ -495,7 +543,7 @@ def _safe_program(
     every product of a dead (query, tap) pair is left out, so a NaN / inf input reaches
     only the results whose windows hold it. Runs only for programs whose fast pass met a
     non-finite result; SUB queries at a time, so it adds few registers to the kernel."""
-    n, jb, ib, b = unravel_program(pid, HEADS, tl.cdiv(W, BLOCK_W), tl.cdiv(H, BLOCK_H))
+    n, jb, ib, b = _unravel(pid, HEADS, tl.cdiv(W, BLOCK_W), tl.cdiv(H, BLOCK_H), divs)
     b = b.to(tl.int64)
     n64 = n.to(tl.int64)
     prog = pid.to(tl.int64)
@@ -597,7 +645,7 @@ def _query_grads_kernel(
     relh_ptr, relw_ptr, rpb_ptr, sel_ptr,  # None when absent / not ROW_DOT (never read then)
     dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr,  # partials: None without the table
     # tuples: Triton binds ints in a tuple in half the host time of as many arguments
-    sizes,  # (H, W, HEADS, D, D_HALF)
+    sizes,  # (H, W, HEADS, D, D_HALF, then div_magic of HEADS, its column and row blocks)
     sq, sk, sv, so, sdo,  # (batch, row, column, head, channel) strides
     sl,  # lse's (batch, row, column, head) strides
     s_tab,  # (head, row, channel) strides of rel_h and rel_w, (head, row, column) of rpb
@@ -611,8 +659,10 @@ def _query_grads_kernel(
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
     ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
     D_C: tl.constexpr, DQ_I32: tl.constexpr, XT_WRAP: tl.constexpr, COL_WRAP: tl.constexpr,
+    PART_I32: tl.constexpr,
 ):
-    H, W, HEADS, D, D_HALF = sizes
+    H, W, HEADS, D, D_HALF, m_h, s_h, m_c, s_c, m_r, s_r = sizes
+    divs = (m_h, s_h, m_c, s_c, m_r, s_r)
     sq_b, sq_h, sq_w, sq_n, sq_d = sq
     sk_b, sk_h, sk_w, sk_n, sk_d = sk
     sv_b, sv_h, sv_w, sv_n, sv_d = sv
@@ -631,7 +681,7 @@ def _query_grads_kernel(
         sdq_b = tl.cast(H, tl.int64) * sdq_h
     pid = tl.program_id(0)
     bad = _program(
-        pid,
+        pid, divs,
         q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr,
         rpb_ptr, sel_ptr, dq_ptr, delta_ptr, parth_ptr, partw_ptr, partb_ptr, H, W,
         HEADS, D, D_HALF, qk_scale, scale, sq_b, sq_h, sq_w,
@@ -643,10 +693,10 @@ def _query_grads_kernel(
         KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD,
         TX_PAD, HAS_REL, HAS_RPB, BLOCK_H, BLOCK_W, BLOCK_K, BLOCK_D, DOT_F32,
         ROW_I64, HALF, TABLE_HALF, KV_I32, ROW_DOT, NS_PAD, TABLES_T, D_C, XT_WRAP,
-        COL_WRAP)
+        COL_WRAP, PART_I32)
     if bad > 0:  # rare: redo this program's results tap by tap (see _safe_program)
         _safe_program(
-            pid, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
+            pid, divs, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
             dq_ptr, parth_ptr, partw_ptr, partb_ptr, H, W, HEADS, D, D_HALF, scale,
             sq_b, sq_h, sq_w, sq_n, sq_d, sk_b, sk_h, sk_w, sk_n, sk_d,
             sv_b, sv_h, sv_w, sv_n, sv_d, so_b, so_h, so_w, so_n, so_d,
@@ -799,6 +849,24 @@ _STAGES = (1, 2)
 MAX_PER_THREAD = 160  # estimated live values per thread (_per_thread) that fit unspilled
 
 
+def partials_fit_i32(q_shape, bh: int, bw: int, n_prog: int, ty_n: int, tx_n: int) -> bool:
+    """Whether the offsets of delta and of the table partials (rows ty_n / tx_n, n_prog
+    slots, up to BLOCK_D or TX_PAD columns) stay below 2**31 for every lane of the padded
+    tiles, masked-off ones too: the query kernel then computes them in int32."""
+    B, H, W, heads, d = q_shape
+    cols = max(head_block(d), next_pow2(tx_n), 16)
+    return (B * (H + bh) * (W + bw) * heads < 2**31
+            and max(next_pow2(ty_n), next_pow2(tx_n), 16) * n_prog * cols < 2**31)
+
+
+def div_magic(d: int) -> tuple[int, int]:
+    """(m, s) with x // d == umulhi(2 x, m) >> s for every 0 <= x < 2**31 (d >= 1):
+    s = ceil(log2 d), m = ceil(2**(31 + s) / d), so 2**31 <= m < 2**32 and
+    m d - 2**(31 + s) < d <= 2**s (Granlund and Montgomery's condition for 31-bit x)."""
+    s = (d - 1).bit_length()
+    return -(-2 ** (31 + s) // d), s
+
+
 def kv_offsets_fit_i32(strides, d: int, rows: int, cols: int) -> bool:
     """Whether offsets inside one (batch, head) image of (B, H, W, heads, d) tensors with
     these `strides` (k's and v's) -- `rows` rows and `cols` columns either way from the
@@ -865,7 +933,8 @@ def _work(q_shape, args: AttendArgs, config: dict) -> float:
 
 def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
     """Drops tiles much wider/taller than the image, halos over MAX_BLOCK_K, and tiles
-    that would hold more than ~160 values per thread (spills) or leave threads idle."""
+    that would hold more than ~160 values per thread (spills; but for the tiles that
+    ptxas holds unspilled all the same, _fits_unspilled) or leave threads idle."""
     B, H, W, heads, d = q_shape
     kept = []
     for cfg in configs:
@@ -874,7 +943,8 @@ def prune(configs: list[dict], q_shape, args: AttendArgs) -> list[dict]:
             continue
         if _block_k(q_shape, args, bw) > MAX_BLOCK_K:
             continue
-        if not 4 <= _per_thread(q_shape, args, cfg) <= MAX_PER_THREAD:
+        if not (4 <= _per_thread(q_shape, args, cfg) <= MAX_PER_THREAD
+                or _fits_unspilled(q_shape, args, cfg)):
             continue
         kept.append(cfg)
     return kept or [default_config(q_shape, args)]
@@ -885,22 +955,45 @@ def default_config(q_shape, args: AttendArgs, dtype=torch.bfloat16) -> dict:
     """A tile of M = 64 query pixels (fewer on tiny images) shaped to the window: among
     the row-segment x rows shapes, the one computing the fewest score elements per pixel
     (for k = 7 an 8 x 8 tile: 14 key rows of a 16-column halo, against 7 rows of 64
-    columns for a whole 56-pixel row); M = 16 for d > 64, half as large for fp32. 4 warps (one
-    warpgroup: M = 64 is one wgmma row block); for bf16/fp16 with d <= 16, M = 32 on one
+    columns for a whole 56-pixel row); M = 16 for d > 64 (but bf16 / fp16 at d = 128
+    without rpb and with a halo of <= 32 columns: M = 64, PREDICTED h1 49.8 -> 27.1
+    us), half as large for fp32. 4 warps (one
+    warpgroup: M = 64 is one wgmma row block); for bf16/fp16 with d <= 32, M = 32 on one
     warp (4 x 8 for k = 7: 10 key rows per 4 query rows against 14 per 8; PREDICTED query
-    kernel s1 417 -> 357 us, s2 119 -> 73; 2 warps read more instructions and spill at
-    d = 8; for d >= 32 the mma.sync loop costs more than the rows saved; not with shift
-    or rpb, whose extra tiles spill one warp), more only while a thread would hold over
-    MAX_PER_THREAD values (fp32 counts triple: query_grads passes q's dtype); one stage (the cost
-    tool reads fewer instructions than with 2; a GPU tuner may still prefer 2)."""
+    kernel s1 417 -> 357 us, s2 119 -> 73, s3 31.1 -> 23.4; 2 warps read more instructions
+    and spill at d = 8; at d = 32 only with a 16-column halo, see _fits_unspilled; not with
+    shift or rpb, whose extra tiles spill one warp), more only while a thread would hold
+    over MAX_PER_THREAD values (fp32 counts triple: query_grads passes q's dtype); one
+    stage (the cost tool reads fewer instructions than with 2; a GPU tuner may still
+    prefer 2)."""
     B, H, W, heads, d = q_shape
-    best = None
-    m_cap = 64 if head_block(d) <= 64 else 16  # [M, D] tiles
+    half = dtype in (torch.float16, torch.bfloat16)
+    # [M, D] tiles: 16 queries past d = 64 but at d = 128 without rpb (_fits_unspilled)
+    m_cap = 64 if head_block(d) <= 64 or (half and d == 128 and args.rpb is None) else 16
     warps = 4
     if dtype == torch.float32:  # "ieee" dots hold fp32 operands: half the tile
         m_cap = max(16, m_cap // 2)
-    elif d <= 16 and args.padding != "shift" and args.rpb is None:
+    elif d <= 32 and args.padding != "shift" and args.rpb is None:
         m_cap, warps = 32, 1  # 4 x 8 tiles on one warp (mma.sync): 10 key rows per 4 rows
+    cfg = _fewest_scores(q_shape, args, m_cap, warps)
+    if warps == 1 and d > 16 and not _fits_unspilled(q_shape, args, cfg, dtype):
+        cfg = _fewest_scores(q_shape, args, 64, 4)  # d = 32, a wider halo: 4 warps
+    if m_cap == 64 and d > 64 and not _fits_unspilled(q_shape, args, cfg, dtype):
+        cfg = _fewest_scores(q_shape, args, 16, 4)  # d > 64, a halo over 32 columns
+    if _fits_unspilled(q_shape, args, cfg, dtype):
+        return cfg
+    while cfg["Q_num_warps"] < 8 and _per_thread(q_shape, args, cfg, dtype) > MAX_PER_THREAD:
+        cfg["Q_num_warps"] *= 2
+    while cfg["Q_num_warps"] > 1 and _per_thread(q_shape, args, cfg, dtype) < 4:
+        cfg["Q_num_warps"] //= 2
+    return cfg
+
+
+def _fewest_scores(q_shape, args: AttendArgs, m_cap: int, warps: int) -> dict:
+    """The tile of M = m_cap queries (fewer on tiny images) computing the fewest score
+    elements per pixel (the widest on ties), on `warps` warps."""
+    B, H, W, heads, d = q_shape
+    best = None
     m_target = max(16, min(m_cap, next_pow2(H) * next_pow2(W)))
     for bw in _WIDTHS:
         for bh in _HEIGHTS:
@@ -913,14 +1006,28 @@ def default_config(q_shape, args: AttendArgs, dtype=torch.bfloat16) -> dict:
             if best is None or key < best[0]:
                 best = (key, cfg)
     if best is None:  # no tile passes the halo limit (supports() is False): any valid one
-        cfg = {"Q_BLOCK_W": 16, "Q_BLOCK_H": 1, "Q_num_warps": 4, "Q_num_stages": 1}
-    else:
-        cfg = best[1]
-    while cfg["Q_num_warps"] < 8 and _per_thread(q_shape, args, cfg, dtype) > MAX_PER_THREAD:
-        cfg["Q_num_warps"] *= 2
-    while cfg["Q_num_warps"] > 1 and _per_thread(q_shape, args, cfg, dtype) < 4:
-        cfg["Q_num_warps"] //= 2
-    return cfg
+        return {"Q_BLOCK_W": 16, "Q_BLOCK_H": 1, "Q_num_warps": 4, "Q_num_stages": 1}
+    return best[1]
+
+
+def _fits_unspilled(q_shape, args: AttendArgs, config: dict, dtype=torch.bfloat16) -> bool:
+    """Whether `config` is one of the two bf16 / fp16 tiles that _per_thread counts over
+    MAX_PER_THREAD but ptxas for sm_90 holds unspilled (default_config picks them):
+    * 16 < d <= 32, no shift or rpb, M = 32 on one warp, a 16-column halo (s3: 207
+      registers; a 32-column halo spills 48 bytes at k = 11);
+    * d = 128, no rpb, M = 64 on 4 warps, a halo of <= 32 columns (h1: 225 registers;
+      222-254 for every padding, per-head tables, fp16, k = 13, dilation 4). With rpb it
+      spills 32-64 bytes (as M = 32 does); so does d = 72-100 (a constexpr d under
+      BLOCK_D = 128: 8-504 bytes with shift or a 32-column halo)."""
+    d = q_shape[4]
+    bw, bh = _cfg(config, "BLOCK_W"), _cfg(config, "BLOCK_H")
+    if (dtype not in (torch.float16, torch.bfloat16) or args.rpb is not None
+            or _cfg(config, "num_stages", 1) != 1):
+        return False
+    warps, bk = _cfg(config, "num_warps", 4), _block_k(q_shape, args, bw)
+    if 16 < d <= 32:
+        return args.padding != "shift" and bw * bh == 32 and warps == 1 and bk == 16
+    return d == 128 and bw * bh == 64 and warps == 4 and bk <= 32
 
 
 @per_call_key
@@ -994,16 +1101,23 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
     row_dot = dtype in (torch.float16, torch.bfloat16) and wide
     # the table partials as q^T @ G (one transpose, not four): fewer instructions and no
     # spill at 16 queries per warp (PREDICTED s3 14692 -> 14296 warp instructions per
-    # program); at 32 fewer for d >= 16 (s2 -10, det -31), more for d = 8 (s1 +60)
-    tables_t = not wide or d >= 16
+    # program); at 32 fewer for d = 16 (s2 -10, det -31; now -52), more for d = 8 (s1
+    # +60) and d = 32 (s3 +96: q^T is the larger tile there)
+    tables_t = not wide or d == 16
     ns_pad = max(16, next_pow2(min(bh, H) + (kh - 1) * dh))
     tx_pad = max(16, next_pow2(tx_n))
+    sizes = [B * H * W * heads]  # float32 elements of delta and the partials
+    if has_rel:
+        sizes += [ty_n * n_prog * d_half, tx_n * n_prog * (d - d_half)]
+    if has_rpb:
+        sizes.append(ty_n * n_prog * tx_n)
     grads = launch_plan(
         _QUERY_PARAMS,
         grid=(n_prog,),
         # sizes, then the strides of q, k, v, out, dout, lse (v's even when equal to k's:
         # the compiler then shares the k/v offsets, and ptxas spills at s1 / s2)
-        head=((H, W, heads, d, d_half), *strides),
+        head=((H, W, heads, d, d_half, *div_magic(heads), *div_magic(triton.cdiv(W, bw)),
+               *div_magic(triton.cdiv(H, bh))), *strides),
         tail=(scale * LOG2E.value, scale),
         flags=dict(
             KH=kh, KW=kw, PADDING=PADDING_CODES[padding], dil_h=dh, dil_w=dw, TY=ty_n,
@@ -1015,6 +1129,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
             KV_I32=kv_offsets_fit_i32(strides[1:3], d, H + kh * dh, W + bk),
             ROW_DOT=row_dot, NS_PAD=ns_pad, TABLES_T=tables_t,
             D_C=d if 1 < d < head_block(d) else 0, DQ_I32=H * W * heads * d < 2**31,
+            PART_I32=partials_fit_i32(q_shape, bh, bw, n_prog, ty_n, tx_n),
             XT_WRAP=XT_WRAP_ON and padding != "shift" and dw == 1 and tx_pad <= bk,
             COL_WRAP=(XT_WRAP_ON and padding != "shift" and dw == 1 and tx_pad == bk
                       and has_rel and not has_rpb),
@@ -1022,11 +1137,6 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
         ),
     )
     reduce = reduce_plan(args, heads, d, n_tiles, ty_n, tx_n)
-    sizes = [B * H * W * heads]
-    if has_rel:
-        sizes += [ty_n * n_prog * d_half, tx_n * n_prog * (d - d_half)]
-    if has_rpb:
-        sizes.append(ty_n * n_prog * tx_n)
     return _Plan(grads, reduce, sizes, delta_layout)
 
 

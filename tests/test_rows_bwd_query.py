@@ -3,6 +3,8 @@ autograd through the oracle: dq, delta and the rel/rpb table gradients (all of w
 query kernel owns). out and lse come from the oracle too. Runs through Triton's
 interpreter on CPU; cases stay small.
 """
+import random
+
 import pytest
 import torch
 
@@ -98,13 +100,16 @@ def test_query_grads_half(case, dtype):
     _check(case, got, want, dtype)
 
 
-def test_query_grads_half_default_tile_d16():
-    """bf16 with d <= 16 (no shift, no rpb): the default 32-query tile (one warp on a
-    GPU), image rows and columns not multiples of it."""
-    case = Case(B=1, H=9, W=10, heads=2, d=16, k=5, padding="mask", rel="per_head")
+@pytest.mark.parametrize("d,m,warps", [(16, 32, 1), (32, 32, 1), (128, 64, 4)])
+def test_query_grads_half_default_tile(d, m, warps):
+    """bf16 without shift or rpb: the default tile (32 queries on one warp on a GPU for
+    d <= 32 with a 16-column halo, 64 on 4 warps at d = 128), image rows and columns not
+    multiples of it."""
+    case = Case(B=1, H=9, W=10, heads=2 if d <= 32 else 1, d=d, k=5, padding="mask",
+                rel="per_head")
     q, k, v, kw = make_inputs(case, torch.bfloat16, "contiguous", DEVICE)
     default = mod.default_config(tuple(q.shape), _args(q, k, v, case, kw), torch.bfloat16)
-    assert default["Q_BLOCK_H"] * default["Q_BLOCK_W"] == 32 and default["Q_num_warps"] == 1
+    assert default["Q_BLOCK_H"] * default["Q_BLOCK_W"] == m and default["Q_num_warps"] == warps
     got, want = _run(case, torch.bfloat16)
     _check(case, got, want, torch.bfloat16)
 
@@ -150,6 +155,21 @@ def test_query_grads_int64_key_row_offsets(monkeypatch):
     finally:
         launch_cache.clear_all()  # no int64 plan outlives the patch
     _check(CASES[1], got, want, torch.float32)
+
+
+def test_query_grads_int64_delta_and_partial_offsets(monkeypatch):
+    """The int64 offsets of delta and the table partials (buffers past 2**31 elements),
+    forced on a small case with rel tables and rpb, match the oracle like int32."""
+    assert mod.partials_fit_i32((32, 56, 56, 8, 8), 4, 8, 25088, 7, 7)
+    assert not mod.partials_fit_i32((2**16, 128, 128, 8, 8), 4, 8, 2**25, 7, 7)
+    case = Case(B=2, H=6, W=5, heads=2, d=8, k=3, padding="mask", rel="per_head", rpb=True)
+    monkeypatch.setattr(mod, "partials_fit_i32", lambda *args: False)
+    launch_cache.clear_all()  # launch plans decide the offset width once per call key
+    try:
+        got, want = _run(case)
+    finally:
+        launch_cache.clear_all()  # no int64 plan outlives the patch
+    _check(case, got, want, torch.float32)
 
 
 def test_kv_offsets_fit_i32():
@@ -228,7 +248,24 @@ def test_query_grads_nonfinite_half_tables():
         _nonfinite_matches_oracle(nonfinite_case(seed), seed)
 
 
-def _nonfinite_matches_oracle(c, seed) -> bool:
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                            "ignore:overflow encountered:RuntimeWarning")
+def test_query_grads_nonfinite_one_warp_tile():
+    """The same through the one-warp tile (ROW_DOT), whose non-finite check sums the
+    results (a NaN / inf makes a sum so) before one integer max: 16-bit cases, tables
+    and rpb or not."""
+    from test_nonfinite import nonfinite_case
+
+    seeds = [s for s in range(7000, 7100)
+             if nonfinite_case(s)["dtype"] in (torch.float16, torch.bfloat16)][:4]
+    assert len(seeds) == 4
+    partial = 0
+    for seed in seeds:
+        partial += _nonfinite_matches_oracle(nonfinite_case(seed), seed, ONE_WARP)
+    assert partial >= 1, "no case with a partial non-finite pattern"
+
+
+def _nonfinite_matches_oracle(c, seed, config=None) -> bool:
     """query_grads of a test_nonfinite case against the float64 oracle, entry by entry
     (non-finite where the oracle is); whether dq is partly non-finite."""
     from fuzz_cases import FLOOR, coarser, mismatch
@@ -236,8 +273,16 @@ def _nonfinite_matches_oracle(c, seed) -> bool:
 
     t = c["t"]
     args, out, lse, dout, want_grads, largest = expected_gradients(c, seed)
+    if config is not None:
+        q = t["q"]
+        strides = (q.stride(), t["k"].stride(), t["v"].stride(), out.stride(),
+                   dout.stride(), lse.stride())
+        plan = mod._plan(tuple(q.shape), q.dtype, strides, args,
+                         mod.plan_table_half(q, args), config)
+        assert plan.grads.flags["ROW_DOT"]
     dq, _, drel_h, drel_w, drpb = mod.query_grads(t["q"], t["k"], t["v"], out, lse,
-                                                  dout.to(c["dtype"]), args, _poison=True)
+                                                  dout.to(c["dtype"]), args, config,
+                                                  _poison=True)
     got = {"q": dq, "rel_h": drel_h, "rel_w": drel_w, "rpb": drpb}
     for name in ("q", *[n for n in TABLES if n in t]):
         tol = coarser(c["dtype"], t[name].dtype)
@@ -253,15 +298,37 @@ def _nonfinite_matches_oracle(c, seed) -> bool:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_default_config_is_kept_by_prune(shape, dtype):
     """The default (the tile the heuristic picks) is in the search space and survives
-    prune, so the tuner's table and the launcher agree; M = 64 on the suite shapes."""
+    prune, so the tuner's table and the launcher agree; M = 32 on the suite shapes up
+    to d = 32, 64 past it (d = 128 too, without rpb)."""
     q = torch.zeros(1, *shape[1:])
     args = check_attend_args(q, q, q, 7, 1, "zeros", None, None, None, None)
     default = mod.default_config(shape, args, dtype)
     assert default in mod.search_space()
     assert default in mod.prune(mod.search_space(), shape, args)
-    if shape[4] <= 64 and dtype != torch.float32 and shape[1] * shape[2] >= 64:
-        m = 32 if shape[4] <= 16 else 64  # 4 x 8 tiles on one warp for d <= 16
+    if dtype != torch.float32 and shape[1] * shape[2] >= 64:
+        m = 32 if shape[4] <= 32 else 64  # 4 x 8 tiles on one warp for d <= 32
         assert default["Q_BLOCK_W"] * default["Q_BLOCK_H"] == m
+
+
+@pytest.mark.parametrize("k,padding,dtype,one_warp", [
+    (7, "zeros", torch.bfloat16, True), (5, "mask", torch.float16, True),
+    (11, "zeros", torch.bfloat16, False),  # a 32-column halo: 4 warps
+    (7, "shift", torch.bfloat16, False), (7, "zeros", torch.float32, False),
+])
+def test_default_config_d32_one_warp(k, padding, dtype, one_warp):
+    """d = 32: M = 32 on one warp only in 16 bits, without shift or rpb and with a
+    16-column halo (else M = 64 on 4 warps); pruning keeps it."""
+    shape = (32, 14, 14, 8, 32)
+    q = torch.zeros(1, *shape[1:])
+    args = check_attend_args(q, q, q, k, 1, padding, None, None, None, None)
+    default = mod.default_config(shape, args, dtype)
+    m = default["Q_BLOCK_W"] * default["Q_BLOCK_H"]
+    if one_warp:
+        assert (m, default["Q_num_warps"]) == (32, 1)
+    else:
+        assert default["Q_num_warps"] >= 2
+    if dtype != torch.float32:
+        assert default in mod.prune(mod.search_space(), shape, args)
 
 
 @pytest.mark.parametrize("case,dtype,config", [
@@ -299,3 +366,18 @@ def test_query_grads_wrapped_column_gather(monkeypatch, case, dtype, config):
     for got, want in zip(runs[0], runs[1]):
         if want is not None:
             assert torch.equal(got, want)
+
+
+def test_div_magic_divides_every_program_id():
+    """The multipliers that replace the kernel's runtime divisions of the program id
+    (div_magic): x // d exactly for 0 <= x < 2**31, at the ends of the range and at
+    random, for divisors 1..300 and a few large ones."""
+    rng = random.Random(14)
+    for d in [*range(1, 301), 4095, 65535, 2**20 + 7, 2**30 + 1, 2**31 - 1]:
+        m, s = mod.div_magic(d)
+        assert 2**31 <= m < 2**32
+        xs = [0, 1, d - 1, d, d + 1, 2**31 - 1, 2**31 - 2, 2**31 - 1 - d]
+        xs += [rng.randrange(2**31) for _ in range(50)]
+        for x in xs:
+            if 0 <= x < 2**31:
+                assert ((2 * x * m) >> 32) >> s == x // d, (d, x)

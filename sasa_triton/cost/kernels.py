@@ -27,7 +27,8 @@ Mapping per kernel (what the trip counts stand for):
 * `_query_grads_kernel` (rows_bwd_query): [key rows: the union of the tile's windows,
   min(BLOCK_H, H) + (KH - 1) * dil_h (zeros; an upper bound for mask and shift)],
   [the non-finite slow pass, query blocks [ty < TY [tx < TX]]: 0 trips, it runs only
-  for programs whose result came out non-finite]; its column loops are tl.static_range (unrolled).
+  for programs whose result came out non-finite; a tile of 16 queries is one block, and
+  the compiler drops that loop]; its column loops are tl.static_range (unrolled).
 * `_reduce_tables_kernel`: [rel rows' slot groups (one walk for rel_h and rel_w unless
   their slot groups differ: odd d, or one shared and the other per head)], [rpb slot
   groups] (slot groups // R_REL or R_RPB: the mask-free steps; the masked rest is
@@ -113,12 +114,17 @@ def _rows_bwd_query(c: dict) -> list[LoopSpec]:
     rows = min(c["BLOCK_H"], H) + (c["KH"] - 1) * c["dil_h"]
     # At 1-2 warps ptxas may lay the slow pass out as two more top-level loops around its
     # query-block loop (not taken either); absent ("unrolled") at 4 warps.
+    slow_rows = LoopSpec("slow pass: offset rows ty<TY", c["TY"],
+                         [LoopSpec("slow pass: offset cols tx<TX", c["TX"], exp2=True)],
+                         exp2=True)
+    # 16 queries a block: the compiler drops the block loop of a 16-query tile (one trip)
+    if c["BLOCK_H"] * c["BLOCK_W"] <= 16:
+        slow = dataclasses.replace(slow_rows, trips=0)
+    else:
+        slow = LoopSpec("slow pass: query blocks (not taken)", 0, [slow_rows], exp2=True)
     return [LoopSpec("key rows (window union)", rows, exp2=True),
             LoopSpec("slow pass: split-off loop (not taken)", 0, unrollable=True),
-            LoopSpec("slow pass: query blocks (not taken)", 0, [
-                LoopSpec("slow pass: offset rows ty<TY", c["TY"],
-                         [LoopSpec("slow pass: offset cols tx<TX", c["TX"], exp2=True)],
-                         exp2=True)], exp2=True),
+            slow,
             LoopSpec("slow pass: split-off loop (not taken)", 0, unrollable=True)]
 
 

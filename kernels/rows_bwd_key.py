@@ -514,7 +514,7 @@ def _key_bwd_kernel(
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
                     DOT_F32)
-        b_sum = tl.sum(acc_dk + acc_dv) + tl.sum(acc_dk2 + acc_dv2)
+        b_sum = tl.sum(acc_dk) + tl.sum(acc_dk2)
     else:
         for i in range(i_lo, i_hi):
             if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
@@ -530,7 +530,7 @@ def _key_bwd_kernel(
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
                     DOT_F32)
-        b_sum = tl.sum(acc_dk + acc_dv)
+        b_sum = tl.sum(acc_dk)
 
     # Rare slow pass: a non-finite value reached the accumulators. It may be a NaN/inf
     # that a dot spread over the tile from outside some pair's window: 0 * inf in the

@@ -257,3 +257,45 @@ def test_pixel_offsets_shared():
     t = torch.zeros(1, 4, 5, 2, 8)
     assert rows_bwd_key.pixel_offsets_shared((t.stride(), t.clone().stride()), 4, 5)
     assert not rows_bwd_key.pixel_offsets_shared((t.stride(), t.transpose(1, 2).stride()), 4, 5)
+
+
+def _halves(case, dtype, config) -> bool:
+    """Whether key_grads runs this case's tile as two parts (HALVES)."""
+    q, k, v, kw, args, dout = _inputs(case, dtype, "contiguous")
+    strides = (q.stride(), k.stride(), v.stride(), dout.stride(), (1, 1, 1, 1), (1, 1, 1, 1))
+    plan = rows_bwd_key._plan(tuple(q.shape), dtype, strides, args, config, 16)
+    return plan.flags["HALVES"]
+
+
+# tiles of two parts (top ceil(rows / 2) rows, bottom the rest) walked in three query-row
+# walks: odd row counts (a shorter bottom part), a last row block cut by the image, row
+# segments, every padding, dilation (rows that skip a part), rpb and fp16 (the masked
+# paths: per-part window taps), per-head rel, float32
+HALVES_CASES = [
+    (Case(B=1, H=11, W=9, heads=2, d=16, k=3, rel="per_head", scale=0.6), torch.bfloat16, 41),
+    (Case(B=2, H=13, W=8, heads=1, d=8, k=(5, 3), padding="mask", rel="shared", rpb=True),
+     torch.float16, 42),
+    (Case(B=1, H=15, W=6, heads=1, d=4, k=(3, 5), dilation=(2, 1), padding="shift",
+          rel="per_head", rpb=True), torch.float32, 43),
+    (Case(B=1, H=9, W=19, heads=1, d=8, k=3, dilation=(1, 2), padding="zeros"),
+     torch.bfloat16, 44),
+]
+
+
+@pytest.mark.parametrize("case,dtype,seed", HALVES_CASES, ids=lambda c: getattr(c, "id", None))
+def test_two_part_tiles(case, dtype, seed):
+    """HALVES (64 key slots on 1 warp as two 32-slot parts) against the oracle."""
+    config = {"K_BLOCK_M": 64, "K_BLOCK_N": 16, "K_num_warps": 1}
+    assert _halves(case, dtype, config), "the case must run two-part tiles"
+    run_case(case, dtype, config=config, seed=seed)
+
+
+def test_halves_fit():
+    """Two parts only where each holds its rows (ceil(rows / 2) x cols <= block_m / 2),
+    from 4 rows, up to d = 16 (32-bit counts below are block_d)."""
+    assert rows_bwd_key.halves_fit(64, 16, 6, 10)  # s2, det: 3 + 3 rows of 10
+    assert rows_bwd_key.halves_fit(64, 16, 5, 10)  # 3 + 2
+    assert not rows_bwd_key.halves_fit(64, 16, 7, 9)  # 4 rows of 9 > 32 slots
+    assert not rows_bwd_key.halves_fit(32, 32, 2, 14)  # s3: 2 rows, d = 32
+    assert not rows_bwd_key.halves_fit(64, 16, 3, 10)  # 3 rows: set-up not paid back
+    assert not rows_bwd_key.halves_fit(16, 16, 4, 2)  # parts below 16 slots

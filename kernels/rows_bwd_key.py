@@ -545,7 +545,10 @@ def _key_bwd_kernel(
     # x * 0 is NaN exactly when x is not finite; the sum keeps a NaN and an inf (a sum
     # of finite values that overflows takes the slow pass too: exact there as well)
     # (one reduction over both axes: each thread's sum, then the warp's, instead of an
-    # axis-by-axis walk)
+    # axis-by-axis walk). dk alone is summed: a non-finite value that reaches dv (in P or
+    # dout) reaches dk too, through dS = P * (dP - delta) with dP = V dout^T (0 * inf
+    # and 0 * NaN are NaN, P being 0 outside the windows); only a finite dv that
+    # overflows stays out, and the slow pass would store the same inf there
     if b_sum * 0.0 != 0.0:
         # the column window mask as a 0/1 count dot (exact): A_col @ [Band in window]; the
         # fast path with the mask in the rel dots has no m_col (padding key slots are

@@ -26,6 +26,13 @@ pair). The one-hots are rows of an identity table loaded per key slot (built in 
 on 4+ warps). rpb is a masked gather load. A non-finite value reaching the accumulators
 sends the program through a slow second pass (see the kernel).
 
+With HALVES (a launcher flag: 1-3 warps, d <= 16, 4+ tile rows) the tile is two parts
+of BLOCK_M / 2 slots, its top ceil(ROWS / 2) rows and the rest, each with its own k, v,
+one-hots and accumulators, and the query rows are walked in three loops: the rows whose
+windows reach only the top part (above the tile), both parts, only the bottom part
+(below it). A query row then runs the score tile of the parts it can reach, not always
+the whole tile (det: 18 part-rows where 24 ran before, per interior program).
+
 Keys outside the image never exist here (zeros-padding taps take softmax mass but have no
 key pixel); keys no query attends (dilation gaps in shift mode) get zero gradients.
 Deterministic: every dk/dv element is written by one program, no atomics.

@@ -35,9 +35,12 @@ Mapping per kernel (what the trip counts stand for):
   branch, so counting all for every program is an upper bound).
 * `_key_bwd_kernel` (rows_bwd_key): [query rows i_lo <= i < i_hi], runtime bounds: the
   key tile's ROWS rows plus HALO_H on each side, clipped to the image (the mean over the
-  row blocks; rows that dilation skips count as full trips: an upper bound), then
-  [non-finite slow pass: key sub-tiles (0 trips, it runs only when a non-finite value
-  reached the accumulators) [the same query rows]].
+  row blocks; rows that dilation skips count as full trips: an upper bound); with
+  HALVES (the tile as a top and a bottom part) the same rows in three walks instead:
+  [rows reaching the top part only], [both parts], [the bottom part only] (their
+  rounded means add up to the one walk's); then [non-finite slow pass: key sub-tiles
+  (0 trips, it runs only when a non-finite value reached the accumulators) [the same
+  query rows]].
 * `_tile2d_bwd_query_kernel`, `_tile2d_bwd_key_kernel` (tile2d_bwd_query / _key):
   [window rows, a < KH] (columns are a tl.static_range, unrolled by the front end).
 * `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode;

@@ -126,6 +126,21 @@ def _col_taps(x, m_key, o_j, m_j, W, KW: tl.constexpr, dil_w, SHIFT: tl.constexp
 
 
 @triton.jit
+def _band_index(o_u, start_x, off_x, KW: tl.constexpr, dil_w, SHIFT: tl.constexpr,
+                TH: tl.constexpr, TMASK: tl.constexpr):
+    """For key columns o_u ([U]) and the query columns' window starts: whether each pair
+    is in the window ([U, N]) and the RelT row of its column tap (TMASK outside)."""
+    du = o_u[:, None] - start_x[None, :]
+    duc = tl.maximum(du, 0)
+    o_cu = duc // dil_w
+    m_band = (du >= 0) & (duc - o_cu * dil_w == 0) & (o_cu < KW)
+    if SHIFT:
+        return m_band, tl.where(m_band, off_x[None, :] + o_cu + KW - 1 + TH, TMASK)
+    else:
+        return m_band, tl.where(m_band, o_cu + TH, TMASK)
+
+
+@triton.jit
 def _lse_delta(lse_ptr, delta_ptr, o_l, o_dl, o_jl, o_jdl, m_j):
     """lse and delta of a query row's BLOCK_N columns (o_l, o_dl: the row's offsets; o_jl,
     o_jdl: the columns'): one [N, 2] load through a pointer tensor over both tensors, split
@@ -149,9 +164,9 @@ def _part_keys(o_p, r0, nrows, y0, x0, H, W, COLS, COLS_MAGIC):
 @triton.jit
 def _part_operands(k_ptr, v_ptr, eye_ptr, dtype_ptr, y, x, o_mr, m_key, o_d, m_d, o_kv0, o_vv0,
                    sk_h, sk_w, sk_d, sv_h, sv_w, sv_d, sdk_h, sdk_w, j0, o_u, o_r, r0, COLS_MAGIC,
-                   PART_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_P: tl.constexpr,
+                   x0, COLS, PART_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_P: tl.constexpr,
                    EYE: tl.constexpr, KV_I32: tl.constexpr, VEC: tl.constexpr,
-                   DOT_F32: tl.constexpr, PAIR_ONEHOT: tl.constexpr):
+                   DOT_F32: tl.constexpr, PAIR_ONEHOT: tl.constexpr, COMBINED: tl.constexpr):
     """k, v [PART_M, D] of a part's keys, its one-hots A_col [PART_M, N] (each key's
     column among the query columns) and A_row [PART_M, RP] (each key's tile row), and
     the keys' pixel offsets in dk and dv."""
@@ -184,6 +199,15 @@ def _part_operands(k_ptr, v_ptr, eye_ptr, dtype_ptr, y, x, o_mr, m_key, o_d, m_d
                          tl.where(o_r[:, None] == r0 + (((o_me + 1) * COLS_MAGIC) >> _MAGIC_SHIFT)[None, :],
                                   1.0, 0.0))
         b_arow = tl.trans(tl.reshape(b_arow, (ROWS_P, PART_M)).to(dtype_ptr.dtype.element_ty))
+    elif COMBINED:  # one matrix A [M, N] with two ones per key: at its column in the
+        # tile (x - x0 < COLS) and at COLS + its tile row (COLS + ROWS <= N), the sum of
+        # two rows of an identity table loaded per key slot (padding slots whose row lies
+        # past N get no row one)
+        o_kc = tl.arange(0, BLOCK_N)
+        b_acol = (tl.load(eye_ptr + (x - x0)[:, None] * EYE + o_kc[None, :])
+                  + tl.load(eye_ptr + (COLS + o_mr)[:, None] * EYE + o_kc[None, :],
+                            mask=(COLS + o_mr < BLOCK_N)[:, None], other=0.0))
+        b_arow = b_acol
     else:  # rows of an identity table loaded per key slot: BLOCK_N (ROWS_P) contiguous
         # elements move in 16-byte loads and stores to shared memory, where a compare and
         # select per element stored 2 bytes at a time (slots whose column or row falls
@@ -221,21 +245,32 @@ def _row_inputs(i, i_base, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd,
 
 
 @triton.jit
-def _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, H, KH: tl.constexpr, dil_h,
+def _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H, KH: tl.constexpr, dil_h,
              SHIFT: tl.constexpr, TMASK: tl.constexpr, ROWS_P: tl.constexpr,
-             BLOCK_N: tl.constexpr, HAS_REL: tl.constexpr):
+             BLOCK_N: tl.constexpr, HAS_REL: tl.constexpr, COMBINED: tl.constexpr):
     """With rel tables, Band [N, N] and Brow [RP, N] of query row i: gathers of T = RelT
     Q^T (the column tap of each (key column, query column), the table row of each tile
     row); issued after the parts' K Q^T dots, as the one-part kernel always did (before
-    them, s4 read +10 instructions per row)."""
+    them, s4 read +10 instructions per row). COMBINED: one gather B [N, N] instead: rows
+    t < COLS the column taps of the tile's key column x0 + t (o_band, fixed per
+    program), rows COLS + r the table row of tile row r (Band's rows of the halo
+    columns and Brow's rows past the tile's were never read)."""
     if HAS_REL:
         # [TP, D] @ [D, N], rounded to q's dtype before the gathers (half the bytes)
         b_t = tl.dot(b_relt, tl.trans(b_q), b_tacc, input_precision="ieee")
         b_t = b_t.to(b_relt.dtype)
-        b_band = tl.gather(b_t, o_band, 0)  # [N, N]
-        m_rr, o_rr, o_unused = _row_taps(y0 + o_r, i, H, KH, dil_h, SHIFT)  # [RP]
-        o_rr = tl.broadcast_to(tl.where(m_rr, o_rr, TMASK)[:, None], (ROWS_P, BLOCK_N))
-        b_brow = tl.gather(b_t, o_rr, 0)  # [RP, N]
+        if COMBINED:
+            o_kc = tl.arange(0, BLOCK_N)
+            m_rr, o_rr, o_unused = _row_taps(y0 + o_kc - COLS, i, H, KH, dil_h, SHIFT)  # [N]
+            m_rr = m_rr & (o_kc >= COLS) & (o_kc < COLS + ROWS)
+            o_bc = tl.where((o_kc < COLS)[:, None], o_band, tl.where(m_rr, o_rr, TMASK)[:, None])
+            b_band = tl.gather(b_t, o_bc, 0)  # [N, N]
+            b_brow = b_band
+        else:
+            b_band = tl.gather(b_t, o_band, 0)  # [N, N]
+            m_rr, o_rr, o_unused = _row_taps(y0 + o_r, i, H, KH, dil_h, SHIFT)  # [RP]
+            o_rr = tl.broadcast_to(tl.where(m_rr, o_rr, TMASK)[:, None], (ROWS_P, BLOCK_N))
+            b_brow = tl.gather(b_t, o_rr, 0)  # [RP, N]
     else:
         b_band = o_r
         b_brow = o_r
@@ -246,12 +281,14 @@ def _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, H, KH: tl.constexpr, dil_h
 def _part_step(acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc, b_q, b_do, b_lse,
                b_delta, b_band, b_brow, i, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr,
                p_rpb0, srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL: tl.constexpr,
-               HAS_RPB: tl.constexpr, MASK_IN_DOTS: tl.constexpr, DOT_F32: tl.constexpr):
+               HAS_RPB: tl.constexpr, MASK_IN_DOTS: tl.constexpr, DOT_F32: tl.constexpr,
+               COMBINED: tl.constexpr):
     """One query row against a part's keys, given its K Q^T (b_s): the rel dots and the
     softmax backward on its [PART_M, N] score tile; returns the part's accumulators."""
     if HAS_REL:
         b_s = tl.dot(b_acol, b_band, b_s, input_precision="ieee")  # [M, N] @ [N, N]
-        b_s = tl.dot(b_arow, b_brow, b_s, input_precision="ieee")  # [M, RP] @ [RP, N]
+        if not COMBINED:
+            b_s = tl.dot(b_arow, b_brow, b_s, input_precision="ieee")  # [M, RP] @ [RP, N]
     b_s = b_s * qk_scale - (b_lse * LOG2E)[None, :]
     if HAS_RPB or not MASK_IN_DOTS:
         m_row, o_unused, o_rpbr = _row_taps(y, i, H, KH, dil_h, SHIFT)  # [M]
@@ -317,6 +354,7 @@ def _key_bwd_kernel(
     PAIR_ONEHOT: tl.constexpr,  # build A_row from (even, odd) slot pairs (4+ warps)
     EYE: tl.constexpr,  # rows (and row stride) of eye_ptr's identity: >= BLOCK_N, ROWS_P
     HALVES: tl.constexpr,  # the tile as two parts of BLOCK_M / 2 slots (top, bottom rows)
+    COMBINED: tl.constexpr,  # one one-hot A (column, row) and one gather B per row
 ):
     H, W, HEADS, ROWS, COLS, COLS_MAGIC, N_SEG, HALO_H, HALO_W = sizes
     sq_b, sq_h, sq_w, sq_n, sq_d = sq
@@ -378,8 +416,8 @@ def _key_bwd_kernel(
     o_mr, y, x, m_key = _part_keys(o_p, 0, RH, y0, x0, H, W, COLS, COLS_MAGIC)
     b_k, b_v, b_acol, b_arow, o_dkp = _part_operands(
         k_ptr, v_ptr, eye_ptr, q_ptr, y, x, o_mr, m_key, o_d, m_d, o_kv0, o_vv0,
-        sk_h, sk_w, sk_d, sv_h, sv_w, sv_d, sdk_h, sdk_w, j0, o_u, o_r, 0, COLS_MAGIC,
-        PART_M, BLOCK_N, ROWS_P, EYE, KV_I32, VEC, DOT_F32, PAIR_ONEHOT)
+        sk_h, sk_w, sk_d, sv_h, sv_w, sv_d, sdk_h, sdk_w, j0, o_u, o_r, 0, COLS_MAGIC, x0,
+        COLS, PART_M, BLOCK_N, ROWS_P, EYE, KV_I32, VEC, DOT_F32, PAIR_ONEHOT, COMBINED)
     if HAS_RPB or not MASK_IN_DOTS:
         m_col, o_rpbc = _col_taps(x, m_key, o_j, m_j, W, KW, dil_w, SHIFT)  # [M, N]
     else:
@@ -390,23 +428,21 @@ def _key_bwd_kernel(
         b_k2, b_v2, b_acol2, b_arow2, o_dkp2 = _part_operands(
             k_ptr, v_ptr, eye_ptr, q_ptr, y2, x2, o_mr2, m_key2, o_d, m_d, o_kv0, o_vv0,
             sk_h, sk_w, sk_d, sv_h, sv_w, sv_d, sdk_h, sdk_w, j0, o_u, o_r, RH, COLS_MAGIC,
-            PART_M, BLOCK_N, ROWS_P, EYE, KV_I32, VEC, DOT_F32, PAIR_ONEHOT)
+            x0, COLS, PART_M, BLOCK_N, ROWS_P, EYE, KV_I32, VEC, DOT_F32, PAIR_ONEHOT,
+            COMBINED)
         if HAS_RPB or not MASK_IN_DOTS:
             m_col2, o_rpbc2 = _col_taps(x2, m_key2, o_j, m_j, W, KW, dil_w, SHIFT)
         else:
             m_col2 = m_key2
             o_rpbc2 = m_key2
 
-    du = o_u[:, None] - start_x[None, :]  # [N, N]
-    duc = tl.maximum(du, 0)
-    o_cu = duc // dil_w
-    m_band = (du >= 0) & (duc - o_cu * dil_w == 0) & (o_cu < KW)
     # RelT row of each Band entry; pairs outside the window read T's last row, TMASK
     TMASK: tl.constexpr = TP - 1
-    if SHIFT:
-        o_band = tl.where(m_band, off_x[None, :] + o_cu + KW - 1 + TH, TMASK)
-    else:
-        o_band = tl.where(m_band, o_cu + TH, TMASK)
+    if COMBINED:  # the first COLS rows of B [N, N]: the tile's key columns x0 + t
+        m_bc, o_band = _band_index(x0 + tl.arange(0, BLOCK_N), start_x, off_x, KW, dil_w,
+                                   SHIFT, TH, TMASK)
+    else:  # Band [N, N]: key columns o_u
+        m_band, o_band = _band_index(o_u, start_x, off_x, KW, dil_w, SHIFT, TH, TMASK)
     # MASK_IN_DOTS: the window mask rides in the rel dots: T's row TMASK (RelT has zeros
     # there) starts as -1e30 in the T dot's accumulator, so Band and Brow carry the mask
     # (exp2 then gives exactly 0; padding slots and columns see zero q, dout and keys, so
@@ -480,13 +516,14 @@ def _key_bwd_kernel(
                     sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
                     DOT_F32)
                 b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
-                b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, H, KH, dil_h,
-                                          SHIFT, TMASK, ROWS_P, BLOCK_N, HAS_REL)
+                b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H,
+                                          KH, dil_h, SHIFT, TMASK, ROWS_P, BLOCK_N,
+                                          HAS_REL, COMBINED)
                 acc_dk, acc_dv = _part_step(
                     acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc,
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
-                    DOT_F32)
+                    DOT_F32, COMBINED)
         for i in range(i_mid, i_bot):  # both parts
             if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
                 b_q, b_do, b_lse, b_delta = _row_inputs(
@@ -495,18 +532,19 @@ def _key_bwd_kernel(
                     DOT_F32)
                 b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
                 b_s2 = tl.dot(b_k2, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
-                b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, H, KH, dil_h,
-                                          SHIFT, TMASK, ROWS_P, BLOCK_N, HAS_REL)
+                b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H,
+                                          KH, dil_h, SHIFT, TMASK, ROWS_P, BLOCK_N,
+                                          HAS_REL, COMBINED)
                 acc_dk, acc_dv = _part_step(
                     acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc,
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
-                    DOT_F32)
+                    DOT_F32, COMBINED)
                 acc_dk2, acc_dv2 = _part_step(
                     acc_dk2, acc_dv2, b_s2, b_v2, b_acol2, b_arow2, y2, m_col2, o_rpbc2,
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
-                    DOT_F32)
+                    DOT_F32, COMBINED)
         for i in range(i_bot, i_hi):  # bottom part only
             if _row_is_live(i, y0 + RH, ROWS - RH, H, KH, dil_h, SHIFT):
                 b_q, b_do, b_lse, b_delta = _row_inputs(
@@ -514,13 +552,14 @@ def _key_bwd_kernel(
                     sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
                     DOT_F32)
                 b_s2 = tl.dot(b_k2, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
-                b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, H, KH, dil_h,
-                                          SHIFT, TMASK, ROWS_P, BLOCK_N, HAS_REL)
+                b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H,
+                                          KH, dil_h, SHIFT, TMASK, ROWS_P, BLOCK_N,
+                                          HAS_REL, COMBINED)
                 acc_dk2, acc_dv2 = _part_step(
                     acc_dk2, acc_dv2, b_s2, b_v2, b_acol2, b_arow2, y2, m_col2, o_rpbc2,
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
-                    DOT_F32)
+                    DOT_F32, COMBINED)
         b_sum = tl.sum(acc_dk) + tl.sum(acc_dk2)
     else:
         for i in range(i_lo, i_hi):
@@ -530,13 +569,14 @@ def _key_bwd_kernel(
                     sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
                     DOT_F32)
                 b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
-                b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, H, KH, dil_h,
-                                          SHIFT, TMASK, ROWS_P, BLOCK_N, HAS_REL)
+                b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H,
+                                          KH, dil_h, SHIFT, TMASK, ROWS_P, BLOCK_N,
+                                          HAS_REL, COMBINED)
                 acc_dk, acc_dv = _part_step(
                     acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc,
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
-                    DOT_F32)
+                    DOT_F32, COMBINED)
         b_sum = tl.sum(acc_dk)
 
     # Rare slow pass: a non-finite value reached the accumulators. It may be a NaN/inf
@@ -560,6 +600,8 @@ def _key_bwd_kernel(
         # the column window mask as a 0/1 count dot (exact): A_col @ [Band in window]; the
         # fast path with the mask in the rel dots has no m_col (padding key slots are
         # never stored)
+        if COMBINED:  # the fast path built B's column rows instead
+            m_band, o_band = _band_index(o_u, start_x, off_x, KW, dil_w, SHIFT, TH, TMASK)
         b_band01 = tl.where(m_band & m_j[None, :], 1.0, 0.0).to(tl.float16)  # [N, N]
         for m0 in range(0, BLOCK_M, SUB_M):
             s_h = m0 // PART_M  # the part (0 without HALVES) and its first tile row
@@ -878,12 +920,16 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
             PAIR_ONEHOT=pair_onehot,
             EYE=max(bn, 16, next_pow2(rows)),
             HALVES=not pair_onehot and halves_fit(bm, head_block(d), rows, cols),
+            # read with the cost tool: s2 -64, det -85 instructions per program; with 32
+            # query columns (k11) the per-row index selects cost more than they save
+            COMBINED=not pair_onehot and bn == 16 and cols + rows <= bn,
             **launch,
         ),
     )
 
 
 _SUB_M = 16  # the slow pass's sub-tile (key slots)
+
 _GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
 _plans = plan_cache(_plan)
 _PARAMS = _key_bwd_kernel.arg_names  # read at import: a recorder may stand in later

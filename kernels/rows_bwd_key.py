@@ -192,13 +192,14 @@ def _part_operands(k_ptr, v_ptr, eye_ptr, dtype_ptr, y, x, o_mr, m_key, o_d, m_d
         # A_col built as [N, M] and transposed: the default layout spreads a row-major
         # [M, N] tile's rows over few threads, so each thread would split ~M/2 slots
         # into (row, column); the transposed build splits ~2 slots per thread
-        b_acol = tl.trans(tl.where(o_u[:, None] == x[None, :], 1.0, 0.0).to(dtype_ptr.dtype.element_ty))
+        dtype = dtype_ptr.dtype.element_ty
+        b_acol = tl.trans(tl.where(o_u[:, None] == x[None, :], 1.0, 0.0).to(dtype))
         o_me = 2 * tl.arange(0, PART_M // 2)
-        b_arow = tl.join(tl.where(o_r[:, None] == r0 + ((o_me * COLS_MAGIC) >> _MAGIC_SHIFT)[None, :],
-                                  1.0, 0.0),
-                         tl.where(o_r[:, None] == r0 + (((o_me + 1) * COLS_MAGIC) >> _MAGIC_SHIFT)[None, :],
-                                  1.0, 0.0))
-        b_arow = tl.trans(tl.reshape(b_arow, (ROWS_P, PART_M)).to(dtype_ptr.dtype.element_ty))
+        r_even = r0 + ((o_me * COLS_MAGIC) >> _MAGIC_SHIFT)  # tile rows of even slots
+        r_odd = r0 + (((o_me + 1) * COLS_MAGIC) >> _MAGIC_SHIFT)
+        b_arow = tl.join(tl.where(o_r[:, None] == r_even[None, :], 1.0, 0.0),
+                         tl.where(o_r[:, None] == r_odd[None, :], 1.0, 0.0))
+        b_arow = tl.trans(tl.reshape(b_arow, (ROWS_P, PART_M)).to(dtype))
     elif COMBINED:  # one matrix A [M, N] with two ones per key: at its column in the
         # tile (x - x0 < COLS) and at COLS + its tile row (COLS + ROWS <= N), the sum of
         # two rows of an identity table loaded per key slot (padding slots whose row lies

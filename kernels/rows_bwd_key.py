@@ -23,7 +23,10 @@ are fixed per program: A_row [M, RP] (each key's row in the tile) @ Brow [RP, N]
 [M, N] (each key's column) @ Band [N, N], where Brow and Band are small tl.gather of T
 (the table row of each tile row's tap; the column tap of each (key column, query column)
 pair). The one-hots are rows of an identity table loaded per key slot (built in registers
-on 4+ warps). rpb is a masked gather load. A non-finite value reaching the accumulators
+on 4+ warps). With 16 query columns and COLS + ROWS <= 16 (COMBINED) the two become one
+dot: A [M, 16] with a key's column one at x - x0 and its row one at COLS + its tile row,
+against one gather B [16, N] (the tile's COLS key columns' taps, then its ROWS rows').
+rpb is a masked gather load. A non-finite value reaching the accumulators
 sends the program through a slow second pass (see the kernel).
 
 With HALVES (a launcher flag: 1-3 warps, d <= 16, 4+ tile rows) the tile is two parts

@@ -23,8 +23,18 @@ are fixed per program: A_row [M, RP] (each key's row in the tile) @ Brow [RP, N]
 [M, N] (each key's column) @ Band [N, N], where Brow and Band are small tl.gather of T
 (the table row of each tile row's tap; the column tap of each (key column, query column)
 pair). The one-hots are rows of an identity table loaded per key slot (built in registers
-on 4+ warps). rpb is a masked gather load. A non-finite value reaching the accumulators
+on 4+ warps). With 16 query columns and COLS + ROWS <= 16 (COMBINED) the two become one
+dot: A [M, 16] with a key's column one at x - x0 and its row one at COLS + its tile row,
+against one gather B [16, N] (the tile's COLS key columns' taps, then its ROWS rows').
+rpb is a masked gather load. A non-finite value reaching the accumulators
 sends the program through a slow second pass (see the kernel).
+
+With HALVES (a launcher flag: 1-3 warps, d <= 16, 4+ tile rows) the tile is two parts
+of BLOCK_M / 2 slots, its top ceil(ROWS / 2) rows and the rest, each with its own k, v,
+one-hots and accumulators, and the query rows are walked in three loops: the rows whose
+windows reach only the top part (above the tile), both parts, only the bottom part
+(below it). A query row then runs the score tile of the parts it can reach, not always
+the whole tile (det: 18 part-rows where 24 ran before, per interior program).
 
 Keys outside the image never exist here (zeros-padding taps take softmax mass but have no
 key pixel); keys no query attends (dilation gaps in shift mode) get zero gradients.
@@ -120,6 +130,21 @@ def _col_taps(x, m_key, o_j, m_j, W, KW: tl.constexpr, dil_w, SHIFT: tl.constexp
 
 
 @triton.jit
+def _band_index(o_u, start_x, off_x, KW: tl.constexpr, dil_w, SHIFT: tl.constexpr,
+                TH: tl.constexpr, TMASK: tl.constexpr):
+    """For key columns o_u ([U]) and the query columns' window starts: whether each pair
+    is in the window ([U, N]) and the RelT row of its column tap (TMASK outside)."""
+    du = o_u[:, None] - start_x[None, :]
+    duc = tl.maximum(du, 0)
+    o_cu = duc // dil_w
+    m_band = (du >= 0) & (duc - o_cu * dil_w == 0) & (o_cu < KW)
+    if SHIFT:
+        return m_band, tl.where(m_band, off_x[None, :] + o_cu + KW - 1 + TH, TMASK)
+    else:
+        return m_band, tl.where(m_band, o_cu + TH, TMASK)
+
+
+@triton.jit
 def _lse_delta(lse_ptr, delta_ptr, o_l, o_dl, o_jl, o_jdl, m_j):
     """lse and delta of a query row's BLOCK_N columns (o_l, o_dl: the row's offsets; o_jl,
     o_jdl: the columns'): one [N, 2] load through a pointer tensor over both tensors, split
@@ -127,6 +152,185 @@ def _lse_delta(lse_ptr, delta_ptr, o_l, o_dl, o_jl, o_jdl, m_j):
     m_lse = (tl.arange(0, 2) == 0)[None, :]
     p = tl.where(m_lse, lse_ptr + o_l + o_jl[:, None], delta_ptr + o_dl + o_jdl[:, None])
     return tl.split(tl.load(p, mask=m_j[:, None], other=0.0))
+
+
+@triton.jit
+def _part_keys(o_p, r0, nrows, y0, x0, H, W, COLS, COLS_MAGIC):
+    """Key slots o_p of a part of the tile whose nrows rows start at tile row r0: slot p
+    -> tile row r0 + p // COLS, column x0 + p % COLS. Returns (tile row, y, x, key mask)."""
+    o_pr = (o_p * COLS_MAGIC) >> _MAGIC_SHIFT  # o_p // COLS without a division
+    o_mr = r0 + o_pr
+    y = y0 + o_mr
+    x = x0 + o_p - o_pr * COLS
+    return o_mr, y, x, (o_p < nrows * COLS) & (y < H) & (x < W)
+
+
+@triton.jit
+def _part_operands(k_ptr, v_ptr, eye_ptr, dtype_ptr, y, x, o_mr, m_key, o_d, m_d, o_kv0, o_vv0,
+                   sk_h, sk_w, sk_d, sv_h, sv_w, sv_d, sdk_h, sdk_w, j0, o_u, o_r, r0, COLS_MAGIC,
+                   x0, COLS, PART_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_P: tl.constexpr,
+                   EYE: tl.constexpr, KV_I32: tl.constexpr, VEC: tl.constexpr,
+                   DOT_F32: tl.constexpr, PAIR_ONEHOT: tl.constexpr, COMBINED: tl.constexpr):
+    """k, v [PART_M, D] of a part's keys, its one-hots A_col [PART_M, N] (each key's
+    column among the query columns) and A_row [PART_M, RP] (each key's tile row), and
+    the keys' pixel offsets in dk and dv."""
+    m_kd = m_key[:, None] & m_d[None, :]
+    if KV_I32:  # k, v, dk, dv share their row / column strides, offsets fit in int32
+        o_kp = y * sk_h + x * sk_w  # [M]: one int32 vector instead of three int64 ones
+        o_vp = o_kp
+        o_dkp = o_kp
+    else:
+        y64 = y.to(tl.int64)
+        x64 = x.to(tl.int64)
+        o_kp = y64 * sk_h + x64 * sk_w
+        o_vp = y64 * sv_h + x64 * sv_w
+        o_dkp = y64 * sdk_h + x64 * sdk_w  # dk's and dv's
+    # VEC: every pixel and head offset is a multiple of VEC elements, d contiguous
+    o_km = tl.multiple_of(o_kv0 + o_kp, VEC)  # [M]
+    b_k = tl.load(k_ptr + o_km[:, None] + o_d[None, :] * sk_d, mask=m_kd, other=0.0)
+    o_vm = tl.multiple_of(o_vv0 + o_vp, VEC)
+    b_v = tl.load(v_ptr + o_vm[:, None] + o_d[None, :] * sv_d, mask=m_kd, other=0.0)
+    if PAIR_ONEHOT:  # on 4+ warps (wgmma): built in registers, A_row from (even, odd)
+        # slot pairs side by side (tl.join), whose layout's operand reads cost less in
+        # the loop than those of loaded one-hots (s4: 227 against 285 per row)
+        # A_col built as [N, M] and transposed: the default layout spreads a row-major
+        # [M, N] tile's rows over few threads, so each thread would split ~M/2 slots
+        # into (row, column); the transposed build splits ~2 slots per thread
+        dtype = dtype_ptr.dtype.element_ty
+        b_acol = tl.trans(tl.where(o_u[:, None] == x[None, :], 1.0, 0.0).to(dtype))
+        o_me = 2 * tl.arange(0, PART_M // 2)
+        r_even = r0 + ((o_me * COLS_MAGIC) >> _MAGIC_SHIFT)  # tile rows of even slots
+        r_odd = r0 + (((o_me + 1) * COLS_MAGIC) >> _MAGIC_SHIFT)
+        b_arow = tl.join(tl.where(o_r[:, None] == r_even[None, :], 1.0, 0.0),
+                         tl.where(o_r[:, None] == r_odd[None, :], 1.0, 0.0))
+        b_arow = tl.trans(tl.reshape(b_arow, (ROWS_P, PART_M)).to(dtype))
+    elif COMBINED:  # one matrix A [M, N] with two ones per key: at its column in the
+        # tile (x - x0 < COLS) and at COLS + its tile row (COLS + ROWS <= N), the sum of
+        # two rows of an identity table loaded per key slot (padding slots whose row lies
+        # past N get no row one)
+        o_kc = tl.arange(0, BLOCK_N)
+        b_acol = (tl.load(eye_ptr + (x - x0)[:, None] * EYE + o_kc[None, :])
+                  + tl.load(eye_ptr + (COLS + o_mr)[:, None] * EYE + o_kc[None, :],
+                            mask=(COLS + o_mr < BLOCK_N)[:, None], other=0.0))
+        b_arow = b_acol
+    else:  # rows of an identity table loaded per key slot: BLOCK_N (ROWS_P) contiguous
+        # elements move in 16-byte loads and stores to shared memory, where a compare and
+        # select per element stored 2 bytes at a time (slots whose column or row falls
+        # outside the table get a zero row)
+        o_xu = x - j0
+        b_acol = tl.load(eye_ptr + o_xu[:, None] * EYE + tl.arange(0, BLOCK_N)[None, :],
+                         mask=((o_xu >= 0) & (o_xu < BLOCK_N))[:, None], other=0.0)
+        b_arow = tl.load(eye_ptr + o_mr[:, None] * EYE + o_r[None, :],
+                         mask=(o_mr < ROWS_P)[:, None], other=0.0)
+    if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
+        b_k = b_k.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+        b_acol = b_acol.to(tl.float32)
+        b_arow = b_arow.to(tl.float32)
+    return b_k, b_v, b_acol, b_arow, o_dkp
+
+
+@triton.jit
+def _row_inputs(i, i_base, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0, sdo_h,
+                o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j,
+                VEC: tl.constexpr, DOT_F32: tl.constexpr):
+    """What every part of the tile reads of query row i: q, dout [N, D], lse and delta
+    [N]."""
+    i64 = i_base.to(tl.int64) + (i - i_base)  # (the interpreter iterates Python ints)
+    p_q = q_ptr + tl.multiple_of(o_q0 + i64 * sq_h, VEC)
+    b_q = tl.load(p_q + o_qjd, mask=m_jd, other=0.0)  # [N, D]
+    p_do = do_ptr + tl.multiple_of(o_do0 + i64 * sdo_h, VEC)
+    b_do = tl.load(p_do + o_dojd, mask=m_jd, other=0.0)  # [N, D]
+    b_lse, b_delta = _lse_delta(lse_ptr, delta_ptr, o_l0 + i64 * sl_h,
+                                o_dl0 + i64 * sdl_h, o_jl, o_jdl, m_j)  # [N]
+    if DOT_F32:
+        b_q = b_q.to(tl.float32)
+        b_do = b_do.to(tl.float32)
+    return b_q, b_do, b_lse, b_delta
+
+
+@triton.jit
+def _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H, KH: tl.constexpr, dil_h,
+             SHIFT: tl.constexpr, TMASK: tl.constexpr, ROWS_P: tl.constexpr,
+             BLOCK_N: tl.constexpr, HAS_REL: tl.constexpr, COMBINED: tl.constexpr):
+    """With rel tables, Band [N, N] and Brow [RP, N] of query row i: gathers of T = RelT
+    Q^T (the column tap of each (key column, query column), the table row of each tile
+    row); issued after the parts' K Q^T dots, as the one-part kernel always did (before
+    them, s4 read +10 instructions per row). COMBINED: one gather B [N, N] instead: rows
+    t < COLS the column taps of the tile's key column x0 + t (o_band, fixed per
+    program), rows COLS + r the table row of tile row r (Band's rows of the halo
+    columns and Brow's rows past the tile's were never read)."""
+    if HAS_REL:
+        # [TP, D] @ [D, N], rounded to q's dtype before the gathers (half the bytes)
+        b_t = tl.dot(b_relt, tl.trans(b_q), b_tacc, input_precision="ieee")
+        b_t = b_t.to(b_relt.dtype)
+        if COMBINED:
+            o_kc = tl.arange(0, BLOCK_N)
+            m_rr, o_rr, o_unused = _row_taps(y0 + o_kc - COLS, i, H, KH, dil_h, SHIFT)  # [N]
+            m_rr = m_rr & (o_kc >= COLS) & (o_kc < COLS + ROWS)
+            o_bc = tl.where((o_kc < COLS)[:, None], o_band, tl.where(m_rr, o_rr, TMASK)[:, None])
+            b_band = tl.gather(b_t, o_bc, 0)  # [N, N]
+            b_brow = b_band
+        else:
+            b_band = tl.gather(b_t, o_band, 0)  # [N, N]
+            m_rr, o_rr, o_unused = _row_taps(y0 + o_r, i, H, KH, dil_h, SHIFT)  # [RP]
+            o_rr = tl.broadcast_to(tl.where(m_rr, o_rr, TMASK)[:, None], (ROWS_P, BLOCK_N))
+            b_brow = tl.gather(b_t, o_rr, 0)  # [RP, N]
+    else:
+        b_band = o_r
+        b_brow = o_r
+    return b_band, b_brow
+
+
+@triton.jit
+def _part_step(acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc, b_q, b_do, b_lse,
+               b_delta, b_band, b_brow, i, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr,
+               p_rpb0, srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL: tl.constexpr,
+               HAS_RPB: tl.constexpr, MASK_IN_DOTS: tl.constexpr, DOT_F32: tl.constexpr,
+               COMBINED: tl.constexpr):
+    """One query row against a part's keys, given its K Q^T (b_s): the rel dots and the
+    softmax backward on its [PART_M, N] score tile; returns the part's accumulators."""
+    if HAS_REL:
+        b_s = tl.dot(b_acol, b_band, b_s, input_precision="ieee")  # [M, N] @ [N, N]
+        if not COMBINED:
+            b_s = tl.dot(b_arow, b_brow, b_s, input_precision="ieee")  # [M, RP] @ [RP, N]
+    b_s = b_s * qk_scale - (b_lse * LOG2E)[None, :]
+    if HAS_RPB or not MASK_IN_DOTS:
+        m_row, o_unused, o_rpbr = _row_taps(y, i, H, KH, dil_h, SHIFT)  # [M]
+    if HAS_RPB:
+        p_rpb = p_rpb0 + o_rpbr[:, None] * srp_h + o_rpbc * srp_w
+        b_s += tl.load(p_rpb, mask=m_col & m_row[:, None], other=0.0).to(tl.float32) * LOG2E
+    if MASK_IN_DOTS:
+        b_p = tl.exp2(b_s)  # P^T [M, N]
+    else:
+        b_p = tl.where(m_col & m_row[:, None], tl.exp2(b_s), 0.0)
+
+    b_pl = b_p.to(do_ptr.dtype.element_ty)
+    if DOT_F32:
+        b_pl = b_pl.to(tl.float32)
+    acc_dv += tl.dot(b_pl, b_do, input_precision="ieee")  # [M, N] @ [N, D] -> [M, D]
+    # dP^T - delta [M, N]: delta rides in the dot's accumulator (ptxas gives the
+    # tensor-core op a shared C operand), not a subtraction per score element
+    b_dacc = tl.zeros([b_v.shape[0], b_q.shape[0]], tl.float32) - b_delta[None, :]
+    b_dp = tl.dot(b_v, tl.trans(b_do), b_dacc, input_precision="ieee")  # [M, D] @ [D, N]
+    # dS^T [M, N]: zero outside the windows as P is (a NaN/inf there, 0 * inf,
+    # reaches the accumulators and sends the program through the slow pass)
+    b_dsl = (b_p * b_dp).to(q_ptr.dtype.element_ty)
+    if DOT_F32:
+        b_dsl = b_dsl.to(tl.float32)
+    acc_dk += tl.dot(b_dsl, b_q, input_precision="ieee")  # [M, N] @ [N, D] -> [M, D]
+    return acc_dk, acc_dv
+
+
+@triton.jit
+def _part_store(dk_ptr, dv_ptr, acc_dk, acc_dv, o_dkp, m_key, o_d, m_d, o_dk0, sdk_d, scale,
+                VEC: tl.constexpr):
+    """dk (times scale) and dv of a part's keys (dk and dv share one layout)."""
+    o_dkm = tl.multiple_of(o_dk0 + o_dkp, VEC)
+    p_d = o_dkm[:, None] + o_d[None, :] * sdk_d
+    m_kd = m_key[:, None] & m_d[None, :]
+    tl.store(dk_ptr + p_d, (acc_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)
+    tl.store(dv_ptr + p_d, acc_dv.to(dv_ptr.dtype.element_ty), mask=m_kd)
 
 
 @triton.jit
@@ -154,6 +358,8 @@ def _key_bwd_kernel(
     SUB_M: tl.constexpr,  # key slots per sub-tile of the slow pass
     PAIR_ONEHOT: tl.constexpr,  # build A_row from (even, odd) slot pairs (4+ warps)
     EYE: tl.constexpr,  # rows (and row stride) of eye_ptr's identity: >= BLOCK_N, ROWS_P
+    HALVES: tl.constexpr,  # the tile as two parts of BLOCK_M / 2 slots (top, bottom rows)
+    COMBINED: tl.constexpr,  # one one-hot A (column, row) and one gather B per row
 ):
     H, W, HEADS, ROWS, COLS, COLS_MAGIC, N_SEG, HALO_H, HALO_W = sizes
     sq_b, sq_h, sq_w, sq_n, sq_d = sq
@@ -179,38 +385,21 @@ def _key_bwd_kernel(
     y0 = rb * ROWS
     x0 = seg * COLS
 
-    # key pixels of the tile, flattened: slot p -> (y0 + p // COLS, x0 + p % COLS)
-    o_m = tl.arange(0, BLOCK_M)
-    o_mr = (o_m * COLS_MAGIC) >> _MAGIC_SHIFT  # o_m // COLS without a division
-    y = y0 + o_mr
-    x = x0 + o_m - o_mr * COLS
-    m_key = (o_m < ROWS * COLS) & (y < H) & (x < W)
+    # HALVES: the tile's rows split into a top part (rows [0, RH)) and a bottom part (rows
+    # [RH, ROWS)) of BLOCK_M / 2 slots each, so that the query rows whose windows meet
+    # only one part (the first and last rows walked) run half the score tile
+    if HALVES:
+        PART_M: tl.constexpr = BLOCK_M // 2
+        RH = (ROWS + 1) // 2
+    else:
+        PART_M: tl.constexpr = BLOCK_M
+        RH = ROWS
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    m_kd = m_key[:, None] & m_d[None, :]
-
     b64 = b.to(tl.int64)
     n64 = n.to(tl.int64)
-    if KV_I32:  # k, v, dk, dv share their row / column strides, offsets fit in int32
-        o_kp = y * sk_h + x * sk_w  # [M]: one int32 vector instead of three int64 ones
-        o_vp = o_kp
-        o_dkp = o_kp
-    else:
-        y64 = y.to(tl.int64)
-        x64 = x.to(tl.int64)
-        o_kp = y64 * sk_h + x64 * sk_w
-        o_vp = y64 * sv_h + x64 * sv_w
-        o_dkp = y64 * sdk_h + x64 * sdk_w  # dk's and dv's
-    # VEC: every pixel and head offset is a multiple of VEC elements, d contiguous
-    o_km = tl.multiple_of(b64 * sk_b + n64 * sk_n + o_kp, VEC)  # [M]
-    p_k = k_ptr + o_km[:, None] + o_d[None, :] * sk_d
-    b_k = tl.load(p_k, mask=m_kd, other=0.0)  # [M, D]
-    o_vm = tl.multiple_of(b64 * sv_b + n64 * sv_n + o_vp, VEC)
-    p_v = v_ptr + o_vm[:, None] + o_d[None, :] * sv_d
-    b_v = tl.load(p_v, mask=m_kd, other=0.0)  # [M, D]
-    if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
-        b_k = b_k.to(tl.float32)
-        b_v = b_v.to(tl.float32)
+    o_kv0 = b64 * sk_b + n64 * sk_n
+    o_vv0 = b64 * sv_b + n64 * sv_n
 
     # query columns that can see the tile: [j0, j0 + BLOCK_N), the launcher makes it wide
     # enough; their column taps against the keys are the same for every query row
@@ -218,8 +407,6 @@ def _key_bwd_kernel(
     o_j = j0 + tl.arange(0, BLOCK_N)
     m_j = o_j < W
     start_x, off_x = window_start(o_j, W, KW, dil_w, SHIFT)  # [N]
-    if HAS_RPB or not MASK_IN_DOTS:
-        m_col, o_rpbc = _col_taps(x, m_key, o_j, m_j, W, KW, dil_w, SHIFT)  # [M, N]
     # Column part of the rel bias: key columns of the tile lie in [j0, j0 + BLOCK_N) too,
     # so T[col tap(x, j), j] = A_col @ Band, A_col [M, N] the one-hot of each key's column
     # (fixed per program) and Band [N, N] (key column u, query column j) gathered from
@@ -228,41 +415,39 @@ def _key_bwd_kernel(
     # Row part likewise: A_row [M, RP] one-hot of each key's row in the tile (fixed per
     # program) @ Brow [RP, N] = T[rel row of tile row r for query row i, j] per query row.
     o_r = tl.arange(0, ROWS_P)
-    if PAIR_ONEHOT:  # on 4+ warps (wgmma): built in registers, A_row from (even, odd)
-        # slot pairs side by side (tl.join), whose layout's operand reads cost less in
-        # the loop than those of loaded one-hots (s4: 227 against 285 per row)
-        # A_col built as [N, M] and transposed: the default layout spreads a row-major
-        # [M, N] tile's rows over few threads, so each thread would split ~M/2 slots
-        # into (row, column); the transposed build splits ~2 slots per thread
-        b_acol = tl.trans(tl.where(o_u[:, None] == x[None, :], 1.0, 0.0).to(q_ptr.dtype.element_ty))
-        o_me = 2 * tl.arange(0, BLOCK_M // 2)
-        b_arow = tl.join(tl.where(o_r[:, None] == ((o_me * COLS_MAGIC) >> _MAGIC_SHIFT)[None, :],
-                                  1.0, 0.0),
-                         tl.where(o_r[:, None] == (((o_me + 1) * COLS_MAGIC) >> _MAGIC_SHIFT)[None, :],
-                                  1.0, 0.0))
-        b_arow = tl.trans(tl.reshape(b_arow, (ROWS_P, BLOCK_M)).to(q_ptr.dtype.element_ty))
-    else:  # rows of an identity table loaded per key slot: BLOCK_N (ROWS_P) contiguous
-        # elements move in 16-byte loads and stores to shared memory, where a compare and
-        # select per element stored 2 bytes at a time (slots whose column or row falls
-        # outside the table get a zero row)
-        o_xu = x - j0
-        b_acol = tl.load(eye_ptr + o_xu[:, None] * EYE + tl.arange(0, BLOCK_N)[None, :],
-                         mask=((o_xu >= 0) & (o_xu < BLOCK_N))[:, None], other=0.0)
-        b_arow = tl.load(eye_ptr + o_mr[:, None] * EYE + o_r[None, :],
-                         mask=(o_mr < ROWS_P)[:, None], other=0.0)
-    if DOT_F32:
-        b_acol = b_acol.to(tl.float32)
-        b_arow = b_arow.to(tl.float32)
-    du = o_u[:, None] - start_x[None, :]  # [N, N]
-    duc = tl.maximum(du, 0)
-    o_cu = duc // dil_w
-    m_band = (du >= 0) & (duc - o_cu * dil_w == 0) & (o_cu < KW)
+
+    # key pixels of the top part (the whole tile without HALVES), flattened
+    o_p = tl.arange(0, PART_M)
+    o_mr, y, x, m_key = _part_keys(o_p, 0, RH, y0, x0, H, W, COLS, COLS_MAGIC)
+    b_k, b_v, b_acol, b_arow, o_dkp = _part_operands(
+        k_ptr, v_ptr, eye_ptr, q_ptr, y, x, o_mr, m_key, o_d, m_d, o_kv0, o_vv0,
+        sk_h, sk_w, sk_d, sv_h, sv_w, sv_d, sdk_h, sdk_w, j0, o_u, o_r, 0, COLS_MAGIC, x0,
+        COLS, PART_M, BLOCK_N, ROWS_P, EYE, KV_I32, VEC, DOT_F32, PAIR_ONEHOT, COMBINED)
+    if HAS_RPB or not MASK_IN_DOTS:
+        m_col, o_rpbc = _col_taps(x, m_key, o_j, m_j, W, KW, dil_w, SHIFT)  # [M, N]
+    else:
+        m_col = m_key
+        o_rpbc = m_key
+    if HALVES:  # the bottom part's keys
+        o_mr2, y2, x2, m_key2 = _part_keys(o_p, RH, ROWS - RH, y0, x0, H, W, COLS, COLS_MAGIC)
+        b_k2, b_v2, b_acol2, b_arow2, o_dkp2 = _part_operands(
+            k_ptr, v_ptr, eye_ptr, q_ptr, y2, x2, o_mr2, m_key2, o_d, m_d, o_kv0, o_vv0,
+            sk_h, sk_w, sk_d, sv_h, sv_w, sv_d, sdk_h, sdk_w, j0, o_u, o_r, RH, COLS_MAGIC,
+            x0, COLS, PART_M, BLOCK_N, ROWS_P, EYE, KV_I32, VEC, DOT_F32, PAIR_ONEHOT,
+            COMBINED)
+        if HAS_RPB or not MASK_IN_DOTS:
+            m_col2, o_rpbc2 = _col_taps(x2, m_key2, o_j, m_j, W, KW, dil_w, SHIFT)
+        else:
+            m_col2 = m_key2
+            o_rpbc2 = m_key2
+
     # RelT row of each Band entry; pairs outside the window read T's last row, TMASK
     TMASK: tl.constexpr = TP - 1
-    if SHIFT:
-        o_band = tl.where(m_band, off_x[None, :] + o_cu + KW - 1 + TH, TMASK)
-    else:
-        o_band = tl.where(m_band, o_cu + TH, TMASK)
+    if COMBINED:  # the first COLS rows of B [N, N]: the tile's key columns x0 + t
+        m_bc, o_band = _band_index(x0 + tl.arange(0, BLOCK_N), start_x, off_x, KW, dil_w,
+                                   SHIFT, TH, TMASK)
+    else:  # Band [N, N]: key columns o_u
+        m_band, o_band = _band_index(o_u, start_x, off_x, KW, dil_w, SHIFT, TH, TMASK)
     # MASK_IN_DOTS: the window mask rides in the rel dots: T's row TMASK (RelT has zeros
     # there) starts as -1e30 in the T dot's accumulator, so Band and Brow carry the mask
     # (exp2 then gives exactly 0; padding slots and columns see zero q, dout and keys, so
@@ -310,62 +495,94 @@ def _key_bwd_kernel(
             b_relt = b_relt.to(tl.float32)
     if HAS_RPB:
         p_rpb0 = rpb_ptr + n64 * srp_n
+    else:
+        p_rpb0 = rpb_ptr
 
-    acc_dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc_dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_dk = tl.zeros([PART_M, BLOCK_D], dtype=tl.float32)
+    acc_dv = tl.zeros([PART_M, BLOCK_D], dtype=tl.float32)
+    if HALVES:
+        acc_dk2 = tl.zeros([PART_M, BLOCK_D], dtype=tl.float32)
+        acc_dv2 = tl.zeros([PART_M, BLOCK_D], dtype=tl.float32)
     # query rows whose windows may hold the tile's keys (the rows in between that only
     # dilation skips are tested by _row_is_live)
     i_lo = tl.maximum(y0 - HALO_H, 0)
     i_hi = tl.minimum(y0 + ROWS + HALO_H, H)
-    for i in range(i_lo, i_hi):
-        if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
-            i64 = i_lo.to(tl.int64) + (i - i_lo)  # (the interpreter iterates Python ints)
-            p_q = q_ptr + tl.multiple_of(o_q0 + i64 * sq_h, VEC)
-            b_q = tl.load(p_q + o_qjd, mask=m_jd, other=0.0)  # [N, D]
-            p_do = do_ptr + tl.multiple_of(o_do0 + i64 * sdo_h, VEC)
-            b_do = tl.load(p_do + o_dojd, mask=m_jd, other=0.0)  # [N, D]
-            b_lse, b_delta = _lse_delta(lse_ptr, delta_ptr, o_l0 + i64 * sl_h,
-                                        o_dl0 + i64 * sdl_h, o_jl, o_jdl, m_j)  # [N]
-            if DOT_F32:
-                b_q = b_q.to(tl.float32)
-                b_do = b_do.to(tl.float32)
-            m_row, o_unused, o_rpbr = _row_taps(y, i, H, KH, dil_h, SHIFT)  # [M]
-
-            b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N] -> [M, N]
-            if HAS_REL:
-                # [TP, D] @ [D, N], rounded to q's dtype before the gathers (half the bytes)
-                b_t = tl.dot(b_relt, tl.trans(b_q), b_tacc, input_precision="ieee")
-                b_t = b_t.to(b_relt.dtype)
-                b_band = tl.gather(b_t, o_band, 0)  # [N, N]
-                m_rr, o_rr, o_unused = _row_taps(y0 + o_r, i, H, KH, dil_h, SHIFT)  # [RP]
-                o_rr = tl.broadcast_to(tl.where(m_rr, o_rr, TMASK)[:, None], (ROWS_P, BLOCK_N))
-                b_brow = tl.gather(b_t, o_rr, 0)  # [RP, N]
-                b_s = tl.dot(b_acol, b_band, b_s, input_precision="ieee")  # [M, N] @ [N, N]
-                b_s = tl.dot(b_arow, b_brow, b_s, input_precision="ieee")  # [M, RP] @ [RP, N]
-            b_s = b_s * qk_scale - (b_lse * LOG2E)[None, :]
-            if HAS_RPB:
-                p_rpb = p_rpb0 + o_rpbr[:, None] * srp_h + o_rpbc * srp_w
-                m_win = m_col & m_row[:, None]  # [M, N]
-                b_s += tl.load(p_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
-            if MASK_IN_DOTS:
-                b_p = tl.exp2(b_s)  # P^T [M, N]
-            else:
-                b_p = tl.where(m_col & m_row[:, None], tl.exp2(b_s), 0.0)
-
-            b_pl = b_p.to(do_ptr.dtype.element_ty)
-            if DOT_F32:
-                b_pl = b_pl.to(tl.float32)
-            acc_dv += tl.dot(b_pl, b_do, input_precision="ieee")  # [M, N] @ [N, D] -> [M, D]
-            # dP^T - delta [M, N]: delta rides in the dot's accumulator (ptxas gives the
-            # tensor-core op a shared C operand), not a subtraction per score element
-            b_dacc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32) - b_delta[None, :]
-            b_dp = tl.dot(b_v, tl.trans(b_do), b_dacc, input_precision="ieee")  # [M, D] @ [D, N]
-            # dS^T [M, N]: zero outside the windows as P is (a NaN/inf there, 0 * inf,
-            # reaches the accumulators and sends the program through the slow pass)
-            b_dsl = (b_p * b_dp).to(q_ptr.dtype.element_ty)
-            if DOT_F32:
-                b_dsl = b_dsl.to(tl.float32)
-            acc_dk += tl.dot(b_dsl, b_q, input_precision="ieee")  # [M, N] @ [N, D] -> [M, D]
+    if HALVES:
+        # three walks: rows that can reach only the top part (above the tile), both parts,
+        # only the bottom part (below it); a query reaches keys at most HALO_H rows away,
+        # and a part outside a row's window adds nothing, so each walk's bounds only save
+        # work (the membership rule decides which pairs count)
+        i_mid = tl.minimum(tl.maximum(y0 + RH - HALO_H, i_lo), i_hi)
+        i_bot = tl.minimum(tl.maximum(y0 + RH + HALO_H, i_mid), i_hi)
+        for i in range(i_lo, i_mid):  # top part only
+            if _row_is_live(i, y0, RH, H, KH, dil_h, SHIFT):
+                b_q, b_do, b_lse, b_delta = _row_inputs(
+                    i, i_lo, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0,
+                    sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
+                    DOT_F32)
+                b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
+                b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H,
+                                          KH, dil_h, SHIFT, TMASK, ROWS_P, BLOCK_N,
+                                          HAS_REL, COMBINED)
+                acc_dk, acc_dv = _part_step(
+                    acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc,
+                    b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
+                    srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
+                    DOT_F32, COMBINED)
+        for i in range(i_mid, i_bot):  # both parts
+            if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
+                b_q, b_do, b_lse, b_delta = _row_inputs(
+                    i, i_mid, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0,
+                    sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
+                    DOT_F32)
+                b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
+                b_s2 = tl.dot(b_k2, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
+                b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H,
+                                          KH, dil_h, SHIFT, TMASK, ROWS_P, BLOCK_N,
+                                          HAS_REL, COMBINED)
+                acc_dk, acc_dv = _part_step(
+                    acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc,
+                    b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
+                    srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
+                    DOT_F32, COMBINED)
+                acc_dk2, acc_dv2 = _part_step(
+                    acc_dk2, acc_dv2, b_s2, b_v2, b_acol2, b_arow2, y2, m_col2, o_rpbc2,
+                    b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
+                    srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
+                    DOT_F32, COMBINED)
+        for i in range(i_bot, i_hi):  # bottom part only
+            if _row_is_live(i, y0 + RH, ROWS - RH, H, KH, dil_h, SHIFT):
+                b_q, b_do, b_lse, b_delta = _row_inputs(
+                    i, i_bot, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0,
+                    sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
+                    DOT_F32)
+                b_s2 = tl.dot(b_k2, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
+                b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H,
+                                          KH, dil_h, SHIFT, TMASK, ROWS_P, BLOCK_N,
+                                          HAS_REL, COMBINED)
+                acc_dk2, acc_dv2 = _part_step(
+                    acc_dk2, acc_dv2, b_s2, b_v2, b_acol2, b_arow2, y2, m_col2, o_rpbc2,
+                    b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
+                    srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
+                    DOT_F32, COMBINED)
+        b_sum = tl.sum(acc_dk) + tl.sum(acc_dk2)
+    else:
+        for i in range(i_lo, i_hi):
+            if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
+                b_q, b_do, b_lse, b_delta = _row_inputs(
+                    i, i_lo, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0,
+                    sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
+                    DOT_F32)
+                b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
+                b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H,
+                                          KH, dil_h, SHIFT, TMASK, ROWS_P, BLOCK_N,
+                                          HAS_REL, COMBINED)
+                acc_dk, acc_dv = _part_step(
+                    acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc,
+                    b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
+                    srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
+                    DOT_F32, COMBINED)
+        b_sum = tl.sum(acc_dk)
 
     # Rare slow pass: a non-finite value reached the accumulators. It may be a NaN/inf
     # that a dot spread over the tile from outside some pair's window: 0 * inf in the
@@ -380,18 +597,23 @@ def _key_bwd_kernel(
     # x * 0 is NaN exactly when x is not finite; the sum keeps a NaN and an inf (a sum
     # of finite values that overflows takes the slow pass too: exact there as well)
     # (one reduction over both axes: each thread's sum, then the warp's, instead of an
-    # axis-by-axis walk)
-    if tl.sum(acc_dk + acc_dv) * 0.0 != 0.0:
+    # axis-by-axis walk). dk alone is summed: a non-finite value that reaches dv (in P or
+    # dout) reaches dk too, through dS = P * (dP - delta) with dP = V dout^T (0 * inf
+    # and 0 * NaN are NaN, P being 0 outside the windows); only a finite dv that
+    # overflows stays out, and the slow pass would store the same inf there
+    if b_sum * 0.0 != 0.0:
         # the column window mask as a 0/1 count dot (exact): A_col @ [Band in window]; the
         # fast path with the mask in the rel dots has no m_col (padding key slots are
         # never stored)
+        if COMBINED:  # the fast path built B's column rows instead
+            m_band, o_band = _band_index(o_u, start_x, off_x, KW, dil_w, SHIFT, TH, TMASK)
         b_band01 = tl.where(m_band & m_j[None, :], 1.0, 0.0).to(tl.float16)  # [N, N]
         for m0 in range(0, BLOCK_M, SUB_M):
-            s_m = m0 + tl.arange(0, SUB_M)
-            s_mr = (s_m * COLS_MAGIC) >> _MAGIC_SHIFT
-            s_y = y0 + s_mr
-            s_x = x0 + s_m - s_mr * COLS
-            s_key = (s_m < ROWS * COLS) & (s_y < H) & (s_x < W)
+            s_h = m0 // PART_M  # the part (0 without HALVES) and its first tile row
+            s_r0 = s_h * RH
+            s_mr, s_y, s_x, s_key = _part_keys(m0 - s_h * PART_M + tl.arange(0, SUB_M), s_r0,
+                                               RH + s_h * (ROWS - 2 * RH), y0, x0, H, W,
+                                               COLS, COLS_MAGIC)
             s_kd = s_key[:, None] & m_d[None, :]
             s_y64 = s_y.to(tl.int64)
             s_x64 = s_x.to(tl.int64)
@@ -484,10 +706,12 @@ def _key_bwd_kernel(
             tl.store(dk_ptr + p_sd, (sacc_dk * scale).to(dk_ptr.dtype.element_ty), mask=s_kd)
             tl.store(dv_ptr + p_sd, sacc_dv.to(dv_ptr.dtype.element_ty), mask=s_kd)
     else:
-        o_dkm = tl.multiple_of(b64 * sdk_b + n64 * sdk_n + o_dkp, VEC)
-        p_d = o_dkm[:, None] + o_d[None, :] * sdk_d  # dk and dv: the same layout
-        tl.store(dk_ptr + p_d, (acc_dk * scale).to(dk_ptr.dtype.element_ty), mask=m_kd)
-        tl.store(dv_ptr + p_d, acc_dv.to(dv_ptr.dtype.element_ty), mask=m_kd)
+        o_dk0 = b64 * sdk_b + n64 * sdk_n
+        _part_store(dk_ptr, dv_ptr, acc_dk, acc_dv, o_dkp, m_key, o_d, m_d, o_dk0, sdk_d, scale,
+                    VEC)
+        if HALVES:
+            _part_store(dk_ptr, dv_ptr, acc_dk2, acc_dv2, o_dkp2, m_key2, o_d, m_d, o_dk0, sdk_d,
+                        scale, VEC)
 
 
 # ---------------------------------------------------------------- configs
@@ -613,6 +837,15 @@ def pixel_offsets_shared(strides, H: int, W: int) -> bool:
             and (H - 1) * abs(s_h) + (W - 1) * abs(s_w) < 2**31)
 
 
+def halves_fit(block_m: int, block_d: int, rows: int, cols: int) -> bool:
+    """Whether a tile of `rows` x `cols` keys runs as two parts of block_m / 2 slots (the
+    top ceil(rows / 2) rows, the bottom rest; each at least 16 slots, a tl.dot). Read
+    with the cost tool: the three query-row walks' extra set-up pays from 4 rows on
+    (2 rows: s3 +0.5 us); at d = 32 the parts spilled (s3: 24 bytes)."""
+    return (block_m >= 32 and block_d <= 16 and rows >= 4
+            and -(-rows // 2) * cols <= block_m // 2)
+
+
 # Triton before 3.8 fails to compile the float32 kernel for sm_90 (its layout-conversion
 # pass: "operand #0 does not dominate this use", seen with Triton 3.6 on the fp32 spec of
 # tests/test_rows_bwd_key_sm90.py); rows_bwd.supports then sends float32 to the "offsets"
@@ -664,6 +897,8 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
         launch["num_warps"] = min(8, max(4, 2 * launch.get("num_warps", 4)))
     grad_strides = contiguous_strides(q_shape)  # dk and dv
     tiles = triton.cdiv(H, rows) * n_seg
+    # read with the cost tool on 16-bit tensor-core launches (default: 4 warps)
+    pair_onehot = dtype != torch.float32 and launch.get("num_warps", 4) >= 4
     grid3 = tiles <= _GRID_YZ and B <= _GRID_YZ
     return launch_plan(
         _PARAMS,
@@ -687,15 +922,19 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
             KV_I32=pixel_offsets_shared((strides[1], strides[2], grad_strides), H, W),
             GRID3=grid3,
             SUB_M=min(bm, _SUB_M),
-            # read with the cost tool on 16-bit tensor-core launches (default: 4 warps)
-            PAIR_ONEHOT=dtype != torch.float32 and launch.get("num_warps", 4) >= 4,
+            PAIR_ONEHOT=pair_onehot,
             EYE=max(bn, 16, next_pow2(rows)),
+            HALVES=not pair_onehot and halves_fit(bm, head_block(d), rows, cols),
+            # read with the cost tool: s2 -64, det -85 instructions per program; with 32
+            # query columns (k11) the per-row index selects cost more than they save
+            COMBINED=not pair_onehot and bn == 16 and cols + rows <= bn,
             **launch,
         ),
     )
 
 
 _SUB_M = 16  # the slow pass's sub-tile (key slots)
+
 _GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
 _plans = plan_cache(_plan)
 _PARAMS = _key_bwd_kernel.arg_names  # read at import: a recorder may stand in later

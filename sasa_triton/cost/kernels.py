@@ -36,9 +36,12 @@ Mapping per kernel (what the trip counts stand for):
   branch, so counting all for every program is an upper bound).
 * `_key_bwd_kernel` (rows_bwd_key): [query rows i_lo <= i < i_hi], runtime bounds: the
   key tile's ROWS rows plus HALO_H on each side, clipped to the image (the mean over the
-  row blocks; rows that dilation skips count as full trips: an upper bound), then
-  [non-finite slow pass: key sub-tiles (0 trips, it runs only when a non-finite value
-  reached the accumulators) [the same query rows]].
+  row blocks; rows that dilation skips count as full trips: an upper bound); with
+  HALVES (the tile as a top and a bottom part) the same rows in three walks instead:
+  [rows reaching the top part only], [both parts], [the bottom part only] (their
+  rounded means add up to the one walk's); then [non-finite slow pass: key sub-tiles
+  (0 trips, it runs only when a non-finite value reached the accumulators) [the same
+  query rows]].
 * `_tile2d_bwd_query_kernel`, `_tile2d_bwd_key_kernel` (tile2d_bwd_query / _key):
   [window rows, a < KH] (columns are a tl.static_range, unrolled by the front end).
 * `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode;
@@ -146,10 +149,27 @@ def _reduce_tables(c: dict) -> list[LoopSpec]:
 def _key_bwd(c: dict) -> list[LoopSpec]:
     H, rows, halo = (c["sizes"][i] for i in (0, 3, 7))  # (H, W, HEADS, ROWS, ..., HALO_H, HALO_W)
     blocks = range(0, H, rows)
-    trips = sum(min(H, y0 + rows + halo) - max(0, y0 - halo) for y0 in blocks) / len(blocks)
-    return [LoopSpec("query rows i_lo<=i<i_hi", round(trips), exp2=True),
-            LoopSpec("non-finite slow pass: key sub-tiles (not taken)", 0, [
-                LoopSpec("slow pass: query rows", round(trips), exp2=True)], exp2=True)]
+    spans = [(max(0, y0 - halo), min(H, y0 + rows + halo), y0) for y0 in blocks]
+    trips = sum(hi - lo for lo, hi, _ in spans) / len(blocks)
+    slow = LoopSpec("non-finite slow pass: key sub-tiles (not taken)", 0, [
+        LoopSpec("slow pass: query rows", round(trips), exp2=True)], exp2=True)
+    if not c.get("HALVES"):
+        return [LoopSpec("query rows i_lo<=i<i_hi", round(trips), exp2=True), slow]
+    # HALVES: the walks over the rows reaching the top part only, both parts, the bottom
+    # part only (bounds as in the kernel: RH = ceil(rows / 2) rows on top)
+    rh = (rows + 1) // 2
+    walks = [0.0, 0.0, 0.0]
+    for lo, hi, y0 in spans:
+        mid = min(max(y0 + rh - halo, lo), hi)
+        bot = min(max(y0 + rh + halo, mid), hi)
+        for w, n in enumerate((mid - lo, bot - mid, hi - bot)):
+            walks[w] += n / len(blocks)
+    names = ("query rows, top part only", "query rows, both parts", "query rows, bottom part only")
+    # the walks' rounded trips add up to the rounded total (that of the one-walk kernel)
+    ends = [min(round(walks[0]), round(trips)), min(round(walks[0] + walks[1]), round(trips)),
+            round(trips)]
+    trips3 = [end - start for start, end in zip([0] + ends, ends)]
+    return [LoopSpec(name, n, exp2=True) for name, n in zip(names, trips3)] + [slow]
 
 
 def _image_bwd(c: dict) -> list[LoopSpec]:

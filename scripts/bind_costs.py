@@ -52,18 +52,7 @@ def _binder_time(fn, args, kwargs, reps: int) -> float:
         _, specialization, options = binder(*args, **kwargs)
         compute_cache_key(keys, specialization, options)
 
-    for _ in range(200):
-        once()
-    samples = []
-    gc.disable()
-    try:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            once()
-            samples.append(time.perf_counter() - t0)
-    finally:
-        gc.enable()
-    return statistics.median(samples) * 1e6
+    return _median_us(once, reps)
 
 
 def _kernel(folder: Path, name: str, params: str, decorator: str = "@triton.jit"):

@@ -112,6 +112,21 @@ def test_loop_table_matches_by_nesting():
     assert "no trip-count entry" in m.note
 
 
+def test_key_kernel_loops_with_one_slow_pass_sub_tile():
+    # rowsbwd's key kernel: 28 rows in blocks of 2 key rows, halo 3 (k 7); a 16-key tile
+    # is one slow-pass sub-tile, so the compiler drops that loop: two top-level loops
+    sizes = (28, 28, 1, 2, 8, 16, 16, 3, 3)  # (H, W, HEADS, ROWS, ..., HALO_H, HALO_W)
+    one = dict(sizes=sizes, BLOCK_M=16, SUB_M=16, HALVES=False)
+    m = kernels.match_loops("_key_bwd_kernel", one, [0, 0])
+    assert [(x.trips, x.iterations) for x in m.loops] == [(7, 7), (0, 0)] and not m.note
+    # 64 keys: four sub-tiles, the slow pass's query rows nested in their loop
+    four = dict(one, BLOCK_M=64)
+    m = kernels.match_loops("_key_bwd_kernel", four, [0, 0, 1])
+    assert [(x.trips, x.iterations) for x in m.loops] == [(7, 7), (0, 0), (7, 0)]
+    assert not m.note
+    assert "do not match" in kernels.match_loops("_key_bwd_kernel", one, [0, 0, 1]).note
+
+
 def test_model_floor_occupancy_and_bound():
     s1 = SUITES["resnet50"][0]
     assert model.io_floor_us(s1.B, s1.H, s1.W, s1.C, 2) == pytest.approx(17.36, abs=0.01)

@@ -41,11 +41,14 @@ Mapping per kernel (what the trip counts stand for):
   [rows reaching the top part only], [both parts], [the bottom part only] (their
   rounded means add up to the one walk's); then [non-finite slow pass: key sub-tiles
   (0 trips, it runs only when a non-finite value reached the accumulators) [the same
-  query rows]].
+  query rows]]; a tile of at most SUB_M keys is one sub-tile, and the compiler drops
+  that loop.
 * `_tile2d_bwd_query_kernel`, `_tile2d_bwd_key_kernel` (tile2d_bwd_query / _key):
   [window rows, a < KH] (columns are a tl.static_range, unrolled by the front end).
 * `_dq_kernel`, `_dkv_kernel`: [ty < TY [tx < TX]] (TY, TX = kh, kw; 2k-1 in shift mode;
   runtime arguments: KH, KW are constexpr since issue 11 but bound no loop).
+* `_image_fwd_kernel`: no loop (its non-finite v pass, a 0/1-trip loop in the source,
+  compiles to a branch).
 """
 from __future__ import annotations
 
@@ -151,8 +154,12 @@ def _key_bwd(c: dict) -> list[LoopSpec]:
     blocks = range(0, H, rows)
     spans = [(max(0, y0 - halo), min(H, y0 + rows + halo), y0) for y0 in blocks]
     trips = sum(hi - lo for lo, hi, _ in spans) / len(blocks)
-    slow = LoopSpec("non-finite slow pass: key sub-tiles (not taken)", 0, [
-        LoopSpec("slow pass: query rows", round(trips), exp2=True)], exp2=True)
+    slow_rows = LoopSpec("slow pass: query rows", round(trips), exp2=True)
+    if c["BLOCK_M"] <= c["SUB_M"]:  # one sub-tile: the compiler drops that loop (one trip)
+        slow = dataclasses.replace(slow_rows, trips=0)
+    else:
+        slow = LoopSpec("non-finite slow pass: key sub-tiles (not taken)", 0, [slow_rows],
+                        exp2=True)
     if not c.get("HALVES"):
         return [LoopSpec("query rows i_lo<=i<i_hi", round(trips), exp2=True), slow]
     # HALVES: the walks over the rows reaching the top part only, both parts, the bottom
@@ -184,6 +191,12 @@ def _image_bwd(c: dict) -> list[LoopSpec]:
             LoopSpec("dq channel chunks", chunks, unrollable=True)])])]
 
 
+def _image_fwd(c: dict) -> list[LoopSpec]:
+    # the image forward is straight-line code: its non-finite v pass is a 0/1-trip loop
+    # that the compiler turns into a branch (counted once, as straight-line code)
+    return []
+
+
 # kernel function name -> loops from the launch arguments (by parameter name)
 LOOPS: dict[str, Callable[[dict], list[LoopSpec]]] = {
     "_tiled_fwd_kernel": _tiled,
@@ -197,6 +210,7 @@ LOOPS: dict[str, Callable[[dict], list[LoopSpec]]] = {
     "_tile2d_bwd_query_kernel": _tile2d_bwd,
     "_tile2d_bwd_key_kernel": _tile2d_bwd,
     "_image_bwd_kernel": _image_bwd,
+    "_image_fwd_kernel": _image_fwd,
 }
 
 

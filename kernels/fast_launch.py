@@ -173,12 +173,16 @@ def _find_slot(kernel, plan, args: tuple, options: dict) -> Optional[_Slot]:
         if len(_SLOTS) >= MAX_PLANS:
             _SLOTS.clear()
         slot = _SLOTS[id(kernel), id(plan)] = _Slot(kernel, plan, args, lead)
-    if (slot.plan is not plan or slot.kernel is not kernel or len(args) != slot.n_args
-            or options != plan.options  # and the plan's own objects, not equal ones
-            or not all(map(operator.is_, args[slot.lead:slot.mid], plan.head))
-            or not all(map(operator.is_, args[slot.stop:], plan.tail))):
-        return None
-    return slot
+    return slot if _serves(slot, kernel, plan, args, options) else None
+
+
+def _serves(slot: _Slot, kernel, plan: LaunchPlan, args: tuple, options: dict) -> bool:
+    """Whether this call is the slot's launch: its kernel and plan, the plan's options, and
+    the plan's own head and tail objects (not equal ones) where the slot expects them."""
+    return (slot.plan is plan and slot.kernel is kernel and len(args) == slot.n_args
+            and options == plan.options
+            and all(map(operator.is_, args[slot.lead:slot.mid], plan.head))
+            and all(map(operator.is_, args[slot.stop:], plan.tail)))
 
 
 def _is_compiled(compiled) -> bool:
@@ -197,10 +201,7 @@ def launch_kernel(kernel, plan, /, *args, **options) -> Any:
     if not _ENABLED or type(plan) is not LaunchPlan:
         return kernel[plan if type(plan) is not LaunchPlan else plan.grid](*args, **options)
     slot = _SLOTS.get((id(kernel), id(plan)))
-    if (slot is None or slot.plan is not plan or slot.kernel is not kernel
-            or len(args) != slot.n_args or options != plan.options
-            or not all(map(operator.is_, args[slot.lead:slot.mid], plan.head))
-            or not all(map(operator.is_, args[slot.stop:], plan.tail))):
+    if slot is None or not _serves(slot, kernel, plan, args, options):
         if not isinstance(kernel, JITFunction):  # the interpreter's kernels, recorders
             return kernel[plan.grid](*args, **options)
         slot = _find_slot(kernel, plan, args, options)

@@ -89,6 +89,76 @@ def test_dynamic_counts_multiply_trip_counts():
     assert t.loops[1].mem == {"ldg.2B": 1}
 
 
+# A slow pass: an if (the BRA at 0x10 jumps over it) holding a 0-trip loop and
+# straight-line code before and after that loop.
+SLOW_PASS_SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/               @P0 BRA `(.L_x_9) ;
+        /*0020*/                   IMAD R2, R2, 0x2, RZ ;
+.L_x_1:
+        /*0030*/                   FFMA R1, R1, R2, R3 ;
+        /*0040*/               @P1 BRA `(.L_x_1) ;
+        /*0050*/                   IADD3 R2, R2, 0x1, RZ ;
+.L_x_9:
+        /*0060*/                   STG.E desc[UR4][R2.64], R1 ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_cold_if_body_runs_zero_times():
+    ins = sass.parse(SLOW_PASS_SASS)
+    loops = sass.find_loops(ins)
+    assert sass.guarded_regions(ins, loops) == [sass.Guarded(0x10, 0x60, (0,))]
+    # the loop is a slow pass (cold): the if's IMAD and IADD3 do not run either
+    t = tally(ins, loops, [kernels.MatchedLoop("slow pass", 0, 0, cold=True)])
+    assert sum(t.per_program.values()) == 4  # LDC, BRA, STG, EXIT
+    assert t.cold == {"int": 2} and sum(t.outside.values()) == 4
+    # a loop of 0 trips that is not marked cold: the if's straight-line code counts once
+    t = tally(ins, loops, [kernels.MatchedLoop("rows", 0, 0)])
+    assert sum(t.per_program.values()) == 6 and not t.cold
+    # entered from elsewhere (a jump to 0x50 before the if): not an if's body
+    entered = SLOW_PASS_SASS.replace("        /*0000*/                   LDC R1, c[0x0][0x28] ;",
+                                     "        /*0000*/                   BRA `(.L_x_5) ;")
+    entered = entered.replace("        /*0050*/", ".L_x_5:\n        /*0050*/")
+    ins = sass.parse(entered)
+    assert sass.guarded_regions(ins, sass.find_loops(ins)) == []
+    t = tally(ins, sass.find_loops(ins), [kernels.MatchedLoop("slow pass", 0, 0, cold=True)])
+    assert sum(t.per_program.values()) == 6 and not t.cold
+
+
+def test_only_the_innermost_if_around_a_slow_pass_is_cold():
+    # if (0x10 -> 0x80) { IMAD (runs); if (0x30 -> 0x70) { slow-pass loop } }
+    text = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/               @P0 BRA `(.L_x_8) ;
+        /*0020*/                   IMAD R2, R2, 0x2, RZ ;
+        /*0030*/               @P3 BRA `(.L_x_7) ;
+        /*0040*/                   IADD3 R2, R2, 0x1, RZ ;
+.L_x_1:
+        /*0050*/                   FFMA R1, R1, R2, R3 ;
+        /*0060*/               @P1 BRA `(.L_x_1) ;
+.L_x_7:
+        /*0070*/                   IMAD R2, R2, 0x3, RZ ;
+.L_x_8:
+        /*0080*/                   STG.E desc[UR4][R2.64], R1 ;
+        /*0090*/                   EXIT ;
+"""
+    ins = sass.parse(text)
+    loops = sass.find_loops(ins)
+    assert [(g.branch, g.target) for g in sass.guarded_regions(ins, loops)] == [
+        (0x10, 0x80), (0x30, 0x70)]
+    t = tally(ins, loops, [kernels.MatchedLoop("slow pass", 0, 0, cold=True)])
+    assert t.cold == {"int": 1}  # the inner if's IADD3 only
+    assert sum(t.per_program.values()) == 7  # LDC, BRA, IMAD, BRA, IMAD, STG, EXIT
+
+
+def test_slow_pass_loops_are_cold():
+    rows = dict(sizes=(28, 28, 8, 16), dil=(1, 1), BLOCK_M=32, BLOCK_W=8, KH=7, PADDING=0,
+                CLIP=True, SPARE=False, PAIR=False)
+    m = kernels.match_loops("_rows_fwd_kernel", rows, [0, 0, 1], [True, True, True])
+    assert [x.cold for x in m.loops] == [False, True, True] and not m.note
+
+
 def test_loop_table_matches_by_nesting():
     tiled = dict(HAS_REL=True, KW=7, KH=7, BLOCK_H=1, PADDING=0)
     m = kernels.match_loops("_tiled_fwd_kernel", tiled, [0, 0, 0], [False, True, True])

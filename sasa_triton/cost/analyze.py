@@ -4,7 +4,10 @@ dynamic instruction totals and traffic.
 Counting rules (per program; a SASS instruction issues once per warp):
 * an instruction inside loops runs `iterations` times (kernels.match_loops: the product
   of the trip counts of its loop and the loops around it); code outside loops runs once,
-  whichever branch of an if it is on (an upper bound for rarely taken paths);
+  whichever branch of an if it is on (an upper bound for rarely taken paths), except the
+  body of an if that holds only cold loops (a non-finite slow pass: kernels.LoopSpec.cold):
+  that if is not entered on finite input, so its straight-line code runs 0 times too
+  (`cold`; sass.guarded_regions finds the bodies);
 * dynamic warp instructions of a launch = sum over instructions x warps x programs;
 * L2 <-> SM bytes = dynamic global loads/stores x 32 lanes x access width (an upper bound:
   masked-off lanes and lanes sharing an address are counted);
@@ -54,6 +57,8 @@ class LaunchReport:
     stg_bytes_per_program: float
     hbm_bytes: int
     note: str
+    # static straight-line instructions of cold ifs (run 0 times), by class
+    cold: Counter = dataclasses.field(default_factory=Counter)
 
     @property
     def warp_instructions_per_program(self) -> float:
@@ -85,9 +90,24 @@ class Tally:
     loops: list[LoopReport]
     outside: Counter
     outside_mem: Counter
+    cold: Counter  # straight-line code of the bodies of cold ifs: not run on finite input
     per_program: Counter  # dynamic instructions per warp per program, by class
     ldg_bytes_per_warp: float
     stg_bytes_per_warp: float
+
+
+def _cold_ifs(regions: list[sass.Guarded], matched: list[kernels.MatchedLoop]) -> list:
+    """Per cold loop, the innermost if around it, where that if holds only cold loops: on
+    finite input it is not entered. (Innermost, since an outer if may hold other code
+    that runs; where a cold loop has a guard of its own, only that guard's body counts.)"""
+    out = []
+    for i, m in enumerate(matched):
+        around = [g for g in regions if i in g.loops]
+        if m.cold and around:
+            g = min(around, key=lambda g: g.target - g.branch)
+            if all(matched[j].cold for j in g.loops) and g not in out:
+                out.append(g)
+    return out
 
 
 def tally(instructions: list[sass.Instruction], loops: list[sass.Loop],
@@ -95,11 +115,16 @@ def tally(instructions: list[sass.Instruction], loops: list[sass.Loop],
     """Static counts per loop and dynamic counts per warp and program (the rules above)."""
     reports = [LoopReport(i, lp.depth, lp.start, lp.end, m.name, m.trips, m.iterations,
                           Counter(), Counter()) for i, (lp, m) in enumerate(zip(loops, matched))]
-    result = Tally(reports, Counter(), Counter(), Counter(), 0.0, 0.0)
+    result = Tally(reports, Counter(), Counter(), Counter(), Counter(), 0.0, 0.0)
+    cold_ifs = _cold_ifs(sass.guarded_regions(instructions, loops), matched)
     for ins in instructions:
         cls = classes.instruction_class(ins.opcode)
         width = classes.access_bytes(ins.opcode)
         where = sass.innermost_loop(loops, ins.address)
+        if (where is None or not matched[where].cold) and any(
+                g.contains(ins.address) for g in cold_ifs):
+            result.cold[cls] += 1  # the body of an if entered only on non-finite input
+            continue
         if where is None:
             body, mem, times = result.outside, result.outside_mem, 1
         else:
@@ -133,7 +158,7 @@ def analyze(launch: Launch, arch: int = 90) -> LaunchReport:
         num_stages=meta.num_stages, regs=usage["regs"],
         spill_bytes=usage["local"] + usage["stack"], shared=meta.shared,
         static_instructions=len(instructions), loops=t.loops, outside=t.outside,
-        outside_mem=t.outside_mem, per_program=t.per_program,
+        outside_mem=t.outside_mem, cold=t.cold, per_program=t.per_program,
         ldg_bytes_per_program=t.ldg_bytes_per_warp * warps,
         stg_bytes_per_program=t.stg_bytes_per_warp * warps,
         hbm_bytes=unique_tensor_bytes(list(launch.args) + list(launch.kwargs.values())),

@@ -11,7 +11,9 @@ first, and any loop of one trip), its code then counting as straight-line code o
 parent; a loop of 0 trips (a rarely taken path) is compiled like any other. Among the
 readings that fit, the one unrolling the fewest loops, earliest in this list first, is
 taken; when readings disagree on trip counts, or none fits, the output says so (with no
-fit, every loop counts once: a lower bound).
+fit, every loop counts once: a lower bound). The non-finite slow passes are marked `cold`:
+the straight-line code of a branch that guards only cold loops does not run either
+(analyze.tally).
 
 Mapping per kernel (what the trip counts stand for):
 * `_tiled_fwd_kernel`: [rel column parts, c < KW (only with HAS_REL)],
@@ -65,6 +67,9 @@ class LoopSpec:
     children: list[LoopSpec] = dataclasses.field(default_factory=list)
     unrollable: bool = False  # constexpr bound: the compiler may unroll it completely
     exp2: Optional[bool] = None  # its body holds an exp2 (None: either)
+    # a path that runs only on non-finite input (a slow pass, 0 trips), with its nested
+    # loops: the straight-line code of a branch that guards nothing else is skipped too
+    cold: bool = False
 
 
 def _tiled(c: dict) -> list[LoopSpec]:
@@ -74,7 +79,8 @@ def _tiled(c: dict) -> list[LoopSpec]:
     # zeros/shift: a_lo, a_hi = 0, KH (constexpr); mask: clipped at run time, KH at most
     unroll = c["PADDING"] != 1
     body.append(LoopSpec("window rows a<KH", c["KH"], unrollable=unroll, exp2=True))
-    body.append(LoopSpec("NaN slow pass (not taken)", 0, unrollable=unroll, exp2=True))
+    body.append(LoopSpec("NaN slow pass (not taken)", 0, unrollable=unroll, exp2=True,
+                         cold=True))
     if c["BLOCK_H"] > 1:
         return [LoopSpec("query rows r<BLOCK_H", c["BLOCK_H"], body, unrollable=True)]
     return body
@@ -108,7 +114,8 @@ def _rows(c: dict) -> list[LoopSpec]:
     slow_rows = LoopSpec("key rows walked again", trips, exp2=True)
     return [LoopSpec("key rows walked u_lo<=u<u_hi" + (" (pairs)" if pairs else ""),
                      mean_steps(2) if pairs else trips, exp2=True),
-            LoopSpec("NaN slow pass (0 trips: not taken)", 0, [slow_rows], exp2=True)]
+            LoopSpec("NaN slow pass (0 trips: not taken)", 0, [slow_rows], exp2=True,
+                     cold=True)]
 
 
 def _offsets(c: dict) -> list[LoopSpec]:  # TY, TX are runtime arguments: never unrolled
@@ -125,13 +132,14 @@ def _rows_bwd_query(c: dict) -> list[LoopSpec]:
                          exp2=True)
     # 16 queries a block: the compiler drops the block loop of a 16-query tile (one trip)
     if c["BLOCK_H"] * c["BLOCK_W"] <= 16:
-        slow = dataclasses.replace(slow_rows, trips=0)
+        slow = dataclasses.replace(slow_rows, trips=0, cold=True)
     else:
-        slow = LoopSpec("slow pass: query blocks (not taken)", 0, [slow_rows], exp2=True)
+        slow = LoopSpec("slow pass: query blocks (not taken)", 0, [slow_rows], exp2=True,
+                        cold=True)
     return [LoopSpec("key rows (window union)", rows, exp2=True),
-            LoopSpec("slow pass: split-off loop (not taken)", 0, unrollable=True),
+            LoopSpec("slow pass: split-off loop (not taken)", 0, unrollable=True, cold=True),
             slow,
-            LoopSpec("slow pass: split-off loop (not taken)", 0, unrollable=True)]
+            LoopSpec("slow pass: split-off loop (not taken)", 0, unrollable=True, cold=True)]
 
 
 def _reduce_tables(c: dict) -> list[LoopSpec]:
@@ -156,10 +164,10 @@ def _key_bwd(c: dict) -> list[LoopSpec]:
     trips = sum(hi - lo for lo, hi, _ in spans) / len(blocks)
     slow_rows = LoopSpec("slow pass: query rows", round(trips), exp2=True)
     if c["BLOCK_M"] <= c["SUB_M"]:  # one sub-tile: the compiler drops that loop (one trip)
-        slow = dataclasses.replace(slow_rows, trips=0)
+        slow = dataclasses.replace(slow_rows, trips=0, cold=True)
     else:
         slow = LoopSpec("non-finite slow pass: key sub-tiles (not taken)", 0, [slow_rows],
-                        exp2=True)
+                        exp2=True, cold=True)
     if not c.get("HALVES"):
         return [LoopSpec("query rows i_lo<=i<i_hi", round(trips), exp2=True), slow]
     # HALVES: the walks over the rows reaching the top part only, both parts, the bottom
@@ -188,7 +196,7 @@ def _image_bwd(c: dict) -> list[LoopSpec]:
     return [LoopSpec("slow pass: passes (0 trips unless flagged)", 0, [
         LoopSpec("queries", H * W, [
             LoopSpec("logit channel chunks", chunks, unrollable=True),
-            LoopSpec("dq channel chunks", chunks, unrollable=True)])])]
+            LoopSpec("dq channel chunks", chunks, unrollable=True)])], cold=True)]
 
 
 def _image_fwd(c: dict) -> list[LoopSpec]:
@@ -219,6 +227,7 @@ class MatchedLoop:
     name: str
     trips: int
     iterations: int  # per program: product of the trips of it and its enclosing loops
+    cold: bool = False  # a slow-pass loop or inside one (LoopSpec.cold)
 
 
 @dataclasses.dataclass
@@ -280,7 +289,8 @@ def match_loops(kernel: str, arguments: dict, depths: list[int],
         expected = [(s.name, d) for s, d, _ in _flatten(specs, set())]
         return LoopMatch(fallback, f"{kernel}: SASS loops (depths {depths}, exp2 {exp2}) do "
                                    f"not match the kernel table {expected}; loops counted once")
-    chosen = [MatchedLoop(s.name, s.trips, it) for s, _, it in readings[0]]
+    cold = {id(s) for top in _all(specs) if top.cold for s in _all([top])}
+    chosen = [MatchedLoop(s.name, s.trips, it, id(s) in cold) for s, _, it in readings[0]]
     iterations = [m.iterations for m in chosen]
     others = [r for r in readings[1:] if [it for _, _, it in r] != iterations]
     note = ""

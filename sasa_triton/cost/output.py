@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 from . import classes, model
@@ -71,6 +72,9 @@ def loop_rows(cases: list[CaseCost]) -> list[dict]:
                 continue
             seen.add(key)
             regions = [("outside loops", 0, "", "", "-", 1, 1, r.outside, r.outside_mem)]
+            if r.cold:
+                regions.append(("cold ifs", 0, "", "", "body of an if entered only on "
+                                "non-finite input (slow pass)", 0, 0, r.cold, Counter()))
             regions += [(f"loop {lp.index}", lp.depth, f"{lp.start:#06x}", f"{lp.end:#06x}",
                          lp.name, lp.trips, lp.iterations, lp.body, lp.mem) for lp in r.loops]
             for region, depth, start, end, name, trips, iterations, body, mem in regions:

@@ -2,9 +2,11 @@
 
 The disassembler is the nvdisasm that ships with Triton's NVIDIA backend. A loop is a
 backward branch (a BRA whose target lies at or before it): its body is [target, branch].
-Loops nest by address range. Only the kernel's main region is kept: code after the
-first subroutine label (`$__internal_...`, e.g. 64-bit division slow paths reached by
-CALL) and the trailing `BRA self` / NOP padding are left out.
+Loops nest by address range. A guarded region is the body of an if: the code a forward
+conditional branch jumps over, entered only through that branch. Only the kernel's main
+region is kept: code after the first subroutine label (`$__internal_...`, e.g. 64-bit
+division slow paths reached by CALL) and the trailing `BRA self` / NOP padding are left
+out.
 """
 from __future__ import annotations
 
@@ -137,6 +139,37 @@ def find_loops(instructions: list[Instruction]) -> list[Loop]:
             loop.parent = enclosing[-1]  # the innermost: the latest start before ours
             loop.depth = loops[loop.parent].depth + 1
     return loops
+
+
+@dataclasses.dataclass(frozen=True)
+class Guarded:
+    """The code a forward conditional branch jumps over: addresses strictly between the
+    branch and its target, entered only by falling through the branch."""
+    branch: int
+    target: int
+    loops: tuple[int, ...]  # indices of the loops wholly inside
+
+    def contains(self, address: int) -> bool:
+        return self.branch < address < self.target
+
+
+def guarded_regions(instructions: list[Instruction], loops: list[Loop]) -> list[Guarded]:
+    """Every region skipped by a predicated forward BRA that no other branch enters and no
+    loop crosses (an if's body), with the loops inside it."""
+    regions = []
+    branches = [(i.address, i.target) for i in instructions if i.target is not None]
+    for ins in instructions:
+        if not (ins.base == "BRA" and ins.predicated and ins.target is not None
+                and ins.target > ins.address):
+            continue
+        lo, hi = ins.address, ins.target
+        if any((lo < lp.start < hi) != (lo < lp.end < hi) for lp in loops):
+            continue  # a loop crosses the region's edge
+        if any(lo < target < hi and not lo <= address < hi for address, target in branches):
+            continue  # entered from elsewhere
+        held = tuple(i for i, lp in enumerate(loops) if lo < lp.start < hi)
+        regions.append(Guarded(lo, hi, held))
+    return regions
 
 
 def innermost_loop(loops: list[Loop], address: int) -> int | None:

@@ -7,7 +7,11 @@ calls with the same fast key make exactly the driver call `JITFunction.run` make
 (`kernel.run(grid_0, grid_1, grid_2, stream, function, packed_metadata, launch_metadata,
 enter_hook, exit_hook, *args)`, identical in Triton 3.6 and 3.9), skipping the binder and
 the cache key, about 10 us per launch. The current device and stream are read on every
-call, so torch streams and CUDA-graph capture see the launch as they see Triton's.
+call, so torch streams and CUDA-graph capture see the launch as they see Triton's. While
+Triton's launch hooks are its default empty chains (no profiler has added one), the hooks
+and the launch metadata (which only hooks read) go as None: the compiled launcher then
+calls no Python hook, and the call does the same. The compiled kernel's `run`,
+`function` and `packed_metadata` are read once, after its first launch.
 
 The fast key determines Triton's specialisation. A LaunchPlan is cached per call key, so
 its ints and constexprs (`head`, `tail`, `options`) are fixed: the key is the kernel and
@@ -220,9 +224,9 @@ def _silent(hook) -> bool:
 def launch_kernel(kernel, plan, /, *args, **options) -> Any:
     """`kernel[plan.grid](*args, **options)`; repeat launches of a LaunchPlan skip
     Triton's binder (module docstring). Returns what Triton's launch returns."""
-    # a slot exists only while enabled (`configure` forgets them) and holds its kernel and
-    # plan, so their ids in the key are theirs
-    slot = _SLOTS.get((id(kernel), id(plan)))
+    # a slot holds its kernel and plan, so the ids in its key are theirs; the tests below
+    # are `_serves`'s, written out (one call less)
+    slot = _SLOTS.get((id(kernel), id(plan))) if _ENABLED else None
     if (slot is None or len(args) != slot.n_args or options != slot.options
             or not all(map(_IS, args[slot.lead:slot.mid], slot.head))
             or not all(map(_IS, args[slot.stop:], slot.tail))):

@@ -7,7 +7,11 @@ calls with the same fast key make exactly the driver call `JITFunction.run` make
 (`kernel.run(grid_0, grid_1, grid_2, stream, function, packed_metadata, launch_metadata,
 enter_hook, exit_hook, *args)`, identical in Triton 3.6 and 3.9), skipping the binder and
 the cache key, about 10 us per launch. The current device and stream are read on every
-call, so torch streams and CUDA-graph capture see the launch as they see Triton's.
+call, so torch streams and CUDA-graph capture see the launch as they see Triton's. While
+Triton's launch hooks are its default empty chains (no profiler has added one), the hooks
+and the launch metadata (which only hooks read) go as None: the compiled launcher then
+calls no Python hook, and the call does the same. The compiled kernel's `run`,
+`function` and `packed_metadata` are read once, after its first launch.
 
 The fast key determines Triton's specialisation. A LaunchPlan is cached per call key, so
 its ints and constexprs (`head`, `tail`, `options`) are fixed: the key is the kernel and
@@ -27,10 +31,11 @@ from __future__ import annotations
 import operator
 import os
 from math import gcd
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from triton import knobs
+from triton.knobs import HookChain
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
@@ -46,6 +51,7 @@ _TENSOR_TYPES = frozenset(_TENSORS)
 _INT_TYPES = frozenset((int,))
 _DTYPE, _DATA_PTR = operator.attrgetter("dtype"), torch.Tensor.data_ptr
 _TAG = object()  # marks a `_value_key` entry of `fast_key`
+_IS = operator.is_
 
 
 def _env_enabled() -> bool:
@@ -75,10 +81,10 @@ def enabled() -> bool:
 
 
 class _Slot:
-    """One (kernel, plan): where the per-call arguments sit, and a compiled kernel per
-    per-call key."""
+    """One (kernel, plan): where the per-call arguments sit, what the fixed ones must be
+    (the plan's own objects), and per per-call key what to launch (`_Kept`)."""
     __slots__ = ("kernel", "plan", "n_args", "lead", "mid", "stop", "tensors", "others",
-                 "grid", "compiled")
+                 "head", "tail", "options", "grid", "compiled")
 
     def __init__(self, kernel, plan: LaunchPlan, args: tuple, lead: int):
         self.kernel, self.plan, self.n_args, self.lead = kernel, plan, len(args), lead
@@ -89,9 +95,19 @@ class _Slot:
         # reads them with C-level maps) and everything else
         self.tensors = _getter([i for i in per_call if isinstance(args[i], torch.Tensor)])
         self.others = _getter([i for i in per_call if not isinstance(args[i], torch.Tensor)])
+        self.head, self.tail, self.options = plan.head, plan.tail, plan.options
         grid = plan.grid
         self.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-        self.compiled: dict = {}
+        self.compiled: dict = {}  # fast key -> _Kept
+
+
+class _Kept(NamedTuple):
+    """A compiled kernel and what a launch reads of it, read once (after its first launch
+    through Triton: its handles are loaded, `run` no longer changes)."""
+    compiled: Any
+    run: Callable
+    function: Any
+    packed_metadata: Any
 
 
 def _getter(positions: list) -> Callable[[tuple], tuple]:
@@ -180,9 +196,14 @@ def _serves(slot: _Slot, kernel, plan: LaunchPlan, args: tuple, options: dict) -
     """Whether this call is the slot's launch: its kernel and plan, the plan's options, and
     the plan's own head and tail objects (not equal ones) where the slot expects them."""
     return (slot.plan is plan and slot.kernel is kernel and len(args) == slot.n_args
-            and options == plan.options
-            and all(map(operator.is_, args[slot.lead:slot.mid], plan.head))
-            and all(map(operator.is_, args[slot.stop:], plan.tail)))
+            and options == slot.options and _fixed_are_the_plans(slot, args))
+
+
+def _fixed_are_the_plans(slot: _Slot, args: tuple) -> bool:
+    """The plan's own head and tail objects (identity: an equal value of another type,
+    True for 1, would specialise differently) where the slot expects them."""
+    return (all(map(_IS, args[slot.lead:slot.mid], slot.head))
+            and all(map(_IS, args[slot.stop:], slot.tail)))
 
 
 def _is_compiled(compiled) -> bool:
@@ -195,18 +216,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
+def _silent(hook) -> bool:
+    """A launch hook that would do nothing: None or an empty HookChain (Triton's default)."""
+    return hook is None or (type(hook) is HookChain and not hook.calls)
+
+
 def launch_kernel(kernel, plan, /, *args, **options) -> Any:
     """`kernel[plan.grid](*args, **options)`; repeat launches of a LaunchPlan skip
     Triton's binder (module docstring). Returns what Triton's launch returns."""
-    if not _ENABLED or type(plan) is not LaunchPlan:
-        return kernel[plan if type(plan) is not LaunchPlan else plan.grid](*args, **options)
-    slot = _SLOTS.get((id(kernel), id(plan)))
-    if slot is None or not _serves(slot, kernel, plan, args, options):
-        if not isinstance(kernel, JITFunction):  # the interpreter's kernels, recorders
-            return kernel[plan.grid](*args, **options)
-        slot = _find_slot(kernel, plan, args, options)
-        if slot is None:
-            return kernel[plan.grid](*args, **options)
+    # a slot holds its kernel and plan, so the ids in its key are theirs; the tests below
+    # are `_serves`'s, written out (one call less)
+    slot = _SLOTS.get((id(kernel), id(plan))) if _ENABLED else None
+    if (slot is None or len(args) != slot.n_args or options != slot.options
+            or not all(map(_IS, args[slot.lead:slot.mid], slot.head))
+            or not all(map(_IS, args[slot.stop:], slot.tail))):
+        return _launch_first(kernel, plan, args, options)
     if kernel.pre_run_hooks or (_HAS_STAGES_HOOK
                                 and _RUNTIME.add_stages_inspection_hook is not None):
         return kernel[plan.grid](*args, **options)
@@ -214,23 +238,53 @@ def launch_kernel(kernel, plan, /, *args, **options) -> Any:
     device = active.get_current_device()
     try:
         key = fast_key(slot, args, device)
-        compiled = slot.compiled.get(key)
+        kept = slot.compiled.get(key)
     except TypeError:  # an unhashable argument: Triton's path
         return kernel[plan.grid](*args, **options)
-    if compiled is None:
-        compiled = kernel[plan.grid](*args, **options)
-        if _is_compiled(compiled) and not _interpreting():
-            slot.compiled[key] = compiled
-        return compiled
+    if kept is None:
+        return _keep(slot, key, kernel[plan.grid](*args, **options))
     if kernel.used_global_vals:
         for (name, _), (value, globals_dict) in kernel.used_global_vals.items():
             if globals_dict.get(name, _MISSING) != value:  # changed since compiled:
                 return kernel[plan.grid](*args, **options)  # JITFunction.run raises
     stream = active.get_current_stream(device)
-    grid = plan.grid
-    launch_metadata = compiled.launch_metadata(grid, stream, *args)
-    compiled.run(*slot.grid, stream, compiled.function, compiled.packed_metadata,
-                 launch_metadata, _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook, *args)
+    enter, leave = _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook
+    if _silent(enter) and _silent(leave):  # hooks that would do nothing: none, and no
+        kept.run(*slot.grid, stream, kept.function, kept.packed_metadata,  # metadata
+                 None, None, None, *args)
+    else:
+        kept.run(*slot.grid, stream, kept.function, kept.packed_metadata,
+                 kept.compiled.launch_metadata(plan.grid, stream, *args), enter, leave, *args)
+    return kept.compiled
+
+
+def _launch_first(kernel, plan, args: tuple, options: dict) -> Any:
+    """A launch with no slot serving it yet: Triton's path, keeping the compiled kernel
+    where the fast path applies (the next such launch takes it)."""
+    if not _ENABLED or type(plan) is not LaunchPlan:
+        return kernel[plan if type(plan) is not LaunchPlan else plan.grid](*args, **options)
+    if not isinstance(kernel, JITFunction):  # the interpreter's kernels, recorders
+        return kernel[plan.grid](*args, **options)
+    slot = _find_slot(kernel, plan, args, options)
+    if slot is None or kernel.pre_run_hooks or (
+            _HAS_STAGES_HOOK and _RUNTIME.add_stages_inspection_hook is not None):
+        return kernel[plan.grid](*args, **options)
+    try:
+        key = fast_key(slot, args, driver.active.get_current_device())
+        hash(key)
+    except TypeError:  # an unhashable argument: Triton's path
+        return kernel[plan.grid](*args, **options)
+    return _keep(slot, key, kernel[plan.grid](*args, **options))
+
+
+def _keep(slot: _Slot, key: tuple, compiled) -> Any:
+    """Keeps what Triton's launch returned for `key` (a real compiled kernel, not while
+    interpreting); returns it."""
+    if _is_compiled(compiled) and not _interpreting():
+        if len(slot.compiled) >= MAX_PLANS:
+            slot.compiled.clear()
+        slot.compiled[key] = _Kept(compiled, compiled.run, compiled.function,
+                                   compiled.packed_metadata)
     return compiled
 
 

@@ -16,6 +16,7 @@ import triton.language as tl
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend  # import it while interpreting
+from triton.knobs import HookChain
 from triton.runtime.jit import JITFunction
 
 from sasa_triton.kernels import fast_launch
@@ -176,23 +177,38 @@ def _toy_launch(plan, a, b, n=7):
 
 
 def test_repeat_launch_passes_exactly_runs_arguments(fake_triton):
+    """With a launch hook set, the repeat launch passes exactly run()'s arguments; with
+    Triton's default hooks (empty chains, which would do nothing) it passes None for them
+    and for the launch metadata, which only hooks read."""
     calls, compiled, driver = fake_triton
     plan = _plan()
     a, b = torch.empty(8), torch.empty(8)
     assert _toy_launch(plan, a, b) is compiled and len(calls) == 1  # Triton's path
     args, grid, kwargs = calls[0]
     assert grid == plan.grid and kwargs == plan.options
+    enter = knobs.runtime.launch_enter_hook
+    assert isinstance(enter, HookChain) and not enter.calls  # Triton's default: no hook
     assert _toy_launch(plan, a, b) is compiled and len(calls) == 1  # the fast path
     (launched,) = compiled.launches
     stream = driver.stream + driver.device
     assert launched == (3, 2, 1, stream, compiled.function, compiled.packed_metadata,
-                        ("metadata", 1), knobs.runtime.launch_enter_hook,
-                        knobs.runtime.launch_exit_hook, *args)
+                        None, None, None, *args)
     assert len(launched) - 9 == len(PARAMS)  # every argument, constexprs included
+    assert not compiled.metadata_calls
+    seen = []
+    enter.add(seen.append)  # a hook (a profiler's): run()'s own arguments again
+    try:
+        _toy_launch(plan, a, b)
+    finally:
+        enter.remove(seen.append)
+    assert compiled.launches[-1] == (3, 2, 1, stream, compiled.function,
+                                     compiled.packed_metadata, ("metadata", 1), enter,
+                                     knobs.runtime.launch_exit_hook, *args)
     assert compiled.metadata_calls == [(plan.grid, stream, args)]
     driver.stream = 99  # the stream (and device) are read on every call
     _toy_launch(plan, a, b)
     assert compiled.launches[-1][3] == 99 + driver.device and len(calls) == 1
+    assert compiled.launches[-1][6:9] == (None, None, None)
 
 
 def test_a_new_specialisation_goes_through_triton(fake_triton):

@@ -126,6 +126,14 @@ def _unravel(pid, HEADS, N_COL, N_ROW, divs):
 
 
 @triton.jit
+def _split(a, dtype: tl.constexpr):
+    """(hi, lo): a float32 `a` as a high and a low half-precision part (~16 significant
+    bits; hi + lo == a up to lo's rounding)."""
+    a_hi = a.to(dtype)
+    return a_hi, (a - a_hi.to(tl.float32)).to(dtype)
+
+
+@triton.jit
 def _table_dot(a, b, HALF: tl.constexpr):
     """a @ b for a float32 `a` (dS sums) and a table / query tile `b` already in the
     dot dtype: with HALF, `a` is split into a high and a low half-precision part (two
@@ -245,9 +253,24 @@ def _grads_pass(
             b_gcol = tl.gather(b_gacc, o_xw, axis=1)  # [M, TX_PAD]
         else:
             b_gcol = tl.where(m_xt, tl.gather(b_gacc, o_xt, axis=1), 0.0)
-        b_acc += _table_dot(b_grow, b_relh, TABLE_HALF)  # [M, TYP] @ [TYP, D] -> [M, D]
-        b_acc += _table_dot(b_gcol, b_relw, TABLE_HALF)  # [M, TXP] @ [TXP, D] -> [M, D]
-        if TABLES_T:  # transposed: q^T as the first operand, one transpose instead of four
+        if TABLE_HALF:  # (so HALF too) one hi/lo split of each G serves its two products
+            gr_hi, gr_lo = _split(b_grow, b_q.dtype)
+            gc_hi, gc_lo = _split(b_gcol, b_q.dtype)
+            b_acc = tl.dot(gr_lo, b_relh, tl.dot(gr_hi, b_relh, b_acc))  # [M, D]
+            b_acc = tl.dot(gc_lo, b_relw, tl.dot(gc_hi, b_relw, b_acc))
+            if TABLES_T:
+                b_qt = tl.trans(b_q)
+                b_ph = tl.dot(b_qt, gr_lo, tl.dot(b_qt, gr_hi)) * scale  # [D, TYP]
+                b_pw = tl.dot(b_qt, gc_lo, tl.dot(b_qt, gc_hi)) * scale  # [D, TXP]
+            else:
+                b_ph = tl.dot(tl.trans(gr_lo), b_q, tl.dot(tl.trans(gr_hi), b_q)) * scale
+                b_pw = tl.dot(tl.trans(gc_lo), b_q, tl.dot(tl.trans(gc_hi), b_q)) * scale
+        else:
+            b_acc += _table_dot(b_grow, b_relh, TABLE_HALF)  # [M, TYP] @ [TYP, D] -> [M, D]
+            b_acc += _table_dot(b_gcol, b_relw, TABLE_HALF)  # [M, TXP] @ [TXP, D] -> [M, D]
+        if TABLE_HALF:
+            pass
+        elif TABLES_T:  # transposed: q^T as the first operand, one transpose instead of four
             b_qt = tl.trans(b_q)
             b_ph = _table_dot_t(b_qt, b_grow, HALF) * scale  # [D, M] @ [M, TYP] -> [D, TYP]
             b_pw = _table_dot_t(b_qt, b_gcol, HALF) * scale  # [D, M] @ [M, TXP] -> [D, TXP]

@@ -202,6 +202,8 @@ def _grads_pass(
         m_row = (o_dy >= 0) & (o_dyc - o_a * dil_h == 0) & (o_a < KH)
         if SHIFT:
             o_tyq = off_y + o_a + KH - 1
+        elif dil_h == 1:  # o_dy itself: a row above the window (o_dy < 0) selects no t
+            o_tyq = o_dy
         else:
             o_tyq = o_a
         if HAS_REL:
@@ -1127,6 +1129,10 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
     # program); at 32 fewer for d = 16 (s2 -10, det -31; now -52), more for d = 8 (s1
     # +60) and d = 32 (s3 +96: q^T is the larger tile there)
     tables_t = not wide or d == 16
+    # d as a constexpr also where it fills BLOCK_D on one warp (the rel tables' channel
+    # masks fold away; PREDICTED s2 3816 -> 3748 warp instructions per program, 231 ->
+    # 166 registers; at 2 and 4 warps k11 spills 16 bytes, h1 +108)
+    one_warp = config.get("Q_num_warps", 4) == 1
     ns_pad = max(16, next_pow2(min(bh, H) + (kh - 1) * dh))
     tx_pad = max(16, next_pow2(tx_n))
     sizes = [B * H * W * heads]  # float32 elements of delta and the partials
@@ -1151,7 +1157,8 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
             HALF=half, TABLE_HALF=half and has_rel and table_half,
             KV_I32=kv_offsets_fit_i32(strides[1:3], d, H + kh * dh, W + bk),
             ROW_DOT=row_dot, NS_PAD=ns_pad, TABLES_T=tables_t,
-            D_C=d if 1 < d < head_block(d) else 0, DQ_I32=H * W * heads * d < 2**31,
+            D_C=d if 1 < d < head_block(d) or (d == head_block(d) and one_warp) else 0,
+            DQ_I32=H * W * heads * d < 2**31,
             PART_I32=partials_fit_i32(q_shape, bh, bw, n_prog, ty_n, tx_n),
             XT_WRAP=XT_WRAP_ON and padding != "shift" and dw == 1 and tx_pad <= bk,
             COL_WRAP=(XT_WRAP_ON and padding != "shift" and dw == 1 and tx_pad == bk

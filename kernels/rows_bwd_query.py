@@ -178,6 +178,10 @@ def _grads_pass(
     of b_qrow + b_qlo (a bf16 hi/lo pair), added by one-hot tensor-core products.
     """
     b_acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)  # dS K
+    # - delta as dP's C tile, made once; + (column * qk_scale) * 0.0, which the compiler
+    # cannot fold, makes its elements distinct values held through the walk (a plain
+    # broadcast is rebuilt into mma.sync's C registers every key row)
+    b_cdelta = (tl.arange(0, BLOCK_K).to(tl.float32) * qk_scale * 0.0)[None, :] - b_delta[:, None]
     b_gacc = tl.zeros([M, BLOCK_K], dtype=tl.float32)  # dS summed over key rows
     b_grow = tl.zeros([M, TY_PAD], dtype=tl.float32)  # G_row in rel-index space
     b_prpb = tl.zeros([TY_PAD, TX_PAD], dtype=tl.float32)  # drpb partial
@@ -230,8 +234,7 @@ def _grads_pass(
             b_s += tl.load(p_rpb + o_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
         b_p = tl.exp2(b_s)
         if ROW_DOT:  # dP - delta: delta rides in mma.sync's C operand (no FADD per element)
-            b_dacc = tl.zeros([M, BLOCK_K], dtype=tl.float32) - b_delta[:, None]
-            b_ds = b_p * tl.dot(b_do, tl.trans(b_v), b_dacc, input_precision="ieee")
+            b_ds = b_p * tl.dot(b_do, tl.trans(b_v), b_cdelta, input_precision="ieee")
         else:  # (wgmma accumulates in place: the C tile would be copied every key row)
             b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [M, D] @ [D, BK]
             b_ds = b_p * (b_dp - b_delta[:, None])  # [M, BK]; 0 outside the windows

@@ -328,10 +328,12 @@ def _program(
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
     ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
     D_C: tl.constexpr, XT_WRAP: tl.constexpr, COL_WRAP: tl.constexpr, PART_I32: tl.constexpr,
+    ROW_F32: tl.constexpr,
 ):
     """One program of _query_grads_kernel: loads, the pass, stores. Returns 1 (storing
     only delta) when a result came out non-finite, else 0."""
-    if D_C > 0:  # d as a constexpr (d < BLOCK_D): vector k/v loads under the channel mask
+    if D_C > 0:  # d as a constexpr (d < BLOCK_D: vector k/v loads under the channel mask;
+        # d == BLOCK_D on one warp: the channel masks fold away)
         D = D_C
         D_HALF = D_C // 2
     SHIFT: tl.constexpr = PADDING == 2
@@ -485,7 +487,7 @@ def _program(
         b_g = tl.where(m_rs, b_g, -1.0e30)
         b_qrow = b_g.to(tl.bfloat16)  # the high part; b_qlo the rest
         b_qlo = (b_g - b_qrow.to(tl.float32)).to(tl.bfloat16)
-        if DOT_F32:  # the interpreter's bf16 tl.dot is wrong: the bf16 values, in float32
+        if ROW_F32:  # the interpreter's bf16 tl.dot is wrong: the bf16 values, in float32
             b_qrow = b_qrow.to(tl.float32)
             b_qlo = b_qlo.to(tl.float32)
         b_colbias = b_colbias - b_lse2[:, None]
@@ -687,7 +689,7 @@ def _query_grads_kernel(
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
     ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
     D_C: tl.constexpr, DQ_I32: tl.constexpr, XT_WRAP: tl.constexpr, COL_WRAP: tl.constexpr,
-    PART_I32: tl.constexpr,
+    PART_I32: tl.constexpr, ROW_F32: tl.constexpr = False,
 ):
     H, W, HEADS, D, D_HALF, m_h, s_h, m_c, s_c, m_r, s_r = sizes
     divs = (m_h, s_h, m_c, s_c, m_r, s_r)
@@ -721,7 +723,7 @@ def _query_grads_kernel(
         KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD,
         TX_PAD, HAS_REL, HAS_RPB, BLOCK_H, BLOCK_W, BLOCK_K, BLOCK_D, DOT_F32,
         ROW_I64, HALF, TABLE_HALF, KV_I32, ROW_DOT, NS_PAD, TABLES_T, D_C, XT_WRAP,
-        COL_WRAP, PART_I32)
+        COL_WRAP, PART_I32, ROW_F32)
     if bad > 0:  # rare: redo this program's results tap by tap (see _safe_program)
         _safe_program(
             pid, divs, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
@@ -1163,6 +1165,8 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
             D_C=d if 1 < d < head_block(d) or (d == head_block(d) and one_warp) else 0,
             DQ_I32=H * W * heads * d < 2**31,
             PART_I32=partials_fit_i32(q_shape, bh, bw, n_prog, ty_n, tx_n),
+            # (the interpreter: ROW_DOT's bf16 row table in float32 for fp16 inputs too)
+            ROW_F32=INTERPRETED and row_dot,
             XT_WRAP=XT_WRAP_ON and padding != "shift" and dw == 1 and tx_pad <= bk,
             COL_WRAP=(XT_WRAP_ON and padding != "shift" and dw == 1 and tx_pad == bk
                       and has_rel and not has_rpb),

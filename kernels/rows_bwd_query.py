@@ -246,7 +246,10 @@ def _grads_pass(
         b_acc += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision="ieee")  # [M, BK] @ [BK, D]
         if HAS_REL:
             b_gacc += b_ds
-            b_grow += tl.where(m_ty, tl.sum(b_ds, axis=1)[:, None], 0.0)
+            if TY <= 8:  # the sum selected, not a selected addend (a predicated add)
+                b_grow = tl.where(m_ty, b_grow + tl.sum(b_ds, axis=1)[:, None], b_grow)
+            else:  # (k = 11 at 2 warps: +908 instructions the other way)
+                b_grow += tl.where(m_ty, tl.sum(b_ds, axis=1)[:, None], 0.0)
         if HAS_RPB:  # per query: dS summed into its column taps; then summed over queries
             b_rt = tl.where(m_xt, tl.gather(b_ds, o_xt, axis=1), 0.0)  # [M, TX_PAD]
             b_oh = tl.where(o_ty[None, :] == o_tyq[:, None], 1.0, 0.0)  # [M, TY_PAD]

@@ -126,6 +126,14 @@ def _unravel(pid, HEADS, N_COL, N_ROW, divs):
 
 
 @triton.jit
+def _split(a, dtype: tl.constexpr):
+    """(hi, lo): a float32 `a` as a high and a low half-precision part (~16 significant
+    bits; hi + lo == a up to lo's rounding)."""
+    a_hi = a.to(dtype)
+    return a_hi, (a - a_hi.to(tl.float32)).to(dtype)
+
+
+@triton.jit
 def _table_dot(a, b, HALF: tl.constexpr):
     """a @ b for a float32 `a` (dS sums) and a table / query tile `b` already in the
     dot dtype: with HALF, `a` is split into a high and a low half-precision part (two
@@ -170,9 +178,18 @@ def _grads_pass(
     of b_qrow + b_qlo (a bf16 hi/lo pair), added by one-hot tensor-core products.
     """
     b_acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)  # dS K
+    # - delta as dP's C tile, made once; + (column * qk_scale) * 0.0, which the compiler
+    # cannot fold, makes its elements distinct values held through the walk (a plain
+    # broadcast is rebuilt into mma.sync's C registers every key row)
+    b_cdelta = (tl.arange(0, BLOCK_K).to(tl.float32) * qk_scale * 0.0)[None, :] - b_delta[:, None]
     b_gacc = tl.zeros([M, BLOCK_K], dtype=tl.float32)  # dS summed over key rows
     b_grow = tl.zeros([M, TY_PAD], dtype=tl.float32)  # G_row in rel-index space
     b_prpb = tl.zeros([TY_PAD, TX_PAD], dtype=tl.float32)  # drpb partial
+    if SHIFT or dil_h != 1 or TY > 8:  # (k = 11: 16 columns at 2 warps read +12%)
+        TY_M: tl.constexpr = TY
+    else:  # o_tyq = o_dy: t in [TY, TY_M) only for rows past the window (dS 0 there; rel_h's
+        # padding rows are 0 and the partials' are not stored): a whole group of 8 columns
+        TY_M: tl.constexpr = 8
     for r in range(0, y_hi + 1 - y_lo):  # key rows: the union of the queries' windows
         y = y_lo + r
         o_yv = y + tl.zeros([BLOCK_K], dtype=tl.int32)  # row check as a vector (interpreter)
@@ -194,11 +211,13 @@ def _grads_pass(
         m_row = (o_dy >= 0) & (o_dyc - o_a * dil_h == 0) & (o_a < KH)
         if SHIFT:
             o_tyq = off_y + o_a + KH - 1
+        elif dil_h == 1:  # o_dy itself: a row above the window (o_dy < 0) selects no t
+            o_tyq = o_dy
         else:
             o_tyq = o_a
         if HAS_REL:
-            # (o_ty < TY: columns past the table are never selected; the compiler drops them)
-            m_ty = (o_ty[None, :] == o_tyq[:, None]) & (o_ty < TY)[None, :]  # [M, TY_PAD]
+            # (o_ty < TY_M: columns past it are never selected; the compiler drops them)
+            m_ty = (o_ty[None, :] == o_tyq[:, None]) & (o_ty < TY_M)[None, :]  # [M, TY_PAD]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [M, D] @ [D, BK] -> [M, BK]
         if ROW_DOT:  # row term (-1e30 outside the window) by a one-hot dot: no selects
             b_sel = tl.trans(tl.load(p_sel + r * b_qrow.shape[1] + o_sel).to(b_qrow.dtype))
@@ -220,15 +239,17 @@ def _grads_pass(
             b_s += tl.load(p_rpb + o_rpb, mask=m_win, other=0.0).to(tl.float32) * LOG2E
         b_p = tl.exp2(b_s)
         if ROW_DOT:  # dP - delta: delta rides in mma.sync's C operand (no FADD per element)
-            b_dacc = tl.zeros([M, BLOCK_K], dtype=tl.float32) - b_delta[:, None]
-            b_ds = b_p * tl.dot(b_do, tl.trans(b_v), b_dacc, input_precision="ieee")
+            b_ds = b_p * tl.dot(b_do, tl.trans(b_v), b_cdelta, input_precision="ieee")
         else:  # (wgmma accumulates in place: the C tile would be copied every key row)
             b_dp = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")  # [M, D] @ [D, BK]
             b_ds = b_p * (b_dp - b_delta[:, None])  # [M, BK]; 0 outside the windows
         b_acc += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision="ieee")  # [M, BK] @ [BK, D]
         if HAS_REL:
             b_gacc += b_ds
-            b_grow += tl.where(m_ty, tl.sum(b_ds, axis=1)[:, None], 0.0)
+            if TY <= 8:  # the sum selected, not a selected addend (a predicated add)
+                b_grow = tl.where(m_ty, b_grow + tl.sum(b_ds, axis=1)[:, None], b_grow)
+            else:  # (k = 11 at 2 warps: +908 instructions the other way)
+                b_grow += tl.where(m_ty, tl.sum(b_ds, axis=1)[:, None], 0.0)
         if HAS_RPB:  # per query: dS summed into its column taps; then summed over queries
             b_rt = tl.where(m_xt, tl.gather(b_ds, o_xt, axis=1), 0.0)  # [M, TX_PAD]
             b_oh = tl.where(o_ty[None, :] == o_tyq[:, None], 1.0, 0.0)  # [M, TY_PAD]
@@ -245,9 +266,24 @@ def _grads_pass(
             b_gcol = tl.gather(b_gacc, o_xw, axis=1)  # [M, TX_PAD]
         else:
             b_gcol = tl.where(m_xt, tl.gather(b_gacc, o_xt, axis=1), 0.0)
-        b_acc += _table_dot(b_grow, b_relh, TABLE_HALF)  # [M, TYP] @ [TYP, D] -> [M, D]
-        b_acc += _table_dot(b_gcol, b_relw, TABLE_HALF)  # [M, TXP] @ [TXP, D] -> [M, D]
-        if TABLES_T:  # transposed: q^T as the first operand, one transpose instead of four
+        if TABLE_HALF:  # (so HALF too) one hi/lo split of each G serves its two products
+            gr_hi, gr_lo = _split(b_grow, b_q.dtype)
+            gc_hi, gc_lo = _split(b_gcol, b_q.dtype)
+            b_acc = tl.dot(gr_lo, b_relh, tl.dot(gr_hi, b_relh, b_acc))  # [M, D]
+            b_acc = tl.dot(gc_lo, b_relw, tl.dot(gc_hi, b_relw, b_acc))
+            if TABLES_T:
+                b_qt = tl.trans(b_q)
+                b_ph = tl.dot(b_qt, gr_lo, tl.dot(b_qt, gr_hi)) * scale  # [D, TYP]
+                b_pw = tl.dot(b_qt, gc_lo, tl.dot(b_qt, gc_hi)) * scale  # [D, TXP]
+            else:
+                b_ph = tl.dot(tl.trans(gr_lo), b_q, tl.dot(tl.trans(gr_hi), b_q)) * scale
+                b_pw = tl.dot(tl.trans(gc_lo), b_q, tl.dot(tl.trans(gc_hi), b_q)) * scale
+        else:
+            b_acc += _table_dot(b_grow, b_relh, TABLE_HALF)  # [M, TYP] @ [TYP, D] -> [M, D]
+            b_acc += _table_dot(b_gcol, b_relw, TABLE_HALF)  # [M, TXP] @ [TXP, D] -> [M, D]
+        if TABLE_HALF:
+            pass
+        elif TABLES_T:  # transposed: q^T as the first operand, one transpose instead of four
             b_qt = tl.trans(b_q)
             b_ph = _table_dot_t(b_qt, b_grow, HALF) * scale  # [D, M] @ [M, TYP] -> [D, TYP]
             b_pw = _table_dot_t(b_qt, b_gcol, HALF) * scale  # [D, M] @ [M, TXP] -> [D, TXP]
@@ -300,10 +336,12 @@ def _program(
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
     ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
     D_C: tl.constexpr, XT_WRAP: tl.constexpr, COL_WRAP: tl.constexpr, PART_I32: tl.constexpr,
+    ROW_F32: tl.constexpr,
 ):
     """One program of _query_grads_kernel: loads, the pass, stores. Returns 1 (storing
     only delta) when a result came out non-finite, else 0."""
-    if D_C > 0:  # d as a constexpr (d < BLOCK_D): vector k/v loads under the channel mask
+    if D_C > 0:  # d as a constexpr (d < BLOCK_D: vector k/v loads under the channel mask;
+        # d == BLOCK_D on one warp: the channel masks fold away)
         D = D_C
         D_HALF = D_C // 2
     SHIFT: tl.constexpr = PADDING == 2
@@ -457,7 +495,7 @@ def _program(
         b_g = tl.where(m_rs, b_g, -1.0e30)
         b_qrow = b_g.to(tl.bfloat16)  # the high part; b_qlo the rest
         b_qlo = (b_g - b_qrow.to(tl.float32)).to(tl.bfloat16)
-        if DOT_F32:  # the interpreter's bf16 tl.dot is wrong: the bf16 values, in float32
+        if ROW_F32:  # the interpreter's bf16 tl.dot is wrong: the bf16 values, in float32
             b_qrow = b_qrow.to(tl.float32)
             b_qlo = b_qlo.to(tl.float32)
         b_colbias = b_colbias - b_lse2[:, None]
@@ -659,7 +697,7 @@ def _query_grads_kernel(
     HALF: tl.constexpr, TABLE_HALF: tl.constexpr, KV_I32: tl.constexpr,
     ROW_DOT: tl.constexpr, NS_PAD: tl.constexpr, TABLES_T: tl.constexpr,
     D_C: tl.constexpr, DQ_I32: tl.constexpr, XT_WRAP: tl.constexpr, COL_WRAP: tl.constexpr,
-    PART_I32: tl.constexpr,
+    PART_I32: tl.constexpr, ROW_F32: tl.constexpr = False,
 ):
     H, W, HEADS, D, D_HALF, m_h, s_h, m_c, s_c, m_r, s_r = sizes
     divs = (m_h, s_h, m_c, s_c, m_r, s_r)
@@ -693,7 +731,7 @@ def _query_grads_kernel(
         KH, KW, PADDING, dil_h, dil_w, TY, TX, TY_PAD,
         TX_PAD, HAS_REL, HAS_RPB, BLOCK_H, BLOCK_W, BLOCK_K, BLOCK_D, DOT_F32,
         ROW_I64, HALF, TABLE_HALF, KV_I32, ROW_DOT, NS_PAD, TABLES_T, D_C, XT_WRAP,
-        COL_WRAP, PART_I32)
+        COL_WRAP, PART_I32, ROW_F32)
     if bad > 0:  # rare: redo this program's results tap by tap (see _safe_program)
         _safe_program(
             pid, divs, q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, relh_ptr, relw_ptr, rpb_ptr,
@@ -1104,6 +1142,10 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
     # program); at 32 fewer for d = 16 (s2 -10, det -31; now -52), more for d = 8 (s1
     # +60) and d = 32 (s3 +96: q^T is the larger tile there)
     tables_t = not wide or d == 16
+    # d as a constexpr also where it fills BLOCK_D on one warp (the rel tables' channel
+    # masks fold away; PREDICTED s2 3816 -> 3748 warp instructions per program, 231 ->
+    # 166 registers; at 2 and 4 warps k11 spills 16 bytes, h1 +108)
+    one_warp = config.get("Q_num_warps", 4) == 1
     ns_pad = max(16, next_pow2(min(bh, H) + (kh - 1) * dh))
     tx_pad = max(16, next_pow2(tx_n))
     sizes = [B * H * W * heads]  # float32 elements of delta and the partials
@@ -1128,8 +1170,11 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, table_half: bool, config) -
             HALF=half, TABLE_HALF=half and has_rel and table_half,
             KV_I32=kv_offsets_fit_i32(strides[1:3], d, H + kh * dh, W + bk),
             ROW_DOT=row_dot, NS_PAD=ns_pad, TABLES_T=tables_t,
-            D_C=d if 1 < d < head_block(d) else 0, DQ_I32=H * W * heads * d < 2**31,
+            D_C=d if 1 < d < head_block(d) or (d == head_block(d) and one_warp) else 0,
+            DQ_I32=H * W * heads * d < 2**31,
             PART_I32=partials_fit_i32(q_shape, bh, bw, n_prog, ty_n, tx_n),
+            # (the interpreter: ROW_DOT's bf16 row table in float32 for fp16 inputs too)
+            ROW_F32=INTERPRETED and row_dot,
             XT_WRAP=XT_WRAP_ON and padding != "shift" and dw == 1 and tx_pad <= bk,
             COL_WRAP=(XT_WRAP_ON and padding != "shift" and dw == 1 and tx_pad == bk
                       and has_rel and not has_rpb),

@@ -132,6 +132,24 @@ def test_query_grads_row_term_by_one_hot_dot(dtype, case):
     _check(case, got, want, dtype)
 
 
+@pytest.mark.parametrize("dtype,case", [
+    (torch.float16, Case(B=1, H=7, W=9, heads=2, d=16, k=3, dilation=(2, 1), rel="shared")),
+    (torch.float16, Case(B=1, H=6, W=11, heads=1, d=32, k=5, padding="mask",
+                         rel="per_head")),
+], ids=lambda x: str(x) if isinstance(x, torch.dtype) else x.id)
+def test_query_grads_d_fills_block_one_warp(dtype, case):
+    """One warp with d == BLOCK_D (16, 32): d a constexpr (D_C), one hi/lo split of each
+    G for both of its table products (fp16: the interpreter's half dots), and the row
+    one-hot by window row at dilation 2."""
+    q, k, v, kw = make_inputs(case, dtype, "contiguous", DEVICE)
+    strides = (q.stride(), k.stride(), v.stride(), q.stride(), q.stride(), q.stride()[:4])
+    plan = mod._plan(tuple(q.shape), dtype, strides, _args(q, k, v, case, kw), True, ONE_WARP)
+    flags = plan.grads.flags
+    assert flags["D_C"] == case.d and flags["ROW_DOT"] and flags["TABLE_HALF"]
+    got, want = _run(case, dtype, config=ONE_WARP)
+    _check(case, got, want, dtype)
+
+
 @pytest.mark.parametrize("layout", ["nchw_view", "channels_last"])
 def test_query_grads_strided(layout):
     case = CASES[2]

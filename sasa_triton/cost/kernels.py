@@ -106,9 +106,16 @@ def _rows(c: dict) -> list[LoopSpec]:
 
     trips = mean_steps(1)
     slow_rows = LoopSpec("key rows walked again", trips, exp2=True)
-    return [LoopSpec("key rows walked u_lo<=u<u_hi" + (" (pairs)" if pairs else ""),
+    body = [LoopSpec("key rows walked u_lo<=u<u_hi" + (" (pairs)" if pairs else ""),
                      mean_steps(2) if pairs else trips, exp2=True),
             LoopSpec("NaN slow pass (0 trips: not taken)", 0, [slow_rows], exp2=True)]
+    cols = c.get("COLS", 1)
+    if cols == 1:
+        return body
+    W, n_groups = c["sizes"][1], c["sizes"][5]  # N_JB: the column groups
+    blocks = math.ceil(W / c["BLOCK_W"])
+    return [LoopSpec("column blocks jb_lo<=jb<jb_hi", max(1, round(blocks / n_groups)), body,
+                     exp2=True)]
 
 
 def _offsets(c: dict) -> list[LoopSpec]:  # TY, TX are runtime arguments: never unrolled

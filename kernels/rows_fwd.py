@@ -53,8 +53,12 @@ them a q @ 0 dot into the sums' start makes l NaN. The slow pass computes its ow
 masks inside it (from its trip index, 0), so that the compiler cannot hoist them before
 it, onto the fast path's code.
 
-Grid: (head, column block + N_JB * row block, batch x dilation group) where the flat
+Grid: (head, column group + N_JB * row block, batch x dilation group) where the flat
 index would need two integer divisions or more (one float32 quotient instead), else flat.
+A column group is COLS adjacent column blocks (config key; default 1, straight code): with
+COLS > 1 a program walks them one after the other in a runtime loop, the work that depends
+on its rows and head alone (the rel tables' loads and staging, the row bounds, the index
+arithmetic) done once before it.
 
 Saves lse = ln(sum exp(logit)) per query (float32) for the backward.
 """

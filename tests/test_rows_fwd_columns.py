@@ -66,6 +66,7 @@ def test_column_groups_isolate_non_finite_inputs(dtype):
     """A NaN k and an inf v in the middle column group: the slow pass (inside the column
     loop) marks exactly the outputs whose windows hold them, in that group only."""
     from fuzz_cases import coarser, mismatch
+
     from oracle import oracle_attend
 
     case = Case(B=1, H=6, W=26, heads=1, d=16, k=5, rel="shared")
@@ -103,3 +104,51 @@ def test_bad_column_count_raises():
         with pytest.raises(ValueError, match="COLS"):
             rows_fwd.forward(q, k, v, _args_of(case),
                              dict(BLOCK_M=32, BLOCK_W=8, num_warps=1, COLS=cols))
+
+
+# --- sm_90 compile (no GPU): the default COLS of the suite's d <= 16 shapes, no spills ---
+
+SUITE = [  # (compiled case, the suite shape whose default COLS it takes)
+    (Case(B=2, H=28, W=28, heads=8, d=16, k=7, rel="shared"), (32, 28, 28, 8, 16)),  # s2
+    (Case(B=2, H=56, W=56, heads=8, d=8, k=7, rel="shared"), (32, 56, 56, 8, 8)),  # s1
+    (Case(B=2, H=128, W=128, heads=4, d=16, k=7, rel="shared"), (8, 128, 128, 4, 16)),  # det
+]
+
+
+def _compile_all() -> None:
+    from aot_sm90 import compile_launch, record_launches
+
+    for case, suite_shape in SUITE:
+        q, k, v, kw = make_inputs(case, torch.bfloat16)
+        args = check_attend_args(q, k, v, case.k, kw["dilation"], kw["padding"],
+                                 kw.get("rel_h"), kw.get("rel_w"), kw.get("rpb"), kw["scale"])
+        config = rows_fwd.default_config(suite_shape, args)
+        assert config.get("COLS", 1) > 1, config
+        with record_launches(rows_fwd, ["_rows_fwd_kernel"]) as recorders:
+            rows_fwd.forward(q, k, v, args, config)
+        (call,) = recorders["_rows_fwd_kernel"].calls
+        _, usage = compile_launch(recorders["_rows_fwd_kernel"].fn, *call)
+        print("compiled", case.id, config, usage, flush=True)
+
+
+def test_column_groups_compile_for_sm90_without_spills():
+    import re
+
+    from aot_sm90 import run_in_subprocess
+
+    proc = run_in_subprocess(__file__, "--aot-compile")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("compiled")]
+    assert len(lines) == len(SUITE), proc.stdout[-4000:]
+    assert all("'regs'" in ln for ln in lines), "no ptxas usage:\n" + "\n".join(lines)
+    stores = [int(re.search(r"'spill_stores': (\d+)", ln).group(1)) for ln in lines]
+    assert max(stores) == 0, "a launch spills registers:\n" + "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    if "--aot-compile" in sys.argv:
+        _compile_all()

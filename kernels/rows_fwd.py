@@ -809,16 +809,23 @@ def _rows_fwd_kernel(
 
 # --- host side --------------------------------------------------------------------------
 
+COLS_CHOICES = (2, 4, 8, 16, 32)  # column blocks per program besides 1 (COLS_TILE only)
+
+
 def search_space() -> list[dict]:
     """Tile shapes the tuner may try: BLOCK_M query pixels, BLOCK_W columns per row
-    (>= W: whole rows), warps stacked along M (16 rows of the MMA tile each)."""
-    return [
-        dict(BLOCK_M=bm, BLOCK_W=bw, num_warps=nw, num_stages=ns)
-        for bm in (32, 64, 128)
-        for bw in (8, 16, 32, 64, 128)
-        for nw in (1, 2, 4, 8)
-        for ns in (1, 2)
-    ]
+    (>= W: whole rows), warps stacked along M (16 rows of the MMA tile each); for the
+    one-warp 32-query tile also COLS column blocks per program."""
+    space = []
+    for bm in (32, 64, 128):
+        for bw in (8, 16, 32, 64, 128):
+            for nw in (1, 2, 4, 8):
+                for ns in (1, 2):
+                    space.append(dict(BLOCK_M=bm, BLOCK_W=bw, num_warps=nw, num_stages=ns))
+                    if (bm, nw) == COLS_TILE:
+                        space += [dict(BLOCK_M=bm, BLOCK_W=bw, num_warps=nw, num_stages=ns,
+                                       COLS=cols) for cols in COLS_CHOICES]
+    return space
 
 
 def tile_shape(q_shape, block_w: int) -> int:
@@ -916,8 +923,10 @@ def prune(configs, q_shape, args) -> list[dict]:
     kept, seen = [], set()
     for cfg in configs:
         key = (cfg["BLOCK_M"], tile_shape(q_shape, cfg["BLOCK_W"]), cfg.get("num_warps"),
-               cfg.get("num_stages"))
+               cfg.get("num_stages"), cfg.get("COLS", 1))
         if key in seen or not _fits(q_shape, args, cfg):
+            continue
+        if cfg.get("COLS", 1) > 1 and not _shares_columns(q_shape, cfg):
             continue
         seen.add(key)
         kept.append(cfg)
@@ -980,25 +989,36 @@ def default_config(q_shape, args) -> dict:
 
 
 COLS_MIN_PROGRAMS = 132 * 8  # a wave of one-warp programs on an H100 (8 resident per SM)
+COLS_TILE = (32, 1)  # (BLOCK_M, num_warps) of the tile whose programs may share columns
+
+
+def _shares_columns(q_shape, config) -> bool:
+    """Whether COLS > 1 may pay for this config: the one-warp 32-query tile with head
+    blocks of at most 16 channels (at d = 32: 255 registers, a spill at COLS 2; no
+    saving at fpn-p3), and COLS at most the row's column blocks (rounded up to a power
+    of two: larger ones only repeat it)."""
+    bw = tile_shape(q_shape, config["BLOCK_W"])
+    return ((config["BLOCK_M"], config.get("num_warps", 4)) == COLS_TILE
+            and head_block(q_shape[4]) <= 16
+            and config.get("COLS", 1) <= next_pow2(triton.cdiv(q_shape[2], bw)))
 
 
 def columns_per_program(q_shape, args, config) -> int:
     """COLS: the column blocks a program walks one after the other, sharing what depends
     on its rows and head alone (the rel tables' loads and shared-memory staging, the row
     bounds, the program's index arithmetic: ~290 of s2's ~990 setup instructions).
-    One-warp tiles with head blocks of at most 16 channels only (s1, s2, det: the loop's
-    live values fit; at d = 32, 255 registers and a spill at COLS 2); all the row's
-    blocks, halved while fewer than COLS_MIN_PROGRAMS programs would remain."""
+    Where `_shares_columns`: the row's blocks (a power of two, at most 32), halved while
+    fewer than COLS_MIN_PROGRAMS programs would remain; else 1."""
     B, H, W, heads, d = q_shape
     bw = tile_shape(q_shape, config["BLOCK_W"])
-    if config.get("num_warps", 4) != 1 or config["BLOCK_M"] != 32 or head_block(d) > 16:
+    if not _shares_columns(q_shape, dict(config, COLS=1)):
         return 1
     n_jb = triton.cdiv(W, bw)
     rows = B * args.dh * heads * triton.cdiv(triton.cdiv(H, args.dh), config["BLOCK_M"] // bw)
-    cols = n_jb
+    cols = min(next_pow2(n_jb), COLS_CHOICES[-1])
     while cols > 1 and rows * triton.cdiv(n_jb, cols) < COLS_MIN_PROGRAMS:
-        cols = triton.cdiv(cols, 2)
-    return triton.cdiv(n_jb, triton.cdiv(n_jb, cols))  # groups of even length
+        cols //= 2
+    return cols
 
 
 @per_call_key

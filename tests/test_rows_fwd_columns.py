@@ -88,7 +88,7 @@ def test_column_groups_isolate_non_finite_inputs(dtype):
 @pytest.mark.parametrize("shape,cols", [
     ((32, 28, 28, 8, 16), 4),  # s2: all 4 column blocks, 1792 programs
     ((8, 128, 128, 4, 16), 8),  # det: 1024 programs with 16 -> halved to 8
-    ((32, 56, 56, 8, 8), 7),  # s1
+    ((32, 56, 56, 8, 8), 8),  # s1: its 7 blocks in one group
     ((32, 14, 14, 8, 32), 1),  # s3: d 32 (at the register limit)
     ((1, 28, 28, 1, 16), 1),  # too few programs to share
 ])

@@ -23,7 +23,8 @@ Mapping per kernel (what the trip counts stand for):
 * `_rows_fwd_kernel`: [key rows walked, u_lo <= u < u_hi: the mean over the row blocks
   of the in-image rows the tile's windows cover (<= BLOCK_M / BLOCK_W + KH - 1)],
   [NaN slow pass: a loop of 0 trips (1 only when a non-finite value reached acc)
-  [key rows walked again]].
+  [key rows walked again]]; with COLS > 1 both inside [column blocks, jb_lo <= jb <
+  jb_hi: the row's column blocks / the column groups (N_JB), rounded].
 * `_query_grads_kernel` (rows_bwd_query): [key rows: the union of the tile's windows,
   min(BLOCK_H, H) + (KH - 1) * dil_h (zeros; an upper bound for mask and shift)],
   [the non-finite slow pass, query blocks [ty < TY [tx < TX]]: 0 trips, it runs only

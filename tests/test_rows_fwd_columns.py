@@ -85,6 +85,22 @@ def test_column_groups_isolate_non_finite_inputs(dtype):
     assert mismatch("lse", lse, want_lse, tol, 1.0) is None
 
 
+def test_column_groups_with_64bit_offsets(monkeypatch):
+    """The int64 offset path (tensors past 2**31 elements) inside the column loop."""
+    from sasa_triton.kernels import launch_cache
+
+    monkeypatch.setattr(rows_fwd, "_offsets_fit_i32", lambda layouts, halo: False)
+    monkeypatch.setattr(rows_fwd, "strides_fit_i32", lambda *a, **k: False)
+    launch_cache.clear_all()  # launch plans decide the offset width once per call key
+    case = Case(B=1, H=5, W=19, heads=2, d=16, k=3, dilation=(2, 1), rel="per_head")
+    config = dict(BLOCK_M=32, BLOCK_W=8, num_warps=1, COLS=2)
+    check_forward(rows_fwd, case, torch.bfloat16, "nchw_view", config, DEVICE, seed=4,
+                  label="rows COLS int64")
+    plans = rows_fwd._plans.plans.values()
+    assert plans and all(p.flags["OFF_I64"] and p.flags["COLS"] == 2 for p in plans)
+    launch_cache.clear_all()  # no int64 plan outlives the patch
+
+
 @pytest.mark.parametrize("shape,cols", [
     ((32, 28, 28, 8, 16), 4),  # s2: all 4 column blocks, 1792 programs
     ((8, 128, 128, 4, 16), 8),  # det: 1024 programs with 16 -> halved to 8

@@ -53,8 +53,12 @@ them a q @ 0 dot into the sums' start makes l NaN. The slow pass computes its ow
 masks inside it (from its trip index, 0), so that the compiler cannot hoist them before
 it, onto the fast path's code.
 
-Grid: (head, column block + N_JB * row block, batch x dilation group) where the flat
+Grid: (head, column group + N_JB * row block, batch x dilation group) where the flat
 index would need two integer divisions or more (one float32 quotient instead), else flat.
+A column group is COLS adjacent column blocks (config key; default 1, straight code): with
+COLS > 1 a program walks them one after the other in a runtime loop, the work that depends
+on its rows and head alone (the rel tables' loads and staging, the row bounds, the index
+arithmetic) done once before it.
 
 Saves lse = ln(sum exp(logit)) per query (float32) for the backward.
 """
@@ -106,6 +110,37 @@ def _rel_table(p_rel, srel_r, srel_d, o_d, d_lo, d_hi, rows,
     m = ((o_d >= d_lo) & (o_d < d_hi))[:, None] & (o_e < rows)[None, :]
     p = p_rel + o_e[None, :] * srel_r + (o_d - d_lo)[:, None] * srel_d
     return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _rel_operands(relh_ptr, relw_ptr, q_ptr, n, s_tab, o_d, D, D_HALF, n_rows_h, n_rows_w,
+                  HAS_REL: tl.constexpr, EVEN_D: tl.constexpr, F32: tl.constexpr,
+                  BLOCK_D: tl.constexpr, E_PAD: tl.constexpr):
+    """(rel_h, rel_w) of head n as [BLOCK_D, E_PAD] dot operands (see _rel_table): rel_h
+    on q's first half of channels, rel_w on the second; float32 (F32) or q's 16-bit
+    type. Without rel tables: zeros (never read)."""
+    srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w = s_tab
+    if HAS_REL:
+        if EVEN_D:  # the halves' bounds as constants: no runtime masks along d
+            d_half = BLOCK_D // 2
+            d_end = BLOCK_D
+        else:
+            d_half = D_HALF
+            d_end = D
+        b_th = _rel_table(relh_ptr + n * srh_n, srh_r, srh_d, o_d, 0, d_half, n_rows_h,
+                          BLOCK_D, E_PAD)
+        b_tw = _rel_table(relw_ptr + n * srw_n, srw_r, srw_d, o_d, d_half, d_end, n_rows_w,
+                          BLOCK_D, E_PAD)
+        if F32:  # float32 tables (or inputs): exact products on CUDA cores
+            b_th = b_th.to(tl.float32)
+            b_tw = b_tw.to(tl.float32)
+        else:  # q's 16-bit type
+            b_th = b_th.to(q_ptr.dtype.element_ty)
+            b_tw = b_tw.to(q_ptr.dtype.element_ty)
+    else:
+        b_th = tl.zeros([BLOCK_D, E_PAD], dtype=tl.float32)
+        b_tw = b_th
+    return b_th, b_tw
 
 
 @triton.jit
@@ -285,7 +320,7 @@ def _rows_fwd_kernel(
     INTERP: tl.constexpr,
     E_PAD: tl.constexpr, DOT_F32: tl.constexpr, ROW_I64: tl.constexpr, OFF_I64: tl.constexpr,
     KV_SAME_STRIDES: tl.constexpr, EVEN_D: tl.constexpr, RAW: tl.constexpr,
-    Q_SIGN: tl.constexpr, PAIR: tl.constexpr, GRID_3D: tl.constexpr,
+    Q_SIGN: tl.constexpr, PAIR: tl.constexpr, GRID_3D: tl.constexpr, COLS: tl.constexpr,
 ):
     # 16-bit dots are exact; a float32 q @ 0 needs no more than tf32 (non-finite stays so)
     DOT_PRECISION: tl.constexpr = "ieee" if SPLIT else "tf32"
@@ -317,94 +352,51 @@ def _rows_fwd_kernel(
     # acc into the sums' tile (at 128 channels, 8 warps: a spill, shared-memory shuffles)
     NARROW_D: tl.constexpr = BLOCK_D <= 64
     # head fastest: the heads of one tile run side by side (full cache sectors)
-    if GRID_3D:  # (head, column block + N_JB * row block, rest)
+    if GRID_3D:  # (head, column group + N_JB * row block, rest)
         n = tl.program_id(0)
         tb = _small_quotient(tl.program_id(1), N_JB, INTERP)
-        jb = tl.program_id(1) - tb * N_JB
+        jg = tl.program_id(1) - tb * N_JB
         rest = tl.program_id(2)
     else:
-        n, jb, tb, rest = unravel_program(tl.program_id(0), HEADS, N_JB, N_TB)
+        n, jg, tb, rest = unravel_program(tl.program_id(0), HEADS, N_JB, N_TB)
     g = rest % dil_h  # dilation group of the rows: g, g + dil_h, ...
     b = rest // dil_h
     L = (H - g + dil_h - 1) // dil_h  # members of group g
     t0 = tb * ROWS
-    j0 = jb * BLOCK_W
+    # the program's column blocks: COLS of them from jg * COLS (one: no loop), sharing
+    # everything that depends on the rows and the head alone
+    jb_lo = jg * COLS
+    if COLS == 1:
+        jb_hi = jb_lo + 1
+    else:
+        jb_hi = tl.minimum(jb_lo + COLS, (W + BLOCK_W - 1) // BLOCK_W)
 
-    # the query tile, flattened: member t (row g + t*dil_h), column j
+    # the query tile, flattened: member t (row g + t*dil_h), column j0 + jj
     o_m = tl.arange(0, BLOCK_M)
     t = t0 + o_m // BLOCK_W
-    j = j0 + o_m % BLOCK_W
-    m_q = (t < L) & (j < W)
+    jj = o_m % BLOCK_W
+    m_t = t < L
     o_d = tl.arange(0, BLOCK_D)
     if EVEN_D:  # d = BLOCK_D: no channel mask (vector loads and stores per row)
         m_d = o_d < BLOCK_D
     else:
         m_d = o_d < D
     st, off_y = window_start(t, L, KH, 1, SHIFT)  # first window member, per query
-    start_x, off_x = window_start(j, W, KW, dil_w, SHIFT)
     # rel_h row of key member u for query m: u + ebase (zeros/mask: u - st = a)
     if SHIFT:
         ebase = off_y + KH - 1 - st
     else:
         ebase = -st
-
-    # key columns [x0, x0 + BLOCK_K): the union of the tile's windows; clipped to the
-    # image (CLIP) when the unclipped halo would need a wider tile. Zeros mode, unclipped:
-    # out-of-image columns are in the tile as zero keys (masked loads) with their bias.
-    if SHIFT:
-        x0 = tl.min(tl.where(m_q, start_x, W), axis=0)
-    elif CLIP:
-        x0 = tl.maximum(j0 - (KW // 2) * dil_w, 0)
-    else:
-        x0 = j0 - (KW // 2) * dil_w
-    o_x, m_x = _key_columns(x0, W, BLOCK_K, SPARE)
-    o_diff = o_x[None, :] - start_x[:, None]  # [M, BK]
-    o_tap, m_win = _window(o_x, m_x, start_x, m_q, dil_w, KW, CLIP or not ZEROS)
-
     if OFF_I64:  # some tensor has elements past 2**31: 64-bit offsets
         b64 = b.to(tl.int64)
         n64 = n.to(tl.int64)
         i64 = (g + t * dil_h).to(tl.int64)
-        j64 = j.to(tl.int64)
     else:
         b64 = b
         n64 = n
         i64 = g + t * dil_h
-        j64 = j
-    p_q = (q_ptr + b64 * sq_b + n64 * sq_n + i64[:, None] * sq_h
-           + (j64 * sq_w)[:, None] + o_d[None, :] * sq_d)
-    b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [M, BD]
-    b_q_in = b_q  # as loaded (scale 0 zeroes b_q below)
-    # scale * q . (k + r) with qk_scale = |scale| * log2(e): q negated for a negative
-    # scale, zeroed for scale 0 (qk_scale = log2(e) then), so that qk_scale > 0 and the
-    # -1e30 row-term marker stays the most negative logit
-    if Q_SIGN < 0:  # through float32 (exact): the interpreter negates bfloat16 wrongly
-        b_q = (0.0 - b_q.to(tl.float32)).to(b_q.dtype)
-    elif Q_SIGN == 0:
-        b_q = tl.zeros_like(b_q)
-    if DOT_F32:
-        b_q = b_q.to(tl.float32)
-    if Q_SIGN != 0:  # non-finite exactly where q is
-        b_q_in = b_q
-    elif DOT_F32:
-        b_q_in = b_q_in.to(tl.float32)
     p_k0 = k_ptr + b64 * sk_b + n64 * sk_n
     p_v0 = v_ptr + b64 * sv_b + n64 * sv_n
-    if ROW_I64:
-        o_xr = o_x.to(tl.int64)
-        o_dr = o_d.to(tl.int64)
-    else:
-        o_xr = o_x
-        o_dr = o_d
-    o_kx = o_xr[:, None] * sk_w + o_dr[None, :] * sk_d  # [BK, BD]
-    if KV_SAME_STRIDES:
-        o_vx = o_kx
-    else:
-        o_vx = o_xr[:, None] * sv_w + o_dr[None, :] * sv_d
-    if EVEN_D:
-        m_kv = m_x[:, None]
-    else:
-        m_kv = m_x[:, None] & m_d[None, :]
 
     # key members walked: the union of the tile's window rows (in the image)
     t_last = tl.minimum(t0 + ROWS, L) - 1
@@ -415,363 +407,425 @@ def _rows_fwd_kernel(
         u_lo = tl.maximum(t0 - KH // 2, 0)
         u_hi = tl.minimum(t_last + KH // 2 + 1, L)
 
-    # Relative terms, base 2, once per program: rel tables as dot operands.
+    # The rel tables as dot operands, once per program.
     o_e = tl.arange(0, E_PAD)
-    b_rt = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)  # row term per rel_h row
-    b_rtraw = b_rt
-    b_cf = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)  # column term per rel_w row
-    b_cfraw = b_cf
     if SHIFT:  # rel rows of a window: 2k - 1 (shift), else k
         n_rows_h = 2 * KH - 1
         n_rows_w = 2 * KW - 1
     else:
         n_rows_h = KH
         n_rows_w = KW
-    if HAS_REL:
-        if EVEN_D:  # the halves' bounds as constants: no runtime masks along d
-            d_half = BLOCK_D // 2
-            d_end = BLOCK_D
-        else:
-            d_half = D_HALF
-            d_end = D
-        b_th = _rel_table(relh_ptr + n * srh_n, srh_r, srh_d, o_d, 0, d_half, n_rows_h,
-                          BLOCK_D, E_PAD)
-        b_tw = _rel_table(relw_ptr + n * srw_n, srw_r, srw_d, o_d, d_half, d_end, n_rows_w,
-                          BLOCK_D, E_PAD)
-        if REL_F32:  # float32 tables (or inputs): exact products on CUDA cores
-            b_qr = b_q.to(tl.float32)
-            b_th = b_th.to(tl.float32)
-            b_tw = b_tw.to(tl.float32)
-        else:
-            b_qr = b_q
-            b_th = b_th.to(b_q.dtype)
-            b_tw = b_tw.to(b_q.dtype)
-        b_rtraw = tl.dot(b_qr, b_th, input_precision="ieee")  # [M, BD] @ [BD, E]
-        b_rt = b_rtraw * qk_scale
-        b_cfraw = tl.dot(b_qr, b_tw, input_precision="ieee")  # [M, BD] @ [BD, E]
-        b_cf = b_cfraw * qk_scale
+    if COLS > 1:  # loaded once, shared by the column blocks
+        b_th, b_tw = _rel_operands(relh_ptr, relw_ptr, q_ptr, n, s_tab, o_d, D, D_HALF,
+                                   n_rows_h, n_rows_w, HAS_REL, EVEN_D, REL_F32 or DOT_F32,
+                                   BLOCK_D, E_PAD)
 
-    # Row term and liveness of each key row walked, raw units (before qk_scale): column
-    # s of b_qrow is for key member u_lo + s; -1e30 where the query's window misses it.
-    # 16-bit inputs: a bf16 hi/lo pair (columns 2s and 2s + 1) for a float32-exact sum.
-    # One gather from the row-term table with -1e30 past its rows: a slot outside the
-    # query's window reads column E_PAD - 1 (never a rel row: KH, 2 KH - 1 < E_PAD), so
-    # no mask per slot. (Idle queries read finite terms; nothing of theirs is stored.)
-    o_s = tl.arange(0, NS_PAD)
-    a_s = (u_lo + o_s)[None, :] - st[:, None]  # [M, NS]: window row of slot s
-    if SHIFT:  # rel_h row a + off_y + KH - 1 (idle queries' off_y may take it below 0:
-        # clamped like a < 0, to the sentinel)
-        o_g = tl.where(a_s.to(tl.uint32) < KH, a_s + (off_y + KH - 1)[:, None], E_PAD - 1)
-        o_g = tl.minimum(o_g.to(tl.uint32), E_PAD - 1).to(tl.int32)
-    else:  # rel_h row a; a < 0 wraps past E_PAD - 1
-        o_g = tl.minimum(a_s.to(tl.uint32), E_PAD - 1).to(tl.int32)
-    b_g = tl.gather(tl.where((o_e < n_rows_h)[None, :], b_rtraw, -1.0e30), o_g, axis=1)
-    if SPLIT:  # a bf16 (hi, lo) pair: two dots with the same one-hot
-        b_qrow = b_g.to(tl.bfloat16)
-        b_qlo = (b_g - b_qrow.to(tl.float32)).to(tl.bfloat16)
-        if INTERP:  # the interpreter's bf16 tl.dot is wrong: the bf16 values, in float32
-            b_qrow = b_qrow.to(tl.float32)
-            b_qlo = b_qlo.to(tl.float32)
-    else:
-        b_qrow = b_g
-        b_qlo = b_g  # unused
     # offsets of the one-hot rows (sel_ptr: [NS_PAD, NS_PAD] table, row s = slot s of b_qrow's
     # columns), the same row for each key column
-    o_sel = (tl.arange(0, BLOCK_K) * 0)[:, None] + tl.arange(0, b_qrow.shape[1])[None, :]
+    o_sel = (tl.arange(0, BLOCK_K) * 0)[:, None] + tl.arange(0, NS_PAD)[None, :]
 
-    # BIAS [M, BK]: column term of each window tap, -inf outside the window (RAW: in raw
-    # units, before qk_scale).
-    # One gather from the column-term table with -inf past its rows: a key column
-    # outside the query's window (or between its dilation steps, or clipped) reads column
-    # E_PAD - 1 (never a rel row), so no mask per element. (dil_w = 1, specialised: the
-    # index is one unsigned minimum.)
-    o_c = o_diff // dil_w
-    o_c = tl.where(o_diff - o_c * dil_w == 0, o_c, -1)  # tap c, or -1 between steps
-    if SHIFT:  # rel_w row c + off_x + KW - 1 (idle queries: clamped as for the rows)
-        o_col = tl.where(o_c.to(tl.uint32) < KW, o_c + (off_x + KW - 1)[:, None], E_PAD - 1)
-        o_col = tl.minimum(o_col.to(tl.uint32), E_PAD - 1).to(tl.int32)
-    else:  # rel_w row c; c < 0 wraps past E_PAD - 1
-        o_col = tl.minimum(o_c.to(tl.uint32), E_PAD - 1).to(tl.int32)
-    if CLIP or not ZEROS:  # columns outside the image: no tap (zeros mode: SPARE / PICK)
-        o_col = tl.where(m_x[None, :], o_col, E_PAD - 1)
-    if RAW:
-        b_cft = b_cfraw
-    else:
-        b_cft = b_cf
-    b_bias = tl.gather(tl.where((o_e < n_rows_w)[None, :], b_cft, float("-inf")), o_col,
-                       axis=1)
-    # Zeros mode: log2 mass of a window row's out-of-image column taps (b_zo) and of all
-    # its taps (b_za), per query: [M] vectors from the column terms (zeros/mask: rel_w
-    # row c = tap c), or [M, E] tables over the window row a with rpb.
-    b_zo = tl.zeros([BLOCK_M], dtype=tl.float32)
-    b_zo_t = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
-    b_za = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
-    if ZEROS:
-        xe = start_x[:, None] + o_e[None, :] * dil_w  # column of tap e
-        m_tap = (o_e < KW)[None, :]
-        m_xout = ((xe < 0) | (xe >= W)) & m_tap
-        if HAS_RPB:  # column c of the rpb window, every window row a
-            tzo_m = tl.full([BLOCK_M, E_PAD], -1.0e30, tl.float32)
-            tzo_s = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
-            tza_m = tl.full([BLOCK_M, E_PAD], -1.0e30, tl.float32)
-            tza_s = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
-            for c in tl.static_range(KW):
-                b_cc = _pick(b_cf, o_e, c + 0 * off_x)
-                xc = start_x + c * dil_w
-                m_out = (xc < 0) | (xc >= W)
-                b_pc = tl.load(rpb_ptr + n * srp_n + (o_e - KH // 2 + KH - 1) * srp_h
-                               + (c - KW // 2 + KW - 1) * srp_w, mask=o_e < KH, other=0.0)
-                b_lg = b_cc[:, None] + b_pc.to(tl.float32)[None, :] * LOG2E  # [M, E]
-                b_lo = tl.where(m_out[:, None], b_lg, float("-inf"))
-                new = tl.maximum(tzo_m, b_lo)
-                tzo_s = tzo_s * tl.exp2(tzo_m - new) + tl.exp2(b_lo - new)
-                tzo_m = new
-                new = tl.maximum(tza_m, b_lg)
-                tza_s = tza_s * tl.exp2(tza_m - new) + tl.exp2(b_lg - new)
-                tza_m = new
-            b_zo_t = tzo_m + tl.log2(tzo_s)  # [M, E]: column a = window row a
-            b_za = tza_m + tl.log2(tza_s)
-        else:
-            if VIRT:
-                b_co = tl.where(m_xout, b_cf, float("-inf"))
-                zo_m = tl.maximum(tl.max(b_co, axis=1), -1.0e30)
-                b_zo = zo_m + _log2(tl.sum(tl.exp2(b_co - zo_m[:, None]), axis=1), INTERP)
-    if SPARE:
-        m_spare = (tl.arange(0, BLOCK_K) == BLOCK_K - 1)[None, :] & m_q[:, None]
-        if RAW:
-            b_bias = tl.where(m_spare, (b_zo * (1.0 / qk_scale))[:, None], b_bias)
-        else:
-            b_bias = tl.where(m_spare, b_zo[:, None], b_bias)
-    if HAS_RPB:
-        b_zot = b_zo_t
-    else:
-        b_zot = b_zo
-    if HAS_RPB:
-        p_rpb = rpb_ptr + n * srp_n
-    else:  # never read
-        p_rpb = q_ptr
-    o_rpb_x = o_tap  # rpb column offsets (unused without rpb)
-    if HAS_RPB:
-        o_rpb_x = (off_x[:, None] + o_tap + KW - 1) * srp_w
-
-    # Zeros mode: whole out-of-image window rows hold zero keys only; their mass (row
-    # term + every column's term) starts the softmax state.
-    # Only tiles at the top or bottom of the image have such rows (a uniform branch).
-    b_m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if ZEROS:
-        if (t0 - KH // 2 < 0) | (t_last + KH // 2 >= L):
-            if HAS_RPB:
-                u_a = t[:, None] + o_e[None, :] - KH // 2  # member of window row a
-                m_rowout = ((u_a < 0) | (u_a >= L)) & (o_e < KH)[None, :] & m_q[:, None]
-                b_vo = tl.where(m_rowout, b_rt + b_za, float("-inf"))  # [M, E]
-                b_m = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
-                b_l = tl.sum(tl.exp2(b_vo - b_m[:, None]), axis=1)
-            else:  # mass = (sum over rows of 2^row term) x (sum over taps of 2^column
-                # term): two max-shifted sums, no log2; on the tables' left halves
-                # when the window fits them (half the work)
-                if 2 * KH <= E_PAD and 2 * KW <= E_PAD:
-                    b_rth = _left_half(b_rt)
-                    b_cfh = _left_half(b_cf)
-                    o_h = tl.arange(0, E_PAD // 2)
-                else:
-                    b_rth = b_rt
-                    b_cfh = b_cf
-                    o_h = o_e
-                # member of window row a, out of the image: < 0 wraps past L (idle
-                # queries' start state is never stored)
-                u_a = t[:, None] + o_h[None, :] - KH // 2
-                m_rowout = (u_a.to(tl.uint32) >= L) & (o_h < KH)[None, :]
-                b_ca = tl.where((o_h < KW)[None, :], b_cfh, float("-inf"))
-                za_m = tl.max(b_ca, axis=1)
-                b_vo = tl.where(m_rowout, b_rth, float("-inf"))  # [M, E]
-                b_rm = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
-                b_m = b_rm + za_m
-                b_l = (tl.sum(tl.exp2(b_vo - b_rm[:, None]), axis=1)
-                       * tl.sum(tl.exp2(b_ca - za_m[:, None]), axis=1))
-    b_m0 = b_m
-    b_l0 = b_l
-    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # The softmax sums of the fast walk per score-tile element (no row reduction per key
-    # row; one after the walk); the start mass sits in column 0. (PICK: per query.)
-    b_lt = tl.where((tl.arange(0, BLOCK_K) == 0)[None, :], b_l[:, None], 0.0)
-    if Q_CHECK:  # a non-finite q must reach the slow pass: its zero taps'
-        # logits q . 0 (start mass, SPARE, PICK) are NaN, yet come from the tables here,
-        # and scale 0 zeroed q. q @ 0 is NaN on exactly its rows: one small dot per
-        # program into the sums' start (no cost in the walk)
-        b_lt = tl.dot(b_q_in, tl.zeros([BLOCK_D, BLOCK_K], b_q_in.dtype), b_lt,
-                      input_precision=DOT_PRECISION)
-        if PICK:
-            b_l = tl.sum(b_lt, axis=1)
-    # PAIRS: two key rows per step, one max / rescale for both (their shuffles, the acc
-    # and sums' rescale and the alpha exp2 halved); an odd count's last step reads its
-    # row twice, the copy's P zeroed by an infinite offset in the exp2's operand.
-    for u in range(u_lo, u_hi, 2 if PAIRS else 1):
-        y64 = g + u * dil_h
+    # one column block: straight code (a loop, even of one trip, changes the compiler's
+    # layout choices: s3 +54 instructions per program, 255 registers); else a loop
+    for jbi in (tl.static_range if COLS == 1 else tl.range)(0 if COLS == 1 else jb_lo,
+                                                            1 if COLS == 1 else jb_hi):
+        jb = jbi + (jb_lo if COLS == 1 else 0)
+        j0 = jb * BLOCK_W
+        j = j0 + jj
+        m_q = m_t & (j < W)
+        start_x, off_x = window_start(j, W, KW, dil_w, SHIFT)
         if OFF_I64:
-            y64 = y64.to(tl.int64)
-        if PAIRS:
-            u2 = tl.minimum(u + 1, u_hi - 1)
-            y2 = g + u2 * dil_h
-            if OFF_I64:
-                y2 = y2.to(tl.int64)
-            dead = tl.where(u + 1 < u_hi, 0.0, float("inf"))  # the copy's offset
-            b_s, _, _, _ = _logits(
-                u, b_q, b_bias, b_rt, b_qrow, b_qlo, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t,
-                st, ebase, m_q, m_win, p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x,
-                qk_scale, KH, HAS_REL, HAS_RPB, VIRT, PICK, False, DOT_F32, NS_PAD, BLOCK_K,
-                RAW, SPLIT)
-            b_s2, _, _, _ = _logits(
-                u2, b_q, b_bias, b_rt, b_qrow, b_qlo, u2 - u_lo, sel_ptr, o_sel, b_zot, o_e, t,
-                st, ebase, m_q, m_win, p_k0, o_kx, m_kv, y2, sk_h, p_rpb, srp_h, o_rpb_x,
-                qk_scale, KH, HAS_REL, HAS_RPB, VIRT, PICK, False, DOT_F32, NS_PAD, BLOCK_K,
-                RAW, SPLIT)
-            # raw logits (PAIRS needs RAW): scaled by the exp2's FMA
-            b_m_new = tl.maximum(b_m, tl.max(tl.maximum(b_s, b_s2), axis=1) * qk_scale)
-            b_alpha = tl.exp2(b_m - b_m_new)
-            b_p = tl.exp2(b_s * qk_scale - b_m_new[:, None])
-            b_p2 = tl.exp2(b_s2 * qk_scale - (b_m_new + dead)[:, None])
-            b_lt = b_lt * b_alpha[:, None] + b_p + b_p2
-            b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
-            b_v2 = tl.load(p_v0 + y2 * sv_h + o_vx, mask=m_kv, other=0.0)
-            b_pl = b_p.to(v_ptr.dtype.element_ty)
-            b_pl2 = b_p2.to(v_ptr.dtype.element_ty)
-            if DOT_F32:
-                b_pl = b_pl.to(tl.float32)
-                b_v = b_v.to(tl.float32)
-                b_pl2 = b_pl2.to(tl.float32)
-                b_v2 = b_v2.to(tl.float32)
-            b_acc = tl.dot(b_pl, b_v, b_acc * b_alpha[:, None], input_precision="ieee")
-            b_acc = tl.dot(b_pl2, b_v2, b_acc, input_precision="ieee")
-            b_m = b_m_new
+            j64 = j.to(tl.int64)
         else:
-            b_s, rt, vz, m_live = _logits(
-                u, b_q, b_bias, b_rt, b_qrow, b_qlo, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st, ebase,
-                m_q, m_win, p_k0,
-                o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT,
-                PICK, False, DOT_F32, NS_PAD, BLOCK_K, RAW, SPLIT)
-            if RAW:  # raw logits: scaled by the exp2's FMA (qk_scale > 0)
-                b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) * qk_scale)
-                b_alpha = tl.exp2(b_m - b_m_new)
-                b_p = tl.exp2(b_s * qk_scale - b_m_new[:, None])
-            else:
-                b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
-                if PICK:
-                    b_m_new = tl.maximum(b_m_new, vz)
-                b_alpha = tl.exp2(b_m - b_m_new)
-                b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])  # [M, BK]; 0 where rt = -inf
-            if PICK:
-                b_l = b_l * b_alpha + tl.sum(b_p, axis=1) + tl.exp2(vz - b_m_new)
-            else:
-                b_lt = b_lt * b_alpha[:, None] + b_p
-            b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
-            b_pl = b_p.to(v_ptr.dtype.element_ty)
-            if DOT_F32:
-                b_pl = b_pl.to(tl.float32)
-                b_v = b_v.to(tl.float32)
-            # [M, BK] @ [BK, BD] -> [M, BD]
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
-            b_m = b_m_new
-    if PICK or not NARROW_D:
-        if not PICK:
-            b_l = tl.sum(b_lt, axis=1)
-        b_chk = b_l + tl.sum(b_acc, axis=1)
-    else:  # one row sum for l and the non-finite test of acc: 0 * acc is 0, or NaN
-        b_l = tl.sum(_nan_fold(b_lt, b_acc), axis=1)
-        b_chk = b_l
+            j64 = j
+        # key columns [x0, x0 + BLOCK_K): the union of the tile's windows; clipped to the
+        # image (CLIP) when the unclipped halo would need a wider tile. Zeros mode, unclipped:
+        # out-of-image columns are in the tile as zero keys (masked loads) with their bias.
+        if SHIFT:
+            x0 = tl.min(tl.where(m_q, start_x, W), axis=0)
+        elif CLIP:
+            x0 = tl.maximum(j0 - (KW // 2) * dil_w, 0)
+        else:
+            x0 = j0 - (KW // 2) * dil_w
+        o_x, m_x = _key_columns(x0, W, BLOCK_K, SPARE)
+        o_diff = o_x[None, :] - start_x[:, None]  # [M, BK]
+        o_tap, m_win = _window(o_x, m_x, start_x, m_q, dil_w, KW, CLIP or not ZEROS)
 
-    # Rare slow pass: a non-finite value reached acc or l (a NaN/inf k or v possibly
-    # outside the window, spread by the -inf additions or by 0 * NaN in P V): recompute
-    # with explicit window masks, non-finite v zeroed, and mark the (query, channel)
-    # outputs whose window holds one as NaN.
-    # A loop of 0 or 1 trips (not an if), so that static readers of the machine code
-    # count it as the rarely run code it is. Any non-finite element makes its row's sum
-    # non-finite.
-    # Also a query whose max stayed at the -1e30 row-term marker (raw units, scaled):
-    # no in-window logit was finite (e.g. all -inf: the exact result is 0 / 0 = NaN),
-    # its sums hold the marked rows' mass.
-    m_bad = (~(tl.abs(b_chk) < float("inf")) | (b_m < -5.0e29 * qk_scale)) & m_q
-    for once in range(tl.max(tl.where(m_bad, 1, 0), axis=0)):
-        # once = 0, but not a constant to the compiler: what depends on it stays in the
-        # slow pass (not hoisted before it, where the fast path would pass through it)
-        if NARROW_D:
-            o_xs, m_xs = _key_columns(x0 + once, W, BLOCK_K, SPARE)
-            _, m_win = _window(o_xs, m_xs, start_x, m_q, dil_w, KW, CLIP or not ZEROS)
-        b_m = b_m0
-        b_l = b_l0
-        if Q_CHECK:  # a non-finite q: every logit is non-finite, out and
-            # lse NaN (by l). Mask and shift get there by the logits unless scale 0
-            # zeroed q; zeros mode's zero taps take their mass from the tables.
-            b_l += tl.sum(tl.dot(b_q_in, tl.zeros([BLOCK_D, BLOCK_K], b_q_in.dtype),
-                                 input_precision=DOT_PRECISION), axis=1)  # 0, or NaN
+        p_q = (q_ptr + b64 * sq_b + n64 * sq_n + i64[:, None] * sq_h
+               + (j64 * sq_w)[:, None] + o_d[None, :] * sq_d)
+        b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [M, BD]
+        b_q_in = b_q  # as loaded (scale 0 zeroes b_q below)
+        # scale * q . (k + r) with qk_scale = |scale| * log2(e): q negated for a negative
+        # scale, zeroed for scale 0 (qk_scale = log2(e) then), so that qk_scale > 0 and the
+        # -1e30 row-term marker stays the most negative logit
+        if Q_SIGN < 0:  # through float32 (exact): the interpreter negates bfloat16 wrongly
+            b_q = (0.0 - b_q.to(tl.float32)).to(b_q.dtype)
+        elif Q_SIGN == 0:
+            b_q = tl.zeros_like(b_q)
+        if DOT_F32:
+            b_q = b_q.to(tl.float32)
+        if Q_SIGN != 0:  # non-finite exactly where q is
+            b_q_in = b_q
+        elif DOT_F32:
+            b_q_in = b_q_in.to(tl.float32)
+        if ROW_I64:
+            o_xr = o_x.to(tl.int64)
+            o_dr = o_d.to(tl.int64)
+        else:
+            o_xr = o_x
+            o_dr = o_d
+        o_kx = o_xr[:, None] * sk_w + o_dr[None, :] * sk_d  # [BK, BD]
+        if KV_SAME_STRIDES:
+            o_vx = o_kx
+        else:
+            o_vx = o_xr[:, None] * sv_w + o_dr[None, :] * sv_d
+        if EVEN_D:
+            m_kv = m_x[:, None]
+        else:
+            m_kv = m_x[:, None] & m_d[None, :]
+
+        # Relative terms, base 2, per column block: q @ the rel tables.
+        b_rt = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)  # row term per rel_h row
+        b_rtraw = b_rt
+        b_cf = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)  # column term per rel_w row
+        b_cfraw = b_cf
+        if COLS == 1:  # one column block: loaded here (fewer live registers in the walk)
+            b_th, b_tw = _rel_operands(relh_ptr, relw_ptr, q_ptr, n, s_tab, o_d, D, D_HALF,
+                                       n_rows_h, n_rows_w, HAS_REL, EVEN_D, REL_F32 or DOT_F32,
+                                       BLOCK_D, E_PAD)
+        if HAS_REL:
+            if REL_F32:
+                b_qr = b_q.to(tl.float32)
+            else:
+                b_qr = b_q
+            b_rtraw = tl.dot(b_qr, b_th, input_precision="ieee")  # [M, BD] @ [BD, E]
+            b_rt = b_rtraw * qk_scale
+            b_cfraw = tl.dot(b_qr, b_tw, input_precision="ieee")  # [M, BD] @ [BD, E]
+            b_cf = b_cfraw * qk_scale
+
+        # Row term and liveness of each key row walked, raw units (before qk_scale): column
+        # s of b_qrow is for key member u_lo + s; -1e30 where the query's window misses it.
+        # 16-bit inputs: a bf16 hi/lo pair (columns 2s and 2s + 1) for a float32-exact sum.
+        # One gather from the row-term table with -1e30 past its rows: a slot outside the
+        # query's window reads column E_PAD - 1 (never a rel row: KH, 2 KH - 1 < E_PAD), so
+        # no mask per slot. (Idle queries read finite terms; nothing of theirs is stored.)
+        o_s = tl.arange(0, NS_PAD)
+        a_s = (u_lo + o_s)[None, :] - st[:, None]  # [M, NS]: window row of slot s
+        if SHIFT:  # rel_h row a + off_y + KH - 1 (idle queries' off_y may take it below 0:
+            # clamped like a < 0, to the sentinel)
+            o_g = tl.where(a_s.to(tl.uint32) < KH, a_s + (off_y + KH - 1)[:, None], E_PAD - 1)
+            o_g = tl.minimum(o_g.to(tl.uint32), E_PAD - 1).to(tl.int32)
+        else:  # rel_h row a; a < 0 wraps past E_PAD - 1
+            o_g = tl.minimum(a_s.to(tl.uint32), E_PAD - 1).to(tl.int32)
+        b_g = tl.gather(tl.where((o_e < n_rows_h)[None, :], b_rtraw, -1.0e30), o_g, axis=1)
+        if SPLIT:  # a bf16 (hi, lo) pair: two dots with the same one-hot
+            b_qrow = b_g.to(tl.bfloat16)
+            b_qlo = (b_g - b_qrow.to(tl.float32)).to(tl.bfloat16)
+            if INTERP:  # the interpreter's bf16 tl.dot is wrong: the bf16 values, in float32
+                b_qrow = b_qrow.to(tl.float32)
+                b_qlo = b_qlo.to(tl.float32)
+        else:
+            b_qrow = b_g
+            b_qlo = b_g  # unused
+        # BIAS [M, BK]: column term of each window tap, -inf outside the window (RAW: in raw
+        # units, before qk_scale).
+        # One gather from the column-term table with -inf past its rows: a key column
+        # outside the query's window (or between its dilation steps, or clipped) reads column
+        # E_PAD - 1 (never a rel row), so no mask per element. (dil_w = 1, specialised: the
+        # index is one unsigned minimum.)
+        o_c = o_diff // dil_w
+        o_c = tl.where(o_diff - o_c * dil_w == 0, o_c, -1)  # tap c, or -1 between steps
+        if SHIFT:  # rel_w row c + off_x + KW - 1 (idle queries: clamped as for the rows)
+            o_col = tl.where(o_c.to(tl.uint32) < KW, o_c + (off_x + KW - 1)[:, None], E_PAD - 1)
+            o_col = tl.minimum(o_col.to(tl.uint32), E_PAD - 1).to(tl.int32)
+        else:  # rel_w row c; c < 0 wraps past E_PAD - 1
+            o_col = tl.minimum(o_c.to(tl.uint32), E_PAD - 1).to(tl.int32)
+        if CLIP or not ZEROS:  # columns outside the image: no tap (zeros mode: SPARE / PICK)
+            o_col = tl.where(m_x[None, :], o_col, E_PAD - 1)
+        if RAW:
+            b_cft = b_cfraw
+        else:
+            b_cft = b_cf
+        b_bias = tl.gather(tl.where((o_e < n_rows_w)[None, :], b_cft, float("-inf")), o_col,
+                           axis=1)
+        # Zeros mode: log2 mass of a window row's out-of-image column taps (b_zo) and of all
+        # its taps (b_za), per query: [M] vectors from the column terms (zeros/mask: rel_w
+        # row c = tap c), or [M, E] tables over the window row a with rpb.
+        b_zo = tl.zeros([BLOCK_M], dtype=tl.float32)
+        b_zo_t = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+        b_za = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+        if ZEROS:
+            xe = start_x[:, None] + o_e[None, :] * dil_w  # column of tap e
+            m_tap = (o_e < KW)[None, :]
+            m_xout = ((xe < 0) | (xe >= W)) & m_tap
+            if HAS_RPB:  # column c of the rpb window, every window row a
+                tzo_m = tl.full([BLOCK_M, E_PAD], -1.0e30, tl.float32)
+                tzo_s = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+                tza_m = tl.full([BLOCK_M, E_PAD], -1.0e30, tl.float32)
+                tza_s = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+                for c in tl.static_range(KW):
+                    b_cc = _pick(b_cf, o_e, c + 0 * off_x)
+                    xc = start_x + c * dil_w
+                    m_out = (xc < 0) | (xc >= W)
+                    b_pc = tl.load(rpb_ptr + n * srp_n + (o_e - KH // 2 + KH - 1) * srp_h
+                                   + (c - KW // 2 + KW - 1) * srp_w, mask=o_e < KH, other=0.0)
+                    b_lg = b_cc[:, None] + b_pc.to(tl.float32)[None, :] * LOG2E  # [M, E]
+                    b_lo = tl.where(m_out[:, None], b_lg, float("-inf"))
+                    new = tl.maximum(tzo_m, b_lo)
+                    tzo_s = tzo_s * tl.exp2(tzo_m - new) + tl.exp2(b_lo - new)
+                    tzo_m = new
+                    new = tl.maximum(tza_m, b_lg)
+                    tza_s = tza_s * tl.exp2(tza_m - new) + tl.exp2(b_lg - new)
+                    tza_m = new
+                b_zo_t = tzo_m + tl.log2(tzo_s)  # [M, E]: column a = window row a
+                b_za = tza_m + tl.log2(tza_s)
+            else:
+                if VIRT:
+                    b_co = tl.where(m_xout, b_cf, float("-inf"))
+                    zo_m = tl.maximum(tl.max(b_co, axis=1), -1.0e30)
+                    b_zo = zo_m + _log2(tl.sum(tl.exp2(b_co - zo_m[:, None]), axis=1), INTERP)
+        if SPARE:
+            m_spare = (tl.arange(0, BLOCK_K) == BLOCK_K - 1)[None, :] & m_q[:, None]
+            if RAW:
+                b_bias = tl.where(m_spare, (b_zo * (1.0 / qk_scale))[:, None], b_bias)
+            else:
+                b_bias = tl.where(m_spare, b_zo[:, None], b_bias)
+        if HAS_RPB:
+            b_zot = b_zo_t
+        else:
+            b_zot = b_zo
+        if HAS_RPB:
+            p_rpb = rpb_ptr + n * srp_n
+        else:  # never read
+            p_rpb = q_ptr
+        o_rpb_x = o_tap  # rpb column offsets (unused without rpb)
+        if HAS_RPB:
+            o_rpb_x = (off_x[:, None] + o_tap + KW - 1) * srp_w
+
+        # Zeros mode: whole out-of-image window rows hold zero keys only; their mass (row
+        # term + every column's term) starts the softmax state.
+        # Only tiles at the top or bottom of the image have such rows (a uniform branch).
+        b_m = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if ZEROS:
+            if (t0 - KH // 2 < 0) | (t_last + KH // 2 >= L):
+                if HAS_RPB:
+                    u_a = t[:, None] + o_e[None, :] - KH // 2  # member of window row a
+                    m_rowout = ((u_a < 0) | (u_a >= L)) & (o_e < KH)[None, :] & m_q[:, None]
+                    b_vo = tl.where(m_rowout, b_rt + b_za, float("-inf"))  # [M, E]
+                    b_m = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
+                    b_l = tl.sum(tl.exp2(b_vo - b_m[:, None]), axis=1)
+                else:  # mass = (sum over rows of 2^row term) x (sum over taps of 2^column
+                    # term): two max-shifted sums, no log2; on the tables' left halves
+                    # when the window fits them (half the work)
+                    if 2 * KH <= E_PAD and 2 * KW <= E_PAD:
+                        b_rth = _left_half(b_rt)
+                        b_cfh = _left_half(b_cf)
+                        o_h = tl.arange(0, E_PAD // 2)
+                    else:
+                        b_rth = b_rt
+                        b_cfh = b_cf
+                        o_h = o_e
+                    # member of window row a, out of the image: < 0 wraps past L (idle
+                    # queries' start state is never stored)
+                    u_a = t[:, None] + o_h[None, :] - KH // 2
+                    m_rowout = (u_a.to(tl.uint32) >= L) & (o_h < KH)[None, :]
+                    b_ca = tl.where((o_h < KW)[None, :], b_cfh, float("-inf"))
+                    za_m = tl.max(b_ca, axis=1)
+                    b_vo = tl.where(m_rowout, b_rth, float("-inf"))  # [M, E]
+                    b_rm = tl.maximum(tl.max(b_vo, axis=1), -1.0e30)
+                    b_m = b_rm + za_m
+                    b_l = (tl.sum(tl.exp2(b_vo - b_rm[:, None]), axis=1)
+                           * tl.sum(tl.exp2(b_ca - za_m[:, None]), axis=1))
+        b_m0 = b_m
+        b_l0 = b_l
         b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        b_bad = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for u in tl.range(u_lo, u_hi, num_stages=1):  # rare: no software pipeline
+        # The softmax sums of the fast walk per score-tile element (no row reduction per key
+        # row; one after the walk); the start mass sits in column 0. (PICK: per query.)
+        b_lt = tl.where((tl.arange(0, BLOCK_K) == 0)[None, :], b_l[:, None], 0.0)
+        if Q_CHECK:  # a non-finite q must reach the slow pass: its zero taps'
+            # logits q . 0 (start mass, SPARE, PICK) are NaN, yet come from the tables here,
+            # and scale 0 zeroed q. q @ 0 is NaN on exactly its rows: one small dot per
+            # program into the sums' start (no cost in the walk)
+            b_lt = tl.dot(b_q_in, tl.zeros([BLOCK_D, BLOCK_K], b_q_in.dtype), b_lt,
+                          input_precision=DOT_PRECISION)
+            if PICK:
+                b_l = tl.sum(b_lt, axis=1)
+        # PAIRS: two key rows per step, one max / rescale for both (their shuffles, the acc
+        # and sums' rescale and the alpha exp2 halved); an odd count's last step reads its
+        # row twice, the copy's P zeroed by an infinite offset in the exp2's operand.
+        for u in range(u_lo, u_hi, 2 if PAIRS else 1):
             y64 = g + u * dil_h
             if OFF_I64:
                 y64 = y64.to(tl.int64)
-            b_s, rt, vz, m_live = _logits(
-                u, b_q, b_bias, b_rt, b_qrow, b_qlo, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st,
-                ebase, m_q, m_win,
-                p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL,
-                HAS_RPB, VIRT, PICK, True, DOT_F32, NS_PAD, BLOCK_K, RAW, SPLIT)
-            b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
-            if VIRT:
-                b_m_new = tl.maximum(b_m_new, vz)
-            b_alpha = tl.exp2(b_m - b_m_new)
-            b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])
-            b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-            if VIRT:
-                b_l += tl.exp2(vz - b_m_new)
-            b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)
-            m_vok = tl.abs(b_v.to(tl.float32)) < float("inf")
-            b_v = tl.where(m_vok, b_v, tl.zeros_like(b_v))
-            # 0/1 indicators in fp16: exact counts from a tensor-core dot
-            b_win = tl.where(m_win & m_live[:, None], 1.0, 0.0).to(tl.float16)
-            b_vnan = tl.where(m_vok, 0.0, 1.0).to(tl.float16)
-            b_bad += tl.dot(b_win, b_vnan)  # [M, BK] @ [BK, BD] -> [M, BD]
-            b_pl = b_p.to(v_ptr.dtype.element_ty)
-            if DOT_F32:
-                b_pl = b_pl.to(tl.float32)
-                b_v = b_v.to(tl.float32)
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
-            b_m = b_m_new
-        b_acc = tl.where(b_bad > 0, float("nan"), b_acc)
-    b_o = b_acc * _rcp(b_l, INTERP)[:, None]
+            if PAIRS:
+                u2 = tl.minimum(u + 1, u_hi - 1)
+                y2 = g + u2 * dil_h
+                if OFF_I64:
+                    y2 = y2.to(tl.int64)
+                dead = tl.where(u + 1 < u_hi, 0.0, float("inf"))  # the copy's offset
+                b_s, _, _, _ = _logits(
+                    u, b_q, b_bias, b_rt, b_qrow, b_qlo, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t,
+                    st, ebase, m_q, m_win, p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x,
+                    qk_scale, KH, HAS_REL, HAS_RPB, VIRT, PICK, False, DOT_F32, NS_PAD, BLOCK_K,
+                    RAW, SPLIT)
+                b_s2, _, _, _ = _logits(
+                    u2, b_q, b_bias, b_rt, b_qrow, b_qlo, u2 - u_lo, sel_ptr, o_sel, b_zot, o_e, t,
+                    st, ebase, m_q, m_win, p_k0, o_kx, m_kv, y2, sk_h, p_rpb, srp_h, o_rpb_x,
+                    qk_scale, KH, HAS_REL, HAS_RPB, VIRT, PICK, False, DOT_F32, NS_PAD, BLOCK_K,
+                    RAW, SPLIT)
+                # raw logits (PAIRS needs RAW): scaled by the exp2's FMA
+                b_m_new = tl.maximum(b_m, tl.max(tl.maximum(b_s, b_s2), axis=1) * qk_scale)
+                b_alpha = tl.exp2(b_m - b_m_new)
+                b_p = tl.exp2(b_s * qk_scale - b_m_new[:, None])
+                b_p2 = tl.exp2(b_s2 * qk_scale - (b_m_new + dead)[:, None])
+                b_lt = b_lt * b_alpha[:, None] + b_p + b_p2
+                b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
+                b_v2 = tl.load(p_v0 + y2 * sv_h + o_vx, mask=m_kv, other=0.0)
+                b_pl = b_p.to(v_ptr.dtype.element_ty)
+                b_pl2 = b_p2.to(v_ptr.dtype.element_ty)
+                if DOT_F32:
+                    b_pl = b_pl.to(tl.float32)
+                    b_v = b_v.to(tl.float32)
+                    b_pl2 = b_pl2.to(tl.float32)
+                    b_v2 = b_v2.to(tl.float32)
+                b_acc = tl.dot(b_pl, b_v, b_acc * b_alpha[:, None], input_precision="ieee")
+                b_acc = tl.dot(b_pl2, b_v2, b_acc, input_precision="ieee")
+                b_m = b_m_new
+            else:
+                b_s, rt, vz, m_live = _logits(
+                    u, b_q, b_bias, b_rt, b_qrow, b_qlo, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st, ebase,
+                    m_q, m_win, p_k0,
+                    o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL, HAS_RPB, VIRT,
+                    PICK, False, DOT_F32, NS_PAD, BLOCK_K, RAW, SPLIT)
+                if RAW:  # raw logits: scaled by the exp2's FMA (qk_scale > 0)
+                    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) * qk_scale)
+                    b_alpha = tl.exp2(b_m - b_m_new)
+                    b_p = tl.exp2(b_s * qk_scale - b_m_new[:, None])
+                else:
+                    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
+                    if PICK:
+                        b_m_new = tl.maximum(b_m_new, vz)
+                    b_alpha = tl.exp2(b_m - b_m_new)
+                    b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])  # [M, BK]; 0 where rt = -inf
+                if PICK:
+                    b_l = b_l * b_alpha + tl.sum(b_p, axis=1) + tl.exp2(vz - b_m_new)
+                else:
+                    b_lt = b_lt * b_alpha[:, None] + b_p
+                b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
+                b_pl = b_p.to(v_ptr.dtype.element_ty)
+                if DOT_F32:
+                    b_pl = b_pl.to(tl.float32)
+                    b_v = b_v.to(tl.float32)
+                # [M, BK] @ [BK, BD] -> [M, BD]
+                b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
+                b_m = b_m_new
+        if PICK or not NARROW_D:
+            if not PICK:
+                b_l = tl.sum(b_lt, axis=1)
+            b_chk = b_l + tl.sum(b_acc, axis=1)
+        else:  # one row sum for l and the non-finite test of acc: 0 * acc is 0, or NaN
+            b_l = tl.sum(_nan_fold(b_lt, b_acc), axis=1)
+            b_chk = b_l
 
-    # out and lse are the launcher's fresh contiguous tensors: their strides follow from
-    # the shape (64-bit from the row stride up with OFF_I64)
-    so_n = D
-    so_w = HEADS * D
-    sl_w = HEADS
-    if OFF_I64:
-        so_h = tl.cast(W, tl.int64) * so_w  # tl.cast: W may be the constant 1
-        sl_h = tl.cast(W, tl.int64) * sl_w
-    else:
-        so_h = W * so_w
-        sl_h = W * sl_w
-    so_b = H * so_h
-    sl_b = H * sl_h
-    p_o = (o_ptr + b64 * so_b + n64 * so_n + (i64 * so_h + j64 * so_w)[:, None]
-           + o_d[None, :])
-    tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
-    b_lse = (b_m + _log2(b_l, INTERP)) * 0.6931471805599453
-    p_l = lse_ptr + b64 * sl_b + n64 + i64 * sl_h + j64 * sl_w
-    tl.store(p_l, b_lse, mask=m_q)
+        # Rare slow pass: a non-finite value reached acc or l (a NaN/inf k or v possibly
+        # outside the window, spread by the -inf additions or by 0 * NaN in P V): recompute
+        # with explicit window masks, non-finite v zeroed, and mark the (query, channel)
+        # outputs whose window holds one as NaN.
+        # A loop of 0 or 1 trips (not an if), so that static readers of the machine code
+        # count it as the rarely run code it is. Any non-finite element makes its row's sum
+        # non-finite.
+        # Also a query whose max stayed at the -1e30 row-term marker (raw units, scaled):
+        # no in-window logit was finite (e.g. all -inf: the exact result is 0 / 0 = NaN),
+        # its sums hold the marked rows' mass.
+        m_bad = (~(tl.abs(b_chk) < float("inf")) | (b_m < -5.0e29 * qk_scale)) & m_q
+        for once in range(tl.max(tl.where(m_bad, 1, 0), axis=0)):
+            # once = 0, but not a constant to the compiler: what depends on it stays in the
+            # slow pass (not hoisted before it, where the fast path would pass through it)
+            if NARROW_D:
+                o_xs, m_xs = _key_columns(x0 + once, W, BLOCK_K, SPARE)
+                _, m_win = _window(o_xs, m_xs, start_x, m_q, dil_w, KW, CLIP or not ZEROS)
+            b_m = b_m0
+            b_l = b_l0
+            if Q_CHECK:  # a non-finite q: every logit is non-finite, out and
+                # lse NaN (by l). Mask and shift get there by the logits unless scale 0
+                # zeroed q; zeros mode's zero taps take their mass from the tables.
+                b_l += tl.sum(tl.dot(b_q_in, tl.zeros([BLOCK_D, BLOCK_K], b_q_in.dtype),
+                                     input_precision=DOT_PRECISION), axis=1)  # 0, or NaN
+            b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            b_bad = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for u in tl.range(u_lo, u_hi, num_stages=1):  # rare: no software pipeline
+                y64 = g + u * dil_h
+                if OFF_I64:
+                    y64 = y64.to(tl.int64)
+                b_s, rt, vz, m_live = _logits(
+                    u, b_q, b_bias, b_rt, b_qrow, b_qlo, u - u_lo, sel_ptr, o_sel, b_zot, o_e, t, st,
+                    ebase, m_q, m_win,
+                    p_k0, o_kx, m_kv, y64, sk_h, p_rpb, srp_h, o_rpb_x, qk_scale, KH, HAS_REL,
+                    HAS_RPB, VIRT, PICK, True, DOT_F32, NS_PAD, BLOCK_K, RAW, SPLIT)
+                b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) + rt)
+                if VIRT:
+                    b_m_new = tl.maximum(b_m_new, vz)
+                b_alpha = tl.exp2(b_m - b_m_new)
+                b_p = tl.exp2(b_s - (b_m_new - rt)[:, None])
+                b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+                if VIRT:
+                    b_l += tl.exp2(vz - b_m_new)
+                b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)
+                m_vok = tl.abs(b_v.to(tl.float32)) < float("inf")
+                b_v = tl.where(m_vok, b_v, tl.zeros_like(b_v))
+                # 0/1 indicators in fp16: exact counts from a tensor-core dot
+                b_win = tl.where(m_win & m_live[:, None], 1.0, 0.0).to(tl.float16)
+                b_vnan = tl.where(m_vok, 0.0, 1.0).to(tl.float16)
+                b_bad += tl.dot(b_win, b_vnan)  # [M, BK] @ [BK, BD] -> [M, BD]
+                b_pl = b_p.to(v_ptr.dtype.element_ty)
+                if DOT_F32:
+                    b_pl = b_pl.to(tl.float32)
+                    b_v = b_v.to(tl.float32)
+                b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
+                b_m = b_m_new
+            b_acc = tl.where(b_bad > 0, float("nan"), b_acc)
+        b_o = b_acc * _rcp(b_l, INTERP)[:, None]
+
+        # out and lse are the launcher's fresh contiguous tensors: their strides follow from
+        # the shape (64-bit from the row stride up with OFF_I64)
+        so_n = D
+        so_w = HEADS * D
+        sl_w = HEADS
+        if OFF_I64:
+            so_h = tl.cast(W, tl.int64) * so_w  # tl.cast: W may be the constant 1
+            sl_h = tl.cast(W, tl.int64) * sl_w
+        else:
+            so_h = W * so_w
+            sl_h = W * sl_w
+        so_b = H * so_h
+        sl_b = H * sl_h
+        p_o = (o_ptr + b64 * so_b + n64 * so_n + (i64 * so_h + j64 * so_w)[:, None]
+               + o_d[None, :])
+        tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
+        b_lse = (b_m + _log2(b_l, INTERP)) * 0.6931471805599453
+        p_l = lse_ptr + b64 * sl_b + n64 + i64 * sl_h + j64 * sl_w
+        tl.store(p_l, b_lse, mask=m_q)
 
 
 # --- host side --------------------------------------------------------------------------
 
+COLS_CHOICES = (2, 4, 8, 16, 32)  # column blocks per program besides 1 (COLS_TILE only)
+
+
 def search_space() -> list[dict]:
     """Tile shapes the tuner may try: BLOCK_M query pixels, BLOCK_W columns per row
-    (>= W: whole rows), warps stacked along M (16 rows of the MMA tile each)."""
-    return [
-        dict(BLOCK_M=bm, BLOCK_W=bw, num_warps=nw, num_stages=ns)
-        for bm in (32, 64, 128)
-        for bw in (8, 16, 32, 64, 128)
-        for nw in (1, 2, 4, 8)
-        for ns in (1, 2)
-    ]
+    (>= W: whole rows), warps stacked along M (16 rows of the MMA tile each); for the
+    one-warp 32-query tile also COLS column blocks per program."""
+    space = []
+    for bm in (32, 64, 128):
+        for bw in (8, 16, 32, 64, 128):
+            for nw in (1, 2, 4, 8):
+                for ns in (1, 2):
+                    space.append(dict(BLOCK_M=bm, BLOCK_W=bw, num_warps=nw, num_stages=ns))
+                    if (bm, nw) == COLS_TILE:
+                        space += [dict(BLOCK_M=bm, BLOCK_W=bw, num_warps=nw, num_stages=ns,
+                                       COLS=cols) for cols in COLS_CHOICES]
+    return space
 
 
 def tile_shape(q_shape, block_w: int) -> int:
@@ -869,8 +923,10 @@ def prune(configs, q_shape, args) -> list[dict]:
     kept, seen = [], set()
     for cfg in configs:
         key = (cfg["BLOCK_M"], tile_shape(q_shape, cfg["BLOCK_W"]), cfg.get("num_warps"),
-               cfg.get("num_stages"))
+               cfg.get("num_stages"), cfg.get("COLS", 1))
         if key in seen or not _fits(q_shape, args, cfg):
+            continue
+        if cfg.get("COLS", 1) > 1 and not _shares_columns(q_shape, cfg):
             continue
         seen.add(key)
         kept.append(cfg)
@@ -922,11 +978,47 @@ def _candidates(q_shape, args, strict: bool) -> list[dict]:
 def default_config(q_shape, args) -> dict:
     """Of the first tile shape (BLOCK_M, num_warps) with a fitting config, the BLOCK_W
     with the least estimated work (`_work`); on images too small for any tile without
-    idle rows, the same among tiles with idle rows. Tuned tables override this."""
+    idle rows, the same among tiles with idle rows; then its column blocks per program
+    (`columns_per_program`). Tuned tables override this."""
     configs = _candidates(q_shape, args, True) or _candidates(q_shape, args, False)
     first = [c for c in configs if (c["BLOCK_M"], c["num_warps"])
              == (configs[0]["BLOCK_M"], configs[0]["num_warps"])]
-    return min(first, key=lambda c: _work(q_shape, args, c["BLOCK_M"], c["BLOCK_W"]))
+    config = min(first, key=lambda c: _work(q_shape, args, c["BLOCK_M"], c["BLOCK_W"]))
+    cols = columns_per_program(q_shape, args, config)
+    return config if cols == 1 else dict(config, COLS=cols)
+
+
+COLS_MIN_PROGRAMS = 132 * 8  # a wave of one-warp programs on an H100 (8 resident per SM)
+COLS_TILE = (32, 1)  # (BLOCK_M, num_warps) of the tile whose programs may share columns
+
+
+def _shares_columns(q_shape, config) -> bool:
+    """Whether COLS > 1 may pay for this config: the one-warp 32-query tile with head
+    blocks of at most 16 channels (at d = 32: 255 registers, a spill at COLS 2; no
+    saving at fpn-p3), and COLS at most the row's column blocks (rounded up to a power
+    of two: larger ones only repeat it)."""
+    bw = tile_shape(q_shape, config["BLOCK_W"])
+    return ((config["BLOCK_M"], config.get("num_warps", 4)) == COLS_TILE
+            and head_block(q_shape[4]) <= 16
+            and config.get("COLS", 1) <= next_pow2(triton.cdiv(q_shape[2], bw)))
+
+
+def columns_per_program(q_shape, args, config) -> int:
+    """COLS: the column blocks a program walks one after the other, sharing what depends
+    on its rows and head alone (the rel tables' loads and shared-memory staging, the row
+    bounds, the program's index arithmetic: ~290 of s2's ~990 setup instructions).
+    Where `_shares_columns`: the row's blocks (a power of two, at most 32), halved while
+    fewer than COLS_MIN_PROGRAMS programs would remain; else 1."""
+    B, H, W, heads, d = q_shape
+    bw = tile_shape(q_shape, config["BLOCK_W"])
+    if not _shares_columns(q_shape, dict(config, COLS=1)):
+        return 1
+    n_jb = triton.cdiv(W, bw)
+    rows = B * args.dh * heads * triton.cdiv(triton.cdiv(H, args.dh), config["BLOCK_M"] // bw)
+    cols = min(next_pow2(n_jb), COLS_CHOICES[-1])
+    while cols > 1 and rows * triton.cdiv(n_jb, cols) < COLS_MIN_PROGRAMS:
+        cols //= 2
+    return cols
 
 
 @per_call_key
@@ -978,7 +1070,11 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
     bk, clip = key_tile(q_shape, args, bw)
     if bm % bw or bm < bw:
         raise ValueError(f"rows config: BLOCK_M {bm} must be a multiple of the tile width {bw}")
-    n_jb, n_tb = triton.cdiv(W, bw), triton.cdiv(triton.cdiv(H, args.dh), bm // bw)
+    cols = config.get("COLS", 1)  # column blocks per program
+    if not isinstance(cols, int) or cols < 1:
+        raise ValueError(f"rows config: COLS must be a positive int, got {cols!r}")
+    # n_jb: the column groups of `cols` column blocks each (the grid's column index)
+    n_jb, n_tb = triton.cdiv(triton.cdiv(W, bw), cols), triton.cdiv(triton.cdiv(H, args.dh), bm // bw)
     out_strides, lse_strides = contiguous_strides(q_shape), contiguous_strides(q_shape[:4])
     spare = (clip and args.padding == "zeros" and args.rpb is None
              and clipped_span(q_shape, args, bw) < bk)
@@ -1010,7 +1106,7 @@ def _plan(q_shape, dtype, strides, args, rel_f32: bool, config) -> LaunchPlan:
                 + [(q_shape[:4], lse_strides)], bk),
             KV_SAME_STRIDES=kv_same, EVEN_D=d == head_block(d),
             RAW=raw, Q_SIGN=(args.scale > 0) - (args.scale < 0),
-            GRID_3D=grid_3d,
+            GRID_3D=grid_3d, COLS=cols,
             PAIR=walks_pairs(bm, bk, head_block(d), _e_pad(args), ns,
                              config.get("num_warps", 4), raw),
             **launch_options(config),

@@ -25,7 +25,8 @@ Mapping per kernel (what the trip counts stand for):
 * `_rows_fwd_kernel`: [key rows walked, u_lo <= u < u_hi: the mean over the row blocks
   of the in-image rows the tile's windows cover (<= BLOCK_M / BLOCK_W + KH - 1)],
   [NaN slow pass: a loop of 0 trips (1 only when a non-finite value reached acc)
-  [key rows walked again]].
+  [key rows walked again]]; with COLS > 1 both inside [column blocks, jb_lo <= jb <
+  jb_hi: the row's column blocks / the column groups (N_JB), rounded].
 * `_query_grads_kernel` (rows_bwd_query): [key rows: the union of the tile's windows,
   min(BLOCK_H, H) + (KH - 1) * dil_h (zeros; an upper bound for mask and shift)],
   [the non-finite slow pass, query blocks [ty < TY [tx < TX]]: 0 trips, it runs only
@@ -112,10 +113,17 @@ def _rows(c: dict) -> list[LoopSpec]:
 
     trips = mean_steps(1)
     slow_rows = LoopSpec("key rows walked again", trips, exp2=True)
-    return [LoopSpec("key rows walked u_lo<=u<u_hi" + (" (pairs)" if pairs else ""),
+    body = [LoopSpec("key rows walked u_lo<=u<u_hi" + (" (pairs)" if pairs else ""),
                      mean_steps(2) if pairs else trips, exp2=True),
             LoopSpec("NaN slow pass (0 trips: not taken)", 0, [slow_rows], exp2=True,
                      cold=True)]
+    cols = c.get("COLS", 1)
+    if cols == 1:
+        return body
+    W, n_groups = c["sizes"][1], c["sizes"][5]  # N_JB: the column groups
+    blocks = math.ceil(W / c["BLOCK_W"])
+    return [LoopSpec("column blocks jb_lo<=jb<jb_hi", max(1, round(blocks / n_groups)), body,
+                     exp2=True)]
 
 
 def _offsets(c: dict) -> list[LoopSpec]:  # TY, TX are runtime arguments: never unrolled

@@ -87,6 +87,21 @@ def _halves(t):
 
 
 @triton.jit
+def _add_half(t, prod, UPPER: tl.constexpr, HALF: tl.constexpr):
+    """t + prod on t's lower (upper: UPPER) channel half, prod a half tile (HALF: the
+    other half is left alone, no multiply-adds with zeros), else t + prod."""
+    if HALF:
+        lo, hi = _halves(t)
+        if UPPER:
+            hi = hi + prod
+        else:
+            lo = lo + prod
+        return tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), t.shape)
+    else:
+        return t + prod
+
+
+@triton.jit
 def _lower(t, HALF: tl.constexpr):
     """The lower channel half of t (HALF), else t (its upper half zero or unused)."""
     if HALF:
@@ -373,13 +388,13 @@ def _tile2d_bwd_query_kernel(
             naccs = ()
             part = tl.zeros([G, BLOCK_N, D_HALF if HALF else BLOCK_D], dtype=tl.float32)
             for j in tl.static_range(PIX):
-                prod = grows[j][:, :, None] * b_rh
+                prod = grows[j][:, :, None] * _lower(b_rh, HALF)
                 part_j = grows[j][:, :, None] * _lower(qss[j], HALF)
                 if MASK:
                     m_r = (m_row & m_ps[j])[:, None, None]
                     prod = tl.where(m_r, prod, 0.0)
                     part_j = tl.where(m_r, part_j, 0.0)
-                naccs = naccs + (accs[j] + prod,)
+                naccs = naccs + (_add_half(accs[j], prod, False, HALF),)
                 if j == 0:
                     part = part_j
                 else:
@@ -395,14 +410,14 @@ def _tile2d_bwd_query_kernel(
             part = tl.zeros([G, BLOCK_N, BLOCK_D - D_HALF if HALF else BLOCK_D],
                             dtype=tl.float32)
             for j in tl.static_range(PIX):
-                prod = gs[j * KW + c][:, :, None] * b_rw
+                prod = gs[j * KW + c][:, :, None] * _upper(b_rw, HALF)
                 part_j = gs[j * KW + c][:, :, None] * _upper(qss[j], HALF)
                 if MASK:  # pixel j meets rel_w[c] at window column u = j + c
                     xk = x + (j + c - KW // 2) * dil_w
                     m_c = (m_ps[j] & (xk.to(tl.uint32, bitcast=True) < W))[:, None, None]
                     prod = tl.where(m_c, prod, 0.0)
                     part_j = tl.where(m_c, part_j, 0.0)
-                naccs = naccs + (accs[j] + prod,)
+                naccs = naccs + (_add_half(accs[j], prod, True, HALF),)
                 if j == 0:
                     part = part_j
                 else:

@@ -124,9 +124,10 @@ def default_config(q_shape, args: AttendArgs) -> dict:
     """Two horizontally adjacent query pixels per thread (PIX = 2: they share KW + 1 of
     their 2 KW window columns' loads; 1 with column dilation or on one-column images),
     tiles of 4 groups per row (fewer on narrow images) and about 128 (pixel group, head
-    lane) slots, one per thread over 4 warps (fewer warps on tiny images). The key kernel
-    runs the same group tile with `_key_pix` pixels per group. Two slots per thread issue
-    fewer instructions but spill (s1: 254 registers)."""
+    lane) slots, one per thread over 4 warps (fewer warps on tiny images), then reshaped
+    (`_fitted_tile`) to pad the image least. The key kernel runs the same group tile with
+    `_key_pix` pixels per group. Two slots per thread issue fewer instructions but spill
+    (s1: 254 registers)."""
     B, H, W, heads, d = q_shape
     pix = 2 if args.dw == 1 and W > 1 else 1
     tw = 4 if W > 4 else max(1, min(4, next_pow2(W)) // pix)

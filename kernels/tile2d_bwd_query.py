@@ -304,8 +304,11 @@ def _tile2d_bwd_query_kernel(
     gs = ()  # G_col per pixel and tap (flat, j * KW + c)
     for _i in tl.static_range(PIX * KW):
         gs = gs + (zero_gn,)
-    slot = pid.to(tl.int64) * HEADS + o_n  # [N]: partial slot of (program, head)
+    opq = pid * 0  # 0; with quads opaque to the compiler after the loop (below)
     for a in range(KH):
+        if PIX > 2:
+            opq = tl.where(W > 0, opq, 1)  # W > 0: stays 0
+        slot = pid.to(tl.int64) * HEADS + o_n  # [N]: partial slot of (program, head)
         dy = (a - KH // 2) * dil_h
         yk = y + dy
         m_row = m_y & (yk >= 0) & (yk < H)
@@ -402,9 +405,26 @@ def _tile2d_bwd_query_kernel(
             accs = naccs
             part = tl.sum(part, axis=0) * 0.6931471805599453  # q * scale: qs / log2(e)
             _store_part(parth_ptr, a * N_SLOTS + slot, part, o_d, m_n, m_dh, D_HALF, 0, HALF)
+    # after the loop, the program's pixels, pointers and masks afresh: with quads from an
+    # opaque copy of pid, else the prologue's (opq is the constant 0). Reusing them kept
+    # them live through the loop: Triton 3.6 spilled 8 bytes at k3 (quads over 2 warps)
+    pid = pid + opq
+    b = (pid // TILES).to(tl.int64)
+    t = pid % TILES
+    y = (t // TILES_W) * BLOCK_H + o_g // TW
+    x = (t % TILES_W) * (TW * PIX) + (o_g % TW) * PIX
+    m_y = y < H
+    if IMG_I64:
+        yi = y.to(tl.int64)
+    else:
+        yi = y
+    m_ps = ()
+    for j in tl.static_range(PIX):
+        m_ps = m_ps + (m_y & (x + j < W),)
+    slot = pid.to(tl.int64) * HEADS + o_n
     if HAS_REL:
         for c in tl.static_range(KW):
-            b_rw = tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :],
+            b_rw = tl.load(relw_ptr + c * (srw_r + opq) + o_rw, mask=m_dw[None, :, :],
                            other=0.0).to(tl.float32)
             naccs = ()
             part = tl.zeros([G, BLOCK_N, BLOCK_D - D_HALF if HALF else BLOCK_D],

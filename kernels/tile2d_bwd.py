@@ -124,9 +124,10 @@ def default_config(q_shape, args: AttendArgs) -> dict:
     """Two horizontally adjacent query pixels per thread (PIX = 2: they share KW + 1 of
     their 2 KW window columns' loads; 1 with column dilation or on one-column images),
     tiles of 4 groups per row (fewer on narrow images) and about 128 (pixel group, head
-    lane) slots, one per thread over 4 warps (fewer warps on tiny images). The key kernel
-    runs the same group tile with `_key_pix` pixels per group. Two slots per thread issue
-    fewer instructions but spill (s1: 254 registers)."""
+    lane) slots, one per thread over 4 warps (fewer warps on tiny images), then reshaped
+    (`_fitted_tile`) to pad the image least. The key kernel runs the same group tile with
+    `_key_pix` pixels per group. Two slots per thread issue fewer instructions but spill
+    (s1: 254 registers)."""
     B, H, W, heads, d = q_shape
     pix = 2 if args.dw == 1 and W > 1 else 1
     tw = 4 if W > 4 else max(1, min(4, next_pow2(W)) // pix)
@@ -138,8 +139,32 @@ def default_config(q_shape, args: AttendArgs) -> dict:
     while warps > 1 and _slots_per_thread(q_shape, bh, tw, warps) < 1:
         warps //= 2
     quads = pix == 2 and _lanes(q_shape) <= 2 and W >= 4 * tw
-    return _config(bh, tw, warps, 4 if quads and args.kw <= 3 else pix,
-                   _key_pix(q_shape, args, pix, quads))
+    q_pix, k_pix = 4 if quads and args.kw <= 3 else pix, _key_pix(q_shape, args, pix, quads)
+    bh, tw, warps = _fitted_tile(H, W, bh, tw, warps, (q_pix, k_pix))
+    return _config(bh, tw, warps, q_pix, k_pix)
+
+
+def _fitted_tile(H: int, W: int, bh: int, tw: int, warps: int, pixes) -> tuple:
+    """(BLOCK_H, groups per tile row, warps): of the group tiles with as many (group, head
+    lane) slots per thread as (bh, tw, warps), with the same or half the warps, the one
+    whose tiles (tw * pix pixels wide, for each kernel's pix) cover the image with the
+    fewest padded pixels (s1's key quads: 8 x 8 tiles fit 56 columns where 4 x 16 padded
+    them to 64); ties keep the warps, then the tile."""
+    def padded(b: int, t: int) -> int:
+        return sum(-(-H // b) * b * -(-W // (t * p)) * t * p for p in pixes)
+
+    best = (padded(bh, tw), 0, 0, bh, tw, warps)
+    for w in (warps, warps // 2):
+        groups = bh * tw * w // warps
+        if w < 1 or groups * warps != bh * tw * w:
+            continue
+        for b in _SIZES:
+            t = groups // b
+            if (t < 1 or b * t != groups or b > max(1, next_pow2(H))
+                    or t * max(pixes) > max(2, next_pow2(W)) or b * t * min(pixes) < 4):
+                continue
+            best = min(best, (padded(b, t), w != warps, (b, t) != (bh, tw), b, t, w))
+    return best[3:]
 
 
 def _key_pix(q_shape, args: AttendArgs, pix: int, quads: bool) -> int:

@@ -34,13 +34,11 @@ def _key_tap(b_q, b_q_hi, b_do, b_seed, b_delta, b_k, b_rw, b_v, m_q, b_dk, b_dv
              HAS_REL: tl.constexpr, HALF: tl.constexpr, CHAIN: tl.constexpr):
     """One (key pixel, query) pair: (dk / scale, dv) accumulators. b_seed: the query's
     -lse2 (+ rpb), with HALF plus its rel_h part. b_k: k * scale * log2(e), except with
-    rel and not HALF: k + rel_h[a]. b_rw: rel_w[c], its upper channel half in the
-    tables' dtype (HALF) or all channels in float32 (zeros below d / 2)."""
+    rel and not HALF: k + rel_h[a]. b_rw: rel_w[c] in float32, its upper channel half
+    times scale * log2(e) (HALF) or all channels (zeros below d / 2)."""
     if HAS_REL:
-        if HALF:
-            zero = tl.zeros(b_seed.shape, dtype=tl.float32)
-            b_rel = _dot(zero, b_q_hi, b_rw.to(tl.float32), CHAIN)
-            b_s = _dot(b_seed + b_rel * qk_scale, b_q, b_k, CHAIN)
+        if HALF:  # b_rw scaled by scale * log2(e) once: one chain from the seed
+            b_s = _dot(_dot(b_seed, b_q_hi, b_rw, CHAIN), b_q, b_k, CHAIN)
         else:
             zero = tl.zeros(b_seed.shape, dtype=tl.float32)
             b_s = _dot(zero, b_q, b_k + b_rw, CHAIN) * qk_scale + b_seed
@@ -143,12 +141,12 @@ def _tile2d_bwd_key_kernel(
     o_g0 = (o_g * 0)[:, None, None]  # a table row loaded in the [G, N, D] tiles' layout
     o_rh = o_g0 + (o_n[:, None] * srh_n + o_d[None, :] * srh_d)[None, :, :]
     o_rw = o_g0 + (o_n[:, None] * srw_n + (o_d[None, :] - D_HALF) * srw_d)[None, :, :]
-    rws = ()  # rel_w[c]: the upper half as stored (HALF: fewer registers), else float32
+    rws = ()  # rel_w[c] in float32: the upper half * scale * log2(e) (HALF), else all
     for c in tl.static_range(KW):
         if HAS_REL:
             b_rw = tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :], other=0.0)
             if HALF:
-                _lo, b_rw = _halves(b_rw)
+                _lo, b_rw = _halves(b_rw.to(tl.float32) * qk_scale)
             else:
                 b_rw = b_rw.to(tl.float32)
             rws = rws + (b_rw,)

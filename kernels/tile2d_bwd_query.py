@@ -87,6 +87,21 @@ def _halves(t):
 
 
 @triton.jit
+def _add_half(t, prod, UPPER: tl.constexpr, HALF: tl.constexpr):
+    """t + prod on t's lower (upper: UPPER) channel half, prod a half tile (HALF: the
+    other half is left alone, no multiply-adds with zeros), else t + prod."""
+    if HALF:
+        lo, hi = _halves(t)
+        if UPPER:
+            hi = hi + prod
+        else:
+            lo = lo + prod
+        return tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), t.shape)
+    else:
+        return t + prod
+
+
+@triton.jit
 def _lower(t, HALF: tl.constexpr):
     """The lower channel half of t (HALF), else t (its upper half zero or unused)."""
     if HALF:
@@ -289,8 +304,11 @@ def _tile2d_bwd_query_kernel(
     gs = ()  # G_col per pixel and tap (flat, j * KW + c)
     for _i in tl.static_range(PIX * KW):
         gs = gs + (zero_gn,)
-    slot = pid.to(tl.int64) * HEADS + o_n  # [N]: partial slot of (program, head)
+    opq = pid * 0  # 0; with quads opaque to the compiler after the loop (below)
     for a in range(KH):
+        if PIX > 2:
+            opq = tl.where(W > 0, opq, 1)  # W > 0: stays 0
+        slot = pid.to(tl.int64) * HEADS + o_n  # [N]: partial slot of (program, head)
         dy = (a - KH // 2) * dil_h
         yk = y + dy
         m_row = m_y & (yk >= 0) & (yk < H)
@@ -373,13 +391,13 @@ def _tile2d_bwd_query_kernel(
             naccs = ()
             part = tl.zeros([G, BLOCK_N, D_HALF if HALF else BLOCK_D], dtype=tl.float32)
             for j in tl.static_range(PIX):
-                prod = grows[j][:, :, None] * b_rh
+                prod = grows[j][:, :, None] * _lower(b_rh, HALF)
                 part_j = grows[j][:, :, None] * _lower(qss[j], HALF)
                 if MASK:
                     m_r = (m_row & m_ps[j])[:, None, None]
                     prod = tl.where(m_r, prod, 0.0)
                     part_j = tl.where(m_r, part_j, 0.0)
-                naccs = naccs + (accs[j] + prod,)
+                naccs = naccs + (_add_half(accs[j], prod, False, HALF),)
                 if j == 0:
                     part = part_j
                 else:
@@ -387,22 +405,39 @@ def _tile2d_bwd_query_kernel(
             accs = naccs
             part = tl.sum(part, axis=0) * 0.6931471805599453  # q * scale: qs / log2(e)
             _store_part(parth_ptr, a * N_SLOTS + slot, part, o_d, m_n, m_dh, D_HALF, 0, HALF)
+    # after the loop, the program's pixels, pointers and masks afresh: with quads from an
+    # opaque copy of pid, else the prologue's (opq is the constant 0). Reusing them kept
+    # them live through the loop: Triton 3.6 spilled 8 bytes at k3 (quads over 2 warps)
+    pid = pid + opq
+    b = (pid // TILES).to(tl.int64)
+    t = pid % TILES
+    y = (t // TILES_W) * BLOCK_H + o_g // TW
+    x = (t % TILES_W) * (TW * PIX) + (o_g % TW) * PIX
+    m_y = y < H
+    if IMG_I64:
+        yi = y.to(tl.int64)
+    else:
+        yi = y
+    m_ps = ()
+    for j in tl.static_range(PIX):
+        m_ps = m_ps + (m_y & (x + j < W),)
+    slot = pid.to(tl.int64) * HEADS + o_n
     if HAS_REL:
         for c in tl.static_range(KW):
-            b_rw = tl.load(relw_ptr + c * srw_r + o_rw, mask=m_dw[None, :, :],
+            b_rw = tl.load(relw_ptr + c * (srw_r + opq) + o_rw, mask=m_dw[None, :, :],
                            other=0.0).to(tl.float32)
             naccs = ()
             part = tl.zeros([G, BLOCK_N, BLOCK_D - D_HALF if HALF else BLOCK_D],
                             dtype=tl.float32)
             for j in tl.static_range(PIX):
-                prod = gs[j * KW + c][:, :, None] * b_rw
+                prod = gs[j * KW + c][:, :, None] * _upper(b_rw, HALF)
                 part_j = gs[j * KW + c][:, :, None] * _upper(qss[j], HALF)
                 if MASK:  # pixel j meets rel_w[c] at window column u = j + c
                     xk = x + (j + c - KW // 2) * dil_w
                     m_c = (m_ps[j] & (xk.to(tl.uint32, bitcast=True) < W))[:, None, None]
                     prod = tl.where(m_c, prod, 0.0)
                     part_j = tl.where(m_c, part_j, 0.0)
-                naccs = naccs + (accs[j] + prod,)
+                naccs = naccs + (_add_half(accs[j], prod, True, HALF),)
                 if j == 0:
                     part = part_j
                 else:

@@ -103,6 +103,27 @@ def test_pixel_quads(dtype, padding):
                   rpb=True), dtype, config=config)
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_channel_halves_mask(seed):
+    """bf16 d = 8 (a head's channels in one thread): the query kernel's rel dots, dq's rel
+    terms and table partials on channel halves, with mask padding (rows and columns
+    outside the image selected away) and per-head tables; default (fitted) tiles."""
+    run_case(Case(B=1, H=5, W=6, heads=2, d=8, k=(3, 5), padding="mask", rel="per_head",
+                  rpb=seed == 1), torch.bfloat16, seed=seed)
+
+
+def test_fitted_tiles_two_warps():
+    """A default config whose tiles were fitted to the image with half the warps (2 x 12,
+    16 heads: 2 x 4 tiles over 2 warps pad nothing where 4 warps' 2 x 8 tiles would): the
+    composed launches on it against the oracle."""
+    case = Case(B=1, H=2, W=12, heads=16, d=8, k=3, rel="shared")
+    config = tile2d_bwd.default_config((1, 2, 12, 16, 8), check_attend_args(
+        *make_inputs(case, torch.bfloat16, "contiguous")[:3], 3, 1, "zeros", None, None,
+        None, None))
+    assert config["Q_num_warps"] == config["K_num_warps"] == 2, config
+    run_case(case, torch.bfloat16, config=config)
+
+
 def _random_case(seed: int) -> tuple:
     rng = random.Random(seed)
     padding = rng.choice(("zeros", "mask"))
@@ -191,6 +212,21 @@ def test_configs_and_supports():
                             (shape, dilated, (1, 1))):
         config = tile2d_bwd.default_config(q_shape, a)
         assert (config["Q_PIX"], config["K_PIX"]) == pix, (q_shape, a.kw, pix)
+    # group tiles fitted to the image at one (group, head lane) slot per thread: s1's key
+    # quads in 8 x 8 tiles (4 x 16 padded 56 columns to 64), 4 x 4 at 28 x 28 (d = 16:
+    # pairs; 16 heads: quads over 2 warps), det's 4 x 8 kept
+    for q_shape, a, tiles in (
+            (shape, args, (8, 4, 8, 8, 4)), ((2, 28, 28, 8, 16), args, (4, 4, 4, 4, 4)),
+            ((2, 28, 28, 16, 8), args, (4, 2, 4, 4, 2)), ((2, 28, 28, 8, 16), k3, (4, 4, 4, 4, 2)),
+            ((2, 128, 128, 4, 16), args, (4, 8, 4, 8, 4))):
+        c = tile2d_bwd.default_config(q_shape, a)
+        assert (c["Q_BLOCK_H"], c["Q_BLOCK_W"], c["K_BLOCK_H"], c["K_BLOCK_W"],
+                c["Q_num_warps"]) == tiles, (q_shape, c)
+        assert c["K_num_warps"] == c["Q_num_warps"] and c in tile2d_bwd.search_space()
+        for pre in ("Q_", "K_"):
+            assert tile2d_bwd._slots_per_thread(
+                q_shape, c[pre + "BLOCK_H"], c[pre + "BLOCK_W"], c[pre + "num_warps"],
+                c[pre + "PIX"]) == 1, (q_shape, c)
     assert tile2d_bwd.supports(shape, torch.bfloat16, args)
     assert tile2d_bwd.supports((2, 28, 28, 8, 16), torch.bfloat16, args)
     assert not tile2d_bwd.supports(shape, torch.float64, args)

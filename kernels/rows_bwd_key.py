@@ -233,16 +233,29 @@ def _part_operands(k_ptr, v_ptr, eye_ptr, dtype_ptr, y, x, o_mr, m_key, o_d, m_d
 @triton.jit
 def _row_inputs(i, i_base, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0, sdo_h,
                 o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j,
-                VEC: tl.constexpr, DOT_F32: tl.constexpr):
+                VEC: tl.constexpr, DOT_F32: tl.constexpr, ROW32: tl.constexpr):
     """What every part of the tile reads of query row i: q, dout [N, D], lse and delta
-    [N]."""
-    i64 = i_base.to(tl.int64) + (i - i_base)  # (the interpreter iterates Python ints)
-    p_q = q_ptr + tl.multiple_of(o_q0 + i64 * sq_h, VEC)
+    [N]. ROW32: row i's offsets within the (batch, head) fit in int32, added to the
+    loop-invariant base pointers (a 64-bit row offset cost ~6 integer instructions per
+    tensor and row)."""
+    if ROW32:
+        p_q = q_ptr + tl.multiple_of(o_q0, VEC) + tl.multiple_of(i * sq_h, VEC)
+        p_do = do_ptr + tl.multiple_of(o_do0, VEC) + tl.multiple_of(i * sdo_h, VEC)
+        p_l = lse_ptr + o_l0
+        p_dl = delta_ptr + o_dl0
+        o_l = i * sl_h
+        o_dl = i * sdl_h
+    else:
+        i64 = i_base.to(tl.int64) + (i - i_base)  # (the interpreter iterates Python ints)
+        p_q = q_ptr + tl.multiple_of(o_q0 + i64 * sq_h, VEC)
+        p_do = do_ptr + tl.multiple_of(o_do0 + i64 * sdo_h, VEC)
+        p_l = lse_ptr
+        p_dl = delta_ptr
+        o_l = o_l0 + i64 * sl_h
+        o_dl = o_dl0 + i64 * sdl_h
     b_q = tl.load(p_q + o_qjd, mask=m_jd, other=0.0)  # [N, D]
-    p_do = do_ptr + tl.multiple_of(o_do0 + i64 * sdo_h, VEC)
     b_do = tl.load(p_do + o_dojd, mask=m_jd, other=0.0)  # [N, D]
-    b_lse, b_delta = _lse_delta(lse_ptr, delta_ptr, o_l0 + i64 * sl_h,
-                                o_dl0 + i64 * sdl_h, o_jl, o_jdl, m_j)  # [N]
+    b_lse, b_delta = _lse_delta(p_l, p_dl, o_l, o_dl, o_jl, o_jdl, m_j)  # [N]
     if DOT_F32:
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
@@ -354,7 +367,8 @@ def _key_bwd_kernel(
     TH: tl.constexpr, TW: tl.constexpr, TP: tl.constexpr,  # rel_h / rel_w rows, padded sum
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROWS_P: tl.constexpr, MASK_IN_DOTS: tl.constexpr, DOT_F32: tl.constexpr,
-    ROW_I64: tl.constexpr, VEC: tl.constexpr, KV_I32: tl.constexpr, GRID3: tl.constexpr,
+    ROW_I64: tl.constexpr, ROW32: tl.constexpr, VEC: tl.constexpr, KV_I32: tl.constexpr,
+    GRID3: tl.constexpr,
     SUB_M: tl.constexpr,  # key slots per sub-tile of the slow pass
     PAIR_ONEHOT: tl.constexpr,  # build A_row from (even, odd) slot pairs (4+ warps)
     EYE: tl.constexpr,  # rows (and row stride) of eye_ptr's identity: >= BLOCK_N, ROWS_P
@@ -519,7 +533,7 @@ def _key_bwd_kernel(
                 b_q, b_do, b_lse, b_delta = _row_inputs(
                     i, i_lo, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0,
                     sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
-                    DOT_F32)
+                    DOT_F32, ROW32)
                 b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
                 b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H,
                                           KH, dil_h, SHIFT, TMASK, ROWS_P, BLOCK_N,
@@ -534,7 +548,7 @@ def _key_bwd_kernel(
                 b_q, b_do, b_lse, b_delta = _row_inputs(
                     i, i_mid, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0,
                     sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
-                    DOT_F32)
+                    DOT_F32, ROW32)
                 b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
                 b_s2 = tl.dot(b_k2, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
                 b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H,
@@ -555,7 +569,7 @@ def _key_bwd_kernel(
                 b_q, b_do, b_lse, b_delta = _row_inputs(
                     i, i_bot, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0,
                     sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
-                    DOT_F32)
+                    DOT_F32, ROW32)
                 b_s2 = tl.dot(b_k2, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
                 b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H,
                                           KH, dil_h, SHIFT, TMASK, ROWS_P, BLOCK_N,
@@ -565,14 +579,14 @@ def _key_bwd_kernel(
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
                     DOT_F32, COMBINED)
-        b_sum = tl.sum(acc_dk) + tl.sum(acc_dk2)
+        b_sum = tl.sum(acc_dk + acc_dk2)  # one reduction (the parts share a layout)
     else:
         for i in range(i_lo, i_hi):
             if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
                 b_q, b_do, b_lse, b_delta = _row_inputs(
                     i, i_lo, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0,
                     sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
-                    DOT_F32)
+                    DOT_F32, ROW32)
                 b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
                 b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H,
                                           KH, dil_h, SHIFT, TMASK, ROWS_P, BLOCK_N,
@@ -917,6 +931,9 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
                           and scale >= 1e-20),
             DOT_F32=INTERPRETED and dtype == torch.bfloat16,
             ROW_I64=not strides_fit_i32((strides[0], strides[3]), W + bn, d),
+            # query row offsets within a (batch, head) of q, dout, lse, delta fit in int32
+            ROW32=H * max(abs(st[1]) for st in (strides[0], strides[3], strides[4],
+                                                strides[5])) < 2**31,
             VEC=min(align, stride_vector_width(
                 [(d, st) for st in (*strides[:4], grad_strides)], head_block(d))),
             KV_I32=pixel_offsets_shared((strides[1], strides[2], grad_strides), H, W),

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -170,8 +171,9 @@ def _part_operands(k_ptr, v_ptr, eye_ptr, dtype_ptr, y, x, o_mr, m_key, o_d, m_d
                    sk_h, sk_w, sk_d, sv_h, sv_w, sv_d, sdk_h, sdk_w, j0, o_u, o_r, r0, COLS_MAGIC,
                    x0, COLS, PART_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_P: tl.constexpr,
                    EYE: tl.constexpr, KV_I32: tl.constexpr, VEC: tl.constexpr,
-                   DOT_F32: tl.constexpr, PAIR_ONEHOT: tl.constexpr, COMBINED: tl.constexpr):
-    """k, v [PART_M, D] of a part's keys, its one-hots A_col [PART_M, N] (each key's
+                   DOT_F32: tl.constexpr, PAIR_ONEHOT: tl.constexpr, COMBINED: tl.constexpr,
+                   o_s):
+    """k, v [PART_M, D] of a part's keys (tile slots o_s), its one-hots A_col [PART_M, N] (each key's
     column among the query columns) and A_row [PART_M, RP] (each key's tile row), and
     the keys' pixel offsets in dk and dv."""
     m_kd = m_key[:, None] & m_d[None, :]
@@ -205,13 +207,11 @@ def _part_operands(k_ptr, v_ptr, eye_ptr, dtype_ptr, y, x, o_mr, m_key, o_d, m_d
                          tl.where(o_r[:, None] == r_odd[None, :], 1.0, 0.0))
         b_arow = tl.trans(tl.reshape(b_arow, (ROWS_P, PART_M)).to(dtype))
     elif COMBINED:  # one matrix A [M, N] with two ones per key: at its column in the
-        # tile (x - x0 < COLS) and at COLS + its tile row (COLS + ROWS <= N), the sum of
-        # two rows of an identity table loaded per key slot (padding slots whose row lies
-        # past N get no row one)
-        o_kc = tl.arange(0, BLOCK_N)
-        b_acol = (tl.load(eye_ptr + (x - x0)[:, None] * EYE + o_kc[None, :])
-                  + tl.load(eye_ptr + (COLS + o_mr)[:, None] * EYE + o_kc[None, :],
-                            mask=(COLS + o_mr < BLOCK_N)[:, None], other=0.0))
+        # tile (x - x0 < COLS) and at COLS + its tile row (COLS + ROWS <= N); eye_ptr is
+        # then the launcher's table of these rows by tile slot (`combined_onehots`: a
+        # function of COLS alone), loaded as PART_M contiguous rows (two masked identity
+        # rows per slot and their sum cost s2 ~40 more instructions per program)
+        b_acol = tl.load(eye_ptr + o_s[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :])
         b_arow = b_acol
     else:  # rows of an identity table loaded per key slot: BLOCK_N (ROWS_P) contiguous
         # elements move in 16-byte loads and stores to shared memory, where a compare and
@@ -436,7 +436,7 @@ def _key_bwd_kernel(
     b_k, b_v, b_acol, b_arow, o_dkp = _part_operands(
         k_ptr, v_ptr, eye_ptr, q_ptr, y, x, o_mr, m_key, o_d, m_d, o_kv0, o_vv0,
         sk_h, sk_w, sk_d, sv_h, sv_w, sv_d, sdk_h, sdk_w, j0, o_u, o_r, 0, COLS_MAGIC, x0,
-        COLS, PART_M, BLOCK_N, ROWS_P, EYE, KV_I32, VEC, DOT_F32, PAIR_ONEHOT, COMBINED)
+        COLS, PART_M, BLOCK_N, ROWS_P, EYE, KV_I32, VEC, DOT_F32, PAIR_ONEHOT, COMBINED, o_p)
     if HAS_RPB or not MASK_IN_DOTS:
         m_col, o_rpbc = _col_taps(x, m_key, o_j, m_j, W, KW, dil_w, SHIFT)  # [M, N]
     else:
@@ -448,7 +448,7 @@ def _key_bwd_kernel(
             k_ptr, v_ptr, eye_ptr, q_ptr, y2, x2, o_mr2, m_key2, o_d, m_d, o_kv0, o_vv0,
             sk_h, sk_w, sk_d, sv_h, sv_w, sv_d, sdk_h, sdk_w, j0, o_u, o_r, RH, COLS_MAGIC,
             x0, COLS, PART_M, BLOCK_N, ROWS_P, EYE, KV_I32, VEC, DOT_F32, PAIR_ONEHOT,
-            COMBINED)
+            COMBINED, RH * COLS + o_p)
         if HAS_RPB or not MASK_IN_DOTS:
             m_col2, o_rpbc2 = _col_taps(x2, m_key2, o_j, m_j, W, KW, dil_w, SHIFT)
         else:
@@ -933,7 +933,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
             ROW_I64=not strides_fit_i32((strides[0], strides[3]), W + bn, d),
             # query row offsets within a (batch, head) of q, dout, lse, delta fit in int32
             ROW32=H * max(abs(st[1]) for st in (strides[0], strides[3], strides[4],
-                                                strides[5])) < 2**31,
+                                                strides[5])) < _ROW32_LIMIT,
             VEC=min(align, stride_vector_width(
                 [(d, st) for st in (*strides[:4], grad_strides)], head_block(d))),
             KV_I32=pixel_offsets_shared((strides[1], strides[2], grad_strides), H, W),
@@ -952,7 +952,31 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
 
 _SUB_M = 16  # the slow pass's sub-tile (key slots)
 
+_COMBINED_ONEHOTS: dict = {}
+
+
+def combined_onehots(device, cols: int, block_m: int, block_n: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The [block_m, block_n] one-hots of COMBINED by tile slot s (key row s // cols, key
+    column s % cols of the tile): ones at column s % cols and at cols + s // cols (when
+    below block_n). Made on the host once per (device, cols, block_m, block_n, dtype) and
+    copied on first use, as `common.identity_table` (no kernel launch per call)."""
+    key = (device, cols, block_m, block_n, dtype)
+    table = _COMBINED_ONEHOTS.get(key)
+    if table is None:
+        slot = np.arange(block_m)[:, None]
+        col = np.arange(block_n)[None, :]
+        ones = (col == slot % cols) | (col == cols + slot // cols)
+        if dtype == torch.bfloat16:  # 1.0 is 0x3f80; numpy has no bfloat16: view the bits
+            host = torch.from_numpy(ones.astype(np.int16) * 0x3F80).view(torch.bfloat16)
+        else:
+            host = torch.from_numpy(ones.astype({torch.float16: np.float16,
+                                                 torch.float32: np.float32}[dtype]))
+        table = _COMBINED_ONEHOTS[key] = host.to(device)
+    return table
+
 _GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
+_ROW32_LIMIT = 2**31  # int32 row offsets below this (a test lowers it to force int64)
 _plans = plan_cache(_plan)
 _PARAMS = _key_bwd_kernel.arg_names  # read at import: a recorder may stand in later
 
@@ -980,7 +1004,9 @@ def launch(plan: LaunchPlan, q, k, v, dout, lse, delta, args: AttendArgs,
     flags = plan.flags
     launch_kernel(_key_bwd_kernel, plan,
         q, k, v, dout, lse, delta, rel_h, rel_w, rpb,  # None when absent (never read then)
-        None if flags["PAIR_ONEHOT"] else identity_table(q.device, flags["EYE"], q.dtype),
+        None if flags["PAIR_ONEHOT"] else combined_onehots(
+            q.device, plan.head[0][4], flags["BLOCK_M"], flags["BLOCK_N"], q.dtype)
+        if flags["COMBINED"] else identity_table(q.device, flags["EYE"], q.dtype),
         dk, dv,
         *plan.head, table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )

@@ -322,3 +322,30 @@ def test_halves_fit():
     assert not rows_bwd_key.halves_fit(32, 32, 2, 14)  # s3: 2 rows, d = 32
     assert not rows_bwd_key.halves_fit(64, 16, 3, 10)  # 3 rows: set-up not paid back
     assert not rows_bwd_key.halves_fit(16, 16, 4, 2)  # parts below 16 slots
+
+
+@pytest.mark.parametrize("halves", [True, False])
+def test_int64_row_offsets(monkeypatch, halves):
+    """ROW32 off (query-row offsets in int64, as for a tensor with 2^31+ elements per
+    batch and head): forced by a tiny limit, with and without two-part tiles."""
+    monkeypatch.setattr(rows_bwd_key, "_ROW32_LIMIT", 1)
+    launch_cache.clear_all()  # plans made with the real limit
+    case = Case(B=1, H=9 if halves else 5, W=6, heads=2, d=8, k=3, rel="per_head",
+                rpb=not halves)
+    config = {"K_BLOCK_M": 64 if halves else 32, "K_BLOCK_N": 16, "K_num_warps": 1}
+    flags = _flags(case, torch.bfloat16, config)
+    assert not flags["ROW32"] and flags["HALVES"] == halves, flags
+    run_case(case, torch.bfloat16, config=config, seed=61)
+    launch_cache.clear_all()
+
+
+@pytest.mark.parametrize("cols,block_m", [(10, 64), (14, 32), (3, 16), (1, 64)])
+def test_combined_one_hot_table(cols, block_m):
+    """`combined_onehots` row s: the sum of identity rows s % cols and cols + s // cols
+    (none when past the table's 16 columns), the one-hots COMBINED builds per slot."""
+    table = rows_bwd_key.combined_onehots(torch.device("cpu"), cols, block_m, 16,
+                                          torch.bfloat16).float()
+    eye = torch.eye(16 + block_m)
+    slot = torch.arange(block_m)
+    want = eye[slot % cols, :16] + eye[cols + slot // cols, :16]
+    assert torch.equal(table, want)

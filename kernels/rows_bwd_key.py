@@ -914,6 +914,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
     # read with the cost tool on 16-bit tensor-core launches (default: 4 warps)
     pair_onehot = dtype != torch.float32 and launch.get("num_warps", 4) >= 4
     grid3 = tiles <= _GRID_YZ and B <= _GRID_YZ
+    halves = not pair_onehot and halves_fit(bm, head_block(d), rows, cols)
     return launch_plan(
         _PARAMS,
         grid=(heads, tiles, B) if grid3 else (B * tiles * heads,),
@@ -931,9 +932,13 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
                           and scale >= 1e-20),
             DOT_F32=INTERPRETED and dtype == torch.bfloat16,
             ROW_I64=not strides_fit_i32((strides[0], strides[3]), W + bn, d),
-            # query row offsets within a (batch, head) of q, dout, lse, delta fit in int32
-            ROW32=H * max(abs(st[1]) for st in (strides[0], strides[3], strides[4],
-                                                strides[5])) < _ROW32_LIMIT,
+            # query row offsets within a (batch, head) of q, dout, lse, delta fit in int32;
+            # read with the cost tool: taken where it pays (two parts, 8 < d <= 16: s2 -121,
+            # det -126 instructions per program); elsewhere ptxas allocated worse around it
+            # (s1 +259, s4 +460, h1 +208, k11 +80, fpn-p3 +19; s3 -35)
+            ROW32=(halves and 8 < d <= 16
+                   and H * max(abs(st[1]) for st in (strides[0], strides[3], strides[4],
+                                                     strides[5])) < _ROW32_LIMIT),
             VEC=min(align, stride_vector_width(
                 [(d, st) for st in (*strides[:4], grad_strides)], head_block(d))),
             KV_I32=pixel_offsets_shared((strides[1], strides[2], grad_strides), H, W),
@@ -941,7 +946,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
             SUB_M=min(bm, _SUB_M),
             PAIR_ONEHOT=pair_onehot,
             EYE=max(bn, 16, next_pow2(rows)),
-            HALVES=not pair_onehot and halves_fit(bm, head_block(d), rows, cols),
+            HALVES=halves,
             # read with the cost tool: s2 -64, det -85 instructions per program; with 32
             # query columns (k11) the per-row index selects cost more than they save
             COMBINED=not pair_onehot and bn == 16 and cols + rows <= bn,

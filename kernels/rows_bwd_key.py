@@ -24,8 +24,9 @@ are fixed per program: A_row [M, RP] (each key's row in the tile) @ Brow [RP, N]
 (the table row of each tile row's tap; the column tap of each (key column, query column)
 pair). The one-hots are rows of an identity table loaded per key slot (built in registers
 on 4+ warps). With 16 query columns and COLS + ROWS <= 16 (COMBINED) the two become one
-dot: A [M, 16] with a key's column one at x - x0 and its row one at COLS + its tile row,
-against one gather B [16, N] (the tile's COLS key columns' taps, then its ROWS rows').
+dot: A [M, 16] with a key's column one at x - x0 and its row one at COLS + its tile row
+(rows of a launcher table by tile slot, `combined_onehots`), against one gather B [16, N]
+(the tile's COLS key columns' taps, then its ROWS rows').
 rpb is a masked gather load. A non-finite value reaching the accumulators
 sends the program through a slow second pass (see the kernel).
 
@@ -350,7 +351,8 @@ def _part_store(dk_ptr, dv_ptr, acc_dk, acc_dv, o_dkp, m_key, o_d, m_d, o_dk0, s
 def _key_bwd_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
     relh_ptr, relw_ptr, rpb_ptr,  # absent tables: None (their HAS_ flag is off)
-    eye_ptr,  # [EYE, EYE] identity in q's dtype, the one-hots' rows; None with PAIR_ONEHOT
+    eye_ptr,  # [EYE, EYE] identity in q's dtype, the one-hots' rows (COMBINED: the
+    # [BLOCK_M, BLOCK_N] combined_onehots table); None with PAIR_ONEHOT
     dk_ptr, dv_ptr,
     # tuples: Triton binds ints in a tuple in half the host time of as many arguments
     sizes,  # (H, W, HEADS, ROWS, COLS, COLS_MAGIC, N_SEG, HALO_H, HALO_W)

@@ -376,6 +376,7 @@ def _key_bwd_kernel(
     EYE: tl.constexpr,  # rows (and row stride) of eye_ptr's identity: >= BLOCK_N, ROWS_P
     HALVES: tl.constexpr,  # the tile as two parts of BLOCK_M / 2 slots (top, bottom rows)
     COMBINED: tl.constexpr,  # one one-hot A (column, row) and one gather B per row
+    QD_SHARED: tl.constexpr,  # dout has q's strides and delta lse's
 ):
     H, W, HEADS, ROWS, COLS, COLS_MAGIC, N_SEG, HALO_H, HALO_W = sizes
     sq_b, sq_h, sq_w, sq_n, sq_d = sq
@@ -384,6 +385,9 @@ def _key_bwd_kernel(
     sdo_b, sdo_h, sdo_w, sdo_n, sdo_d = sdo
     sl_b, sl_h, sl_w, sl_n = sl
     sdl_b, sdl_h, sdl_w, sdl_n = sdl
+    if QD_SHARED:  # dout's strides are q's, delta's lse's: one set of offsets serves both
+        sdo_b, sdo_h, sdo_w, sdo_n, sdo_d = sq
+        sdl_b, sdl_h, sdl_w, sdl_n = sl
     srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w = s_tab
     sdk_b, sdk_h, sdk_w, sdk_n, sdk_d = sdk
     dil_h, dil_w = dil
@@ -952,6 +956,10 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
             # read with the cost tool: s2 -64, det -85 instructions per program; with 32
             # query columns (k11) the per-row index selects cost more than they save
             COMBINED=not pair_onehot and bn == 16 and cols + rows <= bn,
+            # read with the cost tool: s2 -153, det -178, fpn-p3 -139, s1 -230 per
+            # program; with PAIR_ONEHOT (4 warps) s4 +244 and h1 spilled 8 bytes
+            QD_SHARED=(not pair_onehot and strides[3] == strides[0]
+                       and strides[5] == strides[4]),
             **launch,
         ),
     )

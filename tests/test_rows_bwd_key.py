@@ -349,3 +349,29 @@ def test_combined_one_hot_table(cols, block_m):
     slot = torch.arange(block_m)
     want = eye[slot % cols, :16] + eye[cols + slot // cols, :16]
     assert torch.equal(table, want)
+
+
+def test_dout_and_delta_strides_of_their_own():
+    """QD_SHARED off (dout's strides differ from q's, delta's from lse's: a channels-last
+    dout and a delta sliced from a wider buffer) on a two-part tile at d = 16, where it is
+    otherwise on; QD_SHARED on is every contiguous case here."""
+    case = Case(B=2, H=9, W=6, heads=2, d=16, k=3, rel="per_head", scale=0.5)
+    config = {"K_BLOCK_M": 64, "K_BLOCK_N": 16, "K_num_warps": 1}
+    assert _flags(case, torch.bfloat16, config)["QD_SHARED"]
+    q, k, v, kw, args, dout = _inputs(case, torch.bfloat16, "contiguous", seed=71)
+    out, lse, want_dk, want_dv = _oracle(q, k, v, kw, case, dout)
+    dout_cl = dout.permute(0, 4, 1, 2, 3).contiguous().permute(0, 2, 3, 4, 1)
+    delta = (dout.float() * out.to(torch.bfloat16).float()).sum(-1)
+    wide = torch.zeros(*delta.shape[:3], 2 * delta.shape[3])
+    wide[..., ::2] = delta
+    delta_view = wide[..., ::2]
+    strides = (q.stride(), k.stride(), v.stride(), dout_cl.stride(), lse.float().stride(),
+               delta_view.stride())
+    assert not rows_bwd_key._plan(tuple(q.shape), torch.bfloat16, strides, args, config,
+                                  16).flags["QD_SHARED"]
+    dk, dv = rows_bwd_key.key_grads(q, k, v, dout_cl, lse.float(), delta_view, args, config,
+                                    _poison=True)
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    for got, want in ((dk, want_dk), (dv, want_dv)):
+        torch.testing.assert_close(got.double(), want, rtol=rtol,
+                                   atol=atol * max(1.0, want.abs().max().item()))

@@ -940,9 +940,10 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
             ROW_I64=not strides_fit_i32((strides[0], strides[3]), W + bn, d),
             # query row offsets within a (batch, head) of q, dout, lse, delta fit in int32;
             # read with the cost tool: taken where it pays (two parts, 8 < d <= 16: s2 -121,
-            # det -126 instructions per program); elsewhere ptxas allocated worse around it
-            # (s1 +259, s4 +460, h1 +208, k11 +80, fpn-p3 +19; s3 -35)
-            ROW32=(halves and 8 < d <= 16
+            # det -126 instructions per program; 32+ query columns on 1-2 warps: k11 -94);
+            # elsewhere ptxas allocated worse around it (s1 +276, s4 +460, h1 +208, s3
+            # +21, fpn-p3 +25)
+            ROW32=((halves and 8 < d <= 16 or bn > 16 and not pair_onehot)
                    and H * max(abs(st[1]) for st in (strides[0], strides[3], strides[4],
                                                      strides[5])) < _ROW32_LIMIT),
             VEC=min(align, stride_vector_width(

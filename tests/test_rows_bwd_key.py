@@ -375,3 +375,11 @@ def test_dout_and_delta_strides_of_their_own():
     for got, want in ((dk, want_dk), (dv, want_dv)):
         torch.testing.assert_close(got.double(), want, rtol=rtol,
                                    atol=atol * max(1.0, want.abs().max().item()))
+
+
+def test_int32_row_offsets_on_32_query_columns():
+    """ROW32 on a one-part tile of 32 query columns (k = 11, as k11's launch)."""
+    case = Case(B=1, H=3, W=17, heads=1, d=4, k=11, rel="shared")
+    flags = _flags(case, torch.bfloat16, None)
+    assert flags["ROW32"] and flags["BLOCK_N"] == 32 and not flags["HALVES"], flags
+    run_case(case, torch.bfloat16, seed=81)

@@ -108,9 +108,15 @@ def _row_taps(y, i, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _row_is_live(i, y0, rows, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr):
+def _row_is_live(i, y0, rows, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr,
+                 ALL_LIVE: tl.constexpr = False):
     """Whether some key row y0 .. y0 + rows - 1 (inside the image) lies in the window of
-    query row i (0 <= i < H; scalar arithmetic, no reduction over the tile)."""
+    query row i (0 <= i < H; scalar arithmetic, no reduction over the tile). ALL_LIVE
+    (the fast walks without row dilation or shift): every row of a walk is, by its
+    bounds, so no test (a row that were not would only add zeros: the membership rule
+    decides which pairs count)."""
+    if ALL_LIVE:
+        return True
     start, off = window_start(i, H, KH, dil_h, SHIFT)
     lo = tl.maximum(y0, start)
     hi = tl.minimum(tl.minimum(y0 + rows, H) - 1, start + (KH - 1) * dil_h)
@@ -377,6 +383,7 @@ def _key_bwd_kernel(
     HALVES: tl.constexpr,  # the tile as two parts of BLOCK_M / 2 slots (top, bottom rows)
     COMBINED: tl.constexpr,  # one one-hot A (column, row) and one gather B per row
     QD_SHARED: tl.constexpr,  # dout has q's strides and delta lse's
+    ALL_LIVE: tl.constexpr,  # no row dilation, no shift: every walked query row is live
 ):
     H, W, HEADS, ROWS, COLS, COLS_MAGIC, N_SEG, HALO_H, HALO_W = sizes
     sq_b, sq_h, sq_w, sq_n, sq_d = sq
@@ -535,7 +542,7 @@ def _key_bwd_kernel(
         i_mid = tl.minimum(tl.maximum(y0 + RH - HALO_H, i_lo), i_hi)
         i_bot = tl.minimum(tl.maximum(y0 + RH + HALO_H, i_mid), i_hi)
         for i in range(i_lo, i_mid):  # top part only
-            if _row_is_live(i, y0, RH, H, KH, dil_h, SHIFT):
+            if _row_is_live(i, y0, RH, H, KH, dil_h, SHIFT, ALL_LIVE):
                 b_q, b_do, b_lse, b_delta = _row_inputs(
                     i, i_lo, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0,
                     sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
@@ -550,7 +557,7 @@ def _key_bwd_kernel(
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
                     DOT_F32, COMBINED)
         for i in range(i_mid, i_bot):  # both parts
-            if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
+            if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT, ALL_LIVE):
                 b_q, b_do, b_lse, b_delta = _row_inputs(
                     i, i_mid, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0,
                     sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
@@ -571,7 +578,7 @@ def _key_bwd_kernel(
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
                     DOT_F32, COMBINED)
         for i in range(i_bot, i_hi):  # bottom part only
-            if _row_is_live(i, y0 + RH, ROWS - RH, H, KH, dil_h, SHIFT):
+            if _row_is_live(i, y0 + RH, ROWS - RH, H, KH, dil_h, SHIFT, ALL_LIVE):
                 b_q, b_do, b_lse, b_delta = _row_inputs(
                     i, i_bot, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0,
                     sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
@@ -588,7 +595,7 @@ def _key_bwd_kernel(
         b_sum = tl.sum(acc_dk + acc_dk2)  # one reduction (the parts share a layout)
     else:
         for i in range(i_lo, i_hi):
-            if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
+            if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT, ALL_LIVE):
                 b_q, b_do, b_lse, b_delta = _row_inputs(
                     i, i_lo, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0,
                     sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
@@ -959,6 +966,9 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
             COMBINED=not pair_onehot and bn == 16 and cols + rows <= bn,
             # read with the cost tool: s2 -153, det -178, fpn-p3 -139, s1 -230 per
             # program; with PAIR_ONEHOT (4 warps) s4 +244 and h1 spilled 8 bytes
+            # read with the cost tool: s2 -62, det -72, fpn-p3 -71, k11 -90 per program;
+            # at d = 128 (h1, 4 warps) ptxas spilled 8 bytes
+            ALL_LIVE=dh == 1 and padding != "shift" and d <= 64,
             QD_SHARED=(not pair_onehot and strides[3] == strides[0]
                        and strides[5] == strides[4]),
             **launch,

@@ -383,3 +383,14 @@ def test_int32_row_offsets_on_32_query_columns():
     flags = _flags(case, torch.bfloat16, None)
     assert flags["ROW32"] and flags["BLOCK_N"] == 32 and not flags["HALVES"], flags
     run_case(case, torch.bfloat16, seed=81)
+
+
+def test_all_live_flag():
+    """ALL_LIVE (no liveness test per walked query row) only without row dilation or
+    shift; the oracle cases above run it (zeros / mask, dh = 1) and the test (dilated
+    rows, shift) both."""
+    config = {"K_BLOCK_M": 32, "K_BLOCK_N": 16, "K_num_warps": 1}
+    for padding, dil, want in (("zeros", 1, True), ("mask", (1, 2), True),
+                               ("mask", (2, 1), False), ("shift", 1, False)):
+        case = Case(B=1, H=6, W=7, heads=1, d=8, k=3, dilation=dil, padding=padding)
+        assert _flags(case, torch.bfloat16, config)["ALL_LIVE"] == want, (padding, dil)

@@ -307,7 +307,7 @@ def _part_step(acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc, b_q, 
                b_delta, b_band, b_brow, i, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr,
                p_rpb0, srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL: tl.constexpr,
                HAS_RPB: tl.constexpr, MASK_IN_DOTS: tl.constexpr, DOT_F32: tl.constexpr,
-               COMBINED: tl.constexpr):
+               COMBINED: tl.constexpr, NEG_V: tl.constexpr):
     """One query row against a part's keys, given its K Q^T (b_s): the rel dots and the
     softmax backward on its [PART_M, N] score tile; returns the part's accumulators."""
     if HAS_REL:
@@ -330,8 +330,14 @@ def _part_step(acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc, b_q, 
         b_pl = b_pl.to(tl.float32)
     acc_dv += tl.dot(b_pl, b_do, input_precision="ieee")  # [M, N] @ [N, D] -> [M, D]
     # dP^T - delta [M, N]: delta rides in the dot's accumulator (ptxas gives the
-    # tensor-core op a shared C operand), not a subtraction per score element
-    b_dacc = tl.zeros([b_v.shape[0], b_q.shape[0]], tl.float32) - b_delta[None, :]
+    # tensor-core op a shared C operand), not a subtraction per score element. NEG_V
+    # (b_v is -v): delta - dP^T without negating delta per row; every value below is then
+    # the exact negation of the one with v (rounding is symmetric), dk's sign is restored
+    # at the store
+    if NEG_V:
+        b_dacc = tl.broadcast_to(b_delta[None, :], (b_v.shape[0], b_q.shape[0]))
+    else:
+        b_dacc = tl.zeros([b_v.shape[0], b_q.shape[0]], tl.float32) - b_delta[None, :]
     b_dp = tl.dot(b_v, tl.trans(b_do), b_dacc, input_precision="ieee")  # [M, D] @ [D, N]
     # dS^T [M, N]: zero outside the windows as P is (a NaN/inf there, 0 * inf,
     # reaches the accumulators and sends the program through the slow pass)
@@ -384,6 +390,7 @@ def _key_bwd_kernel(
     COMBINED: tl.constexpr,  # one one-hot A (column, row) and one gather B per row
     QD_SHARED: tl.constexpr,  # dout has q's strides and delta lse's
     ALL_LIVE: tl.constexpr,  # no row dilation, no shift: every walked query row is live
+    NEG_V: tl.constexpr,  # the walks hold -v (delta - dP^T, -dk), see _part_step
 ):
     H, W, HEADS, ROWS, COLS, COLS_MAGIC, N_SEG, HALO_H, HALO_W = sizes
     sq_b, sq_h, sq_w, sq_n, sq_d = sq
@@ -450,6 +457,8 @@ def _key_bwd_kernel(
         k_ptr, v_ptr, eye_ptr, q_ptr, y, x, o_mr, m_key, o_d, m_d, o_kv0, o_vv0,
         sk_h, sk_w, sk_d, sv_h, sv_w, sv_d, sdk_h, sdk_w, j0, o_u, o_r, 0, COLS_MAGIC, x0,
         COLS, PART_M, BLOCK_N, ROWS_P, EYE, KV_I32, VEC, DOT_F32, PAIR_ONEHOT, COMBINED, o_p)
+    if NEG_V:
+        b_v = -b_v
     if HAS_RPB or not MASK_IN_DOTS:
         m_col, o_rpbc = _col_taps(x, m_key, o_j, m_j, W, KW, dil_w, SHIFT)  # [M, N]
     else:
@@ -462,6 +471,8 @@ def _key_bwd_kernel(
             sk_h, sk_w, sk_d, sv_h, sv_w, sv_d, sdk_h, sdk_w, j0, o_u, o_r, RH, COLS_MAGIC,
             x0, COLS, PART_M, BLOCK_N, ROWS_P, EYE, KV_I32, VEC, DOT_F32, PAIR_ONEHOT,
             COMBINED, RH * COLS + o_p)
+        if NEG_V:
+            b_v2 = -b_v2
         if HAS_RPB or not MASK_IN_DOTS:
             m_col2, o_rpbc2 = _col_taps(x2, m_key2, o_j, m_j, W, KW, dil_w, SHIFT)
         else:
@@ -555,7 +566,7 @@ def _key_bwd_kernel(
                     acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc,
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
-                    DOT_F32, COMBINED)
+                    DOT_F32, COMBINED, NEG_V)
         for i in range(i_mid, i_bot):  # both parts
             if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT, ALL_LIVE):
                 b_q, b_do, b_lse, b_delta = _row_inputs(
@@ -571,12 +582,12 @@ def _key_bwd_kernel(
                     acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc,
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
-                    DOT_F32, COMBINED)
+                    DOT_F32, COMBINED, NEG_V)
                 acc_dk2, acc_dv2 = _part_step(
                     acc_dk2, acc_dv2, b_s2, b_v2, b_acol2, b_arow2, y2, m_col2, o_rpbc2,
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
-                    DOT_F32, COMBINED)
+                    DOT_F32, COMBINED, NEG_V)
         for i in range(i_bot, i_hi):  # bottom part only
             if _row_is_live(i, y0 + RH, ROWS - RH, H, KH, dil_h, SHIFT, ALL_LIVE):
                 b_q, b_do, b_lse, b_delta = _row_inputs(
@@ -591,7 +602,7 @@ def _key_bwd_kernel(
                     acc_dk2, acc_dv2, b_s2, b_v2, b_acol2, b_arow2, y2, m_col2, o_rpbc2,
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
-                    DOT_F32, COMBINED)
+                    DOT_F32, COMBINED, NEG_V)
         b_sum = tl.sum(acc_dk + acc_dk2)  # one reduction (the parts share a layout)
     else:
         for i in range(i_lo, i_hi):
@@ -608,7 +619,7 @@ def _key_bwd_kernel(
                     acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc,
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
-                    DOT_F32, COMBINED)
+                    DOT_F32, COMBINED, NEG_V)
         b_sum = tl.sum(acc_dk)
 
     # Rare slow pass: a non-finite value reached the accumulators. It may be a NaN/inf
@@ -734,6 +745,8 @@ def _key_bwd_kernel(
             tl.store(dv_ptr + p_sd, sacc_dv.to(dv_ptr.dtype.element_ty), mask=s_kd)
     else:
         o_dk0 = b64 * sdk_b + n64 * sdk_n
+        if NEG_V:  # the accumulators hold -dk / scale
+            scale = -scale
         _part_store(dk_ptr, dv_ptr, acc_dk, acc_dv, o_dkp, m_key, o_d, m_d, o_dk0, sdk_d, scale,
                     VEC)
         if HALVES:
@@ -928,6 +941,7 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
     pair_onehot = dtype != torch.float32 and launch.get("num_warps", 4) >= 4
     grid3 = tiles <= _GRID_YZ and B <= _GRID_YZ
     halves = not pair_onehot and halves_fit(bm, head_block(d), rows, cols)
+    combined = not pair_onehot and bn == 16 and cols + rows <= bn
     return launch_plan(
         _PARAMS,
         grid=(heads, tiles, B) if grid3 else (B * tiles * heads,),
@@ -963,11 +977,14 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
             HALVES=halves,
             # read with the cost tool: s2 -64, det -85 instructions per program; with 32
             # query columns (k11) the per-row index selects cost more than they save
-            COMBINED=not pair_onehot and bn == 16 and cols + rows <= bn,
+            COMBINED=combined,
             # read with the cost tool: s2 -153, det -178, fpn-p3 -139, s1 -230 per
             # program; with PAIR_ONEHOT (4 warps) s4 +244 and h1 spilled 8 bytes
             # read with the cost tool: s2 -62, det -72, fpn-p3 -71, k11 -90 per program;
             # at d = 128 (h1, 4 warps) ptxas spilled 8 bytes
+            # read with the cost tool: s4 -312, k11 -32, h1 -52 per program; with COMBINED
+            # ptxas allocated worse around it (s2 +105, det +117, s1 +175, fpn-p3 +61)
+            NEG_V=not combined,
             ALL_LIVE=dh == 1 and padding != "shift" and d <= 64,
             QD_SHARED=(not pair_onehot and strides[3] == strides[0]
                        and strides[5] == strides[4]),

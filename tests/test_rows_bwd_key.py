@@ -292,6 +292,7 @@ def test_two_part_tiles(case, dtype, seed, combined):
     config = {"K_BLOCK_M": 64, "K_BLOCK_N": 16, "K_num_warps": 1}
     flags = _flags(case, dtype, config)
     assert flags["HALVES"] and flags["COMBINED"] == combined, flags
+    assert flags["NEG_V"] == (not combined), flags  # -v in the walks where not combined
     run_case(case, dtype, config=config, seed=seed)
 
 

@@ -24,8 +24,9 @@ are fixed per program: A_row [M, RP] (each key's row in the tile) @ Brow [RP, N]
 (the table row of each tile row's tap; the column tap of each (key column, query column)
 pair). The one-hots are rows of an identity table loaded per key slot (built in registers
 on 4+ warps). With 16 query columns and COLS + ROWS <= 16 (COMBINED) the two become one
-dot: A [M, 16] with a key's column one at x - x0 and its row one at COLS + its tile row,
-against one gather B [16, N] (the tile's COLS key columns' taps, then its ROWS rows').
+dot: A [M, 16] with a key's column one at x - x0 and its row one at COLS + its tile row
+(rows of a launcher table by tile slot, `combined_onehots`), against one gather B [16, N]
+(the tile's COLS key columns' taps, then its ROWS rows').
 rpb is a masked gather load. A non-finite value reaching the accumulators
 sends the program through a slow second pass (see the kernel).
 
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -106,9 +108,15 @@ def _row_taps(y, i, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _row_is_live(i, y0, rows, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr):
+def _row_is_live(i, y0, rows, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr,
+                 ALL_LIVE: tl.constexpr = False):
     """Whether some key row y0 .. y0 + rows - 1 (inside the image) lies in the window of
-    query row i (0 <= i < H; scalar arithmetic, no reduction over the tile)."""
+    query row i (0 <= i < H; scalar arithmetic, no reduction over the tile). ALL_LIVE
+    (the fast walks without row dilation or shift): every row of a walk is, by its
+    bounds, so no test (a row that were not would only add zeros: the membership rule
+    decides which pairs count)."""
+    if ALL_LIVE:
+        return True
     start, off = window_start(i, H, KH, dil_h, SHIFT)
     lo = tl.maximum(y0, start)
     hi = tl.minimum(tl.minimum(y0 + rows, H) - 1, start + (KH - 1) * dil_h)
@@ -170,8 +178,9 @@ def _part_operands(k_ptr, v_ptr, eye_ptr, dtype_ptr, y, x, o_mr, m_key, o_d, m_d
                    sk_h, sk_w, sk_d, sv_h, sv_w, sv_d, sdk_h, sdk_w, j0, o_u, o_r, r0, COLS_MAGIC,
                    x0, COLS, PART_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_P: tl.constexpr,
                    EYE: tl.constexpr, KV_I32: tl.constexpr, VEC: tl.constexpr,
-                   DOT_F32: tl.constexpr, PAIR_ONEHOT: tl.constexpr, COMBINED: tl.constexpr):
-    """k, v [PART_M, D] of a part's keys, its one-hots A_col [PART_M, N] (each key's
+                   DOT_F32: tl.constexpr, PAIR_ONEHOT: tl.constexpr, COMBINED: tl.constexpr,
+                   o_s):
+    """k, v [PART_M, D] of a part's keys (tile slots o_s), its one-hots A_col [PART_M, N] (each key's
     column among the query columns) and A_row [PART_M, RP] (each key's tile row), and
     the keys' pixel offsets in dk and dv."""
     m_kd = m_key[:, None] & m_d[None, :]
@@ -205,13 +214,11 @@ def _part_operands(k_ptr, v_ptr, eye_ptr, dtype_ptr, y, x, o_mr, m_key, o_d, m_d
                          tl.where(o_r[:, None] == r_odd[None, :], 1.0, 0.0))
         b_arow = tl.trans(tl.reshape(b_arow, (ROWS_P, PART_M)).to(dtype))
     elif COMBINED:  # one matrix A [M, N] with two ones per key: at its column in the
-        # tile (x - x0 < COLS) and at COLS + its tile row (COLS + ROWS <= N), the sum of
-        # two rows of an identity table loaded per key slot (padding slots whose row lies
-        # past N get no row one)
-        o_kc = tl.arange(0, BLOCK_N)
-        b_acol = (tl.load(eye_ptr + (x - x0)[:, None] * EYE + o_kc[None, :])
-                  + tl.load(eye_ptr + (COLS + o_mr)[:, None] * EYE + o_kc[None, :],
-                            mask=(COLS + o_mr < BLOCK_N)[:, None], other=0.0))
+        # tile (x - x0 < COLS) and at COLS + its tile row (COLS + ROWS <= N); eye_ptr is
+        # then the launcher's table of these rows by tile slot (`combined_onehots`: a
+        # function of COLS alone), loaded as PART_M contiguous rows (two masked identity
+        # rows per slot and their sum cost s2 ~40 more instructions per program)
+        b_acol = tl.load(eye_ptr + o_s[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :])
         b_arow = b_acol
     else:  # rows of an identity table loaded per key slot: BLOCK_N (ROWS_P) contiguous
         # elements move in 16-byte loads and stores to shared memory, where a compare and
@@ -233,16 +240,29 @@ def _part_operands(k_ptr, v_ptr, eye_ptr, dtype_ptr, y, x, o_mr, m_key, o_d, m_d
 @triton.jit
 def _row_inputs(i, i_base, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0, sdo_h,
                 o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j,
-                VEC: tl.constexpr, DOT_F32: tl.constexpr):
+                VEC: tl.constexpr, DOT_F32: tl.constexpr, ROW32: tl.constexpr):
     """What every part of the tile reads of query row i: q, dout [N, D], lse and delta
-    [N]."""
-    i64 = i_base.to(tl.int64) + (i - i_base)  # (the interpreter iterates Python ints)
-    p_q = q_ptr + tl.multiple_of(o_q0 + i64 * sq_h, VEC)
+    [N]. ROW32: row i's offsets within the (batch, head) fit in int32, added to the
+    loop-invariant base pointers (a 64-bit row offset cost ~6 integer instructions per
+    tensor and row)."""
+    if ROW32:
+        p_q = q_ptr + tl.multiple_of(o_q0, VEC) + tl.multiple_of(i * sq_h, VEC)
+        p_do = do_ptr + tl.multiple_of(o_do0, VEC) + tl.multiple_of(i * sdo_h, VEC)
+        p_l = lse_ptr + o_l0
+        p_dl = delta_ptr + o_dl0
+        o_l = i * sl_h
+        o_dl = i * sdl_h
+    else:
+        i64 = i_base.to(tl.int64) + (i - i_base)  # (the interpreter iterates Python ints)
+        p_q = q_ptr + tl.multiple_of(o_q0 + i64 * sq_h, VEC)
+        p_do = do_ptr + tl.multiple_of(o_do0 + i64 * sdo_h, VEC)
+        p_l = lse_ptr
+        p_dl = delta_ptr
+        o_l = o_l0 + i64 * sl_h
+        o_dl = o_dl0 + i64 * sdl_h
     b_q = tl.load(p_q + o_qjd, mask=m_jd, other=0.0)  # [N, D]
-    p_do = do_ptr + tl.multiple_of(o_do0 + i64 * sdo_h, VEC)
     b_do = tl.load(p_do + o_dojd, mask=m_jd, other=0.0)  # [N, D]
-    b_lse, b_delta = _lse_delta(lse_ptr, delta_ptr, o_l0 + i64 * sl_h,
-                                o_dl0 + i64 * sdl_h, o_jl, o_jdl, m_j)  # [N]
+    b_lse, b_delta = _lse_delta(p_l, p_dl, o_l, o_dl, o_jl, o_jdl, m_j)  # [N]
     if DOT_F32:
         b_q = b_q.to(tl.float32)
         b_do = b_do.to(tl.float32)
@@ -287,7 +307,7 @@ def _part_step(acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc, b_q, 
                b_delta, b_band, b_brow, i, H, KH: tl.constexpr, dil_h, SHIFT: tl.constexpr,
                p_rpb0, srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL: tl.constexpr,
                HAS_RPB: tl.constexpr, MASK_IN_DOTS: tl.constexpr, DOT_F32: tl.constexpr,
-               COMBINED: tl.constexpr):
+               COMBINED: tl.constexpr, NEG_V: tl.constexpr):
     """One query row against a part's keys, given its K Q^T (b_s): the rel dots and the
     softmax backward on its [PART_M, N] score tile; returns the part's accumulators."""
     if HAS_REL:
@@ -310,8 +330,14 @@ def _part_step(acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc, b_q, 
         b_pl = b_pl.to(tl.float32)
     acc_dv += tl.dot(b_pl, b_do, input_precision="ieee")  # [M, N] @ [N, D] -> [M, D]
     # dP^T - delta [M, N]: delta rides in the dot's accumulator (ptxas gives the
-    # tensor-core op a shared C operand), not a subtraction per score element
-    b_dacc = tl.zeros([b_v.shape[0], b_q.shape[0]], tl.float32) - b_delta[None, :]
+    # tensor-core op a shared C operand), not a subtraction per score element. NEG_V
+    # (b_v is -v): delta - dP^T without negating delta per row; every value below is then
+    # the exact negation of the one with v (rounding is symmetric), dk's sign is restored
+    # at the store
+    if NEG_V:
+        b_dacc = tl.broadcast_to(b_delta[None, :], (b_v.shape[0], b_q.shape[0]))
+    else:
+        b_dacc = tl.zeros([b_v.shape[0], b_q.shape[0]], tl.float32) - b_delta[None, :]
     b_dp = tl.dot(b_v, tl.trans(b_do), b_dacc, input_precision="ieee")  # [M, D] @ [D, N]
     # dS^T [M, N]: zero outside the windows as P is (a NaN/inf there, 0 * inf,
     # reaches the accumulators and sends the program through the slow pass)
@@ -337,7 +363,8 @@ def _part_store(dk_ptr, dv_ptr, acc_dk, acc_dv, o_dkp, m_key, o_d, m_d, o_dk0, s
 def _key_bwd_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr,
     relh_ptr, relw_ptr, rpb_ptr,  # absent tables: None (their HAS_ flag is off)
-    eye_ptr,  # [EYE, EYE] identity in q's dtype, the one-hots' rows; None with PAIR_ONEHOT
+    eye_ptr,  # [EYE, EYE] identity in q's dtype, the one-hots' rows (COMBINED: the
+    # [BLOCK_M, BLOCK_N] combined_onehots table); None with PAIR_ONEHOT
     dk_ptr, dv_ptr,
     # tuples: Triton binds ints in a tuple in half the host time of as many arguments
     sizes,  # (H, W, HEADS, ROWS, COLS, COLS_MAGIC, N_SEG, HALO_H, HALO_W)
@@ -354,12 +381,16 @@ def _key_bwd_kernel(
     TH: tl.constexpr, TW: tl.constexpr, TP: tl.constexpr,  # rel_h / rel_w rows, padded sum
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROWS_P: tl.constexpr, MASK_IN_DOTS: tl.constexpr, DOT_F32: tl.constexpr,
-    ROW_I64: tl.constexpr, VEC: tl.constexpr, KV_I32: tl.constexpr, GRID3: tl.constexpr,
+    ROW_I64: tl.constexpr, ROW32: tl.constexpr, VEC: tl.constexpr, KV_I32: tl.constexpr,
+    GRID3: tl.constexpr,
     SUB_M: tl.constexpr,  # key slots per sub-tile of the slow pass
     PAIR_ONEHOT: tl.constexpr,  # build A_row from (even, odd) slot pairs (4+ warps)
     EYE: tl.constexpr,  # rows (and row stride) of eye_ptr's identity: >= BLOCK_N, ROWS_P
     HALVES: tl.constexpr,  # the tile as two parts of BLOCK_M / 2 slots (top, bottom rows)
     COMBINED: tl.constexpr,  # one one-hot A (column, row) and one gather B per row
+    QD_SHARED: tl.constexpr,  # dout has q's strides and delta lse's
+    ALL_LIVE: tl.constexpr,  # no row dilation, no shift: every walked query row is live
+    NEG_V: tl.constexpr,  # the walks hold -v (delta - dP^T, -dk), see _part_step
 ):
     H, W, HEADS, ROWS, COLS, COLS_MAGIC, N_SEG, HALO_H, HALO_W = sizes
     sq_b, sq_h, sq_w, sq_n, sq_d = sq
@@ -368,6 +399,9 @@ def _key_bwd_kernel(
     sdo_b, sdo_h, sdo_w, sdo_n, sdo_d = sdo
     sl_b, sl_h, sl_w, sl_n = sl
     sdl_b, sdl_h, sdl_w, sdl_n = sdl
+    if QD_SHARED:  # dout's strides are q's, delta's lse's: one set of offsets serves both
+        sdo_b, sdo_h, sdo_w, sdo_n, sdo_d = sq
+        sdl_b, sdl_h, sdl_w, sdl_n = sl
     srh_n, srh_r, srh_d, srw_n, srw_r, srw_d, srp_n, srp_h, srp_w = s_tab
     sdk_b, sdk_h, sdk_w, sdk_n, sdk_d = sdk
     dil_h, dil_w = dil
@@ -422,7 +456,9 @@ def _key_bwd_kernel(
     b_k, b_v, b_acol, b_arow, o_dkp = _part_operands(
         k_ptr, v_ptr, eye_ptr, q_ptr, y, x, o_mr, m_key, o_d, m_d, o_kv0, o_vv0,
         sk_h, sk_w, sk_d, sv_h, sv_w, sv_d, sdk_h, sdk_w, j0, o_u, o_r, 0, COLS_MAGIC, x0,
-        COLS, PART_M, BLOCK_N, ROWS_P, EYE, KV_I32, VEC, DOT_F32, PAIR_ONEHOT, COMBINED)
+        COLS, PART_M, BLOCK_N, ROWS_P, EYE, KV_I32, VEC, DOT_F32, PAIR_ONEHOT, COMBINED, o_p)
+    if NEG_V:
+        b_v = -b_v
     if HAS_RPB or not MASK_IN_DOTS:
         m_col, o_rpbc = _col_taps(x, m_key, o_j, m_j, W, KW, dil_w, SHIFT)  # [M, N]
     else:
@@ -434,7 +470,9 @@ def _key_bwd_kernel(
             k_ptr, v_ptr, eye_ptr, q_ptr, y2, x2, o_mr2, m_key2, o_d, m_d, o_kv0, o_vv0,
             sk_h, sk_w, sk_d, sv_h, sv_w, sv_d, sdk_h, sdk_w, j0, o_u, o_r, RH, COLS_MAGIC,
             x0, COLS, PART_M, BLOCK_N, ROWS_P, EYE, KV_I32, VEC, DOT_F32, PAIR_ONEHOT,
-            COMBINED)
+            COMBINED, RH * COLS + o_p)
+        if NEG_V:
+            b_v2 = -b_v2
         if HAS_RPB or not MASK_IN_DOTS:
             m_col2, o_rpbc2 = _col_taps(x2, m_key2, o_j, m_j, W, KW, dil_w, SHIFT)
         else:
@@ -515,11 +553,11 @@ def _key_bwd_kernel(
         i_mid = tl.minimum(tl.maximum(y0 + RH - HALO_H, i_lo), i_hi)
         i_bot = tl.minimum(tl.maximum(y0 + RH + HALO_H, i_mid), i_hi)
         for i in range(i_lo, i_mid):  # top part only
-            if _row_is_live(i, y0, RH, H, KH, dil_h, SHIFT):
+            if _row_is_live(i, y0, RH, H, KH, dil_h, SHIFT, ALL_LIVE):
                 b_q, b_do, b_lse, b_delta = _row_inputs(
                     i, i_lo, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0,
                     sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
-                    DOT_F32)
+                    DOT_F32, ROW32)
                 b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
                 b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H,
                                           KH, dil_h, SHIFT, TMASK, ROWS_P, BLOCK_N,
@@ -528,13 +566,13 @@ def _key_bwd_kernel(
                     acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc,
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
-                    DOT_F32, COMBINED)
+                    DOT_F32, COMBINED, NEG_V)
         for i in range(i_mid, i_bot):  # both parts
-            if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
+            if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT, ALL_LIVE):
                 b_q, b_do, b_lse, b_delta = _row_inputs(
                     i, i_mid, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0,
                     sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
-                    DOT_F32)
+                    DOT_F32, ROW32)
                 b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
                 b_s2 = tl.dot(b_k2, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
                 b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H,
@@ -544,18 +582,18 @@ def _key_bwd_kernel(
                     acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc,
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
-                    DOT_F32, COMBINED)
+                    DOT_F32, COMBINED, NEG_V)
                 acc_dk2, acc_dv2 = _part_step(
                     acc_dk2, acc_dv2, b_s2, b_v2, b_acol2, b_arow2, y2, m_col2, o_rpbc2,
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
-                    DOT_F32, COMBINED)
+                    DOT_F32, COMBINED, NEG_V)
         for i in range(i_bot, i_hi):  # bottom part only
-            if _row_is_live(i, y0 + RH, ROWS - RH, H, KH, dil_h, SHIFT):
+            if _row_is_live(i, y0 + RH, ROWS - RH, H, KH, dil_h, SHIFT, ALL_LIVE):
                 b_q, b_do, b_lse, b_delta = _row_inputs(
                     i, i_bot, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0,
                     sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
-                    DOT_F32)
+                    DOT_F32, ROW32)
                 b_s2 = tl.dot(b_k2, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
                 b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H,
                                           KH, dil_h, SHIFT, TMASK, ROWS_P, BLOCK_N,
@@ -564,15 +602,15 @@ def _key_bwd_kernel(
                     acc_dk2, acc_dv2, b_s2, b_v2, b_acol2, b_arow2, y2, m_col2, o_rpbc2,
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
-                    DOT_F32, COMBINED)
-        b_sum = tl.sum(acc_dk) + tl.sum(acc_dk2)
+                    DOT_F32, COMBINED, NEG_V)
+        b_sum = tl.sum(acc_dk + acc_dk2)  # one reduction (the parts share a layout)
     else:
         for i in range(i_lo, i_hi):
-            if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT):
+            if _row_is_live(i, y0, ROWS, H, KH, dil_h, SHIFT, ALL_LIVE):
                 b_q, b_do, b_lse, b_delta = _row_inputs(
                     i, i_lo, q_ptr, do_ptr, lse_ptr, delta_ptr, o_q0, sq_h, o_qjd, o_do0,
                     sdo_h, o_dojd, m_jd, o_l0, sl_h, o_dl0, sdl_h, o_jl, o_jdl, m_j, VEC,
-                    DOT_F32)
+                    DOT_F32, ROW32)
                 b_s = tl.dot(b_k, tl.trans(b_q), input_precision="ieee")  # [M, D] @ [D, N]
                 b_band, b_brow = _row_rel(i, b_q, b_relt, b_tacc, o_band, y0, o_r, COLS, ROWS, H,
                                           KH, dil_h, SHIFT, TMASK, ROWS_P, BLOCK_N,
@@ -581,7 +619,7 @@ def _key_bwd_kernel(
                     acc_dk, acc_dv, b_s, b_v, b_acol, b_arow, y, m_col, o_rpbc,
                     b_q, b_do, b_lse, b_delta, b_band, b_brow, i, H, KH, dil_h, SHIFT, p_rpb0,
                     srp_h, srp_w, qk_scale, q_ptr, do_ptr, HAS_REL, HAS_RPB, MASK_IN_DOTS,
-                    DOT_F32, COMBINED)
+                    DOT_F32, COMBINED, NEG_V)
         b_sum = tl.sum(acc_dk)
 
     # Rare slow pass: a non-finite value reached the accumulators. It may be a NaN/inf
@@ -707,6 +745,8 @@ def _key_bwd_kernel(
             tl.store(dv_ptr + p_sd, sacc_dv.to(dv_ptr.dtype.element_ty), mask=s_kd)
     else:
         o_dk0 = b64 * sdk_b + n64 * sdk_n
+        if NEG_V:  # the accumulators hold -dk / scale
+            scale = -scale
         _part_store(dk_ptr, dv_ptr, acc_dk, acc_dv, o_dkp, m_key, o_d, m_d, o_dk0, sdk_d, scale,
                     VEC)
         if HALVES:
@@ -900,6 +940,8 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
     # read with the cost tool on 16-bit tensor-core launches (default: 4 warps)
     pair_onehot = dtype != torch.float32 and launch.get("num_warps", 4) >= 4
     grid3 = tiles <= _GRID_YZ and B <= _GRID_YZ
+    halves = not pair_onehot and halves_fit(bm, head_block(d), rows, cols)
+    combined = not pair_onehot and bn == 16 and cols + rows <= bn
     return launch_plan(
         _PARAMS,
         grid=(heads, tiles, B) if grid3 else (B * tiles * heads,),
@@ -917,6 +959,14 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
                           and scale >= 1e-20),
             DOT_F32=INTERPRETED and dtype == torch.bfloat16,
             ROW_I64=not strides_fit_i32((strides[0], strides[3]), W + bn, d),
+            # query row offsets within a (batch, head) of q, dout, lse, delta fit in int32;
+            # read with the cost tool: taken where it pays (two parts, 8 < d <= 16: s2 -121,
+            # det -126 instructions per program; 32+ query columns on 1-2 warps: k11 -94);
+            # elsewhere ptxas allocated worse around it (s1 +276, s4 +460, h1 +208, s3
+            # +21, fpn-p3 +25)
+            ROW32=((halves and 8 < d <= 16 or bn > 16 and not pair_onehot)
+                   and H * max(abs(st[1]) for st in (strides[0], strides[3], strides[4],
+                                                     strides[5])) < _ROW32_LIMIT),
             VEC=min(align, stride_vector_width(
                 [(d, st) for st in (*strides[:4], grad_strides)], head_block(d))),
             KV_I32=pixel_offsets_shared((strides[1], strides[2], grad_strides), H, W),
@@ -924,10 +974,20 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
             SUB_M=min(bm, _SUB_M),
             PAIR_ONEHOT=pair_onehot,
             EYE=max(bn, 16, next_pow2(rows)),
-            HALVES=not pair_onehot and halves_fit(bm, head_block(d), rows, cols),
+            HALVES=halves,
             # read with the cost tool: s2 -64, det -85 instructions per program; with 32
             # query columns (k11) the per-row index selects cost more than they save
-            COMBINED=not pair_onehot and bn == 16 and cols + rows <= bn,
+            COMBINED=combined,
+            # read with the cost tool: s2 -153, det -178, fpn-p3 -139, s1 -230 per
+            # program; with PAIR_ONEHOT (4 warps) s4 +244 and h1 spilled 8 bytes
+            # read with the cost tool: s2 -62, det -72, fpn-p3 -71, k11 -90 per program;
+            # at d = 128 (h1, 4 warps) ptxas spilled 8 bytes
+            # read with the cost tool: s4 -312, k11 -32, h1 -52 per program; with COMBINED
+            # ptxas allocated worse around it (s2 +105, det +117, s1 +175, fpn-p3 +61)
+            NEG_V=not combined,
+            ALL_LIVE=dh == 1 and padding != "shift" and d <= 64,
+            QD_SHARED=(not pair_onehot and strides[3] == strides[0]
+                       and strides[5] == strides[4]),
             **launch,
         ),
     )
@@ -935,7 +995,31 @@ def _plan(q_shape, dtype, strides, args: AttendArgs, config: Optional[dict],
 
 _SUB_M = 16  # the slow pass's sub-tile (key slots)
 
+_COMBINED_ONEHOTS: dict = {}
+
+
+def combined_onehots(device, cols: int, block_m: int, block_n: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The [block_m, block_n] one-hots of COMBINED by tile slot s (key row s // cols, key
+    column s % cols of the tile): ones at column s % cols and at cols + s // cols (when
+    below block_n). Made on the host once per (device, cols, block_m, block_n, dtype) and
+    copied on first use, as `common.identity_table` (no kernel launch per call)."""
+    key = (device, cols, block_m, block_n, dtype)
+    table = _COMBINED_ONEHOTS.get(key)
+    if table is None:
+        slot = np.arange(block_m)[:, None]
+        col = np.arange(block_n)[None, :]
+        ones = (col == slot % cols) | (col == cols + slot // cols)
+        if dtype == torch.bfloat16:  # 1.0 is 0x3f80; numpy has no bfloat16: view the bits
+            host = torch.from_numpy(ones.astype(np.int16) * 0x3F80).view(torch.bfloat16)
+        else:
+            host = torch.from_numpy(ones.astype({torch.float16: np.float16,
+                                                 torch.float32: np.float32}[dtype]))
+        table = _COMBINED_ONEHOTS[key] = host.to(device)
+    return table
+
 _GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes
+_ROW32_LIMIT = 2**31  # int32 row offsets below this (a test lowers it to force int64)
 _plans = plan_cache(_plan)
 _PARAMS = _key_bwd_kernel.arg_names  # read at import: a recorder may stand in later
 
@@ -963,7 +1047,9 @@ def launch(plan: LaunchPlan, q, k, v, dout, lse, delta, args: AttendArgs,
     flags = plan.flags
     launch_kernel(_key_bwd_kernel, plan,
         q, k, v, dout, lse, delta, rel_h, rel_w, rpb,  # None when absent (never read then)
-        None if flags["PAIR_ONEHOT"] else identity_table(q.device, flags["EYE"], q.dtype),
+        None if flags["PAIR_ONEHOT"] else combined_onehots(
+            q.device, plan.head[0][4], flags["BLOCK_M"], flags["BLOCK_N"], q.dtype)
+        if flags["COMBINED"] else identity_table(q.device, flags["EYE"], q.dtype),
         dk, dv,
         *plan.head, table_strides(rel_h, rel_w, rpb), *plan.tail, **plan.options,
     )

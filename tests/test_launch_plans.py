@@ -348,6 +348,11 @@ def test_rows_key_backward_passes_its_strides_packed():
         eye = named["eye_ptr"]
         if named["PAIR_ONEHOT"]:
             assert eye is None
+        elif named["COMBINED"]:  # the one-hots by tile slot (8 columns: one row a slot)
+            assert eye.shape == (named["BLOCK_M"], named["BLOCK_N"])
+            slot = torch.arange(named["BLOCK_M"])
+            ones = torch.eye(named["BLOCK_M"] + 8)[:, :named["BLOCK_N"]]
+            assert torch.equal(eye.float(), ones[slot % 8] + ones[8 + slot // 8])
         else:
             assert torch.equal(eye.float(), torch.eye(named["EYE"]))
     assert config is not None and named["PAIR_ONEHOT"]  # the second config took that path

@@ -292,6 +292,7 @@ def test_two_part_tiles(case, dtype, seed, combined):
     config = {"K_BLOCK_M": 64, "K_BLOCK_N": 16, "K_num_warps": 1}
     flags = _flags(case, dtype, config)
     assert flags["HALVES"] and flags["COMBINED"] == combined, flags
+    assert flags["NEG_V"] == (not combined), flags  # -v in the walks where not combined
     run_case(case, dtype, config=config, seed=seed)
 
 
@@ -322,3 +323,75 @@ def test_halves_fit():
     assert not rows_bwd_key.halves_fit(32, 32, 2, 14)  # s3: 2 rows, d = 32
     assert not rows_bwd_key.halves_fit(64, 16, 3, 10)  # 3 rows: set-up not paid back
     assert not rows_bwd_key.halves_fit(16, 16, 4, 2)  # parts below 16 slots
+
+
+def test_int64_row_offsets(monkeypatch):
+    """ROW32 off (query-row offsets in int64, as for a tensor with 2^31+ elements per
+    batch and head) on a two-part tile at d = 16, where ROW32 is otherwise on: forced by
+    a tiny limit."""
+    case = Case(B=1, H=9, W=6, heads=2, d=16, k=3, rel="per_head", scale=0.5)
+    config = {"K_BLOCK_M": 64, "K_BLOCK_N": 16, "K_num_warps": 1}
+    assert _flags(case, torch.bfloat16, config)["ROW32"]
+    monkeypatch.setattr(rows_bwd_key, "_ROW32_LIMIT", 1)
+    launch_cache.clear_all()  # plans made with the real limit
+    flags = _flags(case, torch.bfloat16, config)
+    assert not flags["ROW32"] and flags["HALVES"], flags
+    run_case(case, torch.bfloat16, config=config, seed=61)
+    launch_cache.clear_all()
+
+
+@pytest.mark.parametrize("cols,block_m", [(10, 64), (14, 32), (3, 16), (1, 64)])
+def test_combined_one_hot_table(cols, block_m):
+    """`combined_onehots` row s: the sum of identity rows s % cols and cols + s // cols
+    (none when past the table's 16 columns), the one-hots COMBINED builds per slot."""
+    table = rows_bwd_key.combined_onehots(torch.device("cpu"), cols, block_m, 16,
+                                          torch.bfloat16).float()
+    eye = torch.eye(16 + block_m)
+    slot = torch.arange(block_m)
+    want = eye[slot % cols, :16] + eye[cols + slot // cols, :16]
+    assert torch.equal(table, want)
+
+
+def test_dout_and_delta_strides_of_their_own():
+    """QD_SHARED off (dout's strides differ from q's, delta's from lse's: a channels-last
+    dout and a delta sliced from a wider buffer) on a two-part tile at d = 16, where it is
+    otherwise on; QD_SHARED on is every contiguous case here."""
+    case = Case(B=2, H=9, W=6, heads=2, d=16, k=3, rel="per_head", scale=0.5)
+    config = {"K_BLOCK_M": 64, "K_BLOCK_N": 16, "K_num_warps": 1}
+    assert _flags(case, torch.bfloat16, config)["QD_SHARED"]
+    q, k, v, kw, args, dout = _inputs(case, torch.bfloat16, "contiguous", seed=71)
+    out, lse, want_dk, want_dv = _oracle(q, k, v, kw, case, dout)
+    dout_cl = dout.permute(0, 4, 1, 2, 3).contiguous().permute(0, 2, 3, 4, 1)
+    delta = (dout.float() * out.to(torch.bfloat16).float()).sum(-1)
+    wide = torch.zeros(*delta.shape[:3], 2 * delta.shape[3])
+    wide[..., ::2] = delta
+    delta_view = wide[..., ::2]
+    strides = (q.stride(), k.stride(), v.stride(), dout_cl.stride(), lse.float().stride(),
+               delta_view.stride())
+    assert not rows_bwd_key._plan(tuple(q.shape), torch.bfloat16, strides, args, config,
+                                  16).flags["QD_SHARED"]
+    dk, dv = rows_bwd_key.key_grads(q, k, v, dout_cl, lse.float(), delta_view, args, config,
+                                    _poison=True)
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    for got, want in ((dk, want_dk), (dv, want_dv)):
+        torch.testing.assert_close(got.double(), want, rtol=rtol,
+                                   atol=atol * max(1.0, want.abs().max().item()))
+
+
+def test_int32_row_offsets_on_32_query_columns():
+    """ROW32 on a one-part tile of 32 query columns (k = 11, as k11's launch)."""
+    case = Case(B=1, H=3, W=17, heads=1, d=4, k=11, rel="shared")
+    flags = _flags(case, torch.bfloat16, None)
+    assert flags["ROW32"] and flags["BLOCK_N"] == 32 and not flags["HALVES"], flags
+    run_case(case, torch.bfloat16, seed=81)
+
+
+def test_all_live_flag():
+    """ALL_LIVE (no liveness test per walked query row) only without row dilation or
+    shift; the oracle cases above run it (zeros / mask, dh = 1) and the test (dilated
+    rows, shift) both."""
+    config = {"K_BLOCK_M": 32, "K_BLOCK_N": 16, "K_num_warps": 1}
+    for padding, dil, want in (("zeros", 1, True), ("mask", (1, 2), True),
+                               ("mask", (2, 1), False), ("shift", 1, False)):
+        case = Case(B=1, H=6, W=7, heads=1, d=8, k=3, dilation=dil, padding=padding)
+        assert _flags(case, torch.bfloat16, config)["ALL_LIVE"] == want, (padding, dil)

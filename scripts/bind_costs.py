@@ -52,7 +52,7 @@ def _binder_time(fn, args, kwargs, reps: int) -> float:
         _, specialization, options = binder(*args, **kwargs)
         compute_cache_key(keys, specialization, options)
 
-    return _median_us(once, reps)
+    return median_us(once, reps)
 
 
 def _kernel(folder: Path, name: str, params: str, decorator: str = "@triton.jit"):
@@ -123,11 +123,11 @@ def _launch_times(fn, args, kwargs, reps: int) -> tuple[float, float]:
     if len(slots) != 1:
         return float("nan"), float("nan")
     plan = slots[0].plan
-    return (_median_us(lambda: fast_launch.launch_kernel(fn, plan, *args, **kwargs), reps),
-            _median_us(lambda: fn[plan.grid](*args, **kwargs), reps))
+    return (median_us(lambda: fast_launch.launch_kernel(fn, plan, *args, **kwargs), reps),
+            median_us(lambda: fn[plan.grid](*args, **kwargs), reps))
 
 
-def _median_us(once, reps: int) -> float:
+def median_us(once, reps: int) -> float:
     """Median microseconds of once(), warm, garbage collector off."""
     for _ in range(200):
         once()

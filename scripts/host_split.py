@@ -22,28 +22,15 @@ Usage: python scripts/host_split.py [--cases s2-b1,s4-b1] [--reps 2000]
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-
-def _median_us(fn, reps: int) -> float:
-    """Median microseconds of fn(), warm, garbage collector off."""
-    for _ in range(200):
-        fn()
-    samples = []
-    gc.disable()
-    try:
-        for _ in range(reps):
-            t0 = time.perf_counter_ns()
-            fn()
-            samples.append(time.perf_counter_ns() - t0)
-    finally:
-        gc.enable()
-    return statistics.median(samples) / 1000
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bind_costs import median_us  # noqa: E402  (the same warm median as the binder costs)
 
 
 def _leaves(step) -> dict:
@@ -62,7 +49,7 @@ def forward_split(steps, reps: int) -> dict:
     cells = _leaves(steps["fwd_grad"])
     q, k, v, rel_h, rel_w, window = (cells[n] for n in ("q", "k", "v", "rel_h", "rel_w", "kernel"))
     args, checked = check_call(q, k, v, window, 1, "zeros", rel_h, rel_w, None, None)
-    rows = {"fwd step (the suite's: no_grad + attend)": _median_us(steps["fwd"], reps)}
+    rows = {"fwd step (the suite's: no_grad + attend)": median_us(steps["fwd"], reps)}
     with torch.no_grad():
         forward, config, _ = ops._impl("auto", 0, q, args, "", checked)
         (launch,) = host._launches(lambda: forward(q, k, v, args, config))
@@ -70,18 +57,18 @@ def forward_split(steps, reps: int) -> dict:
         slot = next(s for s in fast_launch._SLOTS.values() if s.kernel is kernel)
         plan = slot.plan
         rows.update({
-            "attend": _median_us(lambda: sasa_triton.attend(q, k, v, window, rel_h=rel_h,
+            "attend": median_us(lambda: sasa_triton.attend(q, k, v, window, rel_h=rel_h,
                                                             rel_w=rel_w), reps),
-            "  check_call": _median_us(lambda: check_call(q, k, v, window, 1, "zeros", rel_h,
+            "  check_call": median_us(lambda: check_call(q, k, v, window, 1, "zeros", rel_h,
                                                           rel_w, None, None), reps),
-            "  attend_op": _median_us(lambda: ops.attend_op(q, k, v, args, "auto",
+            "  attend_op": median_us(lambda: ops.attend_op(q, k, v, args, "auto",
                                                             checked=checked), reps),
-            "    launcher forward": _median_us(lambda: forward(q, k, v, args, config), reps),
-            "      launch_kernel": _median_us(lambda: fast_launch.launch_kernel(
+            "    launcher forward": median_us(lambda: forward(q, k, v, args, config), reps),
+            "      launch_kernel": median_us(lambda: fast_launch.launch_kernel(
                 kernel, plan, *kernel_args, **options), reps),
-            "        fast_key": _median_us(lambda: fast_launch.fast_key(slot, kernel_args, 0),
+            "        fast_key": median_us(lambda: fast_launch.fast_key(slot, kernel_args, 0),
                                            reps),
-            "      out + lse allocations": _median_us(
+            "      out + lse allocations": median_us(
                 lambda: common.alloc_outputs(q, False, plan.layouts[0] if plan.layouts else None),
                 reps),
         })
@@ -128,7 +115,7 @@ def training_split(steps, reps: int) -> dict:
                     and module is not fast_launch
                     and getattr(module, "launch_kernel", None) is launch):
                 wrap(module, "launch_kernel", "launch_kernel (each)")
-        total = _median_us(steps["fwdbwd"], reps)
+        total = median_us(steps["fwdbwd"], reps)
     finally:
         for owner, name, inner in reversed(patched):
             setattr(owner, name, inner)
@@ -154,9 +141,9 @@ def main() -> None:
             for _ in range(20):
                 steps["fwdbwd"]()
             rows = forward_split(steps, opts.reps)
-            rows["torch floor fwd (no_grad)"] = _median_us(null["fwd"], opts.reps)
+            rows["torch floor fwd (no_grad)"] = median_us(null["fwd"], opts.reps)
             rows.update(training_split(steps, opts.reps))
-            rows["torch floor fwdbwd"] = _median_us(null["fwdbwd"], opts.reps)
+            rows["torch floor fwdbwd"] = median_us(null["fwdbwd"], opts.reps)
             print(f"{shape.name} ({impls[0]} / {impls[1]}), us")
             for label, value in rows.items():
                 print(f"  {label:44s} {value:7.2f}")

@@ -94,3 +94,14 @@ def run_in_subprocess(script: str, *args: str, timeout: int = 300):
                                  or "no module named 'triton.backends.nvidia'" in err):
         pytest.skip("this Triton install has no CUDA compiler backend (ptxas)")
     return proc
+
+
+def compiled_spill_stores(proc, expected: int) -> tuple[list, list]:
+    """(lines, spill stores per line) of a run_in_subprocess that printed one
+    "compiled ... {ptxas usage}" line per launch; asserts it ran, printed `expected`
+    lines and each carries ptxas's usage."""
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("compiled")]
+    assert len(lines) == expected, proc.stdout[-4000:]
+    assert all("'regs'" in ln for ln in lines), "no ptxas usage:\n" + "\n".join(lines)
+    return lines, [int(re.search(r"'spill_stores': (\d+)", ln).group(1)) for ln in lines]

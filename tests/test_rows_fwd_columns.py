@@ -148,16 +148,10 @@ def _compile_all() -> None:
 
 
 def test_column_groups_compile_for_sm90_without_spills():
-    import re
-
-    from aot_sm90 import run_in_subprocess
+    from aot_sm90 import compiled_spill_stores, run_in_subprocess
 
     proc = run_in_subprocess(__file__, "--aot-compile")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("compiled")]
-    assert len(lines) == len(SUITE), proc.stdout[-4000:]
-    assert all("'regs'" in ln for ln in lines), "no ptxas usage:\n" + "\n".join(lines)
-    stores = [int(re.search(r"'spill_stores': (\d+)", ln).group(1)) for ln in lines]
+    lines, stores = compiled_spill_stores(proc, len(SUITE))
     assert max(stores) == 0, "a launch spills registers:\n" + "\n".join(lines)
 
 

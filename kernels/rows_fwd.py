@@ -223,6 +223,17 @@ def _halve(x):
 
 
 @triton.jit
+def _pv_step(b_acc, b_alpha, b_p, b_v, DOT_F32: tl.constexpr):
+    """acc rescaled by alpha plus P V ([M, BK] @ [BK, BD] -> [M, BD]), P in v's dtype:
+    one walk step's update, the fast walk's and the slow pass's."""
+    b_pl = b_p.to(b_v.dtype)
+    if DOT_F32:  # interpreter: its tl.dot mishandles bfloat16 (exact upcast)
+        b_pl = b_pl.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+    return b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
+
+
+@triton.jit
 def _nan_fold(b_lt, b_acc):
     """b_lt folded to [M, C] (C = the narrower of the two widths, by halving) plus 0 times
     b_acc folded the same way: a tile whose row sums are b_lt's, or NaN in the rows where
@@ -712,12 +723,7 @@ def _rows_fwd_kernel(
                 else:
                     b_lt = b_lt * b_alpha[:, None] + b_p
                 b_v = tl.load(p_v0 + y64 * sv_h + o_vx, mask=m_kv, other=0.0)  # [BK, BD]
-                b_pl = b_p.to(v_ptr.dtype.element_ty)
-                if DOT_F32:
-                    b_pl = b_pl.to(tl.float32)
-                    b_v = b_v.to(tl.float32)
-                # [M, BK] @ [BK, BD] -> [M, BD]
-                b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
+                b_acc = _pv_step(b_acc, b_alpha, b_p, b_v, DOT_F32)
                 b_m = b_m_new
         if PICK or not NARROW_D:
             if not PICK:
@@ -777,11 +783,7 @@ def _rows_fwd_kernel(
                 b_win = tl.where(m_win & m_live[:, None], 1.0, 0.0).to(tl.float16)
                 b_vnan = tl.where(m_vok, 0.0, 1.0).to(tl.float16)
                 b_bad += tl.dot(b_win, b_vnan)  # [M, BK] @ [BK, BD] -> [M, BD]
-                b_pl = b_p.to(v_ptr.dtype.element_ty)
-                if DOT_F32:
-                    b_pl = b_pl.to(tl.float32)
-                    b_v = b_v.to(tl.float32)
-                b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pl, b_v, input_precision="ieee")
+                b_acc = _pv_step(b_acc, b_alpha, b_p, b_v, DOT_F32)
                 b_m = b_m_new
             b_acc = tl.where(b_bad > 0, float("nan"), b_acc)
         b_o = b_acc * _rcp(b_l, INTERP)[:, None]
